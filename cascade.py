@@ -1,0 +1,3368 @@
+"""Cascade: run DAGs of Python functions on asyncio, and steer them while they run.
+
+Write plain (sync or async) functions, decorate them with ``@task``, call them to build a
+lazy graph, and ``run`` it. While it runs, pause a task type, cap its concurrency,
+rate-limit it or let any such control expire on its own -- from code, from another
+thread, or from another machine over MQTT::
+
+    import cascade as cs
+
+    @cs.task
+    async def fetch(i): ...
+
+    @cs.task
+    def total(xs): return sum(xs)
+
+    engine = cs.Engine()
+    handle = engine.start(total(fetch.map(range(100))))
+    engine.limit("task:fetch", 5)          # at most five fetches at a time, from now on
+    print(handle.result())
+
+One file, importable when copied alone; it needs only the Python standard library
+(3.9+). MQTT clients (paho-mqtt, aiomqtt) and executors such as Dask are optional and
+only used when you pass them in.
+
+Copyright (c) 2026 The Cascade authors. Licensed under the MIT License (see LICENSE).
+"""
+# SPDX-License-Identifier: MIT
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import fnmatch
+import functools
+import heapq
+import inspect
+import itertools
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+__version__ = "0.1.0"
+__all__ = [
+    # errors
+    "CascadeError", "ConstraintError", "ParamError", "ResourceError",
+    "DependencyMissingError",
+    # authoring
+    "task", "Task", "LazyResult", "MappedLazyResult", "unmapped", "Param", "Env",
+    "resource", "inject", "shell",
+    # control plane
+    "Constraint",
+    # pub/sub
+    "LocalBroker", "MqttConnector", "Controller",
+    # engine and events
+    "Engine", "RunHandle", "Event", "RunStarted", "RunFinished", "TaskExecutionStarted",
+    "TaskExecutionFinished", "TaskSkipped", "TaskRetrying", "TaskBlocked",
+    "ResourceAcquired", "ResourceReleased", "ConstraintApplied", "ConstraintRemoved",
+    "ConstraintRejected",
+    # running
+    "run", "run_async", "main",
+]
+
+_log = logging.getLogger(__name__)
+_MISSING = object()  # "no value given", where None is a value
+
+
+# ===========================================================================
+# Errors
+# ===========================================================================
+
+class CascadeError(Exception):
+    """Base class of every error Cascade raises on its own account.
+
+    A task's own exception is never wrapped: it propagates unchanged in type."""
+
+
+class ConstraintError(CascadeError, ValueError):
+    """An invalid control-plane call or constraint (scope, limit, rate, ttl, payload)."""
+
+
+class ParamError(CascadeError, ValueError):
+    """A run's params do not fit the graph's ``Param`` nodes (missing or unknown)."""
+
+
+class ResourceError(CascadeError, LookupError):
+    """A task injects a resource that is not registered with the engine or run."""
+
+
+class DependencyMissingError(CascadeError):
+    """The run target was skipped (a ``run_if`` was falsy upstream), so it has no value."""
+
+
+# ===========================================================================
+# Authoring: task, LazyResult, map, Param, Env, resource, shell
+# ===========================================================================
+
+# Types that can never contain a lazy value; checked first because it is the common case.
+_PLAIN = frozenset({int, float, complex, str, bytes, bool, type(None)})
+_BAD_NAME = re.compile(r"[/+#\x00\s]")
+
+
+def _check_name(name, what, error=ValueError):
+    # Names end up as MQTT topic levels (cascade/constraints/task/<name>/pause), so the
+    # characters that are special there are refused everywhere.
+    if not isinstance(name, str) or not name or _BAD_NAME.search(name):
+        raise error(f"{what} {name!r} must be a non-empty string without '/', '+', '#', "
+                    "NUL or whitespace (it becomes an MQTT topic level)")
+    return name
+
+
+def _scan(value, found):
+    """Append every lazy value inside ``value`` (through exact list, tuple and dict) to
+    ``found``; return True when there was one."""
+    t = type(value)
+    if t in _PLAIN:
+        return False
+    if isinstance(value, LazyResult):
+        found.append(value)
+        return True
+    hit = False
+    if t is list or t is tuple:
+        for v in value:
+            if type(v) not in _PLAIN and _scan(v, found):
+                hit = True
+    elif t is dict:
+        for v in value.values():
+            if type(v) not in _PLAIN and _scan(v, found):
+                hit = True
+    return hit
+
+
+def _resolve(value, nodes):
+    """``value`` with every lazy value inside replaced by its result (see ``_scan``)."""
+    t = type(value)
+    if t in _PLAIN:
+        return value
+    if isinstance(value, LazyResult):
+        return nodes[value].value
+    if t is list:
+        return [_resolve(v, nodes) for v in value]
+    if t is tuple:
+        return tuple([_resolve(v, nodes) for v in value])
+    if t is dict:
+        return {k: _resolve(v, nodes) for k, v in value.items()}
+    return value
+
+
+def _depends_on(node, target):
+    """True when ``target`` is ``node`` or one of its ancestors."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n is target:
+            return True
+        if id(n) not in seen:
+            seen.add(id(n))
+            stack.extend(n.deps)
+    return False
+
+
+class _Inject:
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return f"cs.inject({self.name!r})"
+
+
+def inject(name):
+    """Mark a parameter default as "the value of resource ``name``"::
+
+        @cs.task
+        def save(row, db=cs.inject("db")): ...
+
+    The resource is set up (once per run) before the first task that needs it starts.
+    Passing the argument explicitly overrides the injection."""
+    _check_name(name, "resource name")
+    return _Inject(name)
+
+
+def _injects_of(fn):
+    return tuple((p.name, p.default.name) for p in inspect.signature(fn).parameters.values()
+                 if isinstance(p.default, _Inject))
+
+
+class unmapped:  # noqa: N801 -- reads like a function at the call site, as in Prefect
+    """Wrap an argument of ``Task.map`` to pass it whole to every call."""
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self):
+        return f"cs.unmapped({self.value!r})"
+
+
+def _find_task(module, qualname):
+    # Unpickling a Task: look it up by name, so a process pool gets the same task.
+    obj = sys.modules.get(module) or __import__(module, fromlist=["_"])
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class Task:
+    """A function made into a node type of workflows; see ``task``.
+
+    Calling it binds the arguments at once (a mistake raises ``TypeError`` there, not
+    when the graph runs) and returns a ``LazyResult``; nothing runs until ``run``.
+    ``task.fn`` is the plain function."""
+
+    def __init__(self, fn, *, name=None, tags=()):
+        if isinstance(fn, Task):
+            fn = fn.fn
+        if not callable(fn):
+            raise TypeError(f"@cs.task needs a function, got {type(fn).__name__}")
+        if isinstance(tags, str):
+            tags = (tags,)
+        self.fn = fn
+        self.name = _check_name(fn.__name__ if name is None else name, "task name")
+        self.tags = tuple(_check_name(t, "tag") for t in tags)
+        functools.update_wrapper(self, fn)
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self._sig = inspect.signature(fn)
+        self._injects = _injects_of(fn)
+        ps = self._sig.parameters.values()
+        # Calls that pass exactly the positional parameters skip Signature.bind (hot path).
+        self._arity = (len(self._sig.parameters)
+                       if all(p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty
+                              for p in ps) else -1)
+
+    def _bind(self, call, args, kwargs):
+        try:
+            bound = self._sig.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{call}: {e}") from None
+        return tuple((p, r) for p, r in self._injects if p not in bound.arguments)
+
+    def __call__(self, *args, **kwargs):
+        if kwargs or len(args) != self._arity:
+            injects = self._bind(f"{self.name}()", args, kwargs)
+        else:
+            injects = ()
+        return LazyResult(self, args, kwargs, injects)
+
+    def map(self, *args, **kwargs):
+        """One call per item: ``fetch.map(urls)`` or ``fetch.map(url=urls, timeout=
+        cs.unmapped(5))``. Each mapped argument is an iterable, or a lazy result that
+        yields one; they are zipped (equal lengths). The value is the list of results in
+        input order; an empty input gives ``[]``."""
+        injects = self._bind(f"{self.name}.map()", args, kwargs)
+        lengths = {}
+        margs = tuple(self._map_arg(f"#{i}", a, lengths) for i, a in enumerate(args))
+        mkwargs = {k: self._map_arg(repr(k), v, lengths) for k, v in kwargs.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"{self.name}.map(): mapped arguments have unequal lengths "
+                             f"{lengths}; pass iterables of the same length")
+        return MappedLazyResult(self, margs, mkwargs, injects)
+
+    def _map_arg(self, label, value, lengths):
+        if isinstance(value, unmapped):
+            return (False, value.value)
+        if isinstance(value, LazyResult):
+            return (True, value)
+        items = _map_items(f"{self.name}.map()", label, value)
+        lengths[label] = len(items)
+        return (True, items)
+
+    def __reduce__(self):
+        # pickle finds the function by name and would find this Task instead (the
+        # decorator rebinds the name), so a Task pickles as "the task at module.qualname".
+        if "<locals>" in self.__qualname__:
+            raise TypeError(f"task {self.name!r} is defined inside a function and cannot be "
+                            "pickled for a process executor; define it at module level")
+        return (_find_task, (self.__module__, self.__qualname__))
+
+    def __repr__(self):
+        kind = "async" if self.is_async else "sync"
+        tags = f" tags={','.join(self.tags)}" if self.tags else ""
+        return f"<Task {self.name} {kind}{tags}>"
+
+
+def _map_items(call, label, value):
+    if isinstance(value, (str, bytes, bytearray, dict)):
+        raise TypeError(f"{call}: map argument {label} is a {type(value).__name__}; wrap it "
+                        "in cs.unmapped() to pass it to every call, or pass a list to map "
+                        "over its items")
+    try:
+        return list(value)
+    except TypeError:
+        raise TypeError(f"{call}: map argument {label} is not iterable "
+                        f"({type(value).__name__}); wrap it in cs.unmapped() to pass it "
+                        "to every call") from None
+
+
+def task(fn=None, *, name=None, tags=()):
+    """Decorator: ``@cs.task`` or ``@cs.task(name="api_call", tags=["io"])``.
+
+    Works on sync functions (run in a thread pool: they may block) and async functions
+    (run on the event loop). ``name`` and ``tags`` are what control scopes match:
+    ``task:api_call``, ``tag:io``."""
+    if fn is None:
+        return lambda f: Task(f, name=name, tags=tags)
+    return Task(fn, name=name, tags=tags)
+
+
+_creation = itertools.count()
+
+
+class LazyResult:
+    """A node of the graph: the future value of one task call. Nothing runs until
+    ``run``. Passing it to another task makes an edge (also inside list, tuple or dict
+    arguments). Policies chain: ``fetch(u).with_retry(3).run_if(flag)``."""
+
+    __slots__ = ("task", "args", "kwargs", "injects", "deps", "lazy_args", "retry",
+                 "condition", "amounts", "order", "__weakref__")
+
+    def __init__(self, task, args=(), kwargs=None, injects=()):
+        self.order = next(_creation)  # task ids in a run follow the order of creation
+        self.task = task
+        self.args = args
+        self.kwargs = kwargs or {}
+        self.injects = injects       # ((parameter, resource name), ...) not passed explicitly
+        deps = []
+        lazy = False
+        for a in args:
+            if type(a) not in _PLAIN and _scan(a, deps):
+                lazy = True
+        if kwargs:
+            for v in kwargs.values():
+                if type(v) not in _PLAIN and _scan(v, deps):
+                    lazy = True
+        self.deps = deps             # upstream nodes (may repeat)
+        self.lazy_args = lazy
+        self.retry = None            # (max_attempts, delay, backoff)
+        self.condition = _MISSING
+        self.amounts = None          # {capacity name: int or lazy}
+
+    @property
+    def name(self):
+        return self.task.name
+
+    def with_retry(self, max_attempts=3, delay=0.0, backoff=1.0):
+        """Retry on failure: ``max_attempts`` counts every attempt, the first included.
+        Attempt k+1 starts ``delay * backoff**(k-1)`` seconds after attempt k failed; a
+        task waiting out its delay holds no slot and is admitted again (a pause applies
+        to its next attempt)."""
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise ValueError(f"with_retry(max_attempts={max_attempts!r}): need an int >= 1 "
+                             "(the total number of attempts, the first included)")
+        if not (isinstance(delay, (int, float)) and delay >= 0):
+            raise ValueError(f"with_retry(delay={delay!r}): need a number of seconds >= 0")
+        if not (isinstance(backoff, (int, float)) and backoff >= 1):
+            raise ValueError(f"with_retry(backoff={backoff!r}): need a number >= 1")
+        self.retry = (max_attempts, float(delay), float(backoff))
+        return self
+
+    def run_if(self, condition):
+        """Run only when ``condition`` (a value, a lazy result or a Param) is truthy;
+        otherwise the task is skipped, and so is everything that needs its value."""
+        if isinstance(condition, LazyResult):
+            self._add_dep(condition, "run_if")
+        self.condition = condition
+        return self
+
+    def with_constraints(self, **amounts):
+        """Hold ``amounts`` of the engine's named capacities while running, e.g.
+        ``.with_constraints(gpu=1)`` with ``Engine(system_resources={"gpu": 2})``.
+        Amounts may be lazy. On a map it applies to each item."""
+        for k, v in amounts.items():
+            if isinstance(v, LazyResult):
+                self._add_dep(v, "with_constraints")
+            elif isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"with_constraints({k}={v!r}): need an int >= 0 or a lazy "
+                                 "result")
+        self.amounts = dict(amounts)
+        return self
+
+    def _add_dep(self, dep, call):
+        if _depends_on(dep, self):
+            raise ValueError(f"{call}() on {self!r} would make a cycle: the value depends "
+                             "on this task itself")
+        self.deps.append(dep)
+
+    def __repr__(self):
+        extra = "".join([
+            f" upstream={len(self.deps)}" if self.deps else "",
+            f" retry={self.retry[0]}" if self.retry else "",
+            " run_if" if self.condition is not _MISSING else "",
+            f" constraints={self.amounts}" if self.amounts else "",
+        ])
+        return f"<{type(self).__name__} {self.name}{extra}>"
+
+
+class MappedLazyResult(LazyResult):
+    """The lazy list of results of ``Task.map``: one task execution per item (own events,
+    retries and constraint slots); the map itself is structural and never holds a slot.
+    ``args``/``kwargs`` hold ``(mapped, value)`` pairs."""
+
+    __slots__ = ()
+
+    def __init__(self, task, margs, mkwargs, injects):
+        super().__init__(task, tuple(v for _, v in margs),
+                         {k: v for k, (_, v) in mkwargs.items()}, injects)
+        self.args, self.kwargs = margs, mkwargs
+
+
+class Param(LazyResult):
+    """A run-time parameter, supplied by ``run(target, params={name: value})``. With no
+    default it is required: a run missing it fails before any task starts."""
+
+    __slots__ = ("param", "default")
+
+    def __init__(self, name, default=_MISSING):
+        super().__init__(None)
+        self.param = _check_name(name, "Param name")
+        self.default = default
+
+    @property
+    def name(self):
+        return f"Param({self.param})"
+
+    def __repr__(self):
+        d = "" if self.default is _MISSING else f", default={self.default!r}"
+        return f"cs.Param({self.param!r}{d})"
+
+
+class Env(LazyResult):
+    """The value of an environment variable, read when the run starts."""
+
+    __slots__ = ("var", "default")
+
+    def __init__(self, name, default=None):
+        super().__init__(None)
+        self.var, self.default = name, default
+
+    @property
+    def name(self):
+        return f"Env({self.var})"
+
+    def __repr__(self):
+        return f"cs.Env({self.var!r}, default={self.default!r})"
+
+
+class _Gather(LazyResult):
+    """The target of a run given as a list/tuple/dict of lazy results."""
+    __slots__ = ()
+
+    @property
+    def name(self):
+        return "<targets>"
+
+
+class Resource:
+    """A set-up/tear-down pair written as a generator (like a pytest fixture): code before
+    ``yield`` sets up, the yielded value is injected, code after it tears down. See
+    ``resource``."""
+
+    def __init__(self, fn, *, name=None):
+        if not (inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)):
+            raise TypeError(f"@cs.resource needs a generator function (sync or async) with "
+                            f"one `yield value` between set-up and tear-down; got {fn!r}")
+        self.fn = fn
+        self.name = _check_name(fn.__name__ if name is None else name, "resource name")
+        self.is_async = inspect.isasyncgenfunction(fn)
+        self.injects = _injects_of(fn)
+        functools.update_wrapper(self, fn)
+
+    def __repr__(self):
+        return f"<Resource {self.name}{' async' if self.is_async else ''}>"
+
+
+def resource(fn=None, *, name=None):
+    """Decorator for a resource generator: ``@cs.resource`` or ``@cs.resource(name=...)``.
+    Register it with ``engine.register(r)`` or ``cs.run(..., resources=[r])``; tasks ask
+    for it with ``db=cs.inject("db")``. Only resources the graph needs are set up, each
+    before the first task that needs it; they are torn down in reverse order when the run
+    ends, also after a failure or cancellation. A resource may inject resources."""
+    if fn is None:
+        return lambda f: Resource(f, name=name)
+    return Resource(fn, name=name)
+
+
+def _shell(command, check=True):
+    done = subprocess.run(command, shell=True, capture_output=True, text=True)
+    if check and done.returncode:
+        raise subprocess.CalledProcessError(done.returncode, command, done.stdout, done.stderr)
+    return done.stdout
+
+
+_shell_task = Task(_shell, name="shell")
+
+
+def shell(command, check=True):
+    """A task running ``command`` in a shell (in the thread pool); its value is stdout.
+    With ``check=True`` a non-zero exit raises ``subprocess.CalledProcessError``.
+    ``command`` may be a lazy result. Scopes see it as ``task:shell``."""
+    return _shell_task(command, check)
+
+
+# ===========================================================================
+# Graph: the per-run state of each node
+# ===========================================================================
+
+class _Node:
+    """Per-run state of one LazyResult (a LazyResult may be run many times)."""
+    __slots__ = ("lazy", "id", "pending", "dependents", "done", "value", "skip", "units",
+                 "left", "key")
+
+    def __init__(self, lazy):
+        self.lazy = lazy
+        self.id = ""
+        self.pending = 0        # upstream nodes not finished yet
+        self.dependents = []
+        self.done = False
+        self.value = None
+        self.skip = None        # reason string once skipped (or an upstream was)
+        self.units = ()         # executions: one for a call, one per item for a map
+        self.left = 0           # map items not finished yet
+        self.key = None         # admission key (see _ControlPlane)
+
+
+def _build_graph(target):
+    """Every node the target needs, with dependents and pending counts, ids assigned."""
+    nodes = {}
+    stack = [target]
+    while stack:
+        lz = stack.pop()
+        if lz in nodes:
+            continue
+        nodes[lz] = _Node(lz)
+        stack.extend(lz.deps)
+    # creation order: ids and the order of initially ready tasks follow the user's code
+    nodes = dict(sorted(nodes.items(), key=lambda kv: kv[0].order))
+    counters = collections.Counter()
+    for lz, node in nodes.items():
+        if lz.task is not None:
+            counters[lz.task.name] += 1
+            node.id = f"{lz.task.name}-{counters[lz.task.name]}"
+        else:
+            node.id = lz.name
+        for dep in dict.fromkeys(lz.deps):
+            nodes[dep].dependents.append(node)
+            node.pending += 1
+    return nodes
+
+
+# ===========================================================================
+# Control plane: scopes, constraints, limiters, the admission routine
+# ===========================================================================
+
+_SCOPE_KINDS = ("task", "tag", "run", "project")
+_TYPES = ("pause", "concurrency", "rate_limit")
+_RATE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*/\s*([smh])\s*")
+_PER = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _check_scope(scope):
+    if scope == "global":
+        return scope
+    kind, sep, name = scope.partition(":") if isinstance(scope, str) else ("", "", "")
+    if not sep or kind not in _SCOPE_KINDS:
+        raise ConstraintError(f"scope {scope!r} is not valid; use 'global', 'task:<name>' "
+                              "(globs allowed: 'task:fetch_*'), 'tag:<tag>', 'run:<run_id>' "
+                              "or 'project:<id>'")
+    _check_name(name, f"the name in scope {scope!r}", ConstraintError)
+    return scope
+
+
+def _scope_matches(scope, name, tags, run_id, project):
+    """Does ``scope`` govern a task called ``name`` with ``tags`` in run ``run_id``?"""
+    if scope == "global":
+        return True
+    kind, _, pat = scope.partition(":")
+    if kind == "task":
+        return fnmatch.fnmatchcase(name, pat)
+    if kind == "tag":
+        return any(fnmatch.fnmatchcase(t, pat) for t in tags)
+    if kind == "run":
+        return fnmatch.fnmatchcase(run_id, pat)
+    return kind == "project" and fnmatch.fnmatchcase(project, pat)
+
+
+def _parse_rate(rate):
+    """Starts per second from ``"10/s"``, ``"30/m"``, ``"2/h"`` or a number per second."""
+    per_s = None
+    if isinstance(rate, (int, float)) and not isinstance(rate, bool):
+        per_s = float(rate)
+    elif isinstance(rate, str):
+        m = _RATE.fullmatch(rate)
+        if m:
+            per_s = float(m.group(1)) / _PER[m.group(2)]
+        else:
+            try:
+                per_s = float(rate)
+            except ValueError:
+                pass
+    if per_s is None or not (0 < per_s < float("inf")):
+        raise ConstraintError(f"rate {rate!r} is not valid; use 'N/s', 'N/m', 'N/h' or a "
+                              "positive number per second (to stop starts, use pause)")
+    return per_s
+
+
+def _check_int(value, what, low):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConstraintError(f"{what} must be an int >= {low}, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Constraint:
+    """One control: ``type`` is ``"pause"``, ``"concurrency"`` (params ``{"limit": n}``)
+    or ``"rate_limit"`` (params ``{"rate": "10/s", "burst": n}``); ``scope`` says which
+    tasks it governs; ``expires_at`` is Unix time in seconds, or None. At most one
+    constraint per (scope, type) is active: a new one replaces the old."""
+
+    id: str
+    scope: str
+    type: str
+    params: dict = dataclasses.field(default_factory=dict, hash=False)
+    expires_at: float = None
+
+    @classmethod
+    def make(cls, scope, type, params=None, *, ttl=None, id=None):
+        """A validated constraint; ``ttl`` seconds from now sets ``expires_at``."""
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
+                                or not 0 < ttl < float("inf")):
+            raise ConstraintError(f"ttl must be a positive number of seconds, got {ttl!r}")
+        return cls.from_dict({"id": id or os.urandom(8).hex(), "scope": scope, "type": type,
+                              "params": params or {},
+                              "expires_at": None if ttl is None else time.time() + ttl})
+
+    @classmethod
+    def from_dict(cls, data):
+        """Validate a constraint as it arrives from the wire; raise ConstraintError."""
+        if not isinstance(data, dict):
+            raise ConstraintError(f"a constraint must be a JSON object, got "
+                                  f"{type(data).__name__}")
+        unknown = set(data) - {"id", "scope", "type", "params", "expires_at"}
+        if unknown:
+            raise ConstraintError(f"unknown constraint fields {sorted(unknown)}")
+        kind = data.get("type")
+        if kind not in _TYPES:
+            raise ConstraintError(f"constraint type {kind!r} is not one of {list(_TYPES)}")
+        scope = _check_scope(data.get("scope"))
+        cid = data.get("id") or os.urandom(8).hex()
+        if not isinstance(cid, str) or len(cid) > 200:
+            raise ConstraintError(f"constraint id must be a short string, got {cid!r}")
+        exp = data.get("expires_at")
+        if exp is not None and (isinstance(exp, bool) or not isinstance(exp, (int, float))
+                                or exp != exp):
+            raise ConstraintError(f"expires_at must be Unix seconds or null, got {exp!r}")
+        raw = data.get("params") or {}
+        if not isinstance(raw, dict):
+            raise ConstraintError(f"params must be an object, got {type(raw).__name__}")
+        allowed = {"pause": set(), "concurrency": {"limit"},
+                   "rate_limit": {"rate", "burst"}}[kind]
+        if set(raw) - allowed:
+            raise ConstraintError(f"unknown params {sorted(set(raw) - allowed)} for a {kind} "
+                                  f"constraint (allowed: {sorted(allowed)})")
+        params = {}
+        if kind == "concurrency":
+            if "limit" not in raw:
+                raise ConstraintError("a concurrency constraint needs params {'limit': n}")
+            params["limit"] = _check_int(raw["limit"], "limit", 0)
+        elif kind == "rate_limit":
+            if "rate" not in raw:
+                raise ConstraintError("a rate_limit constraint needs params {'rate': '10/s'}")
+            _parse_rate(raw["rate"])
+            params["rate"] = raw["rate"]
+            params["burst"] = _check_int(raw.get("burst", 1) if raw.get("burst") is not None
+                                         else 1, "burst", 1)
+        return cls(cid, scope, kind, params, None if exp is None else float(exp))
+
+    def to_dict(self):
+        return {"id": self.id, "scope": self.scope, "type": self.type,
+                "params": dict(self.params), "expires_at": self.expires_at}
+
+    @property
+    def topic(self):
+        """The retained control topic of this (scope, type)."""
+        return _control_topic(self.scope, self.type)
+
+    def expires_in(self, now=None):
+        """Seconds left, or None when it does not expire."""
+        if self.expires_at is None:
+            return None
+        return max(0.0, self.expires_at - (time.time() if now is None else now))
+
+    def describe(self):
+        what = {"pause": "pause", "concurrency": f"limit {self.params.get('limit')}",
+                "rate_limit": f"rate {self.params.get('rate')} burst {self.params.get('burst')}"
+                }[self.type]
+        left = self.expires_in()
+        return f"{what} on {self.scope}" + ("" if left is None else f" ({left:.1f}s left)")
+
+    def __repr__(self):
+        return f"<Constraint {self.describe()} id={self.id}>"
+
+
+_CONTROL_PREFIX = "cascade/constraints"
+
+
+def _control_topic(scope, kind):
+    # scope "task:api_call" -> "cascade/constraints/task/api_call/pause"
+    return f"{_CONTROL_PREFIX}/{scope.replace(':', '/', 1)}/{kind}"
+
+
+def _parse_control_topic(topic):
+    """(scope, type) of a control topic; ConstraintError if it is not one."""
+    parts = topic.split("/")
+    if len(parts) == 4 and parts[2] == "global":
+        scope, kind = "global", parts[3]
+    elif len(parts) == 5:
+        scope, kind = f"{parts[2]}:{parts[3]}", parts[4]
+    else:
+        raise ConstraintError(f"topic {topic!r} is not cascade/constraints/<scope>/<type>")
+    if kind not in _TYPES:
+        raise ConstraintError(f"constraint type {kind!r} in topic {topic!r} is not one of "
+                              f"{list(_TYPES)}")
+    return _check_scope(scope), kind
+
+
+class _Limiter:
+    """Resizable capacity with trio's CapacityLimiter semantics: ``total`` slots of which
+    ``borrowed`` are held. Shrinking never evicts; growing admits from spare capacity.
+    invariant: borrowed <= total, unless total was lowered while the slots were held."""
+    __slots__ = ("name", "total", "borrowed")
+
+    def __init__(self, name, total):
+        self.name, self.total, self.borrowed = name, total, 0
+
+    def __repr__(self):
+        return f"<_Limiter {self.name} {self.borrowed}/{self.total}>"
+
+
+class _Bucket:
+    """Token bucket: ``rate`` tokens a second, at most ``burst``; starts full, so with
+    burst 1 starts are evenly spaced (as in Celery)."""
+    __slots__ = ("rate", "burst", "tokens", "stamp", "wake")
+
+    def __init__(self, rate, burst, now):
+        self.rate, self.burst, self.tokens, self.stamp, self.wake = rate, burst, burst, now, None
+
+    def refill(self, now):
+        if now > self.stamp:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+
+    def __repr__(self):
+        return f"<_Bucket {self.rate:g}/s burst={self.burst} tokens={self.tokens:.2f}>"
+
+
+class _Clock:
+    """Timers for TTL expiry and token refill, on one thread per engine started on demand.
+
+    It sleeps on a condition until the earliest deadline (never a periodic sweep), so an
+    expiry fires on time whether or not the event loops are busy, and it exits when
+    nothing is scheduled. Deadlines are ``time.monotonic()`` values."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._heap = []
+        self._seq = itertools.count()
+        self._thread = None
+
+    def call_at(self, when, fn):
+        entry = [when, next(self._seq), fn]
+        with self._cond:
+            heapq.heappush(self._heap, entry)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._main, name="cascade-clock",
+                                                daemon=True)
+                self._thread.start()
+            else:
+                self._cond.notify()
+        return entry
+
+    @staticmethod
+    def cancel(entry):
+        entry[2] = None  # dropped when it reaches the top of the heap
+
+    def _main(self):
+        while True:
+            with self._cond:
+                while True:
+                    heap = self._heap
+                    while heap and heap[0][2] is None:
+                        heapq.heappop(heap)
+                    if not heap:
+                        self._thread = None
+                        return
+                    delay = heap[0][0] - time.monotonic()
+                    if delay <= 0:
+                        fn = heapq.heappop(heap)[2]
+                        break
+                    self._cond.wait(delay)
+            try:
+                fn()
+            except Exception:  # a timer must never kill the clock
+                _log.exception("cascade timer callback failed")
+
+
+# Unit states (one unit = one task execution; a map has one per item).
+_WAITING, _GRANTED, _RUNNING, _RETRYING, _DONE = range(5)
+_STATE_NAMES = ("blocked", "granted", "running", "retrying", "done")
+
+
+class _Queue:
+    """Waiting units with one admission key (task name, tags, run id, amounts): the
+    same constraints match all of them, so if the head cannot start, none can."""
+    __slots__ = ("key", "waiters", "gen", "pauses", "limiters", "buckets", "caps", "reason")
+
+    def __init__(self, key):
+        self.key = key
+        self.waiters = collections.deque()
+        self.gen = -1
+        self.reason = None
+
+
+class _ControlPlane:
+    """Constraints, capacities and the one admission routine of an engine.
+
+    Every decision "may this task start now" is made by ``_admit`` under ``self.lock``.
+    It runs on enqueue, release, constraint changes, expiry, token refill and give-back,
+    and grants while work waits and capacity exists, reserving slots and tokens at the
+    moment of granting. Waiters hold nothing (all-or-nothing admission), so no
+    combination of constraints can deadlock.
+
+    Order: waiters are granted first-in-first-out by the time they became ready. FIFO is
+    per limited resource: a waiter held back by a limiter, bucket or capacity holds that
+    resource back for later waiters too (no queue jumping), but a paused waiter holds
+    nothing back, so a pause never delays unrelated tasks.
+
+    Granted units are launched by their run on its loop (``_Run.launch``); the body's
+    thread calls ``begin`` right before the body starts, which is where a pause that
+    arrived after the grant still stops it (guarantee 1)."""
+
+    def __init__(self, capacities, project, notify):
+        self.lock = threading.Lock()
+        self.constraints = {}            # (scope, type) -> Constraint
+        self.project = project
+        self._notify = notify            # notify(applied: bool, constraint)
+        self._limiters = {}              # scope -> _Limiter of its active concurrency limit
+        self._buckets = {}               # scope -> _Bucket of its active rate limit
+        self._caps = {k: _Limiter(k, v) for k, v in capacities.items()}
+        self._queues = {}                # key -> _Queue with waiters
+        self._waiting = 0
+        self._holders = set()            # units holding a grant (granted or running)
+        self._gen = 0                    # bumped when constraints change
+        self._npause = 0
+        self._seq = itertools.count()
+        self._ttl = {}                   # (scope, type) -> clock entry
+        self.clock = _Clock()
+
+    # -- constraints --------------------------------------------------------
+    def apply(self, c):
+        """Make ``c`` active, replacing the one of its (scope, type). Returns the old one."""
+        key = (c.scope, c.type)
+        if c.expires_at is not None and c.expires_at <= time.time():
+            return self.remove(c.scope, c.type)  # arrived expired: it only clears
+        with self.lock:
+            old = self.constraints.get(key)
+            self._drop_locked(key)
+            self.constraints[key] = c
+            if c.type == "pause":
+                self._npause += 1
+            elif c.type == "concurrency":
+                lim = self._limiters.get(c.scope)
+                if lim is None:
+                    # A new limit counts what already runs in its scope, so that at no
+                    # instant more run than the limit (lowering never evicts).
+                    lim = self._limiters[c.scope] = _Limiter(c.scope, c.params["limit"])
+                    for u in self._holders:
+                        if self._matches(c.scope, u.key):
+                            lim.borrowed += 1
+                            u.held.append((lim, 1))
+                else:
+                    lim.total = c.params["limit"]
+            else:
+                rate, burst, now = _parse_rate(c.params["rate"]), c.params["burst"], time.monotonic()
+                b = self._buckets.get(c.scope)
+                if b is None:
+                    self._buckets[c.scope] = _Bucket(rate, burst, now)
+                else:  # replacing keeps at most the new burst of tokens
+                    b.refill(now)
+                    b.rate, b.burst, b.tokens = rate, burst, min(b.tokens, burst)
+            if c.expires_at is not None:
+                deadline = time.monotonic() + (c.expires_at - time.time())
+                self._ttl[key] = self.clock.call_at(deadline, functools.partial(self._expire, c))
+            self._gen += 1
+            granted = self._admit() if self._waiting else None
+        self._dispatch(granted)
+        self._notify(True, c)
+        return old
+
+    def remove(self, scope, kind=None):
+        """Remove the constraint of (scope, kind), or every type of scope; returns them."""
+        with self.lock:
+            removed = [c for t in ((kind,) if kind else _TYPES)
+                       for c in [self._drop_locked((scope, t), limiter=True)] if c]
+            if removed:
+                self._gen += 1
+            granted = self._admit() if removed and self._waiting else None
+        self._dispatch(granted)
+        for c in removed:
+            self._notify(False, c)
+        return removed
+
+    def _drop_locked(self, key, limiter=False):
+        c = self.constraints.pop(key, None)
+        entry = self._ttl.pop(key, None)
+        if entry:
+            self.clock.cancel(entry)
+        if c is None:
+            return None
+        if c.type == "pause":
+            self._npause -= 1
+        elif limiter and c.type == "concurrency":
+            # Holders keep their reference and give the slot back to a limiter nobody
+            # consults any more; a later limit on this scope counts afresh.
+            del self._limiters[c.scope]
+        elif limiter and c.type == "rate_limit":
+            del self._buckets[c.scope]
+        return c
+
+    def _expire(self, c):
+        with self.lock:
+            if self.constraints.get((c.scope, c.type)) is not c:
+                return
+        self.remove(c.scope, c.type)
+
+    def active(self):
+        """The active constraints (expired ones the clock has not removed yet excluded)."""
+        now = time.time()
+        with self.lock:
+            return [c for c in self.constraints.values()
+                    if c.expires_at is None or c.expires_at > now]
+
+    # -- admission ----------------------------------------------------------
+    def _matches(self, scope, key):
+        return _scope_matches(scope, key[0], key[1], key[2], self.project)
+
+    def _match(self, q):
+        """Refresh the queue's matching constraints when they changed."""
+        if q.gen == self._gen:
+            return
+        key = q.key
+        q.pauses, q.limiters, q.buckets = [], [], []
+        for (scope, kind), c in self.constraints.items():
+            if self._matches(scope, key):
+                if kind == "pause":
+                    q.pauses.append(c)
+                elif kind == "concurrency":
+                    q.limiters.append(self._limiters[scope])
+                else:
+                    q.buckets.append(self._buckets[scope])
+        q.caps = [(self._caps[k], n) for k, n in key[3] if n]
+        q.gen = self._gen
+
+    def _queue(self, key):
+        q = self._queues.get(key)
+        if q is None:
+            q = self._queues[key] = _Queue(key)
+        return q
+
+    def enqueue(self, units):
+        """Make ``units`` (of one node, all with one key) wait for admission. Grants
+        are dispatched; returns the units still waiting, for TaskBlocked events."""
+        with self.lock:
+            if not self.constraints and not self._waiting and not units[0].key[3]:
+                # fast path: nothing to decide, nobody to queue behind
+                for u in units:
+                    u.state = _GRANTED
+                    self._holders.add(u)
+                granted = units
+            else:
+                q = self._queue(units[0].key)
+                for u in units:
+                    u.seq = next(self._seq)
+                    u.state = _WAITING
+                q.waiters.extend(units)
+                self._waiting += len(units)
+                granted = self._admit()
+        self._dispatch(granted)
+        return [u for u in units if u.state == _WAITING] if granted is not units else ()
+
+    def _admit(self):
+        """THE admission routine (call with the lock held); returns granted units."""
+        granted = []
+        marked = set()  # limiters/buckets an earlier waiter is held back on (FIFO)
+        live = []
+        for k, q in list(self._queues.items()):
+            if q.waiters:
+                q.reason = None
+                live.append(q)
+            else:
+                del self._queues[k]
+        now = None
+        while live:
+            q = min(live, key=lambda q: q.waiters[0].seq) if len(live) > 1 else live[0]
+            self._match(q)
+            reason = None
+            if q.pauses:
+                reason = f"pause on {q.pauses[0].scope}"
+            for lim in q.limiters:
+                if lim in marked or lim.borrowed >= lim.total:
+                    marked.add(lim)
+                    reason = reason or (f"concurrency on {lim.name} "
+                                        f"(limit {lim.total}, {lim.borrowed} running)")
+            for lim, n in q.caps:
+                if lim in marked or lim.borrowed + n > lim.total:
+                    marked.add(lim)
+                    reason = reason or (f"capacity {lim.name} (needs {n}, "
+                                        f"{lim.total - lim.borrowed} of {lim.total} free)")
+            for b in q.buckets:
+                if now is None:
+                    now = time.monotonic()
+                b.refill(now)
+                if b in marked or b.tokens < 1:
+                    marked.add(b)
+                    if b.wake is None:  # event-driven: wake when the next token is due
+                        b.wake = self.clock.call_at(now + (1 - b.tokens) / b.rate,
+                                                    functools.partial(self._refilled, b))
+                    reason = reason or next(
+                        f"rate_limit on {s} ({c.params['rate']})" for (s, t), c in
+                        self.constraints.items() if t == "rate_limit" and self._buckets[s] is b)
+            if reason is not None:
+                q.reason = reason
+                live.remove(q)
+                continue
+            u = q.waiters.popleft()
+            self._waiting -= 1
+            held = u.held
+            for lim in q.limiters:
+                lim.borrowed += 1
+                held.append((lim, 1))
+            for lim, n in q.caps:
+                lim.borrowed += n
+                held.append((lim, n))
+            for b in q.buckets:
+                b.tokens -= 1
+            u.tokens = q.buckets
+            u.state = _GRANTED
+            self._holders.add(u)
+            granted.append(u)
+            if not q.waiters:
+                live.remove(q)
+        return granted
+
+    def _refilled(self, b):
+        with self.lock:
+            b.wake = None
+            granted = self._admit() if self._waiting else None
+        self._dispatch(granted)
+
+    def _release_locked(self, u, refund):
+        for lim, n in u.held:
+            lim.borrowed -= n
+        u.held = []
+        if refund:  # the unit never started: its start tokens go back
+            for b in u.tokens:
+                b.tokens = min(b.burst, b.tokens + 1)
+        u.tokens = ()
+        self._holders.discard(u)
+
+    def release(self, u):
+        """The unit's body finished (or it was never started): give its slots back."""
+        with self.lock:
+            self._release_locked(u, u.state == _GRANTED)
+            u.state = _DONE
+            granted = self._admit() if self._waiting else None
+        self._dispatch(granted)
+
+    def begin(self, u):
+        """Called in the body's own thread right before the body begins. Returns False
+        when the unit may not start after all: its run is stopping (the grant is given
+        back), or a pause that matches it arrived after the grant (the grant is given
+        back and the unit waits again at its old place in the queue)."""
+        with self.lock:
+            if u.run.stopping:
+                self._release_locked(u, True)
+                u.state = _DONE
+            elif self._npause and any(self._matches(s, u.key) for (s, t) in self.constraints
+                                      if t == "pause"):
+                self._release_locked(u, True)
+                u.state = _WAITING
+                u.blocked = False
+                q = self._queue(u.key)
+                w = q.waiters
+                i = len(w)
+                while i and w[i - 1].seq > u.seq:
+                    i -= 1
+                w.insert(i, u)
+                self._waiting += 1
+            else:
+                u.state = _RUNNING
+                return True
+            granted = self._admit() if self._waiting else None
+        self._dispatch(granted)
+        return False
+
+    def drop_run(self, run):
+        """Forget every waiting unit of ``run`` (it is stopping)."""
+        with self.lock:
+            for key, q in list(self._queues.items()):
+                if key[2] == run.run_id:
+                    for u in q.waiters:
+                        u.state = _DONE
+                    self._waiting -= len(q.waiters)
+                    del self._queues[key]
+            granted = self._admit() if self._waiting else None
+        self._dispatch(granted)
+
+    @staticmethod
+    def _dispatch(granted):
+        if not granted:
+            return
+        if len(granted) == 1:
+            granted[0].run.launch(granted)
+            return
+        by_run = {}
+        for u in granted:
+            by_run.setdefault(u.run, []).append(u)
+        for run, units in by_run.items():
+            run.launch(units)
+
+    def reason(self, u):
+        """Why a waiting unit waits (for status and TaskBlocked)."""
+        q = self._queues.get(u.key)
+        return (q.reason if q is not None and q.reason else None) or "queued"
+
+    def snapshot(self):
+        """Usage of every active constraint and capacity, for ``Engine.status``."""
+        now = time.time()
+        mono = time.monotonic()
+        with self.lock:
+            rows = []
+            for (scope, kind), c in self.constraints.items():
+                row = {"scope": scope, "type": kind, "expires_in": c.expires_in(now),
+                       "matching_running": sum(1 for u in self._holders
+                                               if self._matches(scope, u.key))}
+                if kind == "concurrency":
+                    lim = self._limiters[scope]
+                    row.update(limit=lim.total, in_use=lim.borrowed)
+                elif kind == "rate_limit":
+                    b = self._buckets[scope]
+                    b.refill(mono)
+                    row.update(rate=c.params["rate"], burst=b.burst, tokens=round(b.tokens, 3))
+                rows.append(row)
+            caps = {k: {"total": lim.total, "in_use": lim.borrowed} for k, lim in self._caps.items()}
+            return rows, caps
+
+
+# ===========================================================================
+# Pub/sub: in-process broker, MQTT hook, Controller
+# ===========================================================================
+_MAX_PAYLOAD = 64 * 1024  # larger messages are handed on raw, never parsed
+
+
+def _topic_matches(filter: str, topic: str) -> bool:
+    """True if MQTT 3.1.1 topic filter `filter` matches topic name `topic`.
+
+    `+` matches exactly one level (an empty one too), `#` matches any number of
+    levels including none (`a/#` matches `a`), and a topic starting with `$` is
+    not matched by a filter whose first level is `+` or `#`. Agrees with
+    paho's `topic_matches_sub` on all valid filters and topics.
+    """
+    if topic[:1] == "$" and filter[:1] in ("+", "#"):
+        return False
+    f, t = filter.split("/"), topic.split("/")
+    for i, level in enumerate(f):
+        if level == "#":
+            return i == len(f) - 1  # a '#' that is not last never matches
+        if i == len(t) or (level != "+" and level != t[i]):
+            return False
+    return len(f) == len(t)
+
+
+def _check_topic(topic: str, is_filter: bool) -> None:
+    if not isinstance(topic, str) or not topic or "\0" in topic:
+        raise ValueError(f"MQTT topic must be a non-empty str without NUL, got {topic!r}")
+    if not is_filter and ("+" in topic or "#" in topic):
+        raise ValueError(f"cannot publish to {topic!r}: '+' and '#' are for subscriptions only")
+    # '#' only as the whole last level; '+' only as a whole level
+    if is_filter and ("#" in topic[:-1] or any("+" in lv and lv != "+" for lv in topic.split("/"))
+                      or topic[-1:] == "#" and topic[-2:-1] not in ("", "/")):
+        raise ValueError(f"invalid topic filter {topic!r}: '+' must fill a whole level "
+                         "and '#' must be the whole last level")
+
+
+def _decode_payload(raw: Any) -> Any:
+    """Turn a payload from a wire (bytes, bytearray or str) into a value.
+
+    Empty → `""` (the MQTT "clear" message). Longer than `_MAX_PAYLOAD` → the raw
+    bytes, unparsed. Valid UTF-8 JSON → the decoded value, of any JSON type.
+    Anything else → the raw bytes (bytearray becomes bytes): the engine, not the
+    connector, rejects a bad payload, so it can say why.
+    """
+    if not raw:
+        return ""
+    if isinstance(raw, bytearray):
+        raw = bytes(raw)
+    if len(raw) > _MAX_PAYLOAD:
+        return raw
+    try:
+        return json.loads(raw if isinstance(raw, str) else raw.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return raw
+
+
+def _encode_payload(payload: Any) -> bytes:
+    """`""`/None → b"" (clears a retained message); bytes pass through unchanged
+    (so tests can send garbage through any connector); anything else → compact
+    UTF-8 JSON. Raises TypeError if not JSON-serialisable, ValueError for NaN,
+    infinities and circular references."""
+    if payload is None or (isinstance(payload, str) and not payload):
+        return b""
+    if isinstance(payload, (bytes, bytearray)):
+        return bytes(payload)
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> bool:
+    """Schedule `fn(*args)` on `loop`; False (and nothing done) if it is closed.
+
+    From inside the running `loop` this is `loop.call_soon`, never a direct
+    call: a direct call would overtake messages already queued from other
+    threads and re-enter the publisher.
+    """
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    try:
+        if running is loop:
+            loop.call_soon(fn, *args)
+        elif loop.is_closed():
+            return False
+        else:
+            loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # closed between the check and the call
+        return False
+    return True
+
+
+def _deliver(callback: Callable[[str, Any], Any], topic: str, payload: Any,
+             tasks: set | None = None) -> None:
+    """Call `callback(topic, payload)` on the running loop, never raising.
+
+    An awaitable result runs as a task (kept alive in `tasks` if given); an
+    exception, sync or async, is logged and goes no further.
+    """
+    try:
+        result = callback(topic, payload)
+        if not inspect.isawaitable(result):
+            return
+        task = asyncio.ensure_future(result)
+    except Exception:
+        _log.exception("pub/sub callback %r failed on topic %r", callback, topic)
+        return
+    if tasks is not None:
+        tasks.add(task)
+
+    def done(t: asyncio.Future) -> None:
+        if tasks is not None:
+            tasks.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            _log.error("pub/sub callback %r failed on topic %r", callback, topic,
+                       exc_info=t.exception())
+    task.add_done_callback(done)
+
+
+class _Subscription:
+    """One (filter, callback) pair, bound to the loop that subscribed it."""
+    __slots__ = ("filter", "callback", "loop", "active", "replay", "acked", "tasks")
+
+    def __init__(self, filter: str, callback: Callable[[str, Any], Any]) -> None:
+        _check_topic(filter, is_filter=True)
+        if not callable(callback):
+            raise TypeError(f"subscribe({filter!r}, callback): callback must be callable "
+                            f"as callback(topic, payload), got {callback!r}")
+        self.filter, self.callback = filter, callback
+        self.loop = asyncio.get_running_loop()
+        # active: cleared by unsubscribe so queued deliveries are dropped.
+        # replay/acked: whether retained (retain=1) messages are for us; see _Hub._acked.
+        self.active, self.replay, self.acked = True, True, False
+        self.tasks: set = set()
+
+    def deliver(self, topic: str, raw: bytes) -> None:  # runs on self.loop
+        if self.active:  # decode per delivery: subscribers never share mutable payloads
+            _deliver(self.callback, topic, _decode_payload(raw), self.tasks)
+
+
+class _Hub:
+    """Subscription table shared by LocalBroker and MqttConnector.
+
+    invariant: messages for one subscription are queued on its loop while
+    `_lock` is held, so each subscription sees them in the order they were
+    fanned out, whichever threads publish.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subs: list = []
+        self._clients = 0  # connect() minus disconnect(); only for repr
+
+    def _insert(self, sub: _Subscription) -> None:  # lock held
+        # MQTT: subscribing the same filter again replaces the subscription
+        for s in self._subs:
+            if s.filter == sub.filter and s.callback == sub.callback:
+                s.active = False
+        self._subs = [s for s in self._subs if s.active] + [sub]
+
+    def _remove(self, filter: str, callback: Callable) -> tuple:
+        """Drop (filter, callback); return (removed?, filter still wanted?)."""
+        with self._lock:
+            gone = [s for s in self._subs if s.filter == filter and s.callback == callback]
+            for s in gone:
+                s.active = False
+            self._subs = [s for s in self._subs if s.active]
+            return bool(gone), any(s.filter == filter for s in self._subs)
+
+    def _fanout(self, topic: str, raw: bytes, retained: bool = False) -> None:  # lock held
+        dead = False
+        for s in self._subs:
+            if (s.replay or not retained) and _topic_matches(s.filter, topic):
+                if not _call_soon(s.loop, s.deliver, topic, raw):
+                    s.active, dead = False, True  # its loop has closed: drop it silently
+        if dead:
+            self._subs = [s for s in self._subs if s.active]
+
+    def _acked(self, sub: _Subscription) -> None:  # lock held, in wire order
+        # A SUBSCRIBE makes the broker (re)send retained messages after its SUBACK,
+        # flagged retain=1. Other subscriptions already got their own retained
+        # burst (before their SUBACK, hence before this one), so from here on such
+        # messages are for `sub` only: no stale replays to an engine that shares
+        # this connection. Subscriptions still awaiting their SUBACK keep accepting.
+        for s in self._subs:
+            if s.acked and s is not sub:
+                s.replay = False
+        sub.acked = True
+
+
+class LocalBroker(_Hub):
+    """In-process broker with MQTT semantics; the default connector.
+
+    Retained messages (a retained `""` clears the topic's retained message and
+    is still delivered to current subscribers), `+`/`#`, `$`-topics hidden from
+    leading wildcards. Thread-safe: engines on different threads and loops may
+    share one. A callback runs on the loop that awaited `subscribe`, after
+    `publish` returns, in publish order; on subscribe, matching retained
+    messages are queued for that subscription alone, before any later publish
+    (subscribe `x/#`, publish a marker on `x/sync/1`: the marker comes after
+    every retained `x/...`). Payloads take the same JSON round trip as over
+    MQTT, so subscribers never share an object; a payload that is not
+    JSON-serialisable raises TypeError. `disconnect()` removes nothing: each
+    user unsubscribes its own callbacks. Subscriptions whose loop has closed
+    are dropped silently.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._retained: dict = {}  # topic -> encoded payload (never b"")
+
+    def __repr__(self) -> str:
+        return (f"<LocalBroker connected={self._clients > 0} "
+                f"subscriptions={len(self._subs)} retained={len(self._retained)}>")
+
+    async def connect(self) -> None:
+        with self._lock:
+            self._clients += 1
+
+    async def disconnect(self) -> None:
+        with self._lock:
+            self._clients = max(0, self._clients - 1)
+
+    async def publish(self, topic: str, payload: Any, qos: int = 0, retain: bool = False) -> None:
+        _check_topic(topic, is_filter=False)
+        raw = _encode_payload(payload)  # raises before anything is stored
+        with self._lock:
+            if retain and raw:
+                self._retained[topic] = raw
+            elif retain:
+                self._retained.pop(topic, None)
+            self._fanout(topic, raw)
+
+    async def subscribe(self, topic: str, callback: Callable[[str, Any], Any]) -> None:
+        sub = _Subscription(topic, callback)
+        with self._lock:
+            self._insert(sub)
+            for t, raw in self._retained.items():  # queued before any later publish
+                if _topic_matches(topic, t):
+                    sub.loop.call_soon(sub.deliver, t, raw)
+
+    async def unsubscribe(self, topic: str, callback: Callable[[str, Any], Any]) -> None:
+        self._remove(topic, callback)
+
+
+class MqttConnector(_Hub):
+    """Connector over a paho-mqtt 2.x or aiomqtt 2.x client the user built,
+    configured and connected (aiomqtt: inside its `async with`). Never
+    disconnects it. Messages go out from the connector's own filter table: once
+    per matching subscription, on the loop that subscribed it, in arrival
+    order, decoded by `_decode_payload` (garbage arrives as raw bytes).
+    Subscriptions use QoS 1; `subscribe` returns after the SUBACK, `publish`
+    with qos>0 after the broker's ack; waits are bounded by `timeout` seconds.
+
+    paho (either callback API version): `connect()` starts the network thread
+    (`loop_start`; don't run `loop_forever` yourself) and waits until connected.
+    It chains, never replaces, the client's on_message/on_connect/on_subscribe/
+    on_publish/on_unsubscribe (set yours first). After a reconnect every filter
+    is subscribed again, so retained messages arrive again.
+
+    aiomqtt: `connect()` starts a task reading `client.messages` (don't read
+    them too: aiomqtt has one queue). aiomqtt does not reconnect: the reader
+    stops, logged. A later subscribe on a shared aiomqtt connector may replay
+    retained messages to earlier subscriptions (paho filters by SUBACK order).
+    """
+
+    def __init__(self, client: Any, *, timeout: float = 10.0) -> None:
+        super().__init__()
+        if callable(getattr(client, "loop_start", None)) and (
+                hasattr(client, "message_callback_add") or hasattr(client, "on_message")):
+            self._kind = "paho"
+        elif hasattr(client, "messages") and inspect.iscoroutinefunction(getattr(client, "subscribe", None)):
+            self._kind = "aiomqtt"
+        else:
+            raise TypeError(
+                "MqttConnector(client) needs a connected paho-mqtt 2.x Client (with loop_start, "
+                "on_message, subscribe, publish) or an aiomqtt 2.x Client entered with 'async with'; "
+                f"got {type(client).__name__}")
+        self._client, self._timeout = client, timeout
+        self._waiting: dict = {}  # mid -> (future, subscription or None)
+        self._early: collections.OrderedDict = collections.OrderedDict()  # acks that beat us
+        self._conn_waiters: list = []
+        self._hooked = False
+        self._reader: asyncio.Task | None = None
+
+    def __repr__(self) -> str:
+        up = (self._client.is_connected() if self._kind == "paho"
+              else self._reader is not None and not self._reader.done())
+        return (f"<MqttConnector {self._kind} {'connected' if up else 'disconnected'} "
+                f"subscriptions={len(self._subs)}>")
+
+    async def connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._clients += 1
+        if self._kind == "aiomqtt":
+            if self._reader is None or self._reader.done():
+                self._reader = loop.create_task(self._read())
+            return
+        if not self._hooked:
+            self._hook()
+        fut = loop.create_future()
+        with self._lock:  # register before checking, so on_connect cannot slip between
+            self._conn_waiters.append(fut)
+        self._client.loop_start()  # MQTT_ERR_INVAL if the network thread already runs
+        try:
+            if not self._client.is_connected():
+                await asyncio.wait_for(fut, self._timeout)
+        except asyncio.TimeoutError:
+            with self._lock:
+                self._clients -= 1
+            raise ConnectionError(f"MQTT client not connected after {self._timeout:g}s: call "
+                                  "client.connect(host, port) before MqttConnector.connect()") from None
+        finally:
+            with self._lock:
+                if fut in self._conn_waiters:
+                    self._conn_waiters.remove(fut)
+
+    async def disconnect(self) -> None:
+        with self._lock:
+            self._clients = max(0, self._clients - 1)
+            reader = self._reader if self._clients == 0 else None
+        if reader is not None:
+            reader.cancel()
+            await asyncio.wait([reader])  # unlike `await reader`, keeps our own cancellation
+
+    async def publish(self, topic: str, payload: Any, qos: int = 0, retain: bool = False) -> None:
+        _check_topic(topic, is_filter=False)
+        raw = _encode_payload(payload)
+        if self._kind == "aiomqtt":
+            await self._client.publish(topic, raw, qos=qos, retain=retain)
+            return
+        info = self._client.publish(topic, raw, qos, retain)
+        if qos:  # NO_CONN still queues it in paho: wait for the ack either way
+            await self._await_ack(info.mid, None, f"acknowledgement of publish to {topic!r}")
+        elif info.rc != 0:
+            raise ConnectionError(f"MQTT publish to {topic!r} failed: {getattr(info.rc, 'name', info.rc)}")
+
+    async def subscribe(self, topic: str, callback: Callable[[str, Any], Any]) -> None:
+        sub = _Subscription(topic, callback)
+        with self._lock:
+            self._insert(sub)
+        try:
+            if self._kind == "aiomqtt":
+                granted = await self._client.subscribe(topic, qos=1)
+            else:
+                rc, mid = self._client.subscribe(topic, qos=1)
+                if rc != 0:
+                    raise ConnectionError(f"MQTT subscribe to {topic!r} failed: {getattr(rc, 'name', rc)}")
+                granted = await self._await_ack(mid, sub, f"SUBACK for {topic!r}")
+            if any(int(getattr(g, "value", g)) >= 0x80 for g in granted or ()):
+                raise PermissionError(f"MQTT broker refused the subscription to {topic!r} (check its ACL)")
+        except BaseException:
+            self._remove(topic, callback)
+            raise
+
+    async def unsubscribe(self, topic: str, callback: Callable[[str, Any], Any]) -> None:
+        """UNSUBSCRIBE goes out once no callback wants `topic`; errors are logged."""
+        removed, wanted = self._remove(topic, callback)
+        if not removed or wanted:
+            return
+        try:
+            if self._kind == "aiomqtt":
+                await self._client.unsubscribe(topic)
+            else:
+                rc, mid = self._client.unsubscribe(topic)
+                if rc == 0:
+                    await self._await_ack(mid, None, f"UNSUBACK for {topic!r}")
+        except Exception as exc:
+            _log.debug("MQTT unsubscribe from %r failed: %r", topic, exc)
+
+    async def _read(self) -> None:
+        try:
+            async for m in self._client.messages:
+                with self._lock:
+                    self._fanout(m.topic.value, m.payload)
+        except Exception:  # aiomqtt raises MqttError when the connection drops
+            _log.exception("MQTT reader stopped; re-create the client and connector to resume")
+
+    async def _await_ack(self, mid: int, sub: _Subscription | None, what: str) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        with self._lock:
+            if mid in self._early:  # the ack arrived before paho gave us the mid
+                if sub is not None:
+                    self._acked(sub)
+                return self._early.pop(mid)
+            self._waiting[mid] = (fut, sub)
+        try:
+            return await asyncio.wait_for(fut, self._timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no {what} from the MQTT broker within {self._timeout:g}s") from None
+        finally:
+            with self._lock:
+                self._waiting.pop(mid, None)
+
+    def _ack(self, mid: int, result: Any) -> None:  # paho network thread
+        with self._lock:
+            entry = self._waiting.pop(mid, None)
+            if entry is None:
+                # Bounded: unawaited acks (qos 0 publishes, the user's own calls)
+                # land here too; mids are reused only after 65535 others.
+                self._early[mid] = result
+                while len(self._early) > 64:
+                    self._early.popitem(last=False)
+                return
+            fut, sub = entry
+            if sub is not None:
+                self._acked(sub)
+        _call_soon(fut.get_loop(), _resolve_future, fut, result)
+
+    def _hook(self) -> None:
+        c, self._hooked = self._client, True
+        prev = {n: getattr(c, n) for n in ("on_message", "on_connect", "on_subscribe",
+                                            "on_publish", "on_unsubscribe")}
+
+        def chained(name: str, ours: Callable[..., None]) -> Callable[..., None]:
+            def hook(*args: Any) -> None:  # args differ between paho callback API versions
+                try:
+                    ours(*args)
+                except Exception:  # an exception here would kill paho's network thread
+                    _log.exception("MqttConnector %s hook failed", name)
+                if prev[name] is not None:
+                    prev[name](*args)
+            return hook
+
+        def on_message(client: Any, userdata: Any, msg: Any) -> None:
+            with self._lock:
+                self._fanout(msg.topic, msg.payload, retained=bool(msg.retain))
+
+        def on_connect(client: Any, userdata: Any, flags: Any, rc: Any, *rest: Any) -> None:
+            if rc != 0:
+                return
+            with self._lock:
+                for s in self._subs:
+                    s.replay = True  # every filter gets its retained burst again
+                filters = sorted({s.filter for s in self._subs})
+                waiters, self._conn_waiters = self._conn_waiters, []
+            if filters:  # broker restart or clean session: subscriptions are gone
+                client.subscribe([(f, 1) for f in filters])
+            for fut in waiters:
+                _call_soon(fut.get_loop(), _resolve_future, fut, None)
+
+        c.on_message = chained("on_message", on_message)
+        c.on_connect = chained("on_connect", on_connect)
+        c.on_subscribe = chained("on_subscribe", lambda cl, u, mid, granted, *r: self._ack(mid, granted))
+        c.on_publish = chained("on_publish", lambda cl, u, mid, *r: self._ack(mid, None))
+        c.on_unsubscribe = chained("on_unsubscribe", lambda cl, u, mid, *r: self._ack(mid, None))
+
+
+def _resolve_future(fut: asyncio.Future, result: Any) -> None:
+    if not fut.done():
+        fut.set_result(result)
+
+
+class Controller:
+    """Steer every engine on a broker: the engine's control verbs as coroutines, each
+    published as a retained message on ``cascade/constraints/<scope path>/<type>``, so
+    engines that join later honour it too::
+
+        ctl = cs.Controller(cs.MqttConnector(client))
+        await ctl.pause("task:api_call", ttl=60)
+        print(await ctl.status())
+    """
+
+    def __init__(self, connector):
+        self.connector = _check_connector(connector)
+        self._connected = False
+
+    async def _conn(self):
+        if not self._connected:
+            await self.connector.connect()
+            self._connected = True
+        return self.connector
+
+    async def _publish(self, c):
+        await (await self._conn()).publish(c.topic, c.to_dict(), qos=1, retain=True)
+        return c
+
+    async def _clear(self, scope, kinds):
+        conn = await self._conn()
+        for kind in kinds:
+            await conn.publish(_control_topic(_check_scope(scope), kind), "", qos=1, retain=True)
+
+    async def pause(self, scope="global", *, ttl=None):
+        return await self._publish(Constraint.make(scope, "pause", ttl=ttl))
+
+    async def resume(self, scope="global"):
+        await self._clear(scope, ("pause",))
+
+    async def limit(self, scope, n, *, ttl=None):
+        return await self._publish(Constraint.make(scope, "concurrency", {"limit": n}, ttl=ttl))
+
+    async def rate_limit(self, scope, rate, *, burst=None, ttl=None):
+        return await self._publish(Constraint.make(scope, "rate_limit",
+                                                   {"rate": rate, "burst": burst}, ttl=ttl))
+
+    async def clear(self, scope, type=None):
+        if type is not None and type not in _TYPES:
+            raise ConstraintError(f"clear(type={type!r}): use one of {list(_TYPES)} or None")
+        await self._clear(scope, (type,) if type else _TYPES)
+
+    async def status(self, timeout=5.0):
+        """The constraints retained on the broker (expired ones included: check
+        ``expires_in()``), sorted by scope and type."""
+        conn = await self._conn()
+        found = {}
+        marker = f"cascade/sync/{os.urandom(8).hex()}"
+        done = asyncio.get_running_loop().create_future()
+
+        def collect(topic, payload):
+            if topic == marker:
+                if not done.done():
+                    done.set_result(None)
+            elif isinstance(payload, dict):
+                try:
+                    found[topic] = Constraint.from_dict(payload)
+                except ConstraintError:
+                    pass
+            else:
+                found.pop(topic, None)
+        await conn.subscribe(f"{_CONTROL_PREFIX}/#", collect)
+        await conn.subscribe(marker, collect)
+        try:
+            await conn.publish(marker, {"sync": marker})
+            await asyncio.wait_for(done, timeout)
+        finally:
+            await _maybe(conn, "unsubscribe", f"{_CONTROL_PREFIX}/#", collect)
+            await _maybe(conn, "unsubscribe", marker, collect)
+        return sorted(found.values(), key=lambda c: (c.scope, c.type))
+
+    def __repr__(self):
+        return f"<Controller {self.connector!r}>"
+
+# ===========================================================================
+# Engine: events, the per-run scheduler, handles, the Engine
+# ===========================================================================
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """Base of every event; ``engine.subscribe(cs.Event, cb)`` receives them all."""
+    run_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RunStarted(Event):
+    target_tasks: tuple
+    params: dict = dataclasses.field(hash=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFinished(Event):
+    status: str                 # "Succeeded" | "Failed" | "Cancelled"
+    duration: float
+    error: BaseException = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskExecutionStarted(Event):
+    task_id: str
+    task_name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskExecutionFinished(Event):
+    task_id: str
+    task_name: str
+    status: str                 # "Succeeded" | "Failed"
+    duration: float
+    error: BaseException = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSkipped(Event):
+    task_id: str
+    task_name: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskRetrying(Event):
+    task_id: str
+    task_name: str
+    attempt: int                # the attempt that just failed, from 1
+    max_attempts: int
+    delay: float
+    error: BaseException
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskBlocked(Event):
+    task_id: str
+    task_name: str
+    reason: str                 # names the scope and type that holds it
+
+
+@dataclasses.dataclass(frozen=True)
+class ResourceAcquired(Event):
+    resource_name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ResourceReleased(Event):
+    resource_name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstraintApplied(Event):
+    constraint: Constraint
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstraintRemoved(Event):
+    constraint: Constraint
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstraintRejected(Event):
+    topic: str
+    reason: str
+
+
+class _Bus:
+    """In-process event bus. Callbacks run synchronously in the emitting thread: run
+    events on the run's loop thread, constraint events in the thread that changed the
+    constraint. A raising subscriber is logged and never breaks the run."""
+
+    def __init__(self):
+        self._subs = {}
+        self._cache = {}
+        self._lock = threading.Lock()
+
+    def subscribe(self, etype, callback):
+        if not (isinstance(etype, type) and issubclass(etype, Event)):
+            raise TypeError(f"subscribe() needs an event class such as cs.TaskBlocked or "
+                            f"cs.Event (for all), got {etype!r}")
+        if not callable(callback):
+            raise TypeError(f"subscribe() needs a callable callback(event), got {callback!r}")
+        with self._lock:
+            self._subs.setdefault(etype, []).append(callback)
+            self._cache = {}
+
+        def unsubscribe():
+            with self._lock:
+                try:
+                    self._subs[etype].remove(callback)
+                except (KeyError, ValueError):
+                    return
+                self._cache = {}
+        return unsubscribe
+
+    def wants(self, etype):
+        cbs = self._cache.get(etype)
+        if cbs is None:
+            with self._lock:
+                cbs = tuple(cb for cls in etype.__mro__ for cb in self._subs.get(cls, ()))
+                self._cache[etype] = cbs
+        return cbs
+
+    def emit(self, event):
+        for cb in self.wants(type(event)):
+            try:
+                r = cb(event)
+                if r is not None and inspect.isawaitable(r):
+                    asyncio.ensure_future(r)
+            except Exception:
+                _log.exception("event subscriber %r failed on %s", cb, type(event).__name__)
+
+
+class _Unit:
+    """One task execution (a call, or one item of a map), the thing admission grants."""
+    __slots__ = ("run", "node", "index", "id", "args", "kwargs", "key", "attempt", "seq",
+                 "state", "held", "tokens", "blocked", "atask")
+
+    def __init__(self, run, node, index, uid, args, kwargs):
+        self.run, self.node, self.index, self.id = run, node, index, uid
+        self.args, self.kwargs, self.key = args, kwargs, node.key
+        self.attempt = 1
+        self.seq = 0
+        self.state = _WAITING
+        self.held = []          # [(limiter, amount)] reserved at grant
+        self.tokens = ()        # buckets a start token was taken from
+        self.blocked = False    # TaskBlocked emitted for the current wait
+        self.atask = None
+
+    def __repr__(self):
+        return f"<_Unit {self.id} {_STATE_NAMES[self.state]}>"
+
+
+_FAILED = 5
+_STATE_NAMES = _STATE_NAMES + ("failed",)
+_STARTED, _NOT_BEGUN = object(), object()  # messages from worker threads
+
+
+def _call_task(task, args, kwargs):
+    # What a non-thread executor (process pool, Dask) runs: pickles by task name.
+    return task.fn(*args, **kwargs)
+
+
+def _gen_next(gen):
+    # StopIteration cannot cross a Future, so "did not yield" is returned instead.
+    for value in gen:
+        return value
+    return _MISSING
+
+
+def _gen_finish(gen):
+    for _ in gen:
+        raise RuntimeError("a resource generator must yield exactly once")
+
+
+class _Run:
+    """One run of a graph on one event loop: dataflow scheduling, retries, skips,
+    fail-fast, resources. Every method runs on the loop thread except ``launch`` and
+    ``_sync_body``/``_post`` (called from other threads)."""
+
+    def __init__(self, engine, target, params, run_id):
+        self.engine = engine
+        self.cp = engine._cp
+        self.bus = engine._bus
+        self.target = target
+        self.params = dict(params or {})
+        self.run_id = run_id
+        self.stopping = False
+        self.error = None
+        self.status = "Running"
+        self.nodes = {}
+        self._ready = collections.deque()
+        self._pumping = False
+        self._inflight = 0          # launched units whose body has not settled
+        self._tasks = set()         # resource set-up tasks
+        self._timers = set()        # retry delays
+        self._inbox = collections.deque()
+        self._drain_pending = False
+        self._res = {}
+        self._res_values = {}
+        self._teardown = []
+        self._settled = None
+        executor = engine._executor
+        self._pool = executor if executor is not None else engine._threads()
+        self._threaded = isinstance(self._pool, concurrent.futures.ThreadPoolExecutor)
+
+    # -- entry point --------------------------------------------------------
+    async def execute(self):
+        loop = self.loop = asyncio.get_running_loop()
+        self.thread = threading.get_ident()
+        self._wake = loop.create_future()
+        t0 = time.perf_counter()
+        error = None
+        status = "Failed"
+        self.engine._runs[self.run_id] = self
+        link = self.engine._link
+        if link is not None:
+            link.attach(self)
+        targets = self.target.deps if type(self.target) is _Gather else [self.target]
+        self.bus.emit(RunStarted(self.run_id, tuple(d.name for d in dict.fromkeys(targets)),
+                                 dict(self.params)))
+        try:
+            self._prepare()
+            if link is not None:
+                await link.open(self)
+            for node in self.nodes.values():
+                if not node.pending:
+                    self._ready.append(node)
+            self._pump()
+            try:
+                await self._wake
+            except asyncio.CancelledError:
+                self._stop()
+                raise
+            if self.error is not None:
+                raise self.error
+            result = self._result()
+            status = "Succeeded"
+            return result
+        except asyncio.CancelledError:
+            status = "Cancelled"
+            raise
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.status = status
+            self._stop()
+            await self._settle()
+            await self._teardown_resources()
+            self.engine._runs.pop(self.run_id, None)
+            self.bus.emit(RunFinished(self.run_id, status, time.perf_counter() - t0, error))
+            if link is not None:
+                await link.close(self)
+
+    def _prepare(self):
+        self.nodes = nodes = _build_graph(self.target)
+        missing, known, needed = [], set(), set()
+        caps = self.cp._caps
+        for lz, node in nodes.items():
+            t = type(lz)
+            if t is Param:
+                known.add(lz.param)
+                if lz.param in self.params:
+                    node.value = self.params[lz.param]
+                elif lz.default is not _MISSING:
+                    node.value = lz.default
+                else:
+                    missing.append(lz.param)
+            elif t is Env:
+                node.value = os.environ.get(lz.var, lz.default)
+            else:
+                needed.update(r for _, r in lz.injects)
+                for k, v in (lz.amounts or {}).items():
+                    if not isinstance(v, LazyResult):
+                        _check_amount(caps, lz, k, v)
+        if missing:
+            names = ", ".join(repr(m) for m in sorted(set(missing)))
+            raise ParamError(f"missing required params: {names}; pass them with "
+                             f"run(target, params={{{', '.join(f'{m!r}: ...' for m in sorted(set(missing)))}}})")
+        unknown = set(self.params) - known
+        if unknown:
+            raise ParamError(f"unknown params {sorted(unknown)}: the graph has "
+                             f"{sorted(known) or 'no params'}")
+        registered = self.engine._resources
+        stack, seen = list(needed), set()
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name not in registered:
+                raise ResourceError(f"resource {name!r} is injected but not registered; "
+                                    "pass it with engine.register(r) or "
+                                    "cs.run(..., resources=[r])")
+            stack.extend(r for _, r in registered[name].injects)
+
+    # -- dataflow -----------------------------------------------------------
+    def _pump(self):
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            ready = self._ready
+            while ready and not self.stopping:
+                self._process(ready.popleft())
+        finally:
+            self._pumping = False
+
+    def _process(self, node):
+        lz = node.lazy
+        if node.skip is not None:
+            return self._skip(node, node.skip)
+        cond = lz.condition
+        if cond is not _MISSING:
+            value = self.nodes[cond].value if isinstance(cond, LazyResult) else cond
+            if not value:
+                what = self.nodes[cond].id if isinstance(cond, LazyResult) else repr(cond)
+                return self._skip(node, f"run_if condition {what} is falsy")
+        t = type(lz)
+        if t is _Gather:
+            return self._complete(node, _resolve(lz.args[0], self.nodes))
+        if t is Param or t is Env:
+            return self._complete(node, node.value)
+        try:
+            amounts = ()
+            if lz.amounts:
+                amounts = tuple(sorted(
+                    (k, _check_amount(self.cp._caps, lz, k, _resolve(v, self.nodes)))
+                    for k, v in lz.amounts.items()))
+            node.key = (lz.task.name, lz.task.tags, self.run_id, amounts)
+            if t is MappedLazyResult:
+                units = self._expand(node)
+                if not units:
+                    return self._complete(node, [])
+            else:
+                nodes = self.nodes
+                args, kwargs = lz.args, lz.kwargs
+                if lz.lazy_args:
+                    args = tuple([_resolve(a, nodes) for a in args])
+                    kwargs = {k: _resolve(v, nodes) for k, v in kwargs.items()}
+                units = [_Unit(self, node, None, node.id, args, kwargs)]
+        except (TypeError, ValueError) as exc:
+            return self._fail(exc, node.id, lz.name)
+        node.units = units
+        self._submit(units)
+
+    def _expand(self, node):
+        lz, nodes = node.lazy, self.nodes
+        call = f"{lz.task.name}.map()"
+        lengths = {}
+
+        def column(label, pair):
+            mapped, v = pair
+            v = _resolve(v, nodes)
+            if mapped:
+                if type(v) is not list:
+                    v = _map_items(call, label, v)
+                lengths[label] = len(v)
+            return mapped, v
+        pos = [column(f"#{i}", p) for i, p in enumerate(lz.args)]
+        kw = {k: column(repr(k), p) for k, p in lz.kwargs.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"{call}: mapped arguments have unequal lengths {lengths}")
+        n = next(iter(lengths.values()), 0)
+        node.value = [None] * n
+        node.left = n
+        nid = node.id
+        if not kw and all(m for m, _ in pos) and len(pos) == 1:
+            items = pos[0][1]
+            return [_Unit(self, node, i, f"{nid}[{i}]", (items[i],), {}) for i in range(n)]
+        return [_Unit(self, node, i, f"{nid}[{i}]",
+                      tuple([v[i] if m else v for m, v in pos]),
+                      {k: (v[i] if m else v) for k, (m, v) in kw.items()}) for i in range(n)]
+
+    def _submit(self, units):
+        waiting = self.cp.enqueue(units)
+        if waiting:
+            want = self.bus.wants(TaskBlocked)
+            for u in waiting:
+                if u.state == _WAITING and not u.blocked:
+                    u.blocked = True
+                    if want:
+                        self.bus.emit(TaskBlocked(self.run_id, u.id, u.key[0], self.cp.reason(u)))
+
+    def _complete(self, node, value):
+        node.done = True
+        node.value = value
+        ready = self._ready
+        for d in node.dependents:
+            d.pending -= 1
+            if not d.pending:
+                ready.append(d)
+        if node.lazy is self.target and not self._wake.done():
+            self._wake.set_result(None)
+        if ready:
+            self._pump()
+
+    def _skip(self, node, reason):
+        node.skip = reason
+        node.done = True
+        lz = node.lazy
+        if lz.task is not None:
+            self.bus.emit(TaskSkipped(self.run_id, node.id, lz.task.name, reason))
+        carried = reason if reason.startswith("needs ") else \
+            f"needs {node.id}, which was skipped: {reason}"
+        for d in node.dependents:
+            if d.skip is None:
+                d.skip = carried
+            d.pending -= 1
+            if not d.pending:
+                self._ready.append(d)
+        if lz is self.target and not self._wake.done():
+            self._wake.set_result(None)
+        self._pump()
+
+    def _result(self):
+        node = self.nodes[self.target]
+        if node.skip is not None:
+            raise DependencyMissingError(f"the run target {node.id!r} was skipped, so it has "
+                                         f"no value: {node.skip}")
+        return node.value
+
+    # -- launching granted units (any thread) -------------------------------
+    def launch(self, units):
+        if threading.get_ident() == self.thread:
+            for u in units:
+                self._launch(u)
+            return
+        try:
+            self.loop.call_soon_threadsafe(self._launch_all, units)
+        except RuntimeError:  # the loop is closed: the run is gone
+            for u in units:
+                self.cp.release(u)
+
+    def _launch_all(self, units):
+        for u in units:
+            self._launch(u)
+
+    def _launch(self, u):
+        if self.stopping or u.state != _GRANTED:
+            if u.state == _GRANTED:
+                self.cp.release(u)
+            return
+        self._inflight += 1
+        lz = u.node.lazy
+        if lz.injects and any(r not in self._res_values for _, r in lz.injects):
+            t = self.loop.create_task(self._setup_then_start(u))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+            return
+        self._start(u)
+
+    def _start(self, u):
+        lz = u.node.lazy
+        task = lz.task
+        kwargs = u.kwargs
+        if lz.injects:
+            kwargs = dict(kwargs)
+            for p, r in lz.injects:
+                kwargs[p] = self._res_values[r]
+        if task.is_async:
+            u.atask = self.loop.create_task(self._async_body(u, task.fn, u.args, kwargs))
+            return
+        try:
+            if self._threaded:
+                self._pool.submit(self._sync_body, u, task.fn, u.args, kwargs)
+                return
+            # A process or Dask executor cannot call back into this process before the
+            # body begins, so the start gate is checked here instead.
+            if not self.cp.begin(u):
+                return self._not_begun(u)
+            t0 = self._begun(u)
+            f = self._pool.submit(_call_task, task, u.args, kwargs)
+        except Exception as exc:
+            self._settle_unit(u, None, exc, time.perf_counter())
+            return
+        f.add_done_callback(functools.partial(self._remote_done, u, t0))
+
+    async def _setup_then_start(self, u):
+        try:
+            for _, r in u.node.lazy.injects:
+                await self._resource(r)
+        except BaseException as exc:
+            self.cp.release(u)
+            self._inflight -= 1
+            if not isinstance(exc, asyncio.CancelledError):
+                self._fail(exc, u.id, u.key[0])
+            self._check_settled()
+            return
+        if self.stopping:
+            self.cp.release(u)
+            self._inflight -= 1
+            return self._check_settled()
+        self._start(u)
+
+    async def _async_body(self, u, fn, args, kwargs):
+        if not self.cp.begin(u):
+            return self._not_begun(u)
+        t0 = self._begun(u)
+        try:
+            value = await fn(*args, **kwargs)
+        except BaseException as exc:
+            self._finished(u, None, exc, t0)
+            if not isinstance(exc, (Exception, asyncio.CancelledError)):
+                raise
+        else:
+            self._finished(u, value, None, t0)
+
+    def _sync_body(self, u, fn, args, kwargs):
+        # Runs in a worker thread: everything it learns goes back through _post.
+        if not self.cp.begin(u):
+            return self._post(u, _NOT_BEGUN, None, 0.0)
+        t0 = time.perf_counter()
+        if self.bus.wants(TaskExecutionStarted):
+            self._post(u, _STARTED, None, t0)
+        try:
+            value = fn(*args, **kwargs)
+        except BaseException as exc:
+            self._post(u, None, exc, t0)
+        else:
+            self._post(u, value, None, t0)
+
+    def _remote_done(self, u, t0, f):
+        try:
+            value, exc = f.result(), None
+        except BaseException as e:
+            value, exc = None, e
+        self._post(u, value, exc, t0)
+
+    def _post(self, u, value, exc, t0):
+        # Completions from worker threads are batched: one loop wake-up drains many.
+        # Order matters: append before reading the flag here, clear the flag before
+        # draining there, so no message is ever left behind.
+        self._inbox.append((u, value, exc, t0))
+        if not self._drain_pending:
+            self._drain_pending = True
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:
+                pass
+
+    def _drain(self):
+        self._drain_pending = False
+        inbox = self._inbox
+        while inbox:
+            u, value, exc, t0 = inbox.popleft()
+            if value is _STARTED:
+                self.bus.emit(TaskExecutionStarted(self.run_id, u.id, u.key[0]))
+            elif value is _NOT_BEGUN:
+                self._not_begun(u)
+            else:
+                self._finished(u, value, exc, t0)
+
+    def _begun(self, u):
+        if self.bus.wants(TaskExecutionStarted):
+            self.bus.emit(TaskExecutionStarted(self.run_id, u.id, u.key[0]))
+        return time.perf_counter()
+
+    def _not_begun(self, u):
+        """A granted unit did not start: its run is stopping, or a pause came first."""
+        self._inflight -= 1
+        if u.state == _WAITING and not u.blocked:
+            u.blocked = True
+            if self.bus.wants(TaskBlocked):
+                self.bus.emit(TaskBlocked(self.run_id, u.id, u.key[0], self.cp.reason(u)))
+        self._check_settled()
+
+    def _finished(self, u, value, exc, t0):
+        self.cp.release(u)
+        self._settle_unit(u, value, exc, t0)
+
+    def _settle_unit(self, u, value, exc, t0):
+        self._inflight -= 1
+        name = u.key[0]
+        bus = self.bus
+        if exc is None:
+            u.state = _DONE
+            if bus.wants(TaskExecutionFinished):
+                bus.emit(TaskExecutionFinished(self.run_id, u.id, name, "Succeeded",
+                                               time.perf_counter() - t0, None))
+            if self.stopping:
+                return self._check_settled()
+            node = u.node
+            if u.index is None:
+                self._complete(node, value)
+            else:
+                node.value[u.index] = value
+                node.left -= 1
+                if not node.left:
+                    self._complete(node, node.value)
+            return
+        retry = u.node.lazy.retry
+        if retry and u.attempt < retry[0] and not self.stopping:
+            max_attempts, delay, backoff = retry
+            wait = delay * backoff ** (u.attempt - 1)
+            u.state = _RETRYING
+            bus.emit(TaskRetrying(self.run_id, u.id, name, u.attempt, max_attempts, wait, exc))
+            u.attempt += 1
+            if wait > 0:
+                handle = self.loop.call_later(wait, self._retry, u)
+                u.atask = handle
+                self._timers.add(handle)
+            else:
+                self._retry(u)
+            return
+        u.state = _FAILED
+        bus.emit(TaskExecutionFinished(self.run_id, u.id, name, "Failed",
+                                       time.perf_counter() - t0, exc))
+        if not self.stopping:
+            self._fail(exc, u.id, name)
+        self._check_settled()
+
+    def _retry(self, u):
+        self._timers.discard(u.atask)
+        if not self.stopping:
+            u.blocked = False
+            self._submit([u])
+
+    def _fail(self, exc, task_id, name):
+        if self.error is None:
+            self.error = exc
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"cascade: raised by task {name!r} ({task_id}) in run {self.run_id}")
+        self._stop()
+
+    def _stop(self):
+        """Fail-fast and cancellation: start nothing more, cancel running async bodies."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.cp.drop_run(self)
+        for h in self._timers:
+            h.cancel()
+        self._timers.clear()
+        for t in list(self._tasks):
+            t.cancel()
+        for node in self.nodes.values():
+            for u in node.units:
+                if u.state == _RUNNING and u.atask is not None and \
+                        isinstance(u.atask, asyncio.Task):
+                    u.atask.cancel()
+        if not self._wake.done():
+            self._wake.set_result(None)
+
+    def _check_settled(self):
+        if self.stopping and not self._inflight and self._settled and not self._settled.done():
+            self._settled.set_result(None)
+
+    async def _settle(self):
+        """Wait until every started body has settled (sync bodies cannot be cancelled)."""
+        cancelled = False
+        while self._inflight > 0:
+            self._settled = self.loop.create_future()
+            try:
+                await self._settled
+            except asyncio.CancelledError:
+                cancelled = True  # tear-down still waits; the cancel is re-raised after
+        if cancelled:
+            raise asyncio.CancelledError()
+
+    # -- resources ----------------------------------------------------------
+    async def _resource(self, name):
+        fut = self._res.get(name)
+        if fut is None:
+            fut = self._res[name] = self.loop.create_future()
+            res = self.engine._resources[name]
+            try:
+                kwargs = {p: await self._resource(r) for p, r in res.injects}
+                gen = res.fn(**kwargs)
+                if res.is_async:
+                    value = await gen.__anext__()
+                else:
+                    value = await self.loop.run_in_executor(self.engine._threads(), _gen_next, gen)
+                    if value is _MISSING:
+                        raise ResourceError(f"resource {name!r} returned without yielding")
+            except BaseException as exc:
+                fut.set_exception(exc)
+                fut.exception()  # retrieved: the waiter that caused the set-up re-raises it
+                raise
+            self._teardown.append((res, gen))
+            self._res_values[name] = value
+            fut.set_result(value)
+            self.bus.emit(ResourceAcquired(self.run_id, name))
+        return await fut
+
+    async def _teardown_resources(self):
+        while self._teardown:
+            res, gen = self._teardown.pop()
+            try:
+                if res.is_async:
+                    try:
+                        await gen.__anext__()
+                        raise RuntimeError("a resource generator must yield exactly once")
+                    except StopAsyncIteration:
+                        pass
+                else:
+                    await self.loop.run_in_executor(self.engine._threads(), _gen_finish, gen)
+            except Exception:
+                _log.exception("tear-down of resource %r failed", res.name)
+            self.bus.emit(ResourceReleased(self.run_id, res.name))
+
+    # -- status -------------------------------------------------------------
+    def counts(self):
+        """{task name: {state: count}} right now (approximate while running)."""
+        out = {}
+        for node in list(self.nodes.values()):
+            lz = node.lazy
+            if lz.task is None:
+                continue
+            c = out.setdefault(lz.task.name, collections.Counter())
+            if node.skip is not None:
+                c["skipped"] += max(1, len(node.units))
+            elif not node.units:
+                c["done" if node.done else "pending"] += 1
+            else:
+                for u in node.units:
+                    c[_STATE_NAMES[u.state]] += 1
+        return {k: dict(v) for k, v in out.items()}
+
+    def blocked(self):
+        return [{"run_id": self.run_id, "task_id": u.id, "task_name": u.key[0],
+                 "waits_on": self.cp.reason(u)}
+                for node in list(self.nodes.values()) for u in node.units
+                if u.state == _WAITING]
+
+
+def _check_amount(caps, lz, name, amount):
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+        raise ConstraintError(f"{lz.name}.with_constraints({name}=...) resolved to "
+                              f"{amount!r}; need an int >= 0")
+    if name not in caps:
+        raise ConstraintError(f"{lz.name}.with_constraints({name}={amount}): no system "
+                              f"resource {name!r}; declare it with "
+                              f"Engine(system_resources={{{name!r}: n}})")
+    if amount > caps[name].total:
+        raise ConstraintError(f"{lz.name}.with_constraints({name}={amount}) asks for more "
+                              f"than the total capacity {caps[name].total} of {name!r}")
+    return amount
+
+
+def _new_run_id():
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + os.urandom(3).hex()
+
+
+def _as_target(target):
+    if isinstance(target, LazyResult):
+        return target
+    if type(target) in (list, tuple, dict):
+        return _Gather(None, (target,))
+    raise TypeError(f"run() needs a lazy result (call a @cs.task function to get one) or a "
+                    f"list/tuple/dict of them, got {type(target).__name__}")
+
+
+class RunHandle:
+    """A run started with ``engine.start``: ``result(timeout)``, ``done()``, ``cancel()``,
+    ``run_id``, and ``await handle``."""
+
+    def __init__(self, run_id, loop):
+        self.run_id = run_id
+        self._loop = loop
+        self._task = None
+        self._future = concurrent.futures.Future()
+
+    def _attach(self, task):
+        self._task = task
+        task.add_done_callback(self._mirror)
+
+    def _mirror(self, task):
+        f = self._future
+        if task.cancelled():
+            f.cancel()
+        elif task.exception() is not None:
+            f.set_exception(task.exception())
+        else:
+            f.set_result(task.result())
+
+    def result(self, timeout=None):
+        """The run's value; raises its error, or ``concurrent.futures.CancelledError``."""
+        if not self._future.done():
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is self._loop:
+                raise CascadeError("handle.result() would block the event loop this run "
+                                   "lives on; use `await handle` instead")
+        return self._future.result(timeout)
+
+    def done(self):
+        return self._future.done()
+
+    def cancel(self):
+        """Cancel the run: nothing more starts, async bodies are cancelled, resources are
+        torn down once every started body has settled; RunFinished says "Cancelled"."""
+        if self._future.done():
+            return False
+        try:
+            self._loop.call_soon_threadsafe(lambda: self._task and self._task.cancel())
+        except RuntimeError:
+            return False
+        return True
+
+    def __await__(self):
+        return asyncio.wrap_future(self._future).__await__()
+
+    def __repr__(self):
+        f = self._future
+        state = ("running" if not f.done() else "cancelled" if f.cancelled() else
+                 "failed" if f.exception() else "done")
+        return f"<RunHandle {self.run_id} {state}>"
+
+
+def _serve(loop):
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+class _Status(dict):
+    """``engine.status()``: a dict snapshot that prints as a table."""
+
+    def __repr__(self):
+        lines = [f"Engine status: {len(self['runs'])} active run(s)"]
+        if self["tasks"]:
+            lines.append("  tasks:")
+            for name, counts in sorted(self["tasks"].items()):
+                lines.append(f"    {name:<24} " + "  ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        if self["scopes"]:
+            lines.append("  constraints:")
+            for s in self["scopes"]:
+                use = (f"{s['in_use']}/{s['limit']} in use" if s["type"] == "concurrency" else
+                       f"{s['rate']} burst {s['burst']} tokens {s['tokens']}"
+                       if s["type"] == "rate_limit" else f"{s['matching_running']} still running")
+                left = "" if s["expires_in"] is None else f"  ({s['expires_in']:.1f}s left)"
+                lines.append(f"    {s['type']:<12} {s['scope']:<24} {use}{left}")
+        for k, c in self["capacities"].items():
+            lines.append(f"  capacity {k}: {c['in_use']}/{c['total']} in use")
+        if self["blocked"]:
+            lines.append(f"  blocked ({len(self['blocked'])}):")
+            for b in self["blocked"][:20]:
+                lines.append(f"    {b['task_id']:<28} waits on {b['waits_on']}")
+            if len(self["blocked"]) > 20:
+                lines.append(f"    ... {len(self['blocked']) - 20} more")
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, p, cycle):
+        p.text(repr(self))
+
+
+class Engine:
+    """Runs graphs and holds the control plane that steers them.
+
+    Every control method is thread-safe and may be called before a run, during it, from
+    inside a task or from any other thread; the change applies to every run of this
+    engine from the moment the call returns::
+
+        engine = cs.Engine(system_resources={"gpu": 1})
+        engine.pause("task:api_call", ttl=30)      # lifts itself after 30 s
+        engine.limit("tag:io", 10)                 # at most 10 io tasks at once
+        engine.rate_limit("task:fetch", "5/s")     # at most 5 starts a second
+
+    Sync task bodies run in a thread pool of ``max_workers`` threads (sized for blocking
+    I/O), or in ``executor`` (any concurrent.futures.Executor: a process pool, Dask's
+    ``client.get_executor()``); async bodies run on the event loop."""
+
+    def __init__(self, *, system_resources=None, resources=(), connector=None,
+                 max_workers=64, executor=None, org=None, project=None):
+        caps = dict(system_resources or {})
+        for k, v in caps.items():
+            _check_name(k, "system resource name")
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"system_resources[{k!r}] must be an int >= 0, got {v!r}")
+        if executor is not None and not callable(getattr(executor, "submit", None)):
+            raise TypeError("executor must be a concurrent.futures.Executor (with submit())")
+        self.org = _check_name(org or os.environ.get("CASCADE_ORG_ID") or "default", "org")
+        self.project = _check_name(project or os.environ.get("CASCADE_PROJECT_ID")
+                                   or "default", "project")
+        self._bus = _Bus()
+        self._cp = _ControlPlane(caps, self.project, self._constraint_changed)
+        self._resources = {}
+        for r in resources:
+            self.register(r)
+        self._max_workers = max_workers
+        self._executor = executor
+        self._pool = None
+        self._pool_lock = threading.Lock()
+        self._runs = {}
+        self._link = _Link(self, connector) if connector is not None else None
+
+    # -- control plane ------------------------------------------------------
+    def pause(self, scope="global", *, ttl=None):
+        """Stop tasks matched by ``scope`` from starting until ``resume`` (or the ttl).
+        Tasks already running finish; unmatched tasks keep running."""
+        c = Constraint.make(scope, "pause", ttl=ttl)
+        self._cp.apply(c)
+        return c
+
+    def resume(self, scope="global"):
+        """Lift the pause of exactly this scope (other scopes' pauses and any limits
+        stay). Returns the removed constraint, or None."""
+        removed = self._cp.remove(_check_scope(scope), "pause")
+        return removed[0] if removed else None
+
+    def limit(self, scope, n, *, ttl=None):
+        """At most ``n`` tasks matched by ``scope`` run at once. Raising it starts
+        waiters at once; lowering it never stops running tasks; 0 holds every start."""
+        c = Constraint.make(scope, "concurrency", {"limit": n}, ttl=ttl)
+        self._cp.apply(c)
+        return c
+
+    def rate_limit(self, scope, rate, *, burst=None, ttl=None):
+        """At most ``burst + rate * elapsed`` starts of tasks matched by ``scope``;
+        ``rate`` is "N/s", "N/m", "N/h" or a number per second; burst defaults to 1."""
+        c = Constraint.make(scope, "rate_limit", {"rate": rate, "burst": burst}, ttl=ttl)
+        self._cp.apply(c)
+        return c
+
+    def clear(self, scope, type=None):
+        """Remove the constraint of ``type`` on ``scope``, or all of them when type is None."""
+        if type is not None and type not in _TYPES:
+            raise ConstraintError(f"clear(type={type!r}): use one of {list(_TYPES)} or None")
+        return self._cp.remove(_check_scope(scope), type)
+
+    @property
+    def constraints(self):
+        """The active constraints."""
+        return self._cp.active()
+
+    def _constraint_changed(self, applied, c):
+        self._bus.emit((ConstraintApplied if applied else ConstraintRemoved)("", c))
+
+    def status(self):
+        """A snapshot: per-task state counts, what every blocked task waits on, and
+        per-scope usage against limits. Prints as a table."""
+        runs = list(self._runs.values())
+        tasks = {}
+        for r in runs:
+            for name, counts in r.counts().items():
+                c = tasks.setdefault(name, collections.Counter())
+                c.update(counts)
+        scopes, caps = self._cp.snapshot()
+        return _Status(runs=[r.run_id for r in runs],
+                       tasks={k: dict(v) for k, v in tasks.items()},
+                       blocked=[b for r in runs for b in r.blocked()],
+                       scopes=scopes, capacities=caps)
+
+    # -- events, resources --------------------------------------------------
+    def subscribe(self, event_type, callback):
+        """Call ``callback(event)`` for every event of ``event_type`` (``cs.Event``: all).
+        Returns a function that unsubscribes."""
+        return self._bus.subscribe(event_type, callback)
+
+    def register(self, resource):
+        """Make a ``@cs.resource`` available to every run of this engine."""
+        if not isinstance(resource, Resource):
+            raise TypeError(f"register() takes a @cs.resource generator, got {resource!r}")
+        self._resources[resource.name] = resource
+        return resource
+
+    # -- running --------------------------------------------------------------
+    async def run(self, target, params=None, *, run_id=None):
+        """Run ``target`` (a lazy result, or a list/tuple/dict of them) and return its
+        value. On the first task failure the run fails fast and the task's exception is
+        raised unchanged. Logs nothing above DEBUG; subscribe to events instead."""
+        return await _Run(self, _as_target(target), params, run_id or _new_run_id()).execute()
+
+    def start(self, target, params=None):
+        """Start a run in the background and return its ``RunHandle`` at once.
+
+        Where an event loop is running in this thread (a notebook), the run lives on it:
+        later cells can steer it and ``await handle``. Elsewhere it runs on a new loop in a
+        helper thread, and ``handle.result()`` waits for it."""
+        target = _as_target(target)
+        run_id = _new_run_id()
+        coro = self.run(target, params, run_id=run_id)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            handle = RunHandle(run_id, loop)
+            handle._attach(loop.create_task(coro))
+            return handle
+        loop = asyncio.new_event_loop()
+        handle = RunHandle(run_id, loop)
+
+        def begin():
+            task = loop.create_task(coro)
+            task.add_done_callback(lambda _: loop.stop())
+            handle._attach(task)
+        loop.call_soon(begin)
+        threading.Thread(target=_serve, args=(loop,), name=f"cascade-{run_id}",
+                         daemon=True).start()
+        return handle
+
+    def _threads(self):
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    self._max_workers, thread_name_prefix="cascade-worker")
+            return self._pool
+
+    def close(self):
+        """Shut down the engine's own thread pool (a user's executor is left alone)."""
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+                self._pool = None
+
+    def __repr__(self):
+        cons = ", ".join(c.describe() for c in self.constraints)
+        return (f"<Engine project={self.project} runs={len(self._runs)} "
+                f"constraints=[{cons}]>")
+
+
+class _Link:
+    """An engine's link to a pub/sub connector, per run: applies the retained control
+    messages before the run's first task, follows control messages while it runs, and
+    publishes its telemetry (fire-and-forget; flushed, with a bound, before run returns)."""
+
+    FLUSH_TIMEOUT = 2.0
+    SYNC_TIMEOUT = 5.0
+
+    def __init__(self, engine, connector):
+        _check_connector(connector)
+        self.engine = engine
+        self.connector = connector
+        self.source = f"{socket.gethostname()}-{os.getpid()}"
+        self.remote = set()          # (scope, type) applied from the broker
+
+    def attach(self, run):
+        """Start collecting the run's telemetry (before its RunStarted)."""
+        run.link_cb = None
+        run.link_queue = collections.deque()
+        run.link_flusher = None
+        run.link_unsub = self.engine._bus.subscribe(Event, functools.partial(self._telemetry, run))
+
+    async def open(self, run):
+        """Subscribe and sync: every retained constraint is applied when this returns.
+        The marker round trip relies on the broker's per-connection ordering: the
+        retained messages of the control subscription arrive before our own marker."""
+        conn = self.connector
+        loop = asyncio.get_running_loop()
+        marker = f"cascade/sync/{os.urandom(8).hex()}"
+        synced = loop.create_future()
+        seen = set()
+
+        def on_control(topic, payload):
+            if topic == marker:
+                if not synced.done():
+                    synced.set_result(None)
+                return
+            key = self.on_control(topic, payload, run.run_id)
+            if key is not None:
+                seen.add(key)
+        run.link_cb = on_control
+        try:
+            await conn.connect()
+            await conn.subscribe(f"{_CONTROL_PREFIX}/#", on_control)
+            await conn.subscribe(marker, on_control)
+            await conn.publish(marker, {"sync": marker})
+            await asyncio.wait_for(synced, self.SYNC_TIMEOUT)
+            for key in self.remote - seen:  # removed from the broker while we were away
+                self.remote.discard(key)
+                self.engine._cp.remove(*key)
+            await _maybe(conn, "unsubscribe", marker, on_control)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            _log.warning("cascade: could not sync controls from %r (%s); running with the "
+                         "local controls only", conn, exc)
+
+    def on_control(self, topic, payload, run_id=""):
+        """Apply one control message; reject bad input with one warning and an event."""
+        cp = self.engine._cp
+        try:
+            scope, kind = _parse_control_topic(topic)
+            if payload == "" or payload is None:
+                self.remote.discard((scope, kind))
+                cp.remove(scope, kind)
+                return (scope, kind)
+            if isinstance(payload, (bytes, bytearray, str)):
+                raise ConstraintError("payload over 64 KiB" if len(payload) > _MAX_PAYLOAD
+                                      else "payload is not a JSON object")
+            if len(json.dumps(payload, default=str)) > _MAX_PAYLOAD:
+                raise ConstraintError("payload over 64 KiB")
+            c = Constraint.from_dict(payload)
+            if (c.scope, c.type) != (scope, kind):
+                raise ConstraintError(f"payload is a {c.type} on {c.scope} but the topic is "
+                                      f"for a {kind} on {scope}")
+            self.remote.add((scope, kind))
+            if cp.constraints.get((scope, kind)) != c:
+                cp.apply(c)
+            return (scope, kind)
+        except (ConstraintError, TypeError, ValueError) as exc:
+            _log.warning("cascade: rejected control message on %s: %s", topic, exc)
+            self.engine._bus.emit(ConstraintRejected(run_id, topic, str(exc)))
+            return None
+
+    def _telemetry(self, run, event):
+        if event.run_id != run.run_id:
+            return
+        t = type(event)
+        if t is TaskExecutionStarted:
+            body = (event.task_id, event.task_name, "RUNNING", None, None)
+        elif t is TaskExecutionFinished:
+            body = (event.task_id, event.task_name,
+                    "COMPLETED" if event.status == "Succeeded" else "FAILED",
+                    round(event.duration * 1000, 3), event.error)
+        elif t is TaskSkipped:
+            body = (event.task_id, event.task_name, "SKIPPED", None, event.reason)
+        elif t is TaskBlocked:
+            body = (event.task_id, event.task_name, "BLOCKED", None, event.reason)
+        elif t is TaskRetrying:
+            body = (event.task_id, event.task_name, "RETRYING", None, event.error)
+        elif t is RunStarted:
+            body = "ENGINE_STARTED"
+        elif t is RunFinished:
+            body = "ENGINE_STOPPED"
+        else:
+            return
+        run.link_queue.append((time.time(), body))
+        if run.link_flusher is None:
+            run.link_flusher = asyncio.ensure_future(self._flusher(run))
+
+    def _payload(self, run, ts, body):
+        if isinstance(body, str):
+            body = {"type": "LifecycleEvent", "event": body}
+        else:
+            task_id, name, state, ms, error = body
+            body = {"type": "TaskStateEvent", "task_id": task_id, "task_name": name,
+                    "state": state, "duration_ms": ms,
+                    "error": None if error is None else
+                    error if isinstance(error, str) else f"{type(error).__name__}: {error}"}
+        return {"v": "1.0", "ts": _iso(ts), "run_id": run.run_id,
+                "org_id": self.engine.org, "project_id": self.engine.project,
+                "source": self.source, "body": body}
+
+    async def _flusher(self, run):
+        topic = (f"cascade/telemetry/{self.engine.org}/{self.engine.project}/"
+                 f"{run.run_id}/events")
+        q = run.link_queue
+        publish = self.connector.publish
+        failed = False
+        try:
+            while q:
+                ts, body = q.popleft()
+                try:
+                    await publish(topic, self._payload(run, ts, body))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # telemetry never fails a run
+                    if not failed:
+                        failed = True
+                        _log.warning("cascade: telemetry publish failed: %r", exc)
+        finally:
+            run.link_flusher = None
+
+    async def close(self, run):
+        """Flush the run's telemetry (bounded: a hung connector never stalls the run),
+        then drop its subscriptions."""
+        run.link_unsub()
+        flusher = run.link_flusher
+        if flusher is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(flusher), self.FLUSH_TIMEOUT)
+            except (asyncio.TimeoutError, Exception):
+                flusher.cancel()
+                _log.warning("cascade: telemetry flush did not finish in %.1fs; dropped %d "
+                             "events", self.FLUSH_TIMEOUT, len(run.link_queue))
+        if run.link_cb is not None:
+            try:
+                await asyncio.wait_for(_maybe(self.connector, "unsubscribe",
+                                              f"{_CONTROL_PREFIX}/#", run.link_cb),
+                                       self.FLUSH_TIMEOUT)
+            except Exception:
+                pass
+
+
+def _iso(ts):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1e6):06d}Z"
+
+
+async def _maybe(obj, method, *args):
+    fn = getattr(obj, method, None)
+    if fn is not None:
+        await fn(*args)
+
+
+def _check_connector(connector):
+    missing = [m for m in ("connect", "disconnect", "publish", "subscribe")
+               if not callable(getattr(connector, m, None))]
+    if missing:
+        raise TypeError(f"connector {connector!r} lacks {missing}; a connector has async "
+                        "connect(), disconnect(), publish(topic, payload, qos=0, retain=False) "
+                        "and subscribe(topic, callback) (cs.LocalBroker, cs.MqttConnector)")
+    return connector
+
+
+# ===========================================================================
+# run(): the one-call entry point, with logging and progress
+# ===========================================================================
+
+class _LogEvents:
+    """Turns events into log lines on the library's logger (used by ``run``)."""
+
+    def __call__(self, e):
+        t = type(e)
+        lvl, msg = logging.DEBUG, None
+        if t is RunStarted:
+            lvl, msg = logging.INFO, f"run {e.run_id} started: {', '.join(e.target_tasks)}"
+        elif t is RunFinished:
+            lvl = logging.INFO if e.status == "Succeeded" else logging.ERROR
+            msg = f"run {e.run_id} {e.status.lower()} in {e.duration:.3f}s" + (
+                f": {type(e.error).__name__}: {e.error}" if e.error else "")
+        elif t is TaskExecutionStarted:
+            msg = f"{e.task_id} started"
+        elif t is TaskExecutionFinished:
+            if e.status == "Succeeded":
+                lvl, msg = logging.INFO, f"{e.task_id} succeeded in {e.duration:.3f}s"
+            else:
+                lvl, msg = logging.ERROR, f"{e.task_id} failed: {type(e.error).__name__}: {e.error}"
+        elif t is TaskRetrying:
+            lvl, msg = logging.WARNING, (f"{e.task_id} attempt {e.attempt}/{e.max_attempts} "
+                                         f"failed ({type(e.error).__name__}: {e.error}); "
+                                         f"retrying in {e.delay:g}s")
+        elif t is TaskSkipped:
+            lvl, msg = logging.INFO, f"{e.task_id} skipped: {e.reason}"
+        elif t is TaskBlocked:
+            lvl, msg = logging.INFO, f"{e.task_id} blocked: {e.reason}"
+        elif t in (ConstraintApplied, ConstraintRemoved):
+            lvl = logging.INFO
+            msg = f"{'applied' if t is ConstraintApplied else 'removed'} {e.constraint.describe()}"
+        else:
+            msg = f"{t.__name__} {e}"
+        if _log.isEnabledFor(lvl):
+            fields = {f.name: getattr(e, f.name) for f in dataclasses.fields(e)}
+            fields["event"] = t.__name__
+            _log.log(lvl, msg, extra={"cascade": fields})
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record):
+        out = {"ts": _iso(record.created), "level": record.levelname, "logger": record.name,
+               "message": record.getMessage()}
+        for k, v in getattr(record, "cascade", {}).items():
+            out[k] = v if isinstance(v, (str, int, float, bool, type(None))) else (
+                v.to_dict() if isinstance(v, Constraint) else
+                f"{type(v).__name__}: {v}" if isinstance(v, BaseException) else
+                list(v) if isinstance(v, tuple) else v if isinstance(v, dict) else str(v))
+        return json.dumps(out, default=str)
+
+
+class _Progress:
+    """A live one-line status on stderr: done / running / blocked / failed. Redrawn on
+    events, at most every 0.1 s (a one-shot timer draws the last change)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.done = self.failed = self.skipped = self.retrying = 0
+        self.running, self.blocked = set(), set()
+        self.last = 0.0
+        self.timer = None
+
+    def __call__(self, e):
+        t = type(e)
+        if t is TaskExecutionStarted:
+            self.blocked.discard(e.task_id)
+            self.running.add(e.task_id)
+        elif t is TaskExecutionFinished:
+            self.running.discard(e.task_id)
+            if e.status == "Succeeded":
+                self.done += 1
+            else:
+                self.failed += 1
+        elif t is TaskRetrying:
+            self.running.discard(e.task_id)
+            self.retrying += 1
+        elif t is TaskBlocked:
+            self.blocked.add(e.task_id)
+        elif t is TaskSkipped:
+            self.skipped += 1
+        elif t is RunFinished:
+            if self.timer:
+                self.timer.cancel()
+            self.draw(end="\n")
+            return
+        else:
+            return
+        now = time.monotonic()
+        if now - self.last >= 0.1:
+            self.draw()
+        elif self.timer is None:
+            try:
+                self.timer = asyncio.get_running_loop().call_later(0.1, self.draw)
+            except RuntimeError:
+                pass
+
+    def line(self):
+        return (f"done {self.done} | running {len(self.running)} | blocked "
+                f"{len(self.blocked)} | failed {self.failed}"
+                + (f" | skipped {self.skipped}" if self.skipped else "")
+                + (f" | retries {self.retrying}" if self.retrying else ""))
+
+    def draw(self, end=""):
+        self.timer = None
+        self.last = time.monotonic()
+        self.stream.write(f"\r\x1b[2K[cascade] {self.line()}{end}")
+        self.stream.flush()
+
+
+async def run_async(target, params=None, *, system_resources=None, resources=(),
+                    connector=None, log_level="INFO", log_format="human", progress=False,
+                    engine=None):
+    """The async twin of ``run``: ``await cs.run_async(target)``."""
+    if log_format not in ("human", "json"):
+        raise ValueError(f"log_format={log_format!r}: use 'human' or 'json'")
+    level = logging.getLevelName(log_level.upper()) if isinstance(log_level, str) else log_level
+    if not isinstance(level, int):
+        raise ValueError(f"log_level={log_level!r} is not a logging level name")
+    own = engine is None
+    if own:
+        engine = Engine(system_resources=system_resources, resources=resources,
+                        connector=connector)
+    handler = None
+    if not _log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_JsonFormatter() if log_format == "json" else
+                             logging.Formatter("%(asctime)s %(levelname)-7s %(message)s",
+                                               "%H:%M:%S"))
+        handler.setLevel(level)
+        old_level = _log.level
+        _log.addHandler(handler)
+        _log.setLevel(level)
+    unsubs = [engine.subscribe(Event, _LogEvents())]
+    if progress:
+        unsubs.append(engine.subscribe(Event, _Progress()))
+    try:
+        return await engine.run(target, params)
+    finally:
+        for u in unsubs:
+            u()
+        if handler is not None:
+            _log.removeHandler(handler)
+            _log.setLevel(old_level)
+        if own:
+            engine.close()
+
+
+def run(target, params=None, *, system_resources=None, resources=(), connector=None,
+        log_level="INFO", log_format="human", progress=False):
+    """Run ``target`` on a new default engine and return its value.
+
+    Logs run and task events to stderr at ``log_level`` (human lines, or JSON lines with
+    ``log_format="json"``) through a handler attached for this run only, and only when the
+    library's logger has no handler of its own; ``progress=True`` shows a live status
+    line. Works in a notebook too: where an event loop already runs in this thread, the
+    run happens on a helper thread (``await cs.run_async(...)`` is the async twin)."""
+    coro = run_async(target, params, system_resources=system_resources,
+                     resources=resources, connector=connector, log_level=log_level,
+                     log_format=log_format, progress=progress)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cascade-run") as ex:
+        return ex.submit(asyncio.run, coro).result()
+
+
+# ===========================================================================
+# CLI: cascade pause|resume|limit|rate|clear|status|watch|demo
+# ===========================================================================
+
+_CLI_HELP = """\
+Steer Cascade workflows, from anywhere that reaches their MQTT broker.
+
+Controls are published as retained messages, so every engine on the broker applies
+them at once, and engines that start later apply them before their first task.
+Scopes: global, task:<name> (globs: task:fetch_*), tag:<tag>, run:<run_id>,
+project:<id>.
+
+examples:
+  cascade demo                          see the control plane at work (no broker needed)
+  cascade pause task:api_call --ttl 60  no new api_call starts for a minute
+  cascade resume task:api_call
+  cascade limit tag:io 5                at most 5 io tasks at once
+  cascade rate task:fetch 10/s --burst 5
+  cascade clear task:fetch              remove every control on task:fetch
+  cascade status                        what is in force, with time left
+  cascade watch                         live task events of every run
+
+The MQTT verbs need paho-mqtt: pip install 'cascade[mqtt]'.
+"""
+
+
+def _cli_parser():
+    import argparse
+    p = argparse.ArgumentParser(prog="cascade", description=_CLI_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"cascade {__version__}")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    mqtt = argparse.ArgumentParser(add_help=False)
+    g = mqtt.add_argument_group("broker")
+    g.add_argument("--host", default=os.environ.get("CASCADE_MQTT_HOST", "127.0.0.1"),
+                   help="MQTT broker host (default: $CASCADE_MQTT_HOST or 127.0.0.1)")
+    g.add_argument("--port", type=int, default=int(os.environ.get("CASCADE_MQTT_PORT", 0)) or None,
+                   help="port (default: 1883, or 8883 with --tls)")
+    g.add_argument("--username", default=os.environ.get("CASCADE_MQTT_USERNAME"))
+    g.add_argument("--password", default=os.environ.get("CASCADE_MQTT_PASSWORD"))
+    g.add_argument("--tls", action="store_true", help="connect with TLS (system CA store)")
+    g.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker")
+    ttl = argparse.ArgumentParser(add_help=False)
+    ttl.add_argument("--ttl", type=float, help="seconds until the control lifts itself")
+
+    def verb(name, help, parents=(mqtt,)):
+        return sub.add_parser(name, help=help, description=help, parents=list(parents))
+    v = verb("pause", "stop new starts of tasks in SCOPE (running ones finish)", (mqtt, ttl))
+    v.add_argument("scope")
+    v = verb("resume", "lift the pause of SCOPE")
+    v.add_argument("scope")
+    v = verb("limit", "run at most N tasks of SCOPE at once (0 holds all)", (mqtt, ttl))
+    v.add_argument("scope")
+    v.add_argument("n", type=int)
+    v = verb("rate", "start at most RATE tasks of SCOPE (10/s, 30/m, 2/h, or per second)",
+             (mqtt, ttl))
+    v.add_argument("scope")
+    v.add_argument("rate")
+    v.add_argument("--burst", type=int, help="starts allowed at once (default 1)")
+    v = verb("clear", "remove the controls of SCOPE (all types, or --type)")
+    v.add_argument("scope")
+    v.add_argument("--type", choices=_TYPES)
+    verb("status", "list the controls in force on the broker, with time left")
+    v = verb("watch", "print live task events of every run (Ctrl-C stops)")
+    v.add_argument("--json", action="store_true", help="print raw JSON payloads")
+    v.add_argument("--count", type=int, help="exit after this many events")
+    v.add_argument("--topic", default="cascade/telemetry/#", help="telemetry topic filter")
+    v = verb("demo", "run a demo workflow steered live (no broker needed)", ())
+    v.add_argument("--tasks", type=int, default=40, help="items per stage (default 40)")
+    return p
+
+
+class _CliError(Exception):
+    pass
+
+
+def _mqtt_client(args):
+    try:
+        import paho.mqtt.client as mqtt
+    except ImportError:
+        raise _CliError("this verb talks to an MQTT broker and needs paho-mqtt: "
+                        "pip install 'cascade[mqtt]'") from None
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                         client_id=f"cascade-cli-{os.getpid()}-{os.urandom(2).hex()}")
+    if args.username:
+        client.username_pw_set(args.username, args.password)
+    if args.tls:
+        client.tls_set()
+    port = args.port or (8883 if args.tls else 1883)
+    try:
+        client.connect(args.host, port, keepalive=30)
+    except (OSError, ValueError) as exc:
+        raise _CliError(f"cannot reach the MQTT broker at {args.host}:{port} ({exc}); "
+                        "check --host/--port, or start one (e.g. mosquitto)") from None
+    return client
+
+
+async def _cli_verb(args, client):
+    ctl = Controller(MqttConnector(client, timeout=args.timeout))
+    v = args.verb
+    ttl = getattr(args, "ttl", None)
+    if v == "pause":
+        c = await ctl.pause(args.scope, ttl=ttl)
+    elif v == "resume":
+        await ctl.resume(args.scope)
+        return f"resumed {args.scope}"
+    elif v == "limit":
+        c = await ctl.limit(args.scope, args.n, ttl=ttl)
+    elif v == "rate":
+        c = await ctl.rate_limit(args.scope, args.rate, burst=args.burst, ttl=ttl)
+    elif v == "clear":
+        await ctl.clear(args.scope, args.type)
+        return f"cleared {args.type or 'all controls'} on {args.scope}"
+    elif v == "status":
+        rows = await ctl.status(timeout=args.timeout)
+        if not rows:
+            return "no controls in force"
+        lines = [f"{'TYPE':<12} {'SCOPE':<28} {'SETTING':<22} TIME LEFT"]
+        for c in rows:
+            setting = ("" if c.type == "pause" else f"limit {c.params['limit']}"
+                       if c.type == "concurrency" else
+                       f"{c.params['rate']} burst {c.params['burst']}")
+            left = c.expires_in()
+            left = "-" if left is None else "expired" if left <= 0 else f"{left:.0f}s"
+            lines.append(f"{c.type:<12} {c.scope:<28} {setting:<22} {left}")
+        return "\n".join(lines)
+    else:
+        return await _cli_watch(args, ctl.connector)
+    return f"{c.describe()} (published, retained)"
+
+
+async def _cli_watch(args, conn):
+    await conn.connect()
+    q = asyncio.Queue()
+    await conn.subscribe(args.topic, lambda t, p: q.put_nowait((t, p)))
+    print(f"watching {args.topic} (Ctrl-C stops)", file=sys.stderr, flush=True)
+    seen = 0
+    while args.count is None or seen < args.count:
+        topic, p = await q.get()
+        seen += 1
+        if args.json or not isinstance(p, dict) or not isinstance(p.get("body"), dict):
+            print(json.dumps({"topic": topic, "payload": p}, default=repr), flush=True)
+            continue
+        b = p["body"]
+        ts = str(p.get("ts", ""))[11:23]
+        if b.get("type") == "LifecycleEvent":
+            print(f"{ts} {p.get('run_id')} {b.get('event')}", flush=True)
+        else:
+            extra = (f" {b['duration_ms']:.1f}ms" if isinstance(b.get("duration_ms"), (int, float))
+                     else "") + (f"  {b['error']}" if b.get("error") else "")
+            print(f"{ts} {p.get('run_id')} {b.get('task_id'):<24} {b.get('state'):<9}{extra}",
+                  flush=True)
+    return None
+
+
+def main(argv=None):
+    """The ``cascade`` command line; returns the exit status."""
+    args = _cli_parser().parse_args(argv)
+    if args.verb == "demo":
+        return _demo(args.tasks)
+    try:
+        client = _mqtt_client(args)
+        client.loop_start()
+        try:
+            out = asyncio.run(_cli_verb(args, client))
+        finally:
+            client.disconnect()
+            client.loop_stop()
+    except KeyboardInterrupt:
+        return 130
+    except (_CliError, CascadeError, OSError, asyncio.TimeoutError) as exc:
+        print(f"cascade: {exc or type(exc).__name__}", file=sys.stderr)
+        return 1
+    if out:
+        print(out)
+    return 0
+
+
+# ===========================================================================
+# Demo: python cascade.py demo
+# ===========================================================================
+
+def _demo(n=40):
+    """A small ETL steered live: fan-out fetches, a map, a reduce, a retry that recovers,
+    and the control plane at work while it runs."""
+    import random
+    rnd = random.Random(7)
+    engine = Engine()
+    out = sys.stderr
+    attempts = collections.Counter()
+
+    @task(name="fetch", tags=["io"])
+    async def fetch(i):
+        await asyncio.sleep(0.05 + rnd.random() * 0.05)
+        return bytes(200 + 37 * i)
+
+    @task(name="parse", tags=["cpu"])
+    def parse(page):
+        time.sleep(0.005)  # a sync body: it runs in the thread pool
+        return len(page)
+
+    @task(name="api_call", tags=["io"])
+    async def api_call(size):
+        await asyncio.sleep(0.04)
+        return size // 10
+
+    @task(name="notify")
+    async def notify(k):
+        return k
+
+    @task(name="flaky")
+    async def flaky():
+        attempts["flaky"] += 1
+        if attempts["flaky"] < 3:
+            raise ConnectionError("upstream hiccup")
+        return "ok"
+
+    @task(name="report")
+    def report(sizes, scores, notes, status):
+        return {"bytes": sum(sizes), "score": sum(scores), "notified": len(notes),
+                "flaky": status}
+
+    sizes = parse.map(fetch.map(range(n)))
+    target = report(sizes, api_call.map(sizes), notify.map(range(12)),
+                    flaky().with_retry(3, delay=0.2))
+
+    starts = collections.defaultdict(list)
+    running = collections.Counter()
+    peak = collections.defaultdict(int)
+    marks = {}
+    t0 = time.perf_counter()
+
+    def now():
+        return time.perf_counter() - t0
+
+    def on_event(e):
+        if isinstance(e, TaskExecutionStarted):
+            starts[e.task_name].append(now())
+            running[e.task_name] += 1
+            peak[e.task_name] = max(peak[e.task_name], running[e.task_name])
+        elif isinstance(e, TaskExecutionFinished):
+            running[e.task_name] -= 1
+    engine.subscribe(Event, on_event)
+    progress = _Progress(out)
+    engine.subscribe(Event, progress)
+
+    def say(msg):
+        out.write(f"\r\x1b[2K  {now():5.2f}s  {msg}\n")
+        progress.draw()
+
+    def steer():
+        time.sleep(0.6)
+        marks["pause"] = now()
+        engine.pause("task:api_call")
+        say("engine.pause('task:api_call')       api calls wait; fetch and parse go on")
+        time.sleep(1.0)
+        marks["resume"] = now()
+        engine.resume("task:api_call")
+        say("engine.resume('task:api_call')      waiting api calls start at once")
+        marks["raise"] = now()
+        engine.limit("task:fetch", 16)
+        say("engine.limit('task:fetch', 16)      limit raised live from 4")
+
+    out.write(f"Cascade {__version__} demo: {n} fetches -> parse (map) -> api_call (map) "
+              "-> report,\nplus 12 notifications and a flaky call that recovers.\n\n")
+    engine.limit("task:fetch", 4)
+    engine.rate_limit("task:notify", "10/s", burst=2)
+    out.write("  0.00s  engine.limit('task:fetch', 4)      at most 4 fetches at once\n"
+              "  0.00s  engine.rate_limit('task:notify', '10/s', burst=2)\n")
+    steerer = threading.Thread(target=steer, daemon=True)
+    steerer.start()
+    handle = engine.start(target)
+    result = handle.result()
+    steerer.join()
+    total = now()
+    progress.draw(end="\n")
+    api = starts["api_call"]
+    during = [t for t in api if marks["pause"] < t < marks["resume"]]
+    notes = starts["notify"]
+    span = (notes[-1] - notes[0]) if len(notes) > 1 else 0.0
+    fetch_before = [t for t in starts["fetch"] if t < marks["raise"]]
+    out.write(f"\nFinished in {total:.2f}s: {result}\n"
+              f"  fetch     peak {peak['fetch']} at once ({len(fetch_before)} started under the "
+              f"limit of 4, the rest after raising it to 16)\n"
+              f"  api_call  {len(during)} started during the {marks['resume'] - marks['pause']:.1f}s "
+              f"pause; {len(api)} in all\n"
+              f"  notify    {len(notes)} starts spread over {span:.2f}s by the 10/s rate limit\n"
+              f"  flaky     failed twice, succeeded on attempt {attempts['flaky']}\n"
+              "\nNext: README.md; steer from a terminal with `cascade pause task:NAME` "
+              "(pip install 'cascade[mqtt]').\n")
+    engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3770 @@
+"""The whole test suite of cascade.py (pytest + hypothesis).
+
+Broker tests talk to Mosquitto on 127.0.0.1:1883; they skip when it is down, except under CI=true,
+where they fail.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+import cascade as cs
+import random
+from hypothesis import HealthCheck, given, settings, strategies as st
+import functools
+import socket
+import uuid
+from hypothesis import given, settings, strategies as st
+from cascade import (LocalBroker, MqttConnector, _MAX_PAYLOAD, _call_soon, _decode_payload,
+                            _deliver, _encode_payload, _topic_matches)
+
+
+# ===========================================================================
+# authoring, graph, running, events, run() (SPEC §2, §3, §6)
+# ===========================================================================
+TIMEOUT = 10.0  # generous bound for every handshake; never reached by a correct engine
+
+
+# --------------------------------------------------------------------------- helpers
+
+def run_engine(engine, target, params=None):
+    """Run ``target`` on ``engine`` in a fresh event loop (the async API)."""
+
+    async def main():
+        return await asyncio.wait_for(engine.run(target, params=params), 3 * TIMEOUT)
+
+    return asyncio.run(main())
+
+
+class Recorder:
+    """Collects every event an engine emits."""
+
+    def __init__(self, engine, event_type=None):
+        self.events = []
+        engine.subscribe(event_type or cs.Event, self.events.append)
+
+    def of(self, cls, **fields):
+        return [
+            e for e in list(self.events)
+            if isinstance(e, cls) and all(getattr(e, k) == v for k, v in fields.items())
+        ]
+
+    def started_names(self):
+        return [e.task_name for e in self.of(cs.TaskExecutionStarted)]
+
+
+class Gauge:
+    """Counts how many bodies run at once (thread-safe)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.now = 0
+        self.max = 0
+
+    def __enter__(self):
+        with self._lock:
+            self.now += 1
+            self.max = max(self.max, self.now)
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self.now -= 1
+
+
+def notes_of(exc):
+    return "\n".join(getattr(exc, "__notes__", []) or [])
+
+
+@cs.task
+def pair(a, b):
+    return (a, b)
+
+
+@cs.task
+def ident(x):
+    return x
+
+
+# Module level on purpose: a ProcessPoolExecutor must pickle it even though
+# @cs.task rebinds the name `proc_square` to the task object.
+@cs.task
+def proc_square(x):
+    return (x * x, os.getpid())
+
+
+# ============================================================================ errors
+
+def test_error_hierarchy():
+    assert issubclass(cs.CascadeError, Exception)
+    assert issubclass(cs.DependencyMissingError, cs.CascadeError)
+    assert issubclass(cs.ConstraintError, cs.CascadeError)
+    assert issubclass(cs.ConstraintError, ValueError)
+    assert issubclass(cs.ParamError, cs.CascadeError)
+    assert issubclass(cs.ParamError, ValueError)
+    assert issubclass(cs.ResourceError, cs.CascadeError)
+    assert issubclass(cs.ResourceError, LookupError)
+
+
+# ========================================================================= authoring
+
+# --- task decorator -----------------------------------------------------------
+
+def test_bare_decorator_sync_and_async_tasks_run():
+    @cs.task
+    def double(x):
+        return 2 * x
+
+    @cs.task
+    async def inc(x):
+        await asyncio.sleep(0)
+        return x + 1
+
+    assert cs.run(inc(double(5))) == 11
+
+
+def test_decorator_with_name_and_tags_sets_event_name():
+    @cs.task(name="api_call", tags=["io"])
+    async def call(x):
+        return x * 3
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    assert run_engine(engine, call(2)) == 6
+    assert rec.started_names() == ["api_call"]
+    (fin,) = rec.of(cs.TaskExecutionFinished)
+    assert fin.task_name == "api_call" and fin.status == "Succeeded"
+
+
+def test_decorator_with_empty_parentheses():
+    @cs.task()
+    def plain(x):
+        return x - 1
+
+    assert cs.run(plain(1)) == 0
+
+
+def test_tags_are_matched_by_tag_scope():
+    # A task declared with tags=["io"] is governed by `tag:io`; a paused tag holds it
+    # while an untagged task runs.
+    @cs.task(tags=["io"])
+    def tagged():
+        return "tagged"
+
+    @cs.task
+    def untagged():
+        return "untagged"
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    blocked = threading.Event()
+    untagged_done = threading.Event()
+
+    def on_event(ev):
+        if isinstance(ev, cs.TaskBlocked) and ev.task_name == "tagged":
+            blocked.set()
+        if isinstance(ev, cs.TaskExecutionFinished) and ev.task_name == "untagged":
+            untagged_done.set()
+
+    engine.subscribe(cs.Event, on_event)
+    engine.pause("tag:io")
+    handle = engine.start(pair(tagged(), untagged()))
+    assert blocked.wait(TIMEOUT)
+    assert untagged_done.wait(TIMEOUT)
+    assert "tagged" not in rec.started_names()
+    engine.resume("tag:io")
+    assert handle.result(timeout=TIMEOUT) == ("tagged", "untagged")
+
+
+def test_task_fn_is_the_plain_function():
+    def add(a, b):
+        return a + b
+
+    t = cs.task(add)
+    assert t.fn is add
+    assert t.fn(1, 2) == 3
+
+
+def test_calling_a_task_runs_nothing():
+    calls = []
+
+    @cs.task
+    def f(x):
+        calls.append(x)
+        return x
+
+    lazy = f(1)
+    f(lazy)
+    assert calls == []
+    assert cs.run(lazy) == 1
+    assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda t: t(1),               # missing argument
+        lambda t: t(1, 2, 3),         # too many
+        lambda t: t(1, c=3),          # unknown keyword
+        lambda t: t(1, 2, a=3),       # duplicate
+    ],
+    ids=["missing", "too-many", "unknown-kw", "duplicate"],
+)
+def test_wrong_arguments_raise_type_error_at_graph_build(call):
+    calls = []
+
+    @cs.task
+    def add(a, b):
+        calls.append((a, b))
+        return a + b
+
+    with pytest.raises(TypeError):
+        call(add)
+    assert calls == []
+
+
+def test_wrong_arguments_to_map_raise_type_error_at_build():
+    @cs.task
+    def add(a, b):
+        return a + b
+
+    with pytest.raises(TypeError):
+        add.map(a=[1, 2])
+    with pytest.raises(TypeError):
+        add.map(a=[1, 2], b=[1, 2], c=[1, 2])
+
+
+def test_injected_parameters_need_not_be_passed():
+    @cs.resource
+    def conn():
+        yield "c"
+
+    @cs.task
+    def use(x, db=cs.inject("conn")):
+        return (x, db)
+
+    assert cs.run(use(1), resources=[conn]) == (1, "c")
+
+
+def test_lazy_values_nested_in_list_tuple_dict_arguments():
+    @cs.task
+    def one():
+        return 1
+
+    @cs.task
+    async def two():
+        return 2
+
+    @cs.task
+    def three():
+        return 3
+
+    @cs.task
+    def collect(items, mapping, *, extra=None):
+        return items, mapping, extra
+
+    result = cs.run(
+        collect(
+            [one(), (two(), {"k": three()}), 4],
+            {"a": one(), "b": [two(), (three(),)]},
+            extra=(one(), [two()]),
+        )
+    )
+    assert result == (
+        [1, (2, {"k": 3}), 4],
+        {"a": 1, "b": [2, (3,)]},
+        (1, [2]),
+    )
+    # container types are preserved, not converted
+    items, mapping, extra = result
+    assert type(items[1]) is tuple and type(mapping["b"][1]) is tuple and type(extra) is tuple
+
+
+def test_shared_upstream_runs_once():
+    calls = []
+
+    @cs.task
+    def src():
+        calls.append(1)
+        return 5
+
+    s = src()
+    assert cs.run(pair(ident(s), [s, s])) == (5, [5, 5])
+    assert calls == [1]
+
+
+# --- map ------------------------------------------------------------------------
+
+def test_map_static_keyword_and_positional():
+    @cs.task
+    def sq(x):
+        return x * x
+
+    assert cs.run(sq.map(x=[1, 2, 3])) == [1, 4, 9]
+    assert cs.run(sq.map([1, 2, 3])) == [1, 4, 9]
+    assert cs.run(sq.map(x=(4, 5))) == [16, 25]
+    assert cs.run(sq.map(x=range(3))) == [0, 1, 4]
+    assert cs.run(sq.map(x=(i for i in [2, 3]))) == [4, 9]
+
+
+def test_map_over_lazy_result_fans_out_at_run_time():
+    @cs.task
+    def fetch_all(n):
+        return [f"p{i}" * (i + 1) for i in range(n)]
+
+    @cs.task
+    async def size(data):
+        return len(data)
+
+    @cs.task
+    def add_all(xs):
+        return sum(xs)
+
+    pages = fetch_all(cs.Param("n"))
+    sizes = size.map(data=pages)
+    assert cs.run(sizes, params={"n": 3}) == [2, 4, 6]
+    assert cs.run(add_all(sizes), params={"n": 4}) == 2 + 4 + 6 + 8
+
+
+def test_map_over_a_map():
+    @cs.task
+    def inc(x):
+        return x + 1
+
+    @cs.task
+    async def dbl(x):
+        return 2 * x
+
+    assert cs.run(dbl.map(inc.map([1, 2, 3]))) == [4, 6, 8]
+
+
+def test_map_zips_arguments():
+    @cs.task
+    def add(a, b):
+        return a + b
+
+    @cs.task
+    def tens():
+        return [10, 20, 30]
+
+    assert cs.run(add.map(a=[1, 2, 3], b=[10, 20, 30])) == [11, 22, 33]
+    assert cs.run(add.map([1, 2, 3], tens())) == [11, 22, 33]
+
+
+def test_map_unequal_static_lengths_raise_value_error_at_map_call():
+    @cs.task
+    def add(a, b):
+        return a + b
+
+    with pytest.raises(ValueError):
+        add.map(a=[1, 2, 3], b=[1, 2])
+
+
+def test_map_unequal_lazy_lengths_fail_the_run_with_value_error():
+    @cs.task
+    def two():
+        return [1, 2]
+
+    @cs.task
+    def add(a, b):
+        return a + b
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    with pytest.raises(ValueError):
+        run_engine(engine, add.map(a=[1, 2, 3], b=two()))
+    assert "add" not in rec.started_names()
+    assert rec.of(cs.RunFinished)[-1].status == "Failed"
+
+
+def test_map_empty_gives_empty_list():
+    @cs.task
+    def sq(x):
+        return x * x
+
+    @cs.task
+    def nothing():
+        return []
+
+    @cs.task
+    def add_all(xs):
+        return ("sum", sum(xs))
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    assert run_engine(engine, sq.map(x=[])) == []
+    assert run_engine(engine, add_all(sq.map(x=nothing()))) == ("sum", 0)
+    assert "sq" not in rec.started_names()
+
+
+def test_map_unmapped_passes_value_to_every_call():
+    @cs.task
+    def f(x, extra):
+        return (x, extra)
+
+    @cs.task
+    def lazy_list():
+        return [7, 8]
+
+    assert cs.run(f.map(x=[1, 2], extra=cs.unmapped([5, 6]))) == [(1, [5, 6]), (2, [5, 6])]
+    assert cs.run(f.map([1, 2], cs.unmapped("ab"))) == [(1, "ab"), (2, "ab")]
+    assert cs.run(f.map(x=[1, 2], extra=cs.unmapped({"k": 1}))) == [(1, {"k": 1}), (2, {"k": 1})]
+    assert cs.run(f.map(x=[1, 2], extra=cs.unmapped(lazy_list()))) == [(1, [7, 8]), (2, [7, 8])]
+
+
+@pytest.mark.parametrize("bad", ["abc", b"abc", {"a": 1}], ids=["str", "bytes", "dict"])
+def test_map_rejects_str_bytes_dict_with_unmapped_hint(bad):
+    @cs.task
+    def f(x):
+        return x
+
+    with pytest.raises(TypeError, match="unmapped"):
+        f.map(x=bad)
+    with pytest.raises(TypeError, match="unmapped"):
+        f.map(bad)
+
+
+@pytest.mark.parametrize("bad", ["abc", b"abc", {"a": 1}], ids=["str", "bytes", "dict"])
+def test_map_rejects_lazy_str_bytes_dict_with_unmapped_hint(bad):
+    @cs.task
+    def produce():
+        return bad
+
+    @cs.task
+    def f(x):
+        return x
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    with pytest.raises(TypeError, match="unmapped"):
+        run_engine(engine, f.map(x=produce()))
+    assert "f" not in rec.started_names()
+
+
+def test_map_results_come_back_in_input_order():
+    # item i finishes only after item i+1: completion order is the reverse of input order
+    n = 5
+    done = [threading.Event() for _ in range(n)]
+    finish_order = []
+
+    @cs.task
+    def rev(i):
+        if i + 1 < n:
+            assert done[i + 1].wait(TIMEOUT)
+        finish_order.append(i)
+        done[i].set()
+        return i * 10
+
+    assert cs.run(rev.map(i=list(range(n)))) == [0, 10, 20, 30, 40]
+    assert finish_order == [4, 3, 2, 1, 0]
+
+
+def test_map_items_are_separate_task_executions_named_after_the_task():
+    @cs.task
+    def sq(x):
+        return x * x
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    assert run_engine(engine, sq.map(x=[1, 2, 3])) == [1, 4, 9]
+    started = rec.of(cs.TaskExecutionStarted, task_name="sq")
+    finished = rec.of(cs.TaskExecutionFinished, task_name="sq")
+    assert len(started) == 3 and len(finished) == 3
+    assert len({e.task_id for e in started}) == 3
+    assert all(e.status == "Succeeded" for e in finished)
+
+
+# --- Param / Env ------------------------------------------------------------------
+
+def test_param_supplied_and_default_honoured():
+    @cs.task
+    def f(a, b, rest):
+        return (a, b, rest)
+
+    target = f(cs.Param("a"), cs.Param("b", default=2), [cs.Param("c", default="c"), {"a": cs.Param("a")}])
+    assert cs.run(target, params={"a": 1}) == (1, 2, ["c", {"a": 1}])
+    assert cs.run(target, params={"a": 1, "b": 20, "c": None}) == (1, 20, [None, {"a": 1}])
+
+
+def test_param_as_map_source():
+    @cs.task
+    def sq(x):
+        return x * x
+
+    assert cs.run(sq.map(x=cs.Param("xs")), params={"xs": [1, 2]}) == [1, 4]
+
+
+def test_missing_params_all_named_before_any_task_starts():
+    calls = []
+
+    @cs.task
+    def independent():
+        calls.append("independent")
+        return 0
+
+    @cs.task
+    def needs(a, b, c):
+        calls.append("needs")
+        return a
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    target = pair(independent(), needs(cs.Param("alpha"), cs.Param("beta"), cs.Param("gamma", default=3)))
+    with pytest.raises(cs.ParamError) as ei:
+        run_engine(engine, target, params={})
+    assert isinstance(ei.value, ValueError)
+    assert "alpha" in str(ei.value) and "beta" in str(ei.value)
+    assert calls == []
+    assert rec.of(cs.TaskExecutionStarted) == []
+    assert isinstance(rec.events[0], cs.RunStarted)
+    assert isinstance(rec.events[-1], cs.RunFinished) and rec.events[-1].status == "Failed"
+
+
+def test_unknown_param_is_rejected_by_name():
+    @cs.task
+    def f(a):
+        return a
+
+    with pytest.raises(cs.ParamError, match="zzz_unknown"):
+        run_engine(cs.Engine(), f(cs.Param("a")), params={"a": 1, "zzz_unknown": 2})
+
+
+def test_env_reads_environment_with_default(monkeypatch):
+    monkeypatch.setenv("CASCADE_TEST_ENV_SET", "hello")
+    monkeypatch.delenv("CASCADE_TEST_ENV_UNSET", raising=False)
+
+    @cs.task
+    def f(a, b, c):
+        return (a, b, c)
+
+    target = f(
+        cs.Env("CASCADE_TEST_ENV_SET"),
+        cs.Env("CASCADE_TEST_ENV_UNSET", default="fallback"),
+        cs.Env("CASCADE_TEST_ENV_UNSET"),
+    )
+    assert cs.run(target) == ("hello", "fallback", None)
+
+
+# --- resources ----------------------------------------------------------------------
+
+def test_sync_generator_resource_setup_and_teardown_around_use():
+    log = []
+
+    @cs.resource
+    def db():
+        log.append("setup")
+        yield "conn"
+        log.append("teardown")
+
+    @cs.task
+    def use(x, db=cs.inject("db")):
+        log.append(f"use {db}")
+        return x
+
+    engine = cs.Engine()
+    engine.register(db)
+    rec = Recorder(engine)
+    assert run_engine(engine, use(1)) == 1
+    assert log == ["setup", "use conn", "teardown"]
+    assert [e.resource_name for e in rec.of(cs.ResourceAcquired)] == ["db"]
+    assert [e.resource_name for e in rec.of(cs.ResourceReleased)] == ["db"]
+
+
+def test_async_generator_resource_via_cs_run_resources():
+    log = []
+
+    @cs.resource
+    async def cache():
+        log.append("setup")
+        await asyncio.sleep(0)
+        yield {"k": 1}
+        await asyncio.sleep(0)
+        log.append("teardown")
+
+    @cs.task
+    async def use(c=cs.inject("cache")):
+        log.append("use")
+        return c["k"]
+
+    @cs.task
+    def use_sync(c=cs.inject("cache")):
+        log.append("use_sync")
+        return c["k"] + 1
+
+    assert cs.run(pair(use(), use_sync()), resources=[cache]) == (1, 2)
+    assert log[0] == "setup" and log[-1] == "teardown"
+    assert sorted(log[1:-1]) == ["use", "use_sync"]
+    assert log.count("setup") == 1  # one instance shared by both tasks of the run
+
+
+def test_resource_with_explicit_name():
+    @cs.resource(name="database")
+    def make_db():
+        yield "db!"
+
+    @cs.task
+    def use(d=cs.inject("database")):
+        return d
+
+    assert cs.run(use(), resources=[make_db]) == "db!"
+
+
+def test_only_needed_resources_are_set_up():
+    log = []
+
+    @cs.resource
+    def needed():
+        log.append("needed up")
+        yield 1
+        log.append("needed down")
+
+    @cs.resource
+    def unneeded():
+        log.append("unneeded up")
+        yield 2
+        log.append("unneeded down")
+
+    @cs.task
+    def use(n=cs.inject("needed")):
+        return n
+
+    engine = cs.Engine()
+    engine.register(needed)
+    engine.register(unneeded)
+    rec = Recorder(engine)
+    assert run_engine(engine, use()) == 1
+    assert log == ["needed up", "needed down"]
+    assert [e.resource_name for e in rec.of(cs.ResourceAcquired)] == ["needed"]
+
+
+def test_resources_torn_down_in_reverse_order_of_set_up():
+    log = []
+
+    def make(name):
+        def gen():
+            log.append(("up", name))
+            yield name
+            log.append(("down", name))
+
+        gen.__name__ = gen.__qualname__ = name
+        return cs.resource(gen)
+
+    r1, r2, r3 = make("r1"), make("r2"), make("r3")
+
+    @cs.task
+    def a(x=cs.inject("r1")):
+        return x
+
+    @cs.task
+    def b(prev, x=cs.inject("r2")):
+        return prev + x
+
+    @cs.task
+    def c(prev, x=cs.inject("r3")):
+        return prev + x
+
+    # the chain forces the set-up order r1, r2, r3
+    assert cs.run(c(b(a())), resources=[r1, r2, r3]) == "r1r2r3"
+    ups = [n for k, n in log if k == "up"]
+    downs = [n for k, n in log if k == "down"]
+    assert ups == ["r1", "r2", "r3"]
+    assert downs == ["r3", "r2", "r1"]
+    assert log.index(("up", "r3")) < log.index(("down", "r3"))
+
+
+def test_resource_set_up_before_the_first_task_that_needs_it():
+    log = []
+
+    @cs.resource
+    def res():
+        log.append("setup")
+        yield "r"
+        log.append("teardown")
+
+    @cs.task
+    def first():
+        log.append("first")
+        return 1
+
+    @cs.task
+    def needs(x, r=cs.inject("res")):
+        log.append("needs")
+        return x
+
+    assert cs.run(needs(first()), resources=[res]) == 1
+    assert log.index("setup") < log.index("needs") < log.index("teardown")
+
+
+def test_resources_that_inject_resources():
+    log = []
+
+    @cs.resource
+    def cfg():
+        log.append("cfg up")
+        yield "dsn"
+        log.append("cfg down")
+
+    @cs.resource
+    async def conn(c=cs.inject("cfg")):
+        log.append("conn up")
+        yield f"conn({c})"
+        log.append("conn down")
+
+    @cs.task
+    def use(k=cs.inject("conn")):
+        return k
+
+    assert cs.run(use(), resources=[conn, cfg]) == "conn(dsn)"
+    assert log == ["cfg up", "conn up", "conn down", "cfg down"]
+
+
+def test_resources_torn_down_in_reverse_after_failure():
+    log = []
+
+    @cs.resource
+    def outer():
+        log.append("outer up")
+        yield 1
+        log.append("outer down")
+
+    @cs.resource
+    def inner(o=cs.inject("outer")):
+        log.append("inner up")
+        yield 2
+        log.append("inner down")
+
+    @cs.task
+    def boom(i=cs.inject("inner")):
+        raise KeyError("boom")
+
+    engine = cs.Engine()
+    engine.register(outer)
+    engine.register(inner)
+    rec = Recorder(engine)
+    with pytest.raises(KeyError):
+        run_engine(engine, boom())
+    assert log == ["outer up", "inner up", "inner down", "outer down"]
+    assert [e.resource_name for e in rec.of(cs.ResourceReleased)] == ["inner", "outer"]
+
+
+def test_resources_torn_down_after_cancellation():
+    log = []
+    started = threading.Event()
+    finished = threading.Event()
+    observed = []
+
+    @cs.resource
+    def res():
+        log.append("setup")
+        yield "r"
+        log.append("teardown")
+
+    @cs.task
+    async def forever(r=cs.inject("res")):
+        started.set()
+        try:
+            await asyncio.wait_for(asyncio.Event().wait(), TIMEOUT)
+        except asyncio.CancelledError:
+            observed.append("cancelled")
+            raise
+
+    engine = cs.Engine()
+    engine.register(res)
+    rec = Recorder(engine)
+    engine.subscribe(cs.RunFinished, lambda ev: finished.set())
+    handle = engine.start(forever())
+    assert started.wait(TIMEOUT)
+    handle.cancel()
+    with pytest.raises(concurrent.futures.CancelledError):
+        handle.result(timeout=TIMEOUT)
+    assert finished.wait(TIMEOUT)
+    assert observed == ["cancelled"]
+    assert log == ["setup", "teardown"]
+    assert rec.of(cs.RunFinished)[-1].status == "Cancelled"
+
+
+def test_unregistered_resource_fails_run_before_any_task_starts():
+    calls = []
+
+    @cs.task
+    def first():
+        calls.append("first")
+        return 1
+
+    @cs.task
+    def needs(x, r=cs.inject("nowhere_registered")):
+        calls.append("needs")
+        return x
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    with pytest.raises(cs.ResourceError, match="nowhere_registered"):
+        run_engine(engine, needs(first()))
+    assert calls == []
+    assert rec.of(cs.TaskExecutionStarted) == []
+    assert rec.events[-1].status == "Failed"
+
+
+def test_resources_are_set_up_per_run():
+    log = []
+
+    @cs.resource
+    def res():
+        log.append("up")
+        yield len(log)
+        log.append("down")
+
+    @cs.task
+    def use(r=cs.inject("res")):
+        return r
+
+    engine = cs.Engine()
+    engine.register(res)
+    run_engine(engine, use())
+    run_engine(engine, use())
+    assert log == ["up", "down", "up", "down"]
+
+
+# --- with_retry ----------------------------------------------------------------------
+
+def test_retry_max_attempts_counts_the_first_attempt():
+    attempts = []
+
+    @cs.task
+    def flaky():
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise ConnectionError("try again")
+        return "ok"
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    assert run_engine(engine, flaky().with_retry(max_attempts=3)) == "ok"
+    assert len(attempts) == 3
+    retrying = rec.of(cs.TaskRetrying)
+    assert [e.attempt for e in retrying] == [1, 2]
+    assert all(e.max_attempts == 3 and e.task_name == "flaky" for e in retrying)
+    assert all(isinstance(e.error, ConnectionError) for e in retrying)
+    finished = rec.of(cs.TaskExecutionFinished, task_name="flaky")
+    assert [e.status for e in finished] == ["Succeeded"]
+
+
+def test_retry_exhausted_raises_original_error_after_exactly_max_attempts():
+    attempts = []
+
+    class Flaky(Exception):
+        pass
+
+    @cs.task
+    async def always():
+        attempts.append(1)
+        raise Flaky(len(attempts))
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    with pytest.raises(Flaky) as ei:
+        run_engine(engine, always().with_retry(max_attempts=3))
+    assert type(ei.value) is Flaky and ei.value.args == (3,)
+    assert len(attempts) == 3
+    assert [e.attempt for e in rec.of(cs.TaskRetrying)] == [1, 2]
+    finished = rec.of(cs.TaskExecutionFinished, task_name="always")
+    assert [e.status for e in finished] == ["Failed"]
+
+
+def test_retry_max_attempts_one_means_no_retry():
+    attempts = []
+
+    @cs.task
+    def once():
+        attempts.append(1)
+        raise RuntimeError("x")
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    with pytest.raises(RuntimeError):
+        run_engine(engine, once().with_retry(max_attempts=1))
+    assert len(attempts) == 1
+    assert rec.of(cs.TaskRetrying) == []
+
+
+def test_retry_delay_and_backoff_reported_in_events():
+    attempts = []
+
+    @cs.task
+    def flaky():
+        attempts.append(1)
+        if len(attempts) < 4:
+            raise OSError("again")
+        return len(attempts)
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    assert run_engine(engine, flaky().with_retry(max_attempts=4, delay=0.01, backoff=2.0)) == 4
+    retrying = rec.of(cs.TaskRetrying)
+    assert [e.attempt for e in retrying] == [1, 2, 3]
+    assert [e.delay for e in retrying] == pytest.approx([0.01, 0.02, 0.04])
+
+
+def test_retry_chains_with_other_policies_and_feeds_downstream():
+    attempts = []
+
+    @cs.task
+    def flaky(x):
+        attempts.append(x)
+        if len(attempts) == 1:
+            raise ValueError("first")
+        return x * 2
+
+    lazy = flaky(4).with_retry(max_attempts=2).run_if(True)
+    assert cs.run(ident(lazy)) == 8
+
+
+def test_retry_on_map_applies_to_each_item():
+    seen = {}
+
+    @cs.task
+    def item(x):
+        seen[x] = seen.get(x, 0) + 1
+        if x == 2 and seen[x] == 1:
+            raise RuntimeError("item 2 fails once")
+        return x
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    assert run_engine(engine, item.map(x=[1, 2, 3]).with_retry(max_attempts=2)) == [1, 2, 3]
+    assert seen == {1: 1, 2: 2, 3: 1}
+    retrying = rec.of(cs.TaskRetrying)
+    assert len(retrying) == 1 and retrying[0].task_name == "item"
+
+
+def test_task_waiting_out_retry_delay_holds_no_slot():
+    engine = cs.Engine(system_resources={"slot": 1})
+    attempts = []
+    first_failed = threading.Event()
+    other_ran = threading.Event()
+
+    @cs.task
+    def flaky():
+        attempts.append(1)
+        if len(attempts) == 1:
+            first_failed.set()
+            raise RuntimeError("first attempt")
+        return "flaky"
+
+    @cs.task
+    def gate():
+        return first_failed.wait(TIMEOUT)
+
+    @cs.task
+    def other(g):
+        other_ran.set()
+        return "other"
+
+    f = flaky().with_constraints(slot=1).with_retry(max_attempts=2, delay=60)
+    o = other(gate()).with_constraints(slot=1)
+    handle = engine.start(pair(f, o))
+    try:
+        # flaky waits out a 60 s delay; the only slot must be free for `other` meanwhile
+        assert other_ran.wait(TIMEOUT)
+        assert len(attempts) == 1
+    finally:
+        handle.cancel()
+    with pytest.raises(concurrent.futures.CancelledError):
+        handle.result(timeout=TIMEOUT)
+
+
+# --- run_if ----------------------------------------------------------------------
+
+def test_run_if_static_condition():
+    calls = []
+
+    @cs.task
+    def f():
+        calls.append(1)
+        return "ran"
+
+    assert cs.run(f().run_if(True)) == "ran"
+    assert cs.run(f().run_if(1)) == "ran"
+    assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("falsy", [False, 0, "", [], None])
+def test_run_if_falsy_skips_and_target_raises_dependency_missing(falsy):
+    calls = []
+
+    @cs.task
+    def maybe():
+        calls.append(1)
+        return 1
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    with pytest.raises(cs.DependencyMissingError) as ei:
+        run_engine(engine, maybe().run_if(falsy))
+    assert calls == []
+    (skip,) = rec.of(cs.TaskSkipped)
+    assert skip.task_name == "maybe" and isinstance(skip.reason, str) and skip.reason
+    assert "maybe" in str(ei.value)
+    assert skip.reason in str(ei.value)
+
+
+def test_run_if_lazy_and_param_conditions():
+    @cs.task
+    def is_pos(x):
+        return x > 0
+
+    @cs.task
+    def f(x):
+        return x * 10
+
+    assert cs.run(f(3).run_if(is_pos(3))) == 30
+    with pytest.raises(cs.DependencyMissingError):
+        cs.run(f(-3).run_if(is_pos(-3)))
+    assert cs.run(f(1).run_if(cs.Param("go")), params={"go": True}) == 10
+    with pytest.raises(cs.DependencyMissingError):
+        cs.run(f(1).run_if(cs.Param("go")), params={"go": False})
+
+
+def test_skip_propagates_to_everything_that_needs_the_value():
+    calls = []
+
+    @cs.task
+    def src():
+        calls.append("src")
+        return 1
+
+    @cs.task
+    def maybe(x):
+        calls.append("maybe")
+        return x
+
+    @cs.task
+    def after(x):
+        calls.append("after")
+        return x
+
+    @cs.task
+    def nested(items):
+        calls.append("nested")
+        return items
+
+    @cs.task
+    def unrelated():
+        calls.append("unrelated")
+        return 2
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    s = maybe(src()).run_if(False)
+    target = pair(after(s), nested([unrelated(), {"k": (s,)}]))
+    with pytest.raises(cs.DependencyMissingError):
+        run_engine(engine, target)
+    assert sorted(calls) == ["src", "unrelated"]
+    skipped = {e.task_name: e.reason for e in rec.of(cs.TaskSkipped)}
+    assert {"maybe", "after", "nested", "pair"} <= set(skipped)
+    # a propagated skip says which upstream task was skipped
+    assert "maybe" in skipped["after"]
+    assert "maybe" in skipped["nested"]
+    assert [e.status for e in rec.of(cs.TaskExecutionFinished)] == ["Succeeded", "Succeeded"]
+
+
+def test_skip_propagates_through_a_map():
+    calls = []
+
+    @cs.task
+    def mk():
+        calls.append("mk")
+        return [1, 2]
+
+    @cs.task
+    def sq(x):
+        calls.append("sq")
+        return x * x
+
+    @cs.task
+    def add_all(xs):
+        calls.append("add_all")
+        return sum(xs)
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    with pytest.raises(cs.DependencyMissingError) as ei:
+        run_engine(engine, add_all(sq.map(x=mk().run_if(False))))
+    assert calls == []
+    assert "add_all" in str(ei.value)
+    assert "add_all" in [e.task_name for e in rec.of(cs.TaskSkipped)]
+
+
+# --- with_constraints -------------------------------------------------------------
+
+def test_constraints_limit_concurrent_tasks_to_capacity():
+    gauge = Gauge()
+
+    @cs.task
+    def work(i):
+        with gauge:
+            time.sleep(0.01)  # widen the window in which an over-admission would show
+        return i
+
+    engine = cs.Engine(system_resources={"gpu": 1})
+    targets = [work(i).with_constraints(gpu=1) for i in range(4)]
+    assert run_engine(engine, ident(targets)) == [0, 1, 2, 3]
+    assert gauge.max == 1
+
+
+def test_constraints_admit_up_to_capacity_at_once():
+    barrier = threading.Barrier(2, timeout=TIMEOUT)
+    gauge = Gauge()
+
+    @cs.task
+    def work(i):
+        with gauge:
+            barrier.wait()  # only passes if two items hold a slot at the same time
+        return i
+
+    engine = cs.Engine(system_resources={"slot": 2})
+    assert run_engine(engine, work.map(i=[0, 1, 2, 3]).with_constraints(slot=1)) == [0, 1, 2, 3]
+    assert gauge.max == 2
+
+
+def test_map_items_are_the_admitted_units_map_node_holds_nothing():
+    # issue 5: a map whose items each need the only slot completes, one item at a time
+    gauge = Gauge()
+
+    @cs.task
+    def item(i):
+        with gauge:
+            time.sleep(0.01)
+        return i * 2
+
+    engine = cs.Engine(system_resources={"slot": 1})
+    assert run_engine(engine, item.map(i=list(range(5))).with_constraints(slot=1)) == [0, 2, 4, 6, 8]
+    assert gauge.max == 1
+
+
+def test_constraint_above_total_capacity_fails_at_run_start():
+    calls = []
+
+    @cs.task
+    def f():
+        calls.append("f")
+        return 1
+
+    @cs.task
+    def other():
+        calls.append("other")
+        return 2
+
+    engine = cs.Engine(system_resources={"gpu": 1})
+    rec = Recorder(engine)
+    with pytest.raises(ValueError) as ei:
+        run_engine(engine, pair(other(), f().with_constraints(gpu=2)))
+    assert isinstance(ei.value, cs.ConstraintError)
+    assert calls == []
+    assert rec.of(cs.TaskExecutionStarted) == []
+    assert rec.events[-1].status == "Failed"
+
+
+def test_constraint_on_undeclared_system_resource_fails():
+    @cs.task
+    def f():
+        return 1
+
+    with pytest.raises(cs.ConstraintError):
+        run_engine(cs.Engine(system_resources={"gpu": 1}), f().with_constraints(tpu=1))
+    with pytest.raises(cs.ConstraintError):
+        run_engine(cs.Engine(), f().with_constraints(gpu=1))
+
+
+def test_lazy_constraint_amount():
+    calls = []
+
+    @cs.task
+    def need(n):
+        return n
+
+    @cs.task
+    def f():
+        calls.append("f")
+        return "f"
+
+    engine = cs.Engine(system_resources={"gpu": 2})
+    assert run_engine(engine, f().with_constraints(gpu=need(2))) == "f"
+    assert calls == ["f"]
+    with pytest.raises(ValueError):
+        run_engine(engine, f().with_constraints(gpu=need(3)))
+    assert calls == ["f"]
+
+
+def test_constraints_with_param_amount():
+    @cs.task
+    def f():
+        return "f"
+
+    engine = cs.Engine(system_resources={"gpu": 1})
+    assert run_engine(engine, f().with_constraints(gpu=cs.Param("g")), params={"g": 1}) == "f"
+
+
+# --- shell ---------------------------------------------------------------------------
+
+def test_shell_returns_stdout():
+    assert cs.run(cs.shell("echo hello")) == "hello\n"
+
+
+def test_shell_feeds_downstream_tasks():
+    @cs.task
+    def upper(s):
+        return s.strip().upper()
+
+    assert cs.run(upper(cs.shell("echo hi"))) == "HI"
+
+
+def test_shell_nonzero_exit_raises_when_checked():
+    with pytest.raises(subprocess.CalledProcessError) as ei:
+        cs.run(cs.shell("echo out; exit 3"))
+    assert ei.value.returncode == 3
+
+
+def test_shell_nonzero_exit_ignored_when_unchecked():
+    assert cs.run(cs.shell("echo out; exit 3", check=False)) == "out\n"
+
+
+# ============================================================================ running
+
+def test_no_stage_barriers_deep_chain_never_waits_for_unrelated_slow_task():
+    # `slow` only returns True if the tail of a 10-deep chain ran while it was running.
+    # A scheduler with stage barriers would make the chain wait for `slow`.
+    tail_done = threading.Event()
+
+    @cs.task
+    def slow():
+        return tail_done.wait(TIMEOUT)
+
+    @cs.task
+    def step(x):
+        return x + 1
+
+    @cs.task
+    def tail(x):
+        tail_done.set()
+        return x
+
+    x = step(0)
+    for _ in range(9):
+        x = step(x)
+    assert cs.run(pair(slow(), tail(x))) == (True, 10)
+
+
+def test_no_stage_barriers_async():
+    async def main():
+        tail_done = asyncio.Event()
+
+        @cs.task
+        async def slow():
+            try:
+                await asyncio.wait_for(tail_done.wait(), TIMEOUT)
+                return True
+            except asyncio.TimeoutError:
+                return False
+
+        @cs.task
+        async def step(x):
+            await asyncio.sleep(0)
+            return x + 1
+
+        @cs.task
+        def sync_step(x):
+            return x + 1
+
+        @cs.task
+        async def tail(x):
+            tail_done.set()
+            return x
+
+        x = step(0)
+        for i in range(9):
+            x = (sync_step if i % 2 else step)(x)
+        return await cs.Engine().run(pair(slow(), tail(x)))
+
+    assert asyncio.run(main()) == (True, 10)
+
+
+def test_paused_task_never_delays_unrelated_tasks():
+    tail_done = threading.Event()
+
+    @cs.task
+    def paused_one():
+        return "paused"
+
+    @cs.task
+    def step(x):
+        return x + 1
+
+    @cs.task
+    def tail(x):
+        tail_done.set()
+        return x
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    engine.pause("task:paused_one")
+    x = step(0)
+    for _ in range(5):
+        x = step(x)
+    handle = engine.start(pair(paused_one(), tail(x)))
+    assert tail_done.wait(TIMEOUT)
+    assert "paused_one" not in rec.started_names()
+    engine.resume("task:paused_one")
+    assert handle.result(timeout=TIMEOUT) == ("paused", 6)
+
+
+def test_sync_bodies_in_thread_pool_async_bodies_on_the_loop():
+    seen = {}
+
+    @cs.task
+    def sync_body():
+        seen["sync"] = threading.get_ident()
+        return 1
+
+    @cs.task
+    async def async_body():
+        seen["async"] = threading.get_ident()
+        seen["loop"] = asyncio.get_running_loop()
+        return 2
+
+    async def main():
+        value = await cs.Engine().run(pair(sync_body(), async_body()))
+        return value, asyncio.get_running_loop()
+
+    value, loop = asyncio.run(main())
+    assert value == (1, 2)
+    assert seen["async"] == threading.get_ident()
+    assert seen["loop"] is loop
+    assert seen["sync"] != threading.get_ident()
+
+
+def test_default_pool_runs_fifty_blocking_sync_tasks_at_once():
+    barrier = threading.Barrier(50, timeout=TIMEOUT)
+
+    @cs.task
+    def blocker(i):
+        barrier.wait()  # breaks (and the test fails) unless all 50 run at once
+        return i
+
+    assert cs.run(ident([blocker(i) for i in range(50)])) == list(range(50))
+
+
+def test_concurrency_limit_of_fifty_runs_fifty_sync_tasks_at_once():
+    barrier = threading.Barrier(50, timeout=TIMEOUT)
+    gauge = Gauge()
+
+    @cs.task
+    def blocker(i):
+        with gauge:
+            barrier.wait()
+        return i
+
+    engine = cs.Engine()
+    engine.limit("task:blocker", 50)
+    assert run_engine(engine, blocker.map(i=list(range(100)))) == list(range(100))
+    assert gauge.max == 50
+
+
+def test_engine_accepts_user_executor_for_sync_bodies():
+    names = []
+
+    @cs.task
+    def where():
+        names.append(threading.current_thread().name)
+        return 1
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="userpool") as ex:
+        assert run_engine(cs.Engine(executor=ex), ident([where(), where()])) == [1, 1]
+    assert len(names) == 2 and all(n.startswith("userpool") for n in names)
+
+
+def test_process_pool_executor_runs_module_level_sync_tasks():
+    with concurrent.futures.ProcessPoolExecutor(max_workers=2) as ex:
+        engine = cs.Engine(executor=ex)
+        result = run_engine(engine, pair(proc_square(4), proc_square.map(x=[1, 2, 3])))
+    single, mapped = result
+    assert single[0] == 16
+    assert [v for v, _ in mapped] == [1, 4, 9]
+    pids = {single[1]} | {pid for _, pid in mapped}
+    assert os.getpid() not in pids
+
+
+# --- fail-fast ------------------------------------------------------------------
+
+def test_failure_raises_original_exception_with_task_name():
+    class MyError(Exception):
+        pass
+
+    raised = []
+
+    @cs.task
+    def ok():
+        return 1
+
+    @cs.task
+    def boom(x):
+        err = MyError("bad")
+        raised.append(err)
+        raise err
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    with pytest.raises(MyError) as ei:
+        run_engine(engine, ident(boom(ok())))
+    assert type(ei.value) is MyError
+    assert ei.value is raised[0]
+    if sys.version_info >= (3, 11):
+        assert "boom" in notes_of(ei.value)
+    (fin,) = rec.of(cs.TaskExecutionFinished, task_name="boom")
+    assert fin.status == "Failed" and fin.error is raised[0]
+    run_finished = rec.events[-1]
+    assert isinstance(run_finished, cs.RunFinished)
+    assert run_finished.status == "Failed" and run_finished.error is raised[0]
+    assert "ident" not in rec.started_names()
+
+
+def test_failure_of_async_task_raises_original_exception():
+    @cs.task
+    async def aboom():
+        await asyncio.sleep(0)
+        raise ZeroDivisionError("async")
+
+    with pytest.raises(ZeroDivisionError) as ei:
+        cs.run(aboom())
+    if sys.version_info >= (3, 11):
+        assert "aboom" in notes_of(ei.value)
+
+
+def test_failure_in_map_target_raises_original_exception_with_task_name():
+    @cs.task
+    def item(x):
+        if x == 2:
+            raise LookupError(f"item {x}")
+        return x
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    with pytest.raises(LookupError) as ei:
+        run_engine(engine, item.map(x=[1, 2, 3]))
+    assert type(ei.value) is LookupError and ei.value.args == ("item 2",)
+    if sys.version_info >= (3, 11):
+        assert "item" in notes_of(ei.value)
+    failed = rec.of(cs.TaskExecutionFinished, status="Failed")
+    assert len(failed) == 1 and failed[0].task_name == "item"
+    assert rec.events[-1].status == "Failed"
+
+
+def test_fail_fast_pending_tasks_never_start():
+    started = []
+    failed = threading.Event()
+
+    @cs.task
+    def boom():
+        started.append("boom")
+        raise KeyError("k")
+
+    @cs.task
+    def gate():
+        started.append("gate")
+        failed.wait(TIMEOUT)  # returns only once the run has already failed
+        return 1
+
+    @cs.task
+    def after_gate(x):
+        started.append("after_gate")
+        return x
+
+    @cs.task
+    def after_boom(x):
+        started.append("after_boom")
+        return x
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+
+    def on_finished(ev):
+        if ev.task_name == "boom" and ev.status == "Failed":
+            failed.set()
+
+    engine.subscribe(cs.TaskExecutionFinished, on_finished)
+    with pytest.raises(KeyError):
+        run_engine(engine, pair(after_boom(boom()), after_gate(gate())))
+    assert "after_gate" not in started and "after_boom" not in started
+    assert set(rec.started_names()) <= {"boom", "gate"}
+
+
+def test_fail_fast_pending_map_items_never_start():
+    # one slot: items run one by one; item 1 fails, items 2.. never start
+    started = []
+
+    @cs.task
+    def item(x):
+        started.append(x)
+        if x == 1:
+            raise ValueError("item 1")
+        return x
+
+    engine = cs.Engine(system_resources={"slot": 1})
+    with pytest.raises(ValueError):
+        run_engine(engine, item.map(x=[0, 1, 2, 3, 4]).with_constraints(slot=1))
+    assert 1 in started
+    assert len(started) <= 2
+
+
+def test_fail_fast_cancels_running_async_siblings():
+    observed = []
+
+    async def main():
+        sibling_started = asyncio.Event()
+
+        @cs.task
+        async def sibling():
+            sibling_started.set()
+            try:
+                await asyncio.wait_for(asyncio.Event().wait(), TIMEOUT)
+            except asyncio.CancelledError:
+                observed.append("cancelled")
+                raise
+            except asyncio.TimeoutError:
+                observed.append("timed out")
+                raise
+            return 1
+
+        @cs.task
+        async def boom():
+            await asyncio.wait_for(sibling_started.wait(), TIMEOUT)
+            raise ValueError("boom")
+
+        return await cs.Engine().run(pair(sibling(), boom()))
+
+    with pytest.raises(ValueError, match="boom"):
+        asyncio.run(main())
+    assert observed == ["cancelled"]
+
+
+def test_fail_fast_tears_down_after_every_started_task_has_settled():
+    log = []
+    torn_down = threading.Event()
+    sync_started = threading.Event()
+    async_started = threading.Event()
+
+    @cs.resource
+    def res():
+        log.append("setup")
+        yield "r"
+        log.append("teardown")
+        torn_down.set()
+
+    @cs.task
+    def sync_sibling(r=cs.inject("res")):
+        sync_started.set()
+        # a correct engine cannot tear down before this body returns; a wrong one
+        # tears down now, which sets `torn_down` and is recorded before "sync settled"
+        torn_down.wait(1.0)
+        log.append("sync settled")
+        return 1
+
+    @cs.task
+    async def async_sibling(r=cs.inject("res")):
+        async_started.set()
+        try:
+            await asyncio.wait_for(asyncio.Event().wait(), TIMEOUT)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.05)  # settling takes several loop iterations
+            log.append("async settled")
+            raise
+
+    @cs.task
+    def boom():
+        assert sync_started.wait(TIMEOUT) and async_started.wait(TIMEOUT)
+        raise ArithmeticError("boom")
+
+    engine = cs.Engine()
+    engine.register(res)
+    with pytest.raises(ArithmeticError):
+        run_engine(engine, ident([sync_sibling(), async_sibling(), boom()]))
+    assert log[0] == "setup" and log[-1] == "teardown"
+    assert sorted(log[1:-1]) == ["async settled", "sync settled"]
+
+
+# --- skipped target ----------------------------------------------------------
+
+def test_skipped_target_raises_dependency_missing_error_naming_target_and_reason():
+    @cs.task
+    def maybe():
+        return 1
+
+    @cs.task
+    def final_step(x):
+        return x
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    with pytest.raises(cs.DependencyMissingError) as ei:
+        run_engine(engine, final_step(maybe().run_if(False)))
+    assert isinstance(ei.value, cs.CascadeError)
+    (skip,) = rec.of(cs.TaskSkipped, task_name="final_step")
+    assert "final_step" in str(ei.value)
+    assert skip.reason in str(ei.value)
+
+
+# --- cs.run / run_async / start ------------------------------------------------------
+
+def test_cs_run_works_inside_a_running_event_loop():
+    @cs.task
+    async def aval(x):
+        return x + 1
+
+    @cs.task
+    def sval(x):
+        return x * 2
+
+    async def main():
+        return cs.run(sval(aval(cs.Param("x"))), params={"x": 1})
+
+    assert asyncio.run(main()) == 4
+
+
+def test_run_async_is_the_async_twin():
+    @cs.task
+    async def aval(x):
+        return x + 1
+
+    async def main():
+        return await cs.run_async(aval(cs.Param("x")), params={"x": 41})
+
+    assert asyncio.run(main()) == 42
+
+
+def test_start_returns_handle_with_result_done_and_run_id():
+    release = threading.Event()
+    started = threading.Event()
+
+    @cs.task
+    def blocker():
+        started.set()
+        assert release.wait(TIMEOUT)
+        return "released"
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    handle = engine.start(ident(blocker()))
+    assert started.wait(TIMEOUT)
+    assert handle.done() is False
+    with pytest.raises(TimeoutError):
+        handle.result(timeout=0.05)
+    release.set()
+    assert handle.result(timeout=TIMEOUT) == "released"
+    assert handle.done() is True
+    assert isinstance(handle.run_id, str) and handle.run_id
+    assert {e.run_id for e in rec.events} == {handle.run_id}
+
+
+def test_start_with_params():
+    @cs.task
+    def f(x):
+        return x * 3
+
+    handle = cs.Engine().start(f(cs.Param("x")), params={"x": 5})
+    assert handle.result(timeout=TIMEOUT) == 15
+
+
+def test_start_inside_running_loop_lives_on_that_loop_and_is_awaitable():
+    seen = {}
+
+    @cs.task
+    async def on_loop():
+        seen["loop"] = asyncio.get_running_loop()
+        return "awaited"
+
+    async def main():
+        handle = cs.Engine().start(on_loop())
+        value = await handle
+        return value, handle.done(), asyncio.get_running_loop()
+
+    value, done, loop = asyncio.run(main())
+    assert value == "awaited" and done is True
+    assert seen["loop"] is loop
+
+
+def test_blocking_result_on_the_loop_thread_raises_error_saying_to_await():
+    @cs.task
+    async def f():
+        return 1
+
+    async def main():
+        handle = cs.Engine().start(f())
+        with pytest.raises(Exception, match="await"):
+            handle.result(timeout=5)
+        return await handle
+
+    assert asyncio.run(main()) == 1
+
+
+def test_cancel_run_tears_down_and_emits_cancelled():
+    started = threading.Event()
+    finished = threading.Event()
+    observed = []
+    log = []
+
+    @cs.resource
+    async def res():
+        log.append("setup")
+        yield 1
+        log.append("teardown")
+
+    @cs.task
+    async def forever(r=cs.inject("res")):
+        started.set()
+        try:
+            await asyncio.wait_for(asyncio.Event().wait(), TIMEOUT)
+        except asyncio.CancelledError:
+            observed.append("cancelled")
+            raise
+
+    @cs.task
+    def never(x):
+        log.append("never")
+
+    engine = cs.Engine()
+    engine.register(res)
+    rec = Recorder(engine)
+    engine.subscribe(cs.RunFinished, lambda ev: finished.set())
+    handle = engine.start(never(forever()))
+    assert started.wait(TIMEOUT)
+    handle.cancel()
+    with pytest.raises(concurrent.futures.CancelledError):
+        handle.result(timeout=TIMEOUT)
+    assert finished.wait(TIMEOUT)
+    assert handle.done() is True
+    assert observed == ["cancelled"]
+    assert log == ["setup", "teardown"]
+    assert [e.resource_name for e in rec.of(cs.ResourceReleased)] == ["res"]
+    run_finished = rec.of(cs.RunFinished)
+    assert len(run_finished) == 1 and run_finished[0].status == "Cancelled"
+    assert rec.events[-1] is run_finished[0]
+
+
+def test_cancel_run_started_in_running_loop_await_raises_cancelled():
+    async def main():
+        started = asyncio.Event()
+
+        @cs.task
+        async def forever():
+            started.set()
+            await asyncio.wait_for(asyncio.Event().wait(), TIMEOUT)
+
+        engine = cs.Engine()
+        rec = Recorder(engine)
+        handle = engine.start(forever())
+        await asyncio.wait_for(started.wait(), TIMEOUT)
+        handle.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(handle, TIMEOUT)
+        return rec
+
+    rec = asyncio.run(main())
+    assert rec.of(cs.RunFinished)[-1].status == "Cancelled"
+
+
+def test_list_and_dict_targets_mirror_structure():
+    @cs.task
+    def v(x):
+        return x
+
+    assert cs.run([v(1), v(2)]) == [1, 2]
+    assert cs.run({"a": v(1), "b": v(2)}) == {"a": 1, "b": 2}
+
+
+# ============================================================================= events
+
+EVENT_FIELDS = {
+    "RunStarted": ["target_tasks", "params"],
+    "RunFinished": ["status", "duration", "error"],
+    "TaskExecutionStarted": ["task_id", "task_name"],
+    "TaskExecutionFinished": ["task_id", "task_name", "status", "duration", "error"],
+    "TaskSkipped": ["task_id", "task_name", "reason"],
+    "TaskRetrying": ["task_id", "task_name", "attempt", "max_attempts", "delay", "error"],
+    "TaskBlocked": ["task_id", "task_name", "reason"],
+    "ResourceAcquired": ["resource_name"],
+    "ResourceReleased": ["resource_name"],
+    "ConstraintApplied": ["constraint"],
+    "ConstraintRemoved": ["constraint"],
+    "ConstraintRejected": ["topic", "reason"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EVENT_FIELDS))
+def test_event_classes_are_frozen_dataclasses_with_listed_fields(name):
+    cls = getattr(cs, name)
+    assert issubclass(cls, cs.Event)
+    assert dataclasses.is_dataclass(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    assert names[0] == "run_id"
+    assert set(EVENT_FIELDS[name]) <= set(names)
+    ev = cls(run_id="r1", **{f: None for f in names if f != "run_id"})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ev.run_id = "other"
+
+
+def test_run_events_order_and_fields():
+    @cs.task
+    def a():
+        return 1
+
+    @cs.task
+    async def b(x):
+        return x + 1
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    assert run_engine(engine, b(a()), params={}) == 2
+    ev = rec.events
+    assert isinstance(ev[0], cs.RunStarted) and ev[0].target_tasks == ("b",)
+    assert isinstance(ev[-1], cs.RunFinished)
+    assert ev[-1].status == "Succeeded" and ev[-1].error is None
+    assert isinstance(ev[-1].duration, float) and ev[-1].duration >= 0
+    assert len({e.run_id for e in ev}) == 1 and ev[0].run_id
+
+    def index(cls, name):
+        return next(i for i, e in enumerate(ev) if isinstance(e, cls) and e.task_name == name)
+
+    assert (
+        index(cs.TaskExecutionStarted, "a") < index(cs.TaskExecutionFinished, "a")
+        < index(cs.TaskExecutionStarted, "b") < index(cs.TaskExecutionFinished, "b")
+    )
+    for fin in rec.of(cs.TaskExecutionFinished):
+        assert fin.status == "Succeeded" and fin.error is None and fin.duration >= 0
+    starts = {e.task_name: e.task_id for e in rec.of(cs.TaskExecutionStarted)}
+    finishes = {e.task_name: e.task_id for e in rec.of(cs.TaskExecutionFinished)}
+    assert starts == finishes and starts["a"] != starts["b"]
+
+
+def test_run_started_carries_params_and_target_names():
+    @cs.task
+    def f(x):
+        return x
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    run_engine(engine, f(cs.Param("n")), params={"n": 3})
+    (started,) = rec.of(cs.RunStarted)
+    assert started.params["n"] == 3
+    assert started.target_tasks == ("f",)
+
+
+def test_task_ids_follow_name_and_counter_convention():
+    @cs.task
+    def add(a, b):
+        return a + b
+
+    @cs.task
+    def sq(x):
+        return x * x
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    run_engine(engine, pair(add(add(1, 2), 3), sq.map(x=[1, 2])))
+    ids = {e.task_id for e in rec.of(cs.TaskExecutionStarted)}
+    assert {"add-1", "add-2"} <= ids
+    assert {"sq-1[0]", "sq-1[1]"} <= ids
+
+
+def test_each_run_gets_its_own_run_id():
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    run_engine(engine, ident(1))
+    run_engine(engine, ident(2))
+    ids = [e.run_id for e in rec.of(cs.RunStarted)]
+    assert len(ids) == 2 and ids[0] != ids[1]
+
+
+def test_subscribe_by_type_and_unsubscribe():
+    engine = cs.Engine()
+    only_started = []
+    everything = []
+    unsubscribe = engine.subscribe(cs.TaskExecutionStarted, only_started.append)
+    engine.subscribe(cs.Event, everything.append)
+    run_engine(engine, ident(1))
+    assert only_started and all(isinstance(e, cs.TaskExecutionStarted) for e in only_started)
+    assert len(everything) > len(only_started)
+    unsubscribe()
+    count = len(only_started)
+    run_engine(engine, ident(2))
+    assert len(only_started) == count
+
+
+def test_run_started_and_finished_also_when_validation_fails():
+    @cs.task
+    def f(x):
+        return x
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    with pytest.raises(cs.ParamError):
+        run_engine(engine, f(cs.Param("missing_one")))
+    assert isinstance(rec.events[0], cs.RunStarted)
+    assert isinstance(rec.events[-1], cs.RunFinished)
+    assert rec.events[-1].status == "Failed"
+    assert isinstance(rec.events[-1].error, cs.ParamError)
+    assert len(rec.of(cs.RunStarted)) == 1 and len(rec.of(cs.RunFinished)) == 1
+
+
+def test_raising_subscriber_never_breaks_the_run(caplog):
+    caplog.set_level(logging.DEBUG, logger=cs.__name__)
+
+    def bad(ev):
+        raise RuntimeError("subscriber boom")
+
+    @cs.task
+    def f(x):
+        return x + 1
+
+    engine = cs.Engine()
+    engine.subscribe(cs.Event, bad)
+    rec = Recorder(engine)
+    engine.subscribe(cs.TaskExecutionStarted, bad)
+    assert run_engine(engine, f(f(1))) == 3
+    assert isinstance(rec.events[0], cs.RunStarted)
+    assert rec.events[-1].status == "Succeeded"
+    assert len(rec.of(cs.TaskExecutionFinished)) == 2
+
+    def mentions_boom(r):
+        text = r.getMessage() + (r.exc_text or "")
+        if r.exc_info and r.exc_info[1] is not None:
+            text += str(r.exc_info[1])
+        return "subscriber boom" in text
+
+    assert any(r.name.startswith(cs.__name__) and mentions_boom(r) for r in caplog.records)
+
+
+def test_raising_subscriber_does_not_change_a_failure():
+    @cs.task
+    def boom():
+        raise KeyError("orig")
+
+    engine = cs.Engine()
+    engine.subscribe(cs.Event, lambda ev: 1 / 0)
+    with pytest.raises(KeyError):
+        run_engine(engine, boom())
+
+
+# ====================================================================== run()/logging
+
+@pytest.fixture
+def bare_logger():
+    """The library logger with no handlers (restored afterwards)."""
+    logger = logging.getLogger(cs.__name__)
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    logger.handlers[:] = []
+    yield logger
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
+
+
+@cs.task
+def hello_task(x):
+    return x
+
+
+def test_cs_run_logs_human_lines_to_stderr(bare_logger, capfd):
+    assert cs.run(hello_task(1)) == 1
+    err = capfd.readouterr().err
+    assert "hello_task" in err
+    assert bare_logger.handlers == []  # the handler is attached for the run only
+
+
+def test_cs_run_logs_json_lines(bare_logger, capfd):
+    assert cs.run(hello_task(2), log_format="json") == 2
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines
+    parsed = [json.loads(line) for line in lines]
+    assert any("hello_task" in json.dumps(p) for p in parsed)
+    assert bare_logger.handlers == []
+
+
+def test_cs_run_respects_log_level(bare_logger, capfd):
+    assert cs.run(hello_task(3), log_level="ERROR") == 3
+    assert "hello_task" not in capfd.readouterr().err
+
+
+def test_cs_run_uses_existing_handlers_instead_of_its_own(bare_logger, capfd):
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler = Collect()
+    bare_logger.addHandler(handler)
+    bare_logger.setLevel(logging.DEBUG)
+    bare_logger.propagate = False
+    assert cs.run(hello_task(4)) == 4
+    assert records
+    assert "hello_task" not in capfd.readouterr().err
+    assert bare_logger.handlers == [handler]
+
+
+def test_cs_run_progress_shows_status_line(bare_logger, capfd):
+    assert cs.run(hello_task(5), progress=True) == 5
+    assert "done" in capfd.readouterr().err.lower()
+
+
+def test_engine_run_logs_nothing_above_debug(caplog):
+    caplog.set_level(logging.DEBUG)
+
+    @cs.task
+    def ok():
+        return 1
+
+    @cs.task
+    def boom():
+        raise ValueError("x")
+
+    engine = cs.Engine()
+    run_engine(engine, ok())
+    with pytest.raises(ValueError):
+        run_engine(engine, boom())
+    loud = [r for r in caplog.records if r.name.startswith(cs.__name__) and r.levelno > logging.DEBUG]
+    assert loud == []
+
+
+def test_import_does_not_configure_logging():
+    code = (
+        "import logging, cascade; "
+        "l = logging.getLogger(cascade.__name__); "
+        "assert not l.handlers, l.handlers; "
+        "assert not logging.getLogger().handlers"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+
+
+# ===================================================== property: DAG == sequential eval
+
+def _flat(x):
+    """Sum of a nested structure; container kinds weigh differently so a tuple that
+    came back as a list (or a dict as anything else) changes the result."""
+    if isinstance(x, bool):
+        return int(x)
+    if isinstance(x, int):
+        return x
+    if isinstance(x, list):
+        return sum(_flat(v) for v in x)
+    if isinstance(x, tuple):
+        return 7 + sum(_flat(v) for v in x)
+    if isinstance(x, dict):
+        return 13 + sum(_flat(x[k]) for k in sorted(x))
+    raise TypeError(f"unexpected {type(x).__name__}: {x!r}")
+
+
+def _op(op, a, b):
+    return a + b if op == "add" else a * b
+
+
+@cs.task
+def dag_add(a, b):
+    return a + b
+
+
+@cs.task
+async def dag_add_async(a, b):
+    await asyncio.sleep(0)
+    return a + b
+
+
+@cs.task
+def dag_mul(a, b):
+    return a * b
+
+
+@cs.task
+async def dag_mul_async(a, b):
+    await asyncio.sleep(0)
+    return a * b
+
+
+@cs.task
+def dag_sum(s):
+    return _flat(s)
+
+
+@cs.task
+async def dag_sum_async(s):
+    await asyncio.sleep(0)
+    return _flat(s)
+
+
+@cs.task
+def dag_mklist(a, n):
+    return [a + i for i in range(n)]
+
+
+@cs.task
+async def dag_mklist_async(a, n):
+    await asyncio.sleep(0)
+    return [a + i for i in range(n)]
+
+
+DAG_TASKS = {
+    ("add", False): dag_add, ("add", True): dag_add_async,
+    ("mul", False): dag_mul, ("mul", True): dag_mul_async,
+    ("sum", False): dag_sum, ("sum", True): dag_sum_async,
+    ("mklist", False): dag_mklist, ("mklist", True): dag_mklist_async,
+}
+
+
+@st.composite
+def dag_specs(draw):
+    """A random DAG as a list of node specs; each node refers only to earlier nodes."""
+    specs, kinds = [], []
+    for _ in range(draw(st.integers(1, 8))):
+        ints = [i for i, k in enumerate(kinds) if k == "int"]
+        lists = [i for i, k in enumerate(kinds) if k == "list"]
+
+        def operand():
+            if ints and draw(st.booleans()):
+                return ("ref", draw(st.sampled_from(ints)))
+            return ("const", draw(st.integers(-3, 3)))
+
+        def leaf():
+            if lists and draw(st.integers(0, 3)) == 0:
+                return ("lref", draw(st.sampled_from(lists)))
+            return operand()
+
+        def struct(depth):
+            shape = draw(st.sampled_from(["leaf", "list", "tuple", "dict"])) if depth < 3 else "leaf"
+            if shape == "leaf":
+                return ("leaf", leaf())
+            return (shape, [struct(depth + 1) for _ in range(draw(st.integers(0, 3)))])
+
+        is_async = draw(st.booleans())
+        kind = draw(st.sampled_from(["op", "sum", "mklist", "map"]))
+        if kind == "op":
+            specs.append(("op", draw(st.sampled_from(["add", "mul"])), operand(), operand(), is_async))
+            kinds.append("int")
+        elif kind == "sum":
+            specs.append(("sum", struct(0), is_async))
+            kinds.append("int")
+        elif kind == "mklist":
+            specs.append(("mklist", operand(), draw(st.integers(0, 4)), is_async))
+            kinds.append("list")
+        else:
+            if lists and draw(st.booleans()):
+                source = ("lref", draw(st.sampled_from(lists)))
+                length = None
+            else:
+                values = draw(st.lists(st.integers(-3, 3), max_size=4))
+                source = ("static", values)
+                length = len(values)
+            choice = draw(st.sampled_from(["unmapped", "zip_self", "zip_static"]))
+            if choice == "zip_static" and length is None:
+                choice = "zip_self"
+            if choice == "unmapped":
+                second = ("unmapped", operand())
+            elif choice == "zip_self":
+                second = ("zip_self",)
+            else:
+                second = ("static", draw(st.lists(st.integers(-3, 3), min_size=length, max_size=length)))
+            op = draw(st.sampled_from(["add", "mul"]))
+            specs.append(("map", op, source, second, draw(st.booleans()), is_async))
+            kinds.append("list")
+    return specs
+
+
+def _materialize(struct, resolve):
+    shape, body = struct
+    if shape == "leaf":
+        return resolve(body)
+    items = [_materialize(s, resolve) for s in body]
+    if shape == "list":
+        return items
+    if shape == "tuple":
+        return tuple(items)
+    return {f"k{i}": v for i, v in enumerate(items)}
+
+
+def _build(specs, values, task_mode):
+    """Evaluate (task_mode=False) or build lazily (task_mode=True) the same DAG."""
+
+    def resolve(operand):
+        if operand[0] in ("const", "static"):
+            return operand[1]
+        return values[operand[1]]
+
+    for spec in specs:
+        kind = spec[0]
+        if kind == "op":
+            _, op, a, b, is_async = spec
+            if task_mode:
+                values.append(DAG_TASKS[(op, is_async)](resolve(a), resolve(b)))
+            else:
+                values.append(_op(op, resolve(a), resolve(b)))
+        elif kind == "sum":
+            _, struct, is_async = spec
+            arg = _materialize(struct, resolve)
+            values.append(DAG_TASKS[("sum", is_async)](arg) if task_mode else _flat(arg))
+        elif kind == "mklist":
+            _, a, n, is_async = spec
+            if task_mode:
+                values.append(DAG_TASKS[("mklist", is_async)](resolve(a), n))
+            else:
+                values.append([resolve(a) + i for i in range(n)])
+        else:
+            _, op, source, second, keyword, is_async = spec
+            xs = resolve(source)
+            if second[0] == "unmapped":
+                ys_mapped, y = None, resolve(second[1])
+            else:
+                ys_mapped = xs if second[0] == "zip_self" else second[1]
+            if task_mode:
+                task = DAG_TASKS[(op, is_async)]
+                b = cs.unmapped(y) if ys_mapped is None else ys_mapped
+                values.append(task.map(a=xs, b=b) if keyword else task.map(xs, b))
+            else:
+                ys = [y] * len(xs) if ys_mapped is None else ys_mapped
+                values.append([_op(op, x, yv) for x, yv in zip(xs, ys)])
+    return values
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dag_specs())
+def test_random_dags_match_sequential_evaluation(specs):
+    expected = _build(specs, [], task_mode=False)
+    lazies = _build(specs, [], task_mode=True)
+    got = run_engine(cs.Engine(), ident(lazies))
+    assert got == expected
+
+
+# ===========================================================================
+# control plane (SPEC §4)
+# ===========================================================================
+T = 10.0  # generous bound for handshakes; a correct engine never comes near it
+
+
+class Meter:
+    """Counts bodies running at once, per key, measured inside the bodies themselves."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.now = {}
+        self.peak = {}
+        self.starts = []   # (key, monotonic time)
+
+    def enter(self, *keys):
+        with self.lock:
+            for k in keys:
+                self.now[k] = self.now.get(k, 0) + 1
+                self.peak[k] = max(self.peak.get(k, 0), self.now[k])
+            self.starts.append((keys[0], time.monotonic()))
+
+    def exit(self, *keys):
+        with self.lock:
+            for k in keys:
+                self.now[k] -= 1
+
+
+def started_names(events):
+    return [e.task_name for e in events if isinstance(e, cs.TaskExecutionStarted)]
+
+
+def wait_for(pred, timeout=T):
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.005)
+
+
+# =========================================================================== constraints
+
+def test_constraint_replaces_the_one_of_the_same_scope_and_type():
+    e = cs.Engine()
+    a = e.limit("task:x", 2)
+    b = e.limit("task:x", 5)
+    p = e.pause("task:x")
+    assert a.id != b.id
+    assert sorted((c.type, c.params.get("limit")) for c in e.constraints) == [
+        ("concurrency", 5), ("pause", None)]
+    e.resume("task:x")  # removes the pause only
+    assert [c.type for c in e.constraints] == ["concurrency"]
+    assert p not in e.constraints
+
+
+def test_constraint_round_trips_through_dict_and_validates():
+    c = cs.Engine().rate_limit("tag:io", "30/m", burst=3, ttl=60)
+    d = c.to_dict()
+    assert cs.Constraint.from_dict(d) == c
+    assert c.topic == "cascade/constraints/tag/io/rate_limit"
+    assert 59 < c.expires_in() <= 60
+    assert "rate 30/m" in repr(c) and "tag:io" in repr(c)
+
+
+@pytest.mark.parametrize("call", [
+    lambda e: e.pause("nope"),
+    lambda e: e.pause("task:"),
+    lambda e: e.pause("task:a/b"),
+    lambda e: e.pause("task:a b"),
+    lambda e: e.pause("tag:#"),
+    lambda e: e.pause("task:x+"),
+    lambda e: e.limit("task:x", -1),
+    lambda e: e.limit("task:x", 1.5),
+    lambda e: e.limit("task:x", True),
+    lambda e: e.rate_limit("task:x", "ten/s"),
+    lambda e: e.rate_limit("task:x", 0),
+    lambda e: e.rate_limit("task:x", "5/d"),
+    lambda e: e.rate_limit("task:x", "5/s", burst=0),
+    lambda e: e.pause("task:x", ttl=0),
+    lambda e: e.pause("task:x", ttl=-3),
+    lambda e: e.clear("task:x", type="speed"),
+])
+def test_invalid_control_arguments_raise_constraint_error(call):
+    e = cs.Engine()
+    with pytest.raises(cs.ConstraintError) as info:
+        call(e)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, cs.CascadeError)
+    assert e.constraints == []
+
+
+def test_rates_parse_in_every_unit():
+    e = cs.Engine()
+    for rate in ("10/s", "30/m", "2/h", 0.5, "0.25/s", 3):
+        e.rate_limit("global", rate)
+
+
+def test_clear_removes_one_type_or_all():
+    e = cs.Engine()
+    e.pause("task:x")
+    e.limit("task:x", 1)
+    e.rate_limit("task:x", "1/s")
+    e.clear("task:x", type="concurrency")
+    assert sorted(c.type for c in e.constraints) == ["pause", "rate_limit"]
+    e.clear("task:x")
+    assert e.constraints == []
+
+
+def test_constraint_events_applied_and_removed():
+    e = cs.Engine()
+    seen = []
+    e.subscribe(cs.ConstraintApplied, lambda ev: seen.append(("applied", ev.constraint.type)))
+    e.subscribe(cs.ConstraintRemoved, lambda ev: seen.append(("removed", ev.constraint.type)))
+    e.pause("global")
+    e.resume("global")
+    e.limit("tag:a", 3)
+    e.clear("tag:a")
+    assert seen == [("applied", "pause"), ("removed", "pause"),
+                    ("applied", "concurrency"), ("removed", "concurrency")]
+
+
+# =========================================================================== scopes
+
+def test_scopes_match_task_globs_tags_run_and_project():
+    order = []
+
+    @cs.task(name="fetch_a")
+    async def fa():
+        order.append("fetch_a")
+
+    @cs.task(name="fetch_b")
+    async def fb():
+        order.append("fetch_b")
+
+    @cs.task(name="other", tags=["io"])
+    async def other():
+        order.append("other")
+
+    @cs.task(name="plain")
+    async def plain():
+        order.append("plain")
+
+    for scope, blocked in [("task:fetch_*", {"fetch_a", "fetch_b"}), ("tag:io", {"other"}),
+                           ("project:proj1", {"fetch_a", "fetch_b", "other", "plain"}),
+                           ("project:elsewhere", set()), ("global", {"fetch_a", "fetch_b",
+                                                                     "other", "plain"})]:
+        order.clear()
+        e = cs.Engine(project="proj1")
+        e.pause(scope)
+        h = e.start([fa(), fb(), other(), plain()])
+        wait_for(lambda: len(order) >= 4 - len(blocked))
+        time.sleep(0.05)
+        assert set(order) == {"fetch_a", "fetch_b", "other", "plain"} - blocked, scope
+        e.resume(scope)
+        h.result(T)
+        assert len(order) == 4
+
+
+def test_run_scope_matches_only_that_run():
+    e = cs.Engine()
+    gate = threading.Event()
+
+    @cs.task
+    async def t(i):
+        return i
+
+    @cs.task
+    def wait():
+        gate.wait(T)
+
+    blocked = []
+    e.subscribe(cs.TaskBlocked, lambda ev: blocked.append(ev.run_id))
+    h1 = e.start(t(1))
+    assert h1.result(T) == 1
+    h2 = e.start([wait(), t(2)])
+    e.pause(f"run:{h2.run_id}")
+    h3 = e.start(t(3))
+    assert h3.result(T) == 3           # another run is not affected
+    e.resume(f"run:{h2.run_id}")
+    gate.set()
+    h2.result(T)
+
+
+def test_task_tags_are_validated():
+    with pytest.raises(ValueError):
+        cs.task(name="a b")(lambda: 1)
+    with pytest.raises(ValueError):
+        cs.task(tags=["x/y"])(lambda: 1)
+
+
+# =========================================================================== G1 pause
+
+def test_g1_pause_holds_matched_tasks_and_unmatched_keep_running():
+    e = cs.Engine()
+    gauge_started = []
+    release = threading.Event()
+
+    @cs.task(name="api_call")
+    async def api(i):
+        gauge_started.append(("api", i))
+
+    @cs.task(name="work")
+    async def work(i):
+        gauge_started.append(("work", i))
+
+    e.pause("task:api_call")
+    h = e.start([api.map(range(5)), work.map(range(5))])
+    wait_for(lambda: len([s for s in gauge_started if s[0] == "work"]) == 5)
+    time.sleep(0.05)
+    assert not [s for s in gauge_started if s[0] == "api"]
+    assert e.status()["tasks"]["api_call"].get("blocked") == 5
+    e.resume("task:api_call")
+    h.result(T)
+    assert [s for s in gauge_started if s[0] == "api"] == [("api", i) for i in range(5)]
+
+
+def test_g1_running_tasks_finish_after_pause():
+    e = cs.Engine()
+    inside, go = threading.Event(), threading.Event()
+
+    @cs.task
+    def long():
+        inside.set()
+        go.wait(T)
+        return "finished"
+
+    h = e.start(long())
+    inside.wait(T)
+    e.pause("global")
+    go.set()
+    assert h.result(T) == "finished"
+
+
+def test_g1_pause_from_another_thread_while_sync_bodies_sit_granted_in_the_pool():
+    # One worker thread: the blocker holds it, four granted bodies queue in the pool.
+    # A pause from another thread must stop all four from starting.
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    e = cs.Engine(executor=pool)
+    inside, go = threading.Event(), threading.Event()
+    starts = []
+
+    @cs.task
+    def blocker():
+        inside.set()
+        go.wait(T)
+
+    @cs.task
+    def queued(i):
+        starts.append((i, time.monotonic()))
+
+    @cs.task
+    async def items():
+        while not inside.is_set():   # the items become ready once the blocker holds the pool
+            await asyncio.sleep(0.001)
+        return range(4)
+
+    h = e.start([blocker(), queued.map(items())])
+    inside.wait(T)
+    wait_for(lambda: e.status()["tasks"].get("queued", {}).get("granted") == 4)
+    paused = []
+    t = threading.Thread(target=lambda: paused.append(e.pause("task:queued")))
+    t.start()
+    t.join()
+    go.set()
+    time.sleep(0.2)
+    assert starts == []
+    assert e.status()["tasks"]["queued"] == {"blocked": 4}
+    e.resume("task:queued")
+    h.result(T)
+    assert sorted(i for i, _ in starts) == [0, 1, 2, 3]
+    pool.shutdown()
+
+
+def test_g1_pause_from_inside_a_task():
+    e = cs.Engine()
+    order = []
+
+    @cs.task
+    async def first():
+        e.pause("task:second")
+        order.append("first")
+
+    @cs.task
+    async def second(x):
+        order.append("second")
+
+    h = e.start(second(first()))
+    wait_for(lambda: order == ["first"])
+    time.sleep(0.05)
+    assert order == ["first"]
+    e.resume("task:second")
+    h.result(T)
+    assert order == ["first", "second"]
+
+
+def test_g1_resume_then_immediate_pause_still_holds():
+    e = cs.Engine()
+    started = []
+
+    @cs.task
+    async def t(i):
+        started.append(i)
+
+    e.pause("task:t")
+    h = e.start(t.map(range(3)))
+    time.sleep(0.05)
+    # resume and pause back to back from another thread: the pause must win for every
+    # task whose body had not begun when pause returned
+    done_at = []
+
+    def toggle():
+        e.resume("task:t")
+        e.pause("task:t")
+        done_at.append(len(started))
+    threading.Thread(target=toggle).start()
+    wait_for(lambda: done_at)
+    time.sleep(0.1)
+    assert len(started) == done_at[0]
+    e.resume("task:t")
+    h.result(T)
+    assert sorted(started) == [0, 1, 2]
+
+
+# =========================================================================== G2 concurrency
+
+def test_g2_concurrency_never_exceeds_the_limit():
+    e = cs.Engine()
+    g = Meter()
+    e.limit("task:io", 3)
+
+    @cs.task(name="io")
+    async def io(i):
+        g.enter("io")
+        await asyncio.sleep(0.002 * (i % 4))
+        g.exit("io")
+
+    @cs.task(name="io_sync")
+    def io_sync(i):
+        time.sleep(0.001)
+
+    asyncio.run(e.run([io.map(range(40)), io_sync.map(range(10))]))
+    assert g.peak["io"] == 3
+
+
+def test_g2_global_limit_one_with_a_map_does_not_deadlock():
+    # the trap: a map node that held a slot itself would starve its own items
+    e = cs.Engine()
+    g = Meter()
+    e.limit("global", 1)
+
+    @cs.task
+    def item(i):
+        g.enter("all")
+        time.sleep(0.001)
+        g.exit("all")
+        return i * 2
+
+    @cs.task
+    def total(xs):
+        return sum(xs)
+
+    assert asyncio.run(e.run(total(item.map(range(10))))) == 90
+    assert g.peak["all"] == 1
+
+
+def test_g2_limit_on_a_map_via_with_constraints():
+    e = cs.Engine(system_resources={"slot": 2})
+    g = Meter()
+
+    @cs.task
+    async def item(i):
+        g.enter("slot")
+        await asyncio.sleep(0.003)
+        g.exit("slot")
+        return i
+
+    assert asyncio.run(e.run(item.map(range(12)).with_constraints(slot=1))) == list(range(12))
+    assert g.peak["slot"] == 2
+
+
+def test_g2_raising_a_limit_while_every_slot_is_held_admits_waiters_at_once():
+    e = cs.Engine()
+    go = threading.Event()
+    g = Meter()
+    e.limit("task:w", 2)
+
+    @cs.task(name="w")
+    def w(i):
+        g.enter("w")
+        go.wait(T)
+        g.exit("w")
+
+    h = e.start(w.map(range(6)))
+    wait_for(lambda: g.now.get("w") == 2)
+    time.sleep(0.05)
+    assert g.now["w"] == 2
+    e.limit("task:w", 5)          # raised while both slots are held
+    wait_for(lambda: g.now.get("w") == 5)
+    go.set()
+    h.result(T)
+    assert g.peak["w"] == 5
+
+
+def test_g2_lowering_never_evicts_and_holds_new_starts():
+    e = cs.Engine()
+    go = threading.Event()
+    g = Meter()
+    e.limit("task:w", 4)
+
+    @cs.task(name="w")
+    def w(i):
+        g.enter("w")
+        go.wait(T)
+        g.exit("w")
+        return i
+
+    h = e.start(w.map(range(8)))
+    wait_for(lambda: g.now.get("w") == 4)
+    e.limit("task:w", 1)
+    go.set()
+    assert h.result(T) == list(range(8))
+    # after lowering, the 4 running finished; the other 4 ran one at a time
+    assert g.peak["w"] == 4
+    later = [t for k, t in g.starts[4:]]
+    assert len(later) == 4
+
+
+def test_g2_limit_zero_holds_until_raised():
+    e = cs.Engine()
+    started = []
+
+    @cs.task
+    async def t(i):
+        started.append(i)
+
+    e.limit("task:t", 0)
+    h = e.start(t.map(range(3)))
+    time.sleep(0.1)
+    assert started == []
+    assert "concurrency on task:t" in e.status()["blocked"][0]["waits_on"]
+    e.limit("task:t", 1)
+    h.result(T)
+    assert started == [0, 1, 2]
+
+
+def test_g2_new_limit_counts_tasks_already_running():
+    e = cs.Engine()
+    go = threading.Event()
+    g = Meter()
+
+    @cs.task(name="w")
+    def w(i):
+        g.enter("w")
+        go.wait(T)
+        g.exit("w")
+
+    @cs.task(name="late")
+    def late(xs):
+        g.enter("w")
+        g.exit("w")
+
+    h = e.start(w.map(range(3)))
+    wait_for(lambda: g.now.get("w") == 3)
+    e.limit("global", 3)          # three already run: nothing more may start
+    h2 = e.start(late([1]))
+    time.sleep(0.1)
+    assert g.peak["w"] == 3
+    go.set()
+    h.result(T)
+    h2.result(T)
+    assert g.peak["w"] == 3
+
+
+def test_g2_pause_and_limit_on_one_scope_both_hold():
+    e = cs.Engine()
+    g = Meter()
+    e.limit("task:x", 1)
+    e.pause("task:x")
+
+    @cs.task(name="x")
+    async def x(i):
+        g.enter("x")
+        await asyncio.sleep(0.002)
+        g.exit("x")
+
+    h = e.start(x.map(range(5)))
+    time.sleep(0.05)
+    assert not g.starts
+    e.resume("task:x")
+    h.result(T)
+    assert g.peak["x"] == 1 and len(g.starts) == 5
+
+
+# =========================================================================== G3 rate
+
+def test_g3_starts_never_exceed_burst_plus_rate_times_elapsed():
+    e = cs.Engine()
+    g = Meter()
+    e.rate_limit("task:r", "40/s", burst=3)
+
+    @cs.task(name="r")
+    async def r(i):
+        g.enter("r")
+        g.exit("r")
+
+    t0 = time.monotonic()
+    asyncio.run(e.run(r.map(range(12))))
+    times = [t for _, t in g.starts]
+    assert len(times) == 12
+    for k, t in enumerate(times, start=1):
+        assert k <= 3 + 40 * (t - t0) + 1e-6, (k, t - t0)
+
+
+def test_g3_rate_below_one_per_second_blocks_with_a_reason():
+    e = cs.Engine()
+    started = []
+    blocked = []
+    e.subscribe(cs.TaskBlocked, blocked.append)
+    e.rate_limit("task:slow", "30/m")   # one start per 2 s, burst 1
+
+    @cs.task(name="slow")
+    async def slow(i):
+        started.append(i)
+
+    h = e.start(slow.map(range(3)))
+    wait_for(lambda: len(blocked) == 2)
+    time.sleep(0.3)
+    assert started == [0]
+    assert all("rate_limit on task:slow" in b.reason for b in blocked)
+    e.clear("task:slow")
+    h.result(T)
+    assert started == [0, 1, 2]
+
+
+def test_g3_replacing_a_rate_limit_keeps_at_most_the_new_burst():
+    e = cs.Engine()
+    g = Meter()
+    e.rate_limit("task:r", "1/h", burst=10)   # a full bucket of 10
+    e.rate_limit("task:r", "1/h", burst=2)    # keeps at most 2 tokens
+
+    @cs.task(name="r")
+    async def r(i):
+        g.enter("r")
+        g.exit("r")
+
+    h = e.start(r.map(range(4)))
+    wait_for(lambda: len(e.status()["blocked"]) == 2 and len(g.starts) == 2)
+    time.sleep(0.05)
+    assert len(g.starts) == 2
+    e.clear("task:r")
+    h.result(T)
+
+
+# =========================================================================== G4 ttl
+
+def test_g4_pause_with_ttl_lifts_itself():
+    e = cs.Engine()
+    started = []
+    removed = []
+    e.subscribe(cs.ConstraintRemoved, lambda ev: removed.append(time.monotonic()))
+
+    @cs.task
+    async def t():
+        started.append(time.monotonic())
+
+    t0 = time.monotonic()
+    e.pause("task:t", ttl=0.3)
+    asyncio.run(asyncio.wait_for(e.run(t()), T))
+    assert started[0] - t0 >= 0.29
+    assert len(removed) == 1 and e.constraints == []
+
+
+def test_g4_ttl_expires_while_the_event_loop_is_busy():
+    e = cs.Engine()
+    seen = []
+
+    @cs.task
+    async def hog():
+        e.limit("task:other", 1, ttl=0.1)
+        time.sleep(0.5)          # blocks the loop: expiry must not depend on it
+        seen.append([c.type for c in e.constraints])
+
+    asyncio.run(e.run(hog()))
+    assert seen == [[]]
+
+
+def test_g4_limit_and_rate_limit_ttls_expire_too():
+    e = cs.Engine()
+    e.limit("task:x", 0, ttl=0.1)
+    e.rate_limit("task:y", "1/h", ttl=0.1)
+    wait_for(lambda: e.constraints == [], timeout=5)
+
+
+# =========================================================================== G5 all-or-nothing, FIFO
+
+def test_g5_overlapping_limits_never_deadlock():
+    e = cs.Engine()
+    g = Meter()
+    e.limit("tag:a", 1)
+    e.limit("tag:b", 1)
+
+    @cs.task(name="ta", tags=["a"])
+    def ta(i):
+        g.enter("a")
+        time.sleep(0.001)
+        g.exit("a")
+
+    @cs.task(name="tb", tags=["b"])
+    def tb(i):
+        g.enter("b")
+        time.sleep(0.001)
+        g.exit("b")
+
+    @cs.task(name="tab", tags=["a", "b"])
+    def tab(i):
+        g.enter("a", "b")
+        time.sleep(0.001)
+        g.exit("a", "b")
+
+    asyncio.run(asyncio.wait_for(e.run([ta.map(range(8)), tb.map(range(8)),
+                                        tab.map(range(8))]), T))
+    assert g.peak == {"a": 1, "b": 1}
+
+
+def test_g5_waiters_start_in_the_order_they_became_ready():
+    e = cs.Engine()
+    order = []
+    e.limit("global", 1)
+
+    @cs.task
+    async def item(i):
+        order.append(i)
+
+    asyncio.run(e.run(item.map(range(20))))
+    assert order == list(range(20))
+
+
+def test_g5_a_paused_waiter_does_not_hold_back_unrelated_waiters():
+    e = cs.Engine()
+    order = []
+    e.limit("global", 1)
+    e.pause("task:p")
+
+    @cs.task(name="p")
+    async def p():
+        order.append("p")
+
+    @cs.task(name="q")
+    async def q(i):
+        order.append(i)
+
+    h = e.start([p(), q.map(range(3))])
+    wait_for(lambda: len(order) == 3)
+    assert order == [0, 1, 2]
+    e.resume("task:p")
+    h.result(T)
+    assert order == [0, 1, 2, "p"]
+
+
+def test_g5_a_waiting_retry_holds_no_slot_and_a_pause_applies_to_its_next_attempt():
+    e = cs.Engine()
+    attempts = []
+    others = []
+    e.limit("global", 1)
+    failed_once = threading.Event()
+
+    @cs.task(name="flaky")
+    async def flaky():
+        attempts.append(time.monotonic())
+        if len(attempts) == 1:
+            e.pause("task:flaky")   # applies to the next attempt
+            failed_once.set()
+            raise RuntimeError("first attempt")
+        return "ok"
+
+    @cs.task(name="other")
+    async def other(i):
+        others.append(i)
+
+    h = e.start([flaky().with_retry(2, delay=0.05), other.map(range(3))])
+    failed_once.wait(T)
+    wait_for(lambda: len(others) == 3)   # the slot was free while flaky waited
+    time.sleep(0.1)
+    assert len(attempts) == 1
+    e.resume("task:flaky")
+    assert h.result(T)[0] == "ok"
+    assert len(attempts) == 2
+
+
+def test_g5_capacity_requests_above_total_fail_at_run_start():
+    e = cs.Engine(system_resources={"gpu": 1})
+
+    @cs.task
+    async def t():
+        return 1
+
+    with pytest.raises(cs.ConstraintError, match="total capacity"):
+        asyncio.run(e.run(t().with_constraints(gpu=2)))
+
+
+# =========================================================================== G6 event-driven
+
+def test_g6_resume_from_another_thread_starts_waiting_work():
+    e = cs.Engine()
+    started = threading.Event()
+
+    @cs.task
+    async def t():
+        started.set()
+
+    e.pause("global")
+    h = e.start(t())
+    time.sleep(0.05)
+    assert not started.is_set()
+    threading.Thread(target=e.resume).start()
+    assert started.wait(T)
+    h.result(T)
+
+
+def test_g6_no_timer_is_armed_while_nothing_changes():
+    # Event-driven: a paused run arms no timer (no polling); the clock thread only
+    # exists while a TTL or a token refill is due.
+    e = cs.Engine()
+
+    @cs.task
+    async def t():
+        pass
+
+    clocks = {th for th in threading.enumerate() if th.name == "cascade-clock"}
+    e.pause("global")
+    h = e.start(t())
+    time.sleep(0.1)
+    assert {th for th in threading.enumerate() if th.name == "cascade-clock"} <= clocks
+    e.resume()
+    h.result(T)
+
+
+# =========================================================================== G7 bad control input
+
+@pytest.mark.parametrize("payload, why", [
+    (b"{not json", "not a JSON object"),
+    ({"id": "x", "scope": "task:t", "type": "explode", "params": {}}, "type"),
+    ({"id": "x", "scope": "task:t", "type": "concurrency", "params": {"limit": "3"}}, "limit"),
+    ({"id": "x", "scope": "task:t", "type": "concurrency", "params": {"limit": -2}}, "limit"),
+    ({"id": "x", "scope": "task:t", "type": "rate_limit", "params": {"rate": "fast"}}, "rate"),
+    ({"id": "x", "scope": "bad scope", "type": "pause", "params": {}}, "scope"),
+    ([1, 2, 3], "JSON object"),
+    (b"x" * (64 * 1024 + 1), "64 KiB"),
+])
+def test_g7_bad_control_input_is_rejected_once_and_the_engine_carries_on(
+        payload, why, caplog):
+    broker = cs.LocalBroker()
+    e = cs.Engine(connector=broker)
+    rejected = []
+    e.subscribe(cs.ConstraintRejected, rejected.append)
+    topic = ("cascade/constraints/task/t/concurrency" if isinstance(payload, dict)
+             and payload.get("type") == "concurrency" else
+             "cascade/constraints/task/t/rate_limit" if isinstance(payload, dict)
+             and payload.get("type") == "rate_limit" else "cascade/constraints/task/t/pause")
+
+    @cs.task(name="t")
+    async def t():
+        return "ran"
+
+    async def main():
+        await broker.publish("cascade/constraints/task/other/concurrency",
+                             {"id": "ok", "scope": "task:other", "type": "concurrency",
+                              "params": {"limit": 3}, "expires_at": None}, retain=True)
+        await broker.publish(topic, payload, retain=True)
+        with caplog.at_level(logging.WARNING, logger="cascade"):
+            return await e.run(t())
+    assert asyncio.run(main()) == "ran"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING
+                and "rejected control message" in r.getMessage()]
+    assert len(warnings) == 1 and len(rejected) == 1
+    assert rejected[0].topic == topic
+    assert why.lower() in rejected[0].reason.lower()
+    assert [c.scope for c in e.constraints] == ["task:other"]
+
+
+def test_g7_a_topic_that_disagrees_with_its_payload_is_rejected():
+    e = cs.Engine()
+    link = cs._Link(e, cs.LocalBroker())
+    assert link.on_control("cascade/constraints/task/a/pause",
+                           {"scope": "task:b", "type": "pause"}) is None
+    assert link.on_control("cascade/constraints/task/a/pause",
+                           {"scope": "task:a", "type": "pause"}) == ("task:a", "pause")
+    assert [c.scope for c in e.constraints] == ["task:a"]
+
+
+# =========================================================================== events and status
+
+def test_task_blocked_once_per_wait_with_scope_and_type():
+    e = cs.Engine()
+    blocked = []
+    e.subscribe(cs.TaskBlocked, blocked.append)
+    e.limit("task:t", 1)
+
+    @cs.task
+    async def t(i):
+        await asyncio.sleep(0.005)
+
+    asyncio.run(e.run(t.map(range(4))))
+    assert sorted(b.task_id for b in blocked) == ["t-1[1]", "t-1[2]", "t-1[3]"]
+    assert all(b.reason.startswith("concurrency on task:t") for b in blocked)
+
+
+def test_status_shows_usage_against_limits_and_what_blocked_tasks_wait_on():
+    e = cs.Engine(system_resources={"gpu": 2})
+    go = threading.Event()
+    e.limit("tag:io", 2)
+    e.pause("task:later", ttl=60)
+
+    @cs.task(name="io_task", tags=["io"])
+    def io_task(i):
+        go.wait(T)
+
+    @cs.task(name="later")
+    async def later():
+        pass
+
+    h = e.start([io_task.map(range(3)), later().with_constraints(gpu=1)])
+    wait_for(lambda: len(e.status()["blocked"]) == 2)
+    s = e.status()
+    conc = next(r for r in s["scopes"] if r["type"] == "concurrency")
+    assert (conc["scope"], conc["limit"], conc["in_use"]) == ("tag:io", 2, 2)
+    waits = {b["task_id"]: b["waits_on"] for b in s["blocked"]}
+    assert waits["io_task-1[2]"].startswith("concurrency on tag:io")
+    assert waits["later-1"].startswith("pause on task:later")
+    assert s["tasks"]["io_task"] == {"running": 2, "blocked": 1}
+    text = repr(s)
+    assert "tag:io" in text and "2/2 in use" in text and "s left" in text
+    assert "pause on task:later" in repr(e)
+    e.resume("task:later")
+    go.set()
+    h.result(T)
+
+
+# =========================================================================== property: random DAGs under random control scripts
+
+@st.composite
+def dag_and_script(draw):
+    n = draw(st.integers(2, 14))
+    nodes = []
+    for i in range(n):
+        kind = draw(st.sampled_from(["leaf", "add", "map"]))
+        if kind == "leaf" or i == 0:
+            nodes.append(("leaf", draw(st.integers(0, 9)), draw(st.sampled_from("abc")),
+                          draw(st.booleans())))
+        elif kind == "add":
+            nodes.append(("add", draw(st.lists(st.integers(0, i - 1), min_size=1, max_size=3)),
+                          draw(st.sampled_from("abc")), draw(st.booleans())))
+        else:
+            nodes.append(("map", draw(st.integers(0, i - 1)), draw(st.integers(0, 4)),
+                          draw(st.sampled_from("abc")), draw(st.booleans())))
+    script = draw(st.lists(st.tuples(
+        st.sampled_from(["pause", "resume", "limit", "rate", "ttl_pause", "clear"]),
+        st.sampled_from(["global", "task:a", "task:b", "tag:t_c", "task:*"]),
+        st.integers(0, 3)), max_size=8))
+    return nodes, script
+
+
+def _names():
+    made = {}
+    for name in "abc":
+        for is_async in (True, False):
+            def body(*xs, _n=name):
+                return sum(x if isinstance(x, int) else sum(x) for x in xs)
+            if is_async:
+                async def abody(*xs, _b=body):
+                    await asyncio.sleep(0)
+                    return _b(*xs)
+                made[name, True] = abody
+            else:
+                made[name, False] = body
+    return made
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(dag_and_script())
+def test_property_random_dags_under_random_control_scripts(case):
+    nodes, script = case
+    g = Meter()
+    limits = {}
+    fns = _names()
+    e = cs.Engine(max_workers=8)
+    runs = []
+    tasks = {}
+    for name in "abc":
+        for is_async in (True, False):
+            inner = fns[name, is_async]
+            if is_async:
+                async def fn(*xs, _i=inner, _n=name):
+                    g.enter(_n, "all")
+                    try:
+                        return await _i(*xs)
+                    finally:
+                        runs.append(_n)
+                        g.exit(_n, "all")
+            else:
+                def fn(*xs, _i=inner, _n=name):
+                    g.enter(_n, "all")
+                    try:
+                        return _i(*xs)
+                    finally:
+                        runs.append(_n)
+                        g.exit(_n, "all")
+            tasks[name, is_async] = cs.Task(fn, name=name, tags=[f"t_{name}"])
+
+    lazy, plain = [], []
+
+    def val(x):
+        return x if isinstance(x, int) else sum(x)
+    for spec in nodes:
+        if spec[0] == "leaf":
+            _, v, name, a = spec
+            lazy.append(tasks[name, a](v))
+            plain.append(v)
+        elif spec[0] == "add":
+            _, ins, name, a = spec
+            lazy.append(tasks[name, a](*[lazy[i] for i in ins]))
+            plain.append(sum(val(plain[i]) for i in ins))
+        else:
+            _, src, k, name, a = spec
+            items = [lazy[src]] * k
+            lazy.append(tasks[name, a].map(items))
+            plain.append([val(plain[src])] * k)
+    expected_units = sum(1 if s[0] != "map" else s[2] for s in nodes)
+
+    h = e.start(lazy)
+    rnd = random.Random(len(script))
+    for verb, scope, n in script:
+        time.sleep(rnd.random() * 0.003)
+        if verb == "pause":
+            e.pause(scope)
+        elif verb == "ttl_pause":
+            e.pause(scope, ttl=0.01)
+        elif verb == "resume":
+            e.resume(scope)
+        elif verb == "limit":
+            e.limit(scope, n)
+        elif verb == "rate":
+            e.rate_limit(scope, 200, burst=n + 1)
+        else:
+            e.clear(scope)
+    # the operator eventually lifts everything: the run must then finish
+    time.sleep(0.01)
+    for scope in ["global", "task:a", "task:b", "tag:t_c", "task:*"]:
+        e.clear(scope)
+    assert h.result(T) == plain
+    assert len(runs) == expected_units          # every unit ran exactly once
+    assert g.now.get("all", 0) == 0
+
+
+def test_property_concurrency_respects_the_limit_in_force_at_admission():
+    # limits change at random while tasks run: each start must see no more running than
+    # the limit in force when it was admitted (checked inside the body under the lock)
+    e = cs.Engine(max_workers=16)
+    lock = threading.Lock()
+    state = {"running": 0, "limit": 2, "violations": 0}
+    e.limit("task:w", 2)
+
+    @cs.task(name="w")
+    def w(i):
+        with lock:
+            state["running"] += 1
+            if state["running"] > max(state["limit"], state.get("prev", 0)):
+                state["violations"] += 1
+        time.sleep(0.001)
+        with lock:
+            state["running"] -= 1
+
+    h = e.start(w.map(range(150)))
+    rnd = random.Random(3)
+    while not h.done():
+        new = rnd.randint(1, 6)
+        with lock:
+            # lowering never evicts: allow the old limit until running drains below
+            state["prev"] = max(state["limit"], state["running"])
+            state["limit"] = new
+        e.limit("task:w", new)
+        time.sleep(0.004)
+    h.result(T)
+    assert state["violations"] == 0
+
+
+# ===========================================================================
+# pub/sub: broker, connectors, MQTT hook (SPEC §5)
+# ===========================================================================
+HOST, PORT = "127.0.0.1", 1883
+WAIT = 10.0  # generous bound for anything that should arrive
+
+
+def _async(fn):
+    """Run an async test function in a fresh event loop."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(asyncio.wait_for(fn(*args, **kwargs), 30))
+    return wrapper
+
+
+class Inbox:
+    """A callback that records (topic, payload) and lets a test await arrivals.
+
+    Use it from one loop only (the point of the tests: callbacks run there)."""
+
+    def __init__(self):
+        self.items, self.threads, self.loops, self._waiters = [], [], [], []
+
+    def __call__(self, topic, payload):
+        self.items.append((topic, payload))
+        self.threads.append(threading.get_ident())
+        self.loops.append(asyncio.get_running_loop())
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._waiters.clear()
+
+    async def until(self, pred, timeout=WAIT):
+        async def wait():
+            while not pred(self.items):
+                fut = asyncio.get_running_loop().create_future()
+                self._waiters.append(fut)
+                await fut
+        try:
+            await asyncio.wait_for(wait(), timeout)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"timed out; got {self.items!r}") from None
+        return self.items
+
+    async def topic(self, topic, timeout=WAIT):
+        await self.until(lambda items: any(t == topic for t, _ in items), timeout)
+        return [p for t, p in self.items if t == topic]
+
+
+async def _sync(conn, inbox, prefix):
+    """Marker round trip: everything queued for `inbox` before this is delivered."""
+    marker = f"{prefix}/sync/{uuid.uuid4().hex}"
+    await conn.subscribe(marker, inbox)
+    await conn.publish(marker, {"marker": True})
+    await inbox.topic(marker)
+    await conn.unsubscribe(marker, inbox)
+    before = inbox.items[:[t for t, _ in inbox.items].index(marker)]
+    before = [(t, p) for t, p in before if not t.startswith(f"{prefix}/sync/")]  # others' markers
+    inbox.items.clear()
+    return before
+
+
+# ---------------------------------------------------------------------------
+# topic matching
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("filt,topic,expected", [
+    ("a/b", "a/b", True), ("a/b", "a/c", False), ("a/+", "a/b", True), ("a/+", "a/b/c", False),
+    ("a/+", "a", False), ("a/+", "a/", True), ("+/+", "/x", True), ("a/#", "a", True),
+    ("a/#", "a/b/c", True), ("a/#", "b", False), ("#", "a/b", True), ("#", "/", True),
+    ("+", "$SYS", False), ("#", "$SYS/x", False), ("+/x", "$SYS/x", False),
+    ("$SYS/#", "$SYS/x", True), ("$SYS/+", "$SYS/x", True), ("a/+/#", "a/b", True),
+    ("a/+/#", "a", False), ("x/$y", "x/$y", True), ("x/+", "x/$y", True),
+])
+def test_topic_matches_examples(filt, topic, expected):
+    assert _topic_matches(filt, topic) is expected
+
+
+_levels = st.sampled_from(["a", "b", "$a", "$", ""])
+_topics = st.lists(_levels, min_size=1, max_size=4).map("/".join)
+_filters = st.builds(
+    lambda levels, hash_: "/".join(levels + (["#"] if hash_ else [])),
+    st.lists(st.one_of(_levels, st.just("+")), min_size=0, max_size=4), st.booleans(),
+).filter(bool)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(_filters, _topics)
+def test_topic_matches_agrees_with_paho(filt, topic):
+    from paho.mqtt.client import topic_matches_sub
+    assert _topic_matches(filt, topic) == topic_matches_sub(filt, topic)
+
+
+# ---------------------------------------------------------------------------
+# payload encoding
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw,expected", [
+    (b"", ""), (bytearray(), ""), ("", ""), (b'{"a": 1}', {"a": 1}), (b"[1, 2]", [1, 2]),
+    (b"3", 3), (b'"s"', "s"), (b"null", None), (b"true", True), ('{"x": "\u00e9"}', {"x": "\u00e9"}),
+    ('{"x": "\u00e9"}'.encode(), {"x": "\u00e9"}), (b"\xff\xfe{", b"\xff\xfe{"), (b"not json", b"not json"),
+    (bytearray(b"xx"), b"xx"), (b"[" * 50000, b"[" * 50000),
+])
+def test_decode_payload(raw, expected):
+    assert _decode_payload(raw) == expected
+    assert type(_decode_payload(raw)) is type(expected)
+
+
+def test_decode_payload_too_large_is_left_raw():
+    big = ("[" + ",".join(["1"] * (_MAX_PAYLOAD // 2)) + "]").encode()
+    assert len(big) > _MAX_PAYLOAD
+    assert _decode_payload(big) is big
+
+
+def test_encode_payload():
+    assert _encode_payload("") == b"" and _encode_payload(None) == b""
+    assert _encode_payload({"a": "\u00e9", "b": [1, 2]}) == '{"a":"\u00e9","b":[1,2]}'.encode()
+    assert _encode_payload(b"\xff") == b"\xff"
+    assert _decode_payload(_encode_payload({"k": [1, {"z": None}]})) == {"k": [1, {"z": None}]}
+    with pytest.raises(TypeError):
+        _encode_payload({"a": object()})
+    with pytest.raises(ValueError):
+        _encode_payload(float("nan"))
+
+
+# ---------------------------------------------------------------------------
+# delivery helpers
+# ---------------------------------------------------------------------------
+
+@_async
+async def test_deliver_sync_async_and_raising_callbacks(caplog):
+    got, tasks = [], set()
+
+    async def acb(topic, payload):
+        got.append(("async", topic, payload))
+
+    def boom(topic, payload):
+        raise RuntimeError("boom")
+
+    async def aboom(topic, payload):
+        raise RuntimeError("aboom")
+
+    with caplog.at_level(logging.ERROR):
+        _deliver(lambda t, p: got.append(("sync", t, p)), "t", 1)
+        _deliver(acb, "t", 2, tasks)
+        _deliver(boom, "t", 3)
+        _deliver(aboom, "t", 4, tasks)
+        assert len(tasks) == 2
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0)
+    assert got == [("sync", "t", 1), ("async", "t", 2)]
+    assert not tasks
+    assert "boom" in caplog.text and "aboom" in caplog.text
+
+
+def test_call_soon_on_closed_loop_is_dropped():
+    loop = asyncio.new_event_loop()
+    loop.close()
+    assert _call_soon(loop, print, "never") is False
+
+
+@_async
+async def test_call_soon_on_own_loop_is_queued_not_direct():
+    got = []
+    assert _call_soon(asyncio.get_running_loop(), got.append, 1)
+    assert got == []  # queued behind what is already scheduled, never re-entrant
+    await asyncio.sleep(0)
+    assert got == [1]
+
+
+# ---------------------------------------------------------------------------
+# LocalBroker
+# ---------------------------------------------------------------------------
+
+@_async
+async def test_local_retained_and_empty_retained_clears():
+    b = LocalBroker()
+    await b.connect()
+    await b.publish("c/task/x/pause", {"v": 1}, retain=True)
+    await b.publish("c/task/y/pause", {"v": 2}, retain=True)
+    await b.publish("c/task/y/pause", {"v": 3}, retain=True)  # replaces
+    await b.publish("c/live", {"v": 0})  # not retained: nobody to get it
+    assert "retained=2" in repr(b)
+    early, late = Inbox(), Inbox()
+    await b.subscribe("c/#", early)
+    assert sorted(await _sync(b, early, "c")) == [("c/task/x/pause", {"v": 1}), ("c/task/y/pause", {"v": 3})]
+    await b.publish("c/task/x/pause", "", retain=True)
+    assert "retained=1" in repr(b)
+    assert await _sync(b, early, "c") == [("c/task/x/pause", "")]  # current subscribers see the clear
+    await b.subscribe("c/#", late)
+    assert await _sync(b, late, "c") == [("c/task/y/pause", {"v": 3})]
+    assert await _sync(b, early, "c") == []  # retained go to the new subscription only
+    await b.publish("c/task/y/pause", "", retain=True)
+    await b.publish("c/task/zzz", "", retain=True)  # clearing nothing is fine
+    assert "retained=0" in repr(b) and "subscriptions=2" in repr(b)
+
+
+@_async
+async def test_local_wildcards_and_dollar_topics():
+    b = LocalBroker()
+    inboxes = {f: Inbox() for f in ["#", "+/x", "$SYS/#", "$SYS/+", "a/+", "a/#", "a/b"]}
+    for f, inbox in inboxes.items():
+        await b.subscribe(f, inbox)
+    for t in ["$SYS/x", "a", "a/b", "a/b/c", "q/x"]:
+        await b.publish(t, {"t": t})
+    await asyncio.sleep(0)
+    got = {f: sorted(t for t, _ in inbox.items) for f, inbox in inboxes.items()}
+    assert got == {
+        "#": ["a", "a/b", "a/b/c", "q/x"], "+/x": ["q/x"], "$SYS/#": ["$SYS/x"], "$SYS/+": ["$SYS/x"],
+        "a/+": ["a/b"], "a/#": ["a", "a/b", "a/b/c"], "a/b": ["a/b"],
+    }
+
+
+@_async
+async def test_local_many_subscribers_get_their_own_copies():
+    b = LocalBroker()
+    inboxes = [Inbox() for _ in range(20)]
+    for i in inboxes:
+        await b.subscribe("m/+", i)
+    payload = {"list": [1, 2]}
+    await b.publish("m/1", payload, retain=True)
+    payload["list"].append(99)  # mutating after publish changes nothing delivered
+    for i in inboxes:
+        await i.until(lambda items: len(items) == 1)
+    objs = [i.items[0][1] for i in inboxes]
+    assert all(o == {"list": [1, 2]} for o in objs)
+    assert len({id(o) for o in objs}) == len(objs)
+    objs[0]["list"].append(3)
+    assert objs[1] == {"list": [1, 2]}
+    await b.publish("m/1", "", retain=True)
+
+
+@_async
+async def test_local_unsubscribe_or_disconnect_of_one_affects_no_other():
+    b = LocalBroker()
+    one, two, three = Inbox(), Inbox(), Inbox()
+    await b.connect()
+    await b.connect()
+    await b.subscribe("u/#", one)
+    await b.subscribe("u/#", two)
+    await b.subscribe("u/a", three)
+    await b.publish("u/a", {"keep": 1}, retain=True)
+    await b.unsubscribe("u/#", one)
+    await b.unsubscribe("u/#", one)  # twice is harmless
+    await b.unsubscribe("u/never", three)  # unknown is harmless
+    await b.disconnect()
+    assert "connected=True" in repr(b)
+    await b.publish("u/a", {"n": 2})
+    assert one.items == []  # queued delivery was dropped by unsubscribe
+    assert await _sync(b, two, "u") == [("u/a", {"keep": 1}), ("u/a", {"n": 2})]
+    assert await _sync(b, three, "u") == [("u/a", {"keep": 1}), ("u/a", {"n": 2})]
+    late = Inbox()
+    await b.subscribe("u/a", late)
+    assert await _sync(b, late, "u") == [("u/a", {"keep": 1})]  # disconnect kept the retained
+    await b.disconnect()
+    await b.disconnect()
+    assert "connected=False" in repr(b)
+    await b.publish("u/a", "", retain=True)
+
+
+@_async
+async def test_local_delivers_on_subscribers_own_loop_across_threads():
+    b = LocalBroker()
+    ready, done = threading.Event(), threading.Event()
+    box = {}
+
+    def other_thread():
+        async def main():
+            inbox = Inbox()
+            box["inbox"], box["loop"] = inbox, asyncio.get_running_loop()
+            await b.subscribe("th/#", inbox)
+            ready.set()
+            await inbox.until(lambda items: len(items) == 50)
+        asyncio.run(main())
+        done.set()
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    assert await asyncio.get_running_loop().run_in_executor(None, ready.wait, WAIT)
+    mine = Inbox()
+    await b.subscribe("th/#", mine)
+    for n in range(50):
+        await b.publish(f"th/{n % 3}", {"n": n})
+    await mine.until(lambda items: len(items) == 50)
+    assert await asyncio.get_running_loop().run_in_executor(None, done.wait, WAIT)
+    t.join(WAIT)
+    theirs = box["inbox"]
+    assert [p["n"] for _, p in theirs.items] == list(range(50))  # publish order
+    assert set(theirs.threads) == {t.ident} and set(theirs.loops) == {box["loop"]}
+    assert set(mine.threads) == {threading.get_ident()}
+    # their loop is closed now: the subscription is dropped silently on next publish
+    await b.publish("th/x", {"after": True})
+    assert "subscriptions=1" in repr(b)
+
+
+@_async
+async def test_local_publishes_from_many_threads_keep_per_publisher_order():
+    b = LocalBroker()
+    inbox = Inbox()
+    await b.subscribe("mt/#", inbox)
+
+    def publisher(k):
+        async def main():
+            for n in range(30):
+                await b.publish(f"mt/{k}", {"n": n})
+        asyncio.run(main())
+
+    threads = [threading.Thread(target=publisher, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    await inbox.until(lambda items: len(items) == 120)
+    for t in threads:
+        t.join(WAIT)
+    for k in range(4):
+        assert [p["n"] for t, p in inbox.items if t == f"mt/{k}"] == list(range(30))
+
+
+@_async
+async def test_local_retained_arrive_before_marker():
+    b = LocalBroker()
+    for n in range(10):
+        await b.publish(f"x/c/{n}", {"n": n}, retain=True)
+    inbox = Inbox()
+    await b.subscribe("x/#", inbox)
+    await b.publish("x/sync/1", {"marker": 1})
+    await b.publish("x/c/3", {"n": "live"})
+    await inbox.until(lambda items: len(items) == 12)
+    topics = [t for t, _ in inbox.items]
+    assert sorted(topics[:10]) == sorted(f"x/c/{n}" for n in range(10))
+    assert topics[10:] == ["x/sync/1", "x/c/3"]
+    for n in range(10):
+        await b.publish(f"x/c/{n}", "", retain=True)
+
+
+@_async
+async def test_local_async_and_raising_callbacks(caplog):
+    b = LocalBroker()
+    got = []
+
+    async def acb(topic, payload):
+        await asyncio.sleep(0)
+        got.append(payload)
+
+    def bad(topic, payload):
+        raise ValueError("nope")
+
+    await b.subscribe("cb/#", bad)
+    await b.subscribe("cb/#", acb)
+    inbox = Inbox()
+    await b.subscribe("cb/#", inbox)
+    with caplog.at_level(logging.ERROR):
+        await b.publish("cb/1", {"a": 1})
+        await inbox.until(lambda items: len(items) == 1)
+        await asyncio.sleep(0.01)
+    assert got == [{"a": 1}]
+    assert "nope" in caplog.text
+
+
+@_async
+async def test_local_rejects_bad_input_before_storing():
+    b = LocalBroker()
+    with pytest.raises(TypeError):
+        await b.publish("bad/x", {"o": object()}, retain=True)
+    with pytest.raises(ValueError):
+        await b.publish("bad/+", {"a": 1})
+    with pytest.raises(ValueError):
+        await b.subscribe("bad/#/x", print)
+    with pytest.raises(ValueError):
+        await b.subscribe("bad/a+", print)
+    with pytest.raises(TypeError, match="callable"):
+        await b.subscribe("bad/x", "not a function")
+    assert "retained=0" in repr(b) and "subscriptions=0" in repr(b)
+
+
+@_async
+async def test_local_bytes_payload_is_decoded_like_a_wire():
+    b = LocalBroker()
+    inbox = Inbox()
+    await b.subscribe("w/#", inbox)
+    await b.publish("w/g", b"\xffgarbage")
+    await b.publish("w/j", b'{"a":1}')
+    await inbox.until(lambda items: len(items) == 2)
+    assert inbox.items == [("w/g", b"\xffgarbage"), ("w/j", {"a": 1})]
+
+
+# ---------------------------------------------------------------------------
+# MqttConnector (needs Mosquitto on 127.0.0.1:1883)
+# ---------------------------------------------------------------------------
+
+def _broker_reachable():
+    try:
+        with socket.create_connection((HOST, PORT), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def broker():
+    if not _broker_reachable():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"MQTT broker not reachable on {HOST}:{PORT} (required in CI)")
+        pytest.skip(f"MQTT broker not reachable on {HOST}:{PORT}")
+    return HOST, PORT
+
+
+@pytest.fixture
+def prefix():
+    return f"cascade-test/{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def paho_client(broker):
+    import paho.mqtt.client as mqtt
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    c.reconnect_delay_set(min_delay=0.1, max_delay=1)
+    c.connect(*broker)
+    yield c
+    c.disconnect()
+    c.loop_stop()
+
+
+def test_mqtt_connector_rejects_unknown_clients():
+    with pytest.raises(TypeError, match="paho-mqtt 2.x Client"):
+        MqttConnector(object())
+
+
+@_async
+async def test_paho_retained_clear_garbage_and_late_subscriber(paho_client, prefix):
+    user_msgs = []
+    paho_client.on_message = lambda c, u, m: user_msgs.append(m.topic)  # must stay chained
+    conn = MqttConnector(paho_client)
+    await conn.connect()
+    assert "paho connected" in repr(conn)
+    first = Inbox()
+    await conn.subscribe(f"{prefix}/#", first)
+    try:
+        await conn.publish(f"{prefix}/c/a", {"v": 1}, qos=1, retain=True)
+        await conn.publish(f"{prefix}/c/b", {"v": 2}, qos=1, retain=True)
+        assert await _sync(conn, first, prefix) == [(f"{prefix}/c/a", {"v": 1}), (f"{prefix}/c/b", {"v": 2})]
+        late = Inbox()
+        await conn.subscribe(f"{prefix}/c/+", late)
+        assert sorted(await _sync(conn, late, prefix)) == [(f"{prefix}/c/a", {"v": 1}), (f"{prefix}/c/b", {"v": 2})]
+        assert await _sync(conn, first, prefix) == []  # no stale replay of retained to `first`
+        await conn.publish(f"{prefix}/c/a", "", qos=1, retain=True)
+        await conn.publish(f"{prefix}/g", b"\xff\x00garbage")
+        assert await _sync(conn, first, prefix) == [(f"{prefix}/c/a", ""), (f"{prefix}/g", b"\xff\x00garbage")]
+        assert await _sync(conn, late, prefix) == [(f"{prefix}/c/a", "")]
+        fresh = Inbox()
+        await conn.subscribe(f"{prefix}/c/+", fresh)
+        assert await _sync(conn, fresh, prefix) == [(f"{prefix}/c/b", {"v": 2})]  # a/ was cleared
+        await conn.unsubscribe(f"{prefix}/c/+", late)
+        await conn.publish(f"{prefix}/c/b", {"v": 3})
+        assert await _sync(conn, fresh, prefix) == [(f"{prefix}/c/b", {"v": 3})]  # filter still subscribed
+        assert late.items == []
+        assert f"{prefix}/c/b" in user_msgs
+    finally:
+        await conn.publish(f"{prefix}/c/a", "", qos=1, retain=True)
+        await conn.publish(f"{prefix}/c/b", "", qos=1, retain=True)
+        await conn.disconnect()
+    assert paho_client.is_connected()  # never disconnects the user's client
+
+
+@_async
+async def test_paho_resubscribes_after_reconnect(paho_client, prefix, broker):
+    import paho.mqtt.client as mqtt
+    loop = asyncio.get_running_loop()
+    connects = asyncio.Queue()
+    paho_client.on_connect = lambda *a: loop.call_soon_threadsafe(connects.put_nowait, 1)
+    conn = MqttConnector(paho_client)
+    await conn.connect()
+    inbox = Inbox()
+    await conn.subscribe(f"{prefix}/r/#", inbox)
+    while not connects.empty():
+        connects.get_nowait()
+    paho_client.socket().shutdown(socket.SHUT_RDWR)  # the broker "goes away"
+    await asyncio.wait_for(connects.get(), WAIT)  # paho reconnected (clean session: subs gone)
+    other = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    other.connect(*broker)
+    other.loop_start()
+    try:
+        other.publish(f"{prefix}/r/x", b'{"after": "reconnect"}', 1, True).wait_for_publish(WAIT)
+        assert (await inbox.topic(f"{prefix}/r/x"))[0] == {"after": "reconnect"}
+    finally:
+        other.publish(f"{prefix}/r/x", b"", 1, True).wait_for_publish(WAIT)
+        other.disconnect()
+        other.loop_stop()
+        await conn.disconnect()
+
+
+@_async
+async def test_paho_callbacks_run_on_subscribing_loop(paho_client, prefix):
+    conn = MqttConnector(paho_client)
+    await conn.connect()
+    inbox = Inbox()
+    await conn.subscribe(f"{prefix}/#", inbox)
+    for n in range(20):
+        await conn.publish(f"{prefix}/o", {"n": n}, qos=1)
+    await inbox.until(lambda items: len(items) == 20)
+    assert [p["n"] for _, p in inbox.items] == list(range(20))
+    assert set(inbox.threads) == {threading.get_ident()}
+    await conn.unsubscribe(f"{prefix}/#", inbox)
+    await conn.disconnect()
+
+
+@_async
+async def test_aiomqtt_connector(broker, prefix):
+    import aiomqtt
+    async with aiomqtt.Client(broker[0], broker[1]) as client:
+        conn = MqttConnector(client)
+        await conn.connect()
+        assert "aiomqtt connected" in repr(conn)
+        inbox = Inbox()
+        try:
+            await conn.publish(f"{prefix}/k", {"v": 1}, qos=1, retain=True)
+            await conn.subscribe(f"{prefix}/#", inbox)
+            assert await _sync(conn, inbox, prefix) == [(f"{prefix}/k", {"v": 1})]
+            await conn.publish(f"{prefix}/k", "", qos=1, retain=True)
+            await conn.publish(f"{prefix}/g", b"\xfe not json")
+            assert await _sync(conn, inbox, prefix) == [(f"{prefix}/k", ""), (f"{prefix}/g", b"\xfe not json")]
+            late = Inbox()
+            await conn.subscribe(f"{prefix}/k", late)
+            assert await _sync(conn, late, prefix) == []  # cleared: nothing retained
+            await conn.unsubscribe(f"{prefix}/#", inbox)
+            await conn.unsubscribe(f"{prefix}/k", late)
+        finally:
+            await conn.publish(f"{prefix}/k", "", qos=1, retain=True)
+            await conn.disconnect()
+        assert "aiomqtt disconnected" in repr(conn)
+        await client.publish(f"{prefix}/still", b"usable")  # the user's client is untouched
