@@ -38,6 +38,7 @@ import inspect
 import itertools
 import json
 import logging
+import operator
 import os
 import re
 import socket
@@ -513,11 +514,12 @@ def shell(command, check=True):
 
 class _Node:
     """Per-run state of one LazyResult (a LazyResult may be run many times)."""
-    __slots__ = ("lazy", "id", "pending", "dependents", "done", "value", "skip", "units",
-                 "left", "key")
+    __slots__ = ("lazy", "order", "id", "pending", "dependents", "done", "value", "skip",
+                 "units", "left", "key")
 
     def __init__(self, lazy):
         self.lazy = lazy
+        self.order = lazy.order
         self.id = ""
         self.pending = 0        # upstream nodes not finished yet
         self.dependents = []
@@ -530,28 +532,42 @@ class _Node:
 
 
 def _build_graph(target):
-    """Every node the target needs, with dependents and pending counts, ids assigned."""
+    """Every node the target needs, with dependents, pending counts and ids; returns
+    ``(nodes, roots)``, roots being the nodes ready at once."""
     nodes = {}
     stack = [target]
+    pop, push = stack.pop, stack.extend
     while stack:
-        lz = stack.pop()
-        if lz in nodes:
-            continue
-        nodes[lz] = _Node(lz)
-        stack.extend(lz.deps)
-    # creation order: ids and the order of initially ready tasks follow the user's code
-    nodes = dict(sorted(nodes.items(), key=lambda kv: kv[0].order))
-    counters = collections.Counter()
-    for lz, node in nodes.items():
-        if lz.task is not None:
-            counters[lz.task.name] += 1
-            node.id = f"{lz.task.name}-{counters[lz.task.name]}"
+        lz = pop()
+        if lz not in nodes:
+            nodes[lz] = _Node(lz)
+            if lz.deps:
+                push(lz.deps)
+    # In creation order, so that ids (name-1, name-2, ...) and the order in which
+    # initially ready tasks are admitted follow the user's code.
+    counts = {}
+    roots = []
+    for node in sorted(nodes.values(), key=_node_order):
+        lz = node.lazy
+        task = lz.task
+        if task is not None:
+            k = counts[task.name] = counts.get(task.name, 0) + 1
+            node.id = f"{task.name}-{k}"
         else:
             node.id = lz.name
-        for dep in dict.fromkeys(lz.deps):
+        deps = lz.deps
+        if not deps:
+            roots.append(node)
+            continue
+        if len(deps) > 1:
+            deps = dict.fromkeys(deps)
+        for dep in deps:
             nodes[dep].dependents.append(node)
-            node.pending += 1
-    return nodes
+        node.pending = len(deps)
+    return nodes, roots
+
+
+_node_order = operator.attrgetter("order")
 
 
 # ===========================================================================
@@ -974,25 +990,25 @@ class _ControlPlane:
         return q
 
     def enqueue(self, units):
-        """Make ``units`` (of one node, all with one key) wait for admission. Grants
-        are dispatched; returns the units still waiting, for TaskBlocked events."""
+        """Make ``units`` (of one node, all with one key) wait for admission. Returns
+        True when all were granted at once (the caller launches them); otherwise grants
+        are dispatched and the caller emits TaskBlocked for those still waiting."""
         with self.lock:
             if not self.constraints and not self._waiting and not units[0].key[3]:
                 # fast path: nothing to decide, nobody to queue behind
+                self._holders.update(units)
                 for u in units:
                     u.state = _GRANTED
-                    self._holders.add(u)
-                granted = units
-            else:
-                q = self._queue(units[0].key)
-                for u in units:
-                    u.seq = next(self._seq)
-                    u.state = _WAITING
-                q.waiters.extend(units)
-                self._waiting += len(units)
-                granted = self._admit()
+                return True
+            q = self._queue(units[0].key)
+            for u in units:
+                u.seq = next(self._seq)
+                u.state = _WAITING
+            q.waiters.extend(units)
+            self._waiting += len(units)
+            granted = self._admit()
         self._dispatch(granted)
-        return [u for u in units if u.state == _WAITING] if granted is not units else ()
+        return False
 
     def _admit(self):
         """THE admission routine (call with the lock held); returns granted units."""
@@ -1076,9 +1092,14 @@ class _ControlPlane:
     def release(self, u):
         """The unit's body finished (or it was never started): give its slots back."""
         with self.lock:
-            self._release_locked(u, u.state == _GRANTED)
+            if u.held or u.tokens:
+                self._release_locked(u, u.state == _GRANTED)
+            else:
+                self._holders.discard(u)
             u.state = _DONE
-            granted = self._admit() if self._waiting else None
+            if not self._waiting:
+                return
+            granted = self._admit()
         self._dispatch(granted)
 
     def begin(self, u):
@@ -1921,9 +1942,6 @@ class _Run:
             self._prepare()
             if link is not None:
                 await link.open(self)
-            for node in self.nodes.values():
-                if not node.pending:
-                    self._ready.append(node)
             self._pump()
             try:
                 await self._wake
@@ -1952,11 +1970,13 @@ class _Run:
                 await link.close(self)
 
     def _prepare(self):
-        self.nodes = nodes = _build_graph(self.target)
+        self.nodes, roots = _build_graph(self.target)
         missing, known, needed = [], set(), set()
         caps = self.cp._caps
-        for lz, node in nodes.items():
+        for lz, node in self.nodes.items():
             t = type(lz)
+            if t is LazyResult and not lz.injects and not lz.amounts:
+                continue  # the common case: nothing to check
             if t is Param:
                 known.add(lz.param)
                 if lz.param in self.params:
@@ -1972,6 +1992,7 @@ class _Run:
                 for k, v in (lz.amounts or {}).items():
                     if not isinstance(v, LazyResult):
                         _check_amount(caps, lz, k, v)
+        self._ready.extend(roots)
         if missing:
             names = ", ".join(repr(m) for m in sorted(set(missing)))
             raise ParamError(f"missing required params: {names}; pass them with "
@@ -2007,6 +2028,20 @@ class _Run:
 
     def _process(self, node):
         lz = node.lazy
+        if type(lz) is LazyResult and node.skip is None and lz.condition is _MISSING \
+                and not lz.amounts:
+            # the common case, kept short: a plain call, ready to be admitted
+            node.key = (lz.task.name, lz.task.tags, self.run_id, ())
+            args, kwargs = lz.args, lz.kwargs
+            if lz.lazy_args:
+                nodes = self.nodes
+                try:
+                    args = tuple([_resolve(a, nodes) for a in args])
+                    kwargs = {k: _resolve(v, nodes) for k, v in kwargs.items()}
+                except (TypeError, ValueError) as exc:
+                    return self._fail(exc, node.id, lz.name)
+            node.units = units = [_Unit(self, node, None, node.id, args, kwargs)]
+            return self._submit(units)
         if node.skip is not None:
             return self._skip(node, node.skip)
         cond = lz.condition
@@ -2072,14 +2107,16 @@ class _Run:
                       {k: (v[i] if m else v) for k, (m, v) in kw.items()}) for i in range(n)]
 
     def _submit(self, units):
-        waiting = self.cp.enqueue(units)
-        if waiting:
-            want = self.bus.wants(TaskBlocked)
-            for u in waiting:
-                if u.state == _WAITING and not u.blocked:
-                    u.blocked = True
-                    if want:
-                        self.bus.emit(TaskBlocked(self.run_id, u.id, u.key[0], self.cp.reason(u)))
+        if self.cp.enqueue(units):
+            for u in units:
+                self._launch(u)
+            return
+        want = self.bus.wants(TaskBlocked)
+        for u in units:
+            if u.state == _WAITING and not u.blocked:
+                u.blocked = True
+                if want:
+                    self.bus.emit(TaskBlocked(self.run_id, u.id, u.key[0], self.cp.reason(u)))
 
     def _complete(self, node, value):
         node.done = True
@@ -2193,8 +2230,14 @@ class _Run:
         self._start(u)
 
     async def _async_body(self, u, fn, args, kwargs):
-        if not self.cp.begin(u):
-            return self._not_begun(u)
+        # The start gate. Without any pause the check needs no lock: reading the pause
+        # count is atomic, and a pause that returned before this line is seen here (the
+        # locked check in begin() has the same linearization point: this check).
+        if self.cp._npause or self.stopping:
+            if not self.cp.begin(u):
+                return self._not_begun(u)
+        else:
+            u.state = _RUNNING
         t0 = self._begun(u)
         try:
             value = await fn(*args, **kwargs)
@@ -2207,8 +2250,11 @@ class _Run:
 
     def _sync_body(self, u, fn, args, kwargs):
         # Runs in a worker thread: everything it learns goes back through _post.
-        if not self.cp.begin(u):
-            return self._post(u, _NOT_BEGUN, None, 0.0)
+        if self.cp._npause or self.stopping:
+            if not self.cp.begin(u):
+                return self._post(u, _NOT_BEGUN, None, 0.0)
+        else:
+            u.state = _RUNNING
         t0 = time.perf_counter()
         if self.bus.wants(TaskExecutionStarted):
             self._post(u, _STARTED, None, t0)
@@ -2265,6 +2311,12 @@ class _Run:
         self._check_settled()
 
     def _finished(self, u, value, exc, t0):
+        if exc is not None and not self.stopping:
+            retry = u.node.lazy.retry
+            if not (retry and u.attempt < retry[0]):
+                # Stop first: the slot this unit gives back must not start anybody
+                # (regression: a waiter was granted and began before the run failed).
+                self._fail(exc, u.id, u.key[0])
         self.cp.release(u)
         self._settle_unit(u, value, exc, t0)
 
@@ -3007,7 +3059,11 @@ class _Progress:
     def draw(self, end=""):
         self.timer = None
         self.last = time.monotonic()
-        self.stream.write(f"\r\x1b[2K[cascade] {self.line()}{end}")
+        tty = getattr(self.stream, "isatty", lambda: False)()
+        if tty:
+            self.stream.write(f"\r\x1b[2K[cascade] {self.line()}{end}")
+        elif end:  # a log file gets the final line only, not a stream of redraws
+            self.stream.write(f"[cascade] {self.line()}{end}")
         self.stream.flush()
 
 
@@ -3263,7 +3319,7 @@ def _demo(n=40):
 
     @task(name="fetch", tags=["io"])
     async def fetch(i):
-        await asyncio.sleep(0.05 + rnd.random() * 0.05)
+        await asyncio.sleep(0.1 + rnd.random() * 0.05)
         return bytes(200 + 37 * i)
 
     @task(name="parse", tags=["cpu"])
@@ -3292,8 +3348,10 @@ def _demo(n=40):
         return {"bytes": sum(sizes), "score": sum(scores), "notified": len(notes),
                 "flaky": status}
 
-    sizes = parse.map(fetch.map(range(n)))
-    target = report(sizes, api_call.map(sizes), notify.map(range(12)),
+    # per-item chains (fetch -> parse -> api_call): each api_call is ready as soon as its
+    # own page is parsed, with no stage barrier; notify is a map; report reduces.
+    sizes = [parse(fetch(i)) for i in range(n)]
+    target = report(sizes, [api_call(s) for s in sizes], notify.map(range(12)),
                     flaky().with_retry(3, delay=0.2))
 
     starts = collections.defaultdict(list)
@@ -3316,44 +3374,51 @@ def _demo(n=40):
     progress = _Progress(out)
     engine.subscribe(Event, progress)
 
+    tty = getattr(out, "isatty", lambda: False)()
+
     def say(msg):
-        out.write(f"\r\x1b[2K  {now():5.2f}s  {msg}\n")
+        out.write(f"{chr(13) + chr(27) + '[2K' if tty else ''}  {now():5.2f}s  {msg}\n")
         progress.draw()
 
-    def steer():
-        time.sleep(0.6)
+    def steer():  # an operator, on another thread, while the run goes on
+        time.sleep(0.35)
         marks["pause"] = now()
         engine.pause("task:api_call")
         say("engine.pause('task:api_call')       api calls wait; fetch and parse go on")
-        time.sleep(1.0)
-        marks["resume"] = now()
-        engine.resume("task:api_call")
-        say("engine.resume('task:api_call')      waiting api calls start at once")
+        time.sleep(0.2)
+        st = engine.status()
+        waits = collections.Counter(b["waits_on"].split(" (")[0] for b in st["blocked"])
+        say("engine.status(): " + "; ".join(f"{n} blocked by {w}" for w, n in waits.items()))
+        time.sleep(0.2)
         marks["raise"] = now()
         engine.limit("task:fetch", 16)
         say("engine.limit('task:fetch', 16)      limit raised live from 4")
+        time.sleep(0.6)
+        marks["resume"] = now()
+        engine.resume("task:api_call")
+        say("engine.resume('task:api_call')      the waiting api calls start at once")
 
-    out.write(f"Cascade {__version__} demo: {n} fetches -> parse (map) -> api_call (map) "
-              "-> report,\nplus 12 notifications and a flaky call that recovers.\n\n")
+    out.write(f"Cascade {__version__} demo: {n} x (fetch -> parse -> api_call) -> report, plus "
+              "a map of 12\nnotifications and a flaky call that recovers on retry.\n\n")
     engine.limit("task:fetch", 4)
     engine.rate_limit("task:notify", "10/s", burst=2)
-    out.write("  0.00s  engine.limit('task:fetch', 4)      at most 4 fetches at once\n"
-              "  0.00s  engine.rate_limit('task:notify', '10/s', burst=2)\n")
+    out.write("   0.00s  engine.limit('task:fetch', 4)      at most 4 fetches at once\n"
+              "   0.00s  engine.rate_limit('task:notify', '10/s', burst=2)\n")
     steerer = threading.Thread(target=steer, daemon=True)
     steerer.start()
     handle = engine.start(target)
     result = handle.result()
     steerer.join()
     total = now()
-    progress.draw(end="\n")
     api = starts["api_call"]
     during = [t for t in api if marks["pause"] < t < marks["resume"]]
     notes = starts["notify"]
     span = (notes[-1] - notes[0]) if len(notes) > 1 else 0.0
     fetch_before = [t for t in starts["fetch"] if t < marks["raise"]]
     out.write(f"\nFinished in {total:.2f}s: {result}\n"
-              f"  fetch     peak {peak['fetch']} at once ({len(fetch_before)} started under the "
-              f"limit of 4, the rest after raising it to 16)\n"
+              f"  fetch     {len(fetch_before)} started under the limit of 4, "
+              f"{len(starts['fetch']) - len(fetch_before)} after raising it to 16 "
+              f"(peak {peak['fetch']} at once)\n"
               f"  api_call  {len(during)} started during the {marks['resume'] - marks['pause']:.1f}s "
               f"pause; {len(api)} in all\n"
               f"  notify    {len(notes)} starts spread over {span:.2f}s by the 10/s rate limit\n"

@@ -1508,22 +1508,57 @@ def test_fail_fast_pending_tasks_never_start():
     assert set(rec.started_names()) <= {"boom", "gate"}
 
 
+def _slow_failure_subscriber(late_start):
+    # Runs on the loop when the failure is reported; while it waits, a waiter that was
+    # wrongly handed the failed task's slot gets every chance to start. A correct
+    # engine starts nothing, and the wait simply times out.
+    def on_finished(ev):
+        if ev.status == "Failed":
+            late_start.wait(0.5)
+
+    return on_finished
+
+
 def test_fail_fast_pending_map_items_never_start():
-    # one slot: items run one by one; item 1 fails, items 2.. never start
+    # One slot: items run one at a time, so the failing item must be the last to start.
     started = []
+    late_start = threading.Event()
 
     @cs.task
     def item(x):
+        if 1 in started:
+            late_start.set()
         started.append(x)
         if x == 1:
             raise ValueError("item 1")
         return x
 
     engine = cs.Engine(system_resources={"slot": 1})
+    engine.subscribe(cs.TaskExecutionFinished, _slow_failure_subscriber(late_start))
     with pytest.raises(ValueError):
         run_engine(engine, item.map(x=[0, 1, 2, 3, 4]).with_constraints(slot=1))
-    assert 1 in started
-    assert len(started) <= 2
+    assert started[-1] == 1, f"started after the failure: {started}"
+
+
+def test_fail_fast_pending_constrained_tasks_never_start():
+    # the same for plain (unmapped) tasks waiting for the only slot
+    started = []
+    late_start = threading.Event()
+
+    @cs.task
+    def work(x):
+        if 1 in started:
+            late_start.set()
+        started.append(x)
+        if x == 1:
+            raise ValueError("work 1")
+        return x
+
+    engine = cs.Engine(system_resources={"slot": 1})
+    engine.subscribe(cs.TaskExecutionFinished, _slow_failure_subscriber(late_start))
+    with pytest.raises(ValueError):
+        run_engine(engine, ident([work(i).with_constraints(slot=1) for i in range(5)]))
+    assert started[-1] == 1, f"started after the failure: {started}"
 
 
 def test_fail_fast_cancels_running_async_siblings():
