@@ -1719,32 +1719,53 @@ class Controller:
 # Engine: events, the per-run scheduler, handles, the Engine
 # ===========================================================================
 
-@dataclasses.dataclass(frozen=True)
+# Events are frozen dataclasses. Their __repr__/__eq__ come from Event instead of being
+# generated per class: dataclasses builds each generated method with exec(), and doing
+# that for fourteen classes was most of the cost of `import cascade`.
+_event = dataclasses.dataclass(frozen=True, repr=False, eq=False)
+
+
+@_event
 class Event:
     """Base of every event; ``engine.subscribe(cs.Event, cb)`` receives them all."""
     run_id: str
 
+    def _values(self):
+        return tuple(getattr(self, f) for f in self.__dataclass_fields__)
 
-@dataclasses.dataclass(frozen=True)
+    def __repr__(self):
+        return f"{type(self).__name__}(" + ", ".join(
+            f"{f}={getattr(self, f)!r}" for f in self.__dataclass_fields__) + ")"
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self):
+        return hash((type(self).__name__, self.run_id))
+
+
+@_event
 class RunStarted(Event):
     target_tasks: tuple
     params: dict = dataclasses.field(hash=False)
 
 
-@dataclasses.dataclass(frozen=True)
+@_event
 class RunFinished(Event):
     status: str                 # "Succeeded" | "Failed" | "Cancelled"
     duration: float
     error: BaseException = None
 
 
-@dataclasses.dataclass(frozen=True)
+@_event
 class TaskExecutionStarted(Event):
     task_id: str
     task_name: str
 
 
-@dataclasses.dataclass(frozen=True)
+@_event
 class TaskExecutionFinished(Event):
     task_id: str
     task_name: str
@@ -1753,14 +1774,14 @@ class TaskExecutionFinished(Event):
     error: BaseException = None
 
 
-@dataclasses.dataclass(frozen=True)
+@_event
 class TaskSkipped(Event):
     task_id: str
     task_name: str
     reason: str
 
 
-@dataclasses.dataclass(frozen=True)
+@_event
 class TaskRetrying(Event):
     task_id: str
     task_name: str
@@ -1770,34 +1791,34 @@ class TaskRetrying(Event):
     error: BaseException
 
 
-@dataclasses.dataclass(frozen=True)
+@_event
 class TaskBlocked(Event):
     task_id: str
     task_name: str
     reason: str                 # names the scope and type that holds it
 
 
-@dataclasses.dataclass(frozen=True)
+@_event
 class ResourceAcquired(Event):
     resource_name: str
 
 
-@dataclasses.dataclass(frozen=True)
+@_event
 class ResourceReleased(Event):
     resource_name: str
 
 
-@dataclasses.dataclass(frozen=True)
+@_event
 class ConstraintApplied(Event):
     constraint: Constraint
 
 
-@dataclasses.dataclass(frozen=True)
+@_event
 class ConstraintRemoved(Event):
     constraint: Constraint
 
 
-@dataclasses.dataclass(frozen=True)
+@_event
 class ConstraintRejected(Event):
     topic: str
     reason: str
