@@ -1283,7 +1283,7 @@ def _deliver(callback: Callable[[str, Any], Any], topic: str, payload: Any,
     """
     try:
         result = callback(topic, payload)
-        if not inspect.isawaitable(result):
+        if result is None or not inspect.isawaitable(result):
             return
         task = asyncio.ensure_future(result)
     except Exception:
@@ -1302,8 +1302,14 @@ def _deliver(callback: Callable[[str, Any], Any], topic: str, payload: Any,
 
 
 class _Subscription:
-    """One (filter, callback) pair, bound to the loop that subscribed it."""
-    __slots__ = ("filter", "callback", "loop", "active", "replay", "acked", "tasks")
+    """One (filter, callback) pair, bound to the loop that subscribed it.
+
+    Messages wait in ``queue`` and one loop callback drains them all: a burst of
+    messages costs one wake-up of the subscriber's loop, not one per message.
+    invariant: push appends before reading ``scheduled``, drain clears it before
+    popping, so no message is ever left in the queue without a drain to come."""
+    __slots__ = ("filter", "callback", "loop", "active", "replay", "acked", "tasks",
+                 "queue", "scheduled")
 
     def __init__(self, filter: str, callback: Callable[[str, Any], Any]) -> None:
         _check_topic(filter, is_filter=True)
@@ -1316,10 +1322,25 @@ class _Subscription:
         # replay/acked: whether retained (retain=1) messages are for us; see _Hub._acked.
         self.active, self.replay, self.acked = True, True, False
         self.tasks: set = set()
+        self.queue = collections.deque()
+        self.scheduled = False
 
-    def deliver(self, topic: str, raw: bytes) -> None:  # runs on self.loop
-        if self.active:  # decode per delivery: subscribers never share mutable payloads
-            _deliver(self.callback, topic, _decode_payload(raw), self.tasks)
+    def push(self, topic: str, payload: Any) -> bool:  # hub lock held, any thread
+        self.queue.append((topic, payload))
+        if not self.scheduled:
+            self.scheduled = True
+            if not _call_soon(self.loop, self.drain):
+                self.active = False
+                return False
+        return True
+
+    def drain(self) -> None:  # runs on self.loop
+        self.scheduled = False
+        q = self.queue
+        while q:
+            topic, payload = q.popleft()
+            if self.active:
+                _deliver(self.callback, topic, payload, self.tasks)
 
 
 class _Hub:
@@ -1333,6 +1354,7 @@ class _Hub:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._subs: list = []
+        self._matching: dict = {}  # topic -> subscriptions whose filter matches it
         self._clients = 0  # connect() minus disconnect(); only for repr
 
     def _insert(self, sub: _Subscription) -> None:  # lock held
@@ -1341,6 +1363,7 @@ class _Hub:
             if s.filter == sub.filter and s.callback == sub.callback:
                 s.active = False
         self._subs = [s for s in self._subs if s.active] + [sub]
+        self._matching = {}
 
     def _remove(self, filter: str, callback: Callable) -> tuple:
         """Drop (filter, callback); return (removed?, filter still wanted?)."""
@@ -1349,16 +1372,23 @@ class _Hub:
             for s in gone:
                 s.active = False
             self._subs = [s for s in self._subs if s.active]
+            self._matching = {}
             return bool(gone), any(s.filter == filter for s in self._subs)
 
-    def _fanout(self, topic: str, raw: bytes, retained: bool = False) -> None:  # lock held
+    def _fanout(self, topic: str, payload: Any, retained: bool = False) -> None:  # lock held
+        subs = self._matching.get(topic)
+        if subs is None:
+            if len(self._matching) > 4096:  # one entry per topic seen: keep it bounded
+                self._matching = {}
+            subs = self._matching[topic] = tuple(
+                s for s in self._subs if _topic_matches(s.filter, topic))
         dead = False
-        for s in self._subs:
-            if (s.replay or not retained) and _topic_matches(s.filter, topic):
-                if not _call_soon(s.loop, s.deliver, topic, raw):
-                    s.active, dead = False, True  # its loop has closed: drop it silently
+        for s in subs:
+            if (s.replay or not retained) and s.active and not s.push(topic, payload):
+                dead = True  # its loop has closed: drop it silently
         if dead:
             self._subs = [s for s in self._subs if s.active]
+            self._matching = {}
 
     def _acked(self, sub: _Subscription) -> None:  # lock held, in wire order
         # A SUBSCRIBE makes the broker (re)send retained messages after its SUBACK,
@@ -1382,11 +1412,16 @@ class LocalBroker(_Hub):
     `publish` returns, in publish order; on subscribe, matching retained
     messages are queued for that subscription alone, before any later publish
     (subscribe `x/#`, publish a marker on `x/sync/1`: the marker comes after
-    every retained `x/...`). Payloads take the same JSON round trip as over
-    MQTT, so subscribers never share an object; a payload that is not
-    JSON-serialisable raises TypeError. `disconnect()` removes nothing: each
-    user unsubscribes its own callbacks. Subscriptions whose loop has closed
-    are dropped silently.
+    every retained `x/...`). `disconnect()` removes nothing: each user
+    unsubscribes its own callbacks. Subscriptions whose loop has closed are
+    dropped silently.
+
+    Payloads: being in-process, a live message is handed to its subscribers as
+    the very object that was published (no serialisation; treat payloads as
+    read-only). Retained messages are stored as JSON (a payload that is not
+    JSON-serialisable raises TypeError) and each late subscriber decodes its own
+    copy. Bytes are decoded as they would be off the wire, so garbage arrives
+    as raw bytes, as it would from an MQTT broker.
     """
 
     def __init__(self) -> None:
@@ -1406,14 +1441,22 @@ class LocalBroker(_Hub):
             self._clients = max(0, self._clients - 1)
 
     async def publish(self, topic: str, payload: Any, qos: int = 0, retain: bool = False) -> None:
-        _check_topic(topic, is_filter=False)
-        raw = _encode_payload(payload)  # raises before anything is stored
+        self.publish_nowait(topic, payload, retain)
+
+    def publish_nowait(self, topic: str, payload: Any, retain: bool = False) -> None:
+        """``publish`` without a coroutine: for in-process publishers on a hot path
+        (the engine's telemetry uses it when the connector has it)."""
+        if topic not in self._matching:
+            _check_topic(topic, is_filter=False)
+        if isinstance(payload, (bytes, bytearray)) or not payload and payload != 0:
+            payload = _decode_payload(payload or b"")  # as if off the wire
+        raw = _encode_payload(payload) if retain else None  # raises before anything is stored
         with self._lock:
             if retain and raw:
                 self._retained[topic] = raw
             elif retain:
                 self._retained.pop(topic, None)
-            self._fanout(topic, raw)
+            self._fanout(topic, payload)
 
     async def subscribe(self, topic: str, callback: Callable[[str, Any], Any]) -> None:
         sub = _Subscription(topic, callback)
@@ -1421,7 +1464,7 @@ class LocalBroker(_Hub):
             self._insert(sub)
             for t, raw in self._retained.items():  # queued before any later publish
                 if _topic_matches(topic, t):
-                    sub.loop.call_soon(sub.deliver, t, raw)
+                    sub.push(t, _decode_payload(raw))
 
     async def unsubscribe(self, topic: str, callback: Callable[[str, Any], Any]) -> None:
         self._remove(topic, callback)
@@ -1557,7 +1600,7 @@ class MqttConnector(_Hub):
         try:
             async for m in self._client.messages:
                 with self._lock:
-                    self._fanout(m.topic.value, m.payload)
+                    self._fanout(m.topic.value, _decode_payload(m.payload))
         except Exception:  # aiomqtt raises MqttError when the connection drops
             _log.exception("MQTT reader stopped; re-create the client and connector to resume")
 
@@ -1609,7 +1652,7 @@ class MqttConnector(_Hub):
 
         def on_message(client: Any, userdata: Any, msg: Any) -> None:
             with self._lock:
-                self._fanout(msg.topic, msg.payload, retained=bool(msg.retain))
+                self._fanout(msg.topic, _decode_payload(msg.payload), retained=bool(msg.retain))
 
         def on_connect(client: Any, userdata: Any, flags: Any, rc: Any, *rest: Any) -> None:
             if rc != 0:
@@ -2915,13 +2958,17 @@ class _Link:
         topic = (f"cascade/telemetry/{self.engine.org}/{self.engine.project}/"
                  f"{run.run_id}/events")
         q = run.link_queue
+        nowait = getattr(self.connector, "publish_nowait", None)  # LocalBroker's fast path
         publish = self.connector.publish
         failed = False
         try:
             while q:
                 ts, body = q.popleft()
                 try:
-                    await publish(topic, self._payload(run, ts, body))
+                    if nowait is not None:
+                        nowait(topic, self._payload(run, ts, body))
+                    else:
+                        await publish(topic, self._payload(run, ts, body))
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # telemetry never fails a run
@@ -2952,8 +2999,17 @@ class _Link:
                 pass
 
 
+_iso_second = (0, "1970-01-01T00:00:00")  # (second, its text): one tuple, swapped whole
+
+
 def _iso(ts):
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1e6):06d}Z"
+    """ISO 8601 UTC with microseconds; the formatted second is reused (hot path)."""
+    global _iso_second
+    sec = int(ts)
+    cached = _iso_second
+    if cached[0] != sec:
+        cached = _iso_second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    return f"{cached[1]}.{int((ts - sec) * 1e6):06d}Z"
 
 
 async def _maybe(obj, method, *args):
