@@ -315,6 +315,7 @@ def task(fn=None, *, name=None, tags=()):
 
 
 _creation = itertools.count()
+_NO_KWARGS = {}  # shared by every call without keyword arguments: never mutated
 
 
 class LazyResult:
@@ -323,13 +324,13 @@ class LazyResult:
     arguments). Policies chain: ``fetch(u).with_retry(3).run_if(flag)``."""
 
     __slots__ = ("task", "args", "kwargs", "injects", "deps", "lazy_args", "retry",
-                 "condition", "amounts", "order", "__weakref__")
+                 "condition", "amounts", "order")
 
     def __init__(self, task, args=(), kwargs=None, injects=()):
         self.order = next(_creation)  # task ids in a run follow the order of creation
         self.task = task
         self.args = args
-        self.kwargs = kwargs or {}
+        self.kwargs = kwargs or _NO_KWARGS
         self.injects = injects       # ((parameter, resource name), ...) not passed explicitly
         deps = []
         lazy = False
@@ -340,7 +341,7 @@ class LazyResult:
             for v in kwargs.values():
                 if type(v) not in _PLAIN and _scan(v, deps):
                     lazy = True
-        self.deps = deps             # upstream nodes (may repeat)
+        self.deps = deps or ()       # upstream nodes (may repeat)
         self.lazy_args = lazy
         self.retry = None            # (max_attempts, delay, backoff)
         self.condition = _MISSING
@@ -390,7 +391,7 @@ class LazyResult:
         if _depends_on(dep, self):
             raise ValueError(f"{call}() on {self!r} would make a cycle: the value depends "
                              "on this task itself")
-        self.deps.append(dep)
+        self.deps = [*self.deps, dep]
 
     def __repr__(self):
         extra = "".join([
@@ -514,12 +515,11 @@ def shell(command, check=True):
 
 class _Node:
     """Per-run state of one LazyResult (a LazyResult may be run many times)."""
-    __slots__ = ("lazy", "order", "id", "pending", "dependents", "done", "value", "skip",
-                 "units", "left", "key")
+    __slots__ = ("lazy", "id", "pending", "dependents", "done", "value", "skip", "units",
+                 "left", "key")
 
     def __init__(self, lazy):
         self.lazy = lazy
-        self.order = lazy.order
         self.id = ""
         self.pending = 0        # upstream nodes not finished yet
         self.dependents = []
@@ -567,7 +567,7 @@ def _build_graph(target):
     return nodes, roots
 
 
-_node_order = operator.attrgetter("order")
+_node_order = operator.attrgetter("lazy.order")
 
 
 # ===========================================================================
@@ -899,7 +899,7 @@ class _ControlPlane:
                     for u in self._holders:
                         if self._matches(c.scope, u.key):
                             lim.borrowed += 1
-                            u.held.append((lim, 1))
+                            u.held = [*u.held, (lim, 1)]
                 else:
                     lim.total = c.params["limit"]
             else:
@@ -1056,13 +1056,14 @@ class _ControlPlane:
                 continue
             u = q.waiters.popleft()
             self._waiting -= 1
-            held = u.held
-            for lim in q.limiters:
-                lim.borrowed += 1
-                held.append((lim, 1))
-            for lim, n in q.caps:
-                lim.borrowed += n
-                held.append((lim, n))
+            if q.limiters or q.caps:
+                held = u.held = list(u.held)
+                for lim in q.limiters:
+                    lim.borrowed += 1
+                    held.append((lim, 1))
+                for lim, n in q.caps:
+                    lim.borrowed += n
+                    held.append((lim, n))
             for b in q.buckets:
                 b.tokens -= 1
             u.tokens = q.buckets
@@ -1082,7 +1083,7 @@ class _ControlPlane:
     def _release_locked(self, u, refund):
         for lim, n in u.held:
             lim.borrowed -= n
-        u.held = []
+        u.held = ()
         if refund:  # the unit never started: its start tokens go back
             for b in u.tokens:
                 b.tokens = min(b.burst, b.tokens + 1)
@@ -1916,19 +1917,28 @@ class _Bus:
 
 class _Unit:
     """One task execution (a call, or one item of a map), the thing admission grants."""
-    __slots__ = ("run", "node", "index", "id", "args", "kwargs", "key", "attempt", "seq",
-                 "state", "held", "tokens", "blocked", "atask")
+    __slots__ = ("run", "node", "index", "args", "kwargs", "attempt", "seq", "state", "held",
+                 "tokens", "blocked", "atask")
 
-    def __init__(self, run, node, index, uid, args, kwargs):
-        self.run, self.node, self.index, self.id = run, node, index, uid
-        self.args, self.kwargs, self.key = args, kwargs, node.key
+    def __init__(self, run, node, index, args, kwargs):
+        self.run, self.node, self.index = run, node, index
+        self.args, self.kwargs = args, kwargs
         self.attempt = 1
         self.seq = 0
         self.state = _WAITING
-        self.held = []          # [(limiter, amount)] reserved at grant
+        self.held = ()          # [(limiter, amount)] reserved at grant
         self.tokens = ()        # buckets a start token was taken from
         self.blocked = False    # TaskBlocked emitted for the current wait
         self.atask = None
+
+    # Derived, not stored: a map of 100,000 items makes 100,000 units.
+    @property
+    def id(self):
+        return self.node.id if self.index is None else f"{self.node.id}[{self.index}]"
+
+    @property
+    def key(self):
+        return self.node.key
 
     def __repr__(self):
         return f"<_Unit {self.id} {_STATE_NAMES[self.state]}>"
@@ -1973,6 +1983,7 @@ class _Run:
         self.status = "Running"
         self.nodes = {}
         self._ready = collections.deque()
+        self._keys = {}             # task -> its admission key in this run (shared)
         self._pumping = False
         self._inflight = 0          # launched units whose body has not settled
         self._tasks = set()         # resource set-up tasks
@@ -2095,7 +2106,10 @@ class _Run:
         if type(lz) is LazyResult and node.skip is None and lz.condition is _MISSING \
                 and not lz.amounts:
             # the common case, kept short: a plain call, ready to be admitted
-            node.key = (lz.task.name, lz.task.tags, self.run_id, ())
+            key = self._keys.get(lz.task)
+            if key is None:
+                key = self._keys[lz.task] = (lz.task.name, lz.task.tags, self.run_id, ())
+            node.key = key
             args, kwargs = lz.args, lz.kwargs
             if lz.lazy_args:
                 nodes = self.nodes
@@ -2104,7 +2118,7 @@ class _Run:
                     kwargs = {k: _resolve(v, nodes) for k, v in kwargs.items()}
                 except (TypeError, ValueError) as exc:
                     return self._fail(exc, node.id, lz.name)
-            node.units = units = [_Unit(self, node, None, node.id, args, kwargs)]
+            node.units = units = [_Unit(self, node, None, args, kwargs)]
             return self._submit(units)
         if node.skip is not None:
             return self._skip(node, node.skip)
@@ -2136,7 +2150,7 @@ class _Run:
                 if lz.lazy_args:
                     args = tuple([_resolve(a, nodes) for a in args])
                     kwargs = {k: _resolve(v, nodes) for k, v in kwargs.items()}
-                units = [_Unit(self, node, None, node.id, args, kwargs)]
+                units = [_Unit(self, node, None, args, kwargs)]
         except (TypeError, ValueError) as exc:
             return self._fail(exc, node.id, lz.name)
         node.units = units
@@ -2165,8 +2179,8 @@ class _Run:
         nid = node.id
         if not kw and all(m for m, _ in pos) and len(pos) == 1:
             items = pos[0][1]
-            return [_Unit(self, node, i, f"{nid}[{i}]", (items[i],), {}) for i in range(n)]
-        return [_Unit(self, node, i, f"{nid}[{i}]",
+            return [_Unit(self, node, i, (items[i],), _NO_KWARGS) for i in range(n)]
+        return [_Unit(self, node, i,
                       tuple([v[i] if m else v for m, v in pos]),
                       {k: (v[i] if m else v) for k, (m, v) in kw.items()}) for i in range(n)]
 
@@ -2258,10 +2272,10 @@ class _Run:
             kwargs = dict(kwargs)
             for p, r in lz.injects:
                 kwargs[p] = self._res_values[r]
-        if task.is_async:
-            u.atask = self.loop.create_task(self._async_body(u, task.fn, u.args, kwargs))
-            return
         try:
+            if task.is_async:
+                u.atask = self.loop.create_task(self._async_body(u, task.fn, u.args, kwargs))
+                return
             if self._threaded:
                 self._pool.submit(self._sync_body, u, task.fn, u.args, kwargs)
                 return
@@ -2271,8 +2285,8 @@ class _Run:
                 return self._not_begun(u)
             t0 = self._begun(u)
             f = self._pool.submit(_call_task, task, u.args, kwargs)
-        except Exception as exc:
-            self._settle_unit(u, None, exc, time.perf_counter())
+        except Exception as exc:  # could not even start the body: the task fails
+            self._finished(u, None, exc, time.perf_counter())
             return
         f.add_done_callback(functools.partial(self._remote_done, u, t0))
 
@@ -2296,7 +2310,8 @@ class _Run:
     async def _async_body(self, u, fn, args, kwargs):
         # The start gate. Without any pause the check needs no lock: reading the pause
         # count is atomic, and a pause that returned before this line is seen here (the
-        # locked check in begin() has the same linearization point: this check).
+        # locked check in begin() has the same linearization point: this check). The
+        # body begins in this same step, so nothing slips in between.
         if self.cp._npause or self.stopping:
             if not self.cp.begin(u):
                 return self._not_begun(u)

@@ -27,6 +27,11 @@ import uuid
 from hypothesis import given, settings, strategies as st
 from cascade import (LocalBroker, MqttConnector, _MAX_PAYLOAD, _call_soon, _decode_payload,
                             _deliver, _encode_payload, _topic_matches)
+import datetime
+import inspect
+import queue
+import re
+import shutil
 
 
 # ===========================================================================
@@ -3273,6 +3278,25 @@ def test_property_concurrency_respects_the_limit_in_force_at_admission():
     assert state["violations"] == 0
 
 
+# =========================================================================== regressions
+
+def test_a_body_that_cannot_even_start_fails_the_run_instead_of_hanging():
+    # regression: an exception while starting a body left the unit counted as in
+    # flight, and the run waited for it forever
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    pool.shutdown()
+    e = cs.Engine(executor=pool)
+
+    @cs.task
+    def t():
+        return 1
+
+    async def main():
+        return await asyncio.wait_for(e.run(t()), T)
+    with pytest.raises(RuntimeError, match="shutdown"):
+        asyncio.run(main())
+
+
 # ===========================================================================
 # pub/sub: broker, connectors, MQTT hook (SPEC §5)
 # ===========================================================================
@@ -3809,3 +3833,1270 @@ async def test_aiomqtt_connector(broker, prefix):
             await conn.disconnect()
         assert "aiomqtt disconnected" in repr(conn)
         await client.publish(f"{prefix}/still", b"usable")  # the user's client is untouched
+
+
+# ===========================================================================
+# engines on a broker: sync, telemetry, Controller, CLI (SPEC §5)
+# ===========================================================================
+# ===========================================================================
+# helpers
+# ===========================================================================
+_LHOST, _LPORT = "127.0.0.1", 1883
+_LWAIT = 15.0  # failure bound for every handshake; a correct engine never comes near it
+_LRUN = uuid.uuid4().hex[:8]  # in every name these tests put on the shared broker
+_LMAIN = os.path.dirname(os.path.abspath(cs.__file__))
+_LSOURCE = f"{socket.gethostname()}-{os.getpid()}"
+_LISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
+_LSTATES = {"RUNNING", "COMPLETED", "FAILED", "SKIPPED", "BLOCKED", "RETRYING"}
+
+
+def _luid():
+    return f"{_LRUN}{uuid.uuid4().hex[:6]}"
+
+
+def _lasync(fn):
+    """Run an async test function in a fresh event loop, with a failure bound."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(asyncio.wait_for(fn(*args, **kwargs), 45))
+    return wrapper
+
+
+class _LLog:
+    """A callback for engine events (``cb(event)``) or pub/sub messages
+    (``cb(topic, payload)``) from any thread; ``await until(pred)`` waits on the loop
+    that built it until ``pred(items)`` is truthy and returns that value."""
+
+    def __init__(self):
+        self.items = []
+        self._lock = threading.Lock()
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+
+    def __call__(self, *args):
+        with self._lock:
+            self.items.append(args[0] if len(args) == 1 else args)
+        try:
+            self._loop.call_soon_threadsafe(self._changed.set)
+        except RuntimeError:  # the test's loop is gone
+            pass
+
+    def snapshot(self):
+        with self._lock:
+            return list(self.items)
+
+    async def until(self, pred, what="", timeout=_LWAIT):
+        async def wait():
+            while True:
+                found = pred(self.snapshot())
+                if found:
+                    return found
+                self._changed.clear()  # a later append sets it again (through the loop)
+                await self._changed.wait()
+        try:
+            return await asyncio.wait_for(wait(), timeout)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"timed out waiting for {what}; got {self.snapshot()!r}") from None
+
+
+def _lev(items, cls, **fields):
+    """The events of type ``cls`` in ``items`` whose attributes equal ``fields``."""
+    return [e for e in items if isinstance(e, cls)
+            and all(getattr(e, k) == v for k, v in fields.items())]
+
+
+def _lcons(engine, contains=""):
+    """{(scope, type): params} of the engine's active constraints naming ``contains``."""
+    return {(c.scope, c.type): c.params for c in engine.constraints if contains in c.scope}
+
+
+async def _lretained_local(broker, filter="cascade/constraints/#"):
+    """{topic: payload} retained on a LocalBroker, by a marker round trip."""
+    log = _LLog()
+    marker = f"cascade/sync/l-{uuid.uuid4().hex}"
+    await broker.subscribe(filter, log)
+    await broker.subscribe(marker, log)
+    await broker.publish(marker, {"marker": True})
+    items = await log.until(lambda items: [t for t, _ in items].count(marker) and items,
+                            "the marker")
+    await broker.unsubscribe(filter, log)
+    await broker.unsubscribe(marker, log)
+    return dict(items[:[t for t, _ in items].index(marker)])
+
+
+def _lcheck_telemetry(p, org, project, run_id, source=_LSOURCE):
+    """Assert one telemetry payload has the SPEC §5 shape; return its body."""
+    assert set(p) == {"v", "ts", "run_id", "org_id", "project_id", "source", "body"}, p
+    assert p["v"] == "1.0"
+    assert _LISO.fullmatch(p["ts"]), p["ts"]
+    ts = datetime.datetime.strptime(p["ts"][:19], "%Y-%m-%dT%H:%M:%S").replace(
+        tzinfo=datetime.timezone.utc)
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - ts).total_seconds()) < 600, p["ts"]
+    assert (p["run_id"], p["org_id"], p["project_id"], p["source"]) == (run_id, org, project, source)
+    b = p["body"]
+    if b["type"] == "LifecycleEvent":
+        assert set(b) == {"type", "event"} and b["event"] in ("ENGINE_STARTED", "ENGINE_STOPPED")
+    else:
+        assert b["type"] == "TaskStateEvent", b
+        assert set(b) == {"type", "task_id", "task_name", "state", "duration_ms", "error"}, b
+        assert b["state"] in _LSTATES
+        assert isinstance(b["task_id"], str) and b["task_id"].startswith(b["task_name"])
+        if b["state"] in ("COMPLETED", "FAILED"):
+            assert isinstance(b["duration_ms"], (int, float)) and b["duration_ms"] >= 0, b
+        assert (b["error"] is None) == (b["state"] in ("RUNNING", "COMPLETED")), b
+        if b["error"] is not None:
+            assert isinstance(b["error"], str) and b["error"], b
+    return b
+
+
+def _lexpected_telemetry(events, run_id):
+    """What SPEC §5 says the telemetry of a run is, from the engine's own events:
+    [(task_id or None, state or lifecycle event)] in event order."""
+    out = []
+    for e in events:
+        if getattr(e, "run_id", None) != run_id:
+            continue
+        if isinstance(e, cs.RunStarted):
+            out.append((None, "ENGINE_STARTED"))
+        elif isinstance(e, cs.RunFinished):
+            out.append((None, "ENGINE_STOPPED"))
+        elif isinstance(e, cs.TaskExecutionStarted):
+            out.append((e.task_id, "RUNNING"))
+        elif isinstance(e, cs.TaskExecutionFinished):
+            out.append((e.task_id, "COMPLETED" if e.status == "Succeeded" else "FAILED"))
+        elif isinstance(e, cs.TaskSkipped):
+            out.append((e.task_id, "SKIPPED"))
+        elif isinstance(e, cs.TaskBlocked):
+            out.append((e.task_id, "BLOCKED"))
+        elif isinstance(e, cs.TaskRetrying):
+            out.append((e.task_id, "RETRYING"))
+    return out
+
+
+def _lseen_telemetry(payloads):
+    return [(None, p["body"]["event"]) if p["body"]["type"] == "LifecycleEvent"
+            else (p["body"]["task_id"], p["body"]["state"]) for p in payloads]
+
+
+# --------------------------------------------------------------------------- MQTT
+
+def _lneed(what, ok):
+    """Skip when ``what`` is missing, but fail under CI=true: CI must run these."""
+    if ok:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} (required when CI=true)")
+    pytest.skip(what)
+
+
+def _lreachable(host=_LHOST, port=_LPORT):
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _lpaho(port=_LPORT):
+    """A paho 2.x client, connected (MqttConnector.connect starts its network loop)."""
+    import paho.mqtt.client as mqtt
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"l-{uuid.uuid4().hex[:16]}")
+    c.reconnect_delay_set(min_delay=0.1, max_delay=0.5)
+    c.connect(_LHOST, port)
+    return c
+
+
+def _lclose(client):
+    client.disconnect()
+    client.loop_stop()
+
+
+class _LClient:
+    """A plain paho client outside any engine: records messages on ``filter`` (JSON
+    decoded when it can be) and publishes raw bytes. Thread-safe, blocking waits."""
+
+    def __init__(self, filter=None, port=_LPORT, retained_only=False):
+        import paho.mqtt.client as mqtt
+        self.items = []
+        self._cond = threading.Condition()
+        self._acked = threading.Event()
+        self._retained_only = retained_only
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                             client_id=f"l-{uuid.uuid4().hex[:16]}")
+        self.c.on_message = self._on_message
+        self.c.on_subscribe = lambda *a: self._acked.set()
+        self.c.connect(_LHOST, port)
+        self.c.loop_start()
+        if filter is not None:
+            self.subscribe(filter)
+
+    def subscribe(self, filter):
+        self._acked.clear()
+        self.c.subscribe(filter, 1)
+        assert self._acked.wait(_LWAIT), f"no SUBACK for {filter}"
+
+    def _on_message(self, client, userdata, m):
+        if self._retained_only and not m.retain and not m.topic.startswith("cascade/sync/l-"):
+            return
+        try:
+            payload = json.loads(m.payload) if m.payload else ""
+        except ValueError:
+            payload = bytes(m.payload)
+        with self._cond:
+            self.items.append((m.topic, payload))
+            self._cond.notify_all()
+
+    def until(self, pred, what="", timeout=_LWAIT):
+        with self._cond:
+            if not self._cond.wait_for(lambda: pred(self.items), timeout):
+                raise AssertionError(f"timed out waiting for {what}; got {self.items!r}")
+            return pred(self.items)
+
+    def publish(self, topic, raw, retain=False):
+        self.c.publish(topic, raw, 1, retain).wait_for_publish(_LWAIT)
+
+    def close(self):
+        _lclose(self.c)
+
+
+def _lretained(port=_LPORT):
+    """{topic: payload} retained under cascade/constraints/ on a broker, read by a
+    marker round trip on one connection (the broker sends the retained messages of a
+    subscription before it routes our later marker to us)."""
+    client = _LClient(port=port, retained_only=True)
+    try:
+        marker = f"cascade/sync/l-{uuid.uuid4().hex}"
+        client.subscribe("cascade/constraints/#")
+        client.subscribe(marker)
+        client.publish(marker, b'{"marker": true}')
+        items = client.until(lambda items: any(t == marker for t, _ in items) and items, "marker")
+        return {t: p for t, p in items[:[t for t, _ in items].index(marker)]}
+    finally:
+        client.close()
+
+
+def _lsweep(tag, port=_LPORT, clear=True):
+    """Retained controls whose topic or payload contains ``tag``; cleared unless told not."""
+    found = {t: p for t, p in _lretained(port).items() if tag in t or tag in json.dumps(p, default=repr)}
+    if found and clear:
+        client = _LClient(port=port)
+        try:
+            for t in found:
+                client.publish(t, b"", retain=True)
+        finally:
+            client.close()
+    return found
+
+
+@pytest.fixture
+def _lmqtt():
+    """The shared broker (skip without it, fail under CI=true); yields a unique tag for
+    the test's names and fails the test if it left a retained control behind."""
+    _lneed(f"no MQTT broker on {_LHOST}:{_LPORT}", _lreachable())
+    tag = _luid()
+    yield tag
+    left = _lsweep(tag)  # cleared here so that other engines never inherit them
+    assert not left, f"the test left retained controls behind: {sorted(left)}"
+
+
+def _lenv():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = _LMAIN + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _lcli(*args, script=False, timeout=_LWAIT):
+    """Run the CLI (``python -m cascade`` or the console script) to completion."""
+    cmd = [shutil.which("cascade")] if script else [sys.executable, "-m", "cascade"]
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True,
+                          env=_lenv(), cwd=_LMAIN, timeout=timeout)
+
+
+def _lok(r):
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    return r.stdout
+
+
+class _LProc:
+    """A subprocess whose stdout/stderr lines are read by threads, so a test can wait
+    for a line (a handshake) with a failure bound."""
+
+    def __init__(self, args):
+        self.p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, bufsize=1,
+                                  env=_lenv(), cwd=_LMAIN)
+        self.lines = {"out": [], "err": []}
+        self._q = {"out": queue.Queue(), "err": queue.Queue()}
+        self._pos = {"out": 0, "err": 0}
+        for name, stream in (("out", self.p.stdout), ("err", self.p.stderr)):
+            threading.Thread(target=self._read, args=(name, stream), daemon=True).start()
+
+    def _read(self, name, stream):
+        for line in stream:
+            self._q[name].put(line.rstrip("\n"))
+        self._q[name].put(None)
+
+    def expect(self, pattern, stream="out", timeout=_LWAIT):
+        """The next line (after the last one expected) that matches ``pattern``."""
+        rx = re.compile(pattern)
+        q, lines = self._q[stream], self.lines[stream]
+        while True:
+            for i in range(self._pos[stream], len(lines)):
+                if rx.search(lines[i]):
+                    self._pos[stream] = i + 1
+                    return lines[i]
+            self._pos[stream] = len(lines)
+            try:
+                line = q.get(timeout=timeout)
+            except queue.Empty:
+                line = None
+            if line is None:
+                raise AssertionError(f"no line matching {pattern!r} on std{stream}; "
+                                     f"stdout={self.lines['out']!r} stderr={self.lines['err']!r}")
+            lines.append(line)
+
+    def send(self, line=""):
+        self.p.stdin.write(line + "\n")
+        self.p.stdin.flush()
+
+    def wait(self, timeout=_LWAIT):
+        rc = self.p.wait(timeout)
+        for name in ("out", "err"):  # collect the rest of the output
+            while True:
+                try:
+                    line = self._q[name].get(timeout=timeout)
+                except queue.Empty:
+                    break
+                if line is None:
+                    self._q[name].put(None)
+                    break
+                self.lines[name].append(line)
+        return rc
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(_LWAIT)
+
+
+# An engine process: paho connector, project l_<uid>; prints a line when a constraint
+# naming <uid> is applied or removed, when a task is blocked, and when tasks start;
+# task `first` waits for a line on stdin (the test's go-ahead), then `work` runs.
+_LENGINE = r'''
+import asyncio, json, sys, threading
+import paho.mqtt.client as mqtt
+import cascade as cs
+
+uid = sys.argv[1]
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+client.connect("127.0.0.1", 1883)
+engine = cs.Engine(connector=cs.MqttConnector(client), project="l_" + uid)
+
+lock = threading.Lock()
+
+def say(*args):  # one write per line: events come from the loop and the pool threads
+    with lock:
+        sys.stdout.write(" ".join(map(str, args)) + "\n")
+        sys.stdout.flush()
+
+def mine():
+    return sorted([c.scope, c.type, c.params] for c in engine.constraints if uid in c.scope)
+
+engine.subscribe(cs.ConstraintApplied, lambda e: uid in e.constraint.scope and
+                 say("applied", e.constraint.scope, e.constraint.type))
+engine.subscribe(cs.ConstraintRemoved, lambda e: uid in e.constraint.scope and
+                 say("removed", e.constraint.scope, e.constraint.type))
+engine.subscribe(cs.TaskBlocked, lambda e: say("blocked", e.task_name, "|", e.reason))
+
+@cs.task(name="l_%s_first" % uid)
+def first():
+    say("started first", json.dumps(mine()))
+    sys.stdin.readline()
+    return 1
+
+@cs.task(name="l_%s_work" % uid)
+def work(x):
+    say("started work")
+    return x + 1
+
+say("result", asyncio.run(engine.run(work(first()))))
+client.disconnect()
+client.loop_stop()
+'''
+
+
+def _lengine_proc(uid):
+    return _LProc([sys.executable, "-c", _LENGINE, uid])
+
+
+# ===========================================================================
+# engine + LocalBroker: retained controls, one topic per (scope, type) (item 2)
+# ===========================================================================
+
+@_lasync
+async def test_link_retained_controls_are_applied_before_the_first_task():
+    broker, u = cs.LocalBroker(), _luid()
+    free, held, capped = f"l_{u}_free", f"l_{u}_held", f"l_{u}_capped"
+    ctl = cs.Controller(broker)
+    await ctl.pause(f"task:{held}")
+    await ctl.limit(f"task:{free}", 2)
+    await ctl.rate_limit(f"tag:{free}", "100/s", burst=3)
+    await ctl.limit(f"task:{capped}", 0)  # decided when the task is first queued
+    engine = cs.Engine(connector=broker)
+    log = _LLog()
+    engine.subscribe(cs.Event, log)
+    seen_at_start = []
+
+    @cs.task(name=free, tags=[free])
+    async def probe():
+        seen_at_start.append(_lcons(engine, u))
+        return 1
+
+    @cs.task(name=held)
+    async def later(x):
+        return x + 1
+
+    @cs.task(name=capped)
+    def sync_one(x):
+        return x
+
+    handle = engine.start([probe(), later(1), sync_one(3)])
+    await log.until(lambda items: _lev(items, cs.TaskBlocked, task_name=held)
+                    and _lev(items, cs.TaskBlocked, task_name=capped)
+                    and _lev(items, cs.TaskExecutionFinished, task_name=free), "blocked tasks")
+    assert seen_at_start == [{(f"task:{held}", "pause"): {},
+                              (f"task:{free}", "concurrency"): {"limit": 2},
+                              (f"tag:{free}", "rate_limit"): {"rate": "100/s", "burst": 3},
+                              (f"task:{capped}", "concurrency"): {"limit": 0}}]
+    assert "pause" in _lev(log.snapshot(), cs.TaskBlocked, task_name=held)[0].reason
+    assert "concurrency" in _lev(log.snapshot(), cs.TaskBlocked, task_name=capped)[0].reason
+    assert not _lev(log.snapshot(), cs.TaskExecutionStarted, task_name=held)
+    assert not _lev(log.snapshot(), cs.TaskExecutionStarted, task_name=capped)
+    await ctl.resume(f"task:{held}")
+    await ctl.clear(f"task:{capped}")
+    assert await asyncio.wait_for(handle, _LWAIT) == [1, 2, 3]
+    items = log.snapshot()
+    removed = items.index(_lev(items, cs.ConstraintRemoved)[0])
+    assert removed < items.index(_lev(items, cs.TaskExecutionStarted, task_name=held)[0])
+    assert set(_lcons(engine, u)) == {(f"task:{free}", "concurrency"), (f"tag:{free}", "rate_limit")}
+
+
+@_lasync
+async def test_link_pause_and_limit_on_one_scope_are_two_topics_and_an_empty_message_removes_one():
+    broker, u = cs.LocalBroker(), _luid()
+    name = f"l_{u}_t"
+    scope, other = f"task:{name}", f"task:l_{u}_other"
+    ctl = cs.Controller(broker)
+    p = await ctl.pause(scope)
+    lim = await ctl.limit(scope, 2)
+    other_pause = await ctl.pause(other)
+    assert p.topic == f"cascade/constraints/task/{name}/pause"
+    assert lim.topic == f"cascade/constraints/task/{name}/concurrency"
+    retained = await _lretained_local(broker)
+    assert retained == {p.topic: p.to_dict(), lim.topic: lim.to_dict(),
+                        other_pause.topic: other_pause.to_dict()}
+
+    engine = cs.Engine(connector=broker)
+    log = _LLog()
+    engine.subscribe(cs.Event, log)
+
+    @cs.task(name=name)
+    async def t():
+        return "ran"
+
+    handle = engine.start(t())
+    await log.until(lambda items: _lev(items, cs.TaskBlocked, task_name=name), "t blocked")
+    assert set(_lcons(engine, u)) == {(scope, "pause"), (scope, "concurrency"), (other, "pause")}
+    await broker.publish(p.topic, "", qos=1, retain=True)  # the raw MQTT way to remove one
+    assert await asyncio.wait_for(handle, _LWAIT) == "ran"
+    assert _lcons(engine, u) == {(scope, "concurrency"): {"limit": 2}, (other, "pause"): {}}
+    assert [c.constraint.type for c in _lev(log.snapshot(), cs.ConstraintRemoved)] == ["pause"]
+    assert [(c.scope, c.type) for c in await ctl.status()] == [(other, "pause"),
+                                                               (scope, "concurrency")]
+
+
+@_lasync
+async def test_link_local_controls_and_broker_messages_replace_each_other():
+    broker, u = cs.LocalBroker(), _luid()
+    scope = f"task:l_{u}_x"
+    ctl = cs.Controller(broker)
+    engine = cs.Engine(connector=broker)
+    log = _LLog()
+    engine.subscribe(cs.Event, log)
+    engine.limit(scope, 5)           # local ...
+    await ctl.limit(scope, 2)        # ... replaced by the retained one when the run syncs
+    gate, started = asyncio.Event(), asyncio.Event()
+
+    @cs.task(name=f"l_{u}_probe")
+    async def probe():
+        started.set()
+        await gate.wait()
+        return "done"
+
+    def applied(**params):
+        return lambda items: [e for e in _lev(items, cs.ConstraintApplied)
+                              if e.constraint.scope == scope and e.constraint.params == params]
+
+    handle = engine.start(probe())
+    await asyncio.wait_for(started.wait(), _LWAIT)
+    assert _lcons(engine, u) == {(scope, "concurrency"): {"limit": 2}}
+    engine.limit(scope, 7)           # local replaces the broker's
+    assert _lcons(engine, u) == {(scope, "concurrency"): {"limit": 7}}
+    await ctl.limit(scope, 3)        # and a broker message replaces the local one
+    await log.until(applied(limit=3), "limit 3 from the broker")
+    assert _lcons(engine, u) == {(scope, "concurrency"): {"limit": 3}}
+
+    engine.pause(scope)              # a local pause ...
+    await ctl.resume(scope)          # ... is lifted by the broker's empty pause message
+    await log.until(lambda items: _lev(items, cs.ConstraintRemoved), "pause removed")
+    assert (scope, "pause") not in _lcons(engine, u)
+    await ctl.pause(scope)           # a broker pause ...
+    await log.until(applied(), "pause from the broker")
+    assert (scope, "pause") in _lcons(engine, u)
+    engine.resume(scope)             # ... is lifted by a local resume
+    assert _lcons(engine, u) == {(scope, "concurrency"): {"limit": 3}}
+    gate.set()
+    assert await asyncio.wait_for(handle, _LWAIT) == "done"
+    await ctl.clear(scope)
+
+
+@_lasync
+async def test_link_constraint_removed_from_the_broker_between_runs_is_gone_at_the_next_run():
+    broker, u = cs.LocalBroker(), _luid()
+    remote, local = f"task:l_{u}_remote", f"task:l_{u}_local"
+    ctl = cs.Controller(broker)
+    engine = cs.Engine(connector=broker)
+    engine.limit(local, 4)
+    await ctl.limit(remote, 2)
+    await ctl.rate_limit(remote, "5/s")
+
+    @cs.task(name=f"l_{u}_probe")
+    async def probe():
+        return _lcons(engine, u)
+
+    assert await engine.run(probe()) == {(local, "concurrency"): {"limit": 4},
+                                         (remote, "concurrency"): {"limit": 2},
+                                         (remote, "rate_limit"): {"rate": "5/s", "burst": 1}}
+    await ctl.clear(remote, type="concurrency")  # no run is active: the engine is not listening
+    assert await engine.run(probe()) == {(local, "concurrency"): {"limit": 4},
+                                         (remote, "rate_limit"): {"rate": "5/s", "burst": 1}}
+    await ctl.clear(remote)
+    assert await engine.run(probe()) == {(local, "concurrency"): {"limit": 4}}
+
+
+@_lasync
+async def test_link_local_limit_set_after_the_broker_cleared_its_scope_survives_the_next_run():
+    # Regression: the engine remembered (scope, type) as "from the broker" after a local
+    # call replaced it, so the broker's clear (sent while no run was active, i.e. BEFORE
+    # the local call) removed the newer local limit when the next run synced.
+    broker, u = cs.LocalBroker(), _luid()
+    scope = f"task:l_{u}_x"
+    ctl = cs.Controller(broker)
+    engine = cs.Engine(connector=broker)
+
+    @cs.task(name=f"l_{u}_probe")
+    async def probe():
+        return _lcons(engine, u)
+
+    await ctl.limit(scope, 2)
+    assert await engine.run(probe()) == {(scope, "concurrency"): {"limit": 2}}
+    await ctl.clear(scope)           # the broker forgets it ...
+    engine.limit(scope, 7)           # ... and only then the engine sets its own
+    assert await engine.run(probe()) == {(scope, "concurrency"): {"limit": 7}}
+
+
+# ===========================================================================
+# Controller (item 3)
+# ===========================================================================
+
+@_lasync
+async def test_link_controller_verbs_are_coroutines_and_status_returns_the_retained_constraints():
+    broker, u = cs.LocalBroker(), _luid()
+    a, b, c = f"task:l_{u}_a", f"tag:l_{u}_b", f"project:l_{u}"
+    ctl = cs.Controller(broker)
+    for verb in ("pause", "resume", "limit", "rate_limit", "clear", "status"):
+        assert inspect.iscoroutinefunction(getattr(ctl, verb)), verb
+    assert await ctl.status() == []
+    p = await ctl.pause(a, ttl=60)
+    lim = await ctl.limit(b, 3)
+    r = await ctl.rate_limit(c, "30/m", burst=2, ttl=120)
+    assert isinstance(p, cs.Constraint) and (p.scope, p.type, p.params) == (a, "pause", {})
+    assert 0 < p.expires_in() <= 60 and lim.expires_at is None
+    assert r.params == {"rate": "30/m", "burst": 2}
+    status = await ctl.status()
+    assert [x.to_dict() for x in status] == [x.to_dict() for x in
+                                             sorted([p, lim, r], key=lambda x: (x.scope, x.type))]
+    assert 0 < next(x for x in status if x.scope == a).expires_in() <= 60
+    await ctl.limit(a, 1)            # one topic per (scope, type): the pause stays
+    assert [(x.scope, x.type) for x in await ctl.status() if x.scope == a] == [
+        (a, "concurrency"), (a, "pause")]
+    await ctl.resume(a)
+    assert [(x.scope, x.type) for x in await ctl.status()] == [
+        (c, "rate_limit"), (b, "concurrency"), (a, "concurrency")]
+    await ctl.clear(c, type="rate_limit")
+    await ctl.clear(b)
+    await ctl.clear(a, type="concurrency")
+    assert await ctl.status() == []
+    for call in (lambda: ctl.pause("bad scope"), lambda: ctl.pause("global", ttl=0),
+                 lambda: ctl.limit(a, -1), lambda: ctl.rate_limit(a, "fast"),
+                 lambda: ctl.clear(a, type="bogus"), lambda: ctl.resume("task:a/b")):
+        with pytest.raises(cs.ConstraintError):
+            await call()
+    assert await _lretained_local(broker) == {}  # nothing was published by the bad calls
+
+
+@_lasync
+async def test_link_controller_limit_steers_a_running_engine():
+    broker, u = cs.LocalBroker(), _luid()
+    name = f"l_{u}_w"
+    ctl = cs.Controller(broker)
+    await ctl.limit(f"task:{name}", 0)          # holds every start
+    engine = cs.Engine(connector=broker)
+    log = _LLog()
+    engine.subscribe(cs.Event, log)
+    running, peak = [0], [0]
+    gate = asyncio.Event()
+
+    @cs.task(name=name)
+    async def w(i):
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        await gate.wait()
+        running[0] -= 1
+        return i
+
+    handle = engine.start(w.map(range(6)))
+    await log.until(lambda items: len(_lev(items, cs.TaskBlocked)) == 6, "6 blocked")
+    await ctl.limit(f"task:{name}", 2)
+    await log.until(lambda items: len(_lev(items, cs.TaskExecutionStarted)) == 2, "2 started")
+    gate.set()
+    assert await asyncio.wait_for(handle, _LWAIT) == list(range(6))
+    assert peak[0] == 2
+    await ctl.clear(f"task:{name}")
+
+
+# ===========================================================================
+# telemetry (item 4)
+# ===========================================================================
+
+@_lasync
+async def test_link_telemetry_with_a_local_broker_is_complete_when_run_returns():
+    broker, u = cs.LocalBroker(), _luid()
+    org, project = f"lorg_{u}", f"lproj_{u}"
+    engine = cs.Engine(connector=broker, org=org, project=project)
+    tele = _LLog()
+    await broker.subscribe(f"cascade/telemetry/{org}/{project}/+/events", tele)
+    log = _LLog()
+    engine.subscribe(cs.Event, log)
+    attempts = []
+
+    @cs.task(name=f"l_{u}_ok")
+    async def ok(x):
+        if x == "resume":  # lift the pause once the held task is known to wait
+            await log.until(lambda items: _lev(items, cs.TaskBlocked), "held blocked")
+            engine.resume(f"task:l_{u}_held")
+        return x
+
+    @cs.task(name=f"l_{u}_flaky")
+    def flaky():
+        attempts.append(1)
+        if len(attempts) < 2:
+            raise ConnectionError("l hiccup")
+        return "ok"
+
+    @cs.task(name=f"l_{u}_held")
+    async def held(x):
+        return x
+
+    @cs.task(name=f"l_{u}_boom")
+    async def boom():
+        raise ValueError("l boom")
+
+    async def run_then_mark(target, n):
+        # LocalBroker delivers in publish order: whatever the run published before it
+        # returned comes before this marker, published at once after it returns.
+        try:
+            return await engine.run(target)
+        finally:
+            await broker.publish(f"cascade/telemetry/{org}/{project}/marker{n}/events", {"m": n})
+
+    engine.pause(f"task:l_{u}_held")
+    assert await run_then_mark([ok("resume"), flaky().with_retry(2), held(2)], 1) == [
+        "resume", "ok", 2]
+    with pytest.raises(ValueError, match="l boom"):
+        await run_then_mark(boom(), 2)
+    with pytest.raises(cs.DependencyMissingError):
+        await run_then_mark(ok(ok(5).run_if(False)), 3)
+
+    items = await tele.until(lambda items: [t for t, _ in items if "/marker3/" in t] and items,
+                             "marker 3")
+    runs = [e.run_id for e in _lev(log.snapshot(), cs.RunStarted)]
+    assert len(runs) == 3
+    before = 0
+    for n, run_id in enumerate(runs, 1):
+        mark = [t for t, _ in items].index(f"cascade/telemetry/{org}/{project}/marker{n}/events")
+        mine = [(t, p) for t, p in items[before:mark] if p.get("run_id") == run_id]
+        assert all(t == f"cascade/telemetry/{org}/{project}/{run_id}/events" for t, _ in mine)
+        payloads = [p for _, p in mine]
+        for p in payloads:
+            _lcheck_telemetry(p, org, project, run_id)
+        assert _lseen_telemetry(payloads) == _lexpected_telemetry(log.snapshot(), run_id)
+        before = mark
+    states = [(p["body"].get("state"), p["body"].get("task_name")) for _, p in items
+              if isinstance(p, dict) and p.get("body", {}).get("type") == "TaskStateEvent"]
+    for state, task in [("BLOCKED", f"l_{u}_held"), ("RETRYING", f"l_{u}_flaky"),
+                        ("COMPLETED", f"l_{u}_flaky"), ("FAILED", f"l_{u}_boom"),
+                        ("SKIPPED", f"l_{u}_ok")]:
+        assert (state, task) in states, (state, task)
+    failed = [p["body"] for _, p in items if p.get("body", {}).get("state") == "FAILED"]
+    assert "l boom" in failed[0]["error"] and failed[0]["duration_ms"] >= 0
+    retrying = [p["body"] for _, p in items if p.get("body", {}).get("state") == "RETRYING"]
+    assert "l hiccup" in retrying[0]["error"]
+
+
+class _LFaulty:
+    """A LocalBroker whose publish raises or hangs forever for matching topics."""
+
+    def __init__(self, mode, prefix=""):
+        self.broker, self.mode, self.prefix = cs.LocalBroker(), mode, prefix
+
+    async def connect(self):
+        await self.broker.connect()
+
+    async def disconnect(self):
+        await self.broker.disconnect()
+
+    async def publish(self, topic, payload, qos=0, retain=False):
+        if topic.startswith(self.prefix):
+            if self.mode == "raise":
+                raise ConnectionError("l broker gone")
+            await asyncio.Event().wait()  # hangs forever
+        await self.broker.publish(topic, payload, qos, retain)
+
+    async def subscribe(self, topic, callback):
+        await self.broker.subscribe(topic, callback)
+
+    async def unsubscribe(self, topic, callback):
+        await self.broker.unsubscribe(topic, callback)
+
+
+class _LBroken:
+    """A connector every method of which raises."""
+
+    async def connect(self, *args):
+        raise ConnectionError("l no broker")
+
+    disconnect = publish = subscribe = unsubscribe = connect
+
+
+@pytest.mark.parametrize("mode", ["raise", "hang"])
+@_lasync
+async def test_link_failing_telemetry_publish_never_fails_or_stalls_the_run(mode, monkeypatch, caplog):
+    monkeypatch.setattr(cs._Link, "FLUSH_TIMEOUT", 0.2)
+    u = _luid()
+    conn = _LFaulty(mode, prefix="cascade/telemetry/")
+    await cs.Controller(conn.broker).limit(f"task:l_{u}_t", 3)
+    engine = cs.Engine(connector=conn)
+
+    @cs.task(name=f"l_{u}_t")
+    async def t(i):
+        return _lcons(engine, u)
+
+    with caplog.at_level(logging.WARNING, logger=cs.__name__):
+        got = await asyncio.wait_for(engine.run(t.map(range(3))), _LWAIT)
+        # the controls still arrived through the same connector
+        assert got == [{(f"task:l_{u}_t", "concurrency"): {"limit": 3}}] * 3
+        with pytest.raises(ZeroDivisionError):  # a failing run keeps its own error
+            await asyncio.wait_for(engine.run(cs.task(name=f"l_{u}_z")(lambda: 1 / 0)()), _LWAIT)
+    assert any("telemetry" in r.getMessage() for r in caplog.records)
+
+
+@_lasync
+async def test_link_a_connector_that_raises_everywhere_never_fails_the_run(caplog):
+    u = _luid()
+    engine = cs.Engine(connector=_LBroken())
+    engine.limit(f"task:l_{u}_t", 1)  # local controls keep working
+
+    @cs.task(name=f"l_{u}_t")
+    def t(x):
+        return x * 2
+
+    with caplog.at_level(logging.WARNING, logger=cs.__name__):
+        assert await asyncio.wait_for(engine.run(t.map(range(4))), _LWAIT) == [0, 2, 4, 6]
+
+
+@_lasync
+async def test_link_a_connector_whose_publish_hangs_never_stalls_the_run(monkeypatch):
+    # Issue item 4: "a connector that raises or hangs never fails or stalls a run".
+    # _Link.open awaits connector.publish(marker) without any bound (SYNC_TIMEOUT
+    # only bounds the marker's arrival), so a hung publish stalls the run for ever.
+    monkeypatch.setattr(cs._Link, "FLUSH_TIMEOUT", 0.2)
+    monkeypatch.setattr(cs._Link, "SYNC_TIMEOUT", 0.2)
+    engine = cs.Engine(connector=_LFaulty("hang"))
+
+    @cs.task(name=f"l_{_luid()}_t")
+    async def t():
+        return "ran"
+
+    try:
+        result = await asyncio.wait_for(engine.run(t()), 10)
+    except asyncio.TimeoutError:
+        pytest.fail("the run stalled on a connector whose publish hangs")
+    assert result == "ran"
+
+
+# ===========================================================================
+# MQTT: engines in-process over Mosquitto (item 5)
+# ===========================================================================
+
+@_lasync
+async def test_link_telemetry_reaches_an_outside_mqtt_subscriber(_lmqtt):
+    u = _lmqtt
+    org, project = f"lorg_{u}", f"l_{u}"
+    outside = _LClient(f"cascade/telemetry/{org}/{project}/+/events")
+    client = _lpaho()
+    try:
+        engine = cs.Engine(connector=cs.MqttConnector(client), org=org, project=project)
+        log = _LLog()
+        engine.subscribe(cs.Event, log)
+        attempts = []
+
+        @cs.task(name=f"l_{u}_a")
+        def a(x):
+            return x + 1
+
+        @cs.task(name=f"l_{u}_flaky")
+        async def flaky(x):
+            attempts.append(x)
+            if len(attempts) < 2:
+                raise RuntimeError("l transient")
+            return x
+
+        handle = engine.start(flaky(a.map(range(3))).with_retry(2))
+        assert await asyncio.wait_for(handle, _LWAIT) == [1, 2, 3]
+        items = await asyncio.to_thread(
+            outside.until, lambda items: any(p["body"].get("event") == "ENGINE_STOPPED"
+                                             for _, p in items) and items, "ENGINE_STOPPED")
+        assert {t for t, _ in items} == {f"cascade/telemetry/{org}/{project}/{handle.run_id}/events"}
+        payloads = [p for _, p in items]
+        for p in payloads:
+            _lcheck_telemetry(p, org, project, handle.run_id)
+        assert _lseen_telemetry(payloads) == _lexpected_telemetry(log.snapshot(), handle.run_id)
+    finally:
+        outside.close()
+        _lclose(client)
+
+
+@_lasync
+async def test_link_aiomqtt_engine_applies_retained_controls_and_sends_telemetry(_lmqtt):
+    try:
+        import aiomqtt
+    except ImportError:
+        aiomqtt = None
+    _lneed("aiomqtt is not installed", aiomqtt)
+    u = _lmqtt
+    org, project = f"lorg_{u}", f"l_{u}"
+    scope = f"task:l_{u}_t"
+    outside = _LClient(f"cascade/telemetry/{org}/{project}/+/events")
+    try:
+        async with aiomqtt.Client(_LHOST, _LPORT) as client:
+            conn = cs.MqttConnector(client)
+            ctl = cs.Controller(conn)
+            await ctl.limit(scope, 2)
+            await ctl.pause(f"task:l_{u}_never")
+            try:
+                engine = cs.Engine(connector=conn, org=org, project=project)
+
+                @cs.task(name=f"l_{u}_t")
+                async def t():
+                    return _lcons(engine, u)
+
+                handle = engine.start(t())
+                assert await asyncio.wait_for(handle, _LWAIT) == {(scope, "concurrency"): {"limit": 2},
+                                        (f"task:l_{u}_never", "pause"): {}}
+            finally:
+                await ctl.clear(scope)
+                await ctl.clear(f"task:l_{u}_never")
+                await conn.disconnect()
+                await conn.disconnect()
+        items = await asyncio.to_thread(
+            outside.until, lambda items: any(p["body"].get("event") == "ENGINE_STOPPED"
+                                             for _, p in items) and items, "ENGINE_STOPPED")
+        assert [p["body"].get("state") or p["body"]["event"] for _, p in items] == [
+            "ENGINE_STARTED", "RUNNING", "COMPLETED", "ENGINE_STOPPED"]
+        for _, p in items:
+            _lcheck_telemetry(p, org, project, handle.run_id)
+    finally:
+        outside.close()
+
+
+@_lasync
+async def test_link_garbage_and_oversize_control_messages_are_rejected_and_the_engine_serves_on(
+        _lmqtt, caplog):
+    u = _lmqtt
+    victim = f"l_{u}_victim"
+    base = f"cascade/constraints/task/{victim}"
+    client, ctl_client = _lpaho(), _lpaho()
+    raw = _LClient()
+    ctl = cs.Controller(cs.MqttConnector(ctl_client))
+    try:
+        engine = cs.Engine(connector=cs.MqttConnector(client))
+        log = _LLog()
+        engine.subscribe(cs.Event, log)
+        gate, started = asyncio.Event(), asyncio.Event()
+
+        @cs.task(name=f"l_{u}_probe")
+        async def probe():
+            started.set()
+            await gate.wait()
+            return 1
+
+        @cs.task(name=victim)
+        def work(x):
+            return x + 1
+
+        handle = engine.start(work(probe()))
+        await asyncio.wait_for(started.wait(), _LWAIT)  # synced and listening
+        big = json.dumps({"id": "x" * (70 * 1024), "scope": f"task:{victim}", "type": "pause"})
+        bad = [(f"{base}/pause", b"\xff\xfe\x00 garbage"),
+               (f"{base}/pause", b"{not json"),
+               (f"{base}/pause", b"[1, 2, 3]"),
+               (f"{base}/pause", big.encode()),
+               (f"{base}/pause", b"x" * (65 * 1024)),
+               (f"{base}/concurrency", json.dumps({"scope": f"task:{victim}", "type": "concurrency",
+                                                   "params": {"limit": -1}}).encode()),
+               (f"{base}/bogus", json.dumps({"scope": f"task:{victim}", "type": "pause"}).encode())]
+        with caplog.at_level(logging.WARNING, logger=cs.__name__):
+            for topic, payload in bad:  # not retained: nothing to clean up
+                raw.publish(topic, payload)
+            rejected = await log.until(
+                lambda items: len(mine := [e for e in _lev(items, cs.ConstraintRejected)
+                                           if victim in e.topic]) == len(bad) and mine,
+                "every bad message rejected")
+        assert [e.topic for e in rejected] == [t for t, _ in bad]
+        assert "64 KiB" in rejected[3].reason and "64 KiB" in rejected[4].reason
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING
+                    and victim in r.getMessage()]
+        assert len(warnings) == len(bad)
+        assert _lcons(engine, u) == {}
+        await ctl.pause(f"task:{victim}")  # a valid control still works
+        await log.until(lambda items: [e for e in _lev(items, cs.ConstraintApplied)
+                                       if e.constraint.scope == f"task:{victim}"], "pause")
+        gate.set()
+        await log.until(lambda items: _lev(items, cs.TaskBlocked, task_name=victim), "blocked")
+        await ctl.resume(f"task:{victim}")
+        assert await asyncio.wait_for(handle, _LWAIT) == 2
+    finally:
+        await ctl.clear(f"task:{victim}")
+        raw.close()
+        _lclose(client)
+        _lclose(ctl_client)
+
+
+def _lfree_port():
+    with socket.socket() as s:
+        s.bind((_LHOST, 0))
+        return s.getsockname()[1]
+
+
+@_lasync
+async def test_link_broker_restart_mid_run_the_run_completes_and_controls_work_again(tmp_path):
+    binary = shutil.which("mosquitto")
+    _lneed("no mosquitto binary to start a private broker", binary)
+    port = _lfree_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} {_LHOST}\nallow_anonymous true\npersistence false\n"
+                    "log_dest stderr\n")
+
+    brokers = []
+
+    def start_broker():
+        brokers.append(_LProc([binary, "-c", str(conf)]))
+        brokers[-1].expect(r"mosquitto version .* running", stream="err")
+        return brokers[-1]
+
+    broker = start_broker()
+    u = _luid()
+    second = f"l_{u}_second"
+    events = queue.Queue()
+    client = ctl_client = None
+    try:
+        client = _lpaho(port)
+        client.on_connect = lambda *a: events.put("connect")        # chained by the connector
+        client.on_disconnect = lambda *a: events.put("disconnect")
+        engine = cs.Engine(connector=cs.MqttConnector(client))
+        log = _LLog()
+        engine.subscribe(cs.Event, log)
+        gate, started = asyncio.Event(), asyncio.Event()
+
+        @cs.task(name=f"l_{u}_first")
+        async def first():
+            started.set()
+            await gate.wait()
+            return 1
+
+        @cs.task(name=second)
+        async def then(x):
+            return x + 1
+
+        handle = engine.start(then(first()))
+        await asyncio.wait_for(started.wait(), _LWAIT)
+
+        def next_event(want):
+            while True:
+                got = events.get(timeout=_LWAIT)
+                if got == want:
+                    return
+
+        broker.kill()
+        await asyncio.to_thread(next_event, "disconnect")
+        broker = start_broker()
+        await asyncio.to_thread(next_event, "connect")  # paho reconnected by itself
+        ctl_client = _lpaho(port)
+        ctl = cs.Controller(cs.MqttConnector(ctl_client))
+        await ctl.pause(f"task:{second}")
+        await log.until(lambda items: [e for e in _lev(items, cs.ConstraintApplied)
+                                       if e.constraint.scope == f"task:{second}"],
+                        "the pause after the reconnection")
+        gate.set()
+        await log.until(lambda items: _lev(items, cs.TaskBlocked, task_name=second), "blocked")
+        await ctl.resume(f"task:{second}")
+        assert await asyncio.wait_for(handle, _LWAIT) == 2
+        assert _lcons(engine, u) == {}
+    finally:
+        for c in (client, ctl_client):
+            if c is not None:
+                _lclose(c)
+        for b in brokers:
+            b.kill()
+
+
+# ===========================================================================
+# MQTT: engine processes steered by the CLI (item 5)
+# ===========================================================================
+
+@pytest.mark.parametrize("script", [False, True], ids=["python-m-cascade", "console-script"])
+def test_link_cli_pauses_and_resumes_an_engine_process(_lmqtt, script):
+    if script:  # CI installs the package (pip install -e .), so it must run there
+        _lneed("the `cascade` console script is not installed", shutil.which("cascade"))
+    u = _lmqtt
+    work = f"task:l_{u}_work"
+    proc = _lengine_proc(u)
+    try:
+        proc.expect(r"^started first")
+        assert "pause on " + work in _lok(_lcli("pause", work, script=script))
+        proc.expect(rf"^applied {work} pause$")
+        proc.send()                                   # `first` may finish now
+        proc.expect(rf"^blocked l_{u}_work \| .*pause")
+        assert not any(line.startswith("started work") for line in proc.lines["out"])
+        assert _lok(_lcli("resume", work, script=script)).strip() == f"resumed {work}"
+        proc.expect(rf"^removed {work} pause$")
+        proc.expect(r"^started work$")
+        proc.expect(r"^result 2$")
+        assert proc.wait() == 0, proc.lines["err"]
+    finally:
+        proc.kill()
+        _lsweep(u)
+
+
+def test_link_one_cli_command_pauses_two_engine_processes(_lmqtt):
+    u = _lmqtt
+    work = f"task:l_{u}_work"
+    procs = [_lengine_proc(u), _lengine_proc(u)]
+    try:
+        for p in procs:
+            p.expect(r"^started first")
+        _lok(_lcli("pause", work))
+        for p in procs:
+            p.expect(rf"^applied {work} pause$")
+            p.send()
+        for p in procs:
+            p.expect(rf"^blocked l_{u}_work \|")
+            assert not any(line.startswith("started work") for line in p.lines["out"])
+        _lok(_lcli("resume", work))
+        for p in procs:
+            p.expect(r"^started work$")
+            p.expect(r"^result 2$")
+            assert p.wait() == 0, p.lines["err"]
+    finally:
+        for p in procs:
+            p.kill()
+        _lsweep(u)
+
+
+def test_link_late_joining_engine_process_honours_retained_controls(_lmqtt):
+    u = _lmqtt
+    work, first = f"task:l_{u}_work", f"task:l_{u}_first"
+    proc = None
+    try:
+        _lok(_lcli("pause", work, "--ttl", 300))
+        _lok(_lcli("limit", first, 1))
+        _lok(_lcli("rate", f"project:l_{u}", "50/s", "--burst", 5))
+        proc = _lengine_proc(u)
+        line = proc.expect(r"^started first")
+        assert json.loads(line[len("started first"):]) == [
+            [f"project:l_{u}", "rate_limit", {"rate": "50/s", "burst": 5}],
+            [first, "concurrency", {"limit": 1}],
+            [work, "pause", {}]]
+        proc.send()
+        proc.expect(rf"^blocked l_{u}_work \| .*pause")
+        _lok(_lcli("resume", work))
+        proc.expect(r"^result 2$")
+        assert proc.wait() == 0, proc.lines["err"]
+    finally:
+        if proc is not None:
+            proc.kill()
+        _lsweep(u)
+
+
+# ===========================================================================
+# CLI (item 6)
+# ===========================================================================
+
+_LVERBS = ("pause", "resume", "limit", "rate", "clear", "status", "watch", "demo")
+
+
+def test_link_cli_help_is_enough_on_its_own(capsys):
+    out = _lok(_lcli("--help"))
+    for word in _LVERBS + ("global", "task:", "tag:", "run:", "project:", "--ttl",
+                           "pip install 'cascade[mqtt]'"):
+        assert word in out, word
+    options = {"pause": ["scope", "--ttl"], "resume": ["scope"], "limit": ["scope", "n", "--ttl"],
+               "rate": ["scope", "rate", "--burst", "--ttl", "10/s"], "clear": ["scope", "--type",
+               "pause", "concurrency", "rate_limit"], "status": ["time left"],
+               "watch": ["--json", "--count", "--topic"], "demo": ["--tasks"]}
+    for verb in _LVERBS:
+        with pytest.raises(SystemExit) as exit:
+            cs.main([verb, "--help"])
+        assert exit.value.code == 0
+        text = capsys.readouterr().out
+        wanted = options[verb] + (["--host", "--port", "--username", "--password", "--tls"]
+                                  if verb != "demo" else [])
+        for word in wanted:
+            assert word in text, (verb, word)
+    assert _lok(_lcli("--version")).startswith("cascade ")
+
+
+def test_link_cli_every_control_verb_and_status_as_a_table_with_time_left(_lmqtt):
+    u = _lmqtt
+    a, b, c = f"task:l_{u}_a", f"tag:l_{u}_b", f"project:l_{u}"
+
+    def rows():
+        out = _lok(_lcli("status"))
+        lines = out.splitlines()
+        if lines != ["no controls in force"]:
+            assert lines[0].split() == ["TYPE", "SCOPE", "SETTING", "TIME", "LEFT"], out
+        return {(r.split()[0], r.split()[1]): " ".join(r.split()[2:]) for r in lines[1:]
+                if u in r}
+
+    try:
+        assert "pause on " + a in _lok(_lcli("pause", a, "--ttl", 120))
+        assert "limit 3 on " + a in _lok(_lcli("limit", a, 3))
+        assert "rate 10/s burst 4 on " + b in _lok(_lcli("rate", b, "10/s", "--burst", 4,
+                                                          "--ttl", 60))
+        _lok(_lcli("limit", c, 0, "--ttl", 30))
+        got = rows()
+        assert set(got) == {("pause", a), ("concurrency", a), ("rate_limit", b), ("concurrency", c)}
+        assert re.fullmatch(r"1[0-2]\ds", got["pause", a]), got  # 120 s ttl, a few s gone at most
+        assert got["concurrency", a] == "limit 3 -"
+        assert re.fullmatch(r"10/s burst 4 [56]\ds", got["rate_limit", b]), got
+        assert re.fullmatch(r"limit 0 [23]\ds", got["concurrency", c]), got
+        assert _lok(_lcli("resume", a)).strip() == f"resumed {a}"
+        assert set(rows()) == {("concurrency", a), ("rate_limit", b), ("concurrency", c)}
+        assert "cleared concurrency on " + a in _lok(_lcli("clear", a, "--type", "concurrency"))
+        assert "cleared all controls on " + b in _lok(_lcli("clear", b))
+        _lok(_lcli("clear", c))
+        assert rows() == {}
+        for bad in (["limit", a, -1], ["pause", "bad-scope"], ["rate", a, "fast"]):
+            r = _lcli(*bad)
+            assert r.returncode == 1, (bad, r.stdout, r.stderr)
+            assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+            assert r.stderr.startswith("cascade: ")
+    finally:
+        _lsweep(u)
+
+
+def test_link_cli_watch_is_a_live_readable_stream(_lmqtt):
+    u = _lmqtt
+    org, project = f"lorg_{u}", f"l_{u}"
+    topic = f"cascade/telemetry/{org}/{project}/#"
+    n = 6  # ENGINE_STARTED, RUNNING/COMPLETED x2, ENGINE_STOPPED
+    human = _LProc([sys.executable, "-m", "cascade", "watch", "--topic", topic, "--count", str(n)])
+    raw = _LProc([sys.executable, "-m", "cascade", "watch", "--json", "--topic", topic,
+                  "--count", str(n)])
+    client = _lpaho()
+    try:
+        for p in (human, raw):
+            p.expect("watching", stream="err")  # subscribed: nothing sent from now on is missed
+        engine = cs.Engine(connector=cs.MqttConnector(client), org=org, project=project)
+
+        @cs.task(name=f"l_{u}_step")
+        def step(x):
+            return x + 1
+
+        async def main():
+            handle = engine.start(step(step(1)))
+            return await asyncio.wait_for(handle, _LWAIT), handle.run_id
+        result, run_id = asyncio.run(main())
+        assert result == 3
+        assert human.wait() == 0 and raw.wait() == 0, (human.lines, raw.lines)
+        lines = human.lines["out"]
+        assert len(lines) == n, lines
+        assert all(re.match(r"\d\d:\d\d:\d\d\.\d{3} ", line) and run_id in line for line in lines)
+        assert "ENGINE_STARTED" in lines[0] and "ENGINE_STOPPED" in lines[-1]
+        assert [line.split()[2:4] for line in lines[1:-1]] == [
+            [f"l_{u}_step-1", "RUNNING"], [f"l_{u}_step-1", "COMPLETED"],
+            [f"l_{u}_step-2", "RUNNING"], [f"l_{u}_step-2", "COMPLETED"]]
+        assert re.search(r"COMPLETED +\d+\.\dms$", lines[2]), lines[2]
+        payloads = [json.loads(line) for line in raw.lines["out"]]
+        assert len(payloads) == n
+        for p in payloads:
+            assert p["topic"] == f"cascade/telemetry/{org}/{project}/{run_id}/events"
+            _lcheck_telemetry(p["payload"], org, project, run_id)
+    finally:
+        human.kill()
+        raw.kill()
+        _lclose(client)
+
+
+_LNO_PAHO = ("import sys, runpy; sys.modules['paho'] = None; sys.argv = ['cascade'] + sys.argv[1:]; "
+             "runpy.run_module('cascade', run_name='__main__')")
+
+
+@pytest.mark.parametrize("argv", [["status"], ["pause", "task:l_x"], ["watch"]])
+def test_link_cli_without_the_mqtt_extra_is_one_plain_line(argv):
+    r = subprocess.run([sys.executable, "-c", _LNO_PAHO] + argv, capture_output=True, text=True,
+                       env=_lenv(), cwd=_LMAIN, timeout=_LWAIT)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.stdout == "" and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'cascade[mqtt]'" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("argv", [["status"], ["pause", "task:l_x", "--ttl", "5"],
+                                  ["clear", "task:l_x"], ["watch"]])
+def test_link_cli_without_a_broker_is_one_line_and_exit_status_1(argv):
+    port = _lfree_port()  # nothing listens there
+    r = _lcli(*argv, "--port", port)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.stdout == "" and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(port) in lines[0], r.stderr
+
+
+def test_link_cli_demo_needs_no_broker_and_no_mqtt_library():
+    r = subprocess.run([sys.executable, "-c", _LNO_PAHO, "demo", "--tasks", "6"],
+                       capture_output=True, text=True, env=_lenv(), cwd=_LMAIN, timeout=60)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and "Finished in" in r.stderr
+
+
+# ===========================================================================
+# last: the module left nothing on the shared broker (item 7)
+# ===========================================================================
+
+def test_link_leaves_no_retained_control_behind():
+    _lneed(f"no MQTT broker on {_LHOST}:{_LPORT}", _lreachable())
+    assert _lsweep(_LRUN, clear=False) == {}
