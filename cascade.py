@@ -2859,7 +2859,7 @@ class _Link:
         self.engine = engine
         self.connector = connector
         self.source = f"{socket.gethostname()}-{os.getpid()}"
-        self.remote = set()          # (scope, type) applied from the broker
+        self.remote = {}             # (scope, type) -> the constraint the broker gave
 
     def attach(self, run):
         """Start collecting the run's telemetry (before its RunStarted)."""
@@ -2887,21 +2887,28 @@ class _Link:
             if key is not None:
                 seen.add(key)
         run.link_cb = on_control
-        try:
+        async def sync():
             await conn.connect()
             await conn.subscribe(f"{_CONTROL_PREFIX}/#", on_control)
             await conn.subscribe(marker, on_control)
             await conn.publish(marker, {"sync": marker})
-            await asyncio.wait_for(synced, self.SYNC_TIMEOUT)
-            for key in self.remote - seen:  # removed from the broker while we were away
-                self.remote.discard(key)
-                self.engine._cp.remove(*key)
+            await synced
             await _maybe(conn, "unsubscribe", marker, on_control)
+        try:  # bounded as a whole: a connector that hangs must not stall the run
+            await asyncio.wait_for(sync(), self.SYNC_TIMEOUT)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            _log.warning("cascade: could not sync controls from %r (%s); running with the "
-                         "local controls only", conn, exc)
+            _log.warning("cascade: could not sync controls from %r (%r); running with the "
+                         "controls applied so far", conn, exc)
+            return
+        cp = self.engine._cp
+        for key in set(self.remote) - seen:
+            # Cleared on the broker while no run listened. Only the broker's own
+            # constraint goes: a local one set since then stays.
+            c = self.remote.pop(key)
+            if cp.constraints.get(key) is c:
+                cp.remove(*key)
 
     def on_control(self, topic, payload, run_id=""):
         """Apply one control message; reject bad input with one warning and an event."""
@@ -2909,7 +2916,7 @@ class _Link:
         try:
             scope, kind = _parse_control_topic(topic)
             if payload == "" or payload is None:
-                self.remote.discard((scope, kind))
+                self.remote.pop((scope, kind), None)
                 cp.remove(scope, kind)
                 return (scope, kind)
             if isinstance(payload, (bytes, bytearray, str)):
@@ -2921,9 +2928,10 @@ class _Link:
             if (c.scope, c.type) != (scope, kind):
                 raise ConstraintError(f"payload is a {c.type} on {c.scope} but the topic is "
                                       f"for a {kind} on {scope}")
-            self.remote.add((scope, kind))
-            if cp.constraints.get((scope, kind)) != c:
+            current = cp.constraints.get((scope, kind))
+            if current != c:
                 cp.apply(c)
+            self.remote[(scope, kind)] = cp.constraints.get((scope, kind))
             return (scope, kind)
         except (ConstraintError, TypeError, ValueError) as exc:
             _log.warning("cascade: rejected control message on %s: %s", topic, exc)
