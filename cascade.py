@@ -762,9 +762,10 @@ class _Limiter:
 class _Bucket:
     """Token bucket: ``rate`` tokens a second, at most ``burst``; starts full, so with
     burst 1 starts are evenly spaced (as in Celery)."""
-    __slots__ = ("rate", "burst", "tokens", "stamp", "wake")
+    __slots__ = ("scope", "label", "rate", "burst", "tokens", "stamp", "wake")
 
-    def __init__(self, rate, burst, now):
+    def __init__(self, scope, label, rate, burst, now):
+        self.scope, self.label = scope, label
         self.rate, self.burst, self.tokens, self.stamp, self.wake = rate, burst, burst, now, None
 
     def refill(self, now):
@@ -831,6 +832,10 @@ _WAITING, _GRANTED, _RUNNING, _RETRYING, _DONE = range(5)
 _STATE_NAMES = ("blocked", "granted", "running", "retrying", "done")
 
 
+def _head_seq(q):
+    return q.waiters[0].seq
+
+
 class _Queue:
     """Waiting units with one admission key (task name, tags, run id, amounts): the
     same constraints match all of them, so if the head cannot start, none can."""
@@ -874,6 +879,7 @@ class _ControlPlane:
         self._holders = set()            # units holding a grant (granted or running)
         self._gen = 0                    # bumped when constraints change
         self._npause = 0
+        self._admit_soon = False         # an admission pass is scheduled (see release)
         self._seq = itertools.count()
         self._ttl = {}                   # (scope, type) -> clock entry
         self.clock = _Clock()
@@ -906,10 +912,12 @@ class _ControlPlane:
                 rate, burst, now = _parse_rate(c.params["rate"]), c.params["burst"], time.monotonic()
                 b = self._buckets.get(c.scope)
                 if b is None:
-                    self._buckets[c.scope] = _Bucket(rate, burst, now)
+                    self._buckets[c.scope] = _Bucket(c.scope, str(c.params["rate"]), rate,
+                                                     burst, now)
                 else:  # replacing keeps at most the new burst of tokens
                     b.refill(now)
                     b.rate, b.burst, b.tokens = rate, burst, min(b.tokens, burst)
+                    b.label = str(c.params["rate"])
             if c.expires_at is not None:
                 deadline = time.monotonic() + (c.expires_at - time.time())
                 self._ttl[key] = self.clock.call_at(deadline, functools.partial(self._expire, c))
@@ -1001,78 +1009,100 @@ class _ControlPlane:
                     u.state = _GRANTED
                 return True
             q = self._queue(units[0].key)
+            behind = bool(q.waiters) and q.reason is not None
             for u in units:
                 u.seq = next(self._seq)
                 u.state = _WAITING
             q.waiters.extend(units)
             self._waiting += len(units)
+            if behind:
+                # Queued behind a head that is held back: nothing can start until some
+                # state changes, and every change runs the admission routine itself.
+                return False
             granted = self._admit()
         self._dispatch(granted)
         return False
 
     def _admit(self):
-        """THE admission routine (call with the lock held); returns granted units."""
+        """THE admission routine (call with the lock held); returns granted units.
+
+        Takes the queue whose head became ready first and grants from it while its head
+        stays ahead of every other queue's head and nothing holds it back; a queue held
+        back records why and drops out of this round."""
         granted = []
+        self._admit_soon = False  # this pass does what a scheduled one would
+        queues = self._queues
+        live = [q for q in queues.values() if q.waiters]
+        if len(live) < len(queues):
+            for k in [k for k, q in queues.items() if not q.waiters]:
+                del queues[k]
         marked = set()  # limiters/buckets an earlier waiter is held back on (FIFO)
-        live = []
-        for k, q in list(self._queues.items()):
-            if q.waiters:
-                q.reason = None
-                live.append(q)
-            else:
-                del self._queues[k]
-        now = None
+        now = time.monotonic()
+        for q in live:
+            q.reason = None
         while live:
-            q = min(live, key=lambda q: q.waiters[0].seq) if len(live) > 1 else live[0]
+            if len(live) == 1:
+                q, bound = live[0], None
+            else:
+                live.sort(key=_head_seq)
+                q, bound = live[0], live[1].waiters[0].seq
             self._match(q)
-            reason = None
-            if q.pauses:
-                reason = f"pause on {q.pauses[0].scope}"
-            for lim in q.limiters:
-                if lim in marked or lim.borrowed >= lim.total:
-                    marked.add(lim)
-                    reason = reason or (f"concurrency on {lim.name} "
-                                        f"(limit {lim.total}, {lim.borrowed} running)")
-            for lim, n in q.caps:
-                if lim in marked or lim.borrowed + n > lim.total:
-                    marked.add(lim)
-                    reason = reason or (f"capacity {lim.name} (needs {n}, "
-                                        f"{lim.total - lim.borrowed} of {lim.total} free)")
-            for b in q.buckets:
-                if now is None:
-                    now = time.monotonic()
-                b.refill(now)
-                if b in marked or b.tokens < 1:
-                    marked.add(b)
-                    if b.wake is None:  # event-driven: wake when the next token is due
-                        b.wake = self.clock.call_at(now + (1 - b.tokens) / b.rate,
-                                                    functools.partial(self._refilled, b))
-                    reason = reason or next(
-                        f"rate_limit on {s} ({c.params['rate']})" for (s, t), c in
-                        self.constraints.items() if t == "rate_limit" and self._buckets[s] is b)
-            if reason is not None:
-                q.reason = reason
-                live.remove(q)
-                continue
-            u = q.waiters.popleft()
-            self._waiting -= 1
-            if q.limiters or q.caps:
-                held = u.held = list(u.held)
-                for lim in q.limiters:
-                    lim.borrowed += 1
-                    held.append((lim, 1))
-                for lim, n in q.caps:
-                    lim.borrowed += n
-                    held.append((lim, n))
-            for b in q.buckets:
-                b.tokens -= 1
-            u.tokens = q.buckets
-            u.state = _GRANTED
-            self._holders.add(u)
-            granted.append(u)
-            if not q.waiters:
-                live.remove(q)
+            waiters = q.waiters
+            while True:
+                reason = self._held_back(q, marked, now)
+                if reason is not None:
+                    q.reason = reason
+                    live.remove(q)
+                    break
+                u = waiters.popleft()
+                self._waiting -= 1
+                if q.limiters or q.caps:
+                    held = u.held = list(u.held)
+                    for lim in q.limiters:
+                        lim.borrowed += 1
+                        held.append((lim, 1))
+                    for lim, n in q.caps:
+                        lim.borrowed += n
+                        held.append((lim, n))
+                for b in q.buckets:
+                    b.tokens -= 1
+                u.tokens = q.buckets
+                u.state = _GRANTED
+                self._holders.add(u)
+                granted.append(u)
+                if not waiters:
+                    live.remove(q)
+                    del queues[q.key]
+                    break
+                if bound is not None and waiters[0].seq > bound:
+                    break  # another queue's head became ready first: its turn
         return granted
+
+    def _held_back(self, q, marked, now):
+        """Why the head of ``q`` may not start now (None: it may). Every resource that
+        holds it back is marked, so later waiters do not jump the queue on it."""
+        reason = None
+        if q.pauses:
+            reason = f"pause on {q.pauses[0].scope}"
+        for lim in q.limiters:
+            if lim in marked or lim.borrowed >= lim.total:
+                marked.add(lim)
+                reason = reason or (f"concurrency on {lim.name} "
+                                    f"(limit {lim.total}, {lim.borrowed} running)")
+        for lim, n in q.caps:
+            if lim in marked or lim.borrowed + n > lim.total:
+                marked.add(lim)
+                reason = reason or (f"capacity {lim.name} (needs {n}, "
+                                    f"{lim.total - lim.borrowed} of {lim.total} free)")
+        for b in q.buckets:
+            b.refill(now)
+            if b in marked or b.tokens < 1:
+                marked.add(b)
+                if b.wake is None:  # event-driven: wake when the next token is due
+                    b.wake = self.clock.call_at(now + (1 - b.tokens) / b.rate,
+                                                functools.partial(self._refilled, b))
+                reason = reason or f"rate_limit on {b.scope} ({b.label})"
+        return reason
 
     def _refilled(self, b):
         with self.lock:
@@ -1091,16 +1121,31 @@ class _ControlPlane:
         self._holders.discard(u)
 
     def release(self, u):
-        """The unit's body finished (or it was never started): give its slots back."""
+        """The unit's body finished (or it was never started): give its slots back.
+
+        Admission after a release runs once per loop iteration, not once per release:
+        when a wave of tasks ends together, one pass grants the next wave (the freed
+        slots are taken by the oldest waiters, as the pass goes in FIFO order)."""
         with self.lock:
             if u.held or u.tokens:
                 self._release_locked(u, u.state == _GRANTED)
             else:
                 self._holders.discard(u)
             u.state = _DONE
-            if not self._waiting:
+            if not self._waiting or self._admit_soon:
                 return
-            granted = self._admit()
+            try:
+                asyncio.get_running_loop().call_soon(self._admit_now)
+                self._admit_soon = True
+                return
+            except RuntimeError:  # no loop here (or it is closing): admit at once
+                granted = self._admit()
+        self._dispatch(granted)
+
+    def _admit_now(self):
+        with self.lock:
+            self._admit_soon = False
+            granted = self._admit() if self._waiting else None
         self._dispatch(granted)
 
     def begin(self, u):
@@ -2039,6 +2084,8 @@ class _Run:
             self._stop()
             await self._settle()
             await self._teardown_resources()
+            if self.cp._admit_soon:  # this loop may stop before its scheduled pass runs
+                self.cp._admit_now()
             self.engine._runs.pop(self.run_id, None)
             self.bus.emit(RunFinished(self.run_id, status, time.perf_counter() - t0, error))
             if link is not None:

@@ -3297,6 +3297,36 @@ def test_a_body_that_cannot_even_start_fails_the_run_instead_of_hanging():
         asyncio.run(main())
 
 
+def test_a_run_on_a_loop_closed_right_after_it_does_not_strand_other_waiters():
+    # admission after a release is one pass per loop iteration; a loop that is
+    # closed right after its run must not take that pass (and the waiters) with it
+    e = cs.Engine()
+    e.limit("global", 1)
+    gate = threading.Event()
+
+    @cs.task
+    def first():
+        gate.wait(T)
+
+    @cs.task
+    async def later(i):
+        return i
+
+    loop = asyncio.new_event_loop()
+
+    def own_loop():
+        loop.run_until_complete(e.run(first()))
+        loop.close()
+    th = threading.Thread(target=own_loop)
+    th.start()
+    wait_for(lambda: e.status()["tasks"].get("first", {}).get("running") == 1)
+    h = e.start(later.map(range(3)))
+    wait_for(lambda: len(e.status()["blocked"]) == 3)
+    gate.set()
+    th.join(T)
+    assert h.result(T) == [0, 1, 2]
+
+
 # ===========================================================================
 # pub/sub: broker, connectors, MQTT hook (SPEC §5)
 # ===========================================================================
@@ -4236,7 +4266,14 @@ def _lengine_proc(uid):
 # ===========================================================================
 
 @_lasync
-async def test_link_retained_controls_are_applied_before_the_first_task():
+async def test_link_retained_controls_are_applied_before_the_first_task(monkeypatch):
+    real_sleep, slept = asyncio.sleep, []
+
+    def no_sleep(delay, *args, **kwargs):  # the sync is a marker round trip, not a wait
+        if delay:
+            slept.append(delay)
+        return real_sleep(delay, *args, **kwargs)
+    monkeypatch.setattr(asyncio, "sleep", no_sleep)
     broker, u = cs.LocalBroker(), _luid()
     free, held, capped = f"l_{u}_free", f"l_{u}_held", f"l_{u}_capped"
     ctl = cs.Controller(broker)
@@ -4281,6 +4318,7 @@ async def test_link_retained_controls_are_applied_before_the_first_task():
     removed = items.index(_lev(items, cs.ConstraintRemoved)[0])
     assert removed < items.index(_lev(items, cs.TaskExecutionStarted, task_name=held)[0])
     assert set(_lcons(engine, u)) == {(f"task:{free}", "concurrency"), (f"tag:{free}", "rate_limit")}
+    assert slept == []
 
 
 @_lasync
@@ -5100,3 +5138,17 @@ def test_link_cli_demo_needs_no_broker_and_no_mqtt_library():
 def test_link_leaves_no_retained_control_behind():
     _lneed(f"no MQTT broker on {_LHOST}:{_LPORT}", _lreachable())
     assert _lsweep(_LRUN, clear=False) == {}
+
+
+# ===========================================================================
+# benchmarks: the smoke run
+# ===========================================================================
+def test_bench_quick_smoke_run_prints_the_table():
+    # bench/bench.py --quick runs every workload at a tiny size: it must not rot.
+    root = os.path.dirname(os.path.abspath(__file__))
+    p = subprocess.run([sys.executable, os.path.join(root, "bench", "bench.py"), "--quick"],
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for row in ("| W1 fan-out, async bodies", "| W2 chain", "| W3 limited I/O", "| W4 map",
+                "| W5", "| W6", "| W7", "import cascade"):
+        assert row in p.stdout, row
