@@ -46,6 +46,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any, Awaitable, Callable, Iterable, Optional, Union
 
 __version__ = "0.1.0"
 __all__ = [
@@ -176,7 +177,7 @@ class _Inject:
         return f"cs.inject({self.name!r})"
 
 
-def inject(name):
+def inject(name: str) -> Any:
     """Mark a parameter default as "the value of resource ``name``"::
 
         @cs.task
@@ -219,7 +220,8 @@ class Task:
     when the graph runs) and returns a ``LazyResult``; nothing runs until ``run``.
     ``task.fn`` is the plain function."""
 
-    def __init__(self, fn, *, name=None, tags=()):
+    def __init__(self, fn: Callable[..., Any], *, name: Optional[str] = None,
+                 tags: Iterable[str] = ()) -> None:
         if isinstance(fn, Task):
             fn = fn.fn
         if not callable(fn):
@@ -246,14 +248,14 @@ class Task:
             raise TypeError(f"{call}: {e}") from None
         return tuple((p, r) for p, r in self._injects if p not in bound.arguments)
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> LazyResult:
         if kwargs or len(args) != self._arity:
             injects = self._bind(f"{self.name}()", args, kwargs)
         else:
             injects = ()
         return LazyResult(self, args, kwargs, injects)
 
-    def map(self, *args, **kwargs):
+    def map(self, *args: Any, **kwargs: Any) -> MappedLazyResult:
         """One call per item: ``fetch.map(urls)`` or ``fetch.map(url=urls, timeout=
         cs.unmapped(5))``. Each mapped argument is an iterable, or a lazy result that
         yields one; they are zipped (equal lengths). The value is the list of results in
@@ -303,7 +305,8 @@ def _map_items(call, label, value):
                         "to every call") from None
 
 
-def task(fn=None, *, name=None, tags=()):
+def task(fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None,
+         tags: Iterable[str] = ()) -> Any:
     """Decorator: ``@cs.task`` or ``@cs.task(name="api_call", tags=["io"])``.
 
     Works on sync functions (run in a thread pool: they may block) and async functions
@@ -351,7 +354,8 @@ class LazyResult:
     def name(self):
         return self.task.name
 
-    def with_retry(self, max_attempts=3, delay=0.0, backoff=1.0):
+    def with_retry(self, max_attempts: int = 3, delay: float = 0.0,
+                   backoff: float = 1.0) -> LazyResult:
         """Retry on failure: ``max_attempts`` counts every attempt, the first included.
         Attempt k+1 starts ``delay * backoff**(k-1)`` seconds after attempt k failed; a
         task waiting out its delay holds no slot and is admitted again (a pause applies
@@ -366,7 +370,7 @@ class LazyResult:
         self.retry = (max_attempts, float(delay), float(backoff))
         return self
 
-    def run_if(self, condition):
+    def run_if(self, condition: Any) -> LazyResult:
         """Run only when ``condition`` (a value, a lazy result or a Param) is truthy;
         otherwise the task is skipped, and so is everything that needs its value."""
         if isinstance(condition, LazyResult):
@@ -374,7 +378,7 @@ class LazyResult:
         self.condition = condition
         return self
 
-    def with_constraints(self, **amounts):
+    def with_constraints(self, **amounts: Union[int, LazyResult]) -> LazyResult:
         """Hold ``amounts`` of the engine's named capacities while running, e.g.
         ``.with_constraints(gpu=1)`` with ``Engine(system_resources={"gpu": 2})``.
         Amounts may be lazy. On a map it applies to each item."""
@@ -422,7 +426,7 @@ class Param(LazyResult):
 
     __slots__ = ("param", "default")
 
-    def __init__(self, name, default=_MISSING):
+    def __init__(self, name: str, default: Any = _MISSING) -> None:
         super().__init__(None)
         self.param = _check_name(name, "Param name")
         self.default = default
@@ -441,7 +445,7 @@ class Env(LazyResult):
 
     __slots__ = ("var", "default")
 
-    def __init__(self, name, default=None):
+    def __init__(self, name: str, default: Optional[str] = None) -> None:
         super().__init__(None)
         self.var, self.default = name, default
 
@@ -481,7 +485,7 @@ class Resource:
         return f"<Resource {self.name}{' async' if self.is_async else ''}>"
 
 
-def resource(fn=None, *, name=None):
+def resource(fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None) -> Any:
     """Decorator for a resource generator: ``@cs.resource`` or ``@cs.resource(name=...)``.
     Register it with ``engine.register(r)`` or ``cs.run(..., resources=[r])``; tasks ask
     for it with ``db=cs.inject("db")``. Only resources the graph needs are set up, each
@@ -502,7 +506,7 @@ def _shell(command, check=True):
 _shell_task = Task(_shell, name="shell")
 
 
-def shell(command, check=True):
+def shell(command: Union[str, LazyResult], check: bool = True) -> LazyResult:
     """A task running ``command`` in a shell (in the thread pool); its value is stdout.
     With ``check=True`` a non-zero exit raises ``subprocess.CalledProcessError``.
     ``command`` may be a lazy result. Scopes see it as ``task:shell``."""
@@ -646,7 +650,8 @@ class Constraint:
     expires_at: float = None
 
     @classmethod
-    def make(cls, scope, type, params=None, *, ttl=None, id=None):
+    def make(cls, scope: str, type: str, params: Optional[dict] = None, *,
+             ttl: Optional[float] = None, id: Optional[str] = None) -> Constraint:
         """A validated constraint; ``ttl`` seconds from now sets ``expires_at``."""
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
                                 or not 0 < ttl < float("inf")):
@@ -656,7 +661,7 @@ class Constraint:
                               "expires_at": None if ttl is None else time.time() + ttl})
 
     @classmethod
-    def from_dict(cls, data):
+    def from_dict(cls, data: Any) -> Constraint:
         """Validate a constraint as it arrives from the wire; raise ConstraintError."""
         if not isinstance(data, dict):
             raise ConstraintError(f"a constraint must be a JSON object, got "
@@ -697,7 +702,7 @@ class Constraint:
                                          else 1, "burst", 1)
         return cls(cid, scope, kind, params, None if exp is None else float(exp))
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         return {"id": self.id, "scope": self.scope, "type": self.type,
                 "params": dict(self.params), "expires_at": self.expires_at}
 
@@ -1735,7 +1740,7 @@ class Controller:
         print(await ctl.status())
     """
 
-    def __init__(self, connector):
+    def __init__(self, connector: Any) -> None:
         self.connector = _check_connector(connector)
         self._connected = False
 
@@ -1754,25 +1759,26 @@ class Controller:
         for kind in kinds:
             await conn.publish(_control_topic(_check_scope(scope), kind), "", qos=1, retain=True)
 
-    async def pause(self, scope="global", *, ttl=None):
+    async def pause(self, scope: str = "global", *, ttl: Optional[float] = None) -> Constraint:
         return await self._publish(Constraint.make(scope, "pause", ttl=ttl))
 
-    async def resume(self, scope="global"):
+    async def resume(self, scope: str = "global") -> None:
         await self._clear(scope, ("pause",))
 
-    async def limit(self, scope, n, *, ttl=None):
+    async def limit(self, scope: str, n: int, *, ttl: Optional[float] = None) -> Constraint:
         return await self._publish(Constraint.make(scope, "concurrency", {"limit": n}, ttl=ttl))
 
-    async def rate_limit(self, scope, rate, *, burst=None, ttl=None):
+    async def rate_limit(self, scope: str, rate: Union[str, float], *, burst: Optional[int] = None,
+                         ttl: Optional[float] = None) -> Constraint:
         return await self._publish(Constraint.make(scope, "rate_limit",
                                                    {"rate": rate, "burst": burst}, ttl=ttl))
 
-    async def clear(self, scope, type=None):
+    async def clear(self, scope: str, type: Optional[str] = None) -> None:
         if type is not None and type not in _TYPES:
             raise ConstraintError(f"clear(type={type!r}): use one of {list(_TYPES)} or None")
         await self._clear(scope, (type,) if type else _TYPES)
 
-    async def status(self, timeout=5.0):
+    async def status(self, timeout: float = 5.0) -> list:
         """The constraints retained on the broker (expired ones included: check
         ``expires_in()``), sorted by scope and type."""
         conn = await self._conn()
@@ -2651,7 +2657,7 @@ class RunHandle:
         else:
             f.set_result(task.result())
 
-    def result(self, timeout=None):
+    def result(self, timeout: Optional[float] = None) -> Any:
         """The run's value; raises its error, or ``concurrent.futures.CancelledError``."""
         if not self._future.done():
             try:
@@ -2663,10 +2669,10 @@ class RunHandle:
                                    "lives on; use `await handle` instead")
         return self._future.result(timeout)
 
-    def done(self):
+    def done(self) -> bool:
         return self._future.done()
 
-    def cancel(self):
+    def cancel(self) -> bool:
         """Cancel the run: nothing more starts, async bodies are cancelled, resources are
         torn down once every started body has settled; RunFinished says "Cancelled"."""
         if self._future.done():
@@ -2743,8 +2749,10 @@ class Engine:
     I/O), or in ``executor`` (any concurrent.futures.Executor: a process pool, Dask's
     ``client.get_executor()``); async bodies run on the event loop."""
 
-    def __init__(self, *, system_resources=None, resources=(), connector=None,
-                 max_workers=64, executor=None, org=None, project=None):
+    def __init__(self, *, system_resources: Optional[dict] = None,
+                 resources: Iterable[Resource] = (), connector: Any = None,
+                 max_workers: int = 64, executor: Optional[concurrent.futures.Executor] = None,
+                 org: Optional[str] = None, project: Optional[str] = None) -> None:
         caps = dict(system_resources or {})
         for k, v in caps.items():
             _check_name(k, "system resource name")
@@ -2768,48 +2776,49 @@ class Engine:
         self._link = _Link(self, connector) if connector is not None else None
 
     # -- control plane ------------------------------------------------------
-    def pause(self, scope="global", *, ttl=None):
+    def pause(self, scope: str = "global", *, ttl: Optional[float] = None) -> Constraint:
         """Stop tasks matched by ``scope`` from starting until ``resume`` (or the ttl).
         Tasks already running finish; unmatched tasks keep running."""
         c = Constraint.make(scope, "pause", ttl=ttl)
         self._cp.apply(c)
         return c
 
-    def resume(self, scope="global"):
+    def resume(self, scope: str = "global") -> Optional[Constraint]:
         """Lift the pause of exactly this scope (other scopes' pauses and any limits
         stay). Returns the removed constraint, or None."""
         removed = self._cp.remove(_check_scope(scope), "pause")
         return removed[0] if removed else None
 
-    def limit(self, scope, n, *, ttl=None):
+    def limit(self, scope: str, n: int, *, ttl: Optional[float] = None) -> Constraint:
         """At most ``n`` tasks matched by ``scope`` run at once. Raising it starts
         waiters at once; lowering it never stops running tasks; 0 holds every start."""
         c = Constraint.make(scope, "concurrency", {"limit": n}, ttl=ttl)
         self._cp.apply(c)
         return c
 
-    def rate_limit(self, scope, rate, *, burst=None, ttl=None):
+    def rate_limit(self, scope: str, rate: Union[str, float], *, burst: Optional[int] = None,
+                   ttl: Optional[float] = None) -> Constraint:
         """At most ``burst + rate * elapsed`` starts of tasks matched by ``scope``;
         ``rate`` is "N/s", "N/m", "N/h" or a number per second; burst defaults to 1."""
         c = Constraint.make(scope, "rate_limit", {"rate": rate, "burst": burst}, ttl=ttl)
         self._cp.apply(c)
         return c
 
-    def clear(self, scope, type=None):
+    def clear(self, scope: str, type: Optional[str] = None) -> list:
         """Remove the constraint of ``type`` on ``scope``, or all of them when type is None."""
         if type is not None and type not in _TYPES:
             raise ConstraintError(f"clear(type={type!r}): use one of {list(_TYPES)} or None")
         return self._cp.remove(_check_scope(scope), type)
 
     @property
-    def constraints(self):
+    def constraints(self) -> list:
         """The active constraints."""
         return self._cp.active()
 
     def _constraint_changed(self, applied, c):
         self._bus.emit((ConstraintApplied if applied else ConstraintRemoved)("", c))
 
-    def status(self):
+    def status(self) -> dict:
         """A snapshot: per-task state counts, what every blocked task waits on, and
         per-scope usage against limits. Prints as a table."""
         runs = list(self._runs.values())
@@ -2825,12 +2834,12 @@ class Engine:
                        scopes=scopes, capacities=caps)
 
     # -- events, resources --------------------------------------------------
-    def subscribe(self, event_type, callback):
+    def subscribe(self, event_type: type, callback: Callable[[Any], Any]) -> Callable[[], None]:
         """Call ``callback(event)`` for every event of ``event_type`` (``cs.Event``: all).
         Returns a function that unsubscribes."""
         return self._bus.subscribe(event_type, callback)
 
-    def register(self, resource):
+    def register(self, resource: Resource) -> Resource:
         """Make a ``@cs.resource`` available to every run of this engine."""
         if not isinstance(resource, Resource):
             raise TypeError(f"register() takes a @cs.resource generator, got {resource!r}")
@@ -2838,13 +2847,14 @@ class Engine:
         return resource
 
     # -- running --------------------------------------------------------------
-    async def run(self, target, params=None, *, run_id=None):
+    async def run(self, target: Any, params: Optional[dict] = None, *,
+                  run_id: Optional[str] = None) -> Any:
         """Run ``target`` (a lazy result, or a list/tuple/dict of them) and return its
         value. On the first task failure the run fails fast and the task's exception is
         raised unchanged. Logs nothing above DEBUG; subscribe to events instead."""
         return await _Run(self, _as_target(target), params, run_id or _new_run_id()).execute()
 
-    def start(self, target, params=None):
+    def start(self, target: Any, params: Optional[dict] = None) -> RunHandle:
         """Start a run in the background and return its ``RunHandle`` at once.
 
         Where an event loop is running in this thread (a notebook), the run lives on it:
@@ -2880,7 +2890,7 @@ class Engine:
                     self._max_workers, thread_name_prefix="cascade-worker")
             return self._pool
 
-    def close(self):
+    def close(self) -> None:
         """Shut down the engine's own thread pool (a user's executor is left alone)."""
         with self._pool_lock:
             if self._pool is not None:
@@ -3214,9 +3224,11 @@ class _Progress:
         self.stream.flush()
 
 
-async def run_async(target, params=None, *, system_resources=None, resources=(),
-                    connector=None, log_level="INFO", log_format="human", progress=False,
-                    engine=None):
+async def run_async(target: Any, params: Optional[dict] = None, *,
+                    system_resources: Optional[dict] = None, resources: Iterable[Resource] = (),
+                    connector: Any = None, log_level: Union[str, int] = "INFO",
+                    log_format: str = "human", progress: bool = False,
+                    engine: Optional[Engine] = None) -> Any:
     """The async twin of ``run``: ``await cs.run_async(target)``."""
     if log_format not in ("human", "json"):
         raise ValueError(f"log_format={log_format!r}: use 'human' or 'json'")
@@ -3252,8 +3264,10 @@ async def run_async(target, params=None, *, system_resources=None, resources=(),
             engine.close()
 
 
-def run(target, params=None, *, system_resources=None, resources=(), connector=None,
-        log_level="INFO", log_format="human", progress=False):
+def run(target: Any, params: Optional[dict] = None, *, system_resources: Optional[dict] = None,
+        resources: Iterable[Resource] = (), connector: Any = None,
+        log_level: Union[str, int] = "INFO", log_format: str = "human",
+        progress: bool = False) -> Any:
     """Run ``target`` on a new default engine and return its value.
 
     Logs run and task events to stderr at ``log_level`` (human lines, or JSON lines with
@@ -3320,20 +3334,22 @@ def _cli_parser():
 
     def verb(name, help, parents=(mqtt,)):
         return sub.add_parser(name, help=help, description=help, parents=list(parents))
+    scope_help = ("global, task:NAME (globs: task:fetch_*), tag:TAG, run:RUN_ID or "
+                  "project:ID")
     v = verb("pause", "stop new starts of tasks in SCOPE (running ones finish)", (mqtt, ttl))
-    v.add_argument("scope")
+    v.add_argument("scope", help=scope_help)
     v = verb("resume", "lift the pause of SCOPE")
-    v.add_argument("scope")
+    v.add_argument("scope", help=scope_help)
     v = verb("limit", "run at most N tasks of SCOPE at once (0 holds all)", (mqtt, ttl))
-    v.add_argument("scope")
-    v.add_argument("n", type=int)
+    v.add_argument("scope", help=scope_help)
+    v.add_argument("n", type=int, help="how many may run at once (0 holds every start)")
     v = verb("rate", "start at most RATE tasks of SCOPE (10/s, 30/m, 2/h, or per second)",
              (mqtt, ttl))
-    v.add_argument("scope")
-    v.add_argument("rate")
+    v.add_argument("scope", help=scope_help)
+    v.add_argument("rate", help="10/s, 30/m, 2/h, or a number per second")
     v.add_argument("--burst", type=int, help="starts allowed at once (default 1)")
     v = verb("clear", "remove the controls of SCOPE (all types, or --type)")
-    v.add_argument("scope")
+    v.add_argument("scope", help=scope_help)
     v.add_argument("--type", choices=_TYPES)
     verb("status", "list the controls in force on the broker, with time left")
     v = verb("watch", "print live task events of every run (Ctrl-C stops)")
@@ -3428,7 +3444,7 @@ async def _cli_watch(args, conn):
     return None
 
 
-def main(argv=None):
+def main(argv: Optional[list] = None) -> int:
     """The ``cascade`` command line; returns the exit status."""
     args = _cli_parser().parse_args(argv)
     if args.verb == "demo":
