@@ -55,7 +55,7 @@ __all__ = [
     "DependencyMissingError",
     # authoring
     "task", "Task", "LazyResult", "MappedLazyResult", "unmapped", "Param", "Env",
-    "resource", "inject", "shell",
+    "resource", "Resource", "inject", "shell",
     # control plane
     "Constraint",
     # pub/sub
@@ -526,7 +526,7 @@ class _Node:
         self.lazy = lazy
         self.id = ""
         self.pending = 0        # upstream nodes not finished yet
-        self.dependents = []
+        self.dependents = ()
         self.done = False
         self.value = None
         self.skip = None        # reason string once skipped (or an upstream was)
@@ -566,7 +566,11 @@ def _build_graph(target):
         if len(deps) > 1:
             deps = dict.fromkeys(deps)
         for dep in deps:
-            nodes[dep].dependents.append(node)
+            d = nodes[dep]
+            if d.dependents:
+                d.dependents.append(node)
+            else:  # exact size: most nodes have one dependent (append would make room for 4)
+                d.dependents = [node]
         node.pending = len(deps)
     return nodes, roots
 
@@ -811,25 +815,36 @@ class _Clock:
     def cancel(entry):
         entry[2] = None  # dropped when it reaches the top of the heap
 
+    # Condition.wait overflows past threading.TIMEOUT_MAX (regression: a ttl of 1e10
+    # killed the clock thread, and with it every later expiry and refill).
+    MAX_WAIT = 3600.0
+
     def _main(self):
-        while True:
+        try:
+            while True:
+                with self._cond:
+                    while True:
+                        heap = self._heap
+                        while heap and heap[0][2] is None:
+                            heapq.heappop(heap)
+                        if not heap:
+                            return
+                        delay = heap[0][0] - time.monotonic()
+                        if delay <= 0:
+                            fn = heapq.heappop(heap)[2]
+                            break
+                        self._cond.wait(min(delay, self.MAX_WAIT))
+                try:
+                    fn()
+                except Exception:  # a timer must never kill the clock
+                    _log.exception("cascade timer callback failed")
+        finally:
             with self._cond:
-                while True:
-                    heap = self._heap
-                    while heap and heap[0][2] is None:
-                        heapq.heappop(heap)
-                    if not heap:
-                        self._thread = None
-                        return
-                    delay = heap[0][0] - time.monotonic()
-                    if delay <= 0:
-                        fn = heapq.heappop(heap)[2]
-                        break
-                    self._cond.wait(delay)
-            try:
-                fn()
-            except Exception:  # a timer must never kill the clock
-                _log.exception("cascade timer callback failed")
+                self._thread = None
+                if self._heap:  # died with work left: start afresh
+                    self._thread = threading.Thread(target=self._main, name="cascade-clock",
+                                                    daemon=True)
+                    self._thread.start()
 
 
 # Unit states (one unit = one task execution; a map has one per item).
@@ -844,10 +859,12 @@ def _head_seq(q):
 class _Queue:
     """Waiting units with one admission key (task name, tags, run id, amounts): the
     same constraints match all of them, so if the head cannot start, none can."""
-    __slots__ = ("key", "waiters", "gen", "pauses", "limiters", "buckets", "caps", "reason")
+    __slots__ = ("key", "loop", "waiters", "gen", "pauses", "limiters", "buckets", "caps",
+                 "reason")
 
-    def __init__(self, key):
+    def __init__(self, key, loop=None):
         self.key = key
+        self.loop = loop  # the event loop of the run whose units wait here
         self.waiters = collections.deque()
         self.gen = -1
         self.reason = None
@@ -923,6 +940,9 @@ class _ControlPlane:
                     b.refill(now)
                     b.rate, b.burst, b.tokens = rate, burst, min(b.tokens, burst)
                     b.label = str(c.params["rate"])
+                    if b.wake is not None:  # due at the old rate (regression: lost wake-up)
+                        self.clock.cancel(b.wake)
+                        b.wake = None
             if c.expires_at is not None:
                 deadline = time.monotonic() + (c.expires_at - time.time())
                 self._ttl[key] = self.clock.call_at(deadline, functools.partial(self._expire, c))
@@ -932,9 +952,13 @@ class _ControlPlane:
         self._notify(True, c)
         return old
 
-    def remove(self, scope, kind=None):
-        """Remove the constraint of (scope, kind), or every type of scope; returns them."""
+    def remove(self, scope, kind=None, only=None):
+        """Remove the constraint of (scope, kind), or every type of scope; returns them.
+        With ``only``, remove it only if it is still that very constraint (checked under
+        the same lock, so a newer one that replaced it in the meantime stays)."""
         with self.lock:
+            if only is not None and self.constraints.get((scope, kind)) is not only:
+                return []
             removed = [c for t in ((kind,) if kind else _TYPES)
                        for c in [self._drop_locked((scope, t), limiter=True)] if c]
             if removed:
@@ -963,10 +987,7 @@ class _ControlPlane:
         return c
 
     def _expire(self, c):
-        with self.lock:
-            if self.constraints.get((c.scope, c.type)) is not c:
-                return
-        self.remove(c.scope, c.type)
+        self.remove(c.scope, c.type, only=c)
 
     def active(self):
         """The active constraints (expired ones the clock has not removed yet excluded)."""
@@ -996,10 +1017,10 @@ class _ControlPlane:
         q.caps = [(self._caps[k], n) for k, n in key[3] if n]
         q.gen = self._gen
 
-    def _queue(self, key):
+    def _queue(self, key, loop=None):
         q = self._queues.get(key)
         if q is None:
-            q = self._queues[key] = _Queue(key)
+            q = self._queues[key] = _Queue(key, loop)
         return q
 
     def enqueue(self, units):
@@ -1013,7 +1034,7 @@ class _ControlPlane:
                 for u in units:
                     u.state = _GRANTED
                 return True
-            q = self._queue(units[0].key)
+            q = self._queue(units[0].key, units[0].run.loop)
             behind = bool(q.waiters) and q.reason is not None
             for u in units:
                 u.seq = next(self._seq)
@@ -1139,12 +1160,17 @@ class _ControlPlane:
             u.state = _DONE
             if not self._waiting or self._admit_soon:
                 return
-            try:
-                asyncio.get_running_loop().call_soon(self._admit_now)
-                self._admit_soon = True
-                return
-            except RuntimeError:  # no loop here (or it is closing): admit at once
-                granted = self._admit()
+            loop = u.run.loop
+            if all(q.loop is loop for q in self._queues.values() if q.waiters):
+                try:
+                    loop.call_soon(self._admit_now)
+                    self._admit_soon = True
+                    return
+                except RuntimeError:  # the loop is closing: admit at once
+                    pass
+            # Waiters on other loops must not wait for this loop's next turn
+            # (regression: a busy loop held another run's waiters back).
+            granted = self._admit()
         self._dispatch(granted)
 
     def _admit_now(self):
@@ -1167,7 +1193,7 @@ class _ControlPlane:
                 self._release_locked(u, True)
                 u.state = _WAITING
                 u.blocked = False
-                q = self._queue(u.key)
+                q = self._queue(u.key, u.run.loop)
                 w = q.waiters
                 i = len(w)
                 while i and w[i - 1].seq > u.seq:
@@ -2036,6 +2062,7 @@ class _Run:
         self._ready = collections.deque()
         self._keys = {}             # task -> its admission key in this run (shared)
         self._pumping = False
+        self._pump_soon = False
         self._inflight = 0          # launched units whose body has not settled
         self._tasks = set()         # resource set-up tasks
         self._timers = set()        # retry delays
@@ -2143,16 +2170,30 @@ class _Run:
             stack.extend(r for _, r in registered[name].injects)
 
     # -- dataflow -----------------------------------------------------------
+    PUMP_CHUNK = 512
+
     def _pump(self):
-        if self._pumping:
+        """Process ready nodes in FIFO order, ``PUMP_CHUNK`` at a time: between chunks
+        the loop runs, so a fan-out of 100,000 neither blocks the loop (controls and
+        other tasks get their turn) nor keeps 100,000 asyncio tasks alive at once."""
+        if self._pumping or self._pump_soon:  # a chunk per loop iteration, not per call
             return
         self._pumping = True
         try:
             ready = self._ready
-            while ready and not self.stopping:
+            n = self.PUMP_CHUNK
+            while ready and not self.stopping and n:
                 self._process(ready.popleft())
+                n -= 1
         finally:
             self._pumping = False
+        if ready and not self.stopping and not self._pump_soon:
+            self._pump_soon = True
+            self.loop.call_soon(self._pump_later)
+
+    def _pump_later(self):
+        self._pump_soon = False
+        self._pump()
 
     def _process(self, node):
         lz = node.lazy
@@ -2171,7 +2212,7 @@ class _Run:
                     kwargs = {k: _resolve(v, nodes) for k, v in kwargs.items()}
                 except (TypeError, ValueError) as exc:
                     return self._fail(exc, node.id, lz.name)
-            node.units = units = [_Unit(self, node, None, args, kwargs)]
+            node.units = units = (_Unit(self, node, None, args, kwargs),)
             return self._submit(units)
         if node.skip is not None:
             return self._skip(node, node.skip)
@@ -2454,6 +2495,7 @@ class _Run:
 
     def _settle_unit(self, u, value, exc, t0):
         self._inflight -= 1
+        u.atask = None  # a finished asyncio task (and its coroutine) can go now
         name = u.key[0]
         bus = self.bus
         if exc is None:
@@ -2917,6 +2959,8 @@ class _Link:
         self.connector = connector
         self.source = f"{socket.gethostname()}-{os.getpid()}"
         self.remote = {}             # (scope, type) -> the constraint the broker gave
+        self._seen = collections.deque(maxlen=64)  # (topic, payload, key) handled lately
+        self._seen_lock = threading.Lock()
 
     def attach(self, run):
         """Start collecting the run's telemetry (before its RunStarted)."""
@@ -2963,12 +3007,25 @@ class _Link:
         for key in set(self.remote) - seen:
             # Cleared on the broker while no run listened. Only the broker's own
             # constraint goes: a local one set since then stays.
-            c = self.remote.pop(key)
-            if cp.constraints.get(key) is c:
-                cp.remove(*key)
+            cp.remove(*key, only=self.remote.pop(key))
 
     def on_control(self, topic, payload, run_id=""):
-        """Apply one control message; reject bad input with one warning and an event."""
+        """Apply one control message; reject bad input with one warning and an event.
+
+        Every active run of the engine has its own subscription, and our connectors
+        hand one object per message to all of them: a message already handled is only
+        acknowledged (regression: one bad message gave a warning per active run)."""
+        if payload is not None and payload != "":
+            with self._seen_lock:
+                if any(p is payload and t == topic for t, p, _ in self._seen):
+                    return next(k for t, p, k in self._seen if p is payload and t == topic)
+        key = self._handle(topic, payload, run_id)
+        if payload is not None and payload != "":
+            with self._seen_lock:
+                self._seen.append((topic, payload, key))
+        return key
+
+    def _handle(self, topic, payload, run_id):
         cp = self.engine._cp
         try:
             scope, kind = _parse_control_topic(topic)

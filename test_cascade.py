@@ -3327,6 +3327,127 @@ def test_a_run_on_a_loop_closed_right_after_it_does_not_strand_other_waiters():
     assert h.result(T) == [0, 1, 2]
 
 
+def test_a_large_fan_out_is_started_in_chunks_and_finished_tasks_are_let_go():
+    # The loop gets a turn between chunks of ready tasks (controls and other
+    # coroutines are not starved by a huge fan-out), and a finished task's asyncio
+    # task is released, so a fan-out of n never holds n asyncio tasks at once.
+    e = cs.Engine()
+    alive = []
+
+    @cs.task
+    async def t(i):
+        alive.append(len(asyncio.all_tasks()))
+
+    asyncio.run(e.run([t(i) for i in range(5000)]))
+    assert len(alive) == 5000
+    assert max(alive) <= 2 * cs._Run.PUMP_CHUNK + 10
+
+
+def test_a_ttl_beyond_the_platform_timeout_does_not_kill_the_clock():
+    # regression: Condition.wait(1e10) overflowed and the clock thread died, so no
+    # later TTL ever expired and no rate-limit refill ever fired
+    e = cs.Engine()
+    e.pause("task:far", ttl=1e10)
+    time.sleep(0.05)
+    e.pause("task:b", ttl=0.1)
+
+    @cs.task(name="b")
+    async def b():
+        return "ran"
+
+    assert e.start(b()).result(T) == "ran"
+    assert [c.scope for c in e.constraints] == ["task:far"]
+
+
+def test_raising_a_rate_limit_in_place_re_arms_the_refill_timer():
+    # regression: the refill timer due at the old rate (an hour away) stayed armed,
+    # so waiters sat on a bucket that was long full again
+    e = cs.Engine()
+    e.rate_limit("task:x", "1/h")
+
+    @cs.task(name="x")
+    async def x(i):
+        return i
+
+    h = e.start(x.map(range(3)))
+    wait_for(lambda: len(e.status()["blocked"]) == 2)
+    e.rate_limit("task:x", "100/s")
+    assert h.result(T) == [0, 1, 2]
+
+
+def test_a_busy_loop_does_not_hold_back_waiters_of_a_run_on_another_loop():
+    # regression: admission after a release was deferred to the releasing loop's next
+    # turn, so a run on another loop waited for as long as that loop was busy
+    e = cs.Engine()
+    e.limit("tag:lim", 1)
+    go, a1_done = threading.Event(), threading.Event()
+    marks = {}
+
+    @cs.task(name="a1", tags=["lim"])
+    async def a1():
+        while not go.is_set():
+            await asyncio.sleep(0.005)
+        a1_done.set()
+
+    @cs.task(name="hog")
+    async def hog():
+        while not a1_done.is_set():   # already scheduled when a1 gives its slot back
+            await asyncio.sleep(0)
+        time.sleep(0.5)               # then blocks loop A
+        marks["hog_done"] = time.monotonic()
+
+    @cs.task(name="b1", tags=["lim"])
+    async def b1():
+        marks["b1"] = time.monotonic()
+
+    ha = e.start([a1(), hog()])
+    wait_for(lambda: e.status()["tasks"].get("a1", {}).get("running") == 1)
+    hb = e.start(b1())
+    wait_for(lambda: len(e.status()["blocked"]) == 1)
+    go.set()
+    hb.result(T)
+    ha.result(T)
+    assert marks["b1"] < marks["hog_done"]
+
+
+def test_replacing_a_ttl_constraint_keeps_the_new_one_when_the_old_ttl_fires():
+    e = cs.Engine()
+    e.pause("task:x", ttl=0.1)
+    e.pause("task:x")             # replaces it, with no ttl
+    time.sleep(0.3)
+    assert [(c.scope, c.expires_at) for c in e.constraints] == [("task:x", None)]
+
+
+def test_one_bad_control_message_is_rejected_once_however_many_runs_listen(caplog):
+    # regression: every active run had its own subscription and rejected it again
+    broker = cs.LocalBroker()
+    e = cs.Engine(connector=broker)
+    rejected = []
+    e.subscribe(cs.ConstraintRejected, rejected.append)
+    go = threading.Event()
+
+    @cs.task
+    def waiter(i):
+        go.wait(T)
+        return i
+
+    async def main():
+        with caplog.at_level(logging.WARNING, logger="cascade"):
+            runs = [asyncio.ensure_future(e.run(waiter(i))) for i in range(2)]
+            while len(e.status()["runs"]) < 2 or e.status()["tasks"].get("waiter", {}).get(
+                    "running", 0) < 2:
+                await asyncio.sleep(0.01)
+            await broker.publish("cascade/constraints/task/t/concurrency",
+                                 {"scope": "task:t", "type": "concurrency",
+                                  "params": {"limit": -1}})
+            await asyncio.sleep(0.1)
+            go.set()
+            return await asyncio.gather(*runs)
+    assert asyncio.run(main()) == [0, 1]
+    warnings = [r for r in caplog.records if "rejected control message" in r.getMessage()]
+    assert len(warnings) == 1 and len(rejected) == 1
+
+
 # ===========================================================================
 # pub/sub: broker, connectors, MQTT hook (SPEC §5)
 # ===========================================================================
