@@ -1360,7 +1360,17 @@ def _deliver(callback: Callable[[str, Any], Any], topic: str, payload: Any,
     """
     try:
         result = callback(topic, payload)
-        if result is None or not inspect.isawaitable(result):
+    except Exception:
+        _log.exception("pub/sub callback %r failed on topic %r", callback, topic)
+        return
+    if result is not None:
+        _follow(result, callback, topic, tasks)
+
+
+def _follow(result: Any, callback: Callable, topic: str, tasks: set | None) -> None:
+    """An awaitable that a callback returned runs as a task; its failure is logged."""
+    try:
+        if not inspect.isawaitable(result):
             return
         task = asyncio.ensure_future(result)
     except Exception:
@@ -1413,11 +1423,18 @@ class _Subscription:
 
     def drain(self) -> None:  # runs on self.loop
         self.scheduled = False
-        q = self.queue
+        q, cb = self.queue, self.callback
         while q:
             topic, payload = q.popleft()
-            if self.active:
-                _deliver(self.callback, topic, payload, self.tasks)
+            if not self.active:
+                continue
+            try:  # _deliver, inlined for the common case of a callback returning None
+                result = cb(topic, payload)
+            except Exception:
+                _log.exception("pub/sub callback %r failed on topic %r", cb, topic)
+                continue
+            if result is not None:
+                _follow(result, cb, topic, self.tasks)
 
 
 class _Hub:
@@ -1520,9 +1537,30 @@ class LocalBroker(_Hub):
     async def publish(self, topic: str, payload: Any, qos: int = 0, retain: bool = False) -> None:
         self.publish_nowait(topic, payload, retain)
 
+    def publish_many_nowait(self, topic: str, payloads: list) -> None:
+        """Publish ``payloads`` (not retained) to ``topic`` in order, without a coroutine
+        and under one lock: the engine's telemetry flushes through it."""
+        if topic not in self._matching:
+            _check_topic(topic, is_filter=False)
+        with self._lock:
+            subs = self._matching.get(topic)
+            if subs is None:
+                self._fanout(topic, payloads[0])
+                payloads = payloads[1:]
+                subs = self._matching.get(topic, ())
+            dead = False
+            for s in subs:
+                if s.active:
+                    for p in payloads:
+                        if not s.push(topic, p):
+                            dead = True
+                            break
+            if dead:
+                self._subs = [s for s in self._subs if s.active]
+                self._matching = {}
+
     def publish_nowait(self, topic: str, payload: Any, retain: bool = False) -> None:
-        """``publish`` without a coroutine: for in-process publishers on a hot path
-        (the engine's telemetry uses it when the connector has it)."""
+        """``publish`` without a coroutine: for in-process publishers on a hot path."""
         if topic not in self._matching:
             _check_topic(topic, is_filter=False)
         if isinstance(payload, (bytes, bytearray)) or not payload and payload != 0:
@@ -1954,6 +1992,7 @@ class _Bus:
         self._subs = {}
         self._cache = {}
         self._lock = threading.Lock()
+        self.version = 0  # bumped on every (un)subscribe: runs cache what they need
 
     def subscribe(self, etype, callback):
         if not (isinstance(etype, type) and issubclass(etype, Event)):
@@ -1964,6 +2003,7 @@ class _Bus:
         with self._lock:
             self._subs.setdefault(etype, []).append(callback)
             self._cache = {}
+            self.version += 1
 
         def unsubscribe():
             with self._lock:
@@ -1972,6 +2012,7 @@ class _Bus:
                 except (KeyError, ValueError):
                     return
                 self._cache = {}
+                self.version += 1
         return unsubscribe
 
     def wants(self, etype):
@@ -2072,6 +2113,8 @@ class _Run:
         self._res_values = {}
         self._teardown = []
         self._settled = None
+        self._tele = None           # the telemetry recorder, when the engine has a link
+        self._wants = (-1, False, False)
         executor = engine._executor
         self._pool = executor if executor is not None else engine._threads()
         self._threaded = isinstance(self._pool, concurrent.futures.ThreadPoolExecutor)
@@ -2089,6 +2132,8 @@ class _Run:
         if link is not None:
             link.attach(self)
         targets = self.target.deps if type(self.target) is _Gather else [self.target]
+        if self._tele is not None:
+            self._tele("ENGINE_STARTED")
         self.bus.emit(RunStarted(self.run_id, tuple(d.name for d in dict.fromkeys(targets)),
                                  dict(self.params)))
         try:
@@ -2120,6 +2165,8 @@ class _Run:
             if self.cp._admit_soon:  # this loop may stop before its scheduled pass runs
                 self.cp._admit_now()
             self.engine._runs.pop(self.run_id, None)
+            if self._tele is not None:
+                self._tele("ENGINE_STOPPED")
             self.bus.emit(RunFinished(self.run_id, status, time.perf_counter() - t0, error))
             if link is not None:
                 await link.close(self)
@@ -2283,12 +2330,56 @@ class _Run:
             for u in units:
                 self._launch(u)
             return
-        want = self.bus.wants(TaskBlocked)
         for u in units:
             if u.state == _WAITING and not u.blocked:
-                u.blocked = True
-                if want:
-                    self.bus.emit(TaskBlocked(self.run_id, u.id, u.key[0], self.cp.reason(u)))
+                self._on_blocked(u)
+
+    # -- task events: one method per kind feeds the bus and the telemetry link --
+    def _wanted(self):
+        """(started?, finished?): whether anyone listens to the two per-task events,
+        re-read only when the bus's subscriptions changed (hot path)."""
+        bus = self.bus
+        if self._wants[0] != bus.version:
+            self._wants = (bus.version, bool(bus.wants(TaskExecutionStarted)),
+                           bool(bus.wants(TaskExecutionFinished)))
+        return self._wants
+
+    def _on_started(self, u):
+        node = u.node
+        uid = node.id if u.index is None else u.id
+        if self._wanted()[1]:
+            self.bus.emit(TaskExecutionStarted(self.run_id, uid, node.key[0]))
+        if self._tele is not None:
+            self._tele((uid, node.key[0], "RUNNING", None, None))
+
+    def _on_blocked(self, u):
+        u.blocked = True  # once per wait
+        if self.bus.wants(TaskBlocked):
+            self.bus.emit(TaskBlocked(self.run_id, u.id, u.key[0], self.cp.reason(u)))
+        if self._tele is not None:
+            self._tele((u.id, u.key[0], "BLOCKED", None, self.cp.reason(u)))
+
+    def _on_finished(self, u, duration, exc):
+        node = u.node
+        uid = node.id if u.index is None else u.id
+        if self._wanted()[2]:
+            self.bus.emit(TaskExecutionFinished(self.run_id, uid, node.key[0],
+                                                "Succeeded" if exc is None else "Failed",
+                                                duration, exc))
+        if self._tele is not None:
+            self._tele((uid, node.key[0], "COMPLETED" if exc is None else "FAILED",
+                        duration * 1000, exc))
+
+    def _on_retrying(self, u, max_attempts, wait, exc):
+        self.bus.emit(TaskRetrying(self.run_id, u.id, u.key[0], u.attempt, max_attempts,
+                                   wait, exc))
+        if self._tele is not None:
+            self._tele((u.id, u.key[0], "RETRYING", None, exc))
+
+    def _on_skipped(self, node, reason):
+        self.bus.emit(TaskSkipped(self.run_id, node.id, node.lazy.task.name, reason))
+        if self._tele is not None:
+            self._tele((node.id, node.lazy.task.name, "SKIPPED", None, reason))
 
     def _complete(self, node, value):
         node.done = True
@@ -2308,7 +2399,7 @@ class _Run:
         node.done = True
         lz = node.lazy
         if lz.task is not None:
-            self.bus.emit(TaskSkipped(self.run_id, node.id, lz.task.name, reason))
+            self._on_skipped(node, reason)
         carried = reason if reason.startswith("needs ") else \
             f"needs {node.id}, which was skipped: {reason}"
         for d in node.dependents:
@@ -2429,7 +2520,7 @@ class _Run:
         else:
             u.state = _RUNNING
         t0 = time.perf_counter()
-        if self.bus.wants(TaskExecutionStarted):
+        if self._tele is not None or self._wanted()[1]:
             self._post(u, _STARTED, None, t0)
         try:
             value = fn(*args, **kwargs)
@@ -2463,24 +2554,22 @@ class _Run:
         while inbox:
             u, value, exc, t0 = inbox.popleft()
             if value is _STARTED:
-                self.bus.emit(TaskExecutionStarted(self.run_id, u.id, u.key[0]))
+                self._on_started(u)
             elif value is _NOT_BEGUN:
                 self._not_begun(u)
             else:
                 self._finished(u, value, exc, t0)
 
     def _begun(self, u):
-        if self.bus.wants(TaskExecutionStarted):
-            self.bus.emit(TaskExecutionStarted(self.run_id, u.id, u.key[0]))
+        if self._tele is not None or self._wanted()[1]:
+            self._on_started(u)
         return time.perf_counter()
 
     def _not_begun(self, u):
         """A granted unit did not start: its run is stopping, or a pause came first."""
         self._inflight -= 1
         if u.state == _WAITING and not u.blocked:
-            u.blocked = True
-            if self.bus.wants(TaskBlocked):
-                self.bus.emit(TaskBlocked(self.run_id, u.id, u.key[0], self.cp.reason(u)))
+            self._on_blocked(u)
         self._check_settled()
 
     def _finished(self, u, value, exc, t0):
@@ -2496,13 +2585,10 @@ class _Run:
     def _settle_unit(self, u, value, exc, t0):
         self._inflight -= 1
         u.atask = None  # a finished asyncio task (and its coroutine) can go now
-        name = u.key[0]
-        bus = self.bus
         if exc is None:
             u.state = _DONE
-            if bus.wants(TaskExecutionFinished):
-                bus.emit(TaskExecutionFinished(self.run_id, u.id, name, "Succeeded",
-                                               time.perf_counter() - t0, None))
+            if self._tele is not None or self._wanted()[2]:
+                self._on_finished(u, time.perf_counter() - t0, None)
             if self.stopping:
                 return self._check_settled()
             node = u.node
@@ -2519,7 +2605,7 @@ class _Run:
             max_attempts, delay, backoff = retry
             wait = delay * backoff ** (u.attempt - 1)
             u.state = _RETRYING
-            bus.emit(TaskRetrying(self.run_id, u.id, name, u.attempt, max_attempts, wait, exc))
+            self._on_retrying(u, max_attempts, wait, exc)
             u.attempt += 1
             if wait > 0:
                 handle = self.loop.call_later(wait, self._retry, u)
@@ -2529,10 +2615,9 @@ class _Run:
                 self._retry(u)
             return
         u.state = _FAILED
-        bus.emit(TaskExecutionFinished(self.run_id, u.id, name, "Failed",
-                                       time.perf_counter() - t0, exc))
+        self._on_finished(u, time.perf_counter() - t0, exc)
         if not self.stopping:
-            self._fail(exc, u.id, name)
+            self._fail(exc, u.id, u.key[0])
         self._check_settled()
 
     def _retry(self, u):
@@ -2963,11 +3048,18 @@ class _Link:
         self._seen_lock = threading.Lock()
 
     def attach(self, run):
-        """Start collecting the run's telemetry (before its RunStarted)."""
+        """Give the run its telemetry recorder (before its RunStarted). The run calls it
+        where it emits task events (not through the bus: with nobody subscribed to the
+        bus, no event object is ever built), with a body tuple or a lifecycle word."""
         run.link_cb = None
-        run.link_queue = collections.deque()
+        run.link_queue = q = collections.deque()
         run.link_flusher = None
-        run.link_unsub = self.engine._bus.subscribe(Event, functools.partial(self._telemetry, run))
+
+        def record(body):
+            q.append((time.time(), body))
+            if run.link_flusher is None:
+                run.link_flusher = asyncio.ensure_future(self._flusher(run))
+        run._tele = record
 
     async def open(self, run):
         """Subscribe and sync: every retained constraint is applied when this returns.
@@ -3052,60 +3144,47 @@ class _Link:
             self.engine._bus.emit(ConstraintRejected(run_id, topic, str(exc)))
             return None
 
-    def _telemetry(self, run, event):
-        if event.run_id != run.run_id:
-            return
-        t = type(event)
-        if t is TaskExecutionStarted:
-            body = (event.task_id, event.task_name, "RUNNING", None, None)
-        elif t is TaskExecutionFinished:
-            body = (event.task_id, event.task_name,
-                    "COMPLETED" if event.status == "Succeeded" else "FAILED",
-                    round(event.duration * 1000, 3), event.error)
-        elif t is TaskSkipped:
-            body = (event.task_id, event.task_name, "SKIPPED", None, event.reason)
-        elif t is TaskBlocked:
-            body = (event.task_id, event.task_name, "BLOCKED", None, event.reason)
-        elif t is TaskRetrying:
-            body = (event.task_id, event.task_name, "RETRYING", None, event.error)
-        elif t is RunStarted:
-            body = "ENGINE_STARTED"
-        elif t is RunFinished:
-            body = "ENGINE_STOPPED"
-        else:
-            return
-        run.link_queue.append((time.time(), body))
-        if run.link_flusher is None:
-            run.link_flusher = asyncio.ensure_future(self._flusher(run))
-
-    def _payload(self, run, ts, body):
-        if isinstance(body, str):
-            body = {"type": "LifecycleEvent", "event": body}
-        else:
-            task_id, name, state, ms, error = body
-            body = {"type": "TaskStateEvent", "task_id": task_id, "task_name": name,
-                    "state": state, "duration_ms": ms,
-                    "error": None if error is None else
-                    error if isinstance(error, str) else f"{type(error).__name__}: {error}"}
-        return {"v": "1.0", "ts": _iso(ts), "run_id": run.run_id,
-                "org_id": self.engine.org, "project_id": self.engine.project,
-                "source": self.source, "body": body}
+    def _payloads(self, run, items):
+        """The telemetry envelopes of ``items`` ((ts, body) pairs), built in one loop."""
+        base = {"v": "1.0", "ts": "", "run_id": run.run_id, "org_id": self.engine.org,
+                "project_id": self.engine.project, "source": self.source, "body": None}
+        out = []
+        for ts, body in items:
+            if body.__class__ is str:
+                body = {"type": "LifecycleEvent", "event": body}
+            else:
+                task_id, name, state, ms, error = body
+                body = {"type": "TaskStateEvent", "task_id": task_id, "task_name": name,
+                        "state": state, "duration_ms": ms,
+                        "error": None if error is None else error if isinstance(error, str)
+                        else f"{type(error).__name__}: {error}"}
+            p = base.copy()
+            p["ts"] = _iso(ts)
+            p["body"] = body
+            out.append(p)
+        return out
 
     async def _flusher(self, run):
         topic = (f"cascade/telemetry/{self.engine.org}/{self.engine.project}/"
                  f"{run.run_id}/events")
         q = run.link_queue
-        nowait = getattr(self.connector, "publish_nowait", None)  # LocalBroker's fast path
+        batch = getattr(self.connector, "publish_many_nowait", None)  # LocalBroker's
         publish = self.connector.publish
         failed = False
         try:
             while q:
-                ts, body = q.popleft()
+                if batch is not None:  # in process: the whole queue in one call
+                    items = [q.popleft() for _ in range(len(q))]
+                    try:
+                        batch(topic, self._payloads(run, items))
+                    except Exception as exc:
+                        if not failed:
+                            failed = True
+                            _log.warning("cascade: telemetry publish failed: %r", exc)
+                    continue
+                item = q.popleft()
                 try:
-                    if nowait is not None:
-                        nowait(topic, self._payload(run, ts, body))
-                    else:
-                        await publish(topic, self._payload(run, ts, body))
+                    await publish(topic, self._payloads(run, [item])[0])
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # telemetry never fails a run
@@ -3118,7 +3197,6 @@ class _Link:
     async def close(self, run):
         """Flush the run's telemetry (bounded: a hung connector never stalls the run),
         then drop its subscriptions."""
-        run.link_unsub()
         flusher = run.link_flusher
         if flusher is not None:
             try:
