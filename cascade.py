@@ -3262,8 +3262,9 @@ class _LogEvents:
         elif t is TaskExecutionStarted:
             msg = f"{e.task_id} started"
         elif t is TaskExecutionFinished:
-            if e.status == "Succeeded":
-                lvl, msg = logging.INFO, f"{e.task_id} succeeded in {e.duration:.3f}s"
+            if e.status == "Succeeded":  # map items only at DEBUG: a map of 10,000 is one story
+                lvl = logging.DEBUG if e.task_id.endswith("]") else logging.INFO
+                msg = f"{e.task_id} succeeded in {e.duration:.3f}s"
             else:
                 lvl, msg = logging.ERROR, f"{e.task_id} failed: {type(e.error).__name__}: {e.error}"
         elif t is TaskRetrying:
