@@ -2794,7 +2794,11 @@ class RunHandle:
             if running is self._loop:
                 raise CascadeError("handle.result() would block the event loop this run "
                                    "lives on; use `await handle` instead")
-        return self._future.result(timeout)
+        try:
+            return self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            # the builtin on every version (they are one class only from 3.11 on)
+            raise TimeoutError(f"run {self.run_id} still running after {timeout}s") from None
 
     def done(self) -> bool:
         return self._future.done()
