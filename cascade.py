@@ -3691,7 +3691,8 @@ def _demo(n=40):
         time.sleep(0.2)
         st = engine.status()
         waits = collections.Counter(b["waits_on"].split(" (")[0] for b in st["blocked"])
-        say("engine.status(): " + "; ".join(f"{n} blocked by {w}" for w, n in waits.items()))
+        say("engine.status()   blocked: " + ", ".join(
+            f"{n} on {w.replace(' on ', ' ')}" for w, n in waits.most_common()))
         time.sleep(0.2)
         marks["raise"] = now()
         engine.limit("task:fetch", 16)
