@@ -520,10 +520,11 @@ def shell(command: Union[str, LazyResult], check: bool = True) -> LazyResult:
 class _Node:
     """Per-run state of one LazyResult (a LazyResult may be run many times)."""
     __slots__ = ("lazy", "id", "pending", "dependents", "done", "value", "skip", "units",
-                 "left", "key")
+                 "left", "key", "seq")
 
     def __init__(self, lazy):
         self.lazy = lazy
+        self.seq = 0            # when it became ready (engine-wide order: FIFO admission)
         self.id = ""
         self.pending = 0        # upstream nodes not finished yet
         self.dependents = ()
@@ -856,6 +857,14 @@ def _head_seq(q):
     return q.waiters[0].seq
 
 
+def _insort(waiters, u):
+    """Put ``u`` in its place in a deque kept in ``seq`` order (from the end: rare)."""
+    i = len(waiters)
+    while i and waiters[i - 1].seq > u.seq:
+        i -= 1
+    waiters.insert(i, u)
+
+
 class _Queue:
     """Waiting units with one admission key (task name, tags, run id, amounts): the
     same constraints match all of them, so if the head cannot start, none can."""
@@ -1037,9 +1046,15 @@ class _ControlPlane:
             q = self._queue(units[0].key, units[0].run.loop)
             behind = bool(q.waiters) and q.reason is not None
             for u in units:
-                u.seq = next(self._seq)
+                if not u.seq:  # (when its node became ready, item index): FIFO order
+                    u.seq = (u.node.seq, u.index or 0)
                 u.state = _WAITING
-            q.waiters.extend(units)
+            w = q.waiters
+            if not w or w[-1].seq < units[0].seq:
+                w.extend(units)
+            else:  # ready earlier than some already waiting (a chunk later, or a retry)
+                for u in units:
+                    _insort(w, u)
             self._waiting += len(units)
             if behind:
                 # Queued behind a head that is held back: nothing can start until some
@@ -1193,12 +1208,9 @@ class _ControlPlane:
                 self._release_locked(u, True)
                 u.state = _WAITING
                 u.blocked = False
-                q = self._queue(u.key, u.run.loop)
-                w = q.waiters
-                i = len(w)
-                while i and w[i - 1].seq > u.seq:
-                    i -= 1
-                w.insert(i, u)
+                if not u.seq:
+                    u.seq = (u.node.seq, u.index or 0)
+                _insort(self._queue(u.key, u.run.loop).waiters, u)
                 self._waiting += 1
             else:
                 u.state = _RUNNING
@@ -1545,9 +1557,8 @@ class LocalBroker(_Hub):
         with self._lock:
             subs = self._matching.get(topic)
             if subs is None:
-                self._fanout(topic, payloads[0])
-                payloads = payloads[1:]
-                subs = self._matching.get(topic, ())
+                subs = self._matching[topic] = tuple(
+                    s for s in self._subs if _topic_matches(s.filter, topic))
             dead = False
             for s in subs:
                 if s.active:
@@ -2194,6 +2205,9 @@ class _Run:
                 for k, v in (lz.amounts or {}).items():
                     if not isinstance(v, LazyResult):
                         _check_amount(caps, lz, k, v)
+        stamp = self.cp._seq
+        for node in roots:
+            node.seq = next(stamp)
         self._ready.extend(roots)
         if missing:
             names = ", ".join(repr(m) for m in sorted(set(missing)))
@@ -2388,6 +2402,7 @@ class _Run:
         for d in node.dependents:
             d.pending -= 1
             if not d.pending:
+                d.seq = next(self.cp._seq)  # ready now, even if processed a chunk later
                 ready.append(d)
         if node.lazy is self.target and not self._wake.done():
             self._wake.set_result(None)
@@ -2407,6 +2422,7 @@ class _Run:
                 d.skip = carried
             d.pending -= 1
             if not d.pending:
+                d.seq = next(self.cp._seq)
                 self._ready.append(d)
         if lz is self.target and not self._wake.done():
             self._wake.set_result(None)
@@ -2623,6 +2639,7 @@ class _Run:
     def _retry(self, u):
         self._timers.discard(u.atask)
         if not self.stopping:
+            u.seq = (next(self.cp._seq), 0)  # ready again now: behind who waits already
             u.blocked = False
             self._submit([u])
 
@@ -3035,9 +3052,16 @@ class Engine:
 
 
 class _Link:
-    """An engine's link to a pub/sub connector, per run: applies the retained control
-    messages before the run's first task, follows control messages while it runs, and
-    publishes its telemetry (fire-and-forget; flushed, with a bound, before run returns)."""
+    """An engine's link to a pub/sub connector: applies the retained control messages
+    before a run's first task, follows control messages while runs are active, and
+    publishes each run's telemetry (fire-and-forget; flushed, with a bound, before run
+    returns).
+
+    One control subscription per event loop, shared by the engine's runs on it: every
+    message is handled once and in order (a subscription per run handled each message
+    once per run: one bad message warned per run, and de-duplicating them lost order).
+    Runs on other loops of the same engine have their own, which converge to the same
+    state since each sees every message in order."""
 
     FLUSH_TIMEOUT = 2.0
     SYNC_TIMEOUT = 5.0
@@ -3048,14 +3072,13 @@ class _Link:
         self.connector = connector
         self.source = f"{socket.gethostname()}-{os.getpid()}"
         self.remote = {}             # (scope, type) -> the constraint the broker gave
-        self._seen = collections.deque(maxlen=64)  # (topic, payload, key) handled lately
-        self._seen_lock = threading.Lock()
+        self._subs = {}              # loop -> _LoopSubscription
 
     def attach(self, run):
         """Give the run its telemetry recorder (before its RunStarted). The run calls it
         where it emits task events (not through the bus: with nobody subscribed to the
         bus, no event object is ever built), with a body tuple or a lifecycle word."""
-        run.link_cb = None
+        run.link_loop = None
         run.link_queue = q = collections.deque()
         run.link_flusher = None
 
@@ -3066,31 +3089,35 @@ class _Link:
         run._tele = record
 
     async def open(self, run):
-        """Subscribe and sync: every retained constraint is applied when this returns.
-        The marker round trip relies on the broker's per-connection ordering: the
-        retained messages of the control subscription arrive before our own marker."""
+        """Join (or make) this loop's control subscription and sync: every retained
+        constraint is applied when this returns. The marker round trip relies on the
+        broker's per-connection ordering: messages published before our marker reach
+        the control subscription first, and both drain on this loop in order."""
         conn = self.connector
         loop = asyncio.get_running_loop()
+        sub = self._subs.get(loop)
+        fresh = sub is None
+        if fresh:
+            sub = self._subs[loop] = _LoopSubscription(self, loop)
+        sub.runs += 1
+        run.link_loop = loop
         marker = f"cascade/sync/{os.urandom(8).hex()}"
         synced = loop.create_future()
-        seen = set()
 
-        def on_control(topic, payload):
-            if topic == marker:
-                if not synced.done():
-                    synced.set_result(None)
-                return
-            key = self.on_control(topic, payload, run.run_id)
-            if key is not None:
-                seen.add(key)
-        run.link_cb = on_control
+        def on_marker(topic, payload):
+            if not synced.done():
+                synced.set_result(None)
+
         async def sync():
-            await conn.connect()
-            await conn.subscribe(f"{_CONTROL_PREFIX}/#", on_control)
-            await conn.subscribe(marker, on_control)
+            if fresh:
+                await conn.connect()
+                await conn.subscribe(f"{_CONTROL_PREFIX}/#", sub.on_message)
+            else:
+                await asyncio.shield(sub.ready)  # the first run's subscription is live
+            await conn.subscribe(marker, on_marker)
             await conn.publish(marker, {"sync": marker})
             await synced
-            await _maybe(conn, "unsubscribe", marker, on_control)
+            await _maybe(conn, "unsubscribe", marker, on_marker)
         try:  # bounded as a whole: a connector that hangs must not stall the run
             await asyncio.wait_for(sync(), self.SYNC_TIMEOUT)
         except asyncio.CancelledError:
@@ -3098,30 +3125,21 @@ class _Link:
         except Exception as exc:
             _log.warning("cascade: could not sync controls from %r (%r); running with the "
                          "controls applied so far", conn, exc)
-            return
-        cp = self.engine._cp
-        for key in set(self.remote) - seen:
-            # Cleared on the broker while no run listened. Only the broker's own
-            # constraint goes: a local one set since then stays.
-            cp.remove(*key, only=self.remote.pop(key))
+        finally:
+            if fresh:
+                seen, sub.seen = sub.seen, None
+                if not sub.ready.done():
+                    sub.ready.set_result(None)
+        if fresh and synced.done():
+            cp = self.engine._cp
+            for key in set(self.remote) - seen:
+                # Cleared on the broker while nothing listened. Only the broker's own
+                # constraint goes: a local one set since then stays.
+                cp.remove(*key, only=self.remote.pop(key))
 
     def on_control(self, topic, payload, run_id=""):
         """Apply one control message; reject bad input with one warning and an event.
-
-        Every active run of the engine has its own subscription, and our connectors
-        hand one object per message to all of them: a message already handled is only
-        acknowledged (regression: one bad message gave a warning per active run)."""
-        if payload is not None and payload != "":
-            with self._seen_lock:
-                if any(p is payload and t == topic for t, p, _ in self._seen):
-                    return next(k for t, p, k in self._seen if p is payload and t == topic)
-        key = self._handle(topic, payload, run_id)
-        if payload is not None and payload != "":
-            with self._seen_lock:
-                self._seen.append((topic, payload, key))
-        return key
-
-    def _handle(self, topic, payload, run_id):
+        Returns the (scope, type) it concerned, or None when it was rejected."""
         cp = self.engine._cp
         try:
             scope, kind = _parse_control_topic(topic)
@@ -3209,16 +3227,35 @@ class _Link:
                 flusher.cancel()
                 _log.warning("cascade: telemetry flush did not finish in %.1fs; dropped %d "
                              "events", self.FLUSH_TIMEOUT, len(run.link_queue))
-        if run.link_cb is not None:
-            try:
-                await asyncio.wait_for(_maybe(self.connector, "unsubscribe",
-                                              f"{_CONTROL_PREFIX}/#", run.link_cb),
-                                       self.FLUSH_TIMEOUT)
-            except Exception:
-                pass
+        sub = self._subs.get(run.link_loop)
+        if sub is not None:
+            sub.runs -= 1
+            if not sub.runs:  # the last run on this loop: nobody listens here any more
+                del self._subs[run.link_loop]
+                try:
+                    await asyncio.wait_for(_maybe(self.connector, "unsubscribe",
+                                                  f"{_CONTROL_PREFIX}/#", sub.on_message),
+                                           self.FLUSH_TIMEOUT)
+                except Exception:
+                    pass
 
 
 _iso_second = (0, "1970-01-01T00:00:00")  # (second, its text): one tuple, swapped whole
+
+
+class _LoopSubscription:
+    """The control subscription of a _Link on one event loop, shared by its runs."""
+    __slots__ = ("link", "loop", "runs", "ready", "seen")
+
+    def __init__(self, link, loop):
+        self.link, self.loop, self.runs = link, loop, 0
+        self.ready = loop.create_future()   # set once the first sync is over
+        self.seen = set()                   # keys heard during the first sync
+
+    def on_message(self, topic, payload):
+        key = self.link.on_control(topic, payload)
+        if key is not None and self.seen is not None:
+            self.seen.add(key)
 
 
 def _iso(ts):

@@ -3452,6 +3452,109 @@ def test_one_bad_control_message_is_rejected_once_however_many_runs_listen(caplo
     assert len(warnings) == 1 and len(rejected) == 1
 
 
+def test_broker_controls_are_applied_in_order_with_several_runs_listening():
+    # regression: with two active runs, per-message de-duplication across their
+    # subscriptions applied pause/clear/pause out of order and lost the final pause
+    broker = cs.LocalBroker()
+    e = cs.Engine(connector=broker)
+    ctl = cs.Controller(broker)
+    go = threading.Event()
+
+    @cs.task
+    def waiter(i):
+        go.wait(T)
+        return i
+
+    async def main():
+        runs = [asyncio.ensure_future(e.run(waiter(i))) for i in range(2)]
+        while e.status()["tasks"].get("waiter", {}).get("running", 0) < 2:
+            await asyncio.sleep(0.01)
+        for _ in range(3):
+            await ctl.pause("task:ordered")
+            await ctl.resume("task:ordered")
+        await ctl.pause("task:ordered")
+        for _ in range(50):
+            if [c.scope for c in e.constraints] == ["task:ordered"]:
+                break
+            await asyncio.sleep(0.01)
+        state = [c.scope for c in e.constraints]
+        go.set()
+        await asyncio.gather(*runs)
+        await ctl.clear("task:ordered")
+        return state
+    assert asyncio.run(main()) == ["task:ordered"]
+
+
+def test_republishing_the_same_payload_object_applies_it_again():
+    # regression: a message object already seen was skipped, so pause, clear, pause
+    # (with one dict) ended un-paused
+    broker = cs.LocalBroker()
+    e = cs.Engine(connector=broker)
+    topic = "cascade/constraints/task/again/pause"
+    p = {"id": "p1", "scope": "task:again", "type": "pause", "params": {}}
+    states = []
+    go = threading.Event()
+
+    @cs.task
+    def waiter():
+        go.wait(T)
+
+    async def main():
+        run = asyncio.ensure_future(e.run(waiter()))
+        while not e.status()["tasks"].get("waiter", {}).get("running"):
+            await asyncio.sleep(0.01)
+        for payload in (p, "", p):
+            await broker.publish(topic, payload, retain=True)
+            await asyncio.sleep(0.05)
+            states.append([c.scope for c in e.constraints])
+        go.set()
+        await run
+        await broker.publish(topic, "", retain=True)
+    asyncio.run(main())
+    assert states == [["task:again"], [], ["task:again"]]
+
+
+def test_a_retry_does_not_jump_ahead_of_tasks_that_became_ready_earlier():
+    # regression: ready nodes wait for the next pump chunk; a retry enqueued at once
+    # overtook them (FIFO is by the time a task became ready)
+    e = cs.Engine()
+    e.limit("task:rec", 1)
+    order, failed = [], []
+
+    @cs.task(name="rec")
+    async def rec(i):
+        if i == 0 and not failed:
+            failed.append(1)
+            raise RuntimeError("once")
+        order.append(i)
+        return i
+
+    n = cs._Run.PUMP_CHUNK + 100
+    asyncio.run(e.run([rec(0).with_retry(2)] + [rec(i) for i in range(1, n)]))
+    assert order == list(range(1, n)) + [0]
+
+
+def test_publish_many_nowait_reaches_live_subscribers_past_a_dead_one():
+    # regression: a subscription whose loop had closed reset the topic cache mid-batch
+    # and every payload after the first was dropped
+    broker = cs.LocalBroker()
+
+    async def dead():
+        await broker.subscribe("t/#", lambda t, p: None)
+    asyncio.run(dead())                     # its loop is closed now
+    got = []
+
+    async def live():
+        await broker.subscribe("t/#", lambda t, p: got.append(p))
+        broker.publish_many_nowait("t/x", [1, 2, 3])
+        for _ in range(50):
+            if len(got) == 3:
+                break
+            await asyncio.sleep(0.01)
+    asyncio.run(live())
+    assert got == [1, 2, 3]
+
+
 # ===========================================================================
 # pub/sub: broker, connectors, MQTT hook (SPEC §5)
 # ===========================================================================
