@@ -849,8 +849,8 @@ class _Clock:
 
 
 # Unit states (one unit = one task execution; a map has one per item).
-_WAITING, _GRANTED, _RUNNING, _RETRYING, _DONE = range(5)
-_STATE_NAMES = ("blocked", "granted", "running", "retrying", "done")
+_WAITING, _GRANTED, _RUNNING, _RETRYING, _DONE, _FAILED = range(6)
+_STATE_NAMES = ("blocked", "granted", "running", "retrying", "done", "failed")
 
 
 def _head_seq(q):
@@ -1481,13 +1481,17 @@ class _Hub:
             self._matching = {}
             return bool(gone), any(s.filter == filter for s in self._subs)
 
-    def _fanout(self, topic: str, payload: Any, retained: bool = False) -> None:  # lock held
+    def _subs_for(self, topic: str) -> tuple:  # lock held
         subs = self._matching.get(topic)
         if subs is None:
             if len(self._matching) > 4096:  # one entry per topic seen: keep it bounded
                 self._matching = {}
             subs = self._matching[topic] = tuple(
                 s for s in self._subs if _topic_matches(s.filter, topic))
+        return subs
+
+    def _fanout(self, topic: str, payload: Any, retained: bool = False) -> None:  # lock held
+        subs = self._subs_for(topic)
         dead = False
         for s in subs:
             if (s.replay or not retained) and s.active and not s.push(topic, payload):
@@ -1555,12 +1559,8 @@ class LocalBroker(_Hub):
         if topic not in self._matching:
             _check_topic(topic, is_filter=False)
         with self._lock:
-            subs = self._matching.get(topic)
-            if subs is None:
-                subs = self._matching[topic] = tuple(
-                    s for s in self._subs if _topic_matches(s.filter, topic))
             dead = False
-            for s in subs:
+            for s in self._subs_for(topic):
                 if s.active:
                     for p in payloads:
                         if not s.push(topic, p):
@@ -1574,8 +1574,10 @@ class LocalBroker(_Hub):
         """``publish`` without a coroutine: for in-process publishers on a hot path."""
         if topic not in self._matching:
             _check_topic(topic, is_filter=False)
-        if isinstance(payload, (bytes, bytearray)) or not payload and payload != 0:
-            payload = _decode_payload(payload or b"")  # as if off the wire
+        if payload is None or isinstance(payload, (str, bytes, bytearray)) and not payload:
+            payload = ""  # the empty message (a retained one clears)
+        elif isinstance(payload, (bytes, bytearray)):
+            payload = _decode_payload(payload)  # as if off the wire
         raw = _encode_payload(payload) if retain else None  # raises before anything is stored
         with self._lock:
             if retain and raw:
@@ -2073,8 +2075,6 @@ class _Unit:
         return f"<_Unit {self.id} {_STATE_NAMES[self.state]}>"
 
 
-_FAILED = 5
-_STATE_NAMES = _STATE_NAMES + ("failed",)
 _STARTED, _NOT_BEGUN = object(), object()  # messages from worker threads
 
 

@@ -3555,6 +3555,25 @@ def test_publish_many_nowait_reaches_live_subscribers_past_a_dead_one():
     assert got == [1, 2, 3]
 
 
+def test_an_empty_dict_or_list_is_a_message_not_the_empty_clear_message():
+    # regression: LocalBroker treated any falsy payload as the empty message, so a
+    # retained {} or [] cleared the topic instead of being stored
+    broker = cs.LocalBroker()
+    got = []
+
+    async def main():
+        await broker.publish("e/a", {}, retain=True)
+        await broker.publish("e/b", [], retain=True)
+        await broker.publish("e/c", "", retain=True)
+        await broker.subscribe("e/#", lambda t, p: got.append((t, p)))
+        for _ in range(50):
+            if len(got) == 2:
+                break
+            await asyncio.sleep(0.01)
+    asyncio.run(main())
+    assert sorted(got) == [("e/a", {}), ("e/b", [])]
+
+
 # ===========================================================================
 # pub/sub: broker, connectors, MQTT hook (SPEC §5)
 # ===========================================================================
