@@ -3574,6 +3574,28 @@ def test_an_empty_dict_or_list_is_a_message_not_the_empty_clear_message():
     assert sorted(got) == [("e/a", {}), ("e/b", [])]
 
 
+@cs.task
+def _dask_square(x):
+    return x * x
+
+
+def test_a_dask_cluster_executor_runs_sync_tasks_under_the_control_plane():
+    # SPEC §3: Engine(executor=...) takes a Dask cluster's client.get_executor()
+    if os.environ.get("CI") == "true":
+        import distributed
+    else:
+        distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        e = cs.Engine(executor=client.get_executor())
+        e.limit("task:_dask_square", 1)
+        blocked = []
+        e.subscribe(cs.TaskBlocked, blocked.append)
+        assert asyncio.run(e.run(_dask_square.map(range(6)))) == [0, 1, 4, 9, 16, 25]
+        assert len(blocked) == 5   # one at a time: the limit held the others
+
+
 # ===========================================================================
 # pub/sub: broker, connectors, MQTT hook (SPEC §5)
 # ===========================================================================
