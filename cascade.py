@@ -46,7 +46,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Awaitable, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 __version__ = "0.1.0"
 __all__ = [
@@ -2331,7 +2331,6 @@ class _Run:
         n = next(iter(lengths.values()), 0)
         node.value = [None] * n
         node.left = n
-        nid = node.id
         if not kw and all(m for m, _ in pos) and len(pos) == 1:
             items = pos[0][1]
             return [_Unit(self, node, i, (items[i],), _NO_KWARGS) for i in range(n)]

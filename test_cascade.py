@@ -16,15 +16,11 @@ import sys
 import threading
 import time
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 import cascade as cs
 import random
-from hypothesis import HealthCheck, given, settings, strategies as st
 import functools
 import socket
 import uuid
-from hypothesis import given, settings, strategies as st
 from cascade import (LocalBroker, MqttConnector, _MAX_PAYLOAD, _call_soon, _decode_payload,
                             _deliver, _encode_payload, _topic_matches)
 import datetime
@@ -32,6 +28,7 @@ import inspect
 import queue
 import re
 import shutil
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 
 # ===========================================================================
@@ -2491,7 +2488,6 @@ def test_task_tags_are_validated():
 def test_g1_pause_holds_matched_tasks_and_unmatched_keep_running():
     e = cs.Engine()
     gauge_started = []
-    release = threading.Event()
 
     @cs.task(name="api_call")
     async def api(i):
@@ -3179,7 +3175,6 @@ def _names():
 def test_property_random_dags_under_random_control_scripts(case):
     nodes, script = case
     g = Meter()
-    limits = {}
     fns = _names()
     e = cs.Engine(max_workers=8)
     runs = []
