@@ -2258,58 +2258,49 @@ class _Run:
 
     def _process(self, node):
         lz = node.lazy
-        if type(lz) is LazyResult and node.skip is None and lz.condition is _MISSING \
-                and not lz.amounts:
-            # the common case, kept short: a plain call, ready to be admitted
-            key = self._keys.get(lz.task)
-            if key is None:
-                key = self._keys[lz.task] = (lz.task.name, lz.task.tags, self.run_id, ())
-            node.key = key
-            args, kwargs = lz.args, lz.kwargs
-            if lz.lazy_args:
-                nodes = self.nodes
-                try:
-                    args = tuple([_resolve(a, nodes) for a in args])
-                    kwargs = {k: _resolve(v, nodes) for k, v in kwargs.items()}
-                except (TypeError, ValueError) as exc:
-                    return self._fail(exc, node.id, lz.name)
-            node.units = units = (_Unit(self, node, None, args, kwargs),)
-            return self._submit(units)
-        if node.skip is not None:
-            return self._skip(node, node.skip)
-        cond = lz.condition
-        if cond is not _MISSING:
-            value = self.nodes[cond].value if isinstance(cond, LazyResult) else cond
-            if not value:
-                what = self.nodes[cond].id if isinstance(cond, LazyResult) else repr(cond)
-                return self._skip(node, f"run_if condition {what} is falsy")
         t = type(lz)
-        if t is _Gather:
-            return self._complete(node, _resolve(lz.args[0], self.nodes))
-        if t is Param or t is Env:
-            return self._complete(node, node.value)
+        if t is not LazyResult or node.skip is not None or lz.condition is not _MISSING:
+            # everything but the common case (a plain call, ready to be admitted)
+            if node.skip is not None:
+                return self._skip(node, node.skip)
+            cond = lz.condition
+            if cond is not _MISSING:
+                value = self.nodes[cond].value if isinstance(cond, LazyResult) else cond
+                if not value:
+                    what = self.nodes[cond].id if isinstance(cond, LazyResult) else repr(cond)
+                    return self._skip(node, f"run_if condition {what} is falsy")
+            if t is _Gather:
+                return self._complete(node, _resolve(lz.args[0], self.nodes))
+            if t is Param or t is Env:
+                return self._complete(node, node.value)
         try:
-            amounts = ()
-            if lz.amounts:
-                amounts = tuple(sorted(
-                    (k, _check_amount(self.cp._caps, lz, k, _resolve(v, self.nodes)))
-                    for k, v in lz.amounts.items()))
-            node.key = (lz.task.name, lz.task.tags, self.run_id, amounts)
+            key = None if lz.amounts else self._keys.get(lz.task)
+            node.key = key or self._key(lz)
             if t is MappedLazyResult:
                 units = self._expand(node)
                 if not units:
                     return self._complete(node, [])
             else:
-                nodes = self.nodes
                 args, kwargs = lz.args, lz.kwargs
                 if lz.lazy_args:
+                    nodes = self.nodes
                     args = tuple([_resolve(a, nodes) for a in args])
                     kwargs = {k: _resolve(v, nodes) for k, v in kwargs.items()}
-                units = [_Unit(self, node, None, args, kwargs)]
+                units = (_Unit(self, node, None, args, kwargs),)
         except (TypeError, ValueError) as exc:
             return self._fail(exc, node.id, lz.name)
         node.units = units
         self._submit(units)
+
+    def _key(self, lz):
+        """The admission key of a call: (task name, tags, run id, capacity amounts).
+        Shared by every call of a task that asks for no capacity."""
+        if not lz.amounts:
+            key = self._keys[lz.task] = (lz.task.name, lz.task.tags, self.run_id, ())
+            return key
+        return (lz.task.name, lz.task.tags, self.run_id, tuple(sorted(
+            (k, _check_amount(self.cp._caps, lz, k, _resolve(v, self.nodes)))
+            for k, v in lz.amounts.items())))
 
     def _expand(self, node):
         lz, nodes = node.lazy, self.nodes
