@@ -1525,8 +1525,10 @@ def _slow_failure_subscriber(late_start):
     return on_finished
 
 
-def test_fail_fast_pending_map_items_never_start():
-    # One slot: items run one at a time, so the failing item must be the last to start.
+@pytest.mark.parametrize("shape", ["map items", "plain calls"])
+def test_fail_fast_pending_constrained_tasks_never_start(shape):
+    # One slot: tasks run one at a time, so the failing one must be the last to start,
+    # whether they are a map's items or plain calls waiting for the only slot.
     started = []
     late_start = threading.Event()
 
@@ -1541,29 +1543,10 @@ def test_fail_fast_pending_map_items_never_start():
 
     engine = cs.Engine(system_resources={"slot": 1})
     engine.subscribe(cs.TaskExecutionFinished, _slow_failure_subscriber(late_start))
+    target = (item.map(x=[0, 1, 2, 3, 4]).with_constraints(slot=1) if shape == "map items"
+              else ident([item(i).with_constraints(slot=1) for i in range(5)]))
     with pytest.raises(ValueError):
-        run_engine(engine, item.map(x=[0, 1, 2, 3, 4]).with_constraints(slot=1))
-    assert started[-1] == 1, f"started after the failure: {started}"
-
-
-def test_fail_fast_pending_constrained_tasks_never_start():
-    # the same for plain (unmapped) tasks waiting for the only slot
-    started = []
-    late_start = threading.Event()
-
-    @cs.task
-    def work(x):
-        if 1 in started:
-            late_start.set()
-        started.append(x)
-        if x == 1:
-            raise ValueError("work 1")
-        return x
-
-    engine = cs.Engine(system_resources={"slot": 1})
-    engine.subscribe(cs.TaskExecutionFinished, _slow_failure_subscriber(late_start))
-    with pytest.raises(ValueError):
-        run_engine(engine, ident([work(i).with_constraints(slot=1) for i in range(5)]))
+        run_engine(engine, target)
     assert started[-1] == 1, f"started after the failure: {started}"
 
 
