@@ -4127,6 +4127,19 @@ _LISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
 _LSTATES = {"RUNNING", "COMPLETED", "FAILED", "SKIPPED", "BLOCKED", "RETRYING"}
 
 
+
+def _lheld(name, value):
+    """A task that marks `started` and holds until `gate` is set, then returns value
+    (call inside the test's event loop: the events belong to it on Python 3.9)."""
+    gate, started = asyncio.Event(), asyncio.Event()
+
+    @cs.task(name=name)
+    async def held():
+        started.set()
+        await gate.wait()
+        return value
+    return held, gate, started
+
 def _luid():
     return f"{_LRUN}{uuid.uuid4().hex[:6]}"
 
@@ -4612,13 +4625,7 @@ async def test_link_local_controls_and_broker_messages_replace_each_other():
     engine.subscribe(cs.Event, log)
     engine.limit(scope, 5)           # local ...
     await ctl.limit(scope, 2)        # ... replaced by the retained one when the run syncs
-    gate, started = asyncio.Event(), asyncio.Event()
-
-    @cs.task(name=f"l_{u}_probe")
-    async def probe():
-        started.set()
-        await gate.wait()
-        return "done"
+    probe, gate, started = _lheld(f"l_{u}_probe", "done")
 
     def applied(**params):
         return lambda items: [e for e in _lev(items, cs.ConstraintApplied)
@@ -5030,13 +5037,7 @@ async def test_link_garbage_and_oversize_control_messages_are_rejected_and_the_e
         engine = cs.Engine(connector=cs.MqttConnector(client))
         log = _LLog()
         engine.subscribe(cs.Event, log)
-        gate, started = asyncio.Event(), asyncio.Event()
-
-        @cs.task(name=f"l_{u}_probe")
-        async def probe():
-            started.set()
-            await gate.wait()
-            return 1
+        probe, gate, started = _lheld(f"l_{u}_probe", 1)
 
         @cs.task(name=victim)
         def work(x):
@@ -5114,13 +5115,7 @@ async def test_link_broker_restart_mid_run_the_run_completes_and_controls_work_a
         engine = cs.Engine(connector=cs.MqttConnector(client))
         log = _LLog()
         engine.subscribe(cs.Event, log)
-        gate, started = asyncio.Event(), asyncio.Event()
-
-        @cs.task(name=f"l_{u}_first")
-        async def first():
-            started.set()
-            await gate.wait()
-            return 1
+        first, gate, started = _lheld(f"l_{u}_first", 1)
 
         @cs.task(name=second)
         async def then(x):
