@@ -3582,10 +3582,10 @@ WAIT = 10.0  # generous bound for anything that should arrive
 
 
 def _async(fn):
-    """Run an async test function in a fresh event loop."""
+    """Run an async test function in a fresh event loop, with a failure bound."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        return asyncio.run(asyncio.wait_for(fn(*args, **kwargs), 30))
+        return asyncio.run(asyncio.wait_for(fn(*args, **kwargs), 45))
     return wrapper
 
 
@@ -4140,16 +4140,9 @@ def _lheld(name, value):
         return value
     return held, gate, started
 
+
 def _luid():
     return f"{_LRUN}{uuid.uuid4().hex[:6]}"
-
-
-def _lasync(fn):
-    """Run an async test function in a fresh event loop, with a failure bound."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(asyncio.wait_for(fn(*args, **kwargs), 45))
-    return wrapper
 
 
 class _LLog:
@@ -4525,7 +4518,7 @@ def _lengine_proc(uid):
 # engine + LocalBroker: retained controls, one topic per (scope, type) (item 2)
 # ===========================================================================
 
-@_lasync
+@_async
 async def test_link_retained_controls_are_applied_before_the_first_task(monkeypatch):
     real_sleep, slept = asyncio.sleep, []
 
@@ -4581,7 +4574,7 @@ async def test_link_retained_controls_are_applied_before_the_first_task(monkeypa
     assert slept == []
 
 
-@_lasync
+@_async
 async def test_link_pause_and_limit_on_one_scope_are_two_topics_and_an_empty_message_removes_one():
     broker, u = cs.LocalBroker(), _luid()
     name = f"l_{u}_t"
@@ -4615,7 +4608,7 @@ async def test_link_pause_and_limit_on_one_scope_are_two_topics_and_an_empty_mes
                                                                (scope, "concurrency")]
 
 
-@_lasync
+@_async
 async def test_link_local_controls_and_broker_messages_replace_each_other():
     broker, u = cs.LocalBroker(), _luid()
     scope = f"task:l_{u}_x"
@@ -4654,7 +4647,7 @@ async def test_link_local_controls_and_broker_messages_replace_each_other():
     await ctl.clear(scope)
 
 
-@_lasync
+@_async
 async def test_link_constraint_removed_from_the_broker_between_runs_is_gone_at_the_next_run():
     broker, u = cs.LocalBroker(), _luid()
     remote, local = f"task:l_{u}_remote", f"task:l_{u}_local"
@@ -4678,7 +4671,7 @@ async def test_link_constraint_removed_from_the_broker_between_runs_is_gone_at_t
     assert await engine.run(probe()) == {(local, "concurrency"): {"limit": 4}}
 
 
-@_lasync
+@_async
 async def test_link_local_limit_set_after_the_broker_cleared_its_scope_survives_the_next_run():
     # Regression: the engine remembered (scope, type) as "from the broker" after a local
     # call replaced it, so the broker's clear (sent while no run was active, i.e. BEFORE
@@ -4703,7 +4696,7 @@ async def test_link_local_limit_set_after_the_broker_cleared_its_scope_survives_
 # Controller (item 3)
 # ===========================================================================
 
-@_lasync
+@_async
 async def test_link_controller_verbs_are_coroutines_and_status_returns_the_retained_constraints():
     broker, u = cs.LocalBroker(), _luid()
     a, b, c = f"task:l_{u}_a", f"tag:l_{u}_b", f"project:l_{u}"
@@ -4739,7 +4732,7 @@ async def test_link_controller_verbs_are_coroutines_and_status_returns_the_retai
     assert await _lretained_local(broker) == {}  # nothing was published by the bad calls
 
 
-@_lasync
+@_async
 async def test_link_controller_limit_steers_a_running_engine():
     broker, u = cs.LocalBroker(), _luid()
     name = f"l_{u}_w"
@@ -4773,7 +4766,7 @@ async def test_link_controller_limit_steers_a_running_engine():
 # telemetry (item 4)
 # ===========================================================================
 
-@_lasync
+@_async
 async def test_link_telemetry_with_a_local_broker_is_complete_when_run_returns():
     broker, u = cs.LocalBroker(), _luid()
     org, project = f"lorg_{u}", f"lproj_{u}"
@@ -4884,7 +4877,7 @@ class _LBroken:
 
 
 @pytest.mark.parametrize("mode", ["raise", "hang"])
-@_lasync
+@_async
 async def test_link_failing_telemetry_publish_never_fails_or_stalls_the_run(mode, monkeypatch, caplog):
     monkeypatch.setattr(cs._Link, "FLUSH_TIMEOUT", 0.2)
     u = _luid()
@@ -4905,7 +4898,7 @@ async def test_link_failing_telemetry_publish_never_fails_or_stalls_the_run(mode
     assert any("telemetry" in r.getMessage() for r in caplog.records)
 
 
-@_lasync
+@_async
 async def test_link_a_connector_that_raises_everywhere_never_fails_the_run(caplog):
     u = _luid()
     engine = cs.Engine(connector=_LBroken())
@@ -4919,7 +4912,7 @@ async def test_link_a_connector_that_raises_everywhere_never_fails_the_run(caplo
         assert await asyncio.wait_for(engine.run(t.map(range(4))), _LWAIT) == [0, 2, 4, 6]
 
 
-@_lasync
+@_async
 async def test_link_a_connector_whose_publish_hangs_never_stalls_the_run(monkeypatch):
     # Issue item 4: "a connector that raises or hangs never fails or stalls a run".
     # _Link.open awaits connector.publish(marker) without any bound (SYNC_TIMEOUT
@@ -4943,7 +4936,7 @@ async def test_link_a_connector_whose_publish_hangs_never_stalls_the_run(monkeyp
 # MQTT: engines in-process over Mosquitto (item 5)
 # ===========================================================================
 
-@_lasync
+@_async
 async def test_link_telemetry_reaches_an_outside_mqtt_subscriber(_lmqtt):
     u = _lmqtt
     org, project = f"lorg_{u}", f"l_{u}"
@@ -4981,7 +4974,7 @@ async def test_link_telemetry_reaches_an_outside_mqtt_subscriber(_lmqtt):
         _lclose(client)
 
 
-@_lasync
+@_async
 async def test_link_aiomqtt_engine_applies_retained_controls_and_sends_telemetry(_lmqtt):
     try:
         import aiomqtt
@@ -5024,7 +5017,7 @@ async def test_link_aiomqtt_engine_applies_retained_controls_and_sends_telemetry
         outside.close()
 
 
-@_lasync
+@_async
 async def test_link_garbage_and_oversize_control_messages_are_rejected_and_the_engine_serves_on(
         _lmqtt, caplog):
     u = _lmqtt
@@ -5087,7 +5080,7 @@ def _lfree_port():
         return s.getsockname()[1]
 
 
-@_lasync
+@_async
 async def test_link_broker_restart_mid_run_the_run_completes_and_controls_work_again(tmp_path):
     binary = shutil.which("mosquitto")
     _lneed("no mosquitto binary to start a private broker", binary)
