@@ -3400,12 +3400,9 @@ def test_replacing_a_ttl_constraint_keeps_the_new_one_when_the_old_ttl_fires():
     assert [(c.scope, c.expires_at) for c in e.constraints] == [("task:x", None)]
 
 
-def test_one_bad_control_message_is_rejected_once_however_many_runs_listen(caplog):
-    # regression: every active run had its own subscription and rejected it again
-    broker = cs.LocalBroker()
-    e = cs.Engine(connector=broker)
-    rejected = []
-    e.subscribe(cs.ConstraintRejected, rejected.append)
+def _two_held_runs(e):
+    """(go, start): ``await start()`` begins two runs of ``e`` whose tasks hold until
+    ``go`` is set, and returns them once both tasks run."""
     go = threading.Event()
 
     @cs.task
@@ -3413,12 +3410,25 @@ def test_one_bad_control_message_is_rejected_once_however_many_runs_listen(caplo
         go.wait(T)
         return i
 
+    async def start():
+        runs = [asyncio.ensure_future(e.run(waiter(i))) for i in range(2)]
+        while e.status()["tasks"].get("waiter", {}).get("running", 0) < 2:
+            await asyncio.sleep(0.01)
+        return runs
+    return go, start
+
+
+def test_one_bad_control_message_is_rejected_once_however_many_runs_listen(caplog):
+    # regression: every active run had its own subscription and rejected it again
+    broker = cs.LocalBroker()
+    e = cs.Engine(connector=broker)
+    rejected = []
+    e.subscribe(cs.ConstraintRejected, rejected.append)
+    go, start = _two_held_runs(e)
+
     async def main():
         with caplog.at_level(logging.WARNING, logger="cascade"):
-            runs = [asyncio.ensure_future(e.run(waiter(i))) for i in range(2)]
-            while len(e.status()["runs"]) < 2 or e.status()["tasks"].get("waiter", {}).get(
-                    "running", 0) < 2:
-                await asyncio.sleep(0.01)
+            runs = await start()
             await broker.publish("cascade/constraints/task/t/concurrency",
                                  {"scope": "task:t", "type": "concurrency",
                                   "params": {"limit": -1}})
@@ -3436,17 +3446,10 @@ def test_broker_controls_are_applied_in_order_with_several_runs_listening():
     broker = cs.LocalBroker()
     e = cs.Engine(connector=broker)
     ctl = cs.Controller(broker)
-    go = threading.Event()
-
-    @cs.task
-    def waiter(i):
-        go.wait(T)
-        return i
+    go, start = _two_held_runs(e)
 
     async def main():
-        runs = [asyncio.ensure_future(e.run(waiter(i))) for i in range(2)]
-        while e.status()["tasks"].get("waiter", {}).get("running", 0) < 2:
-            await asyncio.sleep(0.01)
+        runs = await start()
         for _ in range(3):
             await ctl.pause("task:ordered")
             await ctl.resume("task:ordered")
