@@ -519,26 +519,28 @@ def shell(command: Union[str, LazyResult], check: bool = True) -> LazyResult:
 
 class _Node:
     """Per-run state of one LazyResult (a LazyResult may be run many times)."""
-    __slots__ = ("lazy", "id", "pending", "dependents", "done", "value", "skip", "units",
-                 "left", "key", "seq")
+    __slots__ = ("lazy", "id", "seq", "pending", "dependents", "value", "skip", "left",
+                 "key", "tally", "items", "cursor")
 
     def __init__(self, lazy):
         self.lazy = lazy
-        self.seq = 0            # when it became ready (engine-wide order: FIFO admission)
         self.id = ""
+        self.seq = 0            # readiness stamp (engine-wide order: FIFO admission)
         self.pending = 0        # upstream nodes not finished yet
         self.dependents = ()
-        self.done = False
         self.value = None
         self.skip = None        # reason string once skipped (or an upstream was)
-        self.units = ()         # executions: one for a call, one per item for a map
         self.left = 0           # map items not finished yet
-        self.key = None         # admission key (see _ControlPlane)
+        self.key = None         # admission key (_Key)
+        self.tally = None       # its task's per-state counts in the run (see _Unit)
+        self.items = None       # a map's resolved columns while it is being expanded
+        self.cursor = 0         # a map's next item to expand
 
 
-def _build_graph(target):
-    """Every node the target needs, with dependents, pending counts and ids; returns
-    ``(nodes, roots)``, roots being the nodes ready at once."""
+def _build_graph(target, tallies):
+    """Every node the target needs, with dependents, pending counts, ids and tallies
+    (``tallies``: task -> per-state counts, filled in); returns ``(nodes, roots)``,
+    roots being the nodes ready at once."""
     nodes = {}
     stack = [target]
     pop, push = stack.pop, stack.extend
@@ -558,6 +560,11 @@ def _build_graph(target):
         if task is not None:
             k = counts[task.name] = counts.get(task.name, 0) + 1
             node.id = f"{task.name}-{k}"
+            t = tallies.get(task)
+            if t is None:
+                t = tallies[task] = [0] * len(_STATE_NAMES)
+            t[_PENDING] += 1
+            node.tally = t
         else:
             node.id = lz.name
         deps = lz.deps
@@ -580,13 +587,44 @@ _node_order = operator.attrgetter("lazy.order")
 
 
 # ===========================================================================
-# Control plane: scopes, constraints, limiters, the admission routine
+# Control plane: scopes, control types, constraints, the admission routine
 # ===========================================================================
+#
+# Who owns what (one owner per concept):
+# - a scope kind is one entry of _SCOPE_KINDS (how it matches an admission key);
+# - a control type is one entry of _CONTROL_TYPES (its params and their validation, how
+#   it reads, and the class of its state object, which owns can_take/take/give_back/
+#   update and what status shows of it);
+# - the admission routine (_ControlPlane._admit) is the only code that grants;
+# - a unit's state changes only through _Unit's transition methods.
 
-_SCOPE_KINDS = ("task", "tag", "run", "project")
-_TYPES = ("pause", "concurrency", "rate_limit")
-_RATE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*/\s*([smh])\s*")
-_PER = {"s": 1.0, "m": 60.0, "h": 3600.0}
+class _Key:
+    """The admission key of a unit: what scopes are matched against. Units with one key
+    wait in one queue, because the same constraints match all of them. Keys are interned
+    per run (one object per task, or per task and capacity amounts), so a key compares
+    and hashes by identity."""
+    __slots__ = ("name", "tags", "run_id", "amounts")
+
+    def __init__(self, name, tags, run_id, amounts=()):
+        self.name = name          # the task's name: task:<name>
+        self.tags = tags          # the task's tags: tag:<tag>
+        self.run_id = run_id      # run:<run_id>
+        self.amounts = amounts    # ((capacity, n), ...) of with_constraints, n > 0
+
+    def __repr__(self):
+        return f"<_Key {self.name} run={self.run_id}{' ' + str(self.amounts) if self.amounts else ''}>"
+
+
+# Scope kinds: kind -> (does pattern match this key in this project?, the form, for errors).
+# `global` matches everything; a new scope kind is one entry here.
+_SCOPE_KINDS = {
+    "task": (lambda pat, key, project: fnmatch.fnmatchcase(key.name, pat),
+             "'task:<name>' (globs allowed: 'task:fetch_*')"),
+    "tag": (lambda pat, key, project: any(fnmatch.fnmatchcase(t, pat) for t in key.tags),
+            "'tag:<tag>'"),
+    "run": (lambda pat, key, project: fnmatch.fnmatchcase(key.run_id, pat), "'run:<run_id>'"),
+    "project": (lambda pat, key, project: fnmatch.fnmatchcase(project, pat), "'project:<id>'"),
+}
 
 
 def _check_scope(scope):
@@ -594,25 +632,22 @@ def _check_scope(scope):
         return scope
     kind, sep, name = scope.partition(":") if isinstance(scope, str) else ("", "", "")
     if not sep or kind not in _SCOPE_KINDS:
-        raise ConstraintError(f"scope {scope!r} is not valid; use 'global', 'task:<name>' "
-                              "(globs allowed: 'task:fetch_*'), 'tag:<tag>', 'run:<run_id>' "
-                              "or 'project:<id>'")
+        forms = ", ".join(form for _, form in _SCOPE_KINDS.values())
+        raise ConstraintError(f"scope {scope!r} is not valid; use 'global', {forms}")
     _check_name(name, f"the name in scope {scope!r}", ConstraintError)
     return scope
 
 
-def _scope_matches(scope, name, tags, run_id, project):
-    """Does ``scope`` govern a task called ``name`` with ``tags`` in run ``run_id``?"""
+def _scope_matches(scope, key, project):
+    """Does ``scope`` govern the units of admission key ``key`` in ``project``?"""
     if scope == "global":
         return True
     kind, _, pat = scope.partition(":")
-    if kind == "task":
-        return fnmatch.fnmatchcase(name, pat)
-    if kind == "tag":
-        return any(fnmatch.fnmatchcase(t, pat) for t in tags)
-    if kind == "run":
-        return fnmatch.fnmatchcase(run_id, pat)
-    return kind == "project" and fnmatch.fnmatchcase(project, pat)
+    return _SCOPE_KINDS[kind][0](pat, key, project)
+
+
+_RATE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*/\s*([smh])\s*")
+_PER = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def _parse_rate(rate):
@@ -639,6 +674,191 @@ def _check_int(value, what, low):
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConstraintError(f"{what} must be an int >= {low}, got {value!r}")
     return value
+
+
+# -- state objects: what admission asks of an active control ------------------
+# Each has the same small surface, like trio's CapacityLimiter: can_take(n, now) (may a
+# unit needing n start now?), take(n) (reserve at grant), give_back(n, began) (release;
+# `began` is False for a grant that never started), update(params, now) (the control was
+# replaced in place), retry_at(now) (when it may admit by itself; None: only on events),
+# why(n) (the reason a waiter gives) and usage(now) (its status fields). `fifo`: whether
+# a waiter held back on it holds it back for later waiters (no queue jumping); `gate`:
+# whether the start gate re-checks it right before a body begins.
+
+class _Pause:
+    """An active pause: every matched waiter is held; it takes nothing, and a paused
+    waiter holds nothing back for others."""
+    __slots__ = ("scope",)
+    fifo = False
+    gate = True
+
+    def __init__(self, scope, params, now):
+        self.scope = scope
+
+    def can_take(self, n, now):
+        return False
+
+    def update(self, params, now):
+        pass
+
+    def retry_at(self, now):
+        return None
+
+    def why(self, n):
+        return f"pause on {self.scope}"
+
+    def usage(self, now):
+        return {}
+
+    def __repr__(self):
+        return f"<_Pause {self.scope}>"
+
+
+class _Limiter:
+    """Resizable capacity with trio's CapacityLimiter semantics: ``total`` slots of which
+    ``borrowed`` are held. Shrinking never evicts; growing admits from spare capacity.
+    Serves concurrency limits and the engine's system resources (``capacity=True``).
+    invariant: borrowed <= total, unless total was lowered while the slots were held."""
+    __slots__ = ("name", "total", "borrowed", "capacity")
+    fifo = True
+    gate = False
+
+    def __init__(self, name, total, capacity=False):
+        self.name, self.total, self.borrowed, self.capacity = name, total, 0, capacity
+
+    @classmethod
+    def control(cls, scope, params, now):
+        return cls(scope, params["limit"])
+
+    def can_take(self, n, now):
+        return self.borrowed + n <= self.total
+
+    def take(self, n):
+        self.borrowed += n
+
+    def give_back(self, n, began):
+        self.borrowed -= n
+
+    def update(self, params, now):
+        self.total = params["limit"]
+
+    def retry_at(self, now):
+        return None
+
+    def why(self, n):
+        if self.capacity:
+            return (f"capacity {self.name} (needs {n}, {self.total - self.borrowed} of "
+                    f"{self.total} free)")
+        return f"concurrency on {self.name} (limit {self.total}, {self.borrowed} running)"
+
+    def usage(self, now):
+        return {"limit": self.total, "in_use": self.borrowed}
+
+    def __repr__(self):
+        return f"<_Limiter {self.name} {self.borrowed}/{self.total}>"
+
+
+class _Bucket:
+    """Token bucket: ``rate`` tokens a second, at most ``burst``; starts full, so with
+    burst 1 starts are evenly spaced (as in Celery). A start takes a token at grant; a
+    grant that never started gets it back."""
+    __slots__ = ("scope", "label", "rate", "burst", "tokens", "stamp")
+    fifo = True
+    gate = False
+
+    def __init__(self, scope, params, now):
+        self.scope, self.tokens, self.stamp = scope, params["burst"], now
+        self.update(params, now)
+
+    def refill(self, now):
+        if now > self.stamp:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+
+    def can_take(self, n, now):
+        self.refill(now)
+        return self.tokens >= n
+
+    def take(self, n):
+        self.tokens -= n
+
+    def give_back(self, n, began):
+        if not began:
+            self.tokens = min(self.burst, self.tokens + n)
+
+    def update(self, params, now):
+        # replacing keeps at most the new burst of tokens
+        self.refill(now)
+        self.rate, self.burst, self.label = _parse_rate(params["rate"]), params["burst"], params["rate"]
+        self.tokens = min(self.tokens, self.burst)
+
+    def retry_at(self, now):
+        return now + (1 - self.tokens) / self.rate
+
+    def why(self, n):
+        return f"rate_limit on {self.scope} ({self.label})"
+
+    def usage(self, now):
+        self.refill(now)
+        return {"rate": self.label, "burst": self.burst, "tokens": round(self.tokens, 3)}
+
+    def __repr__(self):
+        return f"<_Bucket {self.rate:g}/s burst={self.burst} tokens={self.tokens:.2f}>"
+
+
+# -- control types: one entry each ------------------------------------------------
+def _check_concurrency(raw):
+    if "limit" not in raw:
+        raise ConstraintError("a concurrency constraint needs params {'limit': n}")
+    return {"limit": _check_int(raw["limit"], "limit", 0)}
+
+
+def _check_rate_limit(raw):
+    if "rate" not in raw:
+        raise ConstraintError("a rate_limit constraint needs params {'rate': '10/s'}")
+    _parse_rate(raw["rate"])
+    burst = raw.get("burst")
+    return {"rate": raw["rate"], "burst": 1 if burst is None else _check_int(burst, "burst", 1)}
+
+
+class _ControlType:
+    """Everything about one type of control: its name on the wire and in topics, the
+    engine verb that sets it, its params (``check`` validates raw params and returns the
+    normalised ones), how it reads (``describe``: in a sentence; ``setting``: the
+    params alone, for tables; ``shows``: a status row's usage), and ``state``, which
+    makes the state object admission consults (see _Pause/_Limiter/_Bucket).
+    ``adopts_running``: a new one counts the matching tasks already running (a new
+    limit must hold at once)."""
+    __slots__ = ("name", "verb", "params", "check", "describe", "setting", "shows", "state",
+                 "adopts_running")
+
+    def __init__(self, name, verb, params, check, describe, setting, shows, state,
+                 adopts_running=False):
+        self.name, self.verb, self.params, self.check = name, verb, params, check
+        self.describe, self.setting, self.shows = describe, setting, shows
+        self.state, self.adopts_running = state, adopts_running
+
+
+_CONTROL_TYPES = {t.name: t for t in (
+    _ControlType("pause", "pause", (), lambda raw: {}, lambda p: "pause", lambda p: "",
+                 lambda row: f"{row['matching_running']} still running", _Pause),
+    _ControlType("concurrency", "limit", ("limit",), _check_concurrency,
+                 lambda p: f"limit {p['limit']}", lambda p: f"limit {p['limit']}",
+                 lambda row: f"{row['in_use']}/{row['limit']} in use", _Limiter.control,
+                 adopts_running=True),
+    _ControlType("rate_limit", "rate", ("rate", "burst"), _check_rate_limit,
+                 lambda p: f"rate {p['rate']} burst {p['burst']}",
+                 lambda p: f"{p['rate']} burst {p['burst']}",
+                 lambda row: f"{row['rate']} burst {row['burst']} tokens {row['tokens']}",
+                 _Bucket),
+)}
+_TYPES = tuple(_CONTROL_TYPES)
+
+
+def _check_type(type, call):
+    if type is not None and type not in _CONTROL_TYPES:
+        raise ConstraintError(f"{call}(type={type!r}): use one of {list(_TYPES)} or None")
+    return type
 
 
 @dataclasses.dataclass(frozen=True)
@@ -675,7 +895,8 @@ class Constraint:
         if unknown:
             raise ConstraintError(f"unknown constraint fields {sorted(unknown)}")
         kind = data.get("type")
-        if kind not in _TYPES:
+        ctype = _CONTROL_TYPES.get(kind) if isinstance(kind, str) else None
+        if ctype is None:
             raise ConstraintError(f"constraint type {kind!r} is not one of {list(_TYPES)}")
         scope = _check_scope(data.get("scope"))
         cid = data.get("id") or os.urandom(8).hex()
@@ -688,24 +909,10 @@ class Constraint:
         raw = data.get("params") or {}
         if not isinstance(raw, dict):
             raise ConstraintError(f"params must be an object, got {type(raw).__name__}")
-        allowed = {"pause": set(), "concurrency": {"limit"},
-                   "rate_limit": {"rate", "burst"}}[kind]
-        if set(raw) - allowed:
-            raise ConstraintError(f"unknown params {sorted(set(raw) - allowed)} for a {kind} "
-                                  f"constraint (allowed: {sorted(allowed)})")
-        params = {}
-        if kind == "concurrency":
-            if "limit" not in raw:
-                raise ConstraintError("a concurrency constraint needs params {'limit': n}")
-            params["limit"] = _check_int(raw["limit"], "limit", 0)
-        elif kind == "rate_limit":
-            if "rate" not in raw:
-                raise ConstraintError("a rate_limit constraint needs params {'rate': '10/s'}")
-            _parse_rate(raw["rate"])
-            params["rate"] = raw["rate"]
-            params["burst"] = _check_int(raw.get("burst", 1) if raw.get("burst") is not None
-                                         else 1, "burst", 1)
-        return cls(cid, scope, kind, params, None if exp is None else float(exp))
+        if set(raw) - set(ctype.params):
+            raise ConstraintError(f"unknown params {sorted(set(raw) - set(ctype.params))} for a "
+                                  f"{kind} constraint (allowed: {sorted(ctype.params)})")
+        return cls(cid, scope, kind, ctype.check(raw), None if exp is None else float(exp))
 
     def to_dict(self) -> dict:
         return {"id": self.id, "scope": self.scope, "type": self.type,
@@ -723,11 +930,9 @@ class Constraint:
         return max(0.0, self.expires_at - (time.time() if now is None else now))
 
     def describe(self):
-        what = {"pause": "pause", "concurrency": f"limit {self.params.get('limit')}",
-                "rate_limit": f"rate {self.params.get('rate')} burst {self.params.get('burst')}"
-                }[self.type]
         left = self.expires_in()
-        return f"{what} on {self.scope}" + ("" if left is None else f" ({left:.1f}s left)")
+        return (f"{_CONTROL_TYPES[self.type].describe(self.params)} on {self.scope}"
+                + ("" if left is None else f" ({left:.1f}s left)"))
 
     def __repr__(self):
         return f"<Constraint {self.describe()} id={self.id}>"
@@ -750,41 +955,10 @@ def _parse_control_topic(topic):
         scope, kind = f"{parts[2]}:{parts[3]}", parts[4]
     else:
         raise ConstraintError(f"topic {topic!r} is not cascade/constraints/<scope>/<type>")
-    if kind not in _TYPES:
+    if kind not in _CONTROL_TYPES:
         raise ConstraintError(f"constraint type {kind!r} in topic {topic!r} is not one of "
                               f"{list(_TYPES)}")
     return _check_scope(scope), kind
-
-
-class _Limiter:
-    """Resizable capacity with trio's CapacityLimiter semantics: ``total`` slots of which
-    ``borrowed`` are held. Shrinking never evicts; growing admits from spare capacity.
-    invariant: borrowed <= total, unless total was lowered while the slots were held."""
-    __slots__ = ("name", "total", "borrowed")
-
-    def __init__(self, name, total):
-        self.name, self.total, self.borrowed = name, total, 0
-
-    def __repr__(self):
-        return f"<_Limiter {self.name} {self.borrowed}/{self.total}>"
-
-
-class _Bucket:
-    """Token bucket: ``rate`` tokens a second, at most ``burst``; starts full, so with
-    burst 1 starts are evenly spaced (as in Celery)."""
-    __slots__ = ("scope", "label", "rate", "burst", "tokens", "stamp", "wake")
-
-    def __init__(self, scope, label, rate, burst, now):
-        self.scope, self.label = scope, label
-        self.rate, self.burst, self.tokens, self.stamp, self.wake = rate, burst, burst, now, None
-
-    def refill(self, now):
-        if now > self.stamp:
-            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-            self.stamp = now
-
-    def __repr__(self):
-        return f"<_Bucket {self.rate:g}/s burst={self.burst} tokens={self.tokens:.2f}>"
 
 
 class _Clock:
@@ -838,7 +1012,7 @@ class _Clock:
                 try:
                     fn()
                 except Exception:  # a timer must never kill the clock
-                    _log.exception("cascade timer callback failed")
+                    _log.exception("timer callback failed")
         finally:
             with self._cond:
                 self._thread = None
@@ -846,11 +1020,6 @@ class _Clock:
                     self._thread = threading.Thread(target=self._main, name="cascade-clock",
                                                     daemon=True)
                     self._thread.start()
-
-
-# Unit states (one unit = one task execution; a map has one per item).
-_WAITING, _GRANTED, _RUNNING, _RETRYING, _DONE, _FAILED = range(6)
-_STATE_NAMES = ("blocked", "granted", "running", "retrying", "done", "failed")
 
 
 def _head_seq(q):
@@ -866,17 +1035,19 @@ def _insort(waiters, u):
 
 
 class _Queue:
-    """Waiting units with one admission key (task name, tags, run id, amounts): the
-    same constraints match all of them, so if the head cannot start, none can."""
-    __slots__ = ("key", "loop", "waiters", "gen", "pauses", "limiters", "buckets", "caps",
-                 "reason")
+    """Waiting units with one admission key, in readiness order: the same constraints
+    match all of them, so if the head cannot start, none can. ``needs`` are the
+    (state, amount) pairs a unit must be able to take, in the order their reasons are
+    given; ``takes`` the ones it reserves at grant (pauses take nothing)."""
+    __slots__ = ("key", "loop", "waiters", "gen", "needs", "takes", "reason")
 
     def __init__(self, key, loop=None):
         self.key = key
         self.loop = loop  # the event loop of the run whose units wait here
         self.waiters = collections.deque()
-        self.gen = -1
-        self.reason = None
+        self.gen = -1     # the control plane's _gen when needs was computed
+        self.needs = self.takes = ()
+        self.reason = None  # why the head was held back in the last admission pass
 
 
 class _ControlPlane:
@@ -888,32 +1059,37 @@ class _ControlPlane:
     moment of granting. Waiters hold nothing (all-or-nothing admission), so no
     combination of constraints can deadlock.
 
-    Order: waiters are granted first-in-first-out by the time they became ready. FIFO is
-    per limited resource: a waiter held back by a limiter, bucket or capacity holds that
-    resource back for later waiters too (no queue jumping), but a paused waiter holds
-    nothing back, so a pause never delays unrelated tasks.
+    Order: waiters are granted first-in-first-out by the time they became ready
+    (``stamp``). FIFO is per limited resource: a waiter held back by a limiter, bucket or
+    capacity holds that resource back for later waiters too (no queue jumping), but a
+    paused waiter holds nothing back, so a pause never delays unrelated tasks.
 
     Granted units are launched by their run on its loop (``_Run.launch``); the body's
-    thread calls ``begin`` right before the body starts, which is where a pause that
+    thread calls ``gate`` right before the body begins, which is where a pause that
     arrived after the grant still stops it (guarantee 1)."""
 
     def __init__(self, capacities, project, notify):
         self.lock = threading.Lock()
-        self.constraints = {}            # (scope, type) -> Constraint
+        self.constraints = {}            # (scope, type) -> the Constraint in force
         self.project = project
         self._notify = notify            # notify(applied: bool, constraint)
-        self._limiters = {}              # scope -> _Limiter of its active concurrency limit
-        self._buckets = {}               # scope -> _Bucket of its active rate limit
-        self._caps = {k: _Limiter(k, v) for k, v in capacities.items()}
-        self._queues = {}                # key -> _Queue with waiters
+        self._states = {}                # (scope, type) -> its state object
+        self._caps = {k: _Limiter(k, v, capacity=True) for k, v in capacities.items()}
+        self._queues = {}                # _Key -> _Queue with waiters
         self._waiting = 0
         self._holders = set()            # units holding a grant (granted or running)
         self._gen = 0                    # bumped when constraints change
-        self._npause = 0
+        self._gates = 0                  # active constraints the start gate re-checks
         self._admit_soon = False         # an admission pass is scheduled (see release)
-        self._seq = itertools.count()
-        self._ttl = {}                   # (scope, type) -> clock entry
+        self._seq = itertools.count(1)
+        self._ttl = {}                   # (scope, type) -> clock entry of its expiry
+        self._wakes = {}                 # state -> clock entry of its next refill
         self.clock = _Clock()
+
+    def stamp(self):
+        """The readiness stamp: the order in which things became ready, engine-wide.
+        A map's items are stamp + index, so they keep input order."""
+        return next(self._seq) << 32
 
     # -- constraints --------------------------------------------------------
     def apply(self, c):
@@ -921,39 +1097,28 @@ class _ControlPlane:
         key = (c.scope, c.type)
         if c.expires_at is not None and c.expires_at <= time.time():
             return self.remove(c.scope, c.type)  # arrived expired: it only clears
+        ctype = _CONTROL_TYPES[c.type]
+        now = time.monotonic()
         with self.lock:
             old = self.constraints.get(key)
-            self._drop_locked(key)
+            self._forget_ttl(key)
             self.constraints[key] = c
-            if c.type == "pause":
-                self._npause += 1
-            elif c.type == "concurrency":
-                lim = self._limiters.get(c.scope)
-                if lim is None:
+            st = self._states.get(key)
+            if st is None:
+                st = self._states[key] = ctype.state(c.scope, c.params, now)
+                self._gates += st.gate
+                if ctype.adopts_running:
                     # A new limit counts what already runs in its scope, so that at no
                     # instant more run than the limit (lowering never evicts).
-                    lim = self._limiters[c.scope] = _Limiter(c.scope, c.params["limit"])
                     for u in self._holders:
                         if self._matches(c.scope, u.key):
-                            lim.borrowed += 1
-                            u.held = [*u.held, (lim, 1)]
-                else:
-                    lim.total = c.params["limit"]
+                            st.take(1)
+                            u.held = [*u.held, (st, 1)]
             else:
-                rate, burst, now = _parse_rate(c.params["rate"]), c.params["burst"], time.monotonic()
-                b = self._buckets.get(c.scope)
-                if b is None:
-                    self._buckets[c.scope] = _Bucket(c.scope, str(c.params["rate"]), rate,
-                                                     burst, now)
-                else:  # replacing keeps at most the new burst of tokens
-                    b.refill(now)
-                    b.rate, b.burst, b.tokens = rate, burst, min(b.tokens, burst)
-                    b.label = str(c.params["rate"])
-                    if b.wake is not None:  # due at the old rate (regression: lost wake-up)
-                        self.clock.cancel(b.wake)
-                        b.wake = None
+                st.update(c.params, now)
+                self._cancel_wake(st)  # due at the old rate (regression: lost wake-up)
             if c.expires_at is not None:
-                deadline = time.monotonic() + (c.expires_at - time.time())
+                deadline = now + (c.expires_at - time.time())
                 self._ttl[key] = self.clock.call_at(deadline, functools.partial(self._expire, c))
             self._gen += 1
             granted = self._admit() if self._waiting else None
@@ -968,8 +1133,18 @@ class _ControlPlane:
         with self.lock:
             if only is not None and self.constraints.get((scope, kind)) is not only:
                 return []
-            removed = [c for t in ((kind,) if kind else _TYPES)
-                       for c in [self._drop_locked((scope, t), limiter=True)] if c]
+            removed = []
+            for t in ((kind,) if kind else _TYPES):
+                self._forget_ttl((scope, t))
+                c = self.constraints.pop((scope, t), None)
+                if c is None:
+                    continue
+                # Holders keep their reference and give back to a state nobody consults
+                # any more; a later control on this scope counts afresh.
+                st = self._states.pop((scope, t))
+                self._gates -= st.gate
+                self._cancel_wake(st)
+                removed.append(c)
             if removed:
                 self._gen += 1
             granted = self._admit() if removed and self._waiting else None
@@ -978,22 +1153,15 @@ class _ControlPlane:
             self._notify(False, c)
         return removed
 
-    def _drop_locked(self, key, limiter=False):
-        c = self.constraints.pop(key, None)
+    def _forget_ttl(self, key):  # lock held
         entry = self._ttl.pop(key, None)
         if entry:
             self.clock.cancel(entry)
-        if c is None:
-            return None
-        if c.type == "pause":
-            self._npause -= 1
-        elif limiter and c.type == "concurrency":
-            # Holders keep their reference and give the slot back to a limiter nobody
-            # consults any more; a later limit on this scope counts afresh.
-            del self._limiters[c.scope]
-        elif limiter and c.type == "rate_limit":
-            del self._buckets[c.scope]
-        return c
+
+    def _cancel_wake(self, st):  # lock held
+        entry = self._wakes.pop(st, None)
+        if entry:
+            self.clock.cancel(entry)
 
     def _expire(self, c):
         self.remove(c.scope, c.type, only=c)
@@ -1007,23 +1175,22 @@ class _ControlPlane:
 
     # -- admission ----------------------------------------------------------
     def _matches(self, scope, key):
-        return _scope_matches(scope, key[0], key[1], key[2], self.project)
+        return _scope_matches(scope, key, self.project)
 
     def _match(self, q):
-        """Refresh the queue's matching constraints when they changed."""
+        """Refresh what the queue's units need when the constraints changed: the matching
+        states in type order (their reasons in that order), then capacities."""
         if q.gen == self._gen:
             return
         key = q.key
-        q.pauses, q.limiters, q.buckets = [], [], []
-        for (scope, kind), c in self.constraints.items():
+        rank = {t: [] for t in _TYPES}
+        for (scope, kind), st in self._states.items():
             if self._matches(scope, key):
-                if kind == "pause":
-                    q.pauses.append(c)
-                elif kind == "concurrency":
-                    q.limiters.append(self._limiters[scope])
-                else:
-                    q.buckets.append(self._buckets[scope])
-        q.caps = [(self._caps[k], n) for k, n in key[3] if n]
+                rank[kind].append((st, 1))
+        needs = [pair for pairs in rank.values() for pair in pairs]
+        needs += [(self._caps[k], n) for k, n in key.amounts]
+        q.needs = needs
+        q.takes = [pair for pair in needs if hasattr(pair[0], "take")]
         q.gen = self._gen
 
     def _queue(self, key, loop=None):
@@ -1033,22 +1200,19 @@ class _ControlPlane:
         return q
 
     def enqueue(self, units):
-        """Make ``units`` (of one node, all with one key) wait for admission. Returns
-        True when all were granted at once (the caller launches them); otherwise grants
-        are dispatched and the caller emits TaskBlocked for those still waiting."""
+        """Make ``units`` (of one node, all with one key and one state) wait for
+        admission. Returns True when all were granted at once (the caller launches them);
+        otherwise grants are dispatched and the caller reports those still waiting."""
+        key = units[0].key
         with self.lock:
-            if not self.constraints and not self._waiting and not units[0].key[3]:
+            if not self._states and not self._waiting and not key.amounts:
                 # fast path: nothing to decide, nobody to queue behind
                 self._holders.update(units)
-                for u in units:
-                    u.state = _GRANTED
+                _Unit.grant_all(units)
                 return True
-            q = self._queue(units[0].key, units[0].run.loop)
+            q = self._queue(key, units[0].run.loop)
             behind = bool(q.waiters) and q.reason is not None
-            for u in units:
-                if not u.seq:  # (when its node became ready, item index): FIFO order
-                    u.seq = (u.node.seq, u.index or 0)
-                u.state = _WAITING
+            _Unit.wait_all(units)
             w = q.waiters
             if not w or w[-1].seq < units[0].seq:
                 w.extend(units)
@@ -1077,7 +1241,7 @@ class _ControlPlane:
         if len(live) < len(queues):
             for k in [k for k, q in queues.items() if not q.waiters]:
                 del queues[k]
-        marked = set()  # limiters/buckets an earlier waiter is held back on (FIFO)
+        marked = set()  # states an earlier waiter is held back on (FIFO)
         now = time.monotonic()
         for q in live:
             q.reason = None
@@ -1097,18 +1261,12 @@ class _ControlPlane:
                     break
                 u = waiters.popleft()
                 self._waiting -= 1
-                if q.limiters or q.caps:
+                if q.takes:
                     held = u.held = list(u.held)
-                    for lim in q.limiters:
-                        lim.borrowed += 1
-                        held.append((lim, 1))
-                    for lim, n in q.caps:
-                        lim.borrowed += n
-                        held.append((lim, n))
-                for b in q.buckets:
-                    b.tokens -= 1
-                u.tokens = q.buckets
-                u.state = _GRANTED
+                    for st, n in q.takes:
+                        st.take(n)
+                        held.append((st, n))
+                u.grant()
                 self._holders.add(u)
                 granted.append(u)
                 if not waiters:
@@ -1120,59 +1278,45 @@ class _ControlPlane:
         return granted
 
     def _held_back(self, q, marked, now):
-        """Why the head of ``q`` may not start now (None: it may). Every resource that
-        holds it back is marked, so later waiters do not jump the queue on it."""
+        """Why the head of ``q`` may not start now (None: it may). Every state that holds
+        it back is marked, so later waiters do not jump the queue on it."""
         reason = None
-        if q.pauses:
-            reason = f"pause on {q.pauses[0].scope}"
-        for lim in q.limiters:
-            if lim in marked or lim.borrowed >= lim.total:
-                marked.add(lim)
-                reason = reason or (f"concurrency on {lim.name} "
-                                    f"(limit {lim.total}, {lim.borrowed} running)")
-        for lim, n in q.caps:
-            if lim in marked or lim.borrowed + n > lim.total:
-                marked.add(lim)
-                reason = reason or (f"capacity {lim.name} (needs {n}, "
-                                    f"{lim.total - lim.borrowed} of {lim.total} free)")
-        for b in q.buckets:
-            b.refill(now)
-            if b in marked or b.tokens < 1:
-                marked.add(b)
-                if b.wake is None:  # event-driven: wake when the next token is due
-                    b.wake = self.clock.call_at(now + (1 - b.tokens) / b.rate,
-                                                functools.partial(self._refilled, b))
-                reason = reason or f"rate_limit on {b.scope} ({b.label})"
+        for st, n in q.needs:
+            if st in marked or not st.can_take(n, now):
+                if st.fifo:
+                    marked.add(st)
+                if reason is None:
+                    reason = st.why(n)
+                if st not in self._wakes:  # event-driven: wake when it may admit by itself
+                    when = st.retry_at(now)
+                    if when is not None:
+                        self._wakes[st] = self.clock.call_at(
+                            when, functools.partial(self._refilled, st))
         return reason
 
-    def _refilled(self, b):
+    def _refilled(self, st):
         with self.lock:
-            b.wake = None
+            self._wakes.pop(st, None)
             granted = self._admit() if self._waiting else None
         self._dispatch(granted)
 
-    def _release_locked(self, u, refund):
-        for lim, n in u.held:
-            lim.borrowed -= n
+    def _give_back(self, u, began):  # lock held
+        for st, n in u.held:
+            st.give_back(n, began)
         u.held = ()
-        if refund:  # the unit never started: its start tokens go back
-            for b in u.tokens:
-                b.tokens = min(b.burst, b.tokens + 1)
-        u.tokens = ()
         self._holders.discard(u)
 
     def release(self, u):
-        """The unit's body finished (or it was never started): give its slots back.
+        """The unit's body finished, or its grant is dropped before it began (state
+        RUNNING, or GRANTED): give its slots (and, if it never began, its tokens) back.
+        The caller moves the unit on (``_Unit.end``).
 
         Admission after a release runs once per loop iteration, not once per release:
         when a wave of tasks ends together, one pass grants the next wave (the freed
         slots are taken by the oldest waiters, as the pass goes in FIFO order)."""
         with self.lock:
-            if u.held or u.tokens:
-                self._release_locked(u, u.state == _GRANTED)
-            else:
-                self._holders.discard(u)
-            u.state = _DONE
+            self._give_back(u, u.state == _RUNNING)
+            u.node.tally[_GRANTED] -= 1
             if not self._waiting or self._admit_soon:
                 return
             loop = u.run.loop
@@ -1188,48 +1332,66 @@ class _ControlPlane:
             granted = self._admit()
         self._dispatch(granted)
 
+    def drop_grant(self, u):
+        """A granted unit will not start after all (its run is stopping or gone, or its
+        resources failed): its grant and tokens go back, and it is DROPPED."""
+        with self.lock:
+            if u.state != _GRANTED:
+                return
+            self._give_back(u, False)
+            u.drop()
+            granted = self._admit() if self._waiting else None
+        self._dispatch(granted)
+
     def _admit_now(self):
         with self.lock:
             self._admit_soon = False
             granted = self._admit() if self._waiting else None
         self._dispatch(granted)
 
-    def begin(self, u):
-        """Called in the body's own thread right before the body begins. Returns False
-        when the unit may not start after all: its run is stopping (the grant is given
-        back), or a pause that matches it arrived after the grant (the grant is given
-        back and the unit waits again at its old place in the queue)."""
+    def gate(self, u):
+        """The start gate, called in the body's own thread right before the body begins.
+        True: it begins (the unit is RUNNING). False: its run is stopping (the grant is
+        given back, the unit is DROPPED), or a pause that matches it arrived after the
+        grant (the grant is given back and the unit waits again at its old place)."""
         with self.lock:
             if u.run.stopping:
-                self._release_locked(u, True)
-                u.state = _DONE
-            elif self._npause and any(self._matches(s, u.key) for (s, t) in self.constraints
-                                      if t == "pause"):
-                self._release_locked(u, True)
-                u.state = _WAITING
-                u.blocked = False
-                if not u.seq:
-                    u.seq = (u.node.seq, u.index or 0)
+                self._give_back(u, False)
+                u.drop()
+            elif self._gates and self._gated(u):
+                self._give_back(u, False)
+                u.wait()
                 _insort(self._queue(u.key, u.run.loop).waiters, u)
                 self._waiting += 1
             else:
-                u.state = _RUNNING
+                u.begin()
                 return True
             granted = self._admit() if self._waiting else None
         self._dispatch(granted)
         return False
 
+    def _gated(self, u):  # lock held: does a state the gate re-checks hold u back?
+        q = self._queue(u.key, u.run.loop)
+        self._match(q)
+        now = time.monotonic()
+        return any(st.gate and not st.can_take(n, now) for st, n in q.needs)
+
     def drop_run(self, run):
         """Forget every waiting unit of ``run`` (it is stopping)."""
         with self.lock:
             for key, q in list(self._queues.items()):
-                if key[2] == run.run_id:
+                if key.run_id == run.run_id:
                     for u in q.waiters:
-                        u.state = _DONE
+                        u.drop()
                     self._waiting -= len(q.waiters)
                     del self._queues[key]
             granted = self._admit() if self._waiting else None
         self._dispatch(granted)
+
+    def holders_of(self, run):
+        """The units of ``run`` holding a grant (to cancel its running bodies)."""
+        with self.lock:
+            return [u for u in self._holders if u.run is run]
 
     @staticmethod
     def _dispatch(granted):
@@ -1249,26 +1411,32 @@ class _ControlPlane:
         q = self._queues.get(u.key)
         return (q.reason if q is not None and q.reason else None) or "queued"
 
-    def snapshot(self):
-        """Usage of every active constraint and capacity, for ``Engine.status``."""
+    BLOCKED_SHOWN = 100  # status lists this many waiting units; the counts have them all
+
+    def snapshot(self, tallies):
+        """Usage of every active constraint and capacity, and the first waiting units,
+        for ``Engine.status``. ``tallies``: [(key, tally)] of the active runs' tasks, for
+        how many matching tasks hold a grant (cost: constraints x tasks, not units)."""
         now = time.time()
         mono = time.monotonic()
         with self.lock:
             rows = []
             for (scope, kind), c in self.constraints.items():
                 row = {"scope": scope, "type": kind, "expires_in": c.expires_in(now),
-                       "matching_running": sum(1 for u in self._holders
-                                               if self._matches(scope, u.key))}
-                if kind == "concurrency":
-                    lim = self._limiters[scope]
-                    row.update(limit=lim.total, in_use=lim.borrowed)
-                elif kind == "rate_limit":
-                    b = self._buckets[scope]
-                    b.refill(mono)
-                    row.update(rate=c.params["rate"], burst=b.burst, tokens=round(b.tokens, 3))
+                       "matching_running": sum(t[_GRANTED] for key, t in tallies
+                                               if self._matches(scope, key))}
+                row.update(self._states[(scope, kind)].usage(mono))
                 rows.append(row)
             caps = {k: {"total": lim.total, "in_use": lim.borrowed} for k, lim in self._caps.items()}
-            return rows, caps
+            blocked = []
+            for q in self._queues.values():
+                for u in itertools.islice(q.waiters, self.BLOCKED_SHOWN - len(blocked)):
+                    blocked.append({"run_id": u.run.run_id, "task_id": u.id,
+                                    "task_name": q.key.name,
+                                    "waits_on": q.reason or "queued"})
+                if len(blocked) >= self.BLOCKED_SHOWN:
+                    break
+            return rows, caps, blocked
 
 
 # ===========================================================================
@@ -1363,22 +1531,6 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: A
     return True
 
 
-def _deliver(callback: Callable[[str, Any], Any], topic: str, payload: Any,
-             tasks: set | None = None) -> None:
-    """Call `callback(topic, payload)` on the running loop, never raising.
-
-    An awaitable result runs as a task (kept alive in `tasks` if given); an
-    exception, sync or async, is logged and goes no further.
-    """
-    try:
-        result = callback(topic, payload)
-    except Exception:
-        _log.exception("pub/sub callback %r failed on topic %r", callback, topic)
-        return
-    if result is not None:
-        _follow(result, callback, topic, tasks)
-
-
 def _follow(result: Any, callback: Callable, topic: str, tasks: set | None) -> None:
     """An awaitable that a callback returned runs as a task; its failure is logged."""
     try:
@@ -1440,7 +1592,7 @@ class _Subscription:
             topic, payload = q.popleft()
             if not self.active:
                 continue
-            try:  # _deliver, inlined for the common case of a callback returning None
+            try:
                 result = cb(topic, payload)
             except Exception:
                 _log.exception("pub/sub callback %r failed on topic %r", cb, topic)
@@ -1851,9 +2003,7 @@ class Controller:
                                                    {"rate": rate, "burst": burst}, ttl=ttl))
 
     async def clear(self, scope: str, type: Optional[str] = None) -> None:
-        if type is not None and type not in _TYPES:
-            raise ConstraintError(f"clear(type={type!r}): use one of {list(_TYPES)} or None")
-        await self._clear(scope, (type,) if type else _TYPES)
+        await self._clear(scope, (_check_type(type, "clear"),) if type else _TYPES)
 
     async def status(self, timeout: float = 5.0) -> list:
         """The constraints retained on the broker (expired ones included: check
@@ -2036,8 +2186,17 @@ class _Bus:
                 self._cache[etype] = cbs
         return cbs
 
+    def exactly(self, etype):
+        """The subscribers of ``etype`` itself (not of its bases)."""
+        with self._lock:
+            return tuple(self._subs.get(etype, ()))
+
     def emit(self, event):
-        for cb in self.wants(type(event)):
+        self.deliver(self.wants(type(event)), event)
+
+    @staticmethod
+    def deliver(callbacks, event):
+        for cb in callbacks:
             try:
                 r = cb(event)
                 if r is not None and inspect.isawaitable(r):
@@ -2046,21 +2205,105 @@ class _Bus:
                 _log.exception("event subscriber %r failed on %s", cb, type(event).__name__)
 
 
+class _TaskFailures(Event):
+    """Subscribing to this (private) class receives the failed TaskExecutionFinished
+    events only: cs.run's log at WARNING and above needs no event per success."""
+
+
+# Unit states, which are also the cells of a run's per-task tally (see _Unit).
+(_PENDING, _WAITING, _GRANTED, _RUNNING, _RETRYING, _DONE, _FAILED, _DROPPED,
+ _SKIPPED) = range(9)
+_STATE_NAMES = ("pending", "blocked", "granted", "running", "retrying", "done", "failed",
+                "dropped", "skipped")
+
+
+def _tally_counts(t):
+    """The {state name: count} of a tally (the GRANTED cell counts running units too)."""
+    out = {}
+    for i, name in enumerate(_STATE_NAMES):
+        n = t[i] - t[_RUNNING] if i == _GRANTED else t[i]
+        if n > 0 and i != _DROPPED:
+            out[name] = n
+    return out
+
+
 class _Unit:
-    """One task execution (a call, or one item of a map), the thing admission grants."""
+    """One task execution (a call, or one item of a map): the thing admission grants.
+
+    Its life, and the only methods that change ``state``::
+
+        PENDING --enqueue--> WAITING --admit: grant()--> GRANTED --gate: begin()--> RUNNING
+           |                 ^   ^                       |   |                       |
+           +--(nothing to decide: grant_all)-------------+   |   end(): DONE | FAILED | RETRYING
+                             |   +--(a late pause at the gate: wait())--+            |
+                             +--(after the retry delay: wait_all())------------------+
+        WAITING or GRANTED --(the run stops: drop())--> DROPPED
+
+    Each transition also moves the unit between the cells of its task's tally in the
+    run, so status costs what it shows. Every cell has one writer side, so no cell is
+    ever updated from two threads at once: WAITING, GRANTED (granted or running) and
+    DROPPED change under the control-plane lock; PENDING, RUNNING, RETRYING, DONE and
+    FAILED on the run's loop thread (a sync body's start is counted when the loop hears
+    of it). Leaving GRANTED/RUNNING is two halves: ``_ControlPlane.release`` (lock side)
+    then ``end`` (loop side)."""
     __slots__ = ("run", "node", "index", "args", "kwargs", "attempt", "seq", "state", "held",
-                 "tokens", "blocked", "atask")
+                 "reported", "body")
 
     def __init__(self, run, node, index, args, kwargs):
         self.run, self.node, self.index = run, node, index
         self.args, self.kwargs = args, kwargs
         self.attempt = 1
-        self.seq = 0
+        self.seq = node.seq if index is None else node.seq + index  # readiness order
+        self.state = _PENDING
+        self.held = ()           # [(state object, amount)] reserved at grant
+        self.reported = False    # TaskBlocked was emitted for the current wait
+        self.body = None         # the asyncio task of its async body while it runs
+
+    @staticmethod
+    def wait_all(units):  # lock held, loop thread: a node's fresh units, or one retry
+        t, n = units[0].node.tally, len(units)
+        t[units[0].state] -= n
+        t[_WAITING] += n
+        for u in units:
+            u.state = _WAITING
+            u.reported = False
+
+    @staticmethod
+    def grant_all(units):  # lock held, loop thread: fresh units or a retry, no waiting
+        t, n = units[0].node.tally, len(units)
+        t[units[0].state] -= n
+        t[_GRANTED] += n
+        for u in units:
+            u.state = _GRANTED
+
+    def grant(self):  # lock held: WAITING -> GRANTED
+        t = self.node.tally
+        t[_WAITING] -= 1
+        t[_GRANTED] += 1
+        self.state = _GRANTED
+
+    def wait(self):  # lock held: GRANTED -> WAITING (a pause came after the grant)
+        t = self.node.tally
+        t[_GRANTED] -= 1
+        t[_WAITING] += 1
         self.state = _WAITING
-        self.held = ()          # [(limiter, amount)] reserved at grant
-        self.tokens = ()        # buckets a start token was taken from
-        self.blocked = False    # TaskBlocked emitted for the current wait
-        self.atask = None
+        self.reported = False
+
+    def begin(self):  # the body's thread, just before the body: GRANTED -> RUNNING
+        self.state = _RUNNING
+
+    def end(self, state):  # loop thread, after release: -> DONE | FAILED | RETRYING
+        t = self.node.tally
+        if self.state == _RUNNING:
+            t[_RUNNING] -= 1
+        t[state] += 1
+        self.state = state
+
+    def drop(self):  # lock held: WAITING | GRANTED -> DROPPED (its run is stopping)
+        t = self.node.tally
+        t[self.state] -= 1
+        t[_DROPPED] += 1
+        self.state = _DROPPED
 
     # Derived, not stored: a map of 100,000 items makes 100,000 units.
     @property
@@ -2075,7 +2318,7 @@ class _Unit:
         return f"<_Unit {self.id} {_STATE_NAMES[self.state]}>"
 
 
-_STARTED, _NOT_BEGUN = object(), object()  # messages from worker threads
+_STARTED, _REFUSED = object(), object()  # messages from worker threads
 
 
 def _call_task(task, args, kwargs):
@@ -2095,37 +2338,205 @@ def _gen_finish(gen):
         raise RuntimeError("a resource generator must yield exactly once")
 
 
+class _Reporter:
+    """A run's events (to the engine's bus) and telemetry records (to its link), each
+    kind from one method. Per-task events are built only when somebody listens: the
+    listening flags are re-read only when the bus's subscriptions changed (hot path)."""
+    __slots__ = ("run", "bus", "tele", "_version", "_started", "_finished", "_failed")
+
+    def __init__(self, run):
+        self.run, self.bus, self.tele = run, run.engine._bus, None
+        self._version = -1
+
+    def _refresh(self):
+        bus = self.bus
+        self._version = bus.version
+        self._started = bool(bus.wants(TaskExecutionStarted))
+        self._finished = bus.wants(TaskExecutionFinished)
+        self._failed = self._finished + bus.exactly(_TaskFailures)
+
+    # Telemetry task records are (task_id, task_name, state, duration_ms, error), made
+    # here only and read by _RunLink.payloads.
+    def _record(self, task_id, name, state, ms, error):
+        self.tele.record((task_id, name, state, ms, error))
+
+    def run_started(self, target_names, params):
+        if self.tele is not None:
+            self.tele.record("ENGINE_STARTED")
+        self.bus.emit(RunStarted(self.run.run_id, target_names, params))
+
+    def run_finished(self, status, duration, error):
+        if self.tele is not None:
+            self.tele.record("ENGINE_STOPPED")
+        self.bus.emit(RunFinished(self.run.run_id, status, duration, error))
+
+    def started(self, u):
+        if self._version != self.bus.version:
+            self._refresh()
+        if self._started or self.tele is not None:
+            node = u.node
+            uid = node.id if u.index is None else u.id
+            if self._started:
+                self.bus.emit(TaskExecutionStarted(self.run.run_id, uid, node.key.name))
+            if self.tele is not None:
+                self._record(uid, node.key.name, "RUNNING", None, None)
+
+    def finished(self, u, duration, exc):
+        if self._version != self.bus.version:
+            self._refresh()
+        cbs = self._finished if exc is None else self._failed
+        if cbs or self.tele is not None:
+            node = u.node
+            uid = node.id if u.index is None else u.id
+            if cbs:
+                self.bus.deliver(cbs, TaskExecutionFinished(
+                    self.run.run_id, uid, node.key.name,
+                    "Succeeded" if exc is None else "Failed", duration, exc))
+            if self.tele is not None:
+                self._record(uid, node.key.name, "COMPLETED" if exc is None else "FAILED",
+                             duration * 1000, exc)
+
+    def blocked(self, u):
+        u.reported = True  # once per wait
+        bus, cp = self.bus, self.run.cp
+        if bus.wants(TaskBlocked):
+            bus.emit(TaskBlocked(self.run.run_id, u.id, u.key.name, cp.reason(u)))
+        if self.tele is not None:
+            self._record(u.id, u.key.name, "BLOCKED", None, cp.reason(u))
+
+    def retrying(self, u, max_attempts, wait, exc):
+        self.bus.emit(TaskRetrying(self.run.run_id, u.id, u.key.name, u.attempt,
+                                   max_attempts, wait, exc))
+        if self.tele is not None:
+            self._record(u.id, u.key.name, "RETRYING", None, exc)
+
+    def skipped(self, node, reason):
+        self.bus.emit(TaskSkipped(self.run.run_id, node.id, node.lazy.task.name, reason))
+        if self.tele is not None:
+            self._record(node.id, node.lazy.task.name, "SKIPPED", None, reason)
+
+    def resource(self, name, acquired):
+        self.bus.emit((ResourceAcquired if acquired else ResourceReleased)(self.run.run_id, name))
+
+
+class _Resources:
+    """A run's resources: each set up once, on first need (after the resources it
+    injects), and torn down in reverse order of set-up when the run ends."""
+
+    def __init__(self, run):
+        self.run = run
+        self.values = {}        # name -> value, once set up
+        self._futures = {}      # name -> future of its value (set-up may be under way)
+        self._stack = []        # (resource, generator), in set-up order
+        self._setups = set()    # tasks setting up resources before a unit's body
+
+    def missing(self, lz):
+        return any(r not in self.values for _, r in lz.injects)
+
+    def start_after_setup(self, u):
+        t = self.run.loop.create_task(self._setup_then_start(u))
+        self._setups.add(t)
+        t.add_done_callback(self._setups.discard)
+
+    def cancel_setups(self):
+        for t in list(self._setups):
+            t.cancel()
+
+    async def _setup_then_start(self, u):
+        run = self.run
+        try:
+            for _, r in u.node.lazy.injects:
+                await self.get(r)
+        except BaseException as exc:
+            run.drop_launched(u)
+            if not isinstance(exc, asyncio.CancelledError):
+                run._fail(exc, u.id, u.key.name)
+            return
+        if run.stopping:
+            return run.drop_launched(u)
+        run._start(u)
+
+    async def get(self, name):
+        fut = self._futures.get(name)
+        if fut is None:
+            run = self.run
+            loop = run.loop
+            fut = self._futures[name] = loop.create_future()
+            res = run.engine._resources[name]
+            try:
+                kwargs = {p: await self.get(r) for p, r in res.injects}
+                gen = res.fn(**kwargs)
+                if res.is_async:
+                    value = await gen.__anext__()
+                else:
+                    value = await loop.run_in_executor(run.engine._threads(), _gen_next, gen)
+                    if value is _MISSING:
+                        raise ResourceError(f"resource {name!r} returned without yielding")
+            except BaseException as exc:
+                fut.set_exception(exc)
+                fut.exception()  # retrieved: the waiter that caused the set-up re-raises it
+                raise
+            self._stack.append((res, gen))
+            self.values[name] = value
+            fut.set_result(value)
+            run.report.resource(name, True)
+        return await fut
+
+    async def tear_down(self):
+        run = self.run
+        while self._stack:
+            res, gen = self._stack.pop()
+            try:
+                if res.is_async:
+                    try:
+                        await gen.__anext__()
+                        raise RuntimeError("a resource generator must yield exactly once")
+                    except StopAsyncIteration:
+                        pass
+                else:
+                    await run.loop.run_in_executor(run.engine._threads(), _gen_finish, gen)
+            except Exception:
+                _log.exception("tear-down of resource %r failed", res.name)
+            run.report.resource(res.name, False)
+
+
 class _Run:
-    """One run of a graph on one event loop: dataflow scheduling, retries, skips,
-    fail-fast, resources. Every method runs on the loop thread except ``launch`` and
-    ``_sync_body``/``_post`` (called from other threads)."""
+    """One run of a graph on one event loop: dataflow scheduling, retries, skips and
+    fail-fast. Its resources are a _Resources, its events and telemetry a _Reporter.
+    Every method runs on the loop thread except ``launch`` (any thread) and
+    ``_sync_body``/``_post`` (worker threads).
+
+    The way of a granted unit to its body: ``launch`` (from whichever thread granted it)
+    -> ``_launch`` (on the loop: set up its resources first if needed) -> ``_start``
+    (submit the body) -> the body's thread passes the start gate (``_ControlPlane.gate``)
+    -> ``_body_started`` -> the body -> ``_body_finished`` (decides, once, whether the
+    unit is done, retries or fails the run)."""
+
+    PUMP_CHUNK = 512
 
     def __init__(self, engine, target, params, run_id):
         self.engine = engine
         self.cp = engine._cp
-        self.bus = engine._bus
         self.target = target
         self.params = dict(params or {})
         self.run_id = run_id
         self.stopping = False
         self.error = None
-        self.status = "Running"
         self.nodes = {}
-        self._ready = collections.deque()
-        self._keys = {}             # task -> its admission key in this run (shared)
+        self.tallies = {}           # task -> [count per state] (see _Unit)
+        self.keys = {}              # task, or (task, amounts) -> its interned _Key
+        self.link = None            # its _RunLink, when the engine has a connector
+        self._ready = collections.deque()   # nodes whose inputs are all done, FIFO
         self._pumping = False
         self._pump_soon = False
-        self._inflight = 0          # launched units whose body has not settled
-        self._tasks = set()         # resource set-up tasks
-        self._timers = set()        # retry delays
+        self._inflight = 0          # launched units whose body has not finished
+        self._idle = None           # set once stopping and nothing is in flight
+        self._timers = {}           # unit -> the handle of its retry delay
         self._inbox = collections.deque()
         self._drain_pending = False
-        self._res = {}
-        self._res_values = {}
-        self._teardown = []
-        self._settled = None
-        self._tele = None           # the telemetry recorder, when the engine has a link
-        self._wants = (-1, False, False)
+        self._stamp = engine._cp.stamp
+        self.resources = _Resources(self)
+        self.report = _Reporter(self)
         executor = engine._executor
         self._pool = executor if executor is not None else engine._threads()
         self._threaded = isinstance(self._pool, concurrent.futures.ThreadPoolExecutor)
@@ -2141,16 +2552,14 @@ class _Run:
         self.engine._runs[self.run_id] = self
         link = self.engine._link
         if link is not None:
-            link.attach(self)
+            self.link = self.report.tele = link.attach(self)
         targets = self.target.deps if type(self.target) is _Gather else [self.target]
-        if self._tele is not None:
-            self._tele("ENGINE_STARTED")
-        self.bus.emit(RunStarted(self.run_id, tuple(d.name for d in dict.fromkeys(targets)),
-                                 dict(self.params)))
+        self.report.run_started(tuple(d.name for d in dict.fromkeys(targets)),
+                                dict(self.params))
         try:
             self._prepare()
-            if link is not None:
-                await link.open(self)
+            if self.link is not None:
+                await self.link.open()
             self._pump()
             try:
                 await self._wake
@@ -2169,21 +2578,18 @@ class _Run:
             error = exc
             raise
         finally:
-            self.status = status
             self._stop()
-            await self._settle()
-            await self._teardown_resources()
+            await self._wait_for_bodies()
+            await self.resources.tear_down()
             if self.cp._admit_soon:  # this loop may stop before its scheduled pass runs
                 self.cp._admit_now()
             self.engine._runs.pop(self.run_id, None)
-            if self._tele is not None:
-                self._tele("ENGINE_STOPPED")
-            self.bus.emit(RunFinished(self.run_id, status, time.perf_counter() - t0, error))
-            if link is not None:
-                await link.close(self)
+            self.report.run_finished(status, time.perf_counter() - t0, error)
+            if self.link is not None:
+                await self.link.close()
 
     def _prepare(self):
-        self.nodes, roots = _build_graph(self.target)
+        self.nodes, roots = _build_graph(self.target, self.tallies)
         missing, known, needed = [], set(), set()
         caps = self.cp._caps
         for lz, node in self.nodes.items():
@@ -2205,9 +2611,8 @@ class _Run:
                 for k, v in (lz.amounts or {}).items():
                     if not isinstance(v, LazyResult):
                         _check_amount(caps, lz, k, v)
-        stamp = self.cp._seq
         for node in roots:
-            node.seq = next(stamp)
+            node.seq = self._stamp()
         self._ready.extend(roots)
         if missing:
             names = ", ".join(repr(m) for m in sorted(set(missing)))
@@ -2231,21 +2636,23 @@ class _Run:
             stack.extend(r for _, r in registered[name].injects)
 
     # -- dataflow -----------------------------------------------------------
-    PUMP_CHUNK = 512
-
     def _pump(self):
-        """Process ready nodes in FIFO order, ``PUMP_CHUNK`` at a time: between chunks
-        the loop runs, so a fan-out of 100,000 neither blocks the loop (controls and
-        other tasks get their turn) nor keeps 100,000 asyncio tasks alive at once."""
+        """Process ready nodes in FIFO order, ``PUMP_CHUNK`` units at a time: between
+        chunks the loop runs, so a fan-out or a map of 100,000 neither blocks the loop
+        (controls and other tasks get their turn) nor keeps 100,000 asyncio tasks (or
+        waiting units) alive at once. A map that is not fully expanded stays first."""
         if self._pumping or self._pump_soon:  # a chunk per loop iteration, not per call
             return
         self._pumping = True
         try:
             ready = self._ready
-            n = self.PUMP_CHUNK
-            while ready and not self.stopping and n:
-                self._process(ready.popleft())
-                n -= 1
+            budget = self.PUMP_CHUNK
+            while ready and not self.stopping and budget > 0:
+                node = ready.popleft()
+                if node.items is not None:
+                    budget -= self._expand(node, budget)
+                else:
+                    budget -= self._process(node, budget)
         finally:
             self._pumping = False
         if ready and not self.stopping and not self._pump_soon:
@@ -2256,53 +2663,63 @@ class _Run:
         self._pump_soon = False
         self._pump()
 
-    def _process(self, node):
+    def _process(self, node, budget):
+        """A ready node: skip it, complete it (params, gathers), or make its units.
+        Returns how much of the pump's budget it used."""
         lz = node.lazy
         t = type(lz)
         if t is not LazyResult or node.skip is not None or lz.condition is not _MISSING:
             # everything but the common case (a plain call, ready to be admitted)
             if node.skip is not None:
-                return self._skip(node, node.skip)
+                self._skip(node, node.skip)
+                return 1
             cond = lz.condition
             if cond is not _MISSING:
                 value = self.nodes[cond].value if isinstance(cond, LazyResult) else cond
                 if not value:
                     what = self.nodes[cond].id if isinstance(cond, LazyResult) else repr(cond)
-                    return self._skip(node, f"run_if condition {what} is falsy")
+                    self._skip(node, f"run_if condition {what} is falsy")
+                    return 1
             if t is _Gather:
-                return self._complete(node, _resolve(lz.args[0], self.nodes))
+                self._complete(node, _resolve(lz.args[0], self.nodes))
+                return 1
             if t is Param or t is Env:
-                return self._complete(node, node.value)
+                self._complete(node, node.value)
+                return 1
         try:
-            key = None if lz.amounts else self._keys.get(lz.task)
+            key = None if lz.amounts else self.keys.get(lz.task)
             node.key = key or self._key(lz)
             if t is MappedLazyResult:
-                units = self._expand(node)
-                if not units:
-                    return self._complete(node, [])
-            else:
-                args, kwargs = lz.args, lz.kwargs
-                if lz.lazy_args:
-                    nodes = self.nodes
-                    args = tuple([_resolve(a, nodes) for a in args])
-                    kwargs = {k: _resolve(v, nodes) for k, v in kwargs.items()}
-                units = (_Unit(self, node, None, args, kwargs),)
+                return self._expand_map(node, budget)
+            args, kwargs = lz.args, lz.kwargs
+            if lz.lazy_args:
+                nodes = self.nodes
+                args = tuple([_resolve(a, nodes) for a in args])
+                kwargs = {k: _resolve(v, nodes) for k, v in kwargs.items()}
+            units = (_Unit(self, node, None, args, kwargs),)
         except (TypeError, ValueError) as exc:
-            return self._fail(exc, node.id, lz.name)
-        node.units = units
+            self._fail(exc, node.id, lz.name)
+            return 1
         self._submit(units)
+        return 1
 
     def _key(self, lz):
-        """The admission key of a call: (task name, tags, run id, capacity amounts).
-        Shared by every call of a task that asks for no capacity."""
+        """The interned admission key of a call: one per task, or one per task and
+        capacity amounts (amounts of 0 take nothing and are left out)."""
+        task = lz.task
         if not lz.amounts:
-            key = self._keys[lz.task] = (lz.task.name, lz.task.tags, self.run_id, ())
+            key = self.keys[task] = _Key(task.name, task.tags, self.run_id)
             return key
-        return (lz.task.name, lz.task.tags, self.run_id, tuple(sorted(
-            (k, _check_amount(self.cp._caps, lz, k, _resolve(v, self.nodes)))
-            for k, v in lz.amounts.items())))
+        amounts = tuple(sorted(
+            (k, n) for k, v in lz.amounts.items()
+            for n in [_check_amount(self.cp._caps, lz, k, _resolve(v, self.nodes))] if n))
+        key = self.keys.get((task, amounts))
+        if key is None:
+            key = self.keys[(task, amounts)] = _Key(task.name, task.tags, self.run_id, amounts)
+        return key
 
-    def _expand(self, node):
+    def _expand_map(self, node, budget):
+        """Resolve a map's columns once, then make its units a chunk at a time."""
         lz, nodes = node.lazy, self.nodes
         call = f"{lz.task.name}.map()"
         lengths = {}
@@ -2322,12 +2739,36 @@ class _Run:
         n = next(iter(lengths.values()), 0)
         node.value = [None] * n
         node.left = n
-        if not kw and all(m for m, _ in pos) and len(pos) == 1:
+        t = node.tally
+        if not n:
+            t[_PENDING] -= 1
+            t[_DONE] += 1
+            self._complete(node, [])
+            return 1
+        t[_PENDING] += n - 1  # the node is now n pending items
+        node.items = (pos, kw)
+        node.cursor = 0
+        return self._expand(node, budget)
+
+    def _expand(self, node, budget):
+        """Make and submit the next ``budget`` units of a map; returns how many."""
+        pos, kw = node.items
+        i = node.cursor
+        end = min(len(node.value), i + budget)
+        if not kw and len(pos) == 1 and pos[0][0]:
             items = pos[0][1]
-            return [_Unit(self, node, i, (items[i],), _NO_KWARGS) for i in range(n)]
-        return [_Unit(self, node, i,
-                      tuple([v[i] if m else v for m, v in pos]),
-                      {k: (v[i] if m else v) for k, (m, v) in kw.items()}) for i in range(n)]
+            units = [_Unit(self, node, j, (items[j],), _NO_KWARGS) for j in range(i, end)]
+        else:
+            units = [_Unit(self, node, j, tuple([v[j] if m else v for m, v in pos]),
+                           {k: (v[j] if m else v) for k, (m, v) in kw.items()})
+                     for j in range(i, end)]
+        node.cursor = end
+        if end == len(node.value):
+            node.items = None  # fully expanded: the columns can go
+        else:
+            self._ready.appendleft(node)  # the rest next, before anything readied later
+        self._submit(units)
+        return end - i
 
     def _submit(self, units):
         if self.cp.enqueue(units):
@@ -2335,88 +2776,38 @@ class _Run:
                 self._launch(u)
             return
         for u in units:
-            if u.state == _WAITING and not u.blocked:
-                self._on_blocked(u)
-
-    # -- task events: one method per kind feeds the bus and the telemetry link --
-    def _wanted(self):
-        """(started?, finished?): whether anyone listens to the two per-task events,
-        re-read only when the bus's subscriptions changed (hot path)."""
-        bus = self.bus
-        if self._wants[0] != bus.version:
-            self._wants = (bus.version, bool(bus.wants(TaskExecutionStarted)),
-                           bool(bus.wants(TaskExecutionFinished)))
-        return self._wants
-
-    def _on_started(self, u):
-        node = u.node
-        uid = node.id if u.index is None else u.id
-        if self._wanted()[1]:
-            self.bus.emit(TaskExecutionStarted(self.run_id, uid, node.key[0]))
-        if self._tele is not None:
-            self._tele((uid, node.key[0], "RUNNING", None, None))
-
-    def _on_blocked(self, u):
-        u.blocked = True  # once per wait
-        if self.bus.wants(TaskBlocked):
-            self.bus.emit(TaskBlocked(self.run_id, u.id, u.key[0], self.cp.reason(u)))
-        if self._tele is not None:
-            self._tele((u.id, u.key[0], "BLOCKED", None, self.cp.reason(u)))
-
-    def _on_finished(self, u, duration, exc):
-        node = u.node
-        uid = node.id if u.index is None else u.id
-        if self._wanted()[2]:
-            self.bus.emit(TaskExecutionFinished(self.run_id, uid, node.key[0],
-                                                "Succeeded" if exc is None else "Failed",
-                                                duration, exc))
-        if self._tele is not None:
-            self._tele((uid, node.key[0], "COMPLETED" if exc is None else "FAILED",
-                        duration * 1000, exc))
-
-    def _on_retrying(self, u, max_attempts, wait, exc):
-        self.bus.emit(TaskRetrying(self.run_id, u.id, u.key[0], u.attempt, max_attempts,
-                                   wait, exc))
-        if self._tele is not None:
-            self._tele((u.id, u.key[0], "RETRYING", None, exc))
-
-    def _on_skipped(self, node, reason):
-        self.bus.emit(TaskSkipped(self.run_id, node.id, node.lazy.task.name, reason))
-        if self._tele is not None:
-            self._tele((node.id, node.lazy.task.name, "SKIPPED", None, reason))
+            if u.state == _WAITING and not u.reported:
+                self.report.blocked(u)
 
     def _complete(self, node, value):
-        node.done = True
         node.value = value
+        self._settle_node(node, None)
+
+    def _skip(self, node, reason):
+        node.skip = reason
+        if node.lazy.task is not None:
+            t = node.tally
+            t[_PENDING] -= 1
+            t[_SKIPPED] += 1
+            self.report.skipped(node, reason)
+        self._settle_node(node, reason if reason.startswith("needs ") else
+                          f"needs {node.id}, which was skipped: {reason}")
+
+    def _settle_node(self, node, skip):
+        """``node`` is done (``skip`` None) or skipped (``skip``: the reason its
+        dependents carry): the dependents that now have all their inputs are ready."""
         ready = self._ready
         for d in node.dependents:
+            if skip is not None and d.skip is None:
+                d.skip = skip
             d.pending -= 1
             if not d.pending:
-                d.seq = next(self.cp._seq)  # ready now, even if processed a chunk later
+                d.seq = self._stamp()  # ready now, even if processed a chunk later
                 ready.append(d)
         if node.lazy is self.target and not self._wake.done():
             self._wake.set_result(None)
         if ready:
             self._pump()
-
-    def _skip(self, node, reason):
-        node.skip = reason
-        node.done = True
-        lz = node.lazy
-        if lz.task is not None:
-            self._on_skipped(node, reason)
-        carried = reason if reason.startswith("needs ") else \
-            f"needs {node.id}, which was skipped: {reason}"
-        for d in node.dependents:
-            if d.skip is None:
-                d.skip = carried
-            d.pending -= 1
-            if not d.pending:
-                d.seq = next(self.cp._seq)
-                self._ready.append(d)
-        if lz is self.target and not self._wake.done():
-            self._wake.set_result(None)
-        self._pump()
 
     def _result(self):
         node = self.nodes[self.target]
@@ -2425,8 +2816,9 @@ class _Run:
                                          f"no value: {node.skip}")
         return node.value
 
-    # -- launching granted units (any thread) -------------------------------
+    # -- from grant to body -------------------------------------------------
     def launch(self, units):
+        """Granted units, from whichever thread granted them."""
         if threading.get_ident() == self.thread:
             for u in units:
                 self._launch(u)
@@ -2435,7 +2827,7 @@ class _Run:
             self.loop.call_soon_threadsafe(self._launch_all, units)
         except RuntimeError:  # the loop is closed: the run is gone
             for u in units:
-                self.cp.release(u)
+                self.cp.drop_grant(u)
 
     def _launch_all(self, units):
         for u in units:
@@ -2444,16 +2836,20 @@ class _Run:
     def _launch(self, u):
         if self.stopping or u.state != _GRANTED:
             if u.state == _GRANTED:
-                self.cp.release(u)
+                self.cp.drop_grant(u)
             return
         self._inflight += 1
         lz = u.node.lazy
-        if lz.injects and any(r not in self._res_values for _, r in lz.injects):
-            t = self.loop.create_task(self._setup_then_start(u))
-            self._tasks.add(t)
-            t.add_done_callback(self._tasks.discard)
-            return
+        if lz.injects and self.resources.missing(lz):
+            return self.resources.start_after_setup(u)
         self._start(u)
+
+    def drop_launched(self, u):
+        """A launched unit will not start after all (its resources failed, or the run
+        is stopping): give its grant back."""
+        self.cp.drop_grant(u)
+        self._inflight -= 1
+        self._check_idle()
 
     def _start(self, u):
         lz = u.node.lazy
@@ -2461,73 +2857,58 @@ class _Run:
         kwargs = u.kwargs
         if lz.injects:
             kwargs = dict(kwargs)
+            values = self.resources.values
             for p, r in lz.injects:
-                kwargs[p] = self._res_values[r]
+                kwargs[p] = values[r]
         try:
             if task.is_async:
-                u.atask = self.loop.create_task(self._async_body(u, task.fn, u.args, kwargs))
+                u.body = self.loop.create_task(self._async_body(u, task.fn, u.args, kwargs))
                 return
             if self._threaded:
                 self._pool.submit(self._sync_body, u, task.fn, u.args, kwargs)
                 return
             # A process or Dask executor cannot call back into this process before the
-            # body begins, so the start gate is checked here instead.
-            if not self.cp.begin(u):
-                return self._not_begun(u)
-            t0 = self._begun(u)
+            # body begins, so the start gate is passed here instead.
+            if not self.cp.gate(u):
+                return self._gate_refused(u)
+            self._body_started(u)
+            t0 = time.perf_counter()
             f = self._pool.submit(_call_task, task, u.args, kwargs)
         except Exception as exc:  # could not even start the body: the task fails
-            self._finished(u, None, exc, time.perf_counter())
+            self._body_finished(u, None, exc, time.perf_counter())
             return
         f.add_done_callback(functools.partial(self._remote_done, u, t0))
 
-    async def _setup_then_start(self, u):
-        try:
-            for _, r in u.node.lazy.injects:
-                await self._resource(r)
-        except BaseException as exc:
-            self.cp.release(u)
-            self._inflight -= 1
-            if not isinstance(exc, asyncio.CancelledError):
-                self._fail(exc, u.id, u.key[0])
-            self._check_settled()
-            return
-        if self.stopping:
-            self.cp.release(u)
-            self._inflight -= 1
-            return self._check_settled()
-        self._start(u)
-
     async def _async_body(self, u, fn, args, kwargs):
-        # The start gate. Without any pause the check needs no lock: reading the pause
-        # count is atomic, and a pause that returned before this line is seen here (the
-        # locked check in begin() has the same linearization point: this check). The
-        # body begins in this same step, so nothing slips in between.
-        if self.cp._npause or self.stopping:
-            if not self.cp.begin(u):
-                return self._not_begun(u)
+        # The start gate. Without any gated constraint the check needs no lock: reading
+        # the count is atomic, and a pause that returned before this line is seen here
+        # (the locked check in gate() has the same linearization point: this check).
+        # The body begins in this same step, so nothing slips in between.
+        if self.cp._gates or self.stopping:
+            if not self.cp.gate(u):
+                return self._gate_refused(u)
         else:
-            u.state = _RUNNING
-        t0 = self._begun(u)
+            u.begin()
+        self._body_started(u)
+        t0 = time.perf_counter()
         try:
             value = await fn(*args, **kwargs)
         except BaseException as exc:
-            self._finished(u, None, exc, t0)
+            self._body_finished(u, None, exc, t0)
             if not isinstance(exc, (Exception, asyncio.CancelledError)):
                 raise
         else:
-            self._finished(u, value, None, t0)
+            self._body_finished(u, value, None, t0)
 
     def _sync_body(self, u, fn, args, kwargs):
         # Runs in a worker thread: everything it learns goes back through _post.
-        if self.cp._npause or self.stopping:
-            if not self.cp.begin(u):
-                return self._post(u, _NOT_BEGUN, None, 0.0)
+        if self.cp._gates or self.stopping:
+            if not self.cp.gate(u):
+                return self._post(u, _REFUSED, None, 0.0)
         else:
-            u.state = _RUNNING
+            u.begin()
         t0 = time.perf_counter()
-        if self._tele is not None or self._wanted()[1]:
-            self._post(u, _STARTED, None, t0)
+        self._post(u, _STARTED, None, t0)
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:
@@ -2543,7 +2924,7 @@ class _Run:
         self._post(u, value, exc, t0)
 
     def _post(self, u, value, exc, t0):
-        # Completions from worker threads are batched: one loop wake-up drains many.
+        # Messages from worker threads are batched: one loop wake-up drains many.
         # Order matters: append before reading the flag here, clear the flag before
         # draining there, so no message is ever left behind.
         self._inbox.append((u, value, exc, t0))
@@ -2560,43 +2941,44 @@ class _Run:
         while inbox:
             u, value, exc, t0 = inbox.popleft()
             if value is _STARTED:
-                self._on_started(u)
-            elif value is _NOT_BEGUN:
-                self._not_begun(u)
+                self._body_started(u)
+            elif value is _REFUSED:
+                self._gate_refused(u)
             else:
-                self._finished(u, value, exc, t0)
+                self._body_finished(u, value, exc, t0)
 
-    def _begun(self, u):
-        if self._tele is not None or self._wanted()[1]:
-            self._on_started(u)
-        return time.perf_counter()
+    def _body_started(self, u):  # loop thread: the body began (or, sync: has begun)
+        u.node.tally[_RUNNING] += 1
+        self.report.started(u)
 
-    def _not_begun(self, u):
+    def _gate_refused(self, u):
         """A granted unit did not start: its run is stopping, or a pause came first."""
         self._inflight -= 1
-        if u.state == _WAITING and not u.blocked:
-            self._on_blocked(u)
-        self._check_settled()
+        if u.state == _WAITING and not u.reported:
+            self.report.blocked(u)
+        self._check_idle()
 
-    def _finished(self, u, value, exc, t0):
-        if exc is not None and not self.stopping:
+    def _body_finished(self, u, value, exc, t0):
+        """A body returned or raised (or could not start): decide, once, what becomes of
+        the unit: done, a retry, or a failure that fails the run."""
+        if exc is None:
+            outcome = _DONE
+        else:
             retry = u.node.lazy.retry
-            if not (retry and u.attempt < retry[0]):
+            outcome = (_RETRYING if retry and u.attempt < retry[0] and not self.stopping
+                       else _FAILED)
+            if outcome == _FAILED and not self.stopping:
                 # Stop first: the slot this unit gives back must not start anybody
                 # (regression: a waiter was granted and began before the run failed).
-                self._fail(exc, u.id, u.key[0])
+                self._fail(exc, u.id, u.key.name)
         self.cp.release(u)
-        self._settle_unit(u, value, exc, t0)
-
-    def _settle_unit(self, u, value, exc, t0):
         self._inflight -= 1
-        u.atask = None  # a finished asyncio task (and its coroutine) can go now
-        if exc is None:
-            u.state = _DONE
-            if self._tele is not None or self._wanted()[2]:
-                self._on_finished(u, time.perf_counter() - t0, None)
+        u.body = None  # a finished asyncio task (and its coroutine) can go now
+        u.end(outcome)
+        if outcome == _DONE:
+            self.report.finished(u, time.perf_counter() - t0, None)
             if self.stopping:
-                return self._check_settled()
+                return self._check_idle()
             node = u.node
             if u.index is None:
                 self._complete(node, value)
@@ -2605,33 +2987,24 @@ class _Run:
                 node.left -= 1
                 if not node.left:
                     self._complete(node, node.value)
-            return
-        retry = u.node.lazy.retry
-        if retry and u.attempt < retry[0] and not self.stopping:
-            max_attempts, delay, backoff = retry
+        elif outcome == _RETRYING:
+            max_attempts, delay, backoff = u.node.lazy.retry
             wait = delay * backoff ** (u.attempt - 1)
-            u.state = _RETRYING
-            self._on_retrying(u, max_attempts, wait, exc)
+            self.report.retrying(u, max_attempts, wait, exc)
             u.attempt += 1
             if wait > 0:
-                handle = self.loop.call_later(wait, self._retry, u)
-                u.atask = handle
-                self._timers.add(handle)
+                self._timers[u] = self.loop.call_later(wait, self._retry, u)
             else:
                 self._retry(u)
-            return
-        u.state = _FAILED
-        self._on_finished(u, time.perf_counter() - t0, exc)
-        if not self.stopping:
-            self._fail(exc, u.id, u.key[0])
-        self._check_settled()
+        else:
+            self.report.finished(u, time.perf_counter() - t0, exc)
+            self._check_idle()
 
     def _retry(self, u):
-        self._timers.discard(u.atask)
+        self._timers.pop(u, None)
         if not self.stopping:
-            u.seq = (next(self.cp._seq), 0)  # ready again now: behind who waits already
-            u.blocked = False
-            self._submit([u])
+            u.seq = self._stamp()  # ready again now: behind who waits already
+            self._submit((u,))
 
     def _fail(self, exc, task_id, name):
         if self.error is None:
@@ -2646,99 +3019,46 @@ class _Run:
             return
         self.stopping = True
         self.cp.drop_run(self)
-        for h in self._timers:
+        for h in self._timers.values():
             h.cancel()
         self._timers.clear()
-        for t in list(self._tasks):
-            t.cancel()
-        for node in self.nodes.values():
-            for u in node.units:
-                if u.state == _RUNNING and u.atask is not None and \
-                        isinstance(u.atask, asyncio.Task):
-                    u.atask.cancel()
+        self.resources.cancel_setups()
+        for u in self.cp.holders_of(self):
+            if u.state == _RUNNING and u.body is not None:
+                u.body.cancel()
         if not self._wake.done():
             self._wake.set_result(None)
 
-    def _check_settled(self):
-        if self.stopping and not self._inflight and self._settled and not self._settled.done():
-            self._settled.set_result(None)
+    def _check_idle(self):
+        if self.stopping and not self._inflight and self._idle and not self._idle.done():
+            self._idle.set_result(None)
 
-    async def _settle(self):
-        """Wait until every started body has settled (sync bodies cannot be cancelled)."""
+    async def _wait_for_bodies(self):
+        """Wait until every started body has finished (sync bodies cannot be cancelled)."""
         cancelled = False
         while self._inflight > 0:
-            self._settled = self.loop.create_future()
+            self._idle = self.loop.create_future()
             try:
-                await self._settled
+                await self._idle
             except asyncio.CancelledError:
                 cancelled = True  # tear-down still waits; the cancel is re-raised after
         if cancelled:
             raise asyncio.CancelledError()
 
-    # -- resources ----------------------------------------------------------
-    async def _resource(self, name):
-        fut = self._res.get(name)
-        if fut is None:
-            fut = self._res[name] = self.loop.create_future()
-            res = self.engine._resources[name]
-            try:
-                kwargs = {p: await self._resource(r) for p, r in res.injects}
-                gen = res.fn(**kwargs)
-                if res.is_async:
-                    value = await gen.__anext__()
-                else:
-                    value = await self.loop.run_in_executor(self.engine._threads(), _gen_next, gen)
-                    if value is _MISSING:
-                        raise ResourceError(f"resource {name!r} returned without yielding")
-            except BaseException as exc:
-                fut.set_exception(exc)
-                fut.exception()  # retrieved: the waiter that caused the set-up re-raises it
-                raise
-            self._teardown.append((res, gen))
-            self._res_values[name] = value
-            fut.set_result(value)
-            self.bus.emit(ResourceAcquired(self.run_id, name))
-        return await fut
-
-    async def _teardown_resources(self):
-        while self._teardown:
-            res, gen = self._teardown.pop()
-            try:
-                if res.is_async:
-                    try:
-                        await gen.__anext__()
-                        raise RuntimeError("a resource generator must yield exactly once")
-                    except StopAsyncIteration:
-                        pass
-                else:
-                    await self.loop.run_in_executor(self.engine._threads(), _gen_finish, gen)
-            except Exception:
-                _log.exception("tear-down of resource %r failed", res.name)
-            self.bus.emit(ResourceReleased(self.run_id, res.name))
-
     # -- status -------------------------------------------------------------
     def counts(self):
-        """{task name: {state: count}} right now (approximate while running)."""
+        """{task name: {state: count}} right now, from the tallies (a snapshot: another
+        thread may be a few transitions ahead)."""
         out = {}
-        for node in list(self.nodes.values()):
-            lz = node.lazy
-            if lz.task is None:
-                continue
-            c = out.setdefault(lz.task.name, collections.Counter())
-            if node.skip is not None:
-                c["skipped"] += max(1, len(node.units))
-            elif not node.units:
-                c["done" if node.done else "pending"] += 1
-            else:
-                for u in node.units:
-                    c[_STATE_NAMES[u.state]] += 1
+        for task, t in list(self.tallies.items()):
+            c = out.setdefault(task.name, collections.Counter())
+            c.update(_tally_counts(t))
         return {k: dict(v) for k, v in out.items()}
 
-    def blocked(self):
-        return [{"run_id": self.run_id, "task_id": u.id, "task_name": u.key[0],
-                 "waits_on": self.cp.reason(u)}
-                for node in list(self.nodes.values()) for u in node.units
-                if u.state == _WAITING]
+    def scoped_tallies(self):
+        """[(admission key, tally)] of every task, for scope matching in status."""
+        return [(self.keys.get(task) or _Key(task.name, task.tags, self.run_id), t)
+                for task, t in list(self.tallies.items())]
 
 
 def _check_amount(caps, lz, name, amount):
@@ -2852,19 +3172,18 @@ class _Status(dict):
         if self["scopes"]:
             lines.append("  constraints:")
             for s in self["scopes"]:
-                use = (f"{s['in_use']}/{s['limit']} in use" if s["type"] == "concurrency" else
-                       f"{s['rate']} burst {s['burst']} tokens {s['tokens']}"
-                       if s["type"] == "rate_limit" else f"{s['matching_running']} still running")
+                use = _CONTROL_TYPES[s["type"]].shows(s)
                 left = "" if s["expires_in"] is None else f"  ({s['expires_in']:.1f}s left)"
                 lines.append(f"    {s['type']:<12} {s['scope']:<24} {use}{left}")
         for k, c in self["capacities"].items():
             lines.append(f"  capacity {k}: {c['in_use']}/{c['total']} in use")
         if self["blocked"]:
-            lines.append(f"  blocked ({len(self['blocked'])}):")
+            total = sum(c.get("blocked", 0) for c in self["tasks"].values())
+            lines.append(f"  blocked ({total}):")
             for b in self["blocked"][:20]:
                 lines.append(f"    {b['task_id']:<28} waits on {b['waits_on']}")
-            if len(self["blocked"]) > 20:
-                lines.append(f"    ... {len(self['blocked']) - 20} more")
+            if total > 20:
+                lines.append(f"    ... {total - 20} more")
         return "\n".join(lines)
 
     def _repr_pretty_(self, p, cycle):
@@ -2944,9 +3263,7 @@ class Engine:
 
     def clear(self, scope: str, type: Optional[str] = None) -> list:
         """Remove the constraint of ``type`` on ``scope``, or all of them when type is None."""
-        if type is not None and type not in _TYPES:
-            raise ConstraintError(f"clear(type={type!r}): use one of {list(_TYPES)} or None")
-        return self._cp.remove(_check_scope(scope), type)
+        return self._cp.remove(_check_scope(scope), _check_type(type, "clear"))
 
     @property
     def constraints(self) -> list:
@@ -2965,11 +3282,10 @@ class Engine:
             for name, counts in r.counts().items():
                 c = tasks.setdefault(name, collections.Counter())
                 c.update(counts)
-        scopes, caps = self._cp.snapshot()
+        scopes, caps, blocked = self._cp.snapshot([p for r in runs for p in r.scoped_tallies()])
         return _Status(runs=[r.run_id for r in runs],
                        tasks={k: dict(v) for k, v in tasks.items()},
-                       blocked=[b for r in runs for b in r.blocked()],
-                       scopes=scopes, capacities=caps)
+                       blocked=blocked, scopes=scopes, capacities=caps)
 
     # -- events, resources --------------------------------------------------
     def subscribe(self, event_type: type, callback: Callable[[Any], Any]) -> Callable[[], None]:
@@ -3045,7 +3361,7 @@ class _Link:
     """An engine's link to a pub/sub connector: applies the retained control messages
     before a run's first task, follows control messages while runs are active, and
     publishes each run's telemetry (fire-and-forget; flushed, with a bound, before run
-    returns).
+    returns). Each run's side of it is a _RunLink.
 
     One control subscription per event loop, shared by the engine's runs on it: every
     message is handled once and in order (a subscription per run handled each message
@@ -3065,20 +3381,10 @@ class _Link:
         self._subs = {}              # loop -> _LoopSubscription
 
     def attach(self, run):
-        """Give the run its telemetry recorder (before its RunStarted). The run calls it
-        where it emits task events (not through the bus: with nobody subscribed to the
-        bus, no event object is ever built), with a body tuple or a lifecycle word."""
-        run.link_loop = None
-        run.link_queue = q = collections.deque()
-        run.link_flusher = None
+        """The run's side of the link, made before its RunStarted."""
+        return _RunLink(self, run)
 
-        def record(body):
-            q.append((time.time(), body))
-            if run.link_flusher is None:
-                run.link_flusher = asyncio.ensure_future(self._flusher(run))
-        run._tele = record
-
-    async def open(self, run):
+    async def open(self, rl):
         """Join (or make) this loop's control subscription and sync: every retained
         constraint is applied when this returns. The marker round trip relies on the
         broker's per-connection ordering: messages published before our marker reach
@@ -3090,7 +3396,7 @@ class _Link:
         if fresh:
             sub = self._subs[loop] = _LoopSubscription(self, loop)
         sub.runs += 1
-        run.link_loop = loop
+        rl.sub = sub
         marker = f"cascade/sync/{os.urandom(8).hex()}"
         synced = loop.create_future()
 
@@ -3113,7 +3419,7 @@ class _Link:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            _log.warning("cascade: could not sync controls from %r (%r); running with the "
+            _log.warning("could not sync controls from %r (%r); running with the "
                          "controls applied so far", conn, exc)
         finally:
             if fresh:
@@ -3152,14 +3458,63 @@ class _Link:
             self.remote[(scope, kind)] = cp.constraints.get((scope, kind))
             return (scope, kind)
         except (ConstraintError, TypeError, ValueError) as exc:
-            _log.warning("cascade: rejected control message on %s: %s", topic, exc)
+            _log.warning("rejected control message on %s: %s", topic, exc)
             self.engine._bus.emit(ConstraintRejected(run_id, topic, str(exc)))
             return None
 
-    def _payloads(self, run, items):
-        """The telemetry envelopes of ``items`` ((ts, body) pairs), built in one loop."""
-        base = {"v": "1.0", "ts": "", "run_id": run.run_id, "org_id": self.engine.org,
-                "project_id": self.engine.project, "source": self.source, "body": None}
+    async def close(self, rl):
+        """Flush the run's telemetry (bounded: a hung connector never stalls the run),
+        then leave the loop's control subscription."""
+        flusher = rl.flusher
+        if flusher is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(flusher), self.FLUSH_TIMEOUT)
+            except (asyncio.TimeoutError, Exception):
+                flusher.cancel()
+                _log.warning("telemetry flush did not finish in %.1fs; dropped %d events",
+                             self.FLUSH_TIMEOUT, len(rl.queue))
+        sub = rl.sub
+        if sub is not None:
+            sub.runs -= 1
+            if not sub.runs:  # the last run on this loop: nobody listens here any more
+                del self._subs[sub.loop]
+                try:
+                    await asyncio.wait_for(_maybe(self.connector, "unsubscribe",
+                                                  f"{_CONTROL_PREFIX}/#", sub.on_message),
+                                           self.FLUSH_TIMEOUT)
+                except Exception:
+                    pass
+
+
+class _RunLink:
+    """One run's side of its engine's _Link: the run's telemetry queue and flusher, and
+    its share of its loop's control subscription (None until ``open``)."""
+    __slots__ = ("link", "run", "queue", "flusher", "sub")
+
+    def __init__(self, link, run):
+        self.link, self.run = link, run
+        self.queue = collections.deque()   # (ts, record) not yet published
+        self.flusher = None
+        self.sub = None
+
+    async def open(self):
+        await self.link.open(self)
+
+    async def close(self):
+        await self.link.close(self)
+
+    def record(self, body):
+        """Queue a telemetry record: a lifecycle word, or a task record as made by
+        _Reporter._record."""
+        self.queue.append((time.time(), body))
+        if self.flusher is None:
+            self.flusher = asyncio.ensure_future(self._flush())
+
+    def payloads(self, items):
+        """The telemetry envelopes of ``items`` ((ts, record) pairs), built in one loop."""
+        engine = self.link.engine
+        base = {"v": "1.0", "ts": "", "run_id": self.run.run_id, "org_id": engine.org,
+                "project_id": engine.project, "source": self.link.source, "body": None}
         out = []
         for ts, body in items:
             if body.__class__ is str:
@@ -3176,58 +3531,35 @@ class _Link:
             out.append(p)
         return out
 
-    async def _flusher(self, run):
-        topic = (f"cascade/telemetry/{self.engine.org}/{self.engine.project}/"
-                 f"{run.run_id}/events")
-        q = run.link_queue
-        batch = getattr(self.connector, "publish_many_nowait", None)  # LocalBroker's
-        publish = self.connector.publish
+    async def _flush(self):
+        engine = self.link.engine
+        topic = f"cascade/telemetry/{engine.org}/{engine.project}/{self.run.run_id}/events"
+        q = self.queue
+        conn = self.link.connector
+        batch = getattr(conn, "publish_many_nowait", None)  # LocalBroker's
         failed = False
         try:
             while q:
                 if batch is not None:  # in process: the whole queue in one call
                     items = [q.popleft() for _ in range(len(q))]
                     try:
-                        batch(topic, self._payloads(run, items))
+                        batch(topic, self.payloads(items))
                     except Exception as exc:
                         if not failed:
                             failed = True
-                            _log.warning("cascade: telemetry publish failed: %r", exc)
+                            _log.warning("telemetry publish failed: %r", exc)
                     continue
                 item = q.popleft()
                 try:
-                    await publish(topic, self._payloads(run, [item])[0])
+                    await conn.publish(topic, self.payloads([item])[0])
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # telemetry never fails a run
                     if not failed:
                         failed = True
-                        _log.warning("cascade: telemetry publish failed: %r", exc)
+                        _log.warning("telemetry publish failed: %r", exc)
         finally:
-            run.link_flusher = None
-
-    async def close(self, run):
-        """Flush the run's telemetry (bounded: a hung connector never stalls the run),
-        then drop its subscriptions."""
-        flusher = run.link_flusher
-        if flusher is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(flusher), self.FLUSH_TIMEOUT)
-            except (asyncio.TimeoutError, Exception):
-                flusher.cancel()
-                _log.warning("cascade: telemetry flush did not finish in %.1fs; dropped %d "
-                             "events", self.FLUSH_TIMEOUT, len(run.link_queue))
-        sub = self._subs.get(run.link_loop)
-        if sub is not None:
-            sub.runs -= 1
-            if not sub.runs:  # the last run on this loop: nobody listens here any more
-                del self._subs[run.link_loop]
-                try:
-                    await asyncio.wait_for(_maybe(self.connector, "unsubscribe",
-                                                  f"{_CONTROL_PREFIX}/#", sub.on_message),
-                                           self.FLUSH_TIMEOUT)
-                except Exception:
-                    pass
+            self.flusher = None
 
 
 _iso_second = (0, "1970-01-01T00:00:00")  # (second, its text): one tuple, swapped whole
@@ -3575,9 +3907,7 @@ async def _cli_verb(args, client):
             return "no controls in force"
         lines = [f"{'TYPE':<12} {'SCOPE':<28} {'SETTING':<22} TIME LEFT"]
         for c in rows:
-            setting = ("" if c.type == "pause" else f"limit {c.params['limit']}"
-                       if c.type == "concurrency" else
-                       f"{c.params['rate']} burst {c.params['burst']}")
+            setting = _CONTROL_TYPES[c.type].setting(c.params)
             left = c.expires_in()
             left = "-" if left is None else "expired" if left <= 0 else f"{left:.0f}s"
             lines.append(f"{c.type:<12} {c.scope:<28} {setting:<22} {left}")

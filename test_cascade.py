@@ -22,7 +22,7 @@ import functools
 import socket
 import uuid
 from cascade import (LocalBroker, MqttConnector, _MAX_PAYLOAD, _call_soon, _decode_payload,
-                            _deliver, _encode_payload, _topic_matches)
+                            _encode_payload, _topic_matches)
 import datetime
 import inspect
 import queue
@@ -3705,31 +3705,6 @@ def test_encode_payload():
 # ---------------------------------------------------------------------------
 # delivery helpers
 # ---------------------------------------------------------------------------
-
-@_async
-async def test_deliver_sync_async_and_raising_callbacks(caplog):
-    got, tasks = [], set()
-
-    async def acb(topic, payload):
-        got.append(("async", topic, payload))
-
-    def boom(topic, payload):
-        raise RuntimeError("boom")
-
-    async def aboom(topic, payload):
-        raise RuntimeError("aboom")
-
-    with caplog.at_level(logging.ERROR):
-        _deliver(lambda t, p: got.append(("sync", t, p)), "t", 1)
-        _deliver(acb, "t", 2, tasks)
-        _deliver(boom, "t", 3)
-        _deliver(aboom, "t", 4, tasks)
-        assert len(tasks) == 2
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.sleep(0)
-    assert got == [("sync", "t", 1), ("async", "t", 2)]
-    assert not tasks
-    assert "boom" in caplog.text and "aboom" in caplog.text
 
 
 def test_call_soon_on_closed_loop_is_dropped():
