@@ -11,7 +11,7 @@ library only; peers (`pip install -r bench/requirements.txt`) are imported insid
 functions that use them. Exit status 1 means a workload raised; a missed target is not
 an error (read the table).
 """
-import argparse, asyncio, datetime, gc, importlib.util, json, os, platform, re, resource
+import argparse, asyncio, datetime, gc, graphlib, importlib.util, json, os, platform, re, resource
 import subprocess, sys, tempfile, threading, time, traceback
 from concurrent.futures import ThreadPoolExecutor
 
@@ -147,6 +147,83 @@ def f_semaphore(n, cfg):
         return perf() - t0
     return _loop_run(main(), cfg)
 
+# The peer to beat: a minimal DAG runner with no control plane, on graphlib + asyncio.
+# graph = {key: (fn, args)}; an arg may be Ref(key), also inside lists and tuples. Each
+# node starts as soon as its inputs are done: async bodies as tasks on the loop, sync
+# bodies in `pool`. run_graph returns `target` (a Ref, or a structure of them) resolved.
+class Ref:
+    __slots__ = ("key",)
+    def __init__(self, key): self.key = key
+
+def _refs(v, out):
+    if type(v) is Ref: out.append(v.key)
+    elif type(v) in (list, tuple):
+        for x in v: _refs(x, out)
+    return out
+
+def _val(v, results):
+    if type(v) is Ref: return results[v.key]
+    if type(v) in (list, tuple): return type(v)([_val(x, results) for x in v])
+    return v
+
+async def run_graph(graph, target, pool):
+    loop, results, is_async = asyncio.get_running_loop(), {}, {}
+    ts = graphlib.TopologicalSorter()
+    for key, (fn, args) in graph.items():
+        ts.add(key, *_refs(args, []))
+    ts.prepare()
+    finished = loop.create_future()
+
+    def launch(keys):
+        for key in keys:
+            fn, args = graph[key]
+            args = _val(args, results)
+            if fn not in is_async:
+                is_async[fn] = asyncio.iscoroutinefunction(fn)
+            fut = loop.create_task(fn(*args)) if is_async[fn] else loop.run_in_executor(pool, fn, *args)
+            fut.add_done_callback(lambda fut, key=key: settle(key, fut))
+
+    def settle(key, fut):
+        if finished.done():
+            return
+        error = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        if error is not None:  # fail fast
+            return finished.set_exception(error)
+        results[key] = fut.result()
+        ts.done(key)
+        launch(ts.get_ready())
+        if not ts.is_active():
+            finished.set_result(_val(target, results))
+    launch(ts.get_ready())
+    if not ts.is_active():  # an empty graph
+        finished.set_result(_val(target, results))
+    return await finished
+
+def _p_graphlib(build, expect, cfg):
+    async def main():
+        with ThreadPoolExecutor(64) as pool:  # made outside the timed region
+            t0 = perf()
+            value = await run_graph(*build(), pool)
+            dt = perf() - t0
+        assert value == expect, f"graphlib runner returned {value!r:.80}, expected {expect!r:.80}"
+        return dt
+    return _loop_run(main(), cfg)
+
+def p_graphlib_fanout(n, cfg):
+    def build():
+        graph = {i: (a_noop, (i,)) for i in range(n)}
+        graph["total"] = (a_total, ([Ref(i) for i in range(n)],))
+        return graph, Ref("total")
+    return _p_graphlib(build, n * (n - 1) // 2, cfg)
+
+def p_graphlib_chain(n, cfg):
+    build = lambda: ({k: (a_add1, (Ref(k - 1) if k else 0,)) for k in range(n)}, Ref(n - 1))
+    return _p_graphlib(build, n, cfg)
+
+def p_graphlib_map(n, cfg):
+    build = lambda: ({i: (a_noop, (i,)) for i in range(n)}, [Ref(i) for i in range(n)])
+    return _p_graphlib(build, list(range(n)), cfg)
+
 def p_dask(n, cfg):
     import dask.threaded
     t0 = perf()
@@ -158,7 +235,8 @@ def p_dask(n, cfg):
     return dt
 
 RUNNERS = {f.__name__: f for f in (c_fanout, c_fanout_sync, c_map, c_chain, c_io, c_telemetry, f_gather,
-                                   f_gather_list, f_chain, f_executor, f_semaphore, p_dask)}
+                                   f_gather_list, f_chain, f_executor, f_semaphore, p_dask,
+                                   p_graphlib_fanout, p_graphlib_chain, p_graphlib_map)}
 
 def have_dask():
     return importlib.util.find_spec("dask") is not None
@@ -360,9 +438,11 @@ def ratio_row(label, n, best, rss, c, f, limit, floor_name):
 
 def w1(cfg, args, errors):
     n = cfg["n"]
-    best, rss = measure(n, ["c_fanout", "f_gather"], cfg, args, errors)
+    best, rss = measure(n, ["c_fanout", "f_gather", "p_graphlib_fanout"], cfg, args, errors)
     rows = [ratio_row(f"W1 fan-out, async bodies (n={n:,})", n, best, rss,
-                      "c_fanout", "f_gather", 2.5, "gather")]
+                      "c_fanout", "f_gather", 2.5, "gather"),
+            ratio_row(f"W1 fan-out, async bodies vs graphlib+asyncio runner (n={n:,})", n, best,
+                      rss, "c_fanout", "p_graphlib_fanout", 1.0, "graphlib runner")]
     peers = ["p_dask"] if have_dask() else []
     best, rss = measure(n, ["c_fanout_sync", "f_executor"] + peers, cfg, args, errors)
     rows.append(ratio_row(f"W1 fan-out, sync bodies (n={n:,})", n, best, rss,
@@ -377,8 +457,10 @@ def w1(cfg, args, errors):
 
 def w2(cfg, args, errors):
     n = cfg["chain"]
-    best, rss = measure(n, ["c_chain", "f_chain"], cfg, args, errors)
-    return [ratio_row(f"W2 chain (n={n:,})", n, best, rss, "c_chain", "f_chain", 3, "create_task loop")]
+    best, rss = measure(n, ["c_chain", "f_chain", "p_graphlib_chain"], cfg, args, errors)
+    return [ratio_row(f"W2 chain (n={n:,})", n, best, rss, "c_chain", "f_chain", 3, "create_task loop"),
+            ratio_row(f"W2 chain vs graphlib+asyncio runner (n={n:,})", n, best, rss,
+                      "c_chain", "p_graphlib_chain", 1.0, "graphlib runner")]
 
 def w3(cfg, args, errors):
     n, ideal = cfg["io_n"], cfg["io_n"] * cfg["io_sleep"] / cfg["io_limit"]
@@ -395,8 +477,10 @@ def w3(cfg, args, errors):
 
 def w4(cfg, args, errors):
     n = cfg["n"]
-    best, rss = measure(n, ["c_map", "f_gather_list"], cfg, args, errors)
-    return [ratio_row(f"W4 map (n={n:,})", n, best, rss, "c_map", "f_gather_list", 2.5, "gather")]
+    best, rss = measure(n, ["c_map", "f_gather_list", "p_graphlib_map"], cfg, args, errors)
+    return [ratio_row(f"W4 map (n={n:,})", n, best, rss, "c_map", "f_gather_list", 2.5, "gather"),
+            ratio_row(f"W4 map vs graphlib+asyncio runner (n={n:,})", n, best, rss,
+                      "c_map", "p_graphlib_map", 1.0, "graphlib runner")]
 
 def w5(cfg, args, errors):
     rows, per, peak = [], {}, {}
