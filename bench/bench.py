@@ -13,15 +13,17 @@ an error (read the table).
 """
 import argparse, asyncio, datetime, gc, graphlib, importlib.util, json, os, platform, re, resource
 import subprocess, sys, tempfile, threading, time, traceback
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # cascade.py lives in the repo root; works from any cwd
 perf = time.perf_counter
 FULL = dict(n=10_000, chain=2_000, io_n=500, io_sleep=0.010, io_limit=50, reps=5,
-            scale=(1_000, 10_000, 100_000), samples=200, ttl_samples=60, ttl=0.02, timeout=180)
+            scale=(1_000, 10_000, 100_000), samples=200, ttl_samples=60, ttl=0.02, timeout=180,
+            big=1_000_000, big_limit=1_000, hold=0.1, status_samples=20, status_gap=0.1)
 QUICK = dict(n=200, chain=100, io_n=100, io_sleep=0.001, io_limit=10, reps=1,
-             scale=(50, 100, 200), samples=10, ttl_samples=5, ttl=0.02, timeout=30)
+             scale=(50, 100, 200), samples=10, ttl_samples=5, ttl=0.02, timeout=30,
+             big=2_000, big_limit=1_000, hold=0.02, status_samples=5, status_gap=0.005)
 SKIP_DASK = "skipped: pip install -r bench/requirements.txt"
 
 # ---------------------------------------------------------------- task bodies
@@ -41,6 +43,7 @@ try:  # the same plain functions, as Cascade tasks
     noop, noop_sync, add1 = cs.task(name="noop")(a_noop), cs.task(name="noop_sync")(s_noop), cs.task(a_add1)
     total, total_sync = cs.task(name="total")(a_total), cs.task(name="total_sync")(s_total)
     io, probe = cs.task(name="io")(a_io), cs.task(name="probe")(a_probe)
+    hold = cs.task(name="hold")(a_io)
     CASCADE_ERROR = None
 except Exception as exc:  # missing or broken: the floors and peers still run
     cs, CASCADE_ERROR = None, f"{type(exc).__name__}: {exc}"
@@ -269,6 +272,7 @@ def _fail(what, exc, errors):
     return f"error: {type(exc).__name__}: {exc}"[:160]
 
 BASELINE_MB = []  # RSS of the children before their workload (interpreter + imports)
+CHILD = {}  # (runner, n) -> the child's report, or why it has none (a str)
 
 def child_rss(name, n, args):
     """Peak RSS (MB) of a fresh process that imports this file and runs `name` once."""
@@ -277,8 +281,13 @@ def child_rss(name, n, args):
         out = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True,
                              text=True, timeout=300)
         report = json.loads(out.stdout.strip().splitlines()[-1])
-    except (subprocess.TimeoutExpired, IndexError, ValueError):
+    except subprocess.TimeoutExpired:
+        CHILD[name, n] = "timeout: no result after 300 s"
         return None
+    except (IndexError, ValueError):
+        CHILD[name, n] = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+        return None
+    CHILD[name, n] = report
     BASELINE_MB.append(report["baseline_mb"])
     return report["peak_mb"]
 
@@ -389,6 +398,94 @@ def f_latency_thread(samples, cfg):
         thread.join()
         loop.close()
     return lat
+
+# ---------------------------------------------------------------- W9: status() on a big map
+def c_status(cfg):
+    """engine.status() from this (main) thread while a map of cfg["big"] held bodies runs
+    on engine.start()'s helper loop, under a limit (so most items wait). Sampled once the
+    map has expanded; then the run is cancelled. Returns (seconds per call, seconds to
+    expand, the last counts of the map, a note); bounded by cfg["timeout"] (+ the cancel)."""
+    _need_cascade()
+    n, engine, note = cfg["big"], cs.Engine(), ""
+    engine.limit("task:hold", cfg["big_limit"])
+    t0 = perf()
+    deadline = t0 + cfg["timeout"]
+    handle = engine.start(hold.map(range(n), cs.unmapped(cfg["hold"])))
+    lat, counts = [], {}
+    try:
+        while not handle.done() and perf() < deadline:  # until the status shows the items
+            counts = engine.status()["tasks"].get("hold", {})
+            if sum(counts.values()) >= n:
+                break
+            time.sleep(0.05)
+        expand = perf() - t0
+        if not handle.done() and sum(counts.values()) < n:
+            raise TimeoutError(f"timeout: status() showed {sum(counts.values()):,} of {n:,} "
+                               f"items after {expand:.0f} s")
+        for _ in range(cfg["status_samples"]):
+            if perf() >= deadline:
+                note = f", only {len(lat)} calls before the {cfg['timeout']} s timeout"
+                break
+            s0 = perf()
+            st = engine.status()
+            lat.append(perf() - s0)
+            counts = st["tasks"].get("hold", counts)
+            time.sleep(cfg["status_gap"])
+    finally:
+        handle.cancel()
+        try:
+            handle.result(min(60, cfg["timeout"]))  # quick: it may have finished: fine
+        except CancelledError:
+            pass
+        except TimeoutError:
+            note += f", the cancelled run had not settled after {min(60, cfg['timeout'])} s"
+        engine.close()
+    return lat, expand, counts, note
+
+def w9(cfg, args, errors):
+    rows, n = [], cfg["big"]
+    # Peak RSS of the map run to its value (no limit, no-op bodies), the gather floor:
+    # fresh child processes; in-process and timed only, without RSS (--quick, --no-rss).
+    names, cells, mb = ("c_map", "f_gather_list"), {}, {}
+    if args.rss:
+        for k in names:
+            mb[k] = child_rss(k, n, args)
+            rep = CHILD.get((k, n))
+            if isinstance(rep, dict):
+                cells[k] = f"{mb[k]:.0f} MB ({rep['seconds'] / n * 1e6:.1f} µs/task)"
+            else:
+                cells[k] = f"failed: {rep}"[:160]
+                if not str(rep).startswith("timeout") and "TimeoutError" not in str(rep):
+                    errors.append(f"W9 peak RSS {k}")
+    else:
+        best = best_of(1, list(names), n, cfg, errors)
+        cells = {k: f"{fmt_us(best[k], n)} µs/task" if isinstance(best[k], float) else best[k]
+                 for k in names}
+    c, f = mb.get("c_map"), mb.get("f_gather_list")
+    # the status row, after the children: a run that did not settle must not slow them
+    try:
+        lat, expand, counts, note = c_status(cfg)
+        p50, top = pct(lat, 50) * 1e3, max(lat) * 1e3
+        state = ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items()))
+        rows.append(dict(workload=f"W9 engine.status() from another thread, {n:,}-item async map "
+                                  f"under limit {cfg['big_limit']:,} (p50 / max of {len(lat)} calls)",
+                         cascade=f"{p50:.1f} / {top:.1f} ms",
+                         floor=f"(map expanded in {expand:.1f} s; hold: {state}{note})",
+                         target="max < 50 ms", met="yes" if top < 50 else "**no**",
+                         raw=dict(n=n, ms=[x * 1e3 for x in lat], expand_s=expand, counts=counts)))
+    except TimeoutError as exc:  # too slow is a miss, not an error
+        rows.append(dict(workload=f"W9 engine.status() from another thread, {n:,}-item async map",
+                         cascade=str(exc), target="max < 50 ms", met="**no**"))
+    except Exception as exc:
+        rows.append(dict(workload=f"W9 engine.status() from another thread, {n:,}-item async map",
+                         cascade=_fail("W9 status", exc, errors), target="max < 50 ms", met="—"))
+    rows.append(dict(workload=f"W9 peak RSS, {n:,}-item async map, no limit (floor: gather of "
+                              f"{n:,} no-op coroutines)",
+                     cascade=cells["c_map"], floor=cells["f_gather_list"],
+                     ratio=f"{c / f:.2f}×" if c and f else "—", target="cascade ≤ 500 MB",
+                     met=verdict(c, 500.0), rss=fmt_mb(mb, names) if args.rss else "(not run)",
+                     raw=dict(n=n, rss=mb, children={k: CHILD.get((k, n)) for k in names})))
+    return rows
 
 # ---------------------------------------------------------------- import time
 def import_ms(reps):
@@ -562,7 +659,8 @@ def w8(cfg, args, errors):
                  cascade=f"{extra:.1f} ms", floor=f"{base:.1f} ms (asyncio itself)",
                  target="≤ 15 ms", met=verdict(extra, 15.0))]
 
-WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6, "W7": w7, "IMPORT": w8}
+WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6, "W7": w7, "W9": w9,
+             "IMPORT": w8}
 
 FOOTNOTE = """\
 Timed: building the work and running it to its value. Cascade: graph build +
