@@ -3,10 +3,13 @@
 
     python bench/bench.py [--quick] [--only W1,W3] [--reps N] [--no-rss] [--json out.json]
 
-Each workload runs Cascade and its floor (and Dask, when installed) in this process,
-alternating them within each repetition, every measurement on a fresh event loop, and
-keeps the best repetition. Peak RSS comes from one fresh child process per (workload,
-implementation). `--quick` uses tiny sizes: it is the test suite's smoke run. Standard
+Each workload runs Cascade (through `cs.run_async`, as users call it), its floor and its
+peers (a minimal graphlib+asyncio DAG runner written here, `run_graph`; Dask, when
+installed) in this process, alternating them within each repetition, every measurement
+on a fresh event loop, and keeps the best repetition. Peak RSS comes from one fresh child
+process per (workload, implementation). W9 times `engine.status()` during a
+1,000,000-item map running on `engine.start()`'s helper thread, and measures that map's
+peak RSS. `--quick` uses tiny sizes: it is the test suite's smoke run. Standard
 library only; peers (`pip install -r bench/requirements.txt`) are imported inside the
 functions that use them. Exit status 1 means a workload raised; a missed target is not
 an error (read the table).
@@ -671,7 +674,13 @@ calls). Engines, pools and event loops are made outside the timed region; each m
 fresh loop; implementations alternate within each repetition and the best repetition counts.
 W3 efficiency = ideal / wall. W6 times the control call (TTL: the expiry instant) to the probe
 body's first line, both with perf_counter. Peak RSS: VmHWM of a fresh child process that runs the
-workload once{baseline}."""
+workload once{baseline}.
+The graphlib+asyncio runner (`run_graph` in bench.py: graphlib.TopologicalSorter + asyncio, no
+control plane) starts each node as soon as its inputs are done, async bodies as tasks and sync ones
+in a 64-thread pool, and is timed like Cascade: building its dict graph + running it to the value.
+W9 times each `engine.status()` call from the main thread while a limited map runs on
+`engine.start()`'s helper loop (sampled once status() shows every item; then the run is
+cancelled), and takes the peak RSS of an unlimited map run to its value, in a child as above."""
 
 def print_table(rows, args, cfg, seconds):
     version = getattr(cs, "__version__", "?") if cs else f"not importable ({CASCADE_ERROR})"
