@@ -3,25 +3,30 @@
 
     python bench/bench.py [--quick] [--only W1,W3] [--reps N] [--no-rss] [--json out.json]
 
-Each workload runs Cascade and its floor (and Dask, when installed) in this process,
-alternating them within each repetition, every measurement on a fresh event loop, and
-keeps the best repetition. Peak RSS comes from one fresh child process per (workload,
-implementation). `--quick` uses tiny sizes: it is the test suite's smoke run. Standard
+Each workload runs Cascade (through `cs.run_async`, as users call it), its floor and its
+peers (a minimal graphlib+asyncio DAG runner written here, `run_graph`; Dask, when
+installed) in this process, alternating them within each repetition, every measurement
+on a fresh event loop, and keeps the best repetition. Peak RSS comes from one fresh child
+process per (workload, implementation). W9 times `engine.status()` during a
+1,000,000-item map running on `engine.start()`'s helper thread, and measures that map's
+peak RSS. `--quick` uses tiny sizes: it is the test suite's smoke run. Standard
 library only; peers (`pip install -r bench/requirements.txt`) are imported inside the
 functions that use them. Exit status 1 means a workload raised; a missed target is not
 an error (read the table).
 """
-import argparse, asyncio, datetime, gc, importlib.util, json, os, platform, re, resource
+import argparse, asyncio, datetime, gc, graphlib, importlib.util, json, os, platform, re, resource
 import subprocess, sys, tempfile, threading, time, traceback
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # cascade.py lives in the repo root; works from any cwd
 perf = time.perf_counter
 FULL = dict(n=10_000, chain=2_000, io_n=500, io_sleep=0.010, io_limit=50, reps=5,
-            scale=(1_000, 10_000, 100_000), samples=200, ttl_samples=60, ttl=0.02, timeout=180)
+            scale=(1_000, 10_000, 100_000), samples=200, ttl_samples=60, ttl=0.02, timeout=180,
+            big=1_000_000, big_limit=1_000, hold=0.1, status_samples=20, status_gap=0.1)
 QUICK = dict(n=200, chain=100, io_n=100, io_sleep=0.001, io_limit=10, reps=1,
-             scale=(50, 100, 200), samples=10, ttl_samples=5, ttl=0.02, timeout=30)
+             scale=(50, 100, 200), samples=10, ttl_samples=5, ttl=0.02, timeout=30,
+             big=2_000, big_limit=1_000, hold=0.02, status_samples=5, status_gap=0.005)
 SKIP_DASK = "skipped: pip install -r bench/requirements.txt"
 
 # ---------------------------------------------------------------- task bodies
@@ -41,6 +46,7 @@ try:  # the same plain functions, as Cascade tasks
     noop, noop_sync, add1 = cs.task(name="noop")(a_noop), cs.task(name="noop_sync")(s_noop), cs.task(a_add1)
     total, total_sync = cs.task(name="total")(a_total), cs.task(name="total_sync")(s_total)
     io, probe = cs.task(name="io")(a_io), cs.task(name="probe")(a_probe)
+    hold = cs.task(name="hold")(a_io)
     CASCADE_ERROR = None
 except Exception as exc:  # missing or broken: the floors and peers still run
     cs, CASCADE_ERROR = None, f"{type(exc).__name__}: {exc}"
@@ -65,8 +71,8 @@ async def _c_run(make_target, expect, engine=None, limit=None):
     if limit:
         engine.limit(*limit)
     try:
-        t0 = perf()
-        value = await engine.run(make_target())
+        t0 = perf()  # cs.run_async, as users call it (its log subscriber included)
+        value = await cs.run_async(make_target(), engine=engine, log_level="WARNING")
         dt = perf() - t0
     finally:
         getattr(engine, "close", lambda: None)()  # stop its worker threads, untimed
@@ -147,6 +153,83 @@ def f_semaphore(n, cfg):
         return perf() - t0
     return _loop_run(main(), cfg)
 
+# The peer to beat: a minimal DAG runner with no control plane, on graphlib + asyncio.
+# graph = {key: (fn, args)}; an arg may be Ref(key), also inside lists and tuples. Each
+# node starts as soon as its inputs are done: async bodies as tasks on the loop, sync
+# bodies in `pool`. run_graph returns `target` (a Ref, or a structure of them) resolved.
+class Ref:
+    __slots__ = ("key",)
+    def __init__(self, key): self.key = key
+
+def _refs(v, out):
+    if type(v) is Ref: out.append(v.key)
+    elif type(v) in (list, tuple):
+        for x in v: _refs(x, out)
+    return out
+
+def _val(v, results):
+    if type(v) is Ref: return results[v.key]
+    if type(v) in (list, tuple): return type(v)([_val(x, results) for x in v])
+    return v
+
+async def run_graph(graph, target, pool):
+    loop, results, is_async = asyncio.get_running_loop(), {}, {}
+    ts = graphlib.TopologicalSorter()
+    for key, (fn, args) in graph.items():
+        ts.add(key, *_refs(args, []))
+    ts.prepare()
+    finished = loop.create_future()
+
+    def launch(keys):
+        for key in keys:
+            fn, args = graph[key]
+            args = _val(args, results)
+            if fn not in is_async:
+                is_async[fn] = asyncio.iscoroutinefunction(fn)
+            fut = loop.create_task(fn(*args)) if is_async[fn] else loop.run_in_executor(pool, fn, *args)
+            fut.add_done_callback(lambda fut, key=key: settle(key, fut))
+
+    def settle(key, fut):
+        if finished.done():
+            return
+        error = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        if error is not None:  # fail fast
+            return finished.set_exception(error)
+        results[key] = fut.result()
+        ts.done(key)
+        launch(ts.get_ready())
+        if not ts.is_active():
+            finished.set_result(_val(target, results))
+    launch(ts.get_ready())
+    if not ts.is_active():  # an empty graph
+        finished.set_result(_val(target, results))
+    return await finished
+
+def _p_graphlib(build, expect, cfg):
+    async def main():
+        with ThreadPoolExecutor(64) as pool:  # made outside the timed region
+            t0 = perf()
+            value = await run_graph(*build(), pool)
+            dt = perf() - t0
+        assert value == expect, f"graphlib runner returned {value!r:.80}, expected {expect!r:.80}"
+        return dt
+    return _loop_run(main(), cfg)
+
+def p_graphlib_fanout(n, cfg):
+    def build():
+        graph = {i: (a_noop, (i,)) for i in range(n)}
+        graph["total"] = (a_total, ([Ref(i) for i in range(n)],))
+        return graph, Ref("total")
+    return _p_graphlib(build, n * (n - 1) // 2, cfg)
+
+def p_graphlib_chain(n, cfg):
+    build = lambda: ({k: (a_add1, (Ref(k - 1) if k else 0,)) for k in range(n)}, Ref(n - 1))
+    return _p_graphlib(build, n, cfg)
+
+def p_graphlib_map(n, cfg):
+    build = lambda: ({i: (a_noop, (i,)) for i in range(n)}, [Ref(i) for i in range(n)])
+    return _p_graphlib(build, list(range(n)), cfg)
+
 def p_dask(n, cfg):
     import dask.threaded
     t0 = perf()
@@ -158,7 +241,8 @@ def p_dask(n, cfg):
     return dt
 
 RUNNERS = {f.__name__: f for f in (c_fanout, c_fanout_sync, c_map, c_chain, c_io, c_telemetry, f_gather,
-                                   f_gather_list, f_chain, f_executor, f_semaphore, p_dask)}
+                                   f_gather_list, f_chain, f_executor, f_semaphore, p_dask,
+                                   p_graphlib_fanout, p_graphlib_chain, p_graphlib_map)}
 
 def have_dask():
     return importlib.util.find_spec("dask") is not None
@@ -191,6 +275,7 @@ def _fail(what, exc, errors):
     return f"error: {type(exc).__name__}: {exc}"[:160]
 
 BASELINE_MB = []  # RSS of the children before their workload (interpreter + imports)
+CHILD = {}  # (runner, n) -> the child's report, or why it has none (a str)
 
 def child_rss(name, n, args):
     """Peak RSS (MB) of a fresh process that imports this file and runs `name` once."""
@@ -199,8 +284,13 @@ def child_rss(name, n, args):
         out = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True,
                              text=True, timeout=300)
         report = json.loads(out.stdout.strip().splitlines()[-1])
-    except (subprocess.TimeoutExpired, IndexError, ValueError):
+    except subprocess.TimeoutExpired:
+        CHILD[name, n] = "timeout: no result after 300 s"
         return None
+    except (IndexError, ValueError):
+        CHILD[name, n] = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+        return None
+    CHILD[name, n] = report
     BASELINE_MB.append(report["baseline_mb"])
     return report["peak_mb"]
 
@@ -312,6 +402,94 @@ def f_latency_thread(samples, cfg):
         loop.close()
     return lat
 
+# ---------------------------------------------------------------- W9: status() on a big map
+def c_status(cfg):
+    """engine.status() from this (main) thread while a map of cfg["big"] held bodies runs
+    on engine.start()'s helper loop, under a limit (so most items wait). Sampled once the
+    map has expanded; then the run is cancelled. Returns (seconds per call, seconds to
+    expand, the last counts of the map, a note); bounded by cfg["timeout"] (+ the cancel)."""
+    _need_cascade()
+    n, engine, note = cfg["big"], cs.Engine(), ""
+    engine.limit("task:hold", cfg["big_limit"])
+    t0 = perf()
+    deadline = t0 + cfg["timeout"]
+    handle = engine.start(hold.map(range(n), cs.unmapped(cfg["hold"])))
+    lat, counts = [], {}
+    try:
+        while not handle.done() and perf() < deadline:  # until the status shows the items
+            counts = engine.status()["tasks"].get("hold", {})
+            if sum(counts.values()) >= n:
+                break
+            time.sleep(0.05)
+        expand = perf() - t0
+        if not handle.done() and sum(counts.values()) < n:
+            raise TimeoutError(f"timeout: status() showed {sum(counts.values()):,} of {n:,} "
+                               f"items after {expand:.0f} s")
+        for _ in range(cfg["status_samples"]):
+            if perf() >= deadline:
+                note = f", only {len(lat)} calls before the {cfg['timeout']} s timeout"
+                break
+            s0 = perf()
+            st = engine.status()
+            lat.append(perf() - s0)
+            counts = st["tasks"].get("hold", counts)
+            time.sleep(cfg["status_gap"])
+    finally:
+        handle.cancel()
+        try:
+            handle.result(min(60, cfg["timeout"]))  # quick: it may have finished: fine
+        except CancelledError:
+            pass
+        except TimeoutError:
+            note += f", the cancelled run had not settled after {min(60, cfg['timeout'])} s"
+        engine.close()
+    return lat, expand, counts, note
+
+def w9(cfg, args, errors):
+    rows, n = [], cfg["big"]
+    # Peak RSS of the map run to its value (no limit, no-op bodies), the gather floor:
+    # fresh child processes; in-process and timed only, without RSS (--quick, --no-rss).
+    names, cells, mb = ("c_map", "f_gather_list"), {}, {}
+    if args.rss:
+        for k in names:
+            mb[k] = child_rss(k, n, args)
+            rep = CHILD.get((k, n))
+            if isinstance(rep, dict):
+                cells[k] = f"{mb[k]:.0f} MB ({rep['seconds'] / n * 1e6:.1f} µs/task)"
+            else:
+                cells[k] = f"failed: {rep}"[:160]
+                if not str(rep).startswith("timeout") and "TimeoutError" not in str(rep):
+                    errors.append(f"W9 peak RSS {k}")
+    else:
+        best = best_of(1, list(names), n, cfg, errors)
+        cells = {k: f"{fmt_us(best[k], n)} µs/task" if isinstance(best[k], float) else best[k]
+                 for k in names}
+    c, f = mb.get("c_map"), mb.get("f_gather_list")
+    # the status row, after the children: a run that did not settle must not slow them
+    try:
+        lat, expand, counts, note = c_status(cfg)
+        p50, top = pct(lat, 50) * 1e3, max(lat) * 1e3
+        state = ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items()))
+        rows.append(dict(workload=f"W9 engine.status() from another thread, {n:,}-item async map "
+                                  f"under limit {cfg['big_limit']:,} (p50 / max of {len(lat)} calls)",
+                         cascade=f"{p50:.1f} / {top:.1f} ms",
+                         floor=f"(map expanded in {expand:.1f} s; hold: {state}{note})",
+                         target="max < 50 ms", met="yes" if top < 50 else "**no**",
+                         raw=dict(n=n, ms=[x * 1e3 for x in lat], expand_s=expand, counts=counts)))
+    except TimeoutError as exc:  # too slow is a miss, not an error
+        rows.append(dict(workload=f"W9 engine.status() from another thread, {n:,}-item async map",
+                         cascade=str(exc), target="max < 50 ms", met="**no**"))
+    except Exception as exc:
+        rows.append(dict(workload=f"W9 engine.status() from another thread, {n:,}-item async map",
+                         cascade=_fail("W9 status", exc, errors), target="max < 50 ms", met="—"))
+    rows.append(dict(workload=f"W9 peak RSS, {n:,}-item async map, no limit (floor: gather of "
+                              f"{n:,} no-op coroutines)",
+                     cascade=cells["c_map"], floor=cells["f_gather_list"],
+                     ratio=f"{c / f:.2f}×" if c and f else "—", target="cascade ≤ 500 MB",
+                     met=verdict(c, 500.0), rss=fmt_mb(mb, names) if args.rss else "(not run)",
+                     raw=dict(n=n, rss=mb, children={k: CHILD.get((k, n)) for k in names})))
+    return rows
+
 # ---------------------------------------------------------------- import time
 def import_ms(reps):
     """Best-of-reps cumulative `-X importtime` of asyncio alone, and of the `cascade` line
@@ -360,9 +538,11 @@ def ratio_row(label, n, best, rss, c, f, limit, floor_name):
 
 def w1(cfg, args, errors):
     n = cfg["n"]
-    best, rss = measure(n, ["c_fanout", "f_gather"], cfg, args, errors)
+    best, rss = measure(n, ["c_fanout", "f_gather", "p_graphlib_fanout"], cfg, args, errors)
     rows = [ratio_row(f"W1 fan-out, async bodies (n={n:,})", n, best, rss,
-                      "c_fanout", "f_gather", 2.5, "gather")]
+                      "c_fanout", "f_gather", 2.5, "gather"),
+            ratio_row(f"W1 fan-out, async bodies vs graphlib+asyncio runner (n={n:,})", n, best,
+                      rss, "c_fanout", "p_graphlib_fanout", 1.0, "graphlib runner")]
     peers = ["p_dask"] if have_dask() else []
     best, rss = measure(n, ["c_fanout_sync", "f_executor"] + peers, cfg, args, errors)
     rows.append(ratio_row(f"W1 fan-out, sync bodies (n={n:,})", n, best, rss,
@@ -377,8 +557,10 @@ def w1(cfg, args, errors):
 
 def w2(cfg, args, errors):
     n = cfg["chain"]
-    best, rss = measure(n, ["c_chain", "f_chain"], cfg, args, errors)
-    return [ratio_row(f"W2 chain (n={n:,})", n, best, rss, "c_chain", "f_chain", 3, "create_task loop")]
+    best, rss = measure(n, ["c_chain", "f_chain", "p_graphlib_chain"], cfg, args, errors)
+    return [ratio_row(f"W2 chain (n={n:,})", n, best, rss, "c_chain", "f_chain", 3, "create_task loop"),
+            ratio_row(f"W2 chain vs graphlib+asyncio runner (n={n:,})", n, best, rss,
+                      "c_chain", "p_graphlib_chain", 1.0, "graphlib runner")]
 
 def w3(cfg, args, errors):
     n, ideal = cfg["io_n"], cfg["io_n"] * cfg["io_sleep"] / cfg["io_limit"]
@@ -395,8 +577,10 @@ def w3(cfg, args, errors):
 
 def w4(cfg, args, errors):
     n = cfg["n"]
-    best, rss = measure(n, ["c_map", "f_gather_list"], cfg, args, errors)
-    return [ratio_row(f"W4 map (n={n:,})", n, best, rss, "c_map", "f_gather_list", 2.5, "gather")]
+    best, rss = measure(n, ["c_map", "f_gather_list", "p_graphlib_map"], cfg, args, errors)
+    return [ratio_row(f"W4 map (n={n:,})", n, best, rss, "c_map", "f_gather_list", 2.5, "gather"),
+            ratio_row(f"W4 map vs graphlib+asyncio runner (n={n:,})", n, best, rss,
+                      "c_map", "p_graphlib_map", 1.0, "graphlib runner")]
 
 def w5(cfg, args, errors):
     rows, per, peak = [], {}, {}
@@ -478,17 +662,25 @@ def w8(cfg, args, errors):
                  cascade=f"{extra:.1f} ms", floor=f"{base:.1f} ms (asyncio itself)",
                  target="≤ 15 ms", met=verdict(extra, 15.0))]
 
-WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6, "W7": w7, "IMPORT": w8}
+WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6, "W7": w7, "W9": w9,
+             "IMPORT": w8}
 
 FOOTNOTE = """\
-Timed: building the work and running it to its value. Cascade: graph build + `await engine.run()`;
+Timed: building the work and running it to its value. Cascade: graph build +
+`await cs.run_async(target, engine=engine, log_level="WARNING")`;
 floors: creating the coroutines / executor futures + `asyncio.gather` (W2: the `await create_task`
 loop); Dask: dict-graph build + `dask.threaded.get(num_workers=64)` (its pool is cached between
 calls). Engines, pools and event loops are made outside the timed region; each measurement gets a
 fresh loop; implementations alternate within each repetition and the best repetition counts.
 W3 efficiency = ideal / wall. W6 times the control call (TTL: the expiry instant) to the probe
 body's first line, both with perf_counter. Peak RSS: VmHWM of a fresh child process that runs the
-workload once{baseline}."""
+workload once{baseline}.
+The graphlib+asyncio runner (`run_graph` in bench.py: graphlib.TopologicalSorter + asyncio, no
+control plane) starts each node as soon as its inputs are done, async bodies as tasks and sync ones
+in a 64-thread pool, and is timed like Cascade: building its dict graph + running it to the value.
+W9 times each `engine.status()` call from the main thread while a limited map runs on
+`engine.start()`'s helper loop (sampled once status() shows every item; then the run is
+cancelled), and takes the peak RSS of an unlimited map run to its value, in a child as above."""
 
 def print_table(rows, args, cfg, seconds):
     version = getattr(cs, "__version__", "?") if cs else f"not importable ({CASCADE_ERROR})"
