@@ -33,6 +33,7 @@ import concurrent.futures
 import dataclasses
 import fnmatch
 import functools
+import gc
 import heapq
 import inspect
 import itertools
@@ -335,17 +336,18 @@ class LazyResult:
         self.args = args
         self.kwargs = kwargs or _NO_KWARGS
         self.injects = injects       # ((parameter, resource name), ...) not passed explicitly
-        deps = []
-        lazy = False
+        deps = None
         for a in args:
-            if type(a) not in _PLAIN and _scan(a, deps):
-                lazy = True
+            if type(a) not in _PLAIN:
+                deps = deps or []
+                _scan(a, deps)
         if kwargs:
             for v in kwargs.values():
-                if type(v) not in _PLAIN and _scan(v, deps):
-                    lazy = True
+                if type(v) not in _PLAIN:
+                    deps = deps or []
+                    _scan(v, deps)
         self.deps = deps or ()       # upstream nodes (may repeat)
-        self.lazy_args = lazy
+        self.lazy_args = bool(deps)  # lazy values among the arguments
         self.retry = None            # (max_attempts, delay, backoff)
         self.condition = _MISSING
         self.amounts = None          # {capacity name: int or lazy}
@@ -519,12 +521,12 @@ def shell(command: Union[str, LazyResult], check: bool = True) -> LazyResult:
 
 class _Node:
     """Per-run state of one LazyResult (a LazyResult may be run many times)."""
-    __slots__ = ("lazy", "id", "seq", "pending", "dependents", "value", "skip", "left",
+    __slots__ = ("lazy", "k", "seq", "pending", "dependents", "value", "skip", "left",
                  "key", "tally", "items", "cursor")
 
     def __init__(self, lazy):
         self.lazy = lazy
-        self.id = ""
+        self.k = 0              # it is the k-th call of its task in the run (its id)
         self.seq = 0            # readiness stamp (engine-wide order: FIFO admission)
         self.pending = 0        # upstream nodes not finished yet
         self.dependents = ()
@@ -536,11 +538,33 @@ class _Node:
         self.items = None       # a map's resolved columns while it is being expanded
         self.cursor = 0         # a map's next item to expand
 
+    @property
+    def id(self):
+        """``name-k``: the k-th call of the task in the run, in creation order (derived
+        when asked for: most runs never need most ids)."""
+        task = self.lazy.task
+        return self.lazy.name if task is None else f"{task.name}-{self.k}"
+
 
 def _build_graph(target, tallies):
     """Every node the target needs, with dependents, pending counts, ids and tallies
     (``tallies``: task -> per-state counts, filled in); returns ``(nodes, roots)``,
-    roots being the nodes ready at once."""
+    roots being the nodes ready at once.
+
+    The cyclic garbage collector is paused meanwhile: everything made here stays alive,
+    so a collection could free nothing, and the collections that a large graph's
+    allocations trigger would each walk every object made so far (at 100,000 nodes
+    that doubled the cost of building)."""
+    if not gc.isenabled():
+        return _build_nodes(target, tallies)
+    gc.disable()
+    try:
+        return _build_nodes(target, tallies)
+    finally:
+        gc.enable()
+
+
+def _build_nodes(target, tallies):
     nodes = {}
     stack = [target]
     pop, push = stack.pop, stack.extend
@@ -558,15 +582,12 @@ def _build_graph(target, tallies):
         lz = node.lazy
         task = lz.task
         if task is not None:
-            k = counts[task.name] = counts.get(task.name, 0) + 1
-            node.id = f"{task.name}-{k}"
+            node.k = counts[task.name] = counts.get(task.name, 0) + 1
             t = tallies.get(task)
             if t is None:
                 t = tallies[task] = [0] * len(_STATE_NAMES)
             t[_PENDING] += 1
             node.tally = t
-        else:
-            node.id = lz.name
         deps = lz.deps
         if not deps:
             roots.append(node)
@@ -1315,7 +1336,10 @@ class _ControlPlane:
         when a wave of tasks ends together, one pass grants the next wave (the freed
         slots are taken by the oldest waiters, as the pass goes in FIFO order)."""
         with self.lock:
-            self._give_back(u, u.state == _RUNNING)
+            if u.held:
+                self._give_back(u, u.state == _RUNNING)
+            else:  # nothing to give back (the common case without constraints)
+                self._holders.discard(u)
             u.node.tally[_GRANTED] -= 1
             if not self._waiting or self._admit_soon:
                 return
@@ -2342,18 +2366,23 @@ class _Reporter:
     """A run's events (to the engine's bus) and telemetry records (to its link), each
     kind from one method. Per-task events are built only when somebody listens: the
     listening flags are re-read only when the bus's subscriptions changed (hot path)."""
-    __slots__ = ("run", "bus", "tele", "_version", "_started", "_finished", "_failed")
+    __slots__ = ("run", "bus", "tele", "version", "on_start", "on_finish", "_started",
+                 "_finished", "_failed")
 
     def __init__(self, run):
         self.run, self.bus, self.tele = run, run.engine._bus, None
-        self._version = -1
+        self.version = -1
 
-    def _refresh(self):
+    def refresh(self):
+        """Re-read who listens; the run calls it when ``version`` is not the bus's. Then
+        ``on_start``/``on_finish``: whether a body's start / success is reported at all."""
         bus = self.bus
-        self._version = bus.version
+        self.version = bus.version
         self._started = bool(bus.wants(TaskExecutionStarted))
         self._finished = bus.wants(TaskExecutionFinished)
         self._failed = self._finished + bus.exactly(_TaskFailures)
+        self.on_start = self._started or self.tele is not None
+        self.on_finish = bool(self._finished) or self.tele is not None
 
     # Telemetry task records are (task_id, task_name, state, duration_ms, error), made
     # here only and read by _RunLink.payloads.
@@ -2370,30 +2399,25 @@ class _Reporter:
             self.tele.record("ENGINE_STOPPED")
         self.bus.emit(RunFinished(self.run.run_id, status, duration, error))
 
-    def started(self, u):
-        if self._version != self.bus.version:
-            self._refresh()
-        if self._started or self.tele is not None:
-            node = u.node
-            uid = node.id if u.index is None else u.id
-            if self._started:
-                self.bus.emit(TaskExecutionStarted(self.run.run_id, uid, node.key.name))
-            if self.tele is not None:
-                self._record(uid, node.key.name, "RUNNING", None, None)
+    def started(self, u):  # when on_start
+        uid = u.id
+        if self._started:
+            self.bus.emit(TaskExecutionStarted(self.run.run_id, uid, u.node.key.name))
+        if self.tele is not None:
+            self._record(uid, u.node.key.name, "RUNNING", None, None)
 
-    def finished(self, u, duration, exc):
-        if self._version != self.bus.version:
-            self._refresh()
+    def finished(self, u, duration, exc):  # a success when on_finish; every failure
+        if self.version != self.bus.version:
+            self.refresh()
         cbs = self._finished if exc is None else self._failed
         if cbs or self.tele is not None:
-            node = u.node
-            uid = node.id if u.index is None else u.id
+            uid, name = u.id, u.node.key.name
             if cbs:
                 self.bus.deliver(cbs, TaskExecutionFinished(
-                    self.run.run_id, uid, node.key.name,
-                    "Succeeded" if exc is None else "Failed", duration, exc))
+                    self.run.run_id, uid, name, "Succeeded" if exc is None else "Failed",
+                    duration, exc))
             if self.tele is not None:
-                self._record(uid, node.key.name, "COMPLETED" if exc is None else "FAILED",
+                self._record(uid, name, "COMPLETED" if exc is None else "FAILED",
                              duration * 1000, exc)
 
     def blocked(self, u):
@@ -2544,6 +2568,10 @@ class _Run:
     # -- entry point --------------------------------------------------------
     async def execute(self):
         loop = self.loop = asyncio.get_running_loop()
+        # Bodies' tasks: asyncio.Task itself unless the loop has a task factory, which is
+        # then honoured (loop.create_task costs a Python call more per task).
+        self._new_task = (functools.partial(asyncio.Task, loop=loop)
+                          if loop.get_task_factory() is None else loop.create_task)
         self.thread = threading.get_ident()
         self._wake = loop.create_future()
         t0 = time.perf_counter()
@@ -2695,7 +2723,8 @@ class _Run:
             if lz.lazy_args:
                 nodes = self.nodes
                 args = tuple([_resolve(a, nodes) for a in args])
-                kwargs = {k: _resolve(v, nodes) for k, v in kwargs.items()}
+                if kwargs:
+                    kwargs = {k: _resolve(v, nodes) for k, v in kwargs.items()}
             units = (_Unit(self, node, None, args, kwargs),)
         except (TypeError, ValueError) as exc:
             self._fail(exc, node.id, lz.name)
@@ -2796,17 +2825,18 @@ class _Run:
     def _settle_node(self, node, skip):
         """``node`` is done (``skip`` None) or skipped (``skip``: the reason its
         dependents carry): the dependents that now have all their inputs are ready."""
-        ready = self._ready
+        woke = False
         for d in node.dependents:
             if skip is not None and d.skip is None:
                 d.skip = skip
             d.pending -= 1
             if not d.pending:
                 d.seq = self._stamp()  # ready now, even if processed a chunk later
-                ready.append(d)
+                self._ready.append(d)
+                woke = True
         if node.lazy is self.target and not self._wake.done():
             self._wake.set_result(None)
-        if ready:
+        if woke:
             self._pump()
 
     def _result(self):
@@ -2862,7 +2892,7 @@ class _Run:
                 kwargs[p] = values[r]
         try:
             if task.is_async:
-                u.body = self.loop.create_task(self._async_body(u, task.fn, u.args, kwargs))
+                u.body = self._new_task(self._async_body(u, task.fn, u.args, kwargs))
                 return
             if self._threaded:
                 self._pool.submit(self._sync_body, u, task.fn, u.args, kwargs)
@@ -2871,8 +2901,7 @@ class _Run:
             # body begins, so the start gate is passed here instead.
             if not self.cp.gate(u):
                 return self._gate_refused(u)
-            self._body_started(u)
-            t0 = time.perf_counter()
+            t0 = self._body_started(u)
             f = self._pool.submit(_call_task, task, u.args, kwargs)
         except Exception as exc:  # could not even start the body: the task fails
             self._body_finished(u, None, exc, time.perf_counter())
@@ -2889,8 +2918,7 @@ class _Run:
                 return self._gate_refused(u)
         else:
             u.begin()
-        self._body_started(u)
-        t0 = time.perf_counter()
+        t0 = self._body_started(u)
         try:
             value = await fn(*args, **kwargs)
         except BaseException as exc:
@@ -2947,9 +2975,16 @@ class _Run:
             else:
                 self._body_finished(u, value, exc, t0)
 
-    def _body_started(self, u):  # loop thread: the body began (or, sync: has begun)
+    def _body_started(self, u):
+        """On the loop: the body begins (a sync body: has begun). Counts it, reports it;
+        returns the perf_counter start when a duration will be reported."""
         u.node.tally[_RUNNING] += 1
-        self.report.started(u)
+        rep = self.report
+        if rep.version != rep.bus.version:
+            rep.refresh()
+        if rep.on_start:
+            rep.started(u)
+        return time.perf_counter()
 
     def _gate_refused(self, u):
         """A granted unit did not start: its run is stopping, or a pause came first."""
@@ -2976,17 +3011,20 @@ class _Run:
         u.body = None  # a finished asyncio task (and its coroutine) can go now
         u.end(outcome)
         if outcome == _DONE:
-            self.report.finished(u, time.perf_counter() - t0, None)
+            rep = self.report
+            if rep.on_finish or rep.version != rep.bus.version:
+                rep.finished(u, time.perf_counter() - t0, None)
             if self.stopping:
                 return self._check_idle()
             node = u.node
             if u.index is None:
-                self._complete(node, value)
+                node.value = value
+                self._settle_node(node, None)
             else:
                 node.value[u.index] = value
                 node.left -= 1
                 if not node.left:
-                    self._complete(node, node.value)
+                    self._settle_node(node, None)
         elif outcome == _RETRYING:
             max_attempts, delay, backoff = u.node.lazy.retry
             wait = delay * backoff ** (u.attempt - 1)
@@ -3613,6 +3651,25 @@ def _check_connector(connector):
 class _LogEvents:
     """Turns events into log lines on the library's logger (used by ``run``)."""
 
+    # The highest level each event type can be logged at: a run subscribes only to what
+    # its level can print (at WARNING, a success costs no event at all).
+    MOST = {RunStarted: logging.INFO, RunFinished: logging.ERROR,
+            TaskExecutionFinished: logging.INFO, _TaskFailures: logging.ERROR,
+            TaskRetrying: logging.WARNING, TaskSkipped: logging.INFO,
+            TaskBlocked: logging.INFO, ConstraintApplied: logging.INFO,
+            ConstraintRemoved: logging.INFO}
+
+    def subscribe(self, engine):
+        """Subscribe to what the logger's effective level can print; returns the
+        unsubscribe functions."""
+        level = _log.getEffectiveLevel()
+        if level <= logging.DEBUG:
+            return [engine.subscribe(Event, self)]
+        types = [t for t, most in self.MOST.items() if most >= level]
+        if TaskExecutionFinished in types:
+            types.remove(_TaskFailures)  # the failures come with the rest
+        return [engine.subscribe(t, self) for t in types]
+
     def __call__(self, e):
         t = type(e)
         lvl, msg = logging.DEBUG, None
@@ -3748,7 +3805,7 @@ async def run_async(target: Any, params: Optional[dict] = None, *,
         old_level = _log.level
         _log.addHandler(handler)
         _log.setLevel(level)
-    unsubs = [engine.subscribe(Event, _LogEvents())]
+    unsubs = _LogEvents().subscribe(engine)
     if progress:
         unsubs.append(engine.subscribe(Event, _Progress()))
     try:
