@@ -548,8 +548,9 @@ class _Node:
 
 def _build_graph(target, tallies):
     """Every node the target needs, with dependents, pending counts, ids and tallies
-    (``tallies``: task -> per-state counts, filled in); returns ``(nodes, roots)``,
-    roots being the nodes ready at once.
+    (``tallies``: task -> per-state counts, filled in); returns ``(nodes, roots,
+    special)``: roots are the nodes ready at once, special the nodes that are not a
+    plain call (params, env, gathers, calls that inject resources or ask for capacity).
 
     The cyclic garbage collector is paused meanwhile: everything made here stays alive,
     so a collection could free nothing, and the collections that a large graph's
@@ -577,9 +578,11 @@ def _build_nodes(target, tallies):
     # In creation order, so that ids (name-1, name-2, ...) and the order in which
     # initially ready tasks are admitted follow the user's code.
     counts = {}
-    roots = []
+    roots, special = [], []
     for node in sorted(nodes.values(), key=_node_order):
         lz = node.lazy
+        if type(lz) is not LazyResult or lz.injects or lz.amounts:
+            special.append(node)
         task = lz.task
         if task is not None:
             node.k = counts[task.name] = counts.get(task.name, 0) + 1
@@ -601,7 +604,7 @@ def _build_nodes(target, tallies):
             else:  # exact size: most nodes have one dependent (append would make room for 4)
                 d.dependents = [node]
         node.pending = len(deps)
-    return nodes, roots
+    return nodes, roots, special
 
 
 _node_order = operator.attrgetter("lazy.order")
@@ -843,31 +846,31 @@ def _check_rate_limit(raw):
 
 
 class _ControlType:
-    """Everything about one type of control: its name on the wire and in topics, the
-    engine verb that sets it, its params (``check`` validates raw params and returns the
+    """Everything about one type of control: its name on the wire and in topics, its
+    params (``check`` validates raw params and returns the
     normalised ones), how it reads (``describe``: in a sentence; ``setting``: the
     params alone, for tables; ``shows``: a status row's usage), and ``state``, which
     makes the state object admission consults (see _Pause/_Limiter/_Bucket).
     ``adopts_running``: a new one counts the matching tasks already running (a new
     limit must hold at once)."""
-    __slots__ = ("name", "verb", "params", "check", "describe", "setting", "shows", "state",
+    __slots__ = ("name", "params", "check", "describe", "setting", "shows", "state",
                  "adopts_running")
 
-    def __init__(self, name, verb, params, check, describe, setting, shows, state,
+    def __init__(self, name, params, check, describe, setting, shows, state,
                  adopts_running=False):
-        self.name, self.verb, self.params, self.check = name, verb, params, check
+        self.name, self.params, self.check = name, params, check
         self.describe, self.setting, self.shows = describe, setting, shows
         self.state, self.adopts_running = state, adopts_running
 
 
 _CONTROL_TYPES = {t.name: t for t in (
-    _ControlType("pause", "pause", (), lambda raw: {}, lambda p: "pause", lambda p: "",
+    _ControlType("pause", (), lambda raw: {}, lambda p: "pause", lambda p: "",
                  lambda row: f"{row['matching_running']} still running", _Pause),
-    _ControlType("concurrency", "limit", ("limit",), _check_concurrency,
+    _ControlType("concurrency", ("limit",), _check_concurrency,
                  lambda p: f"limit {p['limit']}", lambda p: f"limit {p['limit']}",
                  lambda row: f"{row['in_use']}/{row['limit']} in use", _Limiter.control,
                  adopts_running=True),
-    _ControlType("rate_limit", "rate", ("rate", "burst"), _check_rate_limit,
+    _ControlType("rate_limit", ("rate", "burst"), _check_rate_limit,
                  lambda p: f"rate {p['rate']} burst {p['burst']}",
                  lambda p: f"{p['rate']} burst {p['burst']}",
                  lambda row: f"{row['rate']} burst {row['burst']} tokens {row['tokens']}",
@@ -1220,11 +1223,11 @@ class _ControlPlane:
             q = self._queues[key] = _Queue(key, loop)
         return q
 
-    def enqueue(self, units):
-        """Make ``units`` (of one node, all with one key and one state) wait for
-        admission. Returns True when all were granted at once (the caller launches them);
-        otherwise grants are dispatched and the caller reports those still waiting."""
-        key = units[0].key
+    def enqueue(self, units, key):
+        """Make ``units`` (of one node, so all with admission key ``key``, and in one
+        state) wait for admission. Returns True when all were granted at once (the caller
+        launches them); otherwise grants are dispatched and the caller reports those
+        still waiting."""
         with self.lock:
             if not self._states and not self._waiting and not key.amounts:
                 # fast path: nothing to decide, nobody to queue behind
@@ -2617,13 +2620,12 @@ class _Run:
                 await self.link.close()
 
     def _prepare(self):
-        self.nodes, roots = _build_graph(self.target, self.tallies)
+        self.nodes, roots, special = _build_graph(self.target, self.tallies)
         missing, known, needed = [], set(), set()
         caps = self.cp._caps
-        for lz, node in self.nodes.items():
+        for node in special:  # the plain calls need no check
+            lz = node.lazy
             t = type(lz)
-            if t is LazyResult and not lz.injects and not lz.amounts:
-                continue  # the common case: nothing to check
             if t is Param:
                 known.add(lz.param)
                 if lz.param in self.params:
@@ -2800,7 +2802,7 @@ class _Run:
         return end - i
 
     def _submit(self, units):
-        if self.cp.enqueue(units):
+        if self.cp.enqueue(units, units[0].node.key):
             for u in units:
                 self._launch(u)
             return
@@ -3892,18 +3894,23 @@ def _cli_parser():
         return sub.add_parser(name, help=help, description=help, parents=list(parents))
     scope_help = ("global, task:NAME (globs: task:fetch_*), tag:TAG, run:RUN_ID or "
                   "project:ID")
+    # A control verb: its arguments, and `publish`, the Controller call it makes.
     v = verb("pause", "stop new starts of tasks in SCOPE (running ones finish)", (mqtt, ttl))
     v.add_argument("scope", help=scope_help)
+    v.set_defaults(publish=lambda ctl, a: ctl.pause(a.scope, ttl=a.ttl))
     v = verb("resume", "lift the pause of SCOPE")
     v.add_argument("scope", help=scope_help)
     v = verb("limit", "run at most N tasks of SCOPE at once (0 holds all)", (mqtt, ttl))
     v.add_argument("scope", help=scope_help)
     v.add_argument("n", type=int, help="how many may run at once (0 holds every start)")
+    v.set_defaults(publish=lambda ctl, a: ctl.limit(a.scope, a.n, ttl=a.ttl))
     v = verb("rate", "start at most RATE tasks of SCOPE (10/s, 30/m, 2/h, or per second)",
              (mqtt, ttl))
     v.add_argument("scope", help=scope_help)
     v.add_argument("rate", help="10/s, 30/m, 2/h, or a number per second")
     v.add_argument("--burst", type=int, help="starts allowed at once (default 1)")
+    v.set_defaults(publish=lambda ctl, a: ctl.rate_limit(a.scope, a.rate, burst=a.burst,
+                                                         ttl=a.ttl))
     v = verb("clear", "remove the controls of SCOPE (all types, or --type)")
     v.add_argument("scope", help=scope_help)
     v.add_argument("--type", choices=_TYPES)
@@ -3945,20 +3952,17 @@ def _mqtt_client(args):
 async def _cli_verb(args, client):
     ctl = Controller(MqttConnector(client, timeout=args.timeout))
     v = args.verb
-    ttl = getattr(args, "ttl", None)
-    if v == "pause":
-        c = await ctl.pause(args.scope, ttl=ttl)
-    elif v == "resume":
+    publish = getattr(args, "publish", None)
+    if publish is not None:  # a control verb: pause, limit, rate
+        c = await publish(ctl, args)
+        return f"{c.describe()} (published, retained)"
+    if v == "resume":
         await ctl.resume(args.scope)
         return f"resumed {args.scope}"
-    elif v == "limit":
-        c = await ctl.limit(args.scope, args.n, ttl=ttl)
-    elif v == "rate":
-        c = await ctl.rate_limit(args.scope, args.rate, burst=args.burst, ttl=ttl)
-    elif v == "clear":
+    if v == "clear":
         await ctl.clear(args.scope, args.type)
         return f"cleared {args.type or 'all controls'} on {args.scope}"
-    elif v == "status":
+    if v == "status":
         rows = await ctl.status(timeout=args.timeout)
         if not rows:
             return "no controls in force"
@@ -3969,9 +3973,7 @@ async def _cli_verb(args, client):
             left = "-" if left is None else "expired" if left <= 0 else f"{left:.0f}s"
             lines.append(f"{c.type:<12} {c.scope:<28} {setting:<22} {left}")
         return "\n".join(lines)
-    else:
-        return await _cli_watch(args, ctl.connector)
-    return f"{c.describe()} (published, retained)"
+    return await _cli_watch(args, ctl.connector)
 
 
 async def _cli_watch(args, conn):
