@@ -2562,6 +2562,10 @@ class _Run:
         self._inbox = collections.deque()
         self._drain_pending = False
         self._stamp = engine._cp.stamp
+        self._fuse_into = None      # the asyncio task whose body just succeeded (fusion)
+        self._fused = None          # (unit, fn, args, kwargs) to run next in that task
+        self._fuse_left = self.PUMP_CHUNK   # fusions left in this loop iteration
+        self._fuse_refill = False
         self.resources = _Resources(self)
         self.report = _Reporter(self)
         executor = engine._executor
@@ -2688,6 +2692,16 @@ class _Run:
         if ready and not self.stopping and not self._pump_soon:
             self._pump_soon = True
             self.loop.call_soon(self._pump_later)
+
+    def _take_next(self):
+        """The next ready node, processed now by a finishing body's task (see
+        _async_body) instead of by the next pump chunk: the same FIFO order."""
+        if not self.stopping:
+            node = self._ready.popleft()
+            if node.items is not None:
+                self._expand(node, 1)
+            else:
+                self._process(node, 1)
 
     def _pump_later(self):
         self._pump_soon = False
@@ -2894,6 +2908,14 @@ class _Run:
                 kwargs[p] = values[r]
         try:
             if task.is_async:
+                if self._fuse_into is not None and self._fused is None:
+                    u.body = self._fuse_into  # runs next in that task (see _async_body)
+                    self._fused = (u, task.fn, u.args, kwargs)
+                    self._fuse_left -= 1
+                    if not self._fuse_refill:  # a budget per loop iteration
+                        self._fuse_refill = True
+                        self.loop.call_soon(self._refill_fusion)
+                    return
                 u.body = self._new_task(self._async_body(u, task.fn, u.args, kwargs))
                 return
             if self._threaded:
@@ -2911,24 +2933,45 @@ class _Run:
         f.add_done_callback(functools.partial(self._remote_done, u, t0))
 
     async def _async_body(self, u, fn, args, kwargs):
-        # The start gate. Without any gated constraint the check needs no lock: reading
-        # the count is atomic, and a pause that returned before this line is seen here
-        # (the locked check in gate() has the same linearization point: this check).
-        # The body begins in this same step, so nothing slips in between.
-        if self.cp._gates or self.stopping:
-            if not self.cp.gate(u):
-                return self._gate_refused(u)
-        else:
-            u.begin()
-        t0 = self._body_started(u)
-        try:
-            value = await fn(*args, **kwargs)
-        except BaseException as exc:
-            self._body_finished(u, None, exc, t0)
-            if not isinstance(exc, (Exception, asyncio.CancelledError)):
-                raise
-        else:
-            self._body_finished(u, value, None, t0)
+        """Run an async body in its asyncio task; then, after a success, the next async
+        body that becomes ready (a dependent, or the next ready node) runs in the same
+        task (fusion, as Dask fuses linear chains): a chain or a fan-out costs fewer
+        asyncio tasks and loop iterations. The run fuses at most PUMP_CHUNK bodies per
+        loop iteration, so the loop keeps its turns; never after a failure or a
+        cancellation; every fused body passes the start gate like any other. A fused
+        body sees the context (contextvars) that a task created at that point would."""
+        task = u.body
+        while True:
+            # The start gate. Without any gated constraint the check needs no lock:
+            # reading the count is atomic, and a pause that returned before this line is
+            # seen here (the locked check in gate() has the same linearization point:
+            # this check). The body begins in this same step: nothing slips in between.
+            if self.cp._gates or self.stopping:
+                if not self.cp.gate(u):
+                    return self._gate_refused(u)
+            else:
+                u.begin()
+            t0 = self._body_started(u)
+            try:
+                value = await fn(*args, **kwargs)
+            except BaseException as exc:
+                self._body_finished(u, None, exc, t0)
+                if not isinstance(exc, (Exception, asyncio.CancelledError)):
+                    raise
+                return
+            if self._fuse_left > 0:
+                self._fuse_into = task
+                try:
+                    self._body_finished(u, value, None, t0)
+                    if self._fused is None and self._ready and not self._pumping:
+                        self._take_next()  # nothing of ours became ready
+                finally:
+                    self._fuse_into = None
+            else:
+                self._body_finished(u, value, None, t0)
+            if self._fused is None:
+                return
+            (u, fn, args, kwargs), self._fused = self._fused, None
 
     def _sync_body(self, u, fn, args, kwargs):
         # Runs in a worker thread: everything it learns goes back through _post.
@@ -2964,6 +3007,10 @@ class _Run:
                 self.loop.call_soon_threadsafe(self._drain)
             except RuntimeError:
                 pass
+
+    def _refill_fusion(self):
+        self._fuse_refill = False
+        self._fuse_left = self.PUMP_CHUNK
 
     def _drain(self):
         self._drain_pending = False

@@ -2309,7 +2309,7 @@ def started_names(events):
     return [e.task_name for e in events if isinstance(e, cs.TaskExecutionStarted)]
 
 
-def wait_for(pred, timeout=T):
+def wait_for(pred, timeout=10.0):
     end = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > end:
@@ -5365,3 +5365,173 @@ def test_bench_quick_smoke_run_prints_the_table():
     for row in ("| W1 fan-out, async bodies", "| W2 chain", "| W3 limited I/O", "| W4 map",
                 "| W5", "| W6", "| W7", "import cascade"):
         assert row in p.stdout, row
+
+
+# --- fusion: a finishing body's asyncio task runs the next ready body ----------------
+
+def test_fusion_a_chain_runs_in_few_asyncio_tasks_and_gives_the_loop_its_turns():
+    # A chain of n links needs no asyncio task (and no loop iteration) per link, yet the
+    # loop still gets a turn every PUMP_CHUNK fused bodies: a ticker on the same loop
+    # advances while the chain runs.
+    n = 5 * cs._Run.PUMP_CHUNK
+    made = []
+
+    @cs.task
+    async def link(x):
+        return x + 1
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        factory = loop.get_task_factory()
+
+        def counting(loop, coro, **kw):
+            made.append(1)
+            return asyncio.Task(coro, loop=loop, **kw)
+        loop.set_task_factory(counting)
+        ticks = []
+        stop = asyncio.Event()
+
+        async def ticker():
+            while not stop.is_set():
+                ticks.append(1)
+                await asyncio.sleep(0)
+        t = asyncio.ensure_future(ticker())
+        x = 0
+        for _ in range(n):
+            x = link(x)
+        value = await cs.Engine().run(x)
+        stop.set()
+        await t
+        loop.set_task_factory(factory)
+        return value, len(ticks)
+
+    value, ticks = asyncio.run(main())
+    assert value == n
+    assert len(made) < n // 10, len(made)          # not one asyncio task per link
+    assert ticks >= n // cs._Run.PUMP_CHUNK - 1     # the loop kept its turns
+
+
+def test_fusion_a_pause_from_inside_a_chain_holds_the_next_link():
+    e = cs.Engine()
+    starts = []
+
+    @cs.task
+    async def a():
+        starts.append("a")
+        e.pause("task:b")
+        return 1
+
+    @cs.task
+    async def b(x):
+        starts.append("b")
+        return x + 1
+
+    async def main():
+        run = asyncio.ensure_future(e.run(b(a())))
+        for _ in range(50):
+            await asyncio.sleep(0)
+        held = list(starts)
+        e.resume("task:b")
+        return held, await run
+
+    held, value = asyncio.run(main())
+    assert held == ["a"] and value == 2 and starts == ["a", "b"]
+
+
+def test_fusion_a_pause_from_another_thread_stops_a_running_chain():
+    # Guarantee 1 for fused bodies: once pause() has returned, no further link begins.
+    e = cs.Engine()
+    starts = []
+    paused_at = []
+    first = threading.Event()
+
+    @cs.task
+    async def link(x):
+        starts.append(x)
+        first.set()
+        await asyncio.sleep(0.001)
+        return x + 1
+
+    x = 0
+    for _ in range(2000):
+        x = link(x)
+    h = e.start(x)
+    assert first.wait(TIMEOUT)
+    e.pause("task:link")
+    paused_at.append(len(starts))
+    time.sleep(0.3)
+    assert len(starts) <= paused_at[0]  # nothing began after pause() returned
+    assert not h.done()
+    e.resume("task:link")
+    assert h.result(TIMEOUT) == 2000
+
+
+def test_fusion_a_failure_mid_chain_fails_fast_and_later_links_never_start():
+    started = []
+
+    @cs.task
+    async def link(x):
+        started.append(x)
+        if x == 50:
+            raise KeyError("link 50")
+        return x + 1
+
+    x = 0
+    for _ in range(200):
+        x = link(x)
+    with pytest.raises(KeyError):
+        asyncio.run(cs.Engine().run(x))
+    assert started == list(range(51))
+
+
+def test_fusion_cancelling_a_run_cancels_the_fused_body_that_runs():
+    e = cs.Engine()
+    started, cancelled = [], []
+
+    @cs.task
+    async def link(x):
+        started.append(x)
+        if x == 3:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.append(x)
+                raise
+        return x + 1
+
+    x = 0
+    for _ in range(10):
+        x = link(x)
+    h = e.start(x)
+    wait_for(lambda: 3 in started)
+    assert h.cancel()
+    with pytest.raises(concurrent.futures.CancelledError):
+        h.result(TIMEOUT)
+    assert cancelled == [3] and started == [0, 1, 2, 3]
+
+
+def test_fusion_fused_bodies_are_inside_a_task_so_asyncio_timeouts_work():
+    @cs.task
+    async def a():
+        return asyncio.current_task() is not None
+
+    @cs.task
+    async def b(ok):
+        await asyncio.wait_for(asyncio.sleep(0), 1)  # needs a current task
+        if sys.version_info >= (3, 11):
+            async with asyncio.timeout(1):
+                await asyncio.sleep(0)
+        return ok and asyncio.current_task() is not None
+
+    assert asyncio.run(cs.Engine().run(b(a()))) is True
+
+
+def test_fusion_a_deep_chain_does_not_recurse():
+    @cs.task
+    async def link(x):
+        return x + 1
+
+    x = 0
+    for _ in range(20000):
+        x = link(x)
+    assert asyncio.run(cs.Engine().run(x)) == 20000
