@@ -50,7 +50,7 @@ ROOT = os.path.dirname(os.path.abspath(cs.__file__))
 CI = os.environ.get("CI") == "true"
 
 
-# --------------------------------------------------------------------------- optional parts
+# --- optional parts ---------------------------------------------------------
 
 def need(what, ok):
     """Skip the test when ``ok`` is falsy (the reason says ``what``), but fail it under
@@ -77,7 +77,7 @@ def have(module):
         return False
 
 
-# --------------------------------------------------------------------------- running
+# --- running ----------------------------------------------------------------
 
 def run_engine(engine, target, params=None):
     """Run ``target`` on ``engine`` in a fresh event loop (the async API)."""
@@ -142,7 +142,25 @@ def controls_of(engine, contains=""):
     return {(c.scope, c.type): c.params for c in engine.constraints if contains in c.scope}
 
 
-# --------------------------------------------------------------------------- recorders
+def two_held_runs(engine):
+    """(go, start): ``await start()`` begins two runs of ``engine`` whose tasks hold until
+    ``go`` is set, and returns them once both tasks run."""
+    go = threading.Event()
+
+    @cs.task
+    def waiter(i):
+        go.wait(TIMEOUT)
+        return i
+
+    async def start():
+        runs = [asyncio.ensure_future(engine.run(waiter(i))) for i in range(2)]
+        while engine.status()["tasks"].get("waiter", {}).get("running", 0) < 2:
+            await asyncio.sleep(0.01)
+        return runs
+    return go, start
+
+
+# --- recorders --------------------------------------------------------------
 
 def _wake(fut):
     if not fut.done():
@@ -297,7 +315,7 @@ class Gauge:
             self.exit(*keys)
 
 
-# --------------------------------------------------------------------------- telemetry
+# --- telemetry --------------------------------------------------------------
 
 SOURCE = f"{socket.gethostname()}-{os.getpid()}"
 ISO_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
@@ -358,7 +376,7 @@ def seen_telemetry(payloads):
             else (p["body"]["task_id"], p["body"]["state"]) for p in payloads]
 
 
-# --------------------------------------------------------------------------- the MQTT broker
+# --- the MQTT broker --------------------------------------------------------
 
 def broker_reachable(port=PORT):
     try:
@@ -514,7 +532,7 @@ def paho_client(paho, broker):
     close_client(c)
 
 
-# --------------------------------------------------------------------------- subprocesses, CLI
+# --- subprocesses, CLI ------------------------------------------------------
 
 def subprocess_env():
     env = dict(os.environ)
@@ -667,18 +685,9 @@ def engine_proc(tag):
     return Proc([sys.executable, "-c", ENGINE_SCRIPT, tag])
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-# Module level on purpose: a ProcessPoolExecutor must pickle it even though
-# @cs.task rebinds the name `proc_square` to the task object.
-@cs.task
-def proc_square(x):
-    return (x * x, os.getpid())
-
-
-# ============================================================================ errors
-
+# ===========================================================================
+# Errors
+# ===========================================================================
 
 def test_error_hierarchy():
     assert issubclass(cs.CascadeError, Exception)
@@ -691,10 +700,11 @@ def test_error_hierarchy():
     assert issubclass(cs.ResourceError, LookupError)
 
 
-# ========================================================================= authoring
+# ===========================================================================
+# Authoring: task, LazyResult, map, Param, Env, resource, shell
+# ===========================================================================
 
-# --- task decorator -----------------------------------------------------------
-
+# --- task decorator and lazy results ----------------------------------------
 
 def test_bare_decorator_sync_and_async_tasks_run():
     @cs.task
@@ -730,38 +740,6 @@ def test_decorator_with_empty_parentheses():
     assert cs.run(plain(1)) == 0
 
 
-def test_tags_are_matched_by_tag_scope():
-    # A task declared with tags=["io"] is governed by `tag:io`; a paused tag holds it
-    # while an untagged task runs.
-    @cs.task(tags=["io"])
-    def tagged():
-        return "tagged"
-
-    @cs.task
-    def untagged():
-        return "untagged"
-
-    engine = cs.Engine()
-    rec = Recorder(engine)
-    blocked = threading.Event()
-    untagged_done = threading.Event()
-
-    def on_event(ev):
-        if isinstance(ev, cs.TaskBlocked) and ev.task_name == "tagged":
-            blocked.set()
-        if isinstance(ev, cs.TaskExecutionFinished) and ev.task_name == "untagged":
-            untagged_done.set()
-
-    engine.subscribe(cs.Event, on_event)
-    engine.pause("tag:io")
-    handle = engine.start(pair(tagged(), untagged()))
-    assert blocked.wait(TIMEOUT)
-    assert untagged_done.wait(TIMEOUT)
-    assert "tagged" not in rec.started_names()
-    engine.resume("tag:io")
-    assert handle.result(timeout=TIMEOUT) == ("tagged", "untagged")
-
-
 def test_task_fn_is_the_plain_function():
     def add(a, b):
         return a + b
@@ -769,6 +747,13 @@ def test_task_fn_is_the_plain_function():
     t = cs.task(add)
     assert t.fn is add
     assert t.fn(1, 2) == 3
+
+
+def test_task_tags_are_validated():
+    with pytest.raises(ValueError):
+        cs.task(name="a b")(lambda: 1)
+    with pytest.raises(ValueError):
+        cs.task(tags=["x/y"])(lambda: 1)
 
 
 def test_calling_a_task_runs_nothing():
@@ -866,21 +851,7 @@ def test_lazy_values_nested_in_list_tuple_dict_arguments():
     assert type(items[1]) is tuple and type(mapping["b"][1]) is tuple and type(extra) is tuple
 
 
-def test_shared_upstream_runs_once():
-    calls = []
-
-    @cs.task
-    def src():
-        calls.append(1)
-        return 5
-
-    s = src()
-    assert cs.run(pair(ident(s), [s, s])) == (5, [5, 5])
-    assert calls == [1]
-
-
-# --- map ------------------------------------------------------------------------
-
+# --- map --------------------------------------------------------------------
 
 def test_map_static_keyword_and_positional():
     @cs.task
@@ -1061,8 +1032,7 @@ def test_map_items_are_separate_task_executions_named_after_the_task():
     assert all(e.status == "Succeeded" for e in finished)
 
 
-# --- Param / Env ------------------------------------------------------------------
-
+# --- Param / Env ------------------------------------------------------------
 
 def test_param_supplied_and_default_honoured():
     @cs.task
@@ -1133,8 +1103,7 @@ def test_env_reads_environment_with_default(monkeypatch):
     assert cs.run(target) == ("hello", "fallback", None)
 
 
-# --- resources ----------------------------------------------------------------------
-
+# --- resources --------------------------------------------------------------
 
 def test_sync_generator_resource_setup_and_teardown_around_use():
     log = []
@@ -1414,8 +1383,7 @@ def test_resources_are_set_up_per_run():
     assert log == ["up", "down", "up", "down"]
 
 
-# --- with_retry ----------------------------------------------------------------------
-
+# --- policies: with_retry ---------------------------------------------------
 
 def test_retry_max_attempts_counts_the_first_attempt():
     attempts = []
@@ -1563,8 +1531,7 @@ def test_task_waiting_out_retry_delay_holds_no_slot():
         handle.result(timeout=TIMEOUT)
 
 
-# --- run_if ----------------------------------------------------------------------
-
+# --- policies: run_if -------------------------------------------------------
 
 def test_run_if_static_condition():
     calls = []
@@ -1686,8 +1653,7 @@ def test_skip_propagates_through_a_map():
     assert "add_all" in [e.task_name for e in rec.of(cs.TaskSkipped)]
 
 
-# --- with_constraints -------------------------------------------------------------
-
+# --- policies: with_constraints ---------------------------------------------
 
 def test_constraints_limit_concurrent_tasks_to_capacity():
     gauge = Gauge()
@@ -1720,7 +1686,8 @@ def test_constraints_admit_up_to_capacity_at_once():
 
 
 def test_map_items_are_the_admitted_units_map_node_holds_nothing():
-    # issue 5: a map whose items each need the only slot completes, one item at a time
+    # a map whose items each need the only slot completes, one item at a time (a map
+    # node that held a slot itself would starve its own items)
     gauge = Gauge()
 
     @cs.task
@@ -1755,6 +1722,17 @@ def test_constraint_above_total_capacity_fails_at_run_start():
     assert calls == []
     assert rec.of(cs.TaskExecutionStarted) == []
     assert rec.events[-1].status == "Failed"
+
+
+def test_capacity_requests_above_total_fail_at_run_start():
+    e = cs.Engine(system_resources={"gpu": 1})
+
+    @cs.task
+    async def t():
+        return 1
+
+    with pytest.raises(cs.ConstraintError, match="total capacity"):
+        asyncio.run(e.run(t().with_constraints(gpu=2)))
 
 
 def test_constraint_on_undeclared_system_resource_fails():
@@ -1797,8 +1775,7 @@ def test_constraints_with_param_amount():
     assert run_engine(engine, f().with_constraints(gpu=cs.Param("g")), params={"g": 1}) == "f"
 
 
-# --- shell ---------------------------------------------------------------------------
-
+# --- shell ------------------------------------------------------------------
 
 def test_shell_returns_stdout():
     assert cs.run(cs.shell("echo hello")) == "hello\n"
@@ -1822,660 +1799,21 @@ def test_shell_nonzero_exit_ignored_when_unchecked():
     assert cs.run(cs.shell("echo out; exit 3", check=False)) == "out\n"
 
 
-# ============================================================================ running
+# ===========================================================================
+# Graph: the per-run state of each node
+# ===========================================================================
 
-
-def test_no_stage_barriers_deep_chain_never_waits_for_unrelated_slow_task():
-    # `slow` only returns True if the tail of a 10-deep chain ran while it was running.
-    # A scheduler with stage barriers would make the chain wait for `slow`.
-    tail_done = threading.Event()
-
-    @cs.task
-    def slow():
-        return tail_done.wait(TIMEOUT)
+def test_shared_upstream_runs_once():
+    calls = []
 
     @cs.task
-    def step(x):
-        return x + 1
-
-    @cs.task
-    def tail(x):
-        tail_done.set()
-        return x
-
-    x = step(0)
-    for _ in range(9):
-        x = step(x)
-    assert cs.run(pair(slow(), tail(x))) == (True, 10)
-
-
-def test_no_stage_barriers_async():
-    async def main():
-        tail_done = asyncio.Event()
-
-        @cs.task
-        async def slow():
-            try:
-                await asyncio.wait_for(tail_done.wait(), TIMEOUT)
-                return True
-            except asyncio.TimeoutError:
-                return False
-
-        @cs.task
-        async def step(x):
-            await asyncio.sleep(0)
-            return x + 1
-
-        @cs.task
-        def sync_step(x):
-            return x + 1
-
-        @cs.task
-        async def tail(x):
-            tail_done.set()
-            return x
-
-        x = step(0)
-        for i in range(9):
-            x = (sync_step if i % 2 else step)(x)
-        return await cs.Engine().run(pair(slow(), tail(x)))
-
-    assert asyncio.run(main()) == (True, 10)
-
-
-def test_paused_task_never_delays_unrelated_tasks():
-    tail_done = threading.Event()
-
-    @cs.task
-    def paused_one():
-        return "paused"
-
-    @cs.task
-    def step(x):
-        return x + 1
-
-    @cs.task
-    def tail(x):
-        tail_done.set()
-        return x
-
-    engine = cs.Engine()
-    rec = Recorder(engine)
-    engine.pause("task:paused_one")
-    x = step(0)
-    for _ in range(5):
-        x = step(x)
-    handle = engine.start(pair(paused_one(), tail(x)))
-    assert tail_done.wait(TIMEOUT)
-    assert "paused_one" not in rec.started_names()
-    engine.resume("task:paused_one")
-    assert handle.result(timeout=TIMEOUT) == ("paused", 6)
-
-
-def test_sync_bodies_in_thread_pool_async_bodies_on_the_loop():
-    seen = {}
-
-    @cs.task
-    def sync_body():
-        seen["sync"] = threading.get_ident()
-        return 1
-
-    @cs.task
-    async def async_body():
-        seen["async"] = threading.get_ident()
-        seen["loop"] = asyncio.get_running_loop()
-        return 2
-
-    async def main():
-        value = await cs.Engine().run(pair(sync_body(), async_body()))
-        return value, asyncio.get_running_loop()
-
-    value, loop = asyncio.run(main())
-    assert value == (1, 2)
-    assert seen["async"] == threading.get_ident()
-    assert seen["loop"] is loop
-    assert seen["sync"] != threading.get_ident()
-
-
-def test_default_pool_runs_fifty_blocking_sync_tasks_at_once():
-    barrier = threading.Barrier(50, timeout=TIMEOUT)
-
-    @cs.task
-    def blocker(i):
-        barrier.wait()  # breaks (and the test fails) unless all 50 run at once
-        return i
-
-    assert cs.run(ident([blocker(i) for i in range(50)])) == list(range(50))
-
-
-def test_concurrency_limit_of_fifty_runs_fifty_sync_tasks_at_once():
-    barrier = threading.Barrier(50, timeout=TIMEOUT)
-    gauge = Gauge()
-
-    @cs.task
-    def blocker(i):
-        with gauge("blocker"):
-            barrier.wait()
-        return i
-
-    engine = cs.Engine()
-    engine.limit("task:blocker", 50)
-    assert run_engine(engine, blocker.map(i=list(range(100)))) == list(range(100))
-    assert gauge.peak["blocker"] == 50
-
-
-def test_engine_accepts_user_executor_for_sync_bodies():
-    names = []
-
-    @cs.task
-    def where():
-        names.append(threading.current_thread().name)
-        return 1
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="userpool") as ex:
-        assert run_engine(cs.Engine(executor=ex), ident([where(), where()])) == [1, 1]
-    assert len(names) == 2 and all(n.startswith("userpool") for n in names)
-
-
-def test_process_pool_executor_runs_module_level_sync_tasks():
-    # spawn: a fresh interpreter must find the task by name (and fork would copy a
-    # multi-threaded process)
-    import multiprocessing
-    with concurrent.futures.ProcessPoolExecutor(
-            max_workers=2, mp_context=multiprocessing.get_context("spawn")) as ex:
-        engine = cs.Engine(executor=ex)
-        result = run_engine(engine, pair(proc_square(4), proc_square.map(x=[1, 2, 3])))
-    single, mapped = result
-    assert single[0] == 16
-    assert [v for v, _ in mapped] == [1, 4, 9]
-    pids = {single[1]} | {pid for _, pid in mapped}
-    assert os.getpid() not in pids
-
-
-# --- fail-fast ------------------------------------------------------------------
-
-
-def test_failure_raises_original_exception_with_task_name():
-    class MyError(Exception):
-        pass
-
-    raised = []
-
-    @cs.task
-    def ok():
-        return 1
-
-    @cs.task
-    def boom(x):
-        err = MyError("bad")
-        raised.append(err)
-        raise err
-
-    engine = cs.Engine()
-    rec = Recorder(engine)
-    with pytest.raises(MyError) as ei:
-        run_engine(engine, ident(boom(ok())))
-    assert type(ei.value) is MyError
-    assert ei.value is raised[0]
-    if sys.version_info >= (3, 11):
-        assert "boom" in notes_of(ei.value)
-    (fin,) = rec.of(cs.TaskExecutionFinished, task_name="boom")
-    assert fin.status == "Failed" and fin.error is raised[0]
-    run_finished = rec.events[-1]
-    assert isinstance(run_finished, cs.RunFinished)
-    assert run_finished.status == "Failed" and run_finished.error is raised[0]
-    assert "ident" not in rec.started_names()
-
-
-def test_failure_of_async_task_raises_original_exception():
-    @cs.task
-    async def aboom():
-        await asyncio.sleep(0)
-        raise ZeroDivisionError("async")
-
-    with pytest.raises(ZeroDivisionError) as ei:
-        cs.run(aboom())
-    if sys.version_info >= (3, 11):
-        assert "aboom" in notes_of(ei.value)
-
-
-def test_failure_in_map_target_raises_original_exception_with_task_name():
-    @cs.task
-    def item(x):
-        if x == 2:
-            raise LookupError(f"item {x}")
-        return x
-
-    engine = cs.Engine()
-    rec = Recorder(engine)
-    with pytest.raises(LookupError) as ei:
-        run_engine(engine, item.map(x=[1, 2, 3]))
-    assert type(ei.value) is LookupError and ei.value.args == ("item 2",)
-    if sys.version_info >= (3, 11):
-        assert "item" in notes_of(ei.value)
-    failed = rec.of(cs.TaskExecutionFinished, status="Failed")
-    assert len(failed) == 1 and failed[0].task_name == "item"
-    assert rec.events[-1].status == "Failed"
-
-
-def test_fail_fast_pending_tasks_never_start():
-    started = []
-    failed = threading.Event()
-
-    @cs.task
-    def boom():
-        started.append("boom")
-        raise KeyError("k")
-
-    @cs.task
-    def gate():
-        started.append("gate")
-        failed.wait(TIMEOUT)  # returns only once the run has already failed
-        return 1
-
-    @cs.task
-    def after_gate(x):
-        started.append("after_gate")
-        return x
-
-    @cs.task
-    def after_boom(x):
-        started.append("after_boom")
-        return x
-
-    engine = cs.Engine()
-    rec = Recorder(engine)
-
-    def on_finished(ev):
-        if ev.task_name == "boom" and ev.status == "Failed":
-            failed.set()
-
-    engine.subscribe(cs.TaskExecutionFinished, on_finished)
-    with pytest.raises(KeyError):
-        run_engine(engine, pair(after_boom(boom()), after_gate(gate())))
-    assert "after_gate" not in started and "after_boom" not in started
-    assert set(rec.started_names()) <= {"boom", "gate"}
-
-
-def _slow_failure_subscriber(late_start):
-    # Runs on the loop when the failure is reported; while it waits, a waiter that was
-    # wrongly handed the failed task's slot gets every chance to start. A correct
-    # engine starts nothing, and the wait simply times out.
-    def on_finished(ev):
-        if ev.status == "Failed":
-            late_start.wait(0.5)
-
-    return on_finished
-
-
-@pytest.mark.parametrize("shape", ["map items", "plain calls"])
-def test_fail_fast_pending_constrained_tasks_never_start(shape):
-    # One slot: tasks run one at a time, so the failing one must be the last to start,
-    # whether they are a map's items or plain calls waiting for the only slot.
-    started = []
-    late_start = threading.Event()
-
-    @cs.task
-    def item(x):
-        if 1 in started:
-            late_start.set()
-        started.append(x)
-        if x == 1:
-            raise ValueError("item 1")
-        return x
-
-    engine = cs.Engine(system_resources={"slot": 1})
-    engine.subscribe(cs.TaskExecutionFinished, _slow_failure_subscriber(late_start))
-    target = (item.map(x=[0, 1, 2, 3, 4]).with_constraints(slot=1) if shape == "map items"
-              else ident([item(i).with_constraints(slot=1) for i in range(5)]))
-    with pytest.raises(ValueError):
-        run_engine(engine, target)
-    assert started[-1] == 1, f"started after the failure: {started}"
-
-
-def test_fail_fast_cancels_running_async_siblings():
-    observed = []
-
-    async def main():
-        sibling_started = asyncio.Event()
-
-        @cs.task
-        async def sibling():
-            sibling_started.set()
-            try:
-                await asyncio.wait_for(asyncio.Event().wait(), TIMEOUT)
-            except asyncio.CancelledError:
-                observed.append("cancelled")
-                raise
-            except asyncio.TimeoutError:
-                observed.append("timed out")
-                raise
-            return 1
-
-        @cs.task
-        async def boom():
-            await asyncio.wait_for(sibling_started.wait(), TIMEOUT)
-            raise ValueError("boom")
-
-        return await cs.Engine().run(pair(sibling(), boom()))
-
-    with pytest.raises(ValueError, match="boom"):
-        asyncio.run(main())
-    assert observed == ["cancelled"]
-
-
-def test_fail_fast_tears_down_after_every_started_task_has_settled():
-    log = []
-    torn_down = threading.Event()
-    sync_started = threading.Event()
-    async_started = threading.Event()
-
-    @cs.resource
-    def res():
-        log.append("setup")
-        yield "r"
-        log.append("teardown")
-        torn_down.set()
-
-    @cs.task
-    def sync_sibling(r=cs.inject("res")):
-        sync_started.set()
-        # a correct engine cannot tear down before this body returns; a wrong one
-        # tears down now, which sets `torn_down` and is recorded before "sync settled"
-        torn_down.wait(1.0)
-        log.append("sync settled")
-        return 1
-
-    @cs.task
-    async def async_sibling(r=cs.inject("res")):
-        async_started.set()
-        try:
-            await asyncio.wait_for(asyncio.Event().wait(), TIMEOUT)
-        except asyncio.CancelledError:
-            await asyncio.sleep(0.05)  # settling takes several loop iterations
-            log.append("async settled")
-            raise
-
-    @cs.task
-    def boom():
-        assert sync_started.wait(TIMEOUT) and async_started.wait(TIMEOUT)
-        raise ArithmeticError("boom")
-
-    engine = cs.Engine()
-    engine.register(res)
-    with pytest.raises(ArithmeticError):
-        run_engine(engine, ident([sync_sibling(), async_sibling(), boom()]))
-    assert log[0] == "setup" and log[-1] == "teardown"
-    assert sorted(log[1:-1]) == ["async settled", "sync settled"]
-
-
-# --- skipped target ----------------------------------------------------------
-
-
-def test_skipped_target_raises_dependency_missing_error_naming_target_and_reason():
-    @cs.task
-    def maybe():
-        return 1
-
-    @cs.task
-    def final_step(x):
-        return x
-
-    engine = cs.Engine()
-    rec = Recorder(engine)
-    with pytest.raises(cs.DependencyMissingError) as ei:
-        run_engine(engine, final_step(maybe().run_if(False)))
-    assert isinstance(ei.value, cs.CascadeError)
-    (skip,) = rec.of(cs.TaskSkipped, task_name="final_step")
-    assert "final_step" in str(ei.value)
-    assert skip.reason in str(ei.value)
-
-
-# --- cs.run / run_async / start ------------------------------------------------------
-
-
-def test_cs_run_works_inside_a_running_event_loop():
-    @cs.task
-    async def aval(x):
-        return x + 1
-
-    @cs.task
-    def sval(x):
-        return x * 2
-
-    async def main():
-        return cs.run(sval(aval(cs.Param("x"))), params={"x": 1})
-
-    assert asyncio.run(main()) == 4
-
-
-def test_run_async_is_the_async_twin():
-    @cs.task
-    async def aval(x):
-        return x + 1
-
-    async def main():
-        return await cs.run_async(aval(cs.Param("x")), params={"x": 41})
-
-    assert asyncio.run(main()) == 42
-
-
-def test_start_returns_handle_with_result_done_and_run_id():
-    release = threading.Event()
-    started = threading.Event()
-
-    @cs.task
-    def blocker():
-        started.set()
-        assert release.wait(TIMEOUT)
-        return "released"
-
-    engine = cs.Engine()
-    rec = Recorder(engine)
-    handle = engine.start(ident(blocker()))
-    assert started.wait(TIMEOUT)
-    assert handle.done() is False
-    with pytest.raises(TimeoutError):
-        handle.result(timeout=0.05)
-    release.set()
-    assert handle.result(timeout=TIMEOUT) == "released"
-    assert handle.done() is True
-    assert isinstance(handle.run_id, str) and handle.run_id
-    assert {e.run_id for e in rec.events} == {handle.run_id}
-
-
-def test_start_with_params():
-    @cs.task
-    def f(x):
-        return x * 3
-
-    handle = cs.Engine().start(f(cs.Param("x")), params={"x": 5})
-    assert handle.result(timeout=TIMEOUT) == 15
-
-
-def test_start_inside_running_loop_lives_on_that_loop_and_is_awaitable():
-    seen = {}
-
-    @cs.task
-    async def on_loop():
-        seen["loop"] = asyncio.get_running_loop()
-        return "awaited"
-
-    async def main():
-        handle = cs.Engine().start(on_loop())
-        value = await handle
-        return value, handle.done(), asyncio.get_running_loop()
-
-    value, done, loop = asyncio.run(main())
-    assert value == "awaited" and done is True
-    assert seen["loop"] is loop
-
-
-def test_blocking_result_on_the_loop_thread_raises_error_saying_to_await():
-    @cs.task
-    async def f():
-        return 1
-
-    async def main():
-        handle = cs.Engine().start(f())
-        with pytest.raises(Exception, match="await"):
-            handle.result(timeout=5)
-        return await handle
-
-    assert asyncio.run(main()) == 1
-
-
-def test_cancel_run_tears_down_and_emits_cancelled():
-    started = threading.Event()
-    finished = threading.Event()
-    observed = []
-    log = []
-
-    @cs.resource
-    async def res():
-        log.append("setup")
-        yield 1
-        log.append("teardown")
-
-    @cs.task
-    async def forever(r=cs.inject("res")):
-        started.set()
-        try:
-            await asyncio.wait_for(asyncio.Event().wait(), TIMEOUT)
-        except asyncio.CancelledError:
-            observed.append("cancelled")
-            raise
-
-    @cs.task
-    def never(x):
-        log.append("never")
-
-    engine = cs.Engine()
-    engine.register(res)
-    rec = Recorder(engine)
-    engine.subscribe(cs.RunFinished, lambda ev: finished.set())
-    handle = engine.start(never(forever()))
-    assert started.wait(TIMEOUT)
-    handle.cancel()
-    with pytest.raises(concurrent.futures.CancelledError):
-        handle.result(timeout=TIMEOUT)
-    assert finished.wait(TIMEOUT)
-    assert handle.done() is True
-    assert observed == ["cancelled"]
-    assert log == ["setup", "teardown"]
-    assert [e.resource_name for e in rec.of(cs.ResourceReleased)] == ["res"]
-    run_finished = rec.of(cs.RunFinished)
-    assert len(run_finished) == 1 and run_finished[0].status == "Cancelled"
-    assert rec.events[-1] is run_finished[0]
-
-
-def test_cancel_run_started_in_running_loop_await_raises_cancelled():
-    async def main():
-        started = asyncio.Event()
-
-        @cs.task
-        async def forever():
-            started.set()
-            await asyncio.wait_for(asyncio.Event().wait(), TIMEOUT)
-
-        engine = cs.Engine()
-        rec = Recorder(engine)
-        handle = engine.start(forever())
-        await asyncio.wait_for(started.wait(), TIMEOUT)
-        handle.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await asyncio.wait_for(handle, TIMEOUT)
-        return rec
-
-    rec = asyncio.run(main())
-    assert rec.of(cs.RunFinished)[-1].status == "Cancelled"
-
-
-def test_list_and_dict_targets_mirror_structure():
-    @cs.task
-    def v(x):
-        return x
-
-    assert cs.run([v(1), v(2)]) == [1, 2]
-    assert cs.run({"a": v(1), "b": v(2)}) == {"a": 1, "b": 2}
-
-
-# ============================================================================= events
-
-
-EVENT_FIELDS = {
-    "RunStarted": ["target_tasks", "params"],
-    "RunFinished": ["status", "duration", "error"],
-    "TaskExecutionStarted": ["task_id", "task_name"],
-    "TaskExecutionFinished": ["task_id", "task_name", "status", "duration", "error"],
-    "TaskSkipped": ["task_id", "task_name", "reason"],
-    "TaskRetrying": ["task_id", "task_name", "attempt", "max_attempts", "delay", "error"],
-    "TaskBlocked": ["task_id", "task_name", "reason"],
-    "ResourceAcquired": ["resource_name"],
-    "ResourceReleased": ["resource_name"],
-    "ConstraintApplied": ["constraint"],
-    "ConstraintRemoved": ["constraint"],
-    "ConstraintRejected": ["topic", "reason"],
-}
-
-
-@pytest.mark.parametrize("name", sorted(EVENT_FIELDS))
-def test_event_classes_are_frozen_dataclasses_with_listed_fields(name):
-    cls = getattr(cs, name)
-    assert issubclass(cls, cs.Event)
-    assert dataclasses.is_dataclass(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    assert names[0] == "run_id"
-    assert set(EVENT_FIELDS[name]) <= set(names)
-    ev = cls(run_id="r1", **{f: None for f in names if f != "run_id"})
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        ev.run_id = "other"
-
-
-def test_run_events_order_and_fields():
-    @cs.task
-    def a():
-        return 1
-
-    @cs.task
-    async def b(x):
-        return x + 1
-
-    engine = cs.Engine()
-    rec = Recorder(engine)
-    assert run_engine(engine, b(a()), params={}) == 2
-    ev = rec.events
-    assert isinstance(ev[0], cs.RunStarted) and ev[0].target_tasks == ("b",)
-    assert isinstance(ev[-1], cs.RunFinished)
-    assert ev[-1].status == "Succeeded" and ev[-1].error is None
-    assert isinstance(ev[-1].duration, float) and ev[-1].duration >= 0
-    assert len({e.run_id for e in ev}) == 1 and ev[0].run_id
-
-    def index(cls, name):
-        return next(i for i, e in enumerate(ev) if isinstance(e, cls) and e.task_name == name)
-
-    assert (
-        index(cs.TaskExecutionStarted, "a") < index(cs.TaskExecutionFinished, "a")
-        < index(cs.TaskExecutionStarted, "b") < index(cs.TaskExecutionFinished, "b")
-    )
-    for fin in rec.of(cs.TaskExecutionFinished):
-        assert fin.status == "Succeeded" and fin.error is None and fin.duration >= 0
-    starts = {e.task_name: e.task_id for e in rec.of(cs.TaskExecutionStarted)}
-    finishes = {e.task_name: e.task_id for e in rec.of(cs.TaskExecutionFinished)}
-    assert starts == finishes and starts["a"] != starts["b"]
-
-
-def test_run_started_carries_params_and_target_names():
-    @cs.task
-    def f(x):
-        return x
-
-    engine = cs.Engine()
-    rec = Recorder(engine)
-    run_engine(engine, f(cs.Param("n")), params={"n": 3})
-    (started,) = rec.of(cs.RunStarted)
-    assert started.params["n"] == 3
-    assert started.target_tasks == ("f",)
+    def src():
+        calls.append(1)
+        return 5
+
+    s = src()
+    assert cs.run(pair(ident(s), [s, s])) == (5, [5, 5])
+    assert calls == [1]
 
 
 def test_task_ids_follow_name_and_counter_convention():
@@ -2495,181 +1833,16 @@ def test_task_ids_follow_name_and_counter_convention():
     assert {"sq-1[0]", "sq-1[1]"} <= ids
 
 
-def test_each_run_gets_its_own_run_id():
-    engine = cs.Engine()
-    rec = Recorder(engine)
-    run_engine(engine, ident(1))
-    run_engine(engine, ident(2))
-    ids = [e.run_id for e in rec.of(cs.RunStarted)]
-    assert len(ids) == 2 and ids[0] != ids[1]
-
-
-def test_subscribe_by_type_and_unsubscribe():
-    engine = cs.Engine()
-    only_started = []
-    everything = []
-    unsubscribe = engine.subscribe(cs.TaskExecutionStarted, only_started.append)
-    engine.subscribe(cs.Event, everything.append)
-    run_engine(engine, ident(1))
-    assert only_started and all(isinstance(e, cs.TaskExecutionStarted) for e in only_started)
-    assert len(everything) > len(only_started)
-    unsubscribe()
-    count = len(only_started)
-    run_engine(engine, ident(2))
-    assert len(only_started) == count
-
-
-def test_run_started_and_finished_also_when_validation_fails():
+def test_list_and_dict_targets_mirror_structure():
     @cs.task
-    def f(x):
+    def v(x):
         return x
 
-    engine = cs.Engine()
-    rec = Recorder(engine)
-    with pytest.raises(cs.ParamError):
-        run_engine(engine, f(cs.Param("missing_one")))
-    assert isinstance(rec.events[0], cs.RunStarted)
-    assert isinstance(rec.events[-1], cs.RunFinished)
-    assert rec.events[-1].status == "Failed"
-    assert isinstance(rec.events[-1].error, cs.ParamError)
-    assert len(rec.of(cs.RunStarted)) == 1 and len(rec.of(cs.RunFinished)) == 1
+    assert cs.run([v(1), v(2)]) == [1, 2]
+    assert cs.run({"a": v(1), "b": v(2)}) == {"a": 1, "b": 2}
 
 
-def test_raising_subscriber_never_breaks_the_run(caplog):
-    caplog.set_level(logging.DEBUG, logger=cs.__name__)
-
-    def bad(ev):
-        raise RuntimeError("subscriber boom")
-
-    @cs.task
-    def f(x):
-        return x + 1
-
-    engine = cs.Engine()
-    engine.subscribe(cs.Event, bad)
-    rec = Recorder(engine)
-    engine.subscribe(cs.TaskExecutionStarted, bad)
-    assert run_engine(engine, f(f(1))) == 3
-    assert isinstance(rec.events[0], cs.RunStarted)
-    assert rec.events[-1].status == "Succeeded"
-    assert len(rec.of(cs.TaskExecutionFinished)) == 2
-
-    def mentions_boom(r):
-        text = r.getMessage() + (r.exc_text or "")
-        if r.exc_info and r.exc_info[1] is not None:
-            text += str(r.exc_info[1])
-        return "subscriber boom" in text
-
-    assert any(r.name.startswith(cs.__name__) and mentions_boom(r) for r in caplog.records)
-
-
-def test_raising_subscriber_does_not_change_a_failure():
-    @cs.task
-    def boom():
-        raise KeyError("orig")
-
-    engine = cs.Engine()
-    engine.subscribe(cs.Event, lambda ev: 1 / 0)
-    with pytest.raises(KeyError):
-        run_engine(engine, boom())
-
-
-# ====================================================================== run()/logging
-
-
-@pytest.fixture
-def bare_logger():
-    """The library logger with no handlers (restored afterwards)."""
-    logger = logging.getLogger(cs.__name__)
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    logger.handlers[:] = []
-    yield logger
-    logger.handlers[:] = saved[0]
-    logger.setLevel(saved[1])
-    logger.propagate = saved[2]
-
-
-@cs.task
-def hello_task(x):
-    return x
-
-
-def test_cs_run_logs_human_lines_to_stderr(bare_logger, capfd):
-    assert cs.run(hello_task(1)) == 1
-    err = capfd.readouterr().err
-    assert "hello_task" in err
-    assert bare_logger.handlers == []  # the handler is attached for the run only
-
-
-def test_cs_run_logs_json_lines(bare_logger, capfd):
-    assert cs.run(hello_task(2), log_format="json") == 2
-    err = capfd.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert lines
-    parsed = [json.loads(line) for line in lines]
-    assert any("hello_task" in json.dumps(p) for p in parsed)
-    assert bare_logger.handlers == []
-
-
-def test_cs_run_respects_log_level(bare_logger, capfd):
-    assert cs.run(hello_task(3), log_level="ERROR") == 3
-    assert "hello_task" not in capfd.readouterr().err
-
-
-def test_cs_run_uses_existing_handlers_instead_of_its_own(bare_logger, capfd):
-    records = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            records.append(record)
-
-    handler = Collect()
-    bare_logger.addHandler(handler)
-    bare_logger.setLevel(logging.DEBUG)
-    bare_logger.propagate = False
-    assert cs.run(hello_task(4)) == 4
-    assert records
-    assert "hello_task" not in capfd.readouterr().err
-    assert bare_logger.handlers == [handler]
-
-
-def test_cs_run_progress_shows_status_line(bare_logger, capfd):
-    assert cs.run(hello_task(5), progress=True) == 5
-    assert "done" in capfd.readouterr().err.lower()
-
-
-def test_engine_run_logs_nothing_above_debug(caplog):
-    caplog.set_level(logging.DEBUG)
-
-    @cs.task
-    def ok():
-        return 1
-
-    @cs.task
-    def boom():
-        raise ValueError("x")
-
-    engine = cs.Engine()
-    run_engine(engine, ok())
-    with pytest.raises(ValueError):
-        run_engine(engine, boom())
-    loud = [r for r in caplog.records if r.name.startswith(cs.__name__) and r.levelno > logging.DEBUG]
-    assert loud == []
-
-
-def test_import_does_not_configure_logging():
-    code = (
-        "import logging, cascade; "
-        "l = logging.getLogger(cascade.__name__); "
-        "assert not l.handlers, l.handlers; "
-        "assert not logging.getLogger().handlers"
-    )
-    r = run_python("-c", code, timeout=60)
-    assert r.returncode == 0, r.stderr
-
-
-# ===================================================== property: DAG == sequential eval
-
+# --- property: a random DAG gives what plain sequential evaluation gives ----
 
 def _flat(x):
     """Sum of a nested structure; container kinds weigh differently so a tuple that
@@ -2866,12 +2039,10 @@ def test_random_dags_match_sequential_evaluation(specs):
 
 
 # ===========================================================================
-# control plane (SPEC §4)
+# Control plane: scopes, constraints, limiters, the admission routine
 # ===========================================================================
 
-
-# =========================================================================== constraints
-
+# --- constraints ------------------------------------------------------------
 
 def test_constraint_replaces_the_one_of_the_same_scope_and_type():
     e = cs.Engine()
@@ -2951,8 +2122,7 @@ def test_constraint_events_applied_and_removed():
                     ("applied", "concurrency"), ("removed", "concurrency")]
 
 
-# =========================================================================== scopes
-
+# --- scopes -----------------------------------------------------------------
 
 def test_scopes_match_task_globs_tags_run_and_project():
     order = []
@@ -2989,6 +2159,38 @@ def test_scopes_match_task_globs_tags_run_and_project():
         assert len(order) == 4
 
 
+def test_tags_are_matched_by_tag_scope():
+    # A task declared with tags=["io"] is governed by `tag:io`; a paused tag holds it
+    # while an untagged task runs.
+    @cs.task(tags=["io"])
+    def tagged():
+        return "tagged"
+
+    @cs.task
+    def untagged():
+        return "untagged"
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    blocked = threading.Event()
+    untagged_done = threading.Event()
+
+    def on_event(ev):
+        if isinstance(ev, cs.TaskBlocked) and ev.task_name == "tagged":
+            blocked.set()
+        if isinstance(ev, cs.TaskExecutionFinished) and ev.task_name == "untagged":
+            untagged_done.set()
+
+    engine.subscribe(cs.Event, on_event)
+    engine.pause("tag:io")
+    handle = engine.start(pair(tagged(), untagged()))
+    assert blocked.wait(TIMEOUT)
+    assert untagged_done.wait(TIMEOUT)
+    assert "tagged" not in rec.started_names()
+    engine.resume("tag:io")
+    assert handle.result(timeout=TIMEOUT) == ("tagged", "untagged")
+
+
 def test_run_scope_matches_only_that_run():
     e = cs.Engine()
     gate = threading.Event()
@@ -3014,17 +2216,9 @@ def test_run_scope_matches_only_that_run():
     h2.result(TIMEOUT)
 
 
-def test_task_tags_are_validated():
-    with pytest.raises(ValueError):
-        cs.task(name="a b")(lambda: 1)
-    with pytest.raises(ValueError):
-        cs.task(tags=["x/y"])(lambda: 1)
+# --- pause ------------------------------------------------------------------
 
-
-# =========================================================================== G1 pause
-
-
-def test_g1_pause_holds_matched_tasks_and_unmatched_keep_running():
+def test_pause_holds_matched_tasks_and_unmatched_keep_running():
     e = cs.Engine()
     gauge_started = []
 
@@ -3047,7 +2241,36 @@ def test_g1_pause_holds_matched_tasks_and_unmatched_keep_running():
     assert [s for s in gauge_started if s[0] == "api"] == [("api", i) for i in range(5)]
 
 
-def test_g1_running_tasks_finish_after_pause():
+def test_paused_task_never_delays_unrelated_tasks():
+    tail_done = threading.Event()
+
+    @cs.task
+    def paused_one():
+        return "paused"
+
+    @cs.task
+    def step(x):
+        return x + 1
+
+    @cs.task
+    def tail(x):
+        tail_done.set()
+        return x
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    engine.pause("task:paused_one")
+    x = step(0)
+    for _ in range(5):
+        x = step(x)
+    handle = engine.start(pair(paused_one(), tail(x)))
+    assert tail_done.wait(TIMEOUT)
+    assert "paused_one" not in rec.started_names()
+    engine.resume("task:paused_one")
+    assert handle.result(timeout=TIMEOUT) == ("paused", 6)
+
+
+def test_running_tasks_finish_after_pause():
     e = cs.Engine()
     inside, go = threading.Event(), threading.Event()
 
@@ -3064,7 +2287,7 @@ def test_g1_running_tasks_finish_after_pause():
     assert h.result(TIMEOUT) == "finished"
 
 
-def test_g1_pause_from_another_thread_while_sync_bodies_sit_granted_in_the_pool():
+def test_pause_from_another_thread_while_sync_bodies_sit_granted_in_the_pool():
     # One worker thread: the blocker holds it, four granted bodies queue in the pool.
     # A pause from another thread must stop all four from starting.
     pool = concurrent.futures.ThreadPoolExecutor(1)
@@ -3104,7 +2327,7 @@ def test_g1_pause_from_another_thread_while_sync_bodies_sit_granted_in_the_pool(
     pool.shutdown()
 
 
-def test_g1_pause_from_inside_a_task():
+def test_pause_from_inside_a_task():
     e = cs.Engine()
     order = []
 
@@ -3126,7 +2349,7 @@ def test_g1_pause_from_inside_a_task():
     assert order == ["first", "second"]
 
 
-def test_g1_resume_then_immediate_pause_still_holds():
+def test_resume_then_immediate_pause_still_holds():
     e = cs.Engine()
     started = []
 
@@ -3154,10 +2377,9 @@ def test_g1_resume_then_immediate_pause_still_holds():
     assert sorted(started) == [0, 1, 2]
 
 
-# =========================================================================== G2 concurrency
+# --- concurrency ------------------------------------------------------------
 
-
-def test_g2_concurrency_never_exceeds_the_limit():
+def test_concurrency_never_exceeds_the_limit():
     e = cs.Engine()
     g = Gauge()
     e.limit("task:io", 3)
@@ -3176,7 +2398,23 @@ def test_g2_concurrency_never_exceeds_the_limit():
     assert g.peak["io"] == 3
 
 
-def test_g2_global_limit_one_with_a_map_does_not_deadlock():
+def test_concurrency_limit_of_fifty_runs_fifty_sync_tasks_at_once():
+    barrier = threading.Barrier(50, timeout=TIMEOUT)
+    gauge = Gauge()
+
+    @cs.task
+    def blocker(i):
+        with gauge("blocker"):
+            barrier.wait()
+        return i
+
+    engine = cs.Engine()
+    engine.limit("task:blocker", 50)
+    assert run_engine(engine, blocker.map(i=list(range(100)))) == list(range(100))
+    assert gauge.peak["blocker"] == 50
+
+
+def test_global_limit_one_with_a_map_does_not_deadlock():
     # the trap: a map node that held a slot itself would starve its own items
     e = cs.Engine()
     g = Gauge()
@@ -3197,7 +2435,7 @@ def test_g2_global_limit_one_with_a_map_does_not_deadlock():
     assert g.peak["all"] == 1
 
 
-def test_g2_limit_on_a_map_via_with_constraints():
+def test_limit_on_a_map_via_with_constraints():
     e = cs.Engine(system_resources={"slot": 2})
     g = Gauge()
 
@@ -3212,7 +2450,7 @@ def test_g2_limit_on_a_map_via_with_constraints():
     assert g.peak["slot"] == 2
 
 
-def test_g2_raising_a_limit_while_every_slot_is_held_admits_waiters_at_once():
+def test_raising_a_limit_while_every_slot_is_held_admits_waiters_at_once():
     e = cs.Engine()
     go = threading.Event()
     g = Gauge()
@@ -3235,7 +2473,7 @@ def test_g2_raising_a_limit_while_every_slot_is_held_admits_waiters_at_once():
     assert g.peak["w"] == 5
 
 
-def test_g2_lowering_never_evicts_and_holds_new_starts():
+def test_lowering_a_limit_never_evicts_and_holds_new_starts():
     e = cs.Engine()
     go = threading.Event()
     g = Gauge()
@@ -3259,7 +2497,7 @@ def test_g2_lowering_never_evicts_and_holds_new_starts():
     assert len(later) == 4
 
 
-def test_g2_limit_zero_holds_until_raised():
+def test_limit_zero_holds_until_raised():
     e = cs.Engine()
     started = []
 
@@ -3277,7 +2515,7 @@ def test_g2_limit_zero_holds_until_raised():
     assert started == [0, 1, 2]
 
 
-def test_g2_new_limit_counts_tasks_already_running():
+def test_new_limit_counts_tasks_already_running():
     e = cs.Engine()
     go = threading.Event()
     g = Gauge()
@@ -3305,7 +2543,7 @@ def test_g2_new_limit_counts_tasks_already_running():
     assert g.peak["w"] == 3
 
 
-def test_g2_pause_and_limit_on_one_scope_both_hold():
+def test_pause_and_limit_on_one_scope_both_hold():
     e = cs.Engine()
     g = Gauge()
     e.limit("task:x", 1)
@@ -3325,10 +2563,74 @@ def test_g2_pause_and_limit_on_one_scope_both_hold():
     assert g.peak["x"] == 1 and len(g.starts) == 5
 
 
-# =========================================================================== G3 rate
+def test_a_run_on_a_loop_closed_right_after_it_does_not_strand_other_waiters():
+    # admission after a release is one pass per loop iteration; a loop that is
+    # closed right after its run must not take that pass (and the waiters) with it
+    e = cs.Engine()
+    e.limit("global", 1)
+    gate = threading.Event()
+
+    @cs.task
+    def first():
+        gate.wait(TIMEOUT)
+
+    @cs.task
+    async def later(i):
+        return i
+
+    loop = asyncio.new_event_loop()
+
+    def own_loop():
+        loop.run_until_complete(e.run(first()))
+        loop.close()
+    th = threading.Thread(target=own_loop)
+    th.start()
+    wait_for(lambda: e.status()["tasks"].get("first", {}).get("running") == 1)
+    h = e.start(later.map(range(3)))
+    wait_for(lambda: len(e.status()["blocked"]) == 3)
+    gate.set()
+    th.join(TIMEOUT)
+    assert h.result(TIMEOUT) == [0, 1, 2]
 
 
-def test_g3_starts_never_exceed_burst_plus_rate_times_elapsed():
+def test_a_busy_loop_does_not_hold_back_waiters_of_a_run_on_another_loop():
+    # regression: admission after a release was deferred to the releasing loop's next
+    # turn, so a run on another loop waited for as long as that loop was busy
+    e = cs.Engine()
+    e.limit("tag:lim", 1)
+    go, a1_done = threading.Event(), threading.Event()
+    marks = {}
+
+    @cs.task(name="a1", tags=["lim"])
+    async def a1():
+        while not go.is_set():
+            await asyncio.sleep(0.005)
+        a1_done.set()
+
+    @cs.task(name="hog")
+    async def hog():
+        while not a1_done.is_set():   # already scheduled when a1 gives its slot back
+            await asyncio.sleep(0)
+        time.sleep(0.5)               # then blocks loop A
+        marks["hog_done"] = time.monotonic()
+
+    @cs.task(name="b1", tags=["lim"])
+    async def b1():
+        marks["b1"] = time.monotonic()
+
+    ha = e.start([a1(), hog()])
+    wait_for(lambda: e.status()["tasks"].get("a1", {}).get("running") == 1)
+    hb = e.start(b1())
+    wait_for(lambda: len(e.status()["blocked"]) == 1)
+    go.set()
+    hb.result(TIMEOUT)
+    ha.result(TIMEOUT)
+    assert marks["b1"] < marks["hog_done"]
+
+
+# --- rate -------------------------------------------------------------------
+
+def test_rate_limited_starts_never_exceed_burst_plus_rate_times_elapsed():
     e = cs.Engine()
     g = Gauge()
     e.rate_limit("task:r", "40/s", burst=3)
@@ -3346,7 +2648,7 @@ def test_g3_starts_never_exceed_burst_plus_rate_times_elapsed():
         assert k <= 3 + 40 * (t - t0) + 1e-6, (k, t - t0)
 
 
-def test_g3_rate_below_one_per_second_blocks_with_a_reason():
+def test_rate_below_one_per_second_blocks_with_a_reason():
     e = cs.Engine()
     started = []
     blocked = []
@@ -3367,7 +2669,7 @@ def test_g3_rate_below_one_per_second_blocks_with_a_reason():
     assert started == [0, 1, 2]
 
 
-def test_g3_replacing_a_rate_limit_keeps_at_most_the_new_burst():
+def test_replacing_a_rate_limit_keeps_at_most_the_new_burst():
     e = cs.Engine()
     g = Gauge()
     e.rate_limit("task:r", "1/h", burst=10)   # a full bucket of 10
@@ -3386,10 +2688,25 @@ def test_g3_replacing_a_rate_limit_keeps_at_most_the_new_burst():
     h.result(TIMEOUT)
 
 
-# =========================================================================== G4 ttl
+def test_raising_a_rate_limit_in_place_re_arms_the_refill_timer():
+    # regression: the refill timer due at the old rate (an hour away) stayed armed,
+    # so waiters sat on a bucket that was long full again
+    e = cs.Engine()
+    e.rate_limit("task:x", "1/h")
+
+    @cs.task(name="x")
+    async def x(i):
+        return i
+
+    h = e.start(x.map(range(3)))
+    wait_for(lambda: len(e.status()["blocked"]) == 2)
+    e.rate_limit("task:x", "100/s")
+    assert h.result(TIMEOUT) == [0, 1, 2]
 
 
-def test_g4_pause_with_ttl_lifts_itself():
+# --- ttl --------------------------------------------------------------------
+
+def test_pause_with_ttl_lifts_itself():
     e = cs.Engine()
     started = []
     removed = []
@@ -3406,7 +2723,7 @@ def test_g4_pause_with_ttl_lifts_itself():
     assert len(removed) == 1 and e.constraints == []
 
 
-def test_g4_ttl_expires_while_the_event_loop_is_busy():
+def test_ttl_expires_while_the_event_loop_is_busy():
     e = cs.Engine()
     seen = []
 
@@ -3420,17 +2737,40 @@ def test_g4_ttl_expires_while_the_event_loop_is_busy():
     assert seen == [[]]
 
 
-def test_g4_limit_and_rate_limit_ttls_expire_too():
+def test_limit_and_rate_limit_ttls_expire_too():
     e = cs.Engine()
     e.limit("task:x", 0, ttl=0.1)
     e.rate_limit("task:y", "1/h", ttl=0.1)
     wait_for(lambda: e.constraints == [], timeout=5)
 
 
-# =========================================================================== G5 all-or-nothing, FIFO
+def test_a_ttl_beyond_the_platform_timeout_does_not_kill_the_clock():
+    # regression: Condition.wait(1e10) overflowed and the clock thread died, so no
+    # later TTL ever expired and no rate-limit refill ever fired
+    e = cs.Engine()
+    e.pause("task:far", ttl=1e10)
+    time.sleep(0.05)
+    e.pause("task:b", ttl=0.1)
+
+    @cs.task(name="b")
+    async def b():
+        return "ran"
+
+    assert e.start(b()).result(TIMEOUT) == "ran"
+    assert [c.scope for c in e.constraints] == ["task:far"]
 
 
-def test_g5_overlapping_limits_never_deadlock():
+def test_replacing_a_ttl_constraint_keeps_the_new_one_when_the_old_ttl_fires():
+    e = cs.Engine()
+    e.pause("task:x", ttl=0.1)
+    e.pause("task:x")             # replaces it, with no ttl
+    time.sleep(0.3)
+    assert [(c.scope, c.expires_at) for c in e.constraints] == [("task:x", None)]
+
+
+# --- all-or-nothing admission, FIFO -----------------------------------------
+
+def test_overlapping_limits_never_deadlock():
     e = cs.Engine()
     g = Gauge()
     e.limit("tag:a", 1)
@@ -3459,7 +2799,7 @@ def test_g5_overlapping_limits_never_deadlock():
     assert g.peak == {"a": 1, "b": 1}
 
 
-def test_g5_waiters_start_in_the_order_they_became_ready():
+def test_waiters_start_in_the_order_they_became_ready():
     e = cs.Engine()
     order = []
     e.limit("global", 1)
@@ -3472,7 +2812,27 @@ def test_g5_waiters_start_in_the_order_they_became_ready():
     assert order == list(range(20))
 
 
-def test_g5_a_paused_waiter_does_not_hold_back_unrelated_waiters():
+def test_a_retry_does_not_jump_ahead_of_tasks_that_became_ready_earlier():
+    # regression: ready nodes wait for the next pump chunk; a retry enqueued at once
+    # overtook them (FIFO is by the time a task became ready)
+    e = cs.Engine()
+    e.limit("task:rec", 1)
+    order, failed = [], []
+
+    @cs.task(name="rec")
+    async def rec(i):
+        if i == 0 and not failed:
+            failed.append(1)
+            raise RuntimeError("once")
+        order.append(i)
+        return i
+
+    n = cs._Run.PUMP_CHUNK + 100
+    asyncio.run(e.run([rec(0).with_retry(2)] + [rec(i) for i in range(1, n)]))
+    assert order == list(range(1, n)) + [0]
+
+
+def test_a_paused_waiter_does_not_hold_back_unrelated_waiters():
     e = cs.Engine()
     order = []
     e.limit("global", 1)
@@ -3494,7 +2854,7 @@ def test_g5_a_paused_waiter_does_not_hold_back_unrelated_waiters():
     assert order == [0, 1, 2, "p"]
 
 
-def test_g5_a_waiting_retry_holds_no_slot_and_a_pause_applies_to_its_next_attempt():
+def test_a_waiting_retry_holds_no_slot_and_a_pause_applies_to_its_next_attempt():
     e = cs.Engine()
     attempts = []
     others = []
@@ -3524,21 +2884,9 @@ def test_g5_a_waiting_retry_holds_no_slot_and_a_pause_applies_to_its_next_attemp
     assert len(attempts) == 2
 
 
-def test_g5_capacity_requests_above_total_fail_at_run_start():
-    e = cs.Engine(system_resources={"gpu": 1})
+# --- event-driven -----------------------------------------------------------
 
-    @cs.task
-    async def t():
-        return 1
-
-    with pytest.raises(cs.ConstraintError, match="total capacity"):
-        asyncio.run(e.run(t().with_constraints(gpu=2)))
-
-
-# =========================================================================== G6 event-driven
-
-
-def test_g6_resume_from_another_thread_starts_waiting_work():
+def test_resume_from_another_thread_starts_waiting_work():
     e = cs.Engine()
     started = threading.Event()
 
@@ -3555,7 +2903,7 @@ def test_g6_resume_from_another_thread_starts_waiting_work():
     h.result(TIMEOUT)
 
 
-def test_g6_no_timer_is_armed_while_nothing_changes():
+def test_no_timer_is_armed_while_nothing_changes():
     # Event-driven: a paused run arms no timer (no polling); the clock thread only
     # exists while a TTL or a token refill is due.
     e = cs.Engine()
@@ -3573,8 +2921,7 @@ def test_g6_no_timer_is_armed_while_nothing_changes():
     h.result(TIMEOUT)
 
 
-# =========================================================================== G7 bad control input
-
+# --- bad control input ------------------------------------------------------
 
 @pytest.mark.parametrize("payload, why", [
     (b"{not json", "not a JSON object"),
@@ -3586,7 +2933,7 @@ def test_g6_no_timer_is_armed_while_nothing_changes():
     ([1, 2, 3], "JSON object"),
     (b"x" * (64 * 1024 + 1), "64 KiB"),
 ])
-def test_g7_bad_control_input_is_rejected_once_and_the_engine_carries_on(
+def test_bad_control_input_is_rejected_once_and_the_engine_carries_on(
         payload, why, caplog):
     broker = cs.LocalBroker()
     e = cs.Engine(connector=broker)
@@ -3617,7 +2964,7 @@ def test_g7_bad_control_input_is_rejected_once_and_the_engine_carries_on(
     assert [c.scope for c in e.constraints] == ["task:other"]
 
 
-def test_g7_a_topic_that_disagrees_with_its_payload_is_rejected():
+def test_a_topic_that_disagrees_with_its_payload_is_rejected():
     e = cs.Engine()
     link = cs._Link(e, cs.LocalBroker())
     assert link.on_control("cascade/constraints/task/a/pause",
@@ -3627,8 +2974,29 @@ def test_g7_a_topic_that_disagrees_with_its_payload_is_rejected():
     assert [c.scope for c in e.constraints] == ["task:a"]
 
 
-# =========================================================================== events and status
+def test_one_bad_control_message_is_rejected_once_however_many_runs_listen(caplog):
+    # regression: every active run had its own subscription and rejected it again
+    broker = cs.LocalBroker()
+    e = cs.Engine(connector=broker)
+    rejected = []
+    e.subscribe(cs.ConstraintRejected, rejected.append)
+    go, start = two_held_runs(e)
 
+    async def main():
+        with caplog.at_level(logging.WARNING, logger="cascade"):
+            runs = await start()
+            await broker.publish("cascade/constraints/task/t/concurrency",
+                                 {"scope": "task:t", "type": "concurrency",
+                                  "params": {"limit": -1}})
+            await asyncio.sleep(0.1)
+            go.set()
+            return await asyncio.gather(*runs)
+    assert asyncio.run(main()) == [0, 1]
+    warnings = [r for r in caplog.records if "rejected control message" in r.getMessage()]
+    assert len(warnings) == 1 and len(rejected) == 1
+
+
+# --- status -----------------------------------------------------------------
 
 def test_task_blocked_once_per_wait_with_scope_and_type():
     e = cs.Engine()
@@ -3676,8 +3044,7 @@ def test_status_shows_usage_against_limits_and_what_blocked_tasks_wait_on():
     h.result(TIMEOUT)
 
 
-# =========================================================================== property: random DAGs under random control scripts
-
+# --- property: random control scripts never break the guarantees ------------
 
 @st.composite
 def dag_and_script(draw):
@@ -3824,330 +3191,11 @@ def test_property_concurrency_respects_the_limit_in_force_at_admission():
     assert state["violations"] == 0
 
 
-# =========================================================================== regressions
-
-
-def test_a_body_that_cannot_even_start_fails_the_run_instead_of_hanging():
-    # regression: an exception while starting a body left the unit counted as in
-    # flight, and the run waited for it forever
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    pool.shutdown()
-    e = cs.Engine(executor=pool)
-
-    @cs.task
-    def t():
-        return 1
-
-    async def main():
-        return await asyncio.wait_for(e.run(t()), TIMEOUT)
-    with pytest.raises(RuntimeError, match="shutdown"):
-        asyncio.run(main())
-
-
-def test_a_run_on_a_loop_closed_right_after_it_does_not_strand_other_waiters():
-    # admission after a release is one pass per loop iteration; a loop that is
-    # closed right after its run must not take that pass (and the waiters) with it
-    e = cs.Engine()
-    e.limit("global", 1)
-    gate = threading.Event()
-
-    @cs.task
-    def first():
-        gate.wait(TIMEOUT)
-
-    @cs.task
-    async def later(i):
-        return i
-
-    loop = asyncio.new_event_loop()
-
-    def own_loop():
-        loop.run_until_complete(e.run(first()))
-        loop.close()
-    th = threading.Thread(target=own_loop)
-    th.start()
-    wait_for(lambda: e.status()["tasks"].get("first", {}).get("running") == 1)
-    h = e.start(later.map(range(3)))
-    wait_for(lambda: len(e.status()["blocked"]) == 3)
-    gate.set()
-    th.join(TIMEOUT)
-    assert h.result(TIMEOUT) == [0, 1, 2]
-
-
-def test_a_large_fan_out_is_started_in_chunks_and_finished_tasks_are_let_go():
-    # The loop gets a turn between chunks of ready tasks (controls and other
-    # coroutines are not starved by a huge fan-out), and a finished task's asyncio
-    # task is released, so a fan-out of n never holds n asyncio tasks at once.
-    e = cs.Engine()
-    alive = []
-
-    @cs.task
-    async def t(i):
-        alive.append(len(asyncio.all_tasks()))
-
-    asyncio.run(e.run([t(i) for i in range(5000)]))
-    assert len(alive) == 5000
-    assert max(alive) <= 2 * cs._Run.PUMP_CHUNK + 10
-
-
-def test_a_ttl_beyond_the_platform_timeout_does_not_kill_the_clock():
-    # regression: Condition.wait(1e10) overflowed and the clock thread died, so no
-    # later TTL ever expired and no rate-limit refill ever fired
-    e = cs.Engine()
-    e.pause("task:far", ttl=1e10)
-    time.sleep(0.05)
-    e.pause("task:b", ttl=0.1)
-
-    @cs.task(name="b")
-    async def b():
-        return "ran"
-
-    assert e.start(b()).result(TIMEOUT) == "ran"
-    assert [c.scope for c in e.constraints] == ["task:far"]
-
-
-def test_raising_a_rate_limit_in_place_re_arms_the_refill_timer():
-    # regression: the refill timer due at the old rate (an hour away) stayed armed,
-    # so waiters sat on a bucket that was long full again
-    e = cs.Engine()
-    e.rate_limit("task:x", "1/h")
-
-    @cs.task(name="x")
-    async def x(i):
-        return i
-
-    h = e.start(x.map(range(3)))
-    wait_for(lambda: len(e.status()["blocked"]) == 2)
-    e.rate_limit("task:x", "100/s")
-    assert h.result(TIMEOUT) == [0, 1, 2]
-
-
-def test_a_busy_loop_does_not_hold_back_waiters_of_a_run_on_another_loop():
-    # regression: admission after a release was deferred to the releasing loop's next
-    # turn, so a run on another loop waited for as long as that loop was busy
-    e = cs.Engine()
-    e.limit("tag:lim", 1)
-    go, a1_done = threading.Event(), threading.Event()
-    marks = {}
-
-    @cs.task(name="a1", tags=["lim"])
-    async def a1():
-        while not go.is_set():
-            await asyncio.sleep(0.005)
-        a1_done.set()
-
-    @cs.task(name="hog")
-    async def hog():
-        while not a1_done.is_set():   # already scheduled when a1 gives its slot back
-            await asyncio.sleep(0)
-        time.sleep(0.5)               # then blocks loop A
-        marks["hog_done"] = time.monotonic()
-
-    @cs.task(name="b1", tags=["lim"])
-    async def b1():
-        marks["b1"] = time.monotonic()
-
-    ha = e.start([a1(), hog()])
-    wait_for(lambda: e.status()["tasks"].get("a1", {}).get("running") == 1)
-    hb = e.start(b1())
-    wait_for(lambda: len(e.status()["blocked"]) == 1)
-    go.set()
-    hb.result(TIMEOUT)
-    ha.result(TIMEOUT)
-    assert marks["b1"] < marks["hog_done"]
-
-
-def test_replacing_a_ttl_constraint_keeps_the_new_one_when_the_old_ttl_fires():
-    e = cs.Engine()
-    e.pause("task:x", ttl=0.1)
-    e.pause("task:x")             # replaces it, with no ttl
-    time.sleep(0.3)
-    assert [(c.scope, c.expires_at) for c in e.constraints] == [("task:x", None)]
-
-
-def _two_held_runs(e):
-    """(go, start): ``await start()`` begins two runs of ``e`` whose tasks hold until
-    ``go`` is set, and returns them once both tasks run."""
-    go = threading.Event()
-
-    @cs.task
-    def waiter(i):
-        go.wait(TIMEOUT)
-        return i
-
-    async def start():
-        runs = [asyncio.ensure_future(e.run(waiter(i))) for i in range(2)]
-        while e.status()["tasks"].get("waiter", {}).get("running", 0) < 2:
-            await asyncio.sleep(0.01)
-        return runs
-    return go, start
-
-
-def test_one_bad_control_message_is_rejected_once_however_many_runs_listen(caplog):
-    # regression: every active run had its own subscription and rejected it again
-    broker = cs.LocalBroker()
-    e = cs.Engine(connector=broker)
-    rejected = []
-    e.subscribe(cs.ConstraintRejected, rejected.append)
-    go, start = _two_held_runs(e)
-
-    async def main():
-        with caplog.at_level(logging.WARNING, logger="cascade"):
-            runs = await start()
-            await broker.publish("cascade/constraints/task/t/concurrency",
-                                 {"scope": "task:t", "type": "concurrency",
-                                  "params": {"limit": -1}})
-            await asyncio.sleep(0.1)
-            go.set()
-            return await asyncio.gather(*runs)
-    assert asyncio.run(main()) == [0, 1]
-    warnings = [r for r in caplog.records if "rejected control message" in r.getMessage()]
-    assert len(warnings) == 1 and len(rejected) == 1
-
-
-def test_broker_controls_are_applied_in_order_with_several_runs_listening():
-    # regression: with two active runs, per-message de-duplication across their
-    # subscriptions applied pause/clear/pause out of order and lost the final pause
-    broker = cs.LocalBroker()
-    e = cs.Engine(connector=broker)
-    ctl = cs.Controller(broker)
-    go, start = _two_held_runs(e)
-
-    async def main():
-        runs = await start()
-        for _ in range(3):
-            await ctl.pause("task:ordered")
-            await ctl.resume("task:ordered")
-        await ctl.pause("task:ordered")
-        for _ in range(50):
-            if [c.scope for c in e.constraints] == ["task:ordered"]:
-                break
-            await asyncio.sleep(0.01)
-        state = [c.scope for c in e.constraints]
-        go.set()
-        await asyncio.gather(*runs)
-        await ctl.clear("task:ordered")
-        return state
-    assert asyncio.run(main()) == ["task:ordered"]
-
-
-def test_republishing_the_same_payload_object_applies_it_again():
-    # regression: a message object already seen was skipped, so pause, clear, pause
-    # (with one dict) ended un-paused
-    broker = cs.LocalBroker()
-    e = cs.Engine(connector=broker)
-    topic = "cascade/constraints/task/again/pause"
-    p = {"id": "p1", "scope": "task:again", "type": "pause", "params": {}}
-    states = []
-    go = threading.Event()
-
-    @cs.task
-    def waiter():
-        go.wait(TIMEOUT)
-
-    async def main():
-        run = asyncio.ensure_future(e.run(waiter()))
-        while not e.status()["tasks"].get("waiter", {}).get("running"):
-            await asyncio.sleep(0.01)
-        for payload in (p, "", p):
-            await broker.publish(topic, payload, retain=True)
-            await asyncio.sleep(0.05)
-            states.append([c.scope for c in e.constraints])
-        go.set()
-        await run
-        await broker.publish(topic, "", retain=True)
-    asyncio.run(main())
-    assert states == [["task:again"], [], ["task:again"]]
-
-
-def test_a_retry_does_not_jump_ahead_of_tasks_that_became_ready_earlier():
-    # regression: ready nodes wait for the next pump chunk; a retry enqueued at once
-    # overtook them (FIFO is by the time a task became ready)
-    e = cs.Engine()
-    e.limit("task:rec", 1)
-    order, failed = [], []
-
-    @cs.task(name="rec")
-    async def rec(i):
-        if i == 0 and not failed:
-            failed.append(1)
-            raise RuntimeError("once")
-        order.append(i)
-        return i
-
-    n = cs._Run.PUMP_CHUNK + 100
-    asyncio.run(e.run([rec(0).with_retry(2)] + [rec(i) for i in range(1, n)]))
-    assert order == list(range(1, n)) + [0]
-
-
-def test_publish_many_nowait_reaches_live_subscribers_past_a_dead_one():
-    # regression: a subscription whose loop had closed reset the topic cache mid-batch
-    # and every payload after the first was dropped
-    broker = cs.LocalBroker()
-
-    async def dead():
-        await broker.subscribe("t/#", lambda t, p: None)
-    asyncio.run(dead())                     # its loop is closed now
-    got = []
-
-    async def live():
-        await broker.subscribe("t/#", lambda t, p: got.append(p))
-        broker.publish_many_nowait("t/x", [1, 2, 3])
-        for _ in range(50):
-            if len(got) == 3:
-                break
-            await asyncio.sleep(0.01)
-    asyncio.run(live())
-    assert got == [1, 2, 3]
-
-
-def test_an_empty_dict_or_list_is_a_message_not_the_empty_clear_message():
-    # regression: LocalBroker treated any falsy payload as the empty message, so a
-    # retained {} or [] cleared the topic instead of being stored
-    broker = cs.LocalBroker()
-    got = []
-
-    async def main():
-        await broker.publish("e/a", {}, retain=True)
-        await broker.publish("e/b", [], retain=True)
-        await broker.publish("e/c", "", retain=True)
-        await broker.subscribe("e/#", lambda t, p: got.append((t, p)))
-        for _ in range(50):
-            if len(got) == 2:
-                break
-            await asyncio.sleep(0.01)
-    asyncio.run(main())
-    assert sorted(got) == [("e/a", {}), ("e/b", [])]
-
-
-@cs.task
-def _dask_square(x):
-    return x * x
-
-
-def test_a_dask_cluster_executor_runs_sync_tasks_under_the_control_plane():
-    # Engine(executor=...) takes a Dask cluster's client.get_executor()
-    distributed = requires("distributed", "dask[distributed]")
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
-                                  dashboard_address=None) as cluster, \
-            distributed.Client(cluster) as client:
-        e = cs.Engine(executor=client.get_executor())
-        e.limit("task:_dask_square", 1)
-        blocked = []
-        e.subscribe(cs.TaskBlocked, blocked.append)
-        assert asyncio.run(e.run(_dask_square.map(range(6)))) == [0, 1, 4, 9, 16, 25]
-        assert len(blocked) == 5   # one at a time: the limit held the others
-
-
 # ===========================================================================
-# pub/sub: broker, connectors, MQTT hook (SPEC §5)
+# Pub/sub: in-process broker, MQTT hook, Controller
 # ===========================================================================
 
-
-# ---------------------------------------------------------------------------
-# topic matching
-# ---------------------------------------------------------------------------
-
+# --- topic matching ---------------------------------------------------------
 
 @pytest.mark.parametrize("filt,topic,expected", [
     ("a/b", "a/b", True), ("a/b", "a/c", False), ("a/+", "a/b", True), ("a/+", "a/b/c", False),
@@ -4183,10 +3231,7 @@ def test_topic_matches_agrees_with_paho():
     agrees()
 
 
-# ---------------------------------------------------------------------------
-# payload encoding
-# ---------------------------------------------------------------------------
-
+# --- payloads ---------------------------------------------------------------
 
 @pytest.mark.parametrize("raw,expected", [
     (b"", ""), (bytearray(), ""), ("", ""), (b'{"a": 1}', {"a": 1}), (b"[1, 2]", [1, 2]),
@@ -4216,10 +3261,7 @@ def test_encode_payload():
         cs._encode_payload(float("nan"))
 
 
-# ---------------------------------------------------------------------------
-# delivery helpers
-# ---------------------------------------------------------------------------
-
+# --- delivery ---------------------------------------------------------------
 
 @async_test
 async def test_deliver_sync_async_and_raising_callbacks(caplog):
@@ -4262,10 +3304,7 @@ async def test_call_soon_on_own_loop_is_queued_not_direct():
     assert got == [1]
 
 
-# ---------------------------------------------------------------------------
-# LocalBroker
-# ---------------------------------------------------------------------------
-
+# --- LocalBroker ------------------------------------------------------------
 
 @async_test
 async def test_local_retained_and_empty_retained_clears():
@@ -4484,10 +3523,47 @@ async def test_local_bytes_payload_is_decoded_like_a_wire():
     assert inbox.items == [("w/g", b"\xffgarbage"), ("w/j", {"a": 1})]
 
 
-# ---------------------------------------------------------------------------
-# MqttConnector (needs Mosquitto on 127.0.0.1:1883)
-# ---------------------------------------------------------------------------
+def test_publish_many_nowait_reaches_live_subscribers_past_a_dead_one():
+    # regression: a subscription whose loop had closed reset the topic cache mid-batch
+    # and every payload after the first was dropped
+    broker = cs.LocalBroker()
 
+    async def dead():
+        await broker.subscribe("t/#", lambda t, p: None)
+    asyncio.run(dead())                     # its loop is closed now
+    got = []
+
+    async def live():
+        await broker.subscribe("t/#", lambda t, p: got.append(p))
+        broker.publish_many_nowait("t/x", [1, 2, 3])
+        for _ in range(50):
+            if len(got) == 3:
+                break
+            await asyncio.sleep(0.01)
+    asyncio.run(live())
+    assert got == [1, 2, 3]
+
+
+def test_an_empty_dict_or_list_is_a_message_not_the_empty_clear_message():
+    # regression: LocalBroker treated any falsy payload as the empty message, so a
+    # retained {} or [] cleared the topic instead of being stored
+    broker = cs.LocalBroker()
+    got = []
+
+    async def main():
+        await broker.publish("e/a", {}, retain=True)
+        await broker.publish("e/b", [], retain=True)
+        await broker.publish("e/c", "", retain=True)
+        await broker.subscribe("e/#", lambda t, p: got.append((t, p)))
+        for _ in range(50):
+            if len(got) == 2:
+                break
+            await asyncio.sleep(0.01)
+    asyncio.run(main())
+    assert sorted(got) == [("e/a", {}), ("e/b", [])]
+
+
+# --- MqttConnector (Mosquitto on 127.0.0.1:1883) ----------------------------
 
 def test_mqtt_connector_rejects_unknown_clients():
     with pytest.raises(TypeError, match="paho-mqtt 2.x Client"):
@@ -4597,24 +3673,788 @@ async def test_aiomqtt_connector(aiomqtt, prefix):
         await client.publish(f"{prefix}/still", b"usable")  # the user's client is untouched
 
 
-# ===========================================================================
-# engines on a broker: sync, telemetry, Controller, CLI (SPEC §5)
-# ===========================================================================
-# ===========================================================================
-# helpers
-# ===========================================================================
+# --- Controller -------------------------------------------------------------
 
-
-# --------------------------------------------------------------------------- MQTT
-
-
-# ===========================================================================
-# engine + LocalBroker: retained controls, one topic per (scope, type) (item 2)
-# ===========================================================================
+@async_test
+async def test_controller_verbs_are_coroutines_and_status_returns_the_retained_constraints():
+    broker, u = cs.LocalBroker(), uid()
+    a, b, c = f"task:l_{u}_a", f"tag:l_{u}_b", f"project:l_{u}"
+    ctl = cs.Controller(broker)
+    for verb in ("pause", "resume", "limit", "rate_limit", "clear", "status"):
+        assert inspect.iscoroutinefunction(getattr(ctl, verb)), verb
+    assert await ctl.status() == []
+    p = await ctl.pause(a, ttl=60)
+    lim = await ctl.limit(b, 3)
+    r = await ctl.rate_limit(c, "30/m", burst=2, ttl=120)
+    assert isinstance(p, cs.Constraint) and (p.scope, p.type, p.params) == (a, "pause", {})
+    assert 0 < p.expires_in() <= 60 and lim.expires_at is None
+    assert r.params == {"rate": "30/m", "burst": 2}
+    status = await ctl.status()
+    assert [x.to_dict() for x in status] == [x.to_dict() for x in
+                                             sorted([p, lim, r], key=lambda x: (x.scope, x.type))]
+    assert 0 < next(x for x in status if x.scope == a).expires_in() <= 60
+    await ctl.limit(a, 1)            # one topic per (scope, type): the pause stays
+    assert [(x.scope, x.type) for x in await ctl.status() if x.scope == a] == [
+        (a, "concurrency"), (a, "pause")]
+    await ctl.resume(a)
+    assert [(x.scope, x.type) for x in await ctl.status()] == [
+        (c, "rate_limit"), (b, "concurrency"), (a, "concurrency")]
+    await ctl.clear(c, type="rate_limit")
+    await ctl.clear(b)
+    await ctl.clear(a, type="concurrency")
+    assert await ctl.status() == []
+    for call in (lambda: ctl.pause("bad scope"), lambda: ctl.pause("global", ttl=0),
+                 lambda: ctl.limit(a, -1), lambda: ctl.rate_limit(a, "fast"),
+                 lambda: ctl.clear(a, type="bogus"), lambda: ctl.resume("task:a/b")):
+        with pytest.raises(cs.ConstraintError):
+            await call()
+    assert await retained_on(broker) == {}  # nothing was published by the bad calls
 
 
 @async_test
-async def test_link_retained_controls_are_applied_before_the_first_task(monkeypatch):
+async def test_controller_limit_steers_a_running_engine():
+    broker, u = cs.LocalBroker(), uid()
+    name = f"l_{u}_w"
+    ctl = cs.Controller(broker)
+    await ctl.limit(f"task:{name}", 0)          # holds every start
+    engine = cs.Engine(connector=broker)
+    log = Recorder(engine)
+    running, peak = [0], [0]
+    gate = asyncio.Event()
+
+    @cs.task(name=name)
+    async def w(i):
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        await gate.wait()
+        running[0] -= 1
+        return i
+
+    handle = engine.start(w.map(range(6)))
+    await log.until(lambda items: len(events_of(items, cs.TaskBlocked)) == 6, "6 blocked")
+    await ctl.limit(f"task:{name}", 2)
+    await log.until(lambda items: len(events_of(items, cs.TaskExecutionStarted)) == 2, "2 started")
+    gate.set()
+    assert await asyncio.wait_for(handle, TIMEOUT) == list(range(6))
+    assert peak[0] == 2
+    await ctl.clear(f"task:{name}")
+
+
+# ===========================================================================
+# Engine: events, the per-run scheduler, handles, the Engine
+# ===========================================================================
+
+# --- running ----------------------------------------------------------------
+
+def test_no_stage_barriers_deep_chain_never_waits_for_unrelated_slow_task():
+    # `slow` only returns True if the tail of a 10-deep chain ran while it was running.
+    # A scheduler with stage barriers would make the chain wait for `slow`.
+    tail_done = threading.Event()
+
+    @cs.task
+    def slow():
+        return tail_done.wait(TIMEOUT)
+
+    @cs.task
+    def step(x):
+        return x + 1
+
+    @cs.task
+    def tail(x):
+        tail_done.set()
+        return x
+
+    x = step(0)
+    for _ in range(9):
+        x = step(x)
+    assert cs.run(pair(slow(), tail(x))) == (True, 10)
+
+
+def test_no_stage_barriers_async():
+    async def main():
+        tail_done = asyncio.Event()
+
+        @cs.task
+        async def slow():
+            try:
+                await asyncio.wait_for(tail_done.wait(), TIMEOUT)
+                return True
+            except asyncio.TimeoutError:
+                return False
+
+        @cs.task
+        async def step(x):
+            await asyncio.sleep(0)
+            return x + 1
+
+        @cs.task
+        def sync_step(x):
+            return x + 1
+
+        @cs.task
+        async def tail(x):
+            tail_done.set()
+            return x
+
+        x = step(0)
+        for i in range(9):
+            x = (sync_step if i % 2 else step)(x)
+        return await cs.Engine().run(pair(slow(), tail(x)))
+
+    assert asyncio.run(main()) == (True, 10)
+
+
+def test_sync_bodies_in_thread_pool_async_bodies_on_the_loop():
+    seen = {}
+
+    @cs.task
+    def sync_body():
+        seen["sync"] = threading.get_ident()
+        return 1
+
+    @cs.task
+    async def async_body():
+        seen["async"] = threading.get_ident()
+        seen["loop"] = asyncio.get_running_loop()
+        return 2
+
+    async def main():
+        value = await cs.Engine().run(pair(sync_body(), async_body()))
+        return value, asyncio.get_running_loop()
+
+    value, loop = asyncio.run(main())
+    assert value == (1, 2)
+    assert seen["async"] == threading.get_ident()
+    assert seen["loop"] is loop
+    assert seen["sync"] != threading.get_ident()
+
+
+def test_default_pool_runs_fifty_blocking_sync_tasks_at_once():
+    barrier = threading.Barrier(50, timeout=TIMEOUT)
+
+    @cs.task
+    def blocker(i):
+        barrier.wait()  # breaks (and the test fails) unless all 50 run at once
+        return i
+
+    assert cs.run(ident([blocker(i) for i in range(50)])) == list(range(50))
+
+
+def test_engine_accepts_user_executor_for_sync_bodies():
+    names = []
+
+    @cs.task
+    def where():
+        names.append(threading.current_thread().name)
+        return 1
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="userpool") as ex:
+        assert run_engine(cs.Engine(executor=ex), ident([where(), where()])) == [1, 1]
+    assert len(names) == 2 and all(n.startswith("userpool") for n in names)
+
+
+# Module level on purpose: a ProcessPoolExecutor must pickle it even though
+# @cs.task rebinds the name `proc_square` to the task object.
+@cs.task
+def proc_square(x):
+    return (x * x, os.getpid())
+
+
+def test_process_pool_executor_runs_module_level_sync_tasks():
+    # spawn: a fresh interpreter must find the task by name (and fork would copy a
+    # multi-threaded process)
+    import multiprocessing
+    with concurrent.futures.ProcessPoolExecutor(
+            max_workers=2, mp_context=multiprocessing.get_context("spawn")) as ex:
+        engine = cs.Engine(executor=ex)
+        result = run_engine(engine, pair(proc_square(4), proc_square.map(x=[1, 2, 3])))
+    single, mapped = result
+    assert single[0] == 16
+    assert [v for v, _ in mapped] == [1, 4, 9]
+    pids = {single[1]} | {pid for _, pid in mapped}
+    assert os.getpid() not in pids
+
+
+@cs.task
+def _dask_square(x):
+    return x * x
+
+
+def test_a_dask_cluster_executor_runs_sync_tasks_under_the_control_plane():
+    # Engine(executor=...) takes a Dask cluster's client.get_executor()
+    distributed = requires("distributed", "dask[distributed]")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        e = cs.Engine(executor=client.get_executor())
+        e.limit("task:_dask_square", 1)
+        blocked = []
+        e.subscribe(cs.TaskBlocked, blocked.append)
+        assert asyncio.run(e.run(_dask_square.map(range(6)))) == [0, 1, 4, 9, 16, 25]
+        assert len(blocked) == 5   # one at a time: the limit held the others
+
+
+def test_a_body_that_cannot_even_start_fails_the_run_instead_of_hanging():
+    # regression: an exception while starting a body left the unit counted as in
+    # flight, and the run waited for it forever
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    pool.shutdown()
+    e = cs.Engine(executor=pool)
+
+    @cs.task
+    def t():
+        return 1
+
+    async def main():
+        return await asyncio.wait_for(e.run(t()), TIMEOUT)
+    with pytest.raises(RuntimeError, match="shutdown"):
+        asyncio.run(main())
+
+
+def test_a_large_fan_out_is_started_in_chunks_and_finished_tasks_are_let_go():
+    # The loop gets a turn between chunks of ready tasks (controls and other
+    # coroutines are not starved by a huge fan-out), and a finished task's asyncio
+    # task is released, so a fan-out of n never holds n asyncio tasks at once.
+    e = cs.Engine()
+    alive = []
+
+    @cs.task
+    async def t(i):
+        alive.append(len(asyncio.all_tasks()))
+
+    asyncio.run(e.run([t(i) for i in range(5000)]))
+    assert len(alive) == 5000
+    assert max(alive) <= 2 * cs._Run.PUMP_CHUNK + 10
+
+
+# --- fail-fast --------------------------------------------------------------
+
+def test_failure_raises_original_exception_with_task_name():
+    class MyError(Exception):
+        pass
+
+    raised = []
+
+    @cs.task
+    def ok():
+        return 1
+
+    @cs.task
+    def boom(x):
+        err = MyError("bad")
+        raised.append(err)
+        raise err
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    with pytest.raises(MyError) as ei:
+        run_engine(engine, ident(boom(ok())))
+    assert type(ei.value) is MyError
+    assert ei.value is raised[0]
+    if sys.version_info >= (3, 11):
+        assert "boom" in notes_of(ei.value)
+    (fin,) = rec.of(cs.TaskExecutionFinished, task_name="boom")
+    assert fin.status == "Failed" and fin.error is raised[0]
+    run_finished = rec.events[-1]
+    assert isinstance(run_finished, cs.RunFinished)
+    assert run_finished.status == "Failed" and run_finished.error is raised[0]
+    assert "ident" not in rec.started_names()
+
+
+def test_failure_of_async_task_raises_original_exception():
+    @cs.task
+    async def aboom():
+        await asyncio.sleep(0)
+        raise ZeroDivisionError("async")
+
+    with pytest.raises(ZeroDivisionError) as ei:
+        cs.run(aboom())
+    if sys.version_info >= (3, 11):
+        assert "aboom" in notes_of(ei.value)
+
+
+def test_failure_in_map_target_raises_original_exception_with_task_name():
+    @cs.task
+    def item(x):
+        if x == 2:
+            raise LookupError(f"item {x}")
+        return x
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    with pytest.raises(LookupError) as ei:
+        run_engine(engine, item.map(x=[1, 2, 3]))
+    assert type(ei.value) is LookupError and ei.value.args == ("item 2",)
+    if sys.version_info >= (3, 11):
+        assert "item" in notes_of(ei.value)
+    failed = rec.of(cs.TaskExecutionFinished, status="Failed")
+    assert len(failed) == 1 and failed[0].task_name == "item"
+    assert rec.events[-1].status == "Failed"
+
+
+def test_fail_fast_pending_tasks_never_start():
+    started = []
+    failed = threading.Event()
+
+    @cs.task
+    def boom():
+        started.append("boom")
+        raise KeyError("k")
+
+    @cs.task
+    def gate():
+        started.append("gate")
+        failed.wait(TIMEOUT)  # returns only once the run has already failed
+        return 1
+
+    @cs.task
+    def after_gate(x):
+        started.append("after_gate")
+        return x
+
+    @cs.task
+    def after_boom(x):
+        started.append("after_boom")
+        return x
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+
+    def on_finished(ev):
+        if ev.task_name == "boom" and ev.status == "Failed":
+            failed.set()
+
+    engine.subscribe(cs.TaskExecutionFinished, on_finished)
+    with pytest.raises(KeyError):
+        run_engine(engine, pair(after_boom(boom()), after_gate(gate())))
+    assert "after_gate" not in started and "after_boom" not in started
+    assert set(rec.started_names()) <= {"boom", "gate"}
+
+
+def _slow_failure_subscriber(late_start):
+    # Runs on the loop when the failure is reported; while it waits, a waiter that was
+    # wrongly handed the failed task's slot gets every chance to start. A correct
+    # engine starts nothing, and the wait simply times out.
+    def on_finished(ev):
+        if ev.status == "Failed":
+            late_start.wait(0.5)
+
+    return on_finished
+
+
+@pytest.mark.parametrize("shape", ["map items", "plain calls"])
+def test_fail_fast_pending_constrained_tasks_never_start(shape):
+    # One slot: tasks run one at a time, so the failing one must be the last to start,
+    # whether they are a map's items or plain calls waiting for the only slot.
+    started = []
+    late_start = threading.Event()
+
+    @cs.task
+    def item(x):
+        if 1 in started:
+            late_start.set()
+        started.append(x)
+        if x == 1:
+            raise ValueError("item 1")
+        return x
+
+    engine = cs.Engine(system_resources={"slot": 1})
+    engine.subscribe(cs.TaskExecutionFinished, _slow_failure_subscriber(late_start))
+    target = (item.map(x=[0, 1, 2, 3, 4]).with_constraints(slot=1) if shape == "map items"
+              else ident([item(i).with_constraints(slot=1) for i in range(5)]))
+    with pytest.raises(ValueError):
+        run_engine(engine, target)
+    assert started[-1] == 1, f"started after the failure: {started}"
+
+
+def test_fail_fast_cancels_running_async_siblings():
+    observed = []
+
+    async def main():
+        sibling_started = asyncio.Event()
+
+        @cs.task
+        async def sibling():
+            sibling_started.set()
+            try:
+                await asyncio.wait_for(asyncio.Event().wait(), TIMEOUT)
+            except asyncio.CancelledError:
+                observed.append("cancelled")
+                raise
+            except asyncio.TimeoutError:
+                observed.append("timed out")
+                raise
+            return 1
+
+        @cs.task
+        async def boom():
+            await asyncio.wait_for(sibling_started.wait(), TIMEOUT)
+            raise ValueError("boom")
+
+        return await cs.Engine().run(pair(sibling(), boom()))
+
+    with pytest.raises(ValueError, match="boom"):
+        asyncio.run(main())
+    assert observed == ["cancelled"]
+
+
+def test_fail_fast_tears_down_after_every_started_task_has_settled():
+    log = []
+    torn_down = threading.Event()
+    sync_started = threading.Event()
+    async_started = threading.Event()
+
+    @cs.resource
+    def res():
+        log.append("setup")
+        yield "r"
+        log.append("teardown")
+        torn_down.set()
+
+    @cs.task
+    def sync_sibling(r=cs.inject("res")):
+        sync_started.set()
+        # a correct engine cannot tear down before this body returns; a wrong one
+        # tears down now, which sets `torn_down` and is recorded before "sync settled"
+        torn_down.wait(1.0)
+        log.append("sync settled")
+        return 1
+
+    @cs.task
+    async def async_sibling(r=cs.inject("res")):
+        async_started.set()
+        try:
+            await asyncio.wait_for(asyncio.Event().wait(), TIMEOUT)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.05)  # settling takes several loop iterations
+            log.append("async settled")
+            raise
+
+    @cs.task
+    def boom():
+        assert sync_started.wait(TIMEOUT) and async_started.wait(TIMEOUT)
+        raise ArithmeticError("boom")
+
+    engine = cs.Engine()
+    engine.register(res)
+    with pytest.raises(ArithmeticError):
+        run_engine(engine, ident([sync_sibling(), async_sibling(), boom()]))
+    assert log[0] == "setup" and log[-1] == "teardown"
+    assert sorted(log[1:-1]) == ["async settled", "sync settled"]
+
+
+def test_skipped_target_raises_dependency_missing_error_naming_target_and_reason():
+    @cs.task
+    def maybe():
+        return 1
+
+    @cs.task
+    def final_step(x):
+        return x
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    with pytest.raises(cs.DependencyMissingError) as ei:
+        run_engine(engine, final_step(maybe().run_if(False)))
+    assert isinstance(ei.value, cs.CascadeError)
+    (skip,) = rec.of(cs.TaskSkipped, task_name="final_step")
+    assert "final_step" in str(ei.value)
+    assert skip.reason in str(ei.value)
+
+
+# --- handles: start, result, cancel -----------------------------------------
+
+def test_start_returns_handle_with_result_done_and_run_id():
+    release = threading.Event()
+    started = threading.Event()
+
+    @cs.task
+    def blocker():
+        started.set()
+        assert release.wait(TIMEOUT)
+        return "released"
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    handle = engine.start(ident(blocker()))
+    assert started.wait(TIMEOUT)
+    assert handle.done() is False
+    with pytest.raises(TimeoutError):
+        handle.result(timeout=0.05)
+    release.set()
+    assert handle.result(timeout=TIMEOUT) == "released"
+    assert handle.done() is True
+    assert isinstance(handle.run_id, str) and handle.run_id
+    assert {e.run_id for e in rec.events} == {handle.run_id}
+
+
+def test_start_with_params():
+    @cs.task
+    def f(x):
+        return x * 3
+
+    handle = cs.Engine().start(f(cs.Param("x")), params={"x": 5})
+    assert handle.result(timeout=TIMEOUT) == 15
+
+
+def test_start_inside_running_loop_lives_on_that_loop_and_is_awaitable():
+    seen = {}
+
+    @cs.task
+    async def on_loop():
+        seen["loop"] = asyncio.get_running_loop()
+        return "awaited"
+
+    async def main():
+        handle = cs.Engine().start(on_loop())
+        value = await handle
+        return value, handle.done(), asyncio.get_running_loop()
+
+    value, done, loop = asyncio.run(main())
+    assert value == "awaited" and done is True
+    assert seen["loop"] is loop
+
+
+def test_blocking_result_on_the_loop_thread_raises_error_saying_to_await():
+    @cs.task
+    async def f():
+        return 1
+
+    async def main():
+        handle = cs.Engine().start(f())
+        with pytest.raises(Exception, match="await"):
+            handle.result(timeout=5)
+        return await handle
+
+    assert asyncio.run(main()) == 1
+
+
+def test_cancel_run_tears_down_and_emits_cancelled():
+    started = threading.Event()
+    finished = threading.Event()
+    observed = []
+    log = []
+
+    @cs.resource
+    async def res():
+        log.append("setup")
+        yield 1
+        log.append("teardown")
+
+    @cs.task
+    async def forever(r=cs.inject("res")):
+        started.set()
+        try:
+            await asyncio.wait_for(asyncio.Event().wait(), TIMEOUT)
+        except asyncio.CancelledError:
+            observed.append("cancelled")
+            raise
+
+    @cs.task
+    def never(x):
+        log.append("never")
+
+    engine = cs.Engine()
+    engine.register(res)
+    rec = Recorder(engine)
+    engine.subscribe(cs.RunFinished, lambda ev: finished.set())
+    handle = engine.start(never(forever()))
+    assert started.wait(TIMEOUT)
+    handle.cancel()
+    with pytest.raises(concurrent.futures.CancelledError):
+        handle.result(timeout=TIMEOUT)
+    assert finished.wait(TIMEOUT)
+    assert handle.done() is True
+    assert observed == ["cancelled"]
+    assert log == ["setup", "teardown"]
+    assert [e.resource_name for e in rec.of(cs.ResourceReleased)] == ["res"]
+    run_finished = rec.of(cs.RunFinished)
+    assert len(run_finished) == 1 and run_finished[0].status == "Cancelled"
+    assert rec.events[-1] is run_finished[0]
+
+
+def test_cancel_run_started_in_running_loop_await_raises_cancelled():
+    async def main():
+        started = asyncio.Event()
+
+        @cs.task
+        async def forever():
+            started.set()
+            await asyncio.wait_for(asyncio.Event().wait(), TIMEOUT)
+
+        engine = cs.Engine()
+        rec = Recorder(engine)
+        handle = engine.start(forever())
+        await asyncio.wait_for(started.wait(), TIMEOUT)
+        handle.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(handle, TIMEOUT)
+        return rec
+
+    rec = asyncio.run(main())
+    assert rec.of(cs.RunFinished)[-1].status == "Cancelled"
+
+
+# --- events -----------------------------------------------------------------
+
+EVENT_FIELDS = {
+    "RunStarted": ["target_tasks", "params"],
+    "RunFinished": ["status", "duration", "error"],
+    "TaskExecutionStarted": ["task_id", "task_name"],
+    "TaskExecutionFinished": ["task_id", "task_name", "status", "duration", "error"],
+    "TaskSkipped": ["task_id", "task_name", "reason"],
+    "TaskRetrying": ["task_id", "task_name", "attempt", "max_attempts", "delay", "error"],
+    "TaskBlocked": ["task_id", "task_name", "reason"],
+    "ResourceAcquired": ["resource_name"],
+    "ResourceReleased": ["resource_name"],
+    "ConstraintApplied": ["constraint"],
+    "ConstraintRemoved": ["constraint"],
+    "ConstraintRejected": ["topic", "reason"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EVENT_FIELDS))
+def test_event_classes_are_frozen_dataclasses_with_listed_fields(name):
+    cls = getattr(cs, name)
+    assert issubclass(cls, cs.Event)
+    assert dataclasses.is_dataclass(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    assert names[0] == "run_id"
+    assert set(EVENT_FIELDS[name]) <= set(names)
+    ev = cls(run_id="r1", **{f: None for f in names if f != "run_id"})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ev.run_id = "other"
+
+
+def test_run_events_order_and_fields():
+    @cs.task
+    def a():
+        return 1
+
+    @cs.task
+    async def b(x):
+        return x + 1
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    assert run_engine(engine, b(a()), params={}) == 2
+    ev = rec.events
+    assert isinstance(ev[0], cs.RunStarted) and ev[0].target_tasks == ("b",)
+    assert isinstance(ev[-1], cs.RunFinished)
+    assert ev[-1].status == "Succeeded" and ev[-1].error is None
+    assert isinstance(ev[-1].duration, float) and ev[-1].duration >= 0
+    assert len({e.run_id for e in ev}) == 1 and ev[0].run_id
+
+    def index(cls, name):
+        return next(i for i, e in enumerate(ev) if isinstance(e, cls) and e.task_name == name)
+
+    assert (
+        index(cs.TaskExecutionStarted, "a") < index(cs.TaskExecutionFinished, "a")
+        < index(cs.TaskExecutionStarted, "b") < index(cs.TaskExecutionFinished, "b")
+    )
+    for fin in rec.of(cs.TaskExecutionFinished):
+        assert fin.status == "Succeeded" and fin.error is None and fin.duration >= 0
+    starts = {e.task_name: e.task_id for e in rec.of(cs.TaskExecutionStarted)}
+    finishes = {e.task_name: e.task_id for e in rec.of(cs.TaskExecutionFinished)}
+    assert starts == finishes and starts["a"] != starts["b"]
+
+
+def test_run_started_carries_params_and_target_names():
+    @cs.task
+    def f(x):
+        return x
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    run_engine(engine, f(cs.Param("n")), params={"n": 3})
+    (started,) = rec.of(cs.RunStarted)
+    assert started.params["n"] == 3
+    assert started.target_tasks == ("f",)
+
+
+def test_each_run_gets_its_own_run_id():
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    run_engine(engine, ident(1))
+    run_engine(engine, ident(2))
+    ids = [e.run_id for e in rec.of(cs.RunStarted)]
+    assert len(ids) == 2 and ids[0] != ids[1]
+
+
+def test_subscribe_by_type_and_unsubscribe():
+    engine = cs.Engine()
+    only_started = []
+    everything = []
+    unsubscribe = engine.subscribe(cs.TaskExecutionStarted, only_started.append)
+    engine.subscribe(cs.Event, everything.append)
+    run_engine(engine, ident(1))
+    assert only_started and all(isinstance(e, cs.TaskExecutionStarted) for e in only_started)
+    assert len(everything) > len(only_started)
+    unsubscribe()
+    count = len(only_started)
+    run_engine(engine, ident(2))
+    assert len(only_started) == count
+
+
+def test_run_started_and_finished_also_when_validation_fails():
+    @cs.task
+    def f(x):
+        return x
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    with pytest.raises(cs.ParamError):
+        run_engine(engine, f(cs.Param("missing_one")))
+    assert isinstance(rec.events[0], cs.RunStarted)
+    assert isinstance(rec.events[-1], cs.RunFinished)
+    assert rec.events[-1].status == "Failed"
+    assert isinstance(rec.events[-1].error, cs.ParamError)
+    assert len(rec.of(cs.RunStarted)) == 1 and len(rec.of(cs.RunFinished)) == 1
+
+
+def test_raising_subscriber_never_breaks_the_run(caplog):
+    caplog.set_level(logging.DEBUG, logger=cs.__name__)
+
+    def bad(ev):
+        raise RuntimeError("subscriber boom")
+
+    @cs.task
+    def f(x):
+        return x + 1
+
+    engine = cs.Engine()
+    engine.subscribe(cs.Event, bad)
+    rec = Recorder(engine)
+    engine.subscribe(cs.TaskExecutionStarted, bad)
+    assert run_engine(engine, f(f(1))) == 3
+    assert isinstance(rec.events[0], cs.RunStarted)
+    assert rec.events[-1].status == "Succeeded"
+    assert len(rec.of(cs.TaskExecutionFinished)) == 2
+
+    def mentions_boom(r):
+        text = r.getMessage() + (r.exc_text or "")
+        if r.exc_info and r.exc_info[1] is not None:
+            text += str(r.exc_info[1])
+        return "subscriber boom" in text
+
+    assert any(r.name.startswith(cs.__name__) and mentions_boom(r) for r in caplog.records)
+
+
+def test_raising_subscriber_does_not_change_a_failure():
+    @cs.task
+    def boom():
+        raise KeyError("orig")
+
+    engine = cs.Engine()
+    engine.subscribe(cs.Event, lambda ev: 1 / 0)
+    with pytest.raises(KeyError):
+        run_engine(engine, boom())
+
+
+# --- engines linked to a broker ---------------------------------------------
+
+@async_test
+async def test_retained_controls_are_applied_before_the_first_task(monkeypatch):
     real_sleep, slept = asyncio.sleep, []
 
     def no_sleep(delay, *args, **kwargs):  # the sync is a marker round trip, not a wait
@@ -4669,7 +4509,7 @@ async def test_link_retained_controls_are_applied_before_the_first_task(monkeypa
 
 
 @async_test
-async def test_link_pause_and_limit_on_one_scope_are_two_topics_and_an_empty_message_removes_one():
+async def test_pause_and_limit_on_one_scope_are_two_topics_and_an_empty_message_removes_one():
     broker, u = cs.LocalBroker(), uid()
     name = f"l_{u}_t"
     scope, other = f"task:{name}", f"task:l_{u}_other"
@@ -4702,7 +4542,7 @@ async def test_link_pause_and_limit_on_one_scope_are_two_topics_and_an_empty_mes
 
 
 @async_test
-async def test_link_local_controls_and_broker_messages_replace_each_other():
+async def test_local_controls_and_broker_messages_replace_each_other():
     broker, u = cs.LocalBroker(), uid()
     scope = f"task:l_{u}_x"
     ctl = cs.Controller(broker)
@@ -4740,7 +4580,7 @@ async def test_link_local_controls_and_broker_messages_replace_each_other():
 
 
 @async_test
-async def test_link_constraint_removed_from_the_broker_between_runs_is_gone_at_the_next_run():
+async def test_a_constraint_removed_from_the_broker_between_runs_is_gone_at_the_next_run():
     broker, u = cs.LocalBroker(), uid()
     remote, local = f"task:l_{u}_remote", f"task:l_{u}_local"
     ctl = cs.Controller(broker)
@@ -4764,7 +4604,7 @@ async def test_link_constraint_removed_from_the_broker_between_runs_is_gone_at_t
 
 
 @async_test
-async def test_link_local_limit_set_after_the_broker_cleared_its_scope_survives_the_next_run():
+async def test_a_local_limit_set_after_the_broker_cleared_its_scope_survives_the_next_run():
     # Regression: the engine remembered (scope, type) as "from the broker" after a local
     # call replaced it, so the broker's clear (sent while no run was active, i.e. BEFORE
     # the local call) removed the newer local limit when the next run synced.
@@ -4784,83 +4624,224 @@ async def test_link_local_limit_set_after_the_broker_cleared_its_scope_survives_
     assert await engine.run(probe()) == {(scope, "concurrency"): {"limit": 7}}
 
 
-# ===========================================================================
-# Controller (item 3)
-# ===========================================================================
-
-
-@async_test
-async def test_link_controller_verbs_are_coroutines_and_status_returns_the_retained_constraints():
-    broker, u = cs.LocalBroker(), uid()
-    a, b, c = f"task:l_{u}_a", f"tag:l_{u}_b", f"project:l_{u}"
+def test_broker_controls_are_applied_in_order_with_several_runs_listening():
+    # regression: with two active runs, per-message de-duplication across their
+    # subscriptions applied pause/clear/pause out of order and lost the final pause
+    broker = cs.LocalBroker()
+    e = cs.Engine(connector=broker)
     ctl = cs.Controller(broker)
-    for verb in ("pause", "resume", "limit", "rate_limit", "clear", "status"):
-        assert inspect.iscoroutinefunction(getattr(ctl, verb)), verb
-    assert await ctl.status() == []
-    p = await ctl.pause(a, ttl=60)
-    lim = await ctl.limit(b, 3)
-    r = await ctl.rate_limit(c, "30/m", burst=2, ttl=120)
-    assert isinstance(p, cs.Constraint) and (p.scope, p.type, p.params) == (a, "pause", {})
-    assert 0 < p.expires_in() <= 60 and lim.expires_at is None
-    assert r.params == {"rate": "30/m", "burst": 2}
-    status = await ctl.status()
-    assert [x.to_dict() for x in status] == [x.to_dict() for x in
-                                             sorted([p, lim, r], key=lambda x: (x.scope, x.type))]
-    assert 0 < next(x for x in status if x.scope == a).expires_in() <= 60
-    await ctl.limit(a, 1)            # one topic per (scope, type): the pause stays
-    assert [(x.scope, x.type) for x in await ctl.status() if x.scope == a] == [
-        (a, "concurrency"), (a, "pause")]
-    await ctl.resume(a)
-    assert [(x.scope, x.type) for x in await ctl.status()] == [
-        (c, "rate_limit"), (b, "concurrency"), (a, "concurrency")]
-    await ctl.clear(c, type="rate_limit")
-    await ctl.clear(b)
-    await ctl.clear(a, type="concurrency")
-    assert await ctl.status() == []
-    for call in (lambda: ctl.pause("bad scope"), lambda: ctl.pause("global", ttl=0),
-                 lambda: ctl.limit(a, -1), lambda: ctl.rate_limit(a, "fast"),
-                 lambda: ctl.clear(a, type="bogus"), lambda: ctl.resume("task:a/b")):
-        with pytest.raises(cs.ConstraintError):
-            await call()
-    assert await retained_on(broker) == {}  # nothing was published by the bad calls
+    go, start = two_held_runs(e)
+
+    async def main():
+        runs = await start()
+        for _ in range(3):
+            await ctl.pause("task:ordered")
+            await ctl.resume("task:ordered")
+        await ctl.pause("task:ordered")
+        for _ in range(50):
+            if [c.scope for c in e.constraints] == ["task:ordered"]:
+                break
+            await asyncio.sleep(0.01)
+        state = [c.scope for c in e.constraints]
+        go.set()
+        await asyncio.gather(*runs)
+        await ctl.clear("task:ordered")
+        return state
+    assert asyncio.run(main()) == ["task:ordered"]
+
+
+def test_republishing_the_same_payload_object_applies_it_again():
+    # regression: a message object already seen was skipped, so pause, clear, pause
+    # (with one dict) ended un-paused
+    broker = cs.LocalBroker()
+    e = cs.Engine(connector=broker)
+    topic = "cascade/constraints/task/again/pause"
+    p = {"id": "p1", "scope": "task:again", "type": "pause", "params": {}}
+    states = []
+    go = threading.Event()
+
+    @cs.task
+    def waiter():
+        go.wait(TIMEOUT)
+
+    async def main():
+        run = asyncio.ensure_future(e.run(waiter()))
+        while not e.status()["tasks"].get("waiter", {}).get("running"):
+            await asyncio.sleep(0.01)
+        for payload in (p, "", p):
+            await broker.publish(topic, payload, retain=True)
+            await asyncio.sleep(0.05)
+            states.append([c.scope for c in e.constraints])
+        go.set()
+        await run
+        await broker.publish(topic, "", retain=True)
+    asyncio.run(main())
+    assert states == [["task:again"], [], ["task:again"]]
 
 
 @async_test
-async def test_link_controller_limit_steers_a_running_engine():
-    broker, u = cs.LocalBroker(), uid()
-    name = f"l_{u}_w"
-    ctl = cs.Controller(broker)
-    await ctl.limit(f"task:{name}", 0)          # holds every start
-    engine = cs.Engine(connector=broker)
-    log = Recorder(engine)
-    running, peak = [0], [0]
-    gate = asyncio.Event()
+async def test_an_aiomqtt_engine_applies_retained_controls_and_sends_telemetry(paho, aiomqtt, broker):
+    u = broker
+    org, project = f"lorg_{u}", f"l_{u}"
+    scope = f"task:l_{u}_t"
+    outside = OutsideClient(f"cascade/telemetry/{org}/{project}/+/events")
+    try:
+        async with aiomqtt.Client(HOST, PORT) as client:
+            conn = cs.MqttConnector(client)
+            ctl = cs.Controller(conn)
+            await ctl.limit(scope, 2)
+            await ctl.pause(f"task:l_{u}_never")
+            try:
+                engine = cs.Engine(connector=conn, org=org, project=project)
 
-    @cs.task(name=name)
-    async def w(i):
-        running[0] += 1
-        peak[0] = max(peak[0], running[0])
-        await gate.wait()
-        running[0] -= 1
-        return i
+                @cs.task(name=f"l_{u}_t")
+                async def t():
+                    return controls_of(engine, u)
 
-    handle = engine.start(w.map(range(6)))
-    await log.until(lambda items: len(events_of(items, cs.TaskBlocked)) == 6, "6 blocked")
-    await ctl.limit(f"task:{name}", 2)
-    await log.until(lambda items: len(events_of(items, cs.TaskExecutionStarted)) == 2, "2 started")
-    gate.set()
-    assert await asyncio.wait_for(handle, TIMEOUT) == list(range(6))
-    assert peak[0] == 2
-    await ctl.clear(f"task:{name}")
-
-
-# ===========================================================================
-# telemetry (item 4)
-# ===========================================================================
+                handle = engine.start(t())
+                assert await asyncio.wait_for(handle, TIMEOUT) == {(scope, "concurrency"): {"limit": 2},
+                                        (f"task:l_{u}_never", "pause"): {}}
+            finally:
+                await ctl.clear(scope)
+                await ctl.clear(f"task:l_{u}_never")
+                await conn.disconnect()
+                await conn.disconnect()
+        items = await asyncio.to_thread(
+            outside.until, lambda items: any(p["body"].get("event") == "ENGINE_STOPPED"
+                                             for _, p in items) and items, "ENGINE_STOPPED")
+        assert [p["body"].get("state") or p["body"]["event"] for _, p in items] == [
+            "ENGINE_STARTED", "RUNNING", "COMPLETED", "ENGINE_STOPPED"]
+        for _, p in items:
+            check_telemetry(p, org, project, handle.run_id)
+    finally:
+        outside.close()
 
 
 @async_test
-async def test_link_telemetry_with_a_local_broker_is_complete_when_run_returns():
+async def test_garbage_and_oversize_control_messages_are_rejected_and_the_engine_serves_on(
+        paho, broker, caplog):
+    u = broker
+    victim = f"l_{u}_victim"
+    base = f"cascade/constraints/task/{victim}"
+    client, ctl_client = mqtt_client(), mqtt_client()
+    raw = OutsideClient()
+    ctl = cs.Controller(cs.MqttConnector(ctl_client))
+    try:
+        engine = cs.Engine(connector=cs.MqttConnector(client))
+        log = Recorder(engine)
+        probe, gate, started = held_task(f"l_{u}_probe", 1)
+
+        @cs.task(name=victim)
+        def work(x):
+            return x + 1
+
+        handle = engine.start(work(probe()))
+        await asyncio.wait_for(started.wait(), TIMEOUT)  # synced and listening
+        big = json.dumps({"id": "x" * (70 * 1024), "scope": f"task:{victim}", "type": "pause"})
+        bad = [(f"{base}/pause", b"\xff\xfe\x00 garbage"),
+               (f"{base}/pause", b"{not json"),
+               (f"{base}/pause", b"[1, 2, 3]"),
+               (f"{base}/pause", big.encode()),
+               (f"{base}/pause", b"x" * (65 * 1024)),
+               (f"{base}/concurrency", json.dumps({"scope": f"task:{victim}", "type": "concurrency",
+                                                   "params": {"limit": -1}}).encode()),
+               (f"{base}/bogus", json.dumps({"scope": f"task:{victim}", "type": "pause"}).encode())]
+        with caplog.at_level(logging.WARNING, logger=cs.__name__):
+            for topic, payload in bad:  # not retained: nothing to clean up
+                raw.publish(topic, payload)
+            rejected = await log.until(
+                lambda items: len(mine := [e for e in events_of(items, cs.ConstraintRejected)
+                                           if victim in e.topic]) == len(bad) and mine,
+                "every bad message rejected")
+        assert [e.topic for e in rejected] == [t for t, _ in bad]
+        assert "64 KiB" in rejected[3].reason and "64 KiB" in rejected[4].reason
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING
+                    and victim in r.getMessage()]
+        assert len(warnings) == len(bad)
+        assert controls_of(engine, u) == {}
+        await ctl.pause(f"task:{victim}")  # a valid control still works
+        await log.until(lambda items: [e for e in events_of(items, cs.ConstraintApplied)
+                                       if e.constraint.scope == f"task:{victim}"], "pause")
+        gate.set()
+        await log.until(lambda items: events_of(items, cs.TaskBlocked, task_name=victim), "blocked")
+        await ctl.resume(f"task:{victim}")
+        assert await asyncio.wait_for(handle, TIMEOUT) == 2
+    finally:
+        await ctl.clear(f"task:{victim}")
+        raw.close()
+        close_client(client)
+        close_client(ctl_client)
+
+
+@async_test
+async def test_a_broker_restart_mid_run_the_run_completes_and_controls_work_again(paho, tmp_path):
+    binary = shutil.which("mosquitto")
+    need("no mosquitto binary to start a private broker", binary)
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} {HOST}\nallow_anonymous true\npersistence false\n"
+                    "log_dest stderr\n")
+
+    brokers = []
+
+    def start_broker():
+        brokers.append(Proc([binary, "-c", str(conf)]))
+        brokers[-1].expect(r"mosquitto version .* running", stream="err")
+        return brokers[-1]
+
+    broker = start_broker()
+    u = uid()
+    second = f"l_{u}_second"
+    events = queue.Queue()
+    client = ctl_client = None
+    try:
+        client = mqtt_client(port)
+        client.on_connect = lambda *a: events.put("connect")        # chained by the connector
+        client.on_disconnect = lambda *a: events.put("disconnect")
+        engine = cs.Engine(connector=cs.MqttConnector(client))
+        log = Recorder(engine)
+        first, gate, started = held_task(f"l_{u}_first", 1)
+
+        @cs.task(name=second)
+        async def then(x):
+            return x + 1
+
+        handle = engine.start(then(first()))
+        await asyncio.wait_for(started.wait(), TIMEOUT)
+
+        def next_event(want):
+            while True:
+                got = events.get(timeout=TIMEOUT)
+                if got == want:
+                    return
+
+        broker.kill()
+        await asyncio.to_thread(next_event, "disconnect")
+        broker = start_broker()
+        await asyncio.to_thread(next_event, "connect")  # paho reconnected by itself
+        ctl_client = mqtt_client(port)
+        ctl = cs.Controller(cs.MqttConnector(ctl_client))
+        await ctl.pause(f"task:{second}")
+        await log.until(lambda items: [e for e in events_of(items, cs.ConstraintApplied)
+                                       if e.constraint.scope == f"task:{second}"],
+                        "the pause after the reconnection")
+        gate.set()
+        await log.until(lambda items: events_of(items, cs.TaskBlocked, task_name=second), "blocked")
+        await ctl.resume(f"task:{second}")
+        assert await asyncio.wait_for(handle, TIMEOUT) == 2
+        assert controls_of(engine, u) == {}
+    finally:
+        for c in (client, ctl_client):
+            if c is not None:
+                close_client(c)
+        for b in brokers:
+            b.kill()
+
+
+# --- telemetry --------------------------------------------------------------
+
+@async_test
+async def test_telemetry_with_a_local_broker_is_complete_when_run_returns():
     broker, u = cs.LocalBroker(), uid()
     org, project = f"lorg_{u}", f"lproj_{u}"
     engine = cs.Engine(connector=broker, org=org, project=project)
@@ -4933,6 +4914,43 @@ async def test_link_telemetry_with_a_local_broker_is_complete_when_run_returns()
     assert "l hiccup" in retrying[0]["error"]
 
 
+@async_test
+async def test_telemetry_reaches_an_outside_mqtt_subscriber(paho, broker):
+    u = broker
+    org, project = f"lorg_{u}", f"l_{u}"
+    outside = OutsideClient(f"cascade/telemetry/{org}/{project}/+/events")
+    client = mqtt_client()
+    try:
+        engine = cs.Engine(connector=cs.MqttConnector(client), org=org, project=project)
+        log = Recorder(engine)
+        attempts = []
+
+        @cs.task(name=f"l_{u}_a")
+        def a(x):
+            return x + 1
+
+        @cs.task(name=f"l_{u}_flaky")
+        async def flaky(x):
+            attempts.append(x)
+            if len(attempts) < 2:
+                raise RuntimeError("l transient")
+            return x
+
+        handle = engine.start(flaky(a.map(range(3))).with_retry(2))
+        assert await asyncio.wait_for(handle, TIMEOUT) == [1, 2, 3]
+        items = await asyncio.to_thread(
+            outside.until, lambda items: any(p["body"].get("event") == "ENGINE_STOPPED"
+                                             for _, p in items) and items, "ENGINE_STOPPED")
+        assert {t for t, _ in items} == {f"cascade/telemetry/{org}/{project}/{handle.run_id}/events"}
+        payloads = [p for _, p in items]
+        for p in payloads:
+            check_telemetry(p, org, project, handle.run_id)
+        assert seen_telemetry(payloads) == expected_telemetry(log.snapshot(), handle.run_id)
+    finally:
+        outside.close()
+        close_client(client)
+
+
 class FaultyConnector:
     """A LocalBroker whose publish raises or hangs forever for matching topics."""
 
@@ -4970,7 +4988,7 @@ class BrokenConnector:
 
 @pytest.mark.parametrize("mode", ["raise", "hang"])
 @async_test
-async def test_link_failing_telemetry_publish_never_fails_or_stalls_the_run(mode, monkeypatch, caplog):
+async def test_failing_telemetry_publish_never_fails_or_stalls_the_run(mode, monkeypatch, caplog):
     monkeypatch.setattr(cs._Link, "FLUSH_TIMEOUT", 0.2)
     u = uid()
     conn = FaultyConnector(mode, prefix="cascade/telemetry/")
@@ -4991,7 +5009,7 @@ async def test_link_failing_telemetry_publish_never_fails_or_stalls_the_run(mode
 
 
 @async_test
-async def test_link_a_connector_that_raises_everywhere_never_fails_the_run(caplog):
+async def test_a_connector_that_raises_everywhere_never_fails_the_run(caplog):
     u = uid()
     engine = cs.Engine(connector=BrokenConnector())
     engine.limit(f"task:l_{u}_t", 1)  # local controls keep working
@@ -5005,10 +5023,10 @@ async def test_link_a_connector_that_raises_everywhere_never_fails_the_run(caplo
 
 
 @async_test
-async def test_link_a_connector_whose_publish_hangs_never_stalls_the_run(monkeypatch):
-    # Issue item 4: "a connector that raises or hangs never fails or stalls a run".
-    # _Link.open awaits connector.publish(marker) without any bound (SYNC_TIMEOUT
-    # only bounds the marker's arrival), so a hung publish stalls the run for ever.
+async def test_a_connector_whose_publish_hangs_never_stalls_the_run(monkeypatch):
+    # regression: a connector that raises or hangs must never fail or stall a run, but
+    # the control sync awaited connector.publish(marker) without any bound (SYNC_TIMEOUT
+    # only bounded the marker's arrival), so a hung publish stalled the run for ever.
     monkeypatch.setattr(cs._Link, "FLUSH_TIMEOUT", 0.2)
     monkeypatch.setattr(cs._Link, "SYNC_TIMEOUT", 0.2)
     engine = cs.Engine(connector=FaultyConnector("hang"))
@@ -5025,294 +5043,134 @@ async def test_link_a_connector_whose_publish_hangs_never_stalls_the_run(monkeyp
 
 
 # ===========================================================================
-# MQTT: engines in-process over Mosquitto (item 5)
+# run(): the one-call entry point, with logging and progress
 # ===========================================================================
 
+def test_cs_run_works_inside_a_running_event_loop():
+    @cs.task
+    async def aval(x):
+        return x + 1
 
-@async_test
-async def test_link_telemetry_reaches_an_outside_mqtt_subscriber(paho, broker):
-    u = broker
-    org, project = f"lorg_{u}", f"l_{u}"
-    outside = OutsideClient(f"cascade/telemetry/{org}/{project}/+/events")
-    client = mqtt_client()
-    try:
-        engine = cs.Engine(connector=cs.MqttConnector(client), org=org, project=project)
-        log = Recorder(engine)
-        attempts = []
+    @cs.task
+    def sval(x):
+        return x * 2
 
-        @cs.task(name=f"l_{u}_a")
-        def a(x):
-            return x + 1
+    async def main():
+        return cs.run(sval(aval(cs.Param("x"))), params={"x": 1})
 
-        @cs.task(name=f"l_{u}_flaky")
-        async def flaky(x):
-            attempts.append(x)
-            if len(attempts) < 2:
-                raise RuntimeError("l transient")
-            return x
-
-        handle = engine.start(flaky(a.map(range(3))).with_retry(2))
-        assert await asyncio.wait_for(handle, TIMEOUT) == [1, 2, 3]
-        items = await asyncio.to_thread(
-            outside.until, lambda items: any(p["body"].get("event") == "ENGINE_STOPPED"
-                                             for _, p in items) and items, "ENGINE_STOPPED")
-        assert {t for t, _ in items} == {f"cascade/telemetry/{org}/{project}/{handle.run_id}/events"}
-        payloads = [p for _, p in items]
-        for p in payloads:
-            check_telemetry(p, org, project, handle.run_id)
-        assert seen_telemetry(payloads) == expected_telemetry(log.snapshot(), handle.run_id)
-    finally:
-        outside.close()
-        close_client(client)
+    assert asyncio.run(main()) == 4
 
 
-@async_test
-async def test_link_aiomqtt_engine_applies_retained_controls_and_sends_telemetry(paho, aiomqtt, broker):
-    u = broker
-    org, project = f"lorg_{u}", f"l_{u}"
-    scope = f"task:l_{u}_t"
-    outside = OutsideClient(f"cascade/telemetry/{org}/{project}/+/events")
-    try:
-        async with aiomqtt.Client(HOST, PORT) as client:
-            conn = cs.MqttConnector(client)
-            ctl = cs.Controller(conn)
-            await ctl.limit(scope, 2)
-            await ctl.pause(f"task:l_{u}_never")
-            try:
-                engine = cs.Engine(connector=conn, org=org, project=project)
+def test_run_async_is_the_async_twin():
+    @cs.task
+    async def aval(x):
+        return x + 1
 
-                @cs.task(name=f"l_{u}_t")
-                async def t():
-                    return controls_of(engine, u)
+    async def main():
+        return await cs.run_async(aval(cs.Param("x")), params={"x": 41})
 
-                handle = engine.start(t())
-                assert await asyncio.wait_for(handle, TIMEOUT) == {(scope, "concurrency"): {"limit": 2},
-                                        (f"task:l_{u}_never", "pause"): {}}
-            finally:
-                await ctl.clear(scope)
-                await ctl.clear(f"task:l_{u}_never")
-                await conn.disconnect()
-                await conn.disconnect()
-        items = await asyncio.to_thread(
-            outside.until, lambda items: any(p["body"].get("event") == "ENGINE_STOPPED"
-                                             for _, p in items) and items, "ENGINE_STOPPED")
-        assert [p["body"].get("state") or p["body"]["event"] for _, p in items] == [
-            "ENGINE_STARTED", "RUNNING", "COMPLETED", "ENGINE_STOPPED"]
-        for _, p in items:
-            check_telemetry(p, org, project, handle.run_id)
-    finally:
-        outside.close()
+    assert asyncio.run(main()) == 42
 
 
-@async_test
-async def test_link_garbage_and_oversize_control_messages_are_rejected_and_the_engine_serves_on(
-        paho, broker, caplog):
-    u = broker
-    victim = f"l_{u}_victim"
-    base = f"cascade/constraints/task/{victim}"
-    client, ctl_client = mqtt_client(), mqtt_client()
-    raw = OutsideClient()
-    ctl = cs.Controller(cs.MqttConnector(ctl_client))
-    try:
-        engine = cs.Engine(connector=cs.MqttConnector(client))
-        log = Recorder(engine)
-        probe, gate, started = held_task(f"l_{u}_probe", 1)
-
-        @cs.task(name=victim)
-        def work(x):
-            return x + 1
-
-        handle = engine.start(work(probe()))
-        await asyncio.wait_for(started.wait(), TIMEOUT)  # synced and listening
-        big = json.dumps({"id": "x" * (70 * 1024), "scope": f"task:{victim}", "type": "pause"})
-        bad = [(f"{base}/pause", b"\xff\xfe\x00 garbage"),
-               (f"{base}/pause", b"{not json"),
-               (f"{base}/pause", b"[1, 2, 3]"),
-               (f"{base}/pause", big.encode()),
-               (f"{base}/pause", b"x" * (65 * 1024)),
-               (f"{base}/concurrency", json.dumps({"scope": f"task:{victim}", "type": "concurrency",
-                                                   "params": {"limit": -1}}).encode()),
-               (f"{base}/bogus", json.dumps({"scope": f"task:{victim}", "type": "pause"}).encode())]
-        with caplog.at_level(logging.WARNING, logger=cs.__name__):
-            for topic, payload in bad:  # not retained: nothing to clean up
-                raw.publish(topic, payload)
-            rejected = await log.until(
-                lambda items: len(mine := [e for e in events_of(items, cs.ConstraintRejected)
-                                           if victim in e.topic]) == len(bad) and mine,
-                "every bad message rejected")
-        assert [e.topic for e in rejected] == [t for t, _ in bad]
-        assert "64 KiB" in rejected[3].reason and "64 KiB" in rejected[4].reason
-        warnings = [r for r in caplog.records if r.levelno == logging.WARNING
-                    and victim in r.getMessage()]
-        assert len(warnings) == len(bad)
-        assert controls_of(engine, u) == {}
-        await ctl.pause(f"task:{victim}")  # a valid control still works
-        await log.until(lambda items: [e for e in events_of(items, cs.ConstraintApplied)
-                                       if e.constraint.scope == f"task:{victim}"], "pause")
-        gate.set()
-        await log.until(lambda items: events_of(items, cs.TaskBlocked, task_name=victim), "blocked")
-        await ctl.resume(f"task:{victim}")
-        assert await asyncio.wait_for(handle, TIMEOUT) == 2
-    finally:
-        await ctl.clear(f"task:{victim}")
-        raw.close()
-        close_client(client)
-        close_client(ctl_client)
+@pytest.fixture
+def bare_logger():
+    """The library logger with no handlers (restored afterwards)."""
+    logger = logging.getLogger(cs.__name__)
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    logger.handlers[:] = []
+    yield logger
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
 
 
-@async_test
-async def test_link_broker_restart_mid_run_the_run_completes_and_controls_work_again(paho, tmp_path):
-    binary = shutil.which("mosquitto")
-    need("no mosquitto binary to start a private broker", binary)
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} {HOST}\nallow_anonymous true\npersistence false\n"
-                    "log_dest stderr\n")
+@cs.task
+def hello_task(x):
+    return x
 
-    brokers = []
 
-    def start_broker():
-        brokers.append(Proc([binary, "-c", str(conf)]))
-        brokers[-1].expect(r"mosquitto version .* running", stream="err")
-        return brokers[-1]
+def test_cs_run_logs_human_lines_to_stderr(bare_logger, capfd):
+    assert cs.run(hello_task(1)) == 1
+    err = capfd.readouterr().err
+    assert "hello_task" in err
+    assert bare_logger.handlers == []  # the handler is attached for the run only
 
-    broker = start_broker()
-    u = uid()
-    second = f"l_{u}_second"
-    events = queue.Queue()
-    client = ctl_client = None
-    try:
-        client = mqtt_client(port)
-        client.on_connect = lambda *a: events.put("connect")        # chained by the connector
-        client.on_disconnect = lambda *a: events.put("disconnect")
-        engine = cs.Engine(connector=cs.MqttConnector(client))
-        log = Recorder(engine)
-        first, gate, started = held_task(f"l_{u}_first", 1)
 
-        @cs.task(name=second)
-        async def then(x):
-            return x + 1
+def test_cs_run_logs_json_lines(bare_logger, capfd):
+    assert cs.run(hello_task(2), log_format="json") == 2
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines
+    parsed = [json.loads(line) for line in lines]
+    assert any("hello_task" in json.dumps(p) for p in parsed)
+    assert bare_logger.handlers == []
 
-        handle = engine.start(then(first()))
-        await asyncio.wait_for(started.wait(), TIMEOUT)
 
-        def next_event(want):
-            while True:
-                got = events.get(timeout=TIMEOUT)
-                if got == want:
-                    return
+def test_cs_run_respects_log_level(bare_logger, capfd):
+    assert cs.run(hello_task(3), log_level="ERROR") == 3
+    assert "hello_task" not in capfd.readouterr().err
 
-        broker.kill()
-        await asyncio.to_thread(next_event, "disconnect")
-        broker = start_broker()
-        await asyncio.to_thread(next_event, "connect")  # paho reconnected by itself
-        ctl_client = mqtt_client(port)
-        ctl = cs.Controller(cs.MqttConnector(ctl_client))
-        await ctl.pause(f"task:{second}")
-        await log.until(lambda items: [e for e in events_of(items, cs.ConstraintApplied)
-                                       if e.constraint.scope == f"task:{second}"],
-                        "the pause after the reconnection")
-        gate.set()
-        await log.until(lambda items: events_of(items, cs.TaskBlocked, task_name=second), "blocked")
-        await ctl.resume(f"task:{second}")
-        assert await asyncio.wait_for(handle, TIMEOUT) == 2
-        assert controls_of(engine, u) == {}
-    finally:
-        for c in (client, ctl_client):
-            if c is not None:
-                close_client(c)
-        for b in brokers:
-            b.kill()
+
+def test_cs_run_uses_existing_handlers_instead_of_its_own(bare_logger, capfd):
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler = Collect()
+    bare_logger.addHandler(handler)
+    bare_logger.setLevel(logging.DEBUG)
+    bare_logger.propagate = False
+    assert cs.run(hello_task(4)) == 4
+    assert records
+    assert "hello_task" not in capfd.readouterr().err
+    assert bare_logger.handlers == [handler]
+
+
+def test_cs_run_progress_shows_status_line(bare_logger, capfd):
+    assert cs.run(hello_task(5), progress=True) == 5
+    assert "done" in capfd.readouterr().err.lower()
+
+
+def test_engine_run_logs_nothing_above_debug(caplog):
+    caplog.set_level(logging.DEBUG)
+
+    @cs.task
+    def ok():
+        return 1
+
+    @cs.task
+    def boom():
+        raise ValueError("x")
+
+    engine = cs.Engine()
+    run_engine(engine, ok())
+    with pytest.raises(ValueError):
+        run_engine(engine, boom())
+    loud = [r for r in caplog.records if r.name.startswith(cs.__name__) and r.levelno > logging.DEBUG]
+    assert loud == []
+
+
+def test_import_does_not_configure_logging():
+    code = (
+        "import logging, cascade; "
+        "l = logging.getLogger(cascade.__name__); "
+        "assert not l.handlers, l.handlers; "
+        "assert not logging.getLogger().handlers"
+    )
+    r = run_python("-c", code, timeout=60)
+    assert r.returncode == 0, r.stderr
 
 
 # ===========================================================================
-# MQTT: engine processes steered by the CLI (item 5)
+# CLI: cascade pause|resume|limit|rate|clear|status|watch|demo
 # ===========================================================================
-
-
-@pytest.mark.parametrize("script", [False, True], ids=["python-m-cascade", "console-script"])
-def test_link_cli_pauses_and_resumes_an_engine_process(paho, broker, script):
-    if script:  # CI installs the package (pip install -e .), so it must run there
-        need("needs the `cascade` console script (pip install -e .)", console_script())
-    u = broker
-    work = f"task:l_{u}_work"
-    proc = engine_proc(u)
-    try:
-        proc.expect(r"^started first")
-        assert "pause on " + work in stdout_of(cli("pause", work, script=script))
-        proc.expect(rf"^applied {work} pause$")
-        proc.send()                                   # `first` may finish now
-        proc.expect(rf"^blocked l_{u}_work \| .*pause")
-        assert not any(line.startswith("started work") for line in proc.lines["out"])
-        assert stdout_of(cli("resume", work, script=script)).strip() == f"resumed {work}"
-        proc.expect(rf"^removed {work} pause$")
-        proc.expect(r"^started work$")
-        proc.expect(r"^result 2$")
-        assert proc.wait() == 0, proc.lines["err"]
-    finally:
-        proc.kill()
-        sweep(u)
-
-
-def test_link_one_cli_command_pauses_two_engine_processes(paho, broker):
-    u = broker
-    work = f"task:l_{u}_work"
-    procs = [engine_proc(u), engine_proc(u)]
-    try:
-        for p in procs:
-            p.expect(r"^started first")
-        stdout_of(cli("pause", work))
-        for p in procs:
-            p.expect(rf"^applied {work} pause$")
-            p.send()
-        for p in procs:
-            p.expect(rf"^blocked l_{u}_work \|")
-            assert not any(line.startswith("started work") for line in p.lines["out"])
-        stdout_of(cli("resume", work))
-        for p in procs:
-            p.expect(r"^started work$")
-            p.expect(r"^result 2$")
-            assert p.wait() == 0, p.lines["err"]
-    finally:
-        for p in procs:
-            p.kill()
-        sweep(u)
-
-
-def test_link_late_joining_engine_process_honours_retained_controls(paho, broker):
-    u = broker
-    work, first = f"task:l_{u}_work", f"task:l_{u}_first"
-    proc = None
-    try:
-        stdout_of(cli("pause", work, "--ttl", 300))
-        stdout_of(cli("limit", first, 1))
-        stdout_of(cli("rate", f"project:l_{u}", "50/s", "--burst", 5))
-        proc = engine_proc(u)
-        line = proc.expect(r"^started first")
-        assert json.loads(line[len("started first"):]) == [
-            [f"project:l_{u}", "rate_limit", {"rate": "50/s", "burst": 5}],
-            [first, "concurrency", {"limit": 1}],
-            [work, "pause", {}]]
-        proc.send()
-        proc.expect(rf"^blocked l_{u}_work \| .*pause")
-        stdout_of(cli("resume", work))
-        proc.expect(r"^result 2$")
-        assert proc.wait() == 0, proc.lines["err"]
-    finally:
-        if proc is not None:
-            proc.kill()
-        sweep(u)
-
-
-# ===========================================================================
-# CLI (item 6)
-# ===========================================================================
-
 
 VERBS = ("pause", "resume", "limit", "rate", "clear", "status", "watch", "demo")
 
 
-def test_link_cli_help_is_enough_on_its_own(capsys):
+def test_cli_help_is_enough_on_its_own(capsys):
     out = stdout_of(cli("--help"))
     for word in VERBS + ("global", "task:", "tag:", "run:", "project:", "--ttl",
                            "pip install 'cascade[mqtt]'"):
@@ -5333,7 +5191,7 @@ def test_link_cli_help_is_enough_on_its_own(capsys):
     assert stdout_of(cli("--version")).startswith("cascade ")
 
 
-def test_link_cli_every_control_verb_and_status_as_a_table_with_time_left(paho, broker):
+def test_cli_every_control_verb_and_status_as_a_table_with_time_left(paho, broker):
     u = broker
     a, b, c = f"task:l_{u}_a", f"tag:l_{u}_b", f"project:l_{u}"
 
@@ -5372,7 +5230,7 @@ def test_link_cli_every_control_verb_and_status_as_a_table_with_time_left(paho, 
         sweep(u)
 
 
-def test_link_cli_watch_is_a_live_readable_stream(paho, broker):
+def test_cli_watch_is_a_live_readable_stream(paho, broker):
     u = broker
     org, project = f"lorg_{u}", f"l_{u}"
     topic = f"cascade/telemetry/{org}/{project}/#"
@@ -5416,7 +5274,7 @@ def test_link_cli_watch_is_a_live_readable_stream(paho, broker):
 
 
 @pytest.mark.parametrize("argv", [["status"], ["pause", "task:l_x"], ["watch"]])
-def test_link_cli_without_the_mqtt_extra_is_one_plain_line(argv):
+def test_cli_without_the_mqtt_extra_is_one_plain_line(argv):
     r = run_python("-c", NO_PAHO, *argv)
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert r.stdout == "" and "Traceback" not in r.stderr
@@ -5426,7 +5284,7 @@ def test_link_cli_without_the_mqtt_extra_is_one_plain_line(argv):
 
 @pytest.mark.parametrize("argv", [["status"], ["pause", "task:l_x", "--ttl", "5"],
                                   ["clear", "task:l_x"], ["watch"]])
-def test_link_cli_without_a_broker_is_one_line_and_exit_status_1(paho, argv):
+def test_cli_without_a_broker_is_one_line_and_exit_status_1(paho, argv):
     port = free_port()  # nothing listens there
     r = cli(*argv, "--port", port)
     assert r.returncode == 1, (r.stdout, r.stderr)
@@ -5435,20 +5293,88 @@ def test_link_cli_without_a_broker_is_one_line_and_exit_status_1(paho, argv):
     assert len(lines) == 1 and str(port) in lines[0], r.stderr
 
 
-def test_link_cli_demo_needs_no_broker_and_no_mqtt_library():
+@pytest.mark.parametrize("script", [False, True], ids=["python-m-cascade", "console-script"])
+def test_cli_pauses_and_resumes_an_engine_process(paho, broker, script):
+    if script:  # CI installs the package (pip install -e .), so it must run there
+        need("needs the `cascade` console script (pip install -e .)", console_script())
+    u = broker
+    work = f"task:l_{u}_work"
+    proc = engine_proc(u)
+    try:
+        proc.expect(r"^started first")
+        assert "pause on " + work in stdout_of(cli("pause", work, script=script))
+        proc.expect(rf"^applied {work} pause$")
+        proc.send()                                   # `first` may finish now
+        proc.expect(rf"^blocked l_{u}_work \| .*pause")
+        assert not any(line.startswith("started work") for line in proc.lines["out"])
+        assert stdout_of(cli("resume", work, script=script)).strip() == f"resumed {work}"
+        proc.expect(rf"^removed {work} pause$")
+        proc.expect(r"^started work$")
+        proc.expect(r"^result 2$")
+        assert proc.wait() == 0, proc.lines["err"]
+    finally:
+        proc.kill()
+        sweep(u)
+
+
+def test_one_cli_command_pauses_two_engine_processes(paho, broker):
+    u = broker
+    work = f"task:l_{u}_work"
+    procs = [engine_proc(u), engine_proc(u)]
+    try:
+        for p in procs:
+            p.expect(r"^started first")
+        stdout_of(cli("pause", work))
+        for p in procs:
+            p.expect(rf"^applied {work} pause$")
+            p.send()
+        for p in procs:
+            p.expect(rf"^blocked l_{u}_work \|")
+            assert not any(line.startswith("started work") for line in p.lines["out"])
+        stdout_of(cli("resume", work))
+        for p in procs:
+            p.expect(r"^started work$")
+            p.expect(r"^result 2$")
+            assert p.wait() == 0, p.lines["err"]
+    finally:
+        for p in procs:
+            p.kill()
+        sweep(u)
+
+
+def test_a_late_joining_engine_process_honours_retained_controls(paho, broker):
+    u = broker
+    work, first = f"task:l_{u}_work", f"task:l_{u}_first"
+    proc = None
+    try:
+        stdout_of(cli("pause", work, "--ttl", 300))
+        stdout_of(cli("limit", first, 1))
+        stdout_of(cli("rate", f"project:l_{u}", "50/s", "--burst", 5))
+        proc = engine_proc(u)
+        line = proc.expect(r"^started first")
+        assert json.loads(line[len("started first"):]) == [
+            [f"project:l_{u}", "rate_limit", {"rate": "50/s", "burst": 5}],
+            [first, "concurrency", {"limit": 1}],
+            [work, "pause", {}]]
+        proc.send()
+        proc.expect(rf"^blocked l_{u}_work \| .*pause")
+        stdout_of(cli("resume", work))
+        proc.expect(r"^result 2$")
+        assert proc.wait() == 0, proc.lines["err"]
+    finally:
+        if proc is not None:
+            proc.kill()
+        sweep(u)
+
+
+# ===========================================================================
+# Demo (python cascade.py demo) and benchmarks
+# ===========================================================================
+
+def test_demo_needs_no_broker_and_no_mqtt_library():
     r = run_python("-c", NO_PAHO, "demo", "--tasks", "6", timeout=60)
     assert r.returncode == 0, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr and "Finished in" in r.stderr
-
-
-# ===========================================================================
-# last: the module left nothing on the shared broker (item 7)
-# ===========================================================================
-
-
-# ===========================================================================
-# benchmarks: the smoke run
-# ===========================================================================
 
 
 def test_bench_quick_smoke_run_prints_the_table():
