@@ -2965,13 +2965,34 @@ def test_bad_control_input_is_rejected_once_and_the_engine_carries_on(
 
 
 def test_a_topic_that_disagrees_with_its_payload_is_rejected():
-    e = cs.Engine()
-    link = cs._Link(e, cs.LocalBroker())
-    assert link.on_control("cascade/constraints/task/a/pause",
-                           {"scope": "task:b", "type": "pause"}) is None
-    assert link.on_control("cascade/constraints/task/a/pause",
-                           {"scope": "task:a", "type": "pause"}) == ("task:a", "pause")
-    assert [c.scope for c in e.constraints] == ["task:a"]
+    # A retained control whose payload names another scope or type than its topic is
+    # rejected (one ConstraintRejected naming the topic and why); valid ones still apply.
+    broker = cs.LocalBroker()
+    e = cs.Engine(connector=broker)
+    rec = Recorder(e)
+    wrong_scope = "cascade/constraints/task/a/pause"
+    wrong_type = "cascade/constraints/task/a/concurrency"
+    valid = "cascade/constraints/task/c/pause"
+
+    @cs.task(name="t")
+    async def t():
+        return controls_of(e)
+
+    async def main():
+        await broker.publish(wrong_scope, {"scope": "task:b", "type": "pause"}, retain=True)
+        await broker.publish(wrong_type, {"scope": "task:a", "type": "pause"}, retain=True)
+        await broker.publish(valid, {"scope": "task:c", "type": "pause"}, retain=True)
+        return await e.run(t())
+    with_controls = asyncio.run(main())
+    assert with_controls == {("task:c", "pause"): {}}  # in force before the first task
+    rejected = rec.of(cs.ConstraintRejected)
+    assert sorted(r.topic for r in rejected) == [wrong_type, wrong_scope]
+    reasons = {r.topic: r.reason for r in rejected}
+    assert "pause on task:b" in reasons[wrong_scope] and "pause on task:a" in reasons[wrong_scope]
+    assert "pause on task:a" in reasons[wrong_type] and "concurrency" in reasons[wrong_type]
+    assert [(c.scope, c.type) for c in e.constraints] == [("task:c", "pause")]
+    assert [(ev.constraint.scope, ev.constraint.type)
+            for ev in rec.of(cs.ConstraintApplied)] == [("task:c", "pause")]
 
 
 def test_one_bad_control_message_is_rejected_once_however_many_runs_listen(caplog):
@@ -3264,29 +3285,47 @@ def test_encode_payload():
 # --- delivery ---------------------------------------------------------------
 
 @async_test
-async def test_deliver_sync_async_and_raising_callbacks(caplog):
-    got, tasks = [], set()
+async def test_sync_async_and_raising_callbacks_are_delivered_and_never_break_delivery(caplog):
+    # A subscriber's callback may be sync or async, and may raise (sync) or fail (async):
+    # each failure is logged and goes no further, and every callback, before or after a
+    # raising one, gets every message, in order.
+    b = cs.LocalBroker()
+    got = []
 
-    async def acb(topic, payload):
+    def sync_cb(topic, payload):
+        got.append(("sync", topic, payload))
+
+    async def async_cb(topic, payload):
+        await asyncio.sleep(0)
         got.append(("async", topic, payload))
 
     def boom(topic, payload):
-        raise RuntimeError("boom")
+        raise RuntimeError(f"boom {payload}")
 
     async def aboom(topic, payload):
-        raise RuntimeError("aboom")
-
-    with caplog.at_level(logging.ERROR):
-        cs._deliver(lambda t, p: got.append(("sync", t, p)), "t", 1)
-        cs._deliver(acb, "t", 2, tasks)
-        cs._deliver(boom, "t", 3)
-        cs._deliver(aboom, "t", 4, tasks)
-        assert len(tasks) == 2
-        await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.sleep(0)
-    assert got == [("sync", "t", 1), ("async", "t", 2)]
-    assert not tasks
-    assert "boom" in caplog.text and "aboom" in caplog.text
+        raise RuntimeError(f"aboom {payload}")
+
+    def logged(word):
+        return sorted(str(r.exc_info[1]) for r in caplog.records
+                      if r.name == cs.__name__ and r.exc_info and str(r.exc_info[1]).startswith(word))
+
+    inbox = Inbox()
+    with caplog.at_level(logging.ERROR, logger=cs.__name__):
+        for cb in (boom, sync_cb, aboom, async_cb, inbox):
+            await b.subscribe("t/#", cb)
+        for n in range(3):
+            await b.publish(f"t/{n}", n)
+        await inbox.until(lambda items: len(items) == 3, "3 messages")
+        for _ in range(400):  # the async callbacks run as tasks: let them finish
+            if len(got) == 6 and len(logged("aboom ")) == 3:
+                break
+            await asyncio.sleep(0.005)
+    assert [g for g in got if g[0] == "sync"] == [("sync", f"t/{n}", n) for n in range(3)]
+    assert [g for g in got if g[0] == "async"] == [("async", f"t/{n}", n) for n in range(3)]
+    assert inbox.snapshot() == [(f"t/{n}", n) for n in range(3)]
+    assert logged("boom ") == ["boom 0", "boom 1", "boom 2"]
+    assert logged("aboom ") == ["aboom 0", "aboom 1", "aboom 2"]
 
 
 def test_call_soon_on_closed_loop_is_dropped():
