@@ -2704,6 +2704,56 @@ def test_raising_a_rate_limit_in_place_re_arms_the_refill_timer():
     assert h.result(TIMEOUT) == [0, 1, 2]
 
 
+def test_a_granted_start_stopped_by_a_late_pause_gives_its_rate_token_back():
+    # Sync bodies granted under a rate limit wait for the engine's only worker thread; a
+    # pause that arrives meanwhile stops them at their start gate. They give their start
+    # tokens back, so after the resume they start at once instead of waiting for the
+    # bucket to refill (one token a minute here).
+    e = cs.Engine(max_workers=1)
+    e.rate_limit("task:r", "1/m", burst=3)
+    inside, go = threading.Event(), threading.Event()
+    starts = []
+
+    @cs.task
+    def blocker():
+        inside.set()
+        go.wait(TIMEOUT)
+
+    @cs.task(name="r")
+    def r(i):
+        starts.append(i)
+        return i
+
+    @cs.task
+    async def items():
+        while not inside.is_set():  # ready once the blocker holds the only worker
+            await asyncio.sleep(0.001)
+        return range(4)
+
+    def tokens():
+        return next(s for s in e.status()["scopes"] if s["type"] == "rate_limit")["tokens"]
+
+    rec = Recorder(e)
+    h = e.start([blocker(), r.map(items())])
+    wait_for(lambda: e.status()["tasks"].get("r") == {"granted": 3, "blocked": 1})
+    assert tokens() < 1  # the burst of three was taken when they were granted
+    e.pause("task:r")
+    go.set()  # the worker now reaches the three granted bodies: each meets the pause
+    wait_for(lambda: e.status()["tasks"].get("r") == {"blocked": 4})
+    assert starts == []
+    assert tokens() == 3  # given back, and never more than the burst
+    assert sorted(ev.task_id for ev in rec.of(cs.TaskBlocked)
+                  if ev.reason.startswith("pause on task:r")) == ["r-1[0]", "r-1[1]", "r-1[2]"]
+    e.resume("task:r")
+    wait_for(lambda: len(starts) == 3)  # no refill needed: that would take a minute
+    assert sorted(starts) == [0, 1, 2]  # back in their old places, ahead of r-1[3]
+    wait_for(lambda: e.status()["tasks"]["r"] == {"done": 3, "blocked": 1})
+    assert e.status()["blocked"][0]["waits_on"].startswith("rate_limit on task:r")
+    e.clear("task:r")
+    assert h.result(TIMEOUT) == [None, [0, 1, 2, 3]]
+    assert sorted(starts) == [0, 1, 2, 3]
+
+
 # --- ttl --------------------------------------------------------------------
 
 def test_pause_with_ttl_lifts_itself():
@@ -2810,6 +2860,77 @@ def test_waiters_start_in_the_order_they_became_ready():
 
     asyncio.run(e.run(item.map(range(20))))
     assert order == list(range(20))
+
+
+def _three_task_types():
+    """Tasks a, b and c (async); each records its start as e.g. "a1" in ``order``."""
+    order = []
+
+    def make(name):
+        @cs.task(name=name)
+        async def body(i):
+            order.append(f"{name}{i}")
+            return f"{name}{i}"
+        return body
+    return order, make("a"), make("b"), make("c")
+
+
+@pytest.mark.parametrize("lift", ["raise the limit", "lift the pause"])
+def test_one_admission_pass_grants_several_queues_in_the_order_their_waiters_became_ready(lift):
+    # Calls of different tasks wait in different admission queues. When one change lets
+    # all of them start, they start in the order they became ready, interleaved across
+    # the queues (a1 b1 a2 c1 b2 a3), not one queue drained after another.
+    e = cs.Engine()
+    rec = Recorder(e)
+    order, a, b, c = _three_task_types()
+    if lift == "raise the limit":
+        e.limit("global", 0)
+    else:
+        e.pause("global")
+    h = e.start([a(1), b(1), a(2), c(1), b(2), a(3)])  # ready in the order they were made
+    wait_for(lambda: len(e.status()["blocked"]) == 6)
+    assert order == []
+    if lift == "raise the limit":
+        e.limit("global", 6)
+    else:
+        e.resume("global")
+    assert h.result(TIMEOUT) == ["a1", "b1", "a2", "c1", "b2", "a3"]
+    assert order == ["a1", "b1", "a2", "c1", "b2", "a3"]
+    assert [ev.task_id for ev in rec.of(cs.TaskExecutionStarted)] == [
+        "a-1", "b-1", "a-2", "c-1", "b-2", "a-3"]
+
+
+def test_spare_slots_go_to_the_waiters_that_became_ready_first_across_queues():
+    # Three slots for six waiters of three tasks under one shared limit: the three that
+    # became ready first get them (a1, b1, a2), whichever queue they wait in; the rest
+    # wait, and start only when slots free up again.
+    e = cs.Engine()
+    go = threading.Event()
+    started = []
+    lock = threading.Lock()
+
+    def make(name):
+        @cs.task(name=name, tags=["shared"])
+        def body(i):
+            with lock:
+                started.append(f"{name}{i}")
+            go.wait(TIMEOUT)
+            return f"{name}{i}"
+        return body
+    a, b, c = make("a"), make("b"), make("c")
+    e.limit("tag:shared", 0)
+    h = e.start([a(1), b(1), a(2), c(1), b(2), a(3)])
+    wait_for(lambda: len(e.status()["blocked"]) == 6)
+    e.limit("tag:shared", 3)
+    wait_for(lambda: len(started) == 3)
+    st = e.status()
+    assert sorted(started) == ["a1", "a2", "b1"]
+    assert sorted(x["task_id"] for x in st["blocked"]) == ["a-3", "b-2", "c-1"]
+    assert all(x["waits_on"].startswith("concurrency on tag:shared") for x in st["blocked"])
+    assert next(s for s in st["scopes"] if s["type"] == "concurrency")["in_use"] == 3
+    go.set()
+    assert h.result(TIMEOUT) == ["a1", "b1", "a2", "c1", "b2", "a3"]
+    assert sorted(started[3:]) == ["a3", "b2", "c1"]
 
 
 def test_a_retry_does_not_jump_ahead_of_tasks_that_became_ready_earlier():
