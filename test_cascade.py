@@ -1378,9 +1378,16 @@ def test_resources_are_set_up_per_run():
 
     engine = cs.Engine()
     engine.register(res)
-    run_engine(engine, use())
-    run_engine(engine, use())
+    rec = Recorder(engine)
+    assert run_engine(engine, use()) == 1
+    assert run_engine(engine, use()) == 3  # a fresh instance: set up again
     assert log == ["up", "down", "up", "down"]
+    runs = [ev.run_id for ev in rec.of(cs.RunStarted)]
+    assert len(set(runs)) == 2
+    assert [(ev.run_id, ev.resource_name) for ev in rec.of(cs.ResourceAcquired)] == [
+        (r, "res") for r in runs]
+    assert [(ev.run_id, ev.resource_name) for ev in rec.of(cs.ResourceReleased)] == [
+        (r, "res") for r in runs]
 
 
 # --- policies: with_retry ---------------------------------------------------
@@ -1473,8 +1480,16 @@ def test_retry_chains_with_other_policies_and_feeds_downstream():
             raise ValueError("first")
         return x * 2
 
+    engine = cs.Engine()
+    rec = Recorder(engine)
     lazy = flaky(4).with_retry(max_attempts=2).run_if(True)
-    assert cs.run(ident(lazy)) == 8
+    assert run_engine(engine, ident(lazy)) == 8
+    assert attempts == [4, 4]
+    assert [(ev.task_id, ev.attempt, ev.max_attempts) for ev in rec.of(cs.TaskRetrying)] == [
+        ("flaky-1", 1, 2)]
+    assert [(ev.task_name, ev.status) for ev in rec.of(cs.TaskExecutionFinished)] == [
+        ("flaky", "Succeeded"), ("ident", "Succeeded")]
+    assert rec.started_names() == ["flaky", "flaky", "ident"]
 
 
 def test_retry_on_map_applies_to_each_item():
@@ -1716,23 +1731,12 @@ def test_constraint_above_total_capacity_fails_at_run_start():
 
     engine = cs.Engine(system_resources={"gpu": 1})
     rec = Recorder(engine)
-    with pytest.raises(ValueError) as ei:
+    with pytest.raises(ValueError, match="total capacity") as ei:
         run_engine(engine, pair(other(), f().with_constraints(gpu=2)))
     assert isinstance(ei.value, cs.ConstraintError)
     assert calls == []
     assert rec.of(cs.TaskExecutionStarted) == []
     assert rec.events[-1].status == "Failed"
-
-
-def test_capacity_requests_above_total_fail_at_run_start():
-    e = cs.Engine(system_resources={"gpu": 1})
-
-    @cs.task
-    async def t():
-        return 1
-
-    with pytest.raises(cs.ConstraintError, match="total capacity"):
-        asyncio.run(e.run(t().with_constraints(gpu=2)))
 
 
 def test_constraint_on_undeclared_system_resource_fails():
@@ -1767,12 +1771,20 @@ def test_lazy_constraint_amount():
 
 
 def test_constraints_with_param_amount():
+    calls = []
+
     @cs.task
     def f():
+        calls.append("f")
         return "f"
 
     engine = cs.Engine(system_resources={"gpu": 1})
-    assert run_engine(engine, f().with_constraints(gpu=cs.Param("g")), params={"g": 1}) == "f"
+    target = f().with_constraints(gpu=cs.Param("g"))
+    assert run_engine(engine, target, params={"g": 1}) == "f"
+    with pytest.raises(cs.ConstraintError, match="total capacity"):  # the param's value counts
+        run_engine(engine, target, params={"g": 2})
+    assert calls == ["f"]
+    assert engine.status()["capacities"] == {"gpu": {"total": 1, "in_use": 0}}
 
 
 # --- shell ------------------------------------------------------------------
@@ -2095,7 +2107,12 @@ def test_invalid_control_arguments_raise_constraint_error(call):
 def test_rates_parse_in_every_unit():
     e = cs.Engine()
     for rate in ("10/s", "30/m", "2/h", 0.5, "0.25/s", 3):
-        e.rate_limit("global", rate)
+        c = e.rate_limit("global", rate)
+        assert (c.scope, c.type, c.params) == ("global", "rate_limit", {"rate": rate, "burst": 1})
+        assert e.constraints == [c]  # each one replaced the one before
+        (row,) = e.status()["scopes"]
+        assert (row["type"], row["rate"], row["burst"]) == ("rate_limit", rate, 1)
+        assert f"rate {rate} burst 1 on global" in repr(c)
 
 
 def test_clear_removes_one_type_or_all():
@@ -2143,20 +2160,24 @@ def test_scopes_match_task_globs_tags_run_and_project():
     async def plain():
         order.append("plain")
 
+    everything = {"fetch_a", "fetch_b", "other", "plain"}
     for scope, blocked in [("task:fetch_*", {"fetch_a", "fetch_b"}), ("tag:io", {"other"}),
-                           ("project:proj1", {"fetch_a", "fetch_b", "other", "plain"}),
-                           ("project:elsewhere", set()), ("global", {"fetch_a", "fetch_b",
-                                                                     "other", "plain"})]:
+                           ("project:proj1", everything), ("project:elsewhere", set()),
+                           ("global", everything)]:
         order.clear()
         e = cs.Engine(project="proj1")
         e.pause(scope)
         h = e.start([fa(), fb(), other(), plain()])
-        wait_for(lambda: len(order) >= 4 - len(blocked))
+        wait_for(lambda: len(order) >= 4 - len(blocked)
+                 and len(e.status()["blocked"]) == len(blocked))
         time.sleep(0.05)
-        assert set(order) == {"fetch_a", "fetch_b", "other", "plain"} - blocked, scope
+        assert set(order) == everything - blocked, scope
+        st = e.status()
+        assert {b["task_name"] for b in st["blocked"]} == blocked, scope
+        assert {b["waits_on"] for b in st["blocked"]} <= {f"pause on {scope}"}, scope
         e.resume(scope)
         h.result(TIMEOUT)
-        assert len(order) == 4
+        assert sorted(order) == sorted(everything), scope
 
 
 def test_tags_are_matched_by_tag_scope():
@@ -2193,6 +2214,7 @@ def test_tags_are_matched_by_tag_scope():
 
 def test_run_scope_matches_only_that_run():
     e = cs.Engine()
+    rec = Recorder(e)
     gate = threading.Event()
 
     @cs.task
@@ -2202,18 +2224,25 @@ def test_run_scope_matches_only_that_run():
     @cs.task
     def wait():
         gate.wait(TIMEOUT)
+        return "waited"
 
-    blocked = []
-    e.subscribe(cs.TaskBlocked, lambda ev: blocked.append(ev.run_id))
     h1 = e.start(t(1))
     assert h1.result(TIMEOUT) == 1
-    h2 = e.start([wait(), t(2)])
+    h2 = e.start(t(wait()))  # its t becomes ready once wait returns, after the pause
+    wait_for(lambda: e.status()["tasks"].get("wait") == {"running": 1})
     e.pause(f"run:{h2.run_id}")
     h3 = e.start(t(3))
     assert h3.result(TIMEOUT) == 3           # another run is not affected
-    e.resume(f"run:{h2.run_id}")
     gate.set()
-    h2.result(TIMEOUT)
+    wait_for(lambda: rec.of(cs.TaskBlocked))
+    (blocked,) = rec.of(cs.TaskBlocked)
+    assert (blocked.run_id, blocked.task_name) == (h2.run_id, "t")
+    assert blocked.reason == f"pause on run:{h2.run_id}"
+    assert not h2.done()
+    assert [ev.run_id for ev in rec.of(cs.TaskExecutionStarted, task_name="t")] == [
+        h1.run_id, h3.run_id]
+    e.resume(f"run:{h2.run_id}")
+    assert h2.result(TIMEOUT) == "waited"
 
 
 # --- pause ------------------------------------------------------------------
@@ -2489,16 +2518,21 @@ def test_lowering_a_limit_never_evicts_and_holds_new_starts():
     h = e.start(w.map(range(8)))
     wait_for(lambda: g.now.get("w") == 4)
     e.limit("task:w", 1)
+    # lowering evicts nobody: the four keep running, the other four wait
+    st = e.status()
+    assert st["tasks"]["w"] == {"running": 4, "blocked": 4}
+    conc = next(s for s in st["scopes"] if s["type"] == "concurrency")
+    assert (conc["limit"], conc["in_use"]) == (1, 4)
     go.set()
     assert h.result(TIMEOUT) == list(range(8))
-    # after lowering, the 4 running finished; the other 4 ran one at a time
     assert g.peak["w"] == 4
-    later = [t for k, t, _ in g.starts[4:]]
-    assert len(later) == 4
+    # the other four ran one at a time, each once all earlier ones had finished
+    assert [running for _, _, running in g.starts[4:]] == [1, 1, 1, 1]
 
 
 def test_limit_zero_holds_until_raised():
     e = cs.Engine()
+    rec = Recorder(e)
     started = []
 
     @cs.task
@@ -2507,8 +2541,11 @@ def test_limit_zero_holds_until_raised():
 
     e.limit("task:t", 0)
     h = e.start(t.map(range(3)))
+    wait_for(lambda: len(rec.of(cs.TaskBlocked)) == 3)
     time.sleep(0.1)
     assert started == []
+    assert [ev.reason for ev in rec.of(cs.TaskBlocked)] == [
+        "concurrency on task:t (limit 0, 0 running)"] * 3
     assert "concurrency on task:t" in e.status()["blocked"][0]["waits_on"]
     e.limit("task:t", 1)
     h.result(TIMEOUT)
@@ -2517,6 +2554,7 @@ def test_limit_zero_holds_until_raised():
 
 def test_new_limit_counts_tasks_already_running():
     e = cs.Engine()
+    rec = Recorder(e)
     go = threading.Event()
     g = Gauge()
 
@@ -2535,7 +2573,11 @@ def test_new_limit_counts_tasks_already_running():
     wait_for(lambda: g.now.get("w") == 3)
     e.limit("global", 3)          # three already run: nothing more may start
     h2 = e.start(late([1]))
+    wait_for(lambda: rec.of(cs.TaskBlocked, task_name="late"))
     time.sleep(0.1)
+    (blocked,) = rec.of(cs.TaskBlocked, task_name="late")
+    assert blocked.reason == "concurrency on global (limit 3, 3 running)"
+    assert e.status()["tasks"]["late"] == {"blocked": 1}
     assert g.peak["w"] == 3
     go.set()
     h.result(TIMEOUT)
@@ -2545,6 +2587,7 @@ def test_new_limit_counts_tasks_already_running():
 
 def test_pause_and_limit_on_one_scope_both_hold():
     e = cs.Engine()
+    rec = Recorder(e)
     g = Gauge()
     e.limit("task:x", 1)
     e.pause("task:x")
@@ -2556,11 +2599,14 @@ def test_pause_and_limit_on_one_scope_both_hold():
         g.exit("x")
 
     h = e.start(x.map(range(5)))
+    wait_for(lambda: len(rec.of(cs.TaskBlocked)) == 5)
     time.sleep(0.05)
     assert not g.starts
+    assert {ev.reason for ev in rec.of(cs.TaskBlocked)} == {"pause on task:x"}
     e.resume("task:x")
     h.result(TIMEOUT)
     assert g.peak["x"] == 1 and len(g.starts) == 5
+    assert [(c.scope, c.type) for c in e.constraints] == [("task:x", "concurrency")]
 
 
 def test_a_run_on_a_loop_closed_right_after_it_does_not_strand_other_waiters():
@@ -2789,9 +2835,17 @@ def test_ttl_expires_while_the_event_loop_is_busy():
 
 def test_limit_and_rate_limit_ttls_expire_too():
     e = cs.Engine()
-    e.limit("task:x", 0, ttl=0.1)
-    e.rate_limit("task:y", "1/h", ttl=0.1)
-    wait_for(lambda: e.constraints == [], timeout=5)
+    removed = []
+    e.subscribe(cs.ConstraintRemoved, lambda ev: removed.append(ev.constraint))
+    lim = e.limit("task:x", 0, ttl=0.1)
+    rate = e.rate_limit("task:y", "1/h", ttl=0.1)
+    wait_for(lambda: e.constraints == [] and len(removed) == 2, timeout=5)
+    assert sorted(removed, key=lambda c: c.type) == [lim, rate]
+
+    @cs.task(name="x")
+    async def x():
+        return "x"
+    assert e.start(x()).result(TIMEOUT) == "x"  # the limit of 0 holds nothing any more
 
 
 def test_a_ttl_beyond_the_platform_timeout_does_not_kill_the_clock():
@@ -3009,6 +3063,7 @@ def test_a_waiting_retry_holds_no_slot_and_a_pause_applies_to_its_next_attempt()
 
 def test_resume_from_another_thread_starts_waiting_work():
     e = cs.Engine()
+    rec = Recorder(e)
     started = threading.Event()
 
     @cs.task
@@ -3017,8 +3072,10 @@ def test_resume_from_another_thread_starts_waiting_work():
 
     e.pause("global")
     h = e.start(t())
+    wait_for(lambda: rec.of(cs.TaskBlocked))
     time.sleep(0.05)
     assert not started.is_set()
+    assert [ev.reason for ev in rec.of(cs.TaskBlocked)] == ["pause on global"]
     threading.Thread(target=e.resume).start()
     assert started.wait(TIMEOUT)
     h.result(TIMEOUT)
@@ -4060,6 +4117,7 @@ def test_a_body_that_cannot_even_start_fails_the_run_instead_of_hanging():
     pool = concurrent.futures.ThreadPoolExecutor(1)
     pool.shutdown()
     e = cs.Engine(executor=pool)
+    rec = Recorder(e)
 
     @cs.task
     def t():
@@ -4069,6 +4127,11 @@ def test_a_body_that_cannot_even_start_fails_the_run_instead_of_hanging():
         return await asyncio.wait_for(e.run(t()), TIMEOUT)
     with pytest.raises(RuntimeError, match="shutdown"):
         asyncio.run(main())
+    assert rec.of(cs.TaskExecutionStarted) == []
+    (fin,) = rec.of(cs.TaskExecutionFinished)
+    assert (fin.task_id, fin.status) == ("t-1", "Failed") and isinstance(fin.error, RuntimeError)
+    assert isinstance(rec.events[-1], cs.RunFinished)
+    assert rec.events[-1].status == "Failed" and rec.events[-1].error is fin.error
 
 
 def test_a_large_fan_out_is_started_in_chunks_and_finished_tasks_are_let_go():
@@ -4548,12 +4611,15 @@ def test_subscribe_by_type_and_unsubscribe():
     unsubscribe = engine.subscribe(cs.TaskExecutionStarted, only_started.append)
     engine.subscribe(cs.Event, everything.append)
     run_engine(engine, ident(1))
-    assert only_started and all(isinstance(e, cs.TaskExecutionStarted) for e in only_started)
-    assert len(everything) > len(only_started)
+    one_run = [cs.RunStarted, cs.TaskExecutionStarted, cs.TaskExecutionFinished, cs.RunFinished]
+    assert [(type(e), e.task_id) for e in only_started] == [(cs.TaskExecutionStarted, "ident-1")]
+    assert [type(e) for e in everything] == one_run
+    assert only_started[0] is everything[1]  # one event object for every subscriber
     unsubscribe()
-    count = len(only_started)
     run_engine(engine, ident(2))
-    assert len(only_started) == count
+    assert len(only_started) == 1
+    assert [type(e) for e in everything] == one_run * 2
+    unsubscribe()  # a second time is harmless
 
 
 def test_run_started_and_finished_also_when_validation_fails():
@@ -5172,14 +5238,22 @@ async def test_failing_telemetry_publish_never_fails_or_stalls_the_run(mode, mon
 async def test_a_connector_that_raises_everywhere_never_fails_the_run(caplog):
     u = uid()
     engine = cs.Engine(connector=BrokenConnector())
+    rec = Recorder(engine)
+    gauge = Gauge()
     engine.limit(f"task:l_{u}_t", 1)  # local controls keep working
 
     @cs.task(name=f"l_{u}_t")
     def t(x):
+        with gauge("t"):
+            time.sleep(0.01)  # widen the window in which an over-admission would show
         return x * 2
 
     with caplog.at_level(logging.WARNING, logger=cs.__name__):
         assert await asyncio.wait_for(engine.run(t.map(range(4))), TIMEOUT) == [0, 2, 4, 6]
+    assert gauge.peak["t"] == 1
+    assert [ev.task_id for ev in rec.of(cs.TaskBlocked)] == [f"l_{u}_t-1[{i}]" for i in (1, 2, 3)]
+    assert any("could not sync controls" in r.getMessage() for r in caplog.records)
+    assert rec.events[-1].status == "Succeeded"
 
 
 @async_test
@@ -5251,18 +5325,28 @@ def hello_task(x):
 
 def test_cs_run_logs_human_lines_to_stderr(bare_logger, capfd):
     assert cs.run(hello_task(1)) == 1
-    err = capfd.readouterr().err
-    assert "hello_task" in err
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 3, lines
+    started = re.fullmatch(r"\d\d:\d\d:\d\d INFO +run (\S+) started: hello_task", lines[0])
+    assert started, lines
+    assert re.fullmatch(r"\d\d:\d\d:\d\d INFO +hello_task-1 succeeded in \d+\.\d{3}s", lines[1])
+    assert re.fullmatch(rf"\d\d:\d\d:\d\d INFO +run {started[1]} succeeded in \d+\.\d{{3}}s",
+                        lines[2]), lines
     assert bare_logger.handlers == []  # the handler is attached for the run only
 
 
 def test_cs_run_logs_json_lines(bare_logger, capfd):
     assert cs.run(hello_task(2), log_format="json") == 2
     err = capfd.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert lines
-    parsed = [json.loads(line) for line in lines]
-    assert any("hello_task" in json.dumps(p) for p in parsed)
+    parsed = [json.loads(line) for line in err.splitlines() if line.strip()]
+    assert [p["event"] for p in parsed] == ["RunStarted", "TaskExecutionFinished", "RunFinished"]
+    assert {p["level"] for p in parsed} == {"INFO"} and {p["logger"] for p in parsed} == {cs.__name__}
+    assert len({p["run_id"] for p in parsed}) == 1
+    assert all(ISO_TS.fullmatch(p["ts"]) for p in parsed)
+    assert parsed[0]["target_tasks"] == ["hello_task"] and parsed[0]["params"] == {}
+    assert (parsed[1]["task_id"], parsed[1]["status"], parsed[1]["error"]) == (
+        "hello_task-1", "Succeeded", None)
+    assert parsed[2]["status"] == "Succeeded" and "succeeded in" in parsed[2]["message"]
     assert bare_logger.handlers == []
 
 
@@ -5290,7 +5374,9 @@ def test_cs_run_uses_existing_handlers_instead_of_its_own(bare_logger, capfd):
 
 def test_cs_run_progress_shows_status_line(bare_logger, capfd):
     assert cs.run(hello_task(5), progress=True) == 5
-    assert "done" in capfd.readouterr().err.lower()
+    # not a terminal: no redraws, the final line only
+    assert capfd.readouterr().err.splitlines()[-1] == (
+        "[cascade] done 1 | running 0 | blocked 0 | failed 0")
 
 
 def test_engine_run_logs_nothing_above_debug(caplog):
