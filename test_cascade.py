@@ -4445,8 +4445,9 @@ def test_blocking_result_on_the_loop_thread_raises_error_saying_to_await():
 
     async def main():
         handle = cs.Engine().start(f())
-        with pytest.raises(Exception, match="await"):
+        with pytest.raises(cs.CascadeError, match="await handle"):
             handle.result(timeout=5)
+        assert not handle.done()  # it did not block: the run has not had a turn yet
         return await handle
 
     assert asyncio.run(main()) == 1
@@ -5354,6 +5355,17 @@ def test_cs_run_respects_log_level(bare_logger, capfd):
     assert cs.run(hello_task(3), log_level="ERROR") == 3
     assert "hello_task" not in capfd.readouterr().err
 
+    @cs.task
+    def boom():
+        raise KeyError("k")
+
+    with pytest.raises(KeyError):
+        cs.run(boom(), log_level="ERROR")
+    lines = capfd.readouterr().err.splitlines()  # the failure is at ERROR: it is shown
+    assert [line.split()[1] for line in lines] == ["ERROR", "ERROR"], lines
+    assert lines[0].endswith("boom-1 failed: KeyError: 'k'"), lines
+    assert re.search(r" run \S+ failed in \d+\.\d{3}s: KeyError: 'k'$", lines[1]), lines
+
 
 def test_cs_run_uses_existing_handlers_instead_of_its_own(bare_logger, capfd):
     records = []
@@ -5367,7 +5379,10 @@ def test_cs_run_uses_existing_handlers_instead_of_its_own(bare_logger, capfd):
     bare_logger.setLevel(logging.DEBUG)
     bare_logger.propagate = False
     assert cs.run(hello_task(4)) == 4
-    assert records
+    assert [(r.cascade["event"], r.levelname) for r in records] == [
+        ("RunStarted", "INFO"), ("TaskExecutionStarted", "DEBUG"),
+        ("TaskExecutionFinished", "INFO"), ("RunFinished", "INFO")]
+    assert records[1].getMessage() == "hello_task-1 started"
     assert "hello_task" not in capfd.readouterr().err
     assert bare_logger.handlers == [handler]
 
