@@ -522,7 +522,7 @@ def shell(command: Union[str, LazyResult], check: bool = True) -> LazyResult:
 class _Node:
     """Per-run state of one LazyResult (a LazyResult may be run many times)."""
     __slots__ = ("lazy", "k", "seq", "pending", "dependents", "value", "skip", "left",
-                 "key", "tally", "items", "cursor")
+                 "key", "tally", "items", "cursor", "_id")
 
     def __init__(self, lazy):
         self.lazy = lazy
@@ -537,13 +537,16 @@ class _Node:
         self.tally = None       # its task's per-state counts in the run (see _Unit)
         self.items = None       # a map's resolved columns while it is being expanded
         self.cursor = 0         # a map's next item to expand
+        self._id = None
 
     @property
     def id(self):
         """``name-k``: the k-th call of the task in the run, in creation order (derived
         when asked for: most runs never need most ids)."""
-        task = self.lazy.task
-        return self.lazy.name if task is None else f"{task.name}-{self.k}"
+        if self._id is None:
+            task = self.lazy.task
+            self._id = self.lazy.name if task is None else f"{task.name}-{self.k}"
+        return self._id
 
 
 def _build_graph(target, tallies):
@@ -556,11 +559,17 @@ def _build_graph(target, tallies):
     so a collection could free nothing, and the collections that a large graph's
     allocations trigger would each walk every object made so far (at 100,000 nodes
     that doubled the cost of building)."""
+    return _without_gc(_build_nodes, target, tallies)
+
+
+def _without_gc(fn, *args):
+    """``fn(*args)`` with the cyclic garbage collector paused (if it was on): for code
+    that makes many objects which all stay alive, where a collection frees nothing."""
     if not gc.isenabled():
-        return _build_nodes(target, tallies)
+        return fn(*args)
     gc.disable()
     try:
-        return _build_nodes(target, tallies)
+        return fn(*args)
     finally:
         gc.enable()
 
@@ -963,6 +972,7 @@ class Constraint:
 
 
 _CONTROL_PREFIX = "cascade/constraints"
+_TELEMETRY_V = "1.1"  # the shape of telemetry messages (see _RunLink.payloads)
 
 
 def _control_topic(scope, kind):
@@ -1582,8 +1592,9 @@ def _follow(result: Any, callback: Callable, topic: str, tasks: set | None) -> N
 class _Subscription:
     """One (filter, callback) pair, bound to the loop that subscribed it.
 
-    Messages wait in ``queue`` and one loop callback drains them all: a burst of
-    messages costs one wake-up of the subscriber's loop, not one per message.
+    Messages wait in ``queue`` as (topic, payloads) batches and one loop callback
+    drains them all: a burst of messages costs one wake-up of the subscriber's loop,
+    not one per message.
     invariant: push appends before reading ``scheduled``, drain clears it before
     popping, so no message is ever left in the queue without a drain to come."""
     __slots__ = ("filter", "callback", "loop", "active", "replay", "acked", "tasks",
@@ -1604,7 +1615,14 @@ class _Subscription:
         self.scheduled = False
 
     def push(self, topic: str, payload: Any) -> bool:  # hub lock held, any thread
-        self.queue.append((topic, payload))
+        self.queue.append((topic, (payload,)))
+        return self._schedule()
+
+    def push_many(self, topic: str, payloads: list) -> bool:  # hub lock held, any thread
+        self.queue.append((topic, payloads))  # shared by the subscriptions: read only
+        return self._schedule()
+
+    def _schedule(self) -> bool:
         if not self.scheduled:
             self.scheduled = True
             if not _call_soon(self.loop, self.drain):
@@ -1616,16 +1634,17 @@ class _Subscription:
         self.scheduled = False
         q, cb = self.queue, self.callback
         while q:
-            topic, payload = q.popleft()
-            if not self.active:
-                continue
-            try:
-                result = cb(topic, payload)
-            except Exception:
-                _log.exception("pub/sub callback %r failed on topic %r", cb, topic)
-                continue
-            if result is not None:
-                _follow(result, cb, topic, self.tasks)
+            topic, payloads = q.popleft()
+            for payload in payloads:
+                if not self.active:
+                    break
+                try:
+                    result = cb(topic, payload)
+                except Exception:
+                    _log.exception("pub/sub callback %r failed on topic %r", cb, topic)
+                    continue
+                if result is not None:
+                    _follow(result, cb, topic, self.tasks)
 
 
 class _Hub:
@@ -1740,11 +1759,8 @@ class LocalBroker(_Hub):
         with self._lock:
             dead = False
             for s in self._subs_for(topic):
-                if s.active:
-                    for p in payloads:
-                        if not s.push(topic, p):
-                            dead = True
-                            break
+                if s.active and not s.push_many(topic, payloads):
+                    dead = True
             if dead:
                 self._subs = [s for s in self._subs if s.active]
                 self._matching = {}
@@ -2387,41 +2403,36 @@ class _Reporter:
         self.on_start = self._started or self.tele is not None
         self.on_finish = bool(self._finished) or self.tele is not None
 
-    # Telemetry task records are (task_id, task_name, state, duration_ms, error), made
-    # here only and read by _RunLink.payloads.
-    def _record(self, task_id, name, state, ms, error):
-        self.tele.record((task_id, name, state, ms, error))
-
     def run_started(self, target_names, params):
         if self.tele is not None:
-            self.tele.record("ENGINE_STARTED")
+            self.tele.lifecycle("ENGINE_STARTED")
         self.bus.emit(RunStarted(self.run.run_id, target_names, params))
 
     def run_finished(self, status, duration, error):
         if self.tele is not None:
-            self.tele.record("ENGINE_STOPPED")
+            self.tele.lifecycle("ENGINE_STOPPED")
         self.bus.emit(RunFinished(self.run.run_id, status, duration, error))
 
     def started(self, u):  # when on_start
-        uid = u.id
         if self._started:
-            self.bus.emit(TaskExecutionStarted(self.run.run_id, uid, u.node.key.name))
+            node = u.node
+            uid = (node._id or node.id) if u.index is None else u.id
+            self.bus.emit(TaskExecutionStarted(self.run.run_id, uid, node.key.name))
         if self.tele is not None:
-            self._record(uid, u.node.key.name, "RUNNING", None, None)
+            self.tele.task(u, "RUNNING", None, None)
 
     def finished(self, u, duration, exc):  # a success when on_finish; every failure
         if self.version != self.bus.version:
             self.refresh()
         cbs = self._finished if exc is None else self._failed
-        if cbs or self.tele is not None:
-            uid, name = u.id, u.node.key.name
-            if cbs:
-                self.bus.deliver(cbs, TaskExecutionFinished(
-                    self.run.run_id, uid, name, "Succeeded" if exc is None else "Failed",
-                    duration, exc))
-            if self.tele is not None:
-                self._record(uid, name, "COMPLETED" if exc is None else "FAILED",
-                             duration * 1000, exc)
+        if cbs:
+            node = u.node
+            uid = (node._id or node.id) if u.index is None else u.id
+            self.bus.deliver(cbs, TaskExecutionFinished(
+                self.run.run_id, uid, node.key.name, "Succeeded" if exc is None else "Failed",
+                duration, exc))
+        if self.tele is not None:
+            self.tele.task(u, "COMPLETED" if exc is None else "FAILED", duration * 1000, exc)
 
     def blocked(self, u):
         u.reported = True  # once per wait
@@ -2429,18 +2440,18 @@ class _Reporter:
         if bus.wants(TaskBlocked):
             bus.emit(TaskBlocked(self.run.run_id, u.id, u.key.name, cp.reason(u)))
         if self.tele is not None:
-            self._record(u.id, u.key.name, "BLOCKED", None, cp.reason(u))
+            self.tele.task(u, "BLOCKED", None, cp.reason(u))
 
     def retrying(self, u, max_attempts, wait, exc):
         self.bus.emit(TaskRetrying(self.run.run_id, u.id, u.key.name, u.attempt,
                                    max_attempts, wait, exc))
         if self.tele is not None:
-            self._record(u.id, u.key.name, "RETRYING", None, exc)
+            self.tele.task(u, "RETRYING", None, exc)
 
     def skipped(self, node, reason):
         self.bus.emit(TaskSkipped(self.run.run_id, node.id, node.lazy.task.name, reason))
         if self.tele is not None:
-            self._record(node.id, node.lazy.task.name, "SKIPPED", None, reason)
+            self.tele.task(node, "SKIPPED", None, reason)
 
     def resource(self, name, acquired):
         self.bus.emit((ResourceAcquired if acquired else ResourceReleased)(self.run.run_id, name))
@@ -3577,6 +3588,7 @@ class _RunLink:
     """One run's side of its engine's _Link: the run's telemetry queue and flusher, and
     its share of its loop's control subscription (None until ``open``)."""
     __slots__ = ("link", "run", "queue", "flusher", "sub")
+    BATCH = 1000  # events per telemetry message at most
 
     def __init__(self, link, run):
         self.link, self.run = link, run
@@ -3590,55 +3602,59 @@ class _RunLink:
     async def close(self):
         await self.link.close(self)
 
-    def record(self, body):
-        """Queue a telemetry record: a lifecycle word, or a task record as made by
-        _Reporter._record."""
-        self.queue.append((time.time(), body))
+    # A record is (ts, word) for a lifecycle event or (ts, who, state, duration_ms,
+    # error) for a task's, ``who`` being its _Unit (or _Node, when skipped): made by the
+    # next two methods, read by payloads (which derives ids and names off the hot path).
+    def lifecycle(self, word):
+        self.queue.append((time.time(), word))
+        if self.flusher is None:
+            self.flusher = asyncio.ensure_future(self._flush())
+
+    def task(self, who, state, ms, error):
+        self.queue.append((time.time(), who, state, ms, error))
         if self.flusher is None:
             self.flusher = asyncio.ensure_future(self._flush())
 
     def payloads(self, items):
-        """The telemetry envelopes of ``items`` ((ts, record) pairs), built in one loop."""
+        """The telemetry messages of ``items`` (records): one message per BATCH events,
+        stamped (``ts``, ISO 8601) with its first event's time; each event carries its
+        own time as Unix seconds (``at``). See the README's telemetry contract."""
         engine = self.link.engine
-        base = {"v": "1.0", "ts": "", "run_id": self.run.run_id, "org_id": engine.org,
-                "project_id": engine.project, "source": self.link.source, "body": None}
-        out = []
-        for ts, body in items:
-            if body.__class__ is str:
-                body = {"type": "LifecycleEvent", "event": body}
+        run_id, org, project, source = (self.run.run_id, engine.org, engine.project,
+                                        self.link.source)
+        events = []
+        for r in items:
+            if len(r) == 2:
+                events.append({"at": r[0], "type": "LifecycleEvent", "event": r[1]})
             else:
-                task_id, name, state, ms, error = body
-                body = {"type": "TaskStateEvent", "task_id": task_id, "task_name": name,
-                        "state": state, "duration_ms": ms,
-                        "error": None if error is None else error if isinstance(error, str)
-                        else f"{type(error).__name__}: {error}"}
-            p = base.copy()
-            p["ts"] = _iso(ts)
-            p["body"] = body
-            out.append(p)
-        return out
+                at, who, state, ms, error = r
+                node = who.node if who.__class__ is _Unit else who
+                events.append({"at": at, "type": "TaskStateEvent", "task_id": who.id,
+                               "task_name": node.lazy.task.name, "state": state,
+                               "duration_ms": ms,
+                               "error": None if error is None else error
+                               if isinstance(error, str) else f"{type(error).__name__}: {error}"})
+        n = self.BATCH
+        return [{"v": _TELEMETRY_V, "ts": _iso(events[i]["at"]), "run_id": run_id,
+                 "org_id": org, "project_id": project, "source": source,
+                 "events": events[i:i + n]} for i in range(0, len(events), n)]
 
     async def _flush(self):
         engine = self.link.engine
         topic = f"cascade/telemetry/{engine.org}/{engine.project}/{self.run.run_id}/events"
-        q = self.queue
         conn = self.link.connector
         batch = getattr(conn, "publish_many_nowait", None)  # LocalBroker's
         failed = False
         try:
-            while q:
-                if batch is not None:  # in process: the whole queue in one call
-                    items = [q.popleft() for _ in range(len(q))]
-                    try:
-                        batch(topic, self.payloads(items))
-                    except Exception as exc:
-                        if not failed:
-                            failed = True
-                            _log.warning("telemetry publish failed: %r", exc)
-                    continue
-                item = q.popleft()
+            while self.queue:
+                items, self.queue = self.queue, collections.deque()
+                messages = _without_gc(self.payloads, items)
                 try:
-                    await conn.publish(topic, self.payloads([item])[0])
+                    if batch is not None:  # in process: every message in one call
+                        batch(topic, messages)
+                    else:
+                        for m in messages:
+                            await conn.publish(topic, m)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # telemetry never fails a run
@@ -4023,26 +4039,49 @@ async def _cli_verb(args, client):
     return await _cli_watch(args, ctl.connector)
 
 
+def _telemetry_events(p):
+    """The events of a telemetry message: v1.1 carries a list, v1.0 one ``body``."""
+    if not isinstance(p, dict):
+        return None
+    if isinstance(p.get("events"), list):
+        return [e for e in p["events"] if isinstance(e, dict)]
+    if isinstance(p.get("body"), dict):
+        return [dict(p["body"], ts=p.get("ts", ""))]
+    return None
+
+
+def _clock_of(event):
+    """HH:MM:SS.mmm (UTC) of a telemetry event, for ``cascade watch``."""
+    at = event.get("at")
+    if isinstance(at, (int, float)) and not isinstance(at, bool) and 0 <= at < 1e11:
+        return _iso(at)[11:23]
+    return str(event.get("ts", ""))[11:23]
+
+
 async def _cli_watch(args, conn):
     await conn.connect()
     q = asyncio.Queue()
     await conn.subscribe(args.topic, lambda t, p: q.put_nowait((t, p)))
     print(f"watching {args.topic} (Ctrl-C stops)", file=sys.stderr, flush=True)
-    seen = 0
+    seen = 0  # events (a message carries one or more)
     while args.count is None or seen < args.count:
         topic, p = await q.get()
-        seen += 1
-        if args.json or not isinstance(p, dict) or not isinstance(p.get("body"), dict):
+        events = _telemetry_events(p)
+        if args.json or events is None:
             print(json.dumps({"topic": topic, "payload": p}, default=repr), flush=True)
+            seen += len(events) if events else 1
             continue
-        b = p["body"]
-        ts = str(p.get("ts", ""))[11:23]
-        if b.get("type") == "LifecycleEvent":
-            print(f"{ts} {p.get('run_id')} {b.get('event')}", flush=True)
-        else:
+        for b in events:
+            if args.count is not None and seen >= args.count:
+                break
+            seen += 1
+            ts = _clock_of(b)
+            if b.get("type") == "LifecycleEvent":
+                print(f"{ts} {p.get('run_id')} {b.get('event')}", flush=True)
+                continue
             extra = (f" {b['duration_ms']:.1f}ms" if isinstance(b.get("duration_ms"), (int, float))
                      else "") + (f"  {b['error']}" if b.get("error") else "")
-            print(f"{ts} {p.get('run_id')} {b.get('task_id'):<24} {b.get('state'):<9}{extra}",
+            print(f"{ts} {p.get('run_id')} {b.get('task_id')!s:<24} {b.get('state')!s:<9}{extra}",
                   flush=True)
     return None
 

@@ -323,20 +323,30 @@ TELEMETRY_STATES = {"RUNNING", "COMPLETED", "FAILED", "SKIPPED", "BLOCKED", "RET
 
 
 def check_telemetry(p, org, project, run_id, source=SOURCE):
-    """Assert one telemetry payload has the documented shape; return its body."""
-    assert set(p) == {"v", "ts", "run_id", "org_id", "project_id", "source", "body"}, p
-    assert p["v"] == "1.0"
+    """Assert one telemetry message has the documented shape (v1.1: several events per
+    message, each with its own time); return its events."""
+    assert set(p) == {"v", "ts", "run_id", "org_id", "project_id", "source", "events"}, p
+    assert p["v"] == "1.1"
     assert ISO_TS.fullmatch(p["ts"]), p["ts"]
     ts = datetime.datetime.strptime(p["ts"][:19], "%Y-%m-%dT%H:%M:%S").replace(
         tzinfo=datetime.timezone.utc)
     assert abs((datetime.datetime.now(datetime.timezone.utc) - ts).total_seconds()) < 600, p["ts"]
     assert (p["run_id"], p["org_id"], p["project_id"], p["source"]) == (run_id, org, project, source)
-    b = p["body"]
-    if b["type"] == "LifecycleEvent":
-        assert set(b) == {"type", "event"} and b["event"] in ("ENGINE_STARTED", "ENGINE_STOPPED")
-    else:
+    events = p["events"]
+    assert isinstance(events, list) and events, p
+    assert abs(events[0]["at"] - ts.timestamp()) < 1.0, (p["ts"], events[0])  # ts: the first's
+    last = 0.0
+    for b in events:
+        assert isinstance(b["at"], float) and abs(b["at"] - time.time()) < 600, b
+        assert b["at"] >= last, events  # in the order they happened
+        last = b["at"]
+        if b["type"] == "LifecycleEvent":
+            assert set(b) == {"at", "type", "event"} and b["event"] in ("ENGINE_STARTED",
+                                                                        "ENGINE_STOPPED")
+            continue
         assert b["type"] == "TaskStateEvent", b
-        assert set(b) == {"type", "task_id", "task_name", "state", "duration_ms", "error"}, b
+        assert set(b) == {"at", "type", "task_id", "task_name", "state", "duration_ms",
+                          "error"}, b
         assert b["state"] in TELEMETRY_STATES
         assert isinstance(b["task_id"], str) and b["task_id"].startswith(b["task_name"])
         if b["state"] in ("COMPLETED", "FAILED"):
@@ -344,7 +354,12 @@ def check_telemetry(p, org, project, run_id, source=SOURCE):
         assert (b["error"] is None) == (b["state"] in ("RUNNING", "COMPLETED")), b
         if b["error"] is not None:
             assert isinstance(b["error"], str) and b["error"], b
-    return b
+    return events
+
+
+def telemetry_events(items):
+    """The events of telemetry messages, given as payloads or (topic, payload) pairs."""
+    return [e for p in items for e in (p[1] if isinstance(p, tuple) else p).get("events", ())]
 
 
 def expected_telemetry(events, run_id):
@@ -372,8 +387,8 @@ def expected_telemetry(events, run_id):
 
 
 def seen_telemetry(payloads):
-    return [(None, p["body"]["event"]) if p["body"]["type"] == "LifecycleEvent"
-            else (p["body"]["task_id"], p["body"]["state"]) for p in payloads]
+    return [(None, e["event"]) if e["type"] == "LifecycleEvent" else (e["task_id"], e["state"])
+            for e in telemetry_events(payloads)]
 
 
 # --- the MQTT broker --------------------------------------------------------
@@ -5103,9 +5118,10 @@ async def test_an_aiomqtt_engine_applies_retained_controls_and_sends_telemetry(p
                 await conn.disconnect()
                 await conn.disconnect()
         items = await asyncio.to_thread(
-            outside.until, lambda items: any(p["body"].get("event") == "ENGINE_STOPPED"
-                                             for _, p in items) and items, "ENGINE_STOPPED")
-        assert [p["body"].get("state") or p["body"]["event"] for _, p in items] == [
+            outside.until, lambda items: any(e.get("event") == "ENGINE_STOPPED"
+                                             for e in telemetry_events(items)) and items,
+            "ENGINE_STOPPED")
+        assert [e.get("state") or e["event"] for e in telemetry_events(items)] == [
             "ENGINE_STARTED", "RUNNING", "COMPLETED", "ENGINE_STOPPED"]
         for _, p in items:
             check_telemetry(p, org, project, handle.run_id)
@@ -5237,6 +5253,54 @@ async def test_a_broker_restart_mid_run_the_run_completes_and_controls_work_agai
 # --- telemetry --------------------------------------------------------------
 
 @async_test
+async def test_telemetry_carries_many_events_per_message_in_order():
+    # v1.1: a burst of events goes out in a few messages of at most _RunLink.BATCH
+    # events each, every event with its own time, in the order the engine saw them.
+    broker, u = cs.LocalBroker(), uid()
+    org, project = f"lorg_{u}", f"lproj_{u}"
+    engine = cs.Engine(connector=broker, org=org, project=project)
+    tele = Inbox()
+    await broker.subscribe(f"cascade/telemetry/{org}/{project}/+/events", tele)
+    log = Recorder(engine)
+
+    @cs.task(name=f"l_{u}_item")
+    async def item(i):
+        return i
+
+    n = 3 * cs._RunLink.BATCH
+    handle = engine.start(item.map(range(n)))
+    assert await asyncio.wait_for(handle, TIMEOUT) == list(range(n))
+    messages = [p for _, p in await tele.until(
+        lambda items: any(e.get("event") == "ENGINE_STOPPED" for e in telemetry_events(items))
+        and items, "ENGINE_STOPPED")]
+    events = [e for p in messages for e in check_telemetry(p, org, project, handle.run_id)]
+    assert len(events) == 2 * n + 2
+    assert seen_telemetry(messages) == expected_telemetry(log.snapshot(), handle.run_id)
+    assert all(len(p["events"]) <= cs._RunLink.BATCH for p in messages)
+    assert len(messages) <= len(events) // 100  # batched, not one message per event
+
+
+def test_cli_watch_reads_the_one_event_messages_of_telemetry_v1_0(paho, broker):
+    # An engine of an older release sends one event per message ("body"): watch shows it.
+    u = broker
+    topic = f"cascade/telemetry/lorg_{u}/l_{u}/r1/events"
+    watch = Proc([sys.executable, "-m", "cascade", "watch", "--topic", topic, "--count", "1"])
+    outside = OutsideClient()
+    try:
+        watch.expect("watching", stream="err")
+        outside.publish(topic, json.dumps({
+            "v": "1.0", "ts": "2026-11-22T14:03:01.123456Z", "run_id": "r1", "org_id": "o",
+            "project_id": "p", "source": "h-1",
+            "body": {"type": "TaskStateEvent", "task_id": f"l_{u}_t-1", "task_name": f"l_{u}_t",
+                     "state": "COMPLETED", "duration_ms": 1.5, "error": None}}))
+        assert watch.wait() == 0, watch.lines
+        assert watch.lines["out"] == [f"14:03:01.123 r1 {f'l_{u}_t-1':<24} COMPLETED 1.5ms"]
+    finally:
+        watch.kill()
+        outside.close()
+
+
+@async_test
 async def test_telemetry_with_a_local_broker_is_complete_when_run_returns():
     broker, u = cs.LocalBroker(), uid()
     org, project = f"lorg_{u}", f"lproj_{u}"
@@ -5298,15 +5362,16 @@ async def test_telemetry_with_a_local_broker_is_complete_when_run_returns():
             check_telemetry(p, org, project, run_id)
         assert seen_telemetry(payloads) == expected_telemetry(log.snapshot(), run_id)
         before = mark
-    states = [(p["body"].get("state"), p["body"].get("task_name")) for _, p in items
-              if isinstance(p, dict) and p.get("body", {}).get("type") == "TaskStateEvent"]
+    events = telemetry_events([p for _, p in items if isinstance(p, dict)])
+    states = [(e.get("state"), e.get("task_name")) for e in events
+              if e.get("type") == "TaskStateEvent"]
     for state, task in [("BLOCKED", f"l_{u}_held"), ("RETRYING", f"l_{u}_flaky"),
                         ("COMPLETED", f"l_{u}_flaky"), ("FAILED", f"l_{u}_boom"),
                         ("SKIPPED", f"l_{u}_ok")]:
         assert (state, task) in states, (state, task)
-    failed = [p["body"] for _, p in items if p.get("body", {}).get("state") == "FAILED"]
+    failed = [e for e in events if e.get("state") == "FAILED"]
     assert "l boom" in failed[0]["error"] and failed[0]["duration_ms"] >= 0
-    retrying = [p["body"] for _, p in items if p.get("body", {}).get("state") == "RETRYING"]
+    retrying = [e for e in events if e.get("state") == "RETRYING"]
     assert "l hiccup" in retrying[0]["error"]
 
 
@@ -5335,8 +5400,9 @@ async def test_telemetry_reaches_an_outside_mqtt_subscriber(paho, broker):
         handle = engine.start(flaky(a.map(range(3))).with_retry(2))
         assert await asyncio.wait_for(handle, TIMEOUT) == [1, 2, 3]
         items = await asyncio.to_thread(
-            outside.until, lambda items: any(p["body"].get("event") == "ENGINE_STOPPED"
-                                             for _, p in items) and items, "ENGINE_STOPPED")
+            outside.until, lambda items: any(e.get("event") == "ENGINE_STOPPED"
+                                             for e in telemetry_events(items)) and items,
+            "ENGINE_STOPPED")
         assert {t for t, _ in items} == {f"cascade/telemetry/{org}/{project}/{handle.run_id}/events"}
         payloads = [p for _, p in items]
         for p in payloads:
@@ -5692,11 +5758,11 @@ def test_cli_watch_is_a_live_readable_stream(paho, broker):
             [f"l_{u}_step-1", "RUNNING"], [f"l_{u}_step-1", "COMPLETED"],
             [f"l_{u}_step-2", "RUNNING"], [f"l_{u}_step-2", "COMPLETED"]]
         assert re.search(r"COMPLETED +\d+\.\dms$", lines[2]), lines[2]
-        payloads = [json.loads(line) for line in raw.lines["out"]]
-        assert len(payloads) == n
+        payloads = [json.loads(line) for line in raw.lines["out"]]  # one line a message
+        assert sum(len(check_telemetry(p["payload"], org, project, run_id))
+                   for p in payloads) == n
         for p in payloads:
             assert p["topic"] == f"cascade/telemetry/{org}/{project}/{run_id}/events"
-            check_telemetry(p["payload"], org, project, run_id)
     finally:
         human.kill()
         raw.kill()
