@@ -1408,7 +1408,7 @@ class _ControlPlane:
         return False
 
     def _gated(self, u):  # lock held: does a state the gate re-checks hold u back?
-        q = self._queue(u.key, u.run.loop)
+        q = self._queues.get(u.key) or _Queue(u.key)  # looking makes no queue
         self._match(q)
         now = time.monotonic()
         return any(st.gate and not st.can_take(n, now) for st, n in q.needs)
@@ -2390,7 +2390,9 @@ class _Reporter:
 
     def __init__(self, run):
         self.run, self.bus, self.tele = run, run.engine._bus, None
-        self.version = -1
+        self.version = -1  # never read the bus yet: the first check refreshes
+        self.on_start = self.on_finish = self._started = False
+        self._finished = self._failed = ()
 
     def refresh(self):
         """Re-read who listens; the run calls it when ``version`` is not the bus's. Then

@@ -5252,16 +5252,22 @@ async def test_a_broker_restart_mid_run_the_run_completes_and_controls_work_agai
 
 # --- telemetry --------------------------------------------------------------
 
-@async_test
-async def test_telemetry_carries_many_events_per_message_in_order():
-    # v1.1: a burst of events goes out in a few messages of at most _RunLink.BATCH
-    # events each, every event with its own time, in the order the engine saw them.
+async def local_telemetry_engine():
+    """An engine on a LocalBroker, an Inbox of its telemetry and a Recorder of its
+    events: (broker, engine, inbox, recorder, uid, org, project)."""
     broker, u = cs.LocalBroker(), uid()
     org, project = f"lorg_{u}", f"lproj_{u}"
     engine = cs.Engine(connector=broker, org=org, project=project)
     tele = Inbox()
     await broker.subscribe(f"cascade/telemetry/{org}/{project}/+/events", tele)
-    log = Recorder(engine)
+    return broker, engine, tele, Recorder(engine), u, org, project
+
+
+@async_test
+async def test_telemetry_carries_many_events_per_message_in_order():
+    # v1.1: a burst of events goes out in a few messages of at most _RunLink.BATCH
+    # events each, every event with its own time, in the order the engine saw them.
+    broker, engine, tele, log, u, org, project = await local_telemetry_engine()
 
     @cs.task(name=f"l_{u}_item")
     async def item(i):
@@ -5302,12 +5308,7 @@ def test_cli_watch_reads_the_one_event_messages_of_telemetry_v1_0(paho, broker):
 
 @async_test
 async def test_telemetry_with_a_local_broker_is_complete_when_run_returns():
-    broker, u = cs.LocalBroker(), uid()
-    org, project = f"lorg_{u}", f"lproj_{u}"
-    engine = cs.Engine(connector=broker, org=org, project=project)
-    tele = Inbox()
-    await broker.subscribe(f"cascade/telemetry/{org}/{project}/+/events", tele)
-    log = Recorder(engine)
+    broker, engine, tele, log, u, org, project = await local_telemetry_engine()
     attempts = []
 
     @cs.task(name=f"l_{u}_ok")
