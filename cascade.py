@@ -106,7 +106,8 @@ class DependencyMissingError(CascadeError):
 
 # Types that can never contain a lazy value; checked first because it is the common case.
 _PLAIN = frozenset({int, float, complex, str, bytes, bool, type(None)})
-_BAD_NAME = re.compile(r"[/+#\x00\s]")
+# Also control characters and bidi overrides: names are printed in terminals and logs.
+_BAD_NAME = re.compile("[/+#\\s\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def _check_name(name, what, error=ValueError):
@@ -114,7 +115,7 @@ def _check_name(name, what, error=ValueError):
     # characters that are special there are refused everywhere.
     if not isinstance(name, str) or not name or _BAD_NAME.search(name):
         raise error(f"{what} {name!r} must be a non-empty string without '/', '+', '#', "
-                    "NUL or whitespace (it becomes an MQTT topic level)")
+                    "whitespace or control characters (it becomes an MQTT topic level)")
     return name
 
 
@@ -679,33 +680,46 @@ def _scope_matches(scope, key, project):
     return _SCOPE_KINDS[kind][0](pat, key, project)
 
 
-_RATE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*/\s*([smh])\s*")
+_RATE = re.compile(r" *(\d+(?:\.\d*)?|\.\d+) */ *([smh]) *")
 _PER = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+# The largest numbers a control may carry: beyond them the arithmetic of limits, token
+# buckets and timers would overflow or lose its meaning (regression: a burst of 10**400
+# raised OverflowError inside the admission routine on every pass).
+_MAX_COUNT = 10**9          # a limit, a burst
+_MAX_RATE = 1e9             # starts per second
+_MAX_SECONDS = 1e10         # a ttl (about 317 years)
+_MAX_UNIX = 1e11            # an expires_at (the year 5138)
 
 
 def _parse_rate(rate):
     """Starts per second from ``"10/s"``, ``"30/m"``, ``"2/h"`` or a number per second."""
     per_s = None
-    if isinstance(rate, (int, float)) and not isinstance(rate, bool):
-        per_s = float(rate)
-    elif isinstance(rate, str):
-        m = _RATE.fullmatch(rate)
-        if m:
-            per_s = float(m.group(1)) / _PER[m.group(2)]
-        else:
-            try:
-                per_s = float(rate)
-            except ValueError:
-                pass
-    if per_s is None or not (0 < per_s < float("inf")):
-        raise ConstraintError(f"rate {rate!r} is not valid; use 'N/s', 'N/m', 'N/h' or a "
-                              "positive number per second (to stop starts, use pause)")
+    try:
+        if isinstance(rate, (int, float)) and not isinstance(rate, bool):
+            per_s = float(rate)
+        elif isinstance(rate, str) and len(rate) <= 64 and rate.isprintable():
+            m = _RATE.fullmatch(rate)
+            if m:
+                per_s = float(m.group(1)) / _PER[m.group(2)]
+            else:
+                try:
+                    per_s = float(rate)
+                except ValueError:
+                    pass
+    except OverflowError:  # an int too large for a float
+        per_s = None
+    if per_s is None or not (0 < per_s <= _MAX_RATE):
+        raise ConstraintError(f"rate {rate!r:.80} is not valid; use 'N/s', 'N/m', 'N/h' or a "
+                              f"positive number per second, at most {_MAX_RATE:.0e} (to stop "
+                              "starts, use pause)")
     return per_s
 
 
-def _check_int(value, what, low):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConstraintError(f"{what} must be an int >= {low}, got {value!r}")
+def _check_int(value, what, low, high=_MAX_COUNT):
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConstraintError(f"{what} must be an int from {low} to {high}, got {value!r:.80}")
     return value
 
 
@@ -912,8 +926,9 @@ class Constraint:
              ttl: Optional[float] = None, id: Optional[str] = None) -> Constraint:
         """A validated constraint; ``ttl`` seconds from now sets ``expires_at``."""
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
-                                or not 0 < ttl < float("inf")):
-            raise ConstraintError(f"ttl must be a positive number of seconds, got {ttl!r}")
+                                or not 0 < ttl <= _MAX_SECONDS):
+            raise ConstraintError(f"ttl must be a positive number of seconds, at most "
+                                  f"{_MAX_SECONDS:.0e}, got {ttl!r:.80}")
         return cls.from_dict({"id": id or os.urandom(8).hex(), "scope": scope, "type": type,
                               "params": params or {},
                               "expires_at": None if ttl is None else time.time() + ttl})
@@ -937,10 +952,13 @@ class Constraint:
             raise ConstraintError(f"constraint id must be a short string, got {cid!r}")
         exp = data.get("expires_at")
         if exp is not None and (isinstance(exp, bool) or not isinstance(exp, (int, float))
-                                or exp != exp):
-            raise ConstraintError(f"expires_at must be Unix seconds or null, got {exp!r}")
-        raw = data.get("params") or {}
-        if not isinstance(raw, dict):
+                                or not 0 <= exp < _MAX_UNIX):  # NaN fails this too
+            raise ConstraintError(f"expires_at must be Unix seconds (0 to {_MAX_UNIX:.0e}) or "
+                                  f"null, got {exp!r:.80}")
+        raw = data.get("params")
+        if raw is None:
+            raw = {}
+        elif not isinstance(raw, dict):  # (regression: [], 0 and "" passed as {})
             raise ConstraintError(f"params must be an object, got {type(raw).__name__}")
         if set(raw) - set(ctype.params):
             raise ConstraintError(f"unknown params {sorted(set(raw) - set(ctype.params))} for a "
@@ -1118,6 +1136,7 @@ class _ControlPlane:
         self._seq = itertools.count(1)
         self._ttl = {}                   # (scope, type) -> clock entry of its expiry
         self._wakes = {}                 # state -> clock entry of its next refill
+        self._failing = set()            # states whose code raised: removed soon
         self.clock = _Clock()
 
     def stamp(self):
@@ -1176,6 +1195,7 @@ class _ControlPlane:
                 # Holders keep their reference and give back to a state nobody consults
                 # any more; a later control on this scope counts afresh.
                 st = self._states.pop((scope, t))
+                self._failing.discard(st)
                 self._gates -= st.gate
                 self._cancel_wake(st)
                 removed.append(c)
@@ -1316,7 +1336,14 @@ class _ControlPlane:
         it back is marked, so later waiters do not jump the queue on it."""
         reason = None
         for st, n in q.needs:
-            if st in marked or not st.can_take(n, now):
+            try:
+                free = st not in marked and st.can_take(n, now)
+            except Exception as exc:  # fail the constraint, never the admission routine
+                free = False
+                if st not in self._failing:
+                    self._failing.add(st)
+                    self._broken(st, exc)
+            if not free:
                 if st.fifo:
                     marked.add(st)
                 if reason is None:
@@ -1327,6 +1354,16 @@ class _ControlPlane:
                         self._wakes[st] = self.clock.call_at(
                             when, functools.partial(self._refilled, st))
         return reason
+
+    def _broken(self, st, exc):  # lock held: a state's code raised
+        for key, s in self._states.items():
+            if s is st:
+                _log.error("constraint %s on %s failed (%r) and is removed", key[1], key[0],
+                           exc)
+                # removed by the clock thread, outside this lock; admission runs then
+                self.clock.call_at(0, functools.partial(self.remove, *key,
+                                                        only=self.constraints.get(key)))
+                break
 
     def _refilled(self, st):
         with self.lock:
@@ -1462,7 +1499,10 @@ class _ControlPlane:
                 row = {"scope": scope, "type": kind, "expires_in": c.expires_in(now),
                        "matching_running": sum(t[_GRANTED] for key, t in tallies
                                                if self._matches(scope, key))}
-                row.update(self._states[(scope, kind)].usage(mono))
+                try:
+                    row.update(self._states[(scope, kind)].usage(mono))
+                except Exception as exc:  # a failing state is being removed
+                    row["error"] = repr(exc)
                 rows.append(row)
             caps = {k: {"total": lim.total, "in_use": lim.borrowed} for k, lim in self._caps.items()}
             blocked = []
@@ -1770,10 +1810,12 @@ class LocalBroker(_Hub):
         if topic not in self._matching:
             _check_topic(topic, is_filter=False)
         if payload is None or isinstance(payload, (str, bytes, bytearray)) and not payload:
-            payload = ""  # the empty message (a retained one clears)
-        elif isinstance(payload, (bytes, bytearray)):
-            payload = _decode_payload(payload)  # as if off the wire
-        raw = _encode_payload(payload) if retain else None  # raises before anything is stored
+            payload, raw = "", b""  # the empty message (a retained one clears)
+        elif isinstance(payload, (bytes, bytearray)):  # as if off the wire, kept as sent
+            raw = bytes(payload)  # (regression: b"null" was retained as the empty message)
+            payload = _decode_payload(raw)
+        else:
+            raw = _encode_payload(payload) if retain else None  # raises before storing
         with self._lock:
             if retain and raw:
                 self._retained[topic] = raw
@@ -3535,14 +3577,20 @@ class _Link:
 
     def on_control(self, topic, payload, run_id=""):
         """Apply one control message; reject bad input with one warning and an event.
-        Returns the (scope, type) it concerned, or None when it was rejected."""
+        Returns the (scope, type) of its topic (also when the payload was rejected: the
+        broker holds something there, so the last valid control stays), or None when the
+        topic itself is not a control topic."""
         cp = self.engine._cp
+        key = None
         try:
-            scope, kind = _parse_control_topic(topic)
-            if payload == "" or payload is None:
+            scope, kind = key = _parse_control_topic(topic)
+            if payload == "":
                 self.remote.pop((scope, kind), None)
                 cp.remove(scope, kind)
                 return (scope, kind)
+            if payload is None:  # (regression: a JSON null silently removed the control)
+                raise ConstraintError("payload is null; to remove a control, publish an "
+                                      "empty retained message")
             if isinstance(payload, (bytes, bytearray, str)):
                 raise ConstraintError("payload over 64 KiB" if len(payload) > _MAX_PAYLOAD
                                       else "payload is not a JSON object")
@@ -3557,10 +3605,12 @@ class _Link:
                 cp.apply(c)
             self.remote[(scope, kind)] = cp.constraints.get((scope, kind))
             return (scope, kind)
-        except (ConstraintError, TypeError, ValueError) as exc:
+        except (ConstraintError, TypeError, ValueError, RecursionError) as exc:
+            if isinstance(exc, RecursionError):
+                exc = ConstraintError("payload nested too deeply")
             _log.warning("rejected control message on %s: %s", topic, exc)
             self.engine._bus.emit(ConstraintRejected(run_id, topic, str(exc)))
-            return None
+            return key
 
     async def close(self, rl):
         """Flush the run's telemetry (bounded: a hung connector never stalls the run),

@@ -3125,6 +3125,23 @@ def test_no_timer_is_armed_while_nothing_changes():
     ({"id": "x", "scope": "bad scope", "type": "pause", "params": {}}, "scope"),
     ([1, 2, 3], "JSON object"),
     (b"x" * (64 * 1024 + 1), "64 KiB"),
+    # numbers beyond what the engine can represent (regression: a burst of 10**400 was
+    # accepted, then raised OverflowError in the admission routine on every pass)
+    ({"id": "x", "scope": "task:t", "type": "rate_limit",
+      "params": {"rate": "1/s", "burst": 10**400}}, "burst"),
+    ({"id": "x", "scope": "task:t", "type": "rate_limit", "params": {"rate": 10**400}}, "rate"),
+    ({"id": "x", "scope": "task:t", "type": "rate_limit", "params": {"rate": "10\n/s"}}, "rate"),
+    ({"id": "x", "scope": "task:t", "type": "concurrency", "params": {"limit": 10**400}},
+     "limit"),
+    ({"id": "x", "scope": "task:t", "type": "pause", "expires_at": 10**400}, "expires_at"),
+    # params that are not an object (regression: [], 0 and "" passed as {})
+    ({"id": "x", "scope": "task:t", "type": "pause", "params": []}, "params"),
+    ({"id": "x", "scope": "task:t", "type": "pause", "params": 0}, "params"),
+    ({"id": "x", "scope": "task:t", "type": "pause", "params": ""}, "params"),
+    # a JSON null is not the empty message (regression: it silently removed the control)
+    (b"null", "null"),
+    # control characters in a scope name (they would reach terminals and logs)
+    ({"id": "x", "scope": "task:t\x1b[2J", "type": "pause"}, "scope"),
 ])
 def test_bad_control_input_is_rejected_once_and_the_engine_carries_on(
         payload, why, caplog):
@@ -3155,6 +3172,107 @@ def test_bad_control_input_is_rejected_once_and_the_engine_carries_on(
     assert rejected[0].topic == topic
     assert why.lower() in rejected[0].reason.lower()
     assert [c.scope for c in e.constraints] == ["task:other"]
+
+
+def test_a_null_payload_leaves_the_control_in_force():
+    # regression: a retained JSON null removed the (scope, type) without a word
+    broker = cs.LocalBroker()
+    e = cs.Engine(connector=broker)
+    rec = Recorder(e)
+
+    @cs.task(name="t")
+    async def t():
+        return controls_of(e)
+
+    async def main():
+        await broker.publish("cascade/constraints/task/other/concurrency",
+                             {"scope": "task:other", "type": "concurrency",
+                              "params": {"limit": 2}}, retain=True)
+        first = await e.run(t())
+        await broker.publish("cascade/constraints/task/other/concurrency", b"null", retain=True)
+        return first, await e.run(t())
+    first, second = asyncio.run(main())
+    assert first == second == {("task:other", "concurrency"): {"limit": 2}}
+    rejected = events_of(rec.snapshot(), cs.ConstraintRejected)
+    assert len(rejected) == 1 and "null" in rejected[0].reason
+
+
+def test_a_deeply_nested_live_payload_is_rejected_and_the_run_goes_on(caplog):
+    # regression: a payload nested ~985 deep raised RecursionError in the subscription
+    # callback (an ERROR with a traceback) instead of being rejected
+    broker = cs.LocalBroker()
+    e = cs.Engine(connector=broker)
+    rec = Recorder(e)
+    deep = {}
+    for _ in range(5000):
+        deep = {"a": deep}
+
+    @cs.task(name="t")
+    async def t():
+        await broker.publish("cascade/constraints/task/t/pause",
+                             {"scope": "task:t", "type": "pause", "params": deep})
+        await asyncio.sleep(0.05)  # the callback runs on this loop
+        return "ran"
+
+    with caplog.at_level(logging.WARNING, logger="cascade"):
+        assert asyncio.run(e.run(t())) == "ran"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    rejected = events_of(rec.snapshot(), cs.ConstraintRejected)
+    assert len(rejected) == 1 and "deep" in rejected[0].reason
+    assert e.constraints == []
+
+
+@pytest.mark.parametrize("bad", ["a\x1bb", "x\u202ey", "bell\x07", "del\x7f", "nl\n"])
+def test_names_with_control_characters_are_rejected_where_they_are_made(bad):
+    e = cs.Engine()
+    for call in (lambda: e.pause(f"task:{bad}"), lambda: e.limit(f"tag:{bad}", 1)):
+        with pytest.raises(cs.ConstraintError, match="control characters"):
+            call()
+    with pytest.raises(ValueError, match="control characters"):
+        cs.task(name=bad)(lambda: None)
+    with pytest.raises(ValueError, match="control characters"):
+        cs.task(tags=[bad])(lambda: None)
+    assert e.constraints == []
+
+
+def test_numbers_at_the_bounds_are_accepted_and_just_beyond_them_rejected():
+    e = cs.Engine()
+    assert e.limit("task:a", 10**9).params["limit"] == 10**9
+    assert e.rate_limit("task:a", 1e9, burst=10**9).params["burst"] == 10**9
+    assert e.pause("task:b", ttl=1e10).expires_in() > 1e9
+    for call in (lambda: e.limit("task:a", 10**9 + 1),
+                 lambda: e.rate_limit("task:a", 2e9),
+                 lambda: e.rate_limit("task:a", "1/s", burst=10**9 + 1),
+                 lambda: e.pause("task:b", ttl=1e11)):
+        with pytest.raises(cs.ConstraintError):
+            call()
+    assert {c.type for c in e.constraints} == {"concurrency", "rate_limit", "pause"}
+    e.status()  # the largest numbers still compute
+
+
+def test_a_constraint_whose_code_raises_is_removed_and_strands_no_task(monkeypatch, caplog):
+    # The admission routine must not be wedged by a constraint's own code: the failing
+    # constraint is removed (one ERROR, a ConstraintRemoved), every task still runs, and
+    # status() keeps answering.
+    def broken(self, n, now):
+        raise OverflowError("injected")
+    monkeypatch.setattr(cs._Bucket, "can_take", broken)
+    e = cs.Engine()
+    rec = Recorder(e)
+    e.rate_limit("task:t", "5/s")
+
+    @cs.task(name="t")
+    async def t(i):
+        return i
+
+    with caplog.at_level(logging.WARNING, logger="cascade"):
+        assert asyncio.run(asyncio.wait_for(e.run(t.map(range(20))), TIMEOUT)) == list(range(20))
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "rate_limit on task:t failed" in errors[0].getMessage()
+    assert [c.type for c in (ev.constraint for ev in events_of(rec.snapshot(),
+                                                                  cs.ConstraintRemoved))] == ["rate_limit"]
+    assert e.constraints == []
+    assert e.status()["scopes"] == []
 
 
 def test_a_topic_that_disagrees_with_its_payload_is_rejected():
@@ -3256,6 +3374,128 @@ def test_status_shows_usage_against_limits_and_what_blocked_tasks_wait_on():
     e.resume("task:later")
     go.set()
     h.result(TIMEOUT)
+
+
+# --- property: hostile control messages never wedge or fool an engine -------------
+
+_hostile_atoms = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-10**600, max_value=10**600),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(st.characters(), max_size=12), st.sampled_from(["10/s", "2/m", "1e400", "0/s"]))
+_hostile_values = st.recursive(
+    _hostile_atoms, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                            st.dictionaries(st.text(max_size=6), inner,
+                                                            max_size=3)),
+    max_leaves=8)
+_TYPES = ("pause", "concurrency", "rate_limit")
+
+
+@st.composite
+def hostile_message(draw):
+    """(scope, type, payload): valid controls, near-valid ones (right shape, a value just
+    beyond what the engine takes) and every kind of bad one."""
+    scope = draw(st.sampled_from(["task:h", "tag:io", "global"]))
+    kind = draw(st.sampled_from(_TYPES))
+    huge = st.sampled_from([10**400, 10**9 + 1, 10**30, float("inf"), float("nan"), -1, 1e300])
+    odds = st.integers(0, 9)
+    if draw(odds) < 3:  # not even a constraint object
+        payload = draw(st.one_of(st.just(""), st.just(b"null"), st.binary(max_size=20),
+                                 _hostile_values))
+        return scope, kind, payload
+    if draw(odds) < 7:  # the right params, each value valid or just beyond
+        pick = lambda ok: draw(ok if draw(odds) < 5 else huge)
+        params = {"pause": lambda: {},
+                  "concurrency": lambda: {"limit": pick(st.integers(1, 5))},
+                  "rate_limit": lambda: {"rate": pick(st.sampled_from(["50/s", "20/s", 30])),
+                                         "burst": pick(st.integers(1, 3))}}[kind]()
+    else:
+        params = draw(st.one_of(_hostile_values, st.dictionaries(
+            st.sampled_from(["limit", "rate", "burst", "x"]), _hostile_values, max_size=3)))
+    return scope, kind, {
+        "scope": scope if draw(odds) < 8 else draw(st.sampled_from([scope + "\x1b[2J",
+                                                                    "bad scope"])),
+        "type": kind if draw(odds) < 9 else "explode",
+        "params": params,
+        "expires_at": None if draw(odds) < 7 else draw(st.one_of(huge, _hostile_atoms))}
+
+
+def _valid_control(scope, kind, i):
+    params = {"pause": {}, "concurrency": {"limit": 3 + i % 3},
+              "rate_limit": {"rate": "1000/s", "burst": 2 + i % 3}}[kind]
+    return {"id": f"final-{i}", "scope": scope, "type": kind, "params": params,
+            "expires_at": None}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(hostile_message(), min_size=1, max_size=25), st.booleans())
+def test_property_hostile_control_messages_never_wedge_or_fool_an_engine(messages, threaded):
+    # Any mix of valid and hostile messages, sent while runs are active (from the loop,
+    # or from another thread): every run finishes, status() never raises, and for every
+    # (scope, type) the last valid message wins.
+    broker = cs.LocalBroker()
+    e = cs.Engine(connector=broker)
+
+    gate = []
+
+    @cs.task(name="h", tags=["io"])
+    async def h(i):
+        await gate[0].wait()  # the run stays active (and subscribed) while messages come
+        return i
+
+    def topic(scope, kind):
+        return f"cascade/constraints/{scope.replace(':', '/', 1)}/{kind}"
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        gate.append(asyncio.Event())
+        started = asyncio.Event()
+        e.subscribe(cs.TaskExecutionStarted, lambda ev: started.set())
+
+        def send_all():
+            for scope, kind, payload in messages:
+                broker.publish_nowait(topic(scope, kind), payload)
+                e.status()
+        run = asyncio.ensure_future(e.run(h.map(range(30))))
+        await asyncio.wait_for(started.wait(), TIMEOUT)  # synced: the first task started
+        if threaded:
+            await loop.run_in_executor(None, send_all)
+        else:
+            send_all()
+        await asyncio.sleep(0.01)  # applied (or rejected) on this loop by now
+        e.status()
+        # a run that needs admission while whatever was accepted is in force
+        probe = asyncio.ensure_future(e.run(h.map(range(5))))
+        await asyncio.sleep(0.01)
+        e.status()
+        # the last message for each (scope, type) touched: a valid one
+        finals = {}
+        for i, (scope, kind, _) in enumerate(messages):
+            finals[scope, kind] = _valid_control(scope, kind, i)
+        for (scope, kind), c in finals.items():
+            broker.publish_nowait(topic(scope, kind), c)
+        e.status()
+        await asyncio.sleep(0.01)  # the control callbacks drain on this loop
+        got = {(c.scope, c.type): (c.id, c.params) for c in e.constraints}
+        for (scope, kind), c in finals.items():
+            assert got.get((scope, kind)) == (c["id"], c["params"]), (scope, kind, got)
+        for scope, kind in finals:
+            if kind == "pause":
+                broker.publish_nowait(topic(scope, kind), "")
+        gate[0].set()
+        assert await asyncio.wait_for(run, TIMEOUT) == list(range(30))
+        assert await asyncio.wait_for(probe, TIMEOUT) == list(range(5))
+        e.status()
+        assert await asyncio.wait_for(e.run(h(7)), TIMEOUT) == 7  # later runs too
+
+    errors = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append
+    logging.getLogger("cascade").addHandler(handler)
+    try:
+        asyncio.run(main())
+    finally:
+        logging.getLogger("cascade").removeHandler(handler)
+    assert not errors, [r.getMessage() for r in errors]  # rejected with warnings, never raised
 
 
 # --- property: random control scripts never break the guarantees ------------
