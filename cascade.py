@@ -2511,6 +2511,7 @@ class _Resources:
         self._futures = {}      # name -> future of its value (set-up may be under way)
         self._stack = []        # (resource, generator), in set-up order
         self._setups = set()    # tasks setting up resources before a unit's body
+        self.escaped = None     # a KeyboardInterrupt/SystemExit raised by a tear-down
 
     def missing(self, lz):
         return any(r not in self.values for _, r in lz.injects)
@@ -2565,6 +2566,9 @@ class _Resources:
         return await fut
 
     async def tear_down(self):
+        """Tear every resource down, in reverse order. A tear-down that raises is logged
+        and the others still run; the first KeyboardInterrupt or SystemExit is kept in
+        ``escaped`` for the run to raise once it has finished."""
         run = self.run
         while self._stack:
             res, gen = self._stack.pop()
@@ -2579,6 +2583,8 @@ class _Resources:
                     await run.loop.run_in_executor(run.engine._threads(), _gen_finish, gen)
             except Exception:
                 _log.exception("tear-down of resource %r failed", res.name)
+            except BaseException as exc:  # (regression: it skipped the other tear-downs)
+                self.escaped = self.escaped or exc
             run.report.resource(res.name, False)
 
 
@@ -2668,15 +2674,27 @@ class _Run:
             error = exc
             raise
         finally:
+            # Clean-up runs to its end whatever happens meanwhile: a cancel() here is
+            # taken once it is done (regression: a second cancel during tear-down left
+            # resources up, no RunFinished, and the run listed as active).
             self._stop()
-            await self._wait_for_bodies()
-            await self.resources.tear_down()
+            cancelled = await _to_the_end(self._wait_for_bodies())
+            cancelled |= await _to_the_end(self.resources.tear_down())
+            escaped = self.resources.escaped
+            if escaped is not None:
+                status, error = "Failed", escaped
             if self.cp._admit_soon:  # this loop may stop before its scheduled pass runs
                 self.cp._admit_now()
             self.engine._runs.pop(self.run_id, None)
+            if cancelled and status != "Failed":
+                status = "Cancelled"
             self.report.run_finished(status, time.perf_counter() - t0, error)
             if self.link is not None:
-                await self.link.close()
+                cancelled |= await _to_the_end(self.link.close())
+            if escaped is not None:
+                raise escaped
+            if cancelled:
+                raise asyncio.CancelledError()
 
     def _prepare(self):
         self.nodes, roots, special = _build_graph(self.target, self.tallies)
@@ -3010,9 +3028,11 @@ class _Run:
             try:
                 value = await fn(*args, **kwargs)
             except BaseException as exc:
+                # KeyboardInterrupt and SystemExit too: they fail the run, which raises
+                # them once it has cleaned up (regression: re-raised here, they stopped
+                # the loop mid-run, so the run never finished and its handle never
+                # resolved).
                 self._body_finished(u, None, exc, t0)
-                if not isinstance(exc, (Exception, asyncio.CancelledError)):
-                    raise
                 return
             if self._fuse_left > 0:
                 self._fuse_into = task
@@ -3177,15 +3197,9 @@ class _Run:
 
     async def _wait_for_bodies(self):
         """Wait until every started body has finished (sync bodies cannot be cancelled)."""
-        cancelled = False
         while self._inflight > 0:
             self._idle = self.loop.create_future()
-            try:
-                await self._idle
-            except asyncio.CancelledError:
-                cancelled = True  # tear-down still waits; the cancel is re-raised after
-        if cancelled:
-            raise asyncio.CancelledError()
+            await self._idle
 
     # -- status -------------------------------------------------------------
     def counts(self):
@@ -3230,6 +3244,22 @@ def _as_target(target):
                     f"list/tuple/dict of them, got {type(target).__name__}")
 
 
+class _Escaped(Exception):
+    """Carries a run's KeyboardInterrupt or SystemExit to its RunHandle: raised raw in a
+    task, asyncio would stop the loop instead (its callbacks, the handle's, never run)."""
+
+    def __init__(self, exc):
+        super().__init__(exc)
+        self.exc = exc
+
+
+async def _contained(coro):
+    try:
+        return await coro
+    except (KeyboardInterrupt, SystemExit) as exc:
+        raise _Escaped(exc) from None
+
+
 class RunHandle:
     """A run started with ``engine.start``: ``result(timeout)``, ``done()``, ``cancel()``,
     ``run_id``, and ``await handle``."""
@@ -3249,7 +3279,8 @@ class RunHandle:
         if task.cancelled():
             f.cancel()
         elif task.exception() is not None:
-            f.set_exception(task.exception())
+            exc = task.exception()
+            f.set_exception(exc.exc if isinstance(exc, _Escaped) else exc)
         else:
             f.set_result(task.result())
 
@@ -3458,7 +3489,7 @@ class Engine:
         helper thread, and ``handle.result()`` waits for it."""
         target = _as_target(target)
         run_id = _new_run_id()
-        coro = self.run(target, params, run_id=run_id)
+        coro = _contained(self.run(target, params, run_id=run_id))
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -3743,6 +3774,21 @@ def _iso(ts):
     if cached[0] != sec:
         cached = _iso_second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
     return f"{cached[1]}.{int((ts - sec) * 1e6):06d}Z"
+
+
+async def _to_the_end(aw):
+    """Await ``aw`` to its end even if this task is cancelled meanwhile; returns whether
+    a cancellation arrived, for the caller to raise once its clean-up is done."""
+    fut = asyncio.ensure_future(aw)
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(fut)
+            return cancelled
+        except asyncio.CancelledError:
+            if fut.done():  # it was cancelled itself, not us
+                return True
+            cancelled = True
 
 
 async def _maybe(obj, method, *args):

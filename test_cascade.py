@@ -4943,6 +4943,105 @@ def test_cancel_run_started_in_running_loop_await_raises_cancelled():
     assert rec.of(cs.RunFinished)[-1].status == "Cancelled"
 
 
+@pytest.mark.parametrize("escape", [KeyboardInterrupt, SystemExit])
+def test_an_async_body_raising_keyboard_interrupt_or_system_exit_ends_the_run(escape):
+    # regression: the body re-raised it into asyncio, which stopped the loop mid-run: the
+    # handle never resolved and RunFinished was never emitted
+    e = cs.Engine()
+    rec = Recorder(e)
+    torn = []
+
+    @cs.resource
+    async def res():
+        yield 1
+        torn.append("res")
+
+    @cs.task
+    async def stop(r=cs.inject("res")):
+        raise escape("out")
+
+    e.register(res)
+    h = e.start(stop())
+    with pytest.raises(escape):
+        h.result(TIMEOUT)
+    with pytest.raises(escape):
+        asyncio.run(e.run(stop()))  # awaited directly: raised to the caller, after clean-up
+    finished = rec.of(cs.RunFinished)
+    assert [(f.status, type(f.error)) for f in finished] == [("Failed", escape)] * 2
+    assert torn == ["res", "res"]
+    assert e.status()["runs"] == []
+
+
+def test_a_tear_down_raising_keyboard_interrupt_still_tears_the_others_down():
+    # regression: a KeyboardInterrupt in one tear-down skipped the remaining ones
+    order = []
+
+    @cs.resource
+    def first():
+        yield 1
+        order.append("first")
+
+    @cs.resource
+    def second():
+        yield 2
+        order.append("second")
+        raise KeyboardInterrupt
+
+    @cs.task
+    def t(a=cs.inject("first"), b=cs.inject("second")):
+        return a + b
+
+    e = cs.Engine(resources=[first, second])
+    rec = Recorder(e)
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(e.run(t()))
+    assert order == ["second", "first"]
+    assert [r.resource_name for r in rec.of(cs.ResourceReleased)] == ["second", "first"]
+    assert [(f.status, type(f.error)) for f in rec.of(cs.RunFinished)] == [
+        ("Failed", KeyboardInterrupt)]
+
+
+@pytest.mark.parametrize("when", ["cancelled run", "finished run"])
+def test_a_cancel_during_tear_down_lets_tear_down_finish_and_the_run_end(when):
+    # regression: a second cancel() during tear-down (or a cancel() while a finished
+    # run tore down) left resources up, no RunFinished, and the run listed as active
+    tearing, torn = threading.Event(), []
+    release = threading.Event()
+
+    @cs.resource
+    async def res():
+        yield 1
+        tearing.set()
+        while not release.is_set():  # a slow tear-down, cancelled meanwhile
+            await asyncio.sleep(0.01)
+        torn.append("res")
+
+    @cs.task
+    async def body(r=cs.inject("res")):
+        if when == "cancelled run":
+            await asyncio.sleep(TIMEOUT)
+        return r
+
+    e = cs.Engine(resources=[res])
+    rec = Recorder(e)
+    h = e.start(body())
+    if when == "cancelled run":
+        wait_for(lambda: rec.of(cs.ResourceAcquired))
+        time.sleep(0.05)
+        assert h.cancel()
+    assert tearing.wait(TIMEOUT)
+    assert h.cancel()  # during tear-down
+    time.sleep(0.05)
+    assert h.cancel() or h.done()  # and again
+    release.set()
+    with pytest.raises(concurrent.futures.CancelledError):
+        h.result(TIMEOUT)
+    assert torn == ["res"]
+    assert [r.resource_name for r in rec.of(cs.ResourceReleased)] == ["res"]
+    assert [f.status for f in rec.of(cs.RunFinished)] == ["Cancelled"]
+    assert e.status()["runs"] == []
+
+
 # --- events -----------------------------------------------------------------
 
 EVENT_FIELDS = {
