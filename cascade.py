@@ -2428,13 +2428,14 @@ class _Reporter:
     kind from one method. Per-task events are built only when somebody listens: the
     listening flags are re-read only when the bus's subscriptions changed (hot path)."""
     __slots__ = ("run", "bus", "tele", "version", "on_start", "on_finish", "_started",
-                 "_finished", "_failed")
+                 "_finished", "_failed", "_starts")
 
     def __init__(self, run):
         self.run, self.bus, self.tele = run, run.engine._bus, None
         self.version = -1  # never read the bus yet: the first check refreshes
         self.on_start = self.on_finish = self._started = False
         self._finished = self._failed = ()
+        self._starts = []  # TaskExecutionStarted events not delivered yet (see started)
 
     def refresh(self):
         """Re-read who listens; the run calls it when ``version`` is not the bus's. Then
@@ -2453,19 +2454,34 @@ class _Reporter:
         self.bus.emit(RunStarted(self.run.run_id, target_names, params))
 
     def run_finished(self, status, duration, error):
+        if self._starts:
+            self.deliver_starts()
         if self.tele is not None:
             self.tele.lifecycle("ENGINE_STOPPED")
         self.bus.emit(RunFinished(self.run.run_id, status, duration, error))
 
     def started(self, u):  # when on_start
+        """A body begins. Its TaskExecutionStarted is delivered from the next loop
+        callback, or before any later event of the run, whichever comes first: never
+        between the start gate and the body (regression: a subscriber taking 2 ms let
+        half the starts begin after a pause() from another thread had returned)."""
         if self._started:
             node = u.node
             uid = (node._id or node.id) if u.index is None else u.id
-            self.bus.emit(TaskExecutionStarted(self.run.run_id, uid, node.key.name))
+            if not self._starts:
+                self.run.loop.call_soon(self.deliver_starts)
+            self._starts.append(TaskExecutionStarted(self.run.run_id, uid, node.key.name))
         if self.tele is not None:
             self.tele.task(u, "RUNNING", None, None)
 
+    def deliver_starts(self):
+        starts, self._starts = self._starts, []
+        for event in starts:
+            self.bus.emit(event)
+
     def finished(self, u, duration, exc):  # a success when on_finish; every failure
+        if self._starts:
+            self.deliver_starts()
         if self.version != self.bus.version:
             self.refresh()
         cbs = self._finished if exc is None else self._failed
@@ -2479,6 +2495,8 @@ class _Reporter:
             self.tele.task(u, "COMPLETED" if exc is None else "FAILED", duration * 1000, exc)
 
     def blocked(self, u):
+        if self._starts:
+            self.deliver_starts()
         u.reported = True  # once per wait
         bus, cp = self.bus, self.run.cp
         if bus.wants(TaskBlocked):
@@ -2487,17 +2505,23 @@ class _Reporter:
             self.tele.task(u, "BLOCKED", None, cp.reason(u))
 
     def retrying(self, u, max_attempts, wait, exc):
+        if self._starts:
+            self.deliver_starts()
         self.bus.emit(TaskRetrying(self.run.run_id, u.id, u.key.name, u.attempt,
                                    max_attempts, wait, exc))
         if self.tele is not None:
             self.tele.task(u, "RETRYING", None, exc)
 
     def skipped(self, node, reason):
+        if self._starts:
+            self.deliver_starts()
         self.bus.emit(TaskSkipped(self.run.run_id, node.id, node.lazy.task.name, reason))
         if self.tele is not None:
             self.tele.task(node, "SKIPPED", None, reason)
 
     def resource(self, name, acquired):
+        if self._starts:
+            self.deliver_starts()
         self.bus.emit((ResourceAcquired if acquired else ResourceReleased)(self.run.run_id, name))
 
 

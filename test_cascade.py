@@ -2371,6 +2371,41 @@ def test_pause_from_another_thread_while_sync_bodies_sit_granted_in_the_pool():
     pool.shutdown()
 
 
+def test_a_slow_start_subscriber_does_not_let_bodies_begin_after_pause_returned():
+    # regression: a TaskExecutionStarted subscriber taking 2 ms ran between the start
+    # gate and the body, so about half of 3,000 async starts began after pause() (from
+    # another thread) had returned
+    e = cs.Engine()
+    paused = threading.Event()
+    late = []
+    began = threading.Event()
+
+    def slow(event):
+        time.sleep(0.002)
+    e.subscribe(cs.TaskExecutionStarted, slow)
+
+    @cs.task(name="w")
+    async def w(i):
+        if paused.is_set():
+            late.append(i)
+        began.set()
+        await asyncio.sleep(0)
+        return i
+
+    h = e.start(w.map(range(400)))
+    assert began.wait(TIMEOUT)
+    time.sleep(0.05)
+    e.pause("task:w")
+    paused.set()
+    time.sleep(0.2)
+    e.resume("task:w")
+    paused.clear()
+    assert h.result(TIMEOUT) == list(range(400))
+    # At most the one body the loop thread was between its gate and its first line
+    # when the GIL went to the pausing thread (the old bug: hundreds).
+    assert len(late) <= 1, late
+
+
 def test_pause_from_inside_a_task():
     e = cs.Engine()
     order = []
