@@ -725,12 +725,14 @@ def _check_int(value, what, low, high=_MAX_COUNT):
 
 # -- state objects: what admission asks of an active control ------------------
 # Each has the same small surface, like trio's CapacityLimiter: can_take(n, now) (may a
-# unit needing n start now?), take(n) (reserve at grant), give_back(n, began) (release;
-# `began` is False for a grant that never started), update(params, now) (the control was
-# replaced in place), retry_at(now) (when it may admit by itself; None: only on events),
-# why(n) (the reason a waiter gives) and usage(now) (its status fields). `fifo`: whether
-# a waiter held back on it holds it back for later waiters (no queue jumping); `gate`:
-# whether the start gate re-checks it right before a body begins.
+# unit needing n be granted now?), take(u, n) (reserve at grant), may_begin(u, n) and
+# begin(u, n) (the start gate: may a granted unit's body begin now, and it does),
+# give_back(u, n, began) (release; `began` is False for a grant that never started),
+# update(params, now) (the control was replaced in place), retry_at(now) (when it may
+# admit by itself; None: only on events), why(n) (the reason a waiter gives) and
+# usage(now) (its status fields). `fifo`: whether a waiter held back on it holds it back
+# for later waiters (no queue jumping); `gate`: whether the start gate re-checks it right
+# before a body begins (for the start gate's fast path: none active, no lock needed).
 
 class _Pause:
     """An active pause: every matched waiter is held; it takes nothing, and a paused
@@ -743,6 +745,9 @@ class _Pause:
         self.scope = scope
 
     def can_take(self, n, now):
+        return False
+
+    def may_begin(self, u, n):
         return False
 
     def update(self, params, now):
@@ -765,13 +770,21 @@ class _Limiter:
     """Resizable capacity with trio's CapacityLimiter semantics: ``total`` slots of which
     ``borrowed`` are held. Shrinking never evicts; growing admits from spare capacity.
     Serves concurrency limits and the engine's system resources (``capacity=True``).
-    invariant: borrowed <= total, unless total was lowered while the slots were held."""
-    __slots__ = ("name", "total", "borrowed", "capacity")
+    invariant: borrowed <= total, unless total was lowered while the slots were held.
+
+    A concurrency limit is also re-checked at the start gate: ``running`` counts the
+    holders whose body began (and, conservatively, the ones it adopted when it was set),
+    so after a lowered limit returns, a unit granted earlier (a sync body queued in a
+    busy pool) waits again rather than begin beside too many others.
+    invariant: running <= borrowed."""
+    __slots__ = ("name", "total", "borrowed", "capacity", "running", "adopted")
     fifo = True
-    gate = False
+    gate = True  # (capacities are never applied, so never counted as gated)
 
     def __init__(self, name, total, capacity=False):
         self.name, self.total, self.borrowed, self.capacity = name, total, 0, capacity
+        self.running = 0
+        self.adopted = set()  # holders counted as running from the start (see adopt)
 
     @classmethod
     def control(cls, scope, params, now):
@@ -780,11 +793,30 @@ class _Limiter:
     def can_take(self, n, now):
         return self.borrowed + n <= self.total
 
-    def take(self, n):
+    def take(self, u, n):
         self.borrowed += n
 
-    def give_back(self, n, began):
+    def adopt(self, u):
+        """A new limit takes a unit that already holds a grant (granted, or running):
+        counted as running at once, since it may begin without passing this gate."""
+        self.borrowed += 1
+        self.running += 1
+        self.adopted.add(u)
+
+    def may_begin(self, u, n):
+        return self.capacity or u in self.adopted or self.running + n <= self.total
+
+    def begin(self, u, n):
+        if not self.capacity and u not in self.adopted:
+            self.running += n
+
+    def give_back(self, u, n, began):
         self.borrowed -= n
+        if u in self.adopted:
+            self.adopted.discard(u)
+            self.running -= n
+        elif began and not self.capacity:
+            self.running -= n
 
     def update(self, params, now):
         self.total = params["limit"]
@@ -826,10 +858,16 @@ class _Bucket:
         self.refill(now)
         return self.tokens >= n
 
-    def take(self, n):
+    def take(self, u, n):
         self.tokens -= n
 
-    def give_back(self, n, began):
+    def may_begin(self, u, n):
+        return True
+
+    def begin(self, u, n):
+        pass
+
+    def give_back(self, u, n, began):
         if not began:
             self.tokens = min(self.burst, self.tokens + n)
 
@@ -1146,7 +1184,8 @@ class _ControlPlane:
 
     # -- constraints --------------------------------------------------------
     def apply(self, c):
-        """Make ``c`` active, replacing the one of its (scope, type). Returns the old one."""
+        """Make ``c`` active, replacing the one of its (scope, type). Returns the old one,
+        or, for a ``c`` that arrived already expired (it only clears), the removed ones."""
         key = (c.scope, c.type)
         if c.expires_at is not None and c.expires_at <= time.time():
             return self.remove(c.scope, c.type)  # arrived expired: it only clears
@@ -1165,7 +1204,7 @@ class _ControlPlane:
                     # instant more run than the limit (lowering never evicts).
                     for u in self._holders:
                         if self._matches(c.scope, u.key):
-                            st.take(1)
+                            st.adopt(u)
                             u.held = [*u.held, (st, 1)]
             else:
                 st.update(c.params, now)
@@ -1318,7 +1357,7 @@ class _ControlPlane:
                 if q.takes:
                     held = u.held = list(u.held)
                     for st, n in q.takes:
-                        st.take(n)
+                        st.take(u, n)
                         held.append((st, n))
                 u.grant()
                 self._holders.add(u)
@@ -1373,7 +1412,7 @@ class _ControlPlane:
 
     def _give_back(self, u, began):  # lock held
         for st, n in u.held:
-            st.give_back(n, began)
+            st.give_back(u, n, began)
         u.held = ()
         self._holders.discard(u)
 
@@ -1438,6 +1477,8 @@ class _ControlPlane:
                 _insort(self._queue(u.key, u.run.loop).waiters, u)
                 self._waiting += 1
             else:
+                for st, n in u.held:
+                    st.begin(u, n)
                 u.begin()
                 return True
             granted = self._admit() if self._waiting else None
@@ -1447,8 +1488,7 @@ class _ControlPlane:
     def _gated(self, u):  # lock held: does a state the gate re-checks hold u back?
         q = self._queues.get(u.key) or _Queue(u.key)  # looking makes no queue
         self._match(q)
-        now = time.monotonic()
-        return any(st.gate and not st.can_take(n, now) for st, n in q.needs)
+        return any(st.gate and not st.may_begin(u, n) for st, n in q.needs)
 
     def drop_run(self, run):
         """Forget every waiting unit of ``run`` (it is stopping)."""

@@ -2552,6 +2552,35 @@ def test_raising_a_limit_while_every_slot_is_held_admits_waiters_at_once():
     assert g.peak["w"] == 5
 
 
+def test_a_lowered_limit_holds_sync_bodies_already_granted_in_a_busy_pool():
+    # regression: after limit(s, 1) returned, units granted earlier and queued in a busy
+    # thread pool passed no gate: 18 bodies began, 6 of them beside another. The start
+    # gate re-checks limits as it re-checks pauses: the three running finish (lowering
+    # never evicts), then the rest begin one at a time.
+    e = cs.Engine(max_workers=3)
+    g = Gauge()
+    hold = threading.Event()
+    lowered = []
+
+    @cs.task(name="s")
+    def s(i):
+        with g("s"):
+            if not lowered:
+                hold.wait(TIMEOUT)
+            time.sleep(0.002)
+        return i
+
+    e.limit("task:s", 10)
+    h = e.start(s.map(range(20)))
+    wait_for(lambda: g.now.get("s") == 3 and e.status()["tasks"]["s"].get("granted") == 7)
+    e.limit("task:s", 1)
+    lowered.append(time.monotonic())
+    hold.set()
+    assert h.result(TIMEOUT) == list(range(20))
+    after = [n for _, t, n in g.starts if t > lowered[0]]
+    assert len(after) == 17 and max(after) == 1, after  # one at a time once lowered
+
+
 def test_lowering_a_limit_never_evicts_and_holds_new_starts():
     e = cs.Engine()
     go = threading.Event()
