@@ -3418,7 +3418,7 @@ class _Status(dict):
             total = sum(c.get("blocked", 0) for c in self["tasks"].values())
             lines.append(f"  blocked ({total}):")
             for b in self["blocked"][:20]:
-                lines.append(f"    {b['task_id']:<28} waits on {b['waits_on']}")
+                lines.append(f"    {b['task_id']:<28} waits on {_printable(b['waits_on'])}")
             if total > 20:
                 lines.append(f"    ... {total - 20} more")
         return "\n".join(lines)
@@ -3446,8 +3446,13 @@ class Engine:
     def __init__(self, *, system_resources: Optional[dict] = None,
                  resources: Iterable[Resource] = (), connector: Any = None,
                  max_workers: int = 64, executor: Optional[concurrent.futures.Executor] = None,
-                 org: Optional[str] = None, project: Optional[str] = None) -> None:
+                 org: Optional[str] = None, project: Optional[str] = None,
+                 telemetry_errors: str = "message") -> None:
         caps = dict(system_resources or {})
+        if telemetry_errors not in ("message", "type"):
+            raise ValueError(f"telemetry_errors={telemetry_errors!r}: use 'message' (the "
+                             "exception's type and message, capped) or 'type' (its type only)")
+        self.telemetry_errors = telemetry_errors
         for k, v in caps.items():
             _check_name(k, "system resource name")
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -3703,7 +3708,8 @@ class _Link:
         except (ConstraintError, TypeError, ValueError, RecursionError) as exc:
             if isinstance(exc, RecursionError):
                 exc = ConstraintError("payload nested too deeply")
-            _log.warning("rejected control message on %s: %s", topic, exc)
+            _log.warning("rejected control message on %s: %s", _printable(topic),
+                         _printable(exc))
             self.engine._bus.emit(ConstraintRejected(run_id, topic, str(exc)))
             return key
 
@@ -3779,8 +3785,8 @@ class _RunLink:
                 events.append({"at": at, "type": "TaskStateEvent", "task_id": who.id,
                                "task_name": node.lazy.task.name, "state": state,
                                "duration_ms": ms,
-                               "error": None if error is None else error
-                               if isinstance(error, str) else f"{type(error).__name__}: {error}"})
+                               "error": None if error is None else _error_text(
+                                   error, engine.telemetry_errors)})
         n = self.BATCH
         return [{"v": _TELEMETRY_V, "ts": _iso(events[i]["at"]), "run_id": run_id,
                  "org_id": org, "project_id": project, "source": source,
@@ -3838,6 +3844,32 @@ def _iso(ts):
     if cached[0] != sec:
         cached = _iso_second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
     return f"{cached[1]}.{int((ts - sec) * 1e6):06d}Z"
+
+
+_MAX_ERROR_TEXT = 500  # characters of an error (or a reason) that telemetry carries
+
+
+def _error_text(error, mode):
+    """What telemetry says of an error: ``"Type: message"`` capped at _MAX_ERROR_TEXT
+    characters, or with ``mode="type"`` the exception's type alone (messages can hold
+    secrets: an API key in a URL). Reasons (str) pass, capped."""
+    if isinstance(error, str):
+        text = error
+    elif mode == "type":
+        return type(error).__name__
+    else:
+        text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= _MAX_ERROR_TEXT else text[:_MAX_ERROR_TEXT - 1] + "…"
+
+
+def _printable(text):
+    """``text`` safe for a terminal: control characters, bidi overrides and other
+    non-printable characters are shown escaped (\\x1b, \\u202e), never sent raw."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 async def _to_the_end(aw):
@@ -3905,7 +3937,7 @@ class _LogEvents:
         elif t is RunFinished:
             lvl = logging.INFO if e.status == "Succeeded" else logging.ERROR
             msg = f"run {e.run_id} {e.status.lower()} in {e.duration:.3f}s" + (
-                f": {type(e.error).__name__}: {e.error}" if e.error else "")
+                f": {type(e.error).__name__}: {_printable(e.error)}" if e.error else "")
         elif t is TaskExecutionStarted:
             msg = f"{e.task_id} started"
         elif t is TaskExecutionFinished:
@@ -3913,13 +3945,15 @@ class _LogEvents:
                 lvl = logging.DEBUG if e.task_id.endswith("]") else logging.INFO
                 msg = f"{e.task_id} succeeded in {e.duration:.3f}s"
             else:
-                lvl, msg = logging.ERROR, f"{e.task_id} failed: {type(e.error).__name__}: {e.error}"
+                lvl, msg = logging.ERROR, (f"{e.task_id} failed: {type(e.error).__name__}: "
+                                           f"{_printable(e.error)}")
         elif t is TaskRetrying:
             lvl, msg = logging.WARNING, (f"{e.task_id} attempt {e.attempt}/{e.max_attempts} "
-                                         f"failed ({type(e.error).__name__}: {e.error}); "
+                                         f"failed ({type(e.error).__name__}: "
+                                         f"{_printable(e.error)}); "
                                          f"retrying in {e.delay:g}s")
         elif t is TaskSkipped:
-            lvl, msg = logging.INFO, f"{e.task_id} skipped: {e.reason}"
+            lvl, msg = logging.INFO, f"{e.task_id} skipped: {_printable(e.reason)}"
         elif t is TaskBlocked:
             lvl, msg = logging.INFO, f"{e.task_id} blocked: {e.reason}"
         elif t in (ConstraintApplied, ConstraintRemoved):
@@ -4193,7 +4227,7 @@ async def _cli_verb(args, client):
             return "no controls in force"
         lines = [f"{'TYPE':<12} {'SCOPE':<28} {'SETTING':<22} TIME LEFT"]
         for c in rows:
-            setting = _CONTROL_TYPES[c.type].setting(c.params)
+            setting = _printable(_CONTROL_TYPES[c.type].setting(c.params))
             left = c.expires_in()
             left = "-" if left is None else "expired" if left <= 0 else f"{left:.0f}s"
             lines.append(f"{c.type:<12} {c.scope:<28} {setting:<22} {left}")
@@ -4237,15 +4271,24 @@ async def _cli_watch(args, conn):
             if args.count is not None and seen >= args.count:
                 break
             seen += 1
-            ts = _clock_of(b)
-            if b.get("type") == "LifecycleEvent":
-                print(f"{ts} {p.get('run_id')} {b.get('event')}", flush=True)
-                continue
-            extra = (f" {b['duration_ms']:.1f}ms" if isinstance(b.get("duration_ms"), (int, float))
-                     else "") + (f"  {b['error']}" if b.get("error") else "")
-            print(f"{ts} {p.get('run_id')} {b.get('task_id')!s:<24} {b.get('state')!s:<9}{extra}",
-                  flush=True)
+            print(_watch_line(p, b), flush=True)
     return None
+
+
+def _watch_line(p, b):
+    """One telemetry event as a line for ``cascade watch``: whatever arrived, it never
+    raises and never sends a control character to the terminal."""
+    try:
+        run_id = _printable(p.get("run_id"))
+        if b.get("type") == "LifecycleEvent":
+            return f"{_clock_of(b)} {run_id} {_printable(b.get('event'))}"
+        ms = b.get("duration_ms")
+        extra = (f" {ms:.1f}ms" if isinstance(ms, (int, float)) and not isinstance(ms, bool)
+                 else "") + (f"  {_printable(b['error'])}" if b.get("error") else "")
+        return (f"{_clock_of(b)} {run_id} {_printable(b.get('task_id')):<24} "
+                f"{_printable(b.get('state')):<9}{extra}")
+    except Exception:  # malformed: shown as data, not as a crash
+        return _printable(json.dumps(b, default=repr))
 
 
 def main(argv: Optional[list] = None) -> int:

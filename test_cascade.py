@@ -5689,6 +5689,63 @@ async def test_telemetry_carries_many_events_per_message_in_order():
     assert len(messages) <= len(events) // 100  # batched, not one message per event
 
 
+@pytest.mark.parametrize("mode", ["message", "type"])
+def test_telemetry_error_text_is_capped_or_the_type_alone(mode):
+    # regression: telemetry carried exception messages verbatim, secrets included
+    broker = cs.LocalBroker()
+    e = cs.Engine(connector=broker, telemetry_errors=mode)
+    tele = Inbox()
+
+    @cs.task(name="leaky")
+    async def leaky():
+        raise PermissionError("token=sk-SECRET " + "x" * 2000)
+
+    async def main():
+        await broker.subscribe("cascade/telemetry/#", tele)
+        with pytest.raises(PermissionError):
+            await e.run(leaky())
+        items = await tele.until(lambda items: any(
+            ev.get("state") == "FAILED" for ev in telemetry_events(items)) and items, "FAILED")
+        return [ev for ev in telemetry_events(items) if ev.get("state") == "FAILED"][0]["error"]
+    error = asyncio.run(main())
+    if mode == "type":
+        assert error == "PermissionError"
+    else:
+        assert error.startswith("PermissionError: token=") and len(error) == 500
+    with pytest.raises(ValueError, match="telemetry_errors"):
+        cs.Engine(telemetry_errors="all")
+
+
+def test_cli_watch_shows_control_characters_escaped_and_survives_malformed_events(
+        paho, broker):
+    # regression: ESC sequences and bidi overrides from telemetry reached the terminal
+    # raw, and a malformed event crashed cascade watch
+    u = broker
+    topic = f"cascade/telemetry/lorg_{u}/l_{u}/r2/events"
+    watch = Proc([sys.executable, "-m", "cascade", "watch", "--topic", topic, "--count", "3"])
+    outside = OutsideClient()
+    try:
+        watch.expect("watching", stream="err")
+        outside.publish(topic, json.dumps({
+            "v": "1.1", "ts": "2026-11-22T14:03:01.123456Z", "run_id": "r2\x1b[2J",
+            "org_id": "o", "project_id": "p", "source": "h-1", "events": [
+                {"at": 1764600000.5, "type": "TaskStateEvent", "task_id": "t-1\u202e",
+                 "task_name": "t", "state": "FAILED", "duration_ms": 1.0,
+                 "error": "boom\x07\nsecond line"},
+                {"at": "soon", "type": "TaskStateEvent", "task_id": {"odd": 1},
+                 "state": None, "duration_ms": "x", "error": 5},
+                {"type": "LifecycleEvent", "event": "ENGINE_STOPPED\x1b]0;title\x07"}]}))
+        assert watch.wait() == 0, watch.lines
+        out = watch.lines["out"]
+        assert len(out) == 3, out
+        assert all(line.isprintable() for line in out), out
+        assert "\\x1b[2J" in out[0] and "\\u202e" in out[0] and "\\x07\\nsecond" in out[0]
+        assert "ENGINE_STOPPED\\x1b]0;title\\x07" in out[2]
+    finally:
+        watch.kill()
+        outside.close()
+
+
 def test_cli_watch_reads_the_one_event_messages_of_telemetry_v1_0(paho, broker):
     # An engine of an older release sends one event per message ("body"): watch shows it.
     u = broker
@@ -5973,6 +6030,18 @@ def test_cs_run_logs_human_lines_to_stderr(bare_logger, capfd):
     assert re.fullmatch(rf"\d\d:\d\d:\d\d INFO +run {started[1]} succeeded in \d+\.\d{{3}}s",
                         lines[2]), lines
     assert bare_logger.handlers == []  # the handler is attached for the run only
+
+
+def test_cs_run_log_lines_never_carry_control_characters(bare_logger, capfd):
+    @cs.task(name="ansi")
+    def ansi():
+        raise RuntimeError("red \x1b[31mALERT\x1b[0m \u202eevil")
+
+    with pytest.raises(RuntimeError):
+        cs.run(ansi())
+    err = capfd.readouterr().err
+    assert "\x1b" not in err and "\u202e" not in err, err
+    assert "\\x1b[31mALERT" in err and "\\u202eevil" in err
 
 
 def test_cs_run_logs_json_lines(bare_logger, capfd):
