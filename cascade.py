@@ -2717,6 +2717,8 @@ class _Run:
         self.report.run_started(tuple(d.name for d in dict.fromkeys(targets)),
                                 dict(self.params))
         try:
+            if self.engine._closed:
+                raise CascadeError("this engine is closed; make a new cs.Engine() to run")
             self._prepare()
             if self.link is not None:
                 await self.link.open()
@@ -2750,6 +2752,8 @@ class _Run:
             if self.cp._admit_soon:  # this loop may stop before its scheduled pass runs
                 self.cp._admit_now()
             self.engine._runs.pop(self.run_id, None)
+            if self.engine._closed and not self.engine._runs:
+                self.engine._shutdown_pool()  # close() left it to the last run
             if cancelled and status != "Failed":
                 status = "Cancelled"
             self.report.run_finished(status, time.perf_counter() - t0, error)
@@ -3232,6 +3236,18 @@ class _Run:
             u.seq = self._stamp()  # ready again now: behind who waits already
             self._submit((u,))
 
+    def close(self):
+        """From any thread: the engine is closing, so this run stops as on a failure."""
+        def stop():
+            if not self.stopping:
+                self.error = self.error or CascadeError(
+                    f"engine.close() was called during run {self.run_id}")
+                self._stop()
+        try:
+            self.loop.call_soon_threadsafe(stop)
+        except RuntimeError:  # its loop has closed: nothing left to stop
+            pass
+
     def _fail(self, exc, task_id, name):
         if self.error is None:
             self.error = exc
@@ -3472,6 +3488,7 @@ class Engine:
         self._pool = None
         self._pool_lock = threading.Lock()
         self._runs = {}
+        self._closed = False
         self._link = _Link(self, connector) if connector is not None else None
 
     # -- control plane ------------------------------------------------------
@@ -3587,7 +3604,19 @@ class Engine:
             return self._pool
 
     def close(self) -> None:
-        """Shut down the engine's own thread pool (a user's executor is left alone)."""
+        """Close the engine; returns at once. Active runs stop as on a failure: nothing
+        more starts, async bodies are cancelled, running sync bodies finish, resources
+        are torn down, and each run raises ``CascadeError`` ("closed"). The engine's own
+        thread pool is shut down once the last of them has ended (a user's executor is
+        left alone). Later runs raise ``CascadeError``."""
+        self._closed = True
+        runs = list(self._runs.values())
+        for r in runs:
+            r.close()
+        if not runs:
+            self._shutdown_pool()
+
+    def _shutdown_pool(self):
         with self._pool_lock:
             if self._pool is not None:
                 self._pool.shutdown(wait=False)

@@ -5106,6 +5106,42 @@ def test_a_cancel_during_tear_down_lets_tear_down_finish_and_the_run_end(when):
     assert e.status()["runs"] == []
 
 
+def test_close_during_a_run_stops_it_cleanly_and_later_runs_are_refused():
+    # regression: engine.close() during a run failed it with "RuntimeError: cannot
+    # schedule new futures after shutdown" (the pool went while the run still used it)
+    e = cs.Engine()
+    rec = Recorder(e)
+    torn, began = [], threading.Event()
+
+    @cs.resource
+    def res():  # a sync resource: set up and torn down in the engine's pool
+        yield 1
+        torn.append("res")
+
+    @cs.task
+    def slow(r=cs.inject("res")):
+        began.set()
+        time.sleep(0.2)
+        return r
+
+    @cs.task
+    def after(x):
+        return x
+
+    e.register(res)
+    h = e.start(after(slow()))
+    assert began.wait(TIMEOUT)
+    e.close()
+    with pytest.raises(cs.CascadeError, match="close"):
+        h.result(TIMEOUT)
+    assert torn == ["res"]
+    assert [(f.status, type(f.error)) for f in rec.of(cs.RunFinished)] == [
+        ("Failed", cs.CascadeError)]
+    assert not any(ev.task_name == "after" for ev in rec.of(cs.TaskExecutionStarted))
+    with pytest.raises(cs.CascadeError, match="closed"):
+        asyncio.run(e.run(after(1)))
+
+
 # --- events -----------------------------------------------------------------
 
 EVENT_FIELDS = {
