@@ -162,6 +162,38 @@ def two_held_runs(engine):
 
 # --- recorders --------------------------------------------------------------
 
+def recorded(log, name, returns=None, is_async=False):
+    """A task called ``name`` that appends its name to ``log`` when its body runs and
+    returns its one argument, or ``returns`` when it takes none."""
+    if is_async:
+        async def body(*args):
+            log.append(name)
+            return args[0] if args else returns
+    else:
+        def body(*args):
+            log.append(name)
+            return args[0] if args else returns
+    body.__name__ = body.__qualname__ = name
+    return cs.task(name=name)(body)
+
+
+def logged_resource(log, name, value, up, down, is_async=False):
+    """A resource called ``name`` yielding ``value`` that appends ``up`` to ``log`` when
+    it is set up and ``down`` when it is torn down."""
+    if is_async:
+        async def gen():
+            log.append(up)
+            yield value
+            log.append(down)
+    else:
+        def gen():
+            log.append(up)
+            yield value
+            log.append(down)
+    gen.__name__ = gen.__qualname__ = name
+    return cs.resource(gen)
+
+
 def _wake(fut):
     if not fut.done():
         fut.set_result(None)
@@ -1070,10 +1102,7 @@ def test_param_as_map_source():
 def test_missing_params_all_named_before_any_task_starts():
     calls = []
 
-    @cs.task
-    def independent():
-        calls.append("independent")
-        return 0
+    independent = recorded(calls, "independent", returns=0)
 
     @cs.task
     def needs(a, b, c):
@@ -1123,11 +1152,7 @@ def test_env_reads_environment_with_default(monkeypatch):
 def test_sync_generator_resource_setup_and_teardown_around_use():
     log = []
 
-    @cs.resource
-    def db():
-        log.append("setup")
-        yield "conn"
-        log.append("teardown")
+    db = logged_resource(log, "db", "conn", "setup", "teardown")
 
     @cs.task
     def use(x, db=cs.inject("db")):
@@ -1185,17 +1210,9 @@ def test_resource_with_explicit_name():
 def test_only_needed_resources_are_set_up():
     log = []
 
-    @cs.resource
-    def needed():
-        log.append("needed up")
-        yield 1
-        log.append("needed down")
+    needed = logged_resource(log, "needed", 1, "needed up", "needed down")
 
-    @cs.resource
-    def unneeded():
-        log.append("unneeded up")
-        yield 2
-        log.append("unneeded down")
+    unneeded = logged_resource(log, "unneeded", 2, "unneeded up", "unneeded down")
 
     @cs.task
     def use(n=cs.inject("needed")):
@@ -1248,16 +1265,9 @@ def test_resources_torn_down_in_reverse_order_of_set_up():
 def test_resource_set_up_before_the_first_task_that_needs_it():
     log = []
 
-    @cs.resource
-    def res():
-        log.append("setup")
-        yield "r"
-        log.append("teardown")
+    res = logged_resource(log, "res", "r", "setup", "teardown")
 
-    @cs.task
-    def first():
-        log.append("first")
-        return 1
+    first = recorded(log, "first", returns=1)
 
     @cs.task
     def needs(x, r=cs.inject("res")):
@@ -1271,11 +1281,7 @@ def test_resource_set_up_before_the_first_task_that_needs_it():
 def test_resources_that_inject_resources():
     log = []
 
-    @cs.resource
-    def cfg():
-        log.append("cfg up")
-        yield "dsn"
-        log.append("cfg down")
+    cfg = logged_resource(log, "cfg", "dsn", "cfg up", "cfg down")
 
     @cs.resource
     async def conn(c=cs.inject("cfg")):
@@ -1294,11 +1300,7 @@ def test_resources_that_inject_resources():
 def test_resources_torn_down_in_reverse_after_failure():
     log = []
 
-    @cs.resource
-    def outer():
-        log.append("outer up")
-        yield 1
-        log.append("outer down")
+    outer = logged_resource(log, "outer", 1, "outer up", "outer down")
 
     @cs.resource
     def inner(o=cs.inject("outer")):
@@ -1326,11 +1328,7 @@ def test_resources_torn_down_after_cancellation():
     finished = threading.Event()
     observed = []
 
-    @cs.resource
-    def res():
-        log.append("setup")
-        yield "r"
-        log.append("teardown")
+    res = logged_resource(log, "res", "r", "setup", "teardown")
 
     @cs.task
     async def forever(r=cs.inject("res")):
@@ -1359,10 +1357,7 @@ def test_resources_torn_down_after_cancellation():
 def test_unregistered_resource_fails_run_before_any_task_starts():
     calls = []
 
-    @cs.task
-    def first():
-        calls.append("first")
-        return 1
+    first = recorded(calls, "first", returns=1)
 
     @cs.task
     def needs(x, r=cs.inject("nowhere_registered")):
@@ -1616,30 +1611,15 @@ def test_run_if_lazy_and_param_conditions():
 def test_skip_propagates_to_everything_that_needs_the_value():
     calls = []
 
-    @cs.task
-    def src():
-        calls.append("src")
-        return 1
+    src = recorded(calls, "src", returns=1)
 
-    @cs.task
-    def maybe(x):
-        calls.append("maybe")
-        return x
+    maybe = recorded(calls, "maybe")
 
-    @cs.task
-    def after(x):
-        calls.append("after")
-        return x
+    after = recorded(calls, "after")
 
-    @cs.task
-    def nested(items):
-        calls.append("nested")
-        return items
+    nested = recorded(calls, "nested")
 
-    @cs.task
-    def unrelated():
-        calls.append("unrelated")
-        return 2
+    unrelated = recorded(calls, "unrelated", returns=2)
 
     engine = cs.Engine()
     rec = Recorder(engine)
@@ -1734,15 +1714,9 @@ def test_map_items_are_the_admitted_units_map_node_holds_nothing():
 def test_constraint_above_total_capacity_fails_at_run_start():
     calls = []
 
-    @cs.task
-    def f():
-        calls.append("f")
-        return 1
+    f = recorded(calls, "f", returns=1)
 
-    @cs.task
-    def other():
-        calls.append("other")
-        return 2
+    other = recorded(calls, "other", returns=2)
 
     engine = cs.Engine(system_resources={"gpu": 1})
     rec = Recorder(engine)
@@ -1772,10 +1746,7 @@ def test_lazy_constraint_amount():
     def need(n):
         return n
 
-    @cs.task
-    def f():
-        calls.append("f")
-        return "f"
+    f = recorded(calls, "f", returns="f")
 
     engine = cs.Engine(system_resources={"gpu": 2})
     assert run_engine(engine, f().with_constraints(gpu=need(2))) == "f"
@@ -1788,10 +1759,7 @@ def test_lazy_constraint_amount():
 def test_constraints_with_param_amount():
     calls = []
 
-    @cs.task
-    def f():
-        calls.append("f")
-        return "f"
+    f = recorded(calls, "f", returns="f")
 
     engine = cs.Engine(system_resources={"gpu": 1})
     target = f().with_constraints(gpu=cs.Param("g"))
@@ -4718,15 +4686,9 @@ def test_fail_fast_pending_tasks_never_start():
         failed.wait(TIMEOUT)  # returns only once the run has already failed
         return 1
 
-    @cs.task
-    def after_gate(x):
-        started.append("after_gate")
-        return x
+    after_gate = recorded(started, "after_gate")
 
-    @cs.task
-    def after_boom(x):
-        started.append("after_boom")
-        return x
+    after_boom = recorded(started, "after_boom")
 
     engine = cs.Engine()
     rec = Recorder(engine)
@@ -4947,11 +4909,7 @@ def test_cancel_run_tears_down_and_emits_cancelled():
     observed = []
     log = []
 
-    @cs.resource
-    async def res():
-        log.append("setup")
-        yield 1
-        log.append("teardown")
+    res = logged_resource(log, "res", 1, "setup", "teardown", is_async=True)
 
     @cs.task
     async def forever(r=cs.inject("res")):
