@@ -1710,11 +1710,18 @@ class _Subscription:
                 return False
         return True
 
+    DRAIN_CHUNK = 1000  # callbacks per loop callback: a storm never holds the loop
+
     def drain(self) -> None:  # runs on self.loop
         self.scheduled = False
         q, cb = self.queue, self.callback
+        budget = self.DRAIN_CHUNK
         while q:
             topic, payloads = q.popleft()
+            if len(payloads) > budget:  # the rest of this batch waits for the next turn
+                q.appendleft((topic, payloads[budget:]))
+                payloads = payloads[:budget]
+            budget -= len(payloads)
             for payload in payloads:
                 if not self.active:
                     break
@@ -1725,6 +1732,13 @@ class _Subscription:
                     continue
                 if result is not None:
                     _follow(result, cb, topic, self.tasks)
+            if budget <= 0 and q:
+                # (regression: an unpaced storm of 1.25 million messages drained in one
+                # loop callback, during which almost no task ran)
+                self.scheduled = True
+                if not _call_soon(self.loop, self.drain):
+                    self.active = False
+                return
 
 
 class _Hub:
@@ -3684,6 +3698,7 @@ class _Link:
             await conn.subscribe(marker, on_marker)
             await conn.publish(marker, {"sync": marker})
             await synced
+            sub.apply()  # every control that came before the marker, before any task
             await _maybe(conn, "unsubscribe", marker, on_marker)
         try:  # bounded as a whole: a connector that hangs must not stall the run
             await asyncio.wait_for(sync(), self.SYNC_TIMEOUT)
@@ -3704,19 +3719,16 @@ class _Link:
                 # constraint goes: a local one set since then stays.
                 cp.remove(*key, only=self.remote.pop(key))
 
-    def on_control(self, topic, payload, run_id=""):
-        """Apply one control message; reject bad input with one warning and an event.
-        Returns the (scope, type) of its topic (also when the payload was rejected: the
-        broker holds something there, so the last valid control stays), or None when the
-        topic itself is not a control topic."""
-        cp = self.engine._cp
+    def check(self, topic, payload, run_id=""):
+        """Validate one control message: ``(key, constraint)``, ``(key, None)`` for the
+        empty message (it removes the control), or, rejected with one warning and a
+        ConstraintRejected event, ``(key, _MISSING)`` (the last valid control of the
+        topic stays) or None when the topic is not a control topic at all."""
         key = None
         try:
             scope, kind = key = _parse_control_topic(topic)
             if payload == "":
-                self.remote.pop((scope, kind), None)
-                cp.remove(scope, kind)
-                return (scope, kind)
+                return key, None
             if payload is None:  # (regression: a JSON null silently removed the control)
                 raise ConstraintError("payload is null; to remove a control, publish an "
                                       "empty retained message")
@@ -3729,18 +3741,25 @@ class _Link:
             if (c.scope, c.type) != (scope, kind):
                 raise ConstraintError(f"payload is a {c.type} on {c.scope} but the topic is "
                                       f"for a {kind} on {scope}")
-            current = cp.constraints.get((scope, kind))
-            if current != c:
-                cp.apply(c)
-            self.remote[(scope, kind)] = cp.constraints.get((scope, kind))
-            return (scope, kind)
+            return key, c
         except (ConstraintError, TypeError, ValueError, RecursionError) as exc:
             if isinstance(exc, RecursionError):
                 exc = ConstraintError("payload nested too deeply")
             _log.warning("rejected control message on %s: %s", _printable(topic),
                          _printable(exc))
             self.engine._bus.emit(ConstraintRejected(run_id, topic, str(exc)))
-            return key
+            return None if key is None else (key, _MISSING)
+
+    def apply(self, key, c):
+        """Put a checked control in force (``c``), or remove the broker's (None)."""
+        cp = self.engine._cp
+        if c is None:
+            self.remote.pop(key, None)
+            cp.remove(*key)
+            return
+        if cp.constraints.get(key) != c:
+            cp.apply(c)
+        self.remote[key] = cp.constraints.get(key)
 
     async def close(self, rl):
         """Flush the run's telemetry (bounded: a hung connector never stalls the run),
@@ -3851,18 +3870,39 @@ _iso_second = (0, "1970-01-01T00:00:00")  # (second, its text): one tuple, swapp
 
 
 class _LoopSubscription:
-    """The control subscription of a _Link on one event loop, shared by its runs."""
-    __slots__ = ("link", "loop", "runs", "ready", "seen")
+    """The control subscription of a _Link on one event loop, shared by its runs.
+
+    Control messages are checked as they arrive (a bad one is rejected at once, with its
+    warning and event) and coalesced: the valid ones that arrive together are applied in
+    one loop callback, and a later one for a topic supersedes an earlier one still
+    waiting (the last message for a (scope, type) wins, and a storm costs one apply per
+    topic per loop turn, not one per message)."""
+    __slots__ = ("link", "loop", "runs", "ready", "seen", "pending")
 
     def __init__(self, link, loop):
         self.link, self.loop, self.runs = link, loop, 0
         self.ready = loop.create_future()   # set once the first sync is over
         self.seen = set()                   # keys heard during the first sync
+        self.pending = {}                   # (scope, type) -> its latest checked control
 
     def on_message(self, topic, payload):
-        key = self.link.on_control(topic, payload)
-        if key is not None and self.seen is not None:
+        checked = self.link.check(topic, payload)
+        if checked is None:
+            return
+        key, c = checked
+        if self.seen is not None:
             self.seen.add(key)
+        if c is _MISSING:  # rejected: the topic's last valid control stays
+            return
+        if not self.pending:
+            self.loop.call_soon(self.apply)
+        self.pending[key] = c
+
+    def apply(self):
+        """Apply the waiting control messages (also called by a sync before it ends)."""
+        pending, self.pending = self.pending, {}
+        for key, c in pending.items():
+            self.link.apply(key, c)
 
 
 def _iso(ts):

@@ -3206,6 +3206,58 @@ def test_bad_control_input_is_rejected_once_and_the_engine_carries_on(
     assert [c.scope for c in e.constraints] == ["task:other"]
 
 
+def test_a_control_storm_is_coalesced_the_last_message_wins_and_the_loop_keeps_turning():
+    # regression: a storm of controls was applied one message at a time in one loop
+    # callback (the loop stalled), and the final state was not always the last message
+    broker = cs.LocalBroker()
+    e = cs.Engine(connector=broker)
+    rec = Recorder(e)
+    topic = "cascade/constraints/task/stormy/concurrency"
+    gate = []
+
+    @cs.task(name="held")
+    async def held():
+        await gate[0].wait()
+
+    def storm(offset):
+        for i in range(10_000):
+            broker.publish_nowait(topic, {"id": f"s{offset}-{i}", "scope": "task:stormy",
+                                          "type": "concurrency",
+                                          "params": {"limit": (i + offset) % 50 + 1}})
+
+    async def main():
+        gate.append(asyncio.Event())
+        started = asyncio.Event()
+        e.subscribe(cs.TaskExecutionStarted, lambda ev: started.set())
+        run = asyncio.ensure_future(e.run(held()))
+        await asyncio.wait_for(started.wait(), TIMEOUT)
+        ticks = []
+
+        async def ticker():
+            while not gate[0].is_set():
+                ticks.append(1)
+                await asyncio.sleep(0)
+        t = asyncio.ensure_future(ticker())
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*[loop.run_in_executor(None, storm, k) for k in (0, 7)])
+        during = len(ticks)
+        broker.publish_nowait(topic, {"id": "last", "scope": "task:stormy",
+                                      "type": "concurrency", "params": {"limit": 8}})
+        deadline = time.monotonic() + TIMEOUT
+        while not [c for c in e.constraints if c.id == "last"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        gate[0].set()
+        await t
+        await run
+        return during
+    during = asyncio.run(main())
+    assert [(c.id, c.params) for c in e.constraints] == [("last", {"limit": 8})]
+    applied = rec.of(cs.ConstraintApplied)
+    assert applied[-1].constraint.id == "last"
+    assert len(applied) < 20_001 / 2  # coalesced, not one apply per message
+    assert during > 10  # the loop kept turning through the storm
+
+
 def test_a_null_payload_leaves_the_control_in_force():
     # regression: a retained JSON null removed the (scope, type) without a word
     broker = cs.LocalBroker()
