@@ -1581,6 +1581,20 @@ def _topic_matches(filter: str, topic: str) -> bool:
     return len(f) == len(t)
 
 
+def _filters_overlap(a: str, b: str) -> bool:
+    """Could one topic match both MQTT filters ``a`` and ``b``?"""
+    la, lb = a.split("/"), b.split("/")
+    for x, y in zip(la, lb):
+        if x == "#" or y == "#":
+            return True
+        if x != y and x != "+" and y != "+":
+            return False
+    if len(la) == len(lb):
+        return True
+    longer = la if len(la) > len(lb) else lb
+    return len(longer) == min(len(la), len(lb)) + 1 and longer[-1] == "#"
+
+
 def _check_topic(topic: str, is_filter: bool) -> None:
     if not isinstance(topic, str) or not topic or "\0" in topic:
         raise ValueError(f"MQTT topic must be a non-empty str without NUL, got {topic!r}")
@@ -1793,13 +1807,16 @@ class _Hub:
             self._matching = {}
 
     def _acked(self, sub: _Subscription) -> None:  # lock held, in wire order
-        # A SUBSCRIBE makes the broker (re)send retained messages after its SUBACK,
-        # flagged retain=1. Other subscriptions already got their own retained
-        # burst (before their SUBACK, hence before this one), so from here on such
-        # messages are for `sub` only: no stale replays to an engine that shares
-        # this connection. Subscriptions still awaiting their SUBACK keep accepting.
+        # A SUBSCRIBE makes the broker (re)send retained messages matching its filter,
+        # flagged retain=1. Another subscription whose filter overlaps it got its own
+        # retained burst already, so from here on such messages are for `sub` only: no
+        # stale replays to an engine that shares this connection. A subscription whose
+        # filter cannot match the same topics keeps accepting its burst (regression: a
+        # sync marker's SUBACK cut the control subscription's burst short when the
+        # broker sends at most max_inflight_messages at a time), and so do those still
+        # awaiting their own SUBACK.
         for s in self._subs:
-            if s.acked and s is not sub:
+            if s.acked and s is not sub and _filters_overlap(s.filter, sub.filter):
                 s.replay = False
         sub.acked = True
 

@@ -19,6 +19,7 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -3759,6 +3760,19 @@ _filters = st.builds(
 ).filter(bool)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", "+", "#"]), min_size=1, max_size=4),
+       st.lists(st.sampled_from(["a", "b", "+", "#"]), min_size=1, max_size=4))
+def test_filters_overlap_exactly_when_some_topic_matches_both(fa, fb):
+    # what decides whether a new SUBACK ends another subscription's retained replay
+    if "#" in fa[:-1] or "#" in fb[:-1]:
+        return  # not valid filters
+    a, b = "/".join(fa), "/".join(fb)
+    topics = ["/".join(t) for n in range(1, 6) for t in itertools.product("abz", repeat=n)]
+    both = any(cs._topic_matches(a, t) and cs._topic_matches(b, t) for t in topics)
+    assert cs._filters_overlap(a, b) == both, (a, b)
+
+
 def test_topic_matches_agrees_with_paho():
     paho = requires("paho.mqtt.client", "paho-mqtt")
 
@@ -5576,6 +5590,35 @@ async def test_an_aiomqtt_engine_applies_retained_controls_and_sends_telemetry(p
             check_telemetry(p, org, project, handle.run_id)
     finally:
         outside.close()
+
+
+@async_test
+async def test_every_retained_control_is_applied_before_the_first_task_past_the_inflight_window(
+        paho, broker):
+    # regression: with Mosquitto's default max_inflight_messages (20), an engine applied
+    # only 20 of 50 retained controls before its first task: the sync marker's SUBACK
+    # ended the retained replay of the control subscription while the broker was still
+    # sending its burst, and the rest were dropped as stale
+    u = broker
+    ctl_client, client = mqtt_client(), mqtt_client()
+    ctl = cs.Controller(cs.MqttConnector(ctl_client))
+    n = 50
+    try:
+        for i in range(n):
+            await ctl.limit(f"task:l_{u}_t{i}", i + 1)
+        engine = cs.Engine(connector=cs.MqttConnector(client))
+
+        @cs.task(name=f"l_{u}_probe")
+        async def probe():
+            return controls_of(engine, u)
+
+        got = await asyncio.wait_for(engine.run(probe()), TIMEOUT)
+        assert got == {(f"task:l_{u}_t{i}", "concurrency"): {"limit": i + 1} for i in range(n)}
+    finally:
+        for i in range(n):
+            await ctl.clear(f"task:l_{u}_t{i}")
+        close_client(client)
+        close_client(ctl_client)
 
 
 @async_test
