@@ -5614,6 +5614,8 @@ async def test_every_retained_control_is_applied_before_the_first_task_past_the_
 
         got = await asyncio.wait_for(engine.run(probe()), TIMEOUT)
         assert got == {(f"task:l_{u}_t{i}", "concurrency"): {"limit": i + 1} for i in range(n)}
+        # and `cascade status` (Controller.status, the same marker round trip) lists all
+        assert len([c for c in await ctl.status() if u in c.scope]) == n
     finally:
         for i in range(n):
             await ctl.clear(f"task:l_{u}_t{i}")
