@@ -777,7 +777,7 @@ class _Limiter:
     so after a lowered limit returns, a unit granted earlier (a sync body queued in a
     busy pool) waits again rather than begin beside too many others.
     invariant: running <= borrowed."""
-    __slots__ = ("name", "total", "borrowed", "capacity", "running", "adopted")
+    __slots__ = ("name", "total", "borrowed", "capacity", "running", "adopted", "active")
     fifo = True
     gate = True  # (capacities are never applied, so never counted as gated)
 
@@ -785,6 +785,7 @@ class _Limiter:
         self.name, self.total, self.borrowed, self.capacity = name, total, 0, capacity
         self.running = 0
         self.adopted = set()  # holders counted as running from the start (see adopt)
+        self.active = True    # False once its control is removed: it gates nothing
 
     @classmethod
     def control(cls, scope, params, now):
@@ -804,7 +805,8 @@ class _Limiter:
         self.adopted.add(u)
 
     def may_begin(self, u, n):
-        return self.capacity or u in self.adopted or self.running + n <= self.total
+        return (self.capacity or not self.active or u in self.adopted
+                or self.running + n <= self.total)
 
     def begin(self, u, n):
         if not self.capacity and u not in self.adopted:
@@ -1170,6 +1172,7 @@ class _ControlPlane:
         self._holders = set()            # units holding a grant (granted or running)
         self._gen = 0                    # bumped when constraints change
         self._gates = 0                  # active constraints the start gate re-checks
+        self._npause = 0                 # of which pauses
         self._admit_soon = False         # an admission pass is scheduled (see release)
         self._seq = itertools.count(1)
         self._ttl = {}                   # (scope, type) -> clock entry of its expiry
@@ -1199,6 +1202,7 @@ class _ControlPlane:
             if st is None:
                 st = self._states[key] = ctype.state(c.scope, c.params, now)
                 self._gates += st.gate
+                self._npause += st.__class__ is _Pause
                 if ctype.adopts_running:
                     # A new limit counts what already runs in its scope, so that at no
                     # instant more run than the limit (lowering never evicts).
@@ -1236,6 +1240,9 @@ class _ControlPlane:
                 st = self._states.pop((scope, t))
                 self._failing.discard(st)
                 self._gates -= st.gate
+                self._npause -= st.__class__ is _Pause
+                if st.__class__ is _Limiter:
+                    st.active = False
                 self._cancel_wake(st)
                 removed.append(c)
             if removed:
@@ -1486,9 +1493,16 @@ class _ControlPlane:
         return False
 
     def _gated(self, u):  # lock held: does a state the gate re-checks hold u back?
-        q = self._queues.get(u.key) or _Queue(u.key)  # looking makes no queue
-        self._match(q)
-        return any(st.gate and not st.may_begin(u, n) for st, n in q.needs)
+        # the limits it holds (a limit set after its grant adopted it), then the pauses
+        # that match it now
+        for st, n in u.held:
+            if not st.may_begin(u, n):
+                return True
+        if self._npause:
+            q = self._queues.get(u.key) or _Queue(u.key)  # looking makes no queue
+            self._match(q)
+            return any(st.__class__ is _Pause for st, _ in q.needs)
+        return False
 
     def drop_run(self, run):
         """Forget every waiting unit of ``run`` (it is stopping)."""
