@@ -750,6 +750,9 @@ class _Pause:
     def may_begin(self, u, n):
         return False
 
+    def began_unlocked(self, u, n):
+        pass
+
     def update(self, params, now):
         pass
 
@@ -773,18 +776,19 @@ class _Limiter:
     invariant: borrowed <= total, unless total was lowered while the slots were held.
 
     A concurrency limit is also re-checked at the start gate: ``running`` counts the
-    holders whose body began (and, conservatively, the ones it adopted when it was set),
-    so after a lowered limit returns, a unit granted earlier (a sync body queued in a
-    busy pool) waits again rather than begin beside too many others.
+    holders whose body began, so after a limit is set or lowered, a unit granted earlier
+    (a sync body queued in a busy pool) waits again rather than begin beside too many.
     invariant: running <= borrowed."""
-    __slots__ = ("name", "total", "borrowed", "capacity", "running", "adopted", "active")
+    __slots__ = ("name", "total", "borrowed", "capacity", "running", "adopted", "maybe",
+                 "active")
     fifo = True
     gate = True  # (capacities are never applied, so never counted as gated)
 
     def __init__(self, name, total, capacity=False):
         self.name, self.total, self.borrowed, self.capacity = name, total, 0, capacity
         self.running = 0
-        self.adopted = set()  # holders counted as running from the start (see adopt)
+        self.adopted = set()  # holders that were running when it was set: counted
+        self.maybe = set()    # holders that were granted when it was set: not yet counted
         self.active = True    # False once its control is removed: it gates nothing
 
     @classmethod
@@ -798,23 +802,36 @@ class _Limiter:
         self.borrowed += n
 
     def adopt(self, u):
-        """A new limit takes a unit that already holds a grant (granted, or running):
-        counted as running at once, since it may begin without passing this gate."""
+        """A new limit takes a unit that already holds a grant: a running one counts as
+        running; a granted one passes this gate like any other (``maybe``: it may also
+        have begun by the gate's lock-free path just then; see began_unlocked)."""
         self.borrowed += 1
-        self.running += 1
-        self.adopted.add(u)
+        if u.state == _RUNNING:
+            self.running += 1
+            self.adopted.add(u)
+        else:
+            self.maybe.add(u)
 
     def may_begin(self, u, n):
-        return (self.capacity or not self.active or u in self.adopted
-                or self.running + n <= self.total)
+        return self.capacity or not self.active or self.running + n <= self.total
 
     def begin(self, u, n):
-        if not self.capacity and u not in self.adopted:
+        if not self.capacity:
+            self.maybe.discard(u)
             self.running += n
+
+    def began_unlocked(self, u, n):
+        # it began by the lock-free path while this limit was being set: count it now
+        if u in self.maybe:
+            self.maybe.discard(u)
+            self.running += n
+            self.adopted.add(u)
 
     def give_back(self, u, n, began):
         self.borrowed -= n
-        if u in self.adopted:
+        if u in self.maybe:
+            self.maybe.discard(u)  # never counted
+        elif u in self.adopted:
             self.adopted.discard(u)
             self.running -= n
         elif began and not self.capacity:
@@ -867,6 +884,9 @@ class _Bucket:
         return True
 
     def begin(self, u, n):
+        pass
+
+    def began_unlocked(self, u, n):
         pass
 
     def give_back(self, u, n, began):
@@ -1491,6 +1511,13 @@ class _ControlPlane:
             granted = self._admit() if self._waiting else None
         self._dispatch(granted)
         return False
+
+    def began_unlocked(self, u):
+        """A body began by the start gate's lock-free path, and a gated control appeared
+        meanwhile: a limit set just then counts it (so none is missed)."""
+        with self.lock:
+            for st, n in u.held:
+                st.began_unlocked(u, n)
 
     def _gated(self, u):  # lock held: does a state the gate re-checks hold u back?
         # the limits it holds (a limit set after its grant adopted it), then the pauses
@@ -3137,6 +3164,8 @@ class _Run:
                     return self._gate_refused(u)
             else:
                 u.begin()
+                if self.cp._gates:  # a limit was set just now: it must count this body
+                    self.cp.began_unlocked(u)
             t0 = self._body_started(u)
             try:
                 value = await fn(*args, **kwargs)
@@ -3168,6 +3197,8 @@ class _Run:
                 return self._post(u, _REFUSED, None, 0.0)
         else:
             u.begin()
+            if self.cp._gates:  # a limit was set just now: it must count this body
+                self.cp.began_unlocked(u)
         t0 = time.perf_counter()
         self._post(u, _STARTED, None, t0)
         try:

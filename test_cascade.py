@@ -2521,11 +2521,13 @@ def test_raising_a_limit_while_every_slot_is_held_admits_waiters_at_once():
     assert g.peak["w"] == 5
 
 
-def test_a_lowered_limit_holds_sync_bodies_already_granted_in_a_busy_pool():
+@pytest.mark.parametrize("lower", [True, False], ids=["lowered", "new"])
+def test_a_lowered_or_new_limit_holds_sync_bodies_already_granted_in_a_busy_pool(lower):
     # regression: after limit(s, 1) returned, units granted earlier and queued in a busy
-    # thread pool passed no gate: 18 bodies began, 6 of them beside another. The start
-    # gate re-checks limits as it re-checks pauses: the three running finish (lowering
-    # never evicts), then the rest begin one at a time.
+    # thread pool passed no gate: 18 bodies began, 6 of them beside another (and a limit
+    # set anew let every granted one begin). The start gate re-checks limits as it
+    # re-checks pauses: the three running finish (never evicted), then the rest begin one
+    # at a time.
     e = cs.Engine(max_workers=3)
     g = Gauge()
     hold = threading.Event()
@@ -2539,9 +2541,11 @@ def test_a_lowered_limit_holds_sync_bodies_already_granted_in_a_busy_pool():
             time.sleep(0.002)
         return i
 
-    e.limit("task:s", 10)
+    if lower:
+        e.limit("task:s", 10)
     h = e.start(s.map(range(20)))
-    wait_for(lambda: g.now.get("s") == 3 and e.status()["tasks"]["s"].get("granted") == 7)
+    wait_for(lambda: g.now.get("s") == 3 and e.status()["tasks"]["s"].get("granted") ==
+             (7 if lower else 17))
     e.limit("task:s", 1)
     lowered.append(time.monotonic())
     hold.set()
