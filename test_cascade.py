@@ -3245,12 +3245,12 @@ def test_a_control_storm_is_coalesced_the_last_message_wins_and_the_loop_keeps_t
         t = asyncio.ensure_future(ticker())
         loop = asyncio.get_running_loop()
         await asyncio.gather(*[loop.run_in_executor(None, storm, k) for k in (0, 7)])
-        during = len(ticks)
         broker.publish_nowait(topic, {"id": "last", "scope": "task:stormy",
                                       "type": "concurrency", "params": {"limit": 8}})
         deadline = time.monotonic() + TIMEOUT
         while not [c for c in e.constraints if c.id == "last"] and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        during = len(ticks)  # loop turns while the 20,001 messages were delivered
         gate[0].set()
         await t
         await run
@@ -3260,7 +3260,40 @@ def test_a_control_storm_is_coalesced_the_last_message_wins_and_the_loop_keeps_t
     applied = rec.of(cs.ConstraintApplied)
     assert applied[-1].constraint.id == "last"
     assert len(applied) < 20_001 / 2  # coalesced, not one apply per message
-    assert during > 10  # the loop kept turning through the storm
+    assert during >= 20_001 // 1000 - 1  # a turn of the loop at least every 1,000 messages
+
+
+def test_thousands_of_retained_controls_are_all_applied_before_the_first_task():
+    # regression (found in review): deliveries went out 1,000 per loop callback per
+    # subscription, so the sync marker overtook the rest of a large retained burst: with
+    # 5,000 retained controls, 1,000 were applied only after the first task, and a
+    # retained pause among them was ignored
+    broker = cs.LocalBroker()
+    e = cs.Engine(connector=broker)
+    rec = Recorder(e)
+    n = 6 * 1000
+
+    @cs.task(name="probe")
+    async def probe():
+        return len(e.constraints)
+
+    async def main():
+        ctl = cs.Controller(broker)
+        for i in range(n):
+            await ctl.limit(f"task:other{i}", 5)
+        await ctl.pause("task:probe")  # the last of the burst
+        run = asyncio.ensure_future(e.run(probe()))
+        await rec.until(lambda items: events_of(items, cs.TaskBlocked), "probe held")
+        held = len(e.constraints)
+        await ctl.resume("task:probe")
+        value = await asyncio.wait_for(run, TIMEOUT)
+        await ctl.clear("task:probe")
+        for i in range(n):
+            await ctl.clear(f"task:other{i}")
+        return held, value
+    held, value = asyncio.run(main())
+    assert held == n + 1 and value == n
+    assert not rec.of(cs.TaskExecutionStarted)[:-1]  # the probe began once, after resume
 
 
 def test_a_null_payload_leaves_the_control_in_force():
