@@ -3200,6 +3200,11 @@ class _Run:
                     self._body_finished(u, value, None, t0)
                     if self._fused is None and self._ready and not self._pumping:
                         self._take_next()  # nothing of ours became ready
+                except BaseException:  # (a subscriber's KeyboardInterrupt, say)
+                    if self._fused is not None:  # the unit meant to run next: not lost
+                        (nxt, *_), self._fused = self._fused, None
+                        self.drop_launched(nxt)
+                    raise
                 finally:
                     self._fuse_into = None
             else:
@@ -3982,7 +3987,10 @@ class _LoopSubscription:
         """Apply the waiting control messages (also called by a sync before it ends)."""
         pending, self.pending = self.pending, {}
         for key, c in pending.items():
-            self.link.apply(key, c)
+            try:
+                self.link.apply(key, c)
+            except Exception:  # one control must not cost the others of its batch
+                _log.exception("applying the control of %s/%s failed", *key)
 
 
 def _iso(ts):
