@@ -733,23 +733,18 @@ def _check_int(value, what, low, high=_MAX_COUNT):
 # admit by itself; None: only on events), why(n) (the reason a waiter gives) and
 # usage(now) (its status fields). `fifo`: whether a waiter held back on it holds it back
 # for later waiters (no queue jumping); `gate`: whether the start gate re-checks it right
-# before a body begins (for the start gate's fast path: none active, no lock needed).
+# before a body begins (for the start gate's fast path: none active, no lock needed);
+# `takes`: whether a grant reserves something of it. _State has the defaults.
 
-class _Pause:
-    """An active pause: every matched waiter is held; it takes nothing, and a paused
-    waiter holds nothing back for others."""
-    __slots__ = ("scope",)
-    fifo = False
-    gate = True
-
-    def __init__(self, scope, params, now):
-        self.scope = scope
-
-    def can_take(self, n, now):
-        return False
+class _State:
+    __slots__ = ()
+    fifo, gate, takes = True, False, True
 
     def may_begin(self, u, n):
-        return False
+        return True
+
+    def begin(self, u, n):
+        pass
 
     def began_unlocked(self, u, n):
         pass
@@ -760,17 +755,33 @@ class _Pause:
     def retry_at(self, now):
         return None
 
-    def why(self, n):
-        return f"pause on {self.scope}"
-
     def usage(self, now):
         return {}
+
+
+class _Pause(_State):
+    """An active pause: every matched waiter is held; it takes nothing, and a paused
+    waiter holds nothing back for others."""
+    __slots__ = ("scope",)
+    fifo, gate, takes = False, True, False
+
+    def __init__(self, scope, params, now):
+        self.scope = scope
+
+    def can_take(self, n, now):
+        return False
+
+    def may_begin(self, u, n):
+        return False
+
+    def why(self, n):
+        return f"pause on {self.scope}"
 
     def __repr__(self):
         return f"<_Pause {self.scope}>"
 
 
-class _Limiter:
+class _Limiter(_State):
     """Resizable capacity with trio's CapacityLimiter semantics: ``total`` slots of which
     ``borrowed`` are held. Shrinking never evicts; growing admits from spare capacity.
     Serves concurrency limits and the engine's system resources (``capacity=True``).
@@ -782,7 +793,6 @@ class _Limiter:
     invariant: running <= borrowed."""
     __slots__ = ("name", "total", "borrowed", "capacity", "running", "adopted", "maybe",
                  "active")
-    fifo = True
     gate = True  # (capacities are never applied, so never counted as gated)
 
     def __init__(self, name, total, capacity=False):
@@ -841,9 +851,6 @@ class _Limiter:
     def update(self, params, now):
         self.total = params["limit"]
 
-    def retry_at(self, now):
-        return None
-
     def why(self, n):
         if self.capacity:
             return (f"capacity {self.name} (needs {n}, {self.total - self.borrowed} of "
@@ -857,13 +864,11 @@ class _Limiter:
         return f"<_Limiter {self.name} {self.borrowed}/{self.total}>"
 
 
-class _Bucket:
+class _Bucket(_State):
     """Token bucket: ``rate`` tokens a second, at most ``burst``; starts full, so with
     burst 1 starts are evenly spaced (as in Celery). A start takes a token at grant; a
     grant that never started gets it back."""
     __slots__ = ("scope", "label", "rate", "burst", "tokens", "stamp")
-    fifo = True
-    gate = False
 
     def __init__(self, scope, params, now):
         self.scope, self.tokens, self.stamp = scope, params["burst"], now
@@ -880,15 +885,6 @@ class _Bucket:
 
     def take(self, u, n):
         self.tokens -= n
-
-    def may_begin(self, u, n):
-        return True
-
-    def begin(self, u, n):
-        pass
-
-    def began_unlocked(self, u, n):
-        pass
 
     def give_back(self, u, n, began):
         if not began:
@@ -1311,7 +1307,7 @@ class _ControlPlane:
         needs = [pair for pairs in rank.values() for pair in pairs]
         needs += [(self._caps[k], n) for k, n in key.amounts]
         q.needs = needs
-        q.takes = [pair for pair in needs if hasattr(pair[0], "take")]
+        q.takes = [pair for pair in needs if pair[0].takes]
         q.gen = self._gen
 
     def _queue(self, key, loop=None):
