@@ -163,6 +163,17 @@ def two_held_runs(engine):
 
 # --- recorders --------------------------------------------------------------
 
+def gauged_until(gauge, go, name="w"):
+    """A sync task called ``name`` that runs inside ``gauge`` until ``go`` is set and
+    returns its argument."""
+    @cs.task(name=name)
+    def held(i):
+        with gauge(name):
+            go.wait(TIMEOUT)
+        return i
+    return held
+
+
 def recorded(log, name, returns=None, is_async=False):
     """A task called ``name`` that appends its name to ``log`` when its body runs and
     returns its one argument, or ``returns`` when it takes none."""
@@ -2504,12 +2515,7 @@ def test_raising_a_limit_while_every_slot_is_held_admits_waiters_at_once():
     g = Gauge()
     e.limit("task:w", 2)
 
-    @cs.task(name="w")
-    def w(i):
-        g.enter("w")
-        go.wait(TIMEOUT)
-        g.exit("w")
-
+    w = gauged_until(g, go)
     h = e.start(w.map(range(6)))
     wait_for(lambda: g.now.get("w") == 2)
     time.sleep(0.05)
@@ -2560,13 +2566,7 @@ def test_lowering_a_limit_never_evicts_and_holds_new_starts():
     g = Gauge()
     e.limit("task:w", 4)
 
-    @cs.task(name="w")
-    def w(i):
-        g.enter("w")
-        go.wait(TIMEOUT)
-        g.exit("w")
-        return i
-
+    w = gauged_until(g, go)
     h = e.start(w.map(range(8)))
     wait_for(lambda: g.now.get("w") == 4)
     e.limit("task:w", 1)
