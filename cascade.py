@@ -2579,12 +2579,20 @@ class _Reporter:
             self.tele.lifecycle("ENGINE_STARTED")
         self.bus.emit(RunStarted(self.run.run_id, target_names, params))
 
-    def run_finished(self, status, duration, error):
+    def _emit(self, event, callbacks=None):
+        """Emit a run event, after the starts not delivered yet (the run's events keep
+        their order)."""
         if self._starts:
             self.deliver_starts()
+        if callbacks is None:
+            self.bus.emit(event)
+        else:
+            self.bus.deliver(callbacks, event)
+
+    def run_finished(self, status, duration, error):
         if self.tele is not None:
             self.tele.lifecycle("ENGINE_STOPPED")
-        self.bus.emit(RunFinished(self.run.run_id, status, duration, error))
+        self._emit(RunFinished(self.run.run_id, status, duration, error))
 
     def started(self, u):  # when on_start
         """A body begins. Its TaskExecutionStarted is delivered from the next loop
@@ -2606,49 +2614,39 @@ class _Reporter:
             self.bus.emit(event)
 
     def finished(self, u, duration, exc):  # a success when on_finish; every failure
-        if self._starts:
-            self.deliver_starts()
         if self.version != self.bus.version:
             self.refresh()
         cbs = self._finished if exc is None else self._failed
         if cbs:
             node = u.node
             uid = (node._id or node.id) if u.index is None else u.id
-            self.bus.deliver(cbs, TaskExecutionFinished(
+            self._emit(TaskExecutionFinished(
                 self.run.run_id, uid, node.key.name, "Succeeded" if exc is None else "Failed",
-                duration, exc))
+                duration, exc), cbs)
         if self.tele is not None:
             self.tele.task(u, "COMPLETED" if exc is None else "FAILED", duration * 1000, exc)
 
     def blocked(self, u):
-        if self._starts:
-            self.deliver_starts()
         u.reported = True  # once per wait
-        bus, cp = self.bus, self.run.cp
-        if bus.wants(TaskBlocked):
-            bus.emit(TaskBlocked(self.run.run_id, u.id, u.key.name, cp.reason(u)))
+        cp = self.run.cp
+        if self.bus.wants(TaskBlocked):
+            self._emit(TaskBlocked(self.run.run_id, u.id, u.key.name, cp.reason(u)))
         if self.tele is not None:
             self.tele.task(u, "BLOCKED", None, cp.reason(u))
 
     def retrying(self, u, max_attempts, wait, exc):
-        if self._starts:
-            self.deliver_starts()
-        self.bus.emit(TaskRetrying(self.run.run_id, u.id, u.key.name, u.attempt,
+        self._emit(TaskRetrying(self.run.run_id, u.id, u.key.name, u.attempt,
                                    max_attempts, wait, exc))
         if self.tele is not None:
             self.tele.task(u, "RETRYING", None, exc)
 
     def skipped(self, node, reason):
-        if self._starts:
-            self.deliver_starts()
-        self.bus.emit(TaskSkipped(self.run.run_id, node.id, node.lazy.task.name, reason))
+        self._emit(TaskSkipped(self.run.run_id, node.id, node.lazy.task.name, reason))
         if self.tele is not None:
             self.tele.task(node, "SKIPPED", None, reason)
 
     def resource(self, name, acquired):
-        if self._starts:
-            self.deliver_starts()
-        self.bus.emit((ResourceAcquired if acquired else ResourceReleased)(self.run.run_id, name))
+        self._emit((ResourceAcquired if acquired else ResourceReleased)(self.run.run_id, name))
 
 
 class _Resources:
