@@ -637,29 +637,33 @@ class _Key:
     """The admission key of a unit: what scopes are matched against. Units with one key
     wait in one queue, because the same constraints match all of them. Keys are interned
     per run (one object per task, or per task and capacity amounts), so a key compares
-    and hashes by identity."""
-    __slots__ = ("name", "tags", "run_id", "amounts")
+    and hashes by identity. The control plane caches on it what it needs (``needs``,
+    ``takes``, as of constraint generation ``gen``)."""
+    __slots__ = ("name", "tags", "run_id", "amounts", "gen", "needs", "takes")
 
     def __init__(self, name, tags, run_id, amounts=()):
         self.name = name          # the task's name: task:<name>
         self.tags = tags          # the task's tags: tag:<tag>
         self.run_id = run_id      # run:<run_id>
         self.amounts = amounts    # ((capacity, n), ...) of with_constraints, n > 0
+        self.gen = -1
+        self.needs = self.takes = ()
 
     def __repr__(self):
         return f"<_Key {self.name} run={self.run_id}{' ' + str(self.amounts) if self.amounts else ''}>"
 
 
-# Scope kinds: kind -> (does pattern match this key in this project?, the form, for errors).
-# `global` matches everything; a new scope kind is one entry here.
+# Scope kinds: kind -> (the names a key has of this kind in this project, the form, for
+# errors). A scope `kind:pattern` matches a key if one of those names matches the
+# pattern (globs allowed); `global` matches everything. A new scope kind is one entry.
 _SCOPE_KINDS = {
-    "task": (lambda pat, key, project: fnmatch.fnmatchcase(key.name, pat),
+    "task": (lambda key, project: (key.name,),
              "'task:<name>' (globs allowed: 'task:fetch_*')"),
-    "tag": (lambda pat, key, project: any(fnmatch.fnmatchcase(t, pat) for t in key.tags),
-            "'tag:<tag>'"),
-    "run": (lambda pat, key, project: fnmatch.fnmatchcase(key.run_id, pat), "'run:<run_id>'"),
-    "project": (lambda pat, key, project: fnmatch.fnmatchcase(project, pat), "'project:<id>'"),
+    "tag": (lambda key, project: key.tags, "'tag:<tag>'"),
+    "run": (lambda key, project: (key.run_id,), "'run:<run_id>'"),
+    "project": (lambda key, project: (project,), "'project:<id>'"),
 }
+_GLOB = re.compile(r"[*?\[]")  # a pattern without these matches its own name only
 
 
 def _check_scope(scope):
@@ -678,7 +682,7 @@ def _scope_matches(scope, key, project):
     if scope == "global":
         return True
     kind, _, pat = scope.partition(":")
-    return _SCOPE_KINDS[kind][0](pat, key, project)
+    return any(fnmatch.fnmatchcase(v, pat) for v in _SCOPE_KINDS[kind][0](key, project))
 
 
 _RATE = re.compile(r" *(\d+(?:\.\d*)?|\.\d+) */ *([smh]) *")
@@ -957,6 +961,7 @@ _CONTROL_TYPES = {t.name: t for t in (
                  _Bucket),
 )}
 _TYPES = tuple(_CONTROL_TYPES)
+_TYPE_RANK = {t: i for i, t in enumerate(_TYPES)}
 
 
 def _check_type(type, call):
@@ -1131,10 +1136,6 @@ class _Clock:
                     self._thread.start()
 
 
-def _head_seq(q):
-    return q.waiters[0].seq
-
-
 def _insort(waiters, u):
     """Put ``u`` in its place in a deque kept in ``seq`` order (from the end: rare)."""
     i = len(waiters)
@@ -1145,18 +1146,49 @@ def _insort(waiters, u):
 
 class _Queue:
     """Waiting units with one admission key, in readiness order: the same constraints
-    match all of them, so if the head cannot start, none can. ``needs`` are the
-    (state, amount) pairs a unit must be able to take, in the order their reasons are
-    given; ``takes`` the ones it reserves at grant (pauses take nothing)."""
-    __slots__ = ("key", "loop", "waiters", "gen", "needs", "takes", "reason")
+    match all of them, so if the head cannot start, none can.
+
+    Between admission passes a queue with waiters is either *pending* (``pending``: its
+    entry in the control plane's ready heap, to be looked at by the next pass) or
+    *parked* (``entries``: one in the ``_Parking`` of each state that holds its head
+    back). ``left``: states whose parking it left since the last pass looked at it;
+    ``why``: (state, amount) whose reason is shown for its waiters."""
+    __slots__ = ("key", "loop", "waiters", "pending", "entries", "left", "why")
 
     def __init__(self, key, loop=None):
         self.key = key
         self.loop = loop  # the event loop of the run whose units wait here
         self.waiters = collections.deque()
-        self.gen = -1     # the control plane's _gen when needs was computed
-        self.needs = self.takes = ()
-        self.reason = None  # why the head was held back in the last admission pass
+        self.pending = None
+        self.entries = ()
+        self.left = ()
+        self.why = None
+
+
+class _Parking:
+    """The queues held back on one state, oldest head first: a heap of entries
+    [head seq, tiebreak, queue, this parking]. An entry is dropped by setting its queue
+    to None; dropped entries are skipped at the top and compacted away when they are
+    most of the heap, so a parking holds O(queues parked on it) entries."""
+    __slots__ = ("state", "heap", "dropped")
+
+    def __init__(self, state):
+        self.state, self.heap, self.dropped = state, [], 0
+
+    def top(self):
+        heap = self.heap
+        while heap and heap[0][2] is None:
+            heapq.heappop(heap)
+            self.dropped -= 1
+        return heap[0] if heap else None
+
+    def drop(self, entry):
+        entry[2] = None
+        self.dropped += 1
+        if self.dropped > 32 and 2 * self.dropped > len(self.heap):
+            self.heap = [e for e in self.heap if e[2] is not None]
+            heapq.heapify(self.heap)
+            self.dropped = 0
 
 
 class _ControlPlane:
@@ -1173,6 +1205,19 @@ class _ControlPlane:
     capacity holds that resource back for later waiters too (no queue jumping), but a
     paused waiter holds nothing back, so a pause never delays unrelated tasks.
 
+    Cost: a queue whose head is held back is *parked* on each state that holds it back
+    (on its pauses alone, if paused), and only a change that may free that state looks
+    at it again: a give-back, a refill, a raised limit or a removed control *wakes* the
+    state, which makes its oldest parked queue pending. So a pass costs O(log queues)
+    per unit granted or queue woken, whatever the number of queues waiting (regression:
+    sorting every live queue on each grant made 2,000 task names under one limit take
+    2,000 times as long as without it).
+    invariants (lock held, outside a pass):
+    - every queue with waiters is pending or parked, never both;
+    - a state's oldest parked queue is held back on the state itself, not only by FIFO
+      behind an older one: a queue that leaves a parking wakes its state unless it came
+      back as the oldest, and so does every change that may free the state.
+
     Granted units are launched by their run on its loop (``_Run.launch``); the body's
     thread calls ``gate`` right before the body begins, which is where a pause that
     arrived after the grant still stops it (guarantee 1)."""
@@ -1183,8 +1228,14 @@ class _ControlPlane:
         self.project = project
         self._notify = notify            # notify(applied: bool, constraint)
         self._states = {}                # (scope, type) -> its state object
+        self._exact = {}                 # (kind, name) -> {(scope, type)} without globs
+        self._globbed = {}               # (scope, type) -> (kind, pattern) with globs
+        self._order = {}                 # (scope, type) -> when its state was made
         self._caps = {k: _Limiter(k, v, capacity=True) for k, v in capacities.items()}
         self._queues = {}                # _Key -> _Queue with waiters
+        self._ready = []                 # heap of pending queues' entries
+        self._parked = {}                # state -> its _Parking
+        self._tie = itertools.count()
         self._waiting = 0
         self._holders = set()            # units holding a grant (granted or running)
         self._gen = 0                    # bumped when constraints change
@@ -1218,6 +1269,7 @@ class _ControlPlane:
             st = self._states.get(key)
             if st is None:
                 st = self._states[key] = ctype.state(c.scope, c.params, now)
+                self._index(key, True)
                 self._gates += st.gate
                 self._npause += st.__class__ is _Pause
                 if ctype.adopts_running:
@@ -1227,14 +1279,20 @@ class _ControlPlane:
                         if self._matches(c.scope, u.key):
                             st.adopt(u)
                             u.held = [*u.held, (st, 1)]
+                # the queues it matches are looked at again: it may hold them back
+                # first (a pause), and their reasons change
+                for q in self._queues.values():
+                    if q.waiters and self._matches(c.scope, q.key):
+                        self._pend(q)
             else:
                 st.update(c.params, now)
                 self._cancel_wake(st)  # due at the old rate (regression: lost wake-up)
+                self._wake(st)         # it may admit more now
             if c.expires_at is not None:
                 deadline = now + (c.expires_at - time.time())
                 self._ttl[key] = self.clock.call_at(deadline, functools.partial(self._expire, c))
             self._gen += 1
-            granted = self._admit() if self._waiting else None
+            granted = self._admit() if self._ready else None
         self._dispatch(granted)
         self._notify(True, c)
         return old
@@ -1255,20 +1313,47 @@ class _ControlPlane:
                 # Holders keep their reference and give back to a state nobody consults
                 # any more; a later control on this scope counts afresh.
                 st = self._states.pop((scope, t))
+                self._index((scope, t), False)
                 self._failing.discard(st)
                 self._gates -= st.gate
                 self._npause -= st.__class__ is _Pause
                 if st.__class__ is _Limiter:
                     st.active = False
                 self._cancel_wake(st)
+                parking = self._parked.pop(st, None)
+                if parking is not None:  # everything it held back is looked at again
+                    for e in parking.heap:
+                        if e[2] is not None:
+                            self._pend(e[2])
                 removed.append(c)
             if removed:
                 self._gen += 1
-            granted = self._admit() if removed and self._waiting else None
+            granted = self._admit() if self._ready else None
         self._dispatch(granted)
         for c in removed:
             self._notify(False, c)
         return removed
+
+    def _index(self, key, add):  # lock held: the scope index that _matching reads
+        scope = key[0]
+        kind, _, pat = scope.partition(":")
+        if _GLOB.search(pat):
+            if add:
+                self._globbed[key] = (kind, pat)
+            else:
+                del self._globbed[key]
+            return
+        where = (kind, pat)  # ("global", "") for global
+        if add:
+            self._exact.setdefault(where, set()).add(key)
+            self._order[key] = next(self._tie)
+        else:
+            keys = self._exact[where]
+            keys.discard(key)
+            if not keys:
+                del self._exact[where]
+        if not add:
+            del self._order[key]
 
     def _forget_ttl(self, key):  # lock held
         entry = self._ttl.pop(key, None)
@@ -1294,27 +1379,81 @@ class _ControlPlane:
     def _matches(self, scope, key):
         return _scope_matches(scope, key, self.project)
 
-    def _match(self, q):
-        """Refresh what the queue's units need when the constraints changed: the matching
-        states in type order (their reasons in that order), then capacities."""
-        if q.gen == self._gen:
-            return
-        key = q.key
-        rank = {t: [] for t in _TYPES}
-        for (scope, kind), st in self._states.items():
-            if self._matches(scope, key):
-                rank[kind].append((st, 1))
-        needs = [pair for pairs in rank.values() for pair in pairs]
-        needs += [(self._caps[k], n) for k, n in key.amounts]
-        q.needs = needs
-        q.takes = [pair for pair in needs if pair[0].takes]
-        q.gen = self._gen
+    def _matching(self, key):
+        """The (scope, type) of every constraint that matches ``key``, in type order
+        (their reasons are given in that order), then in the order they were made.
+        Cost: the key's names and the glob scopes, not every constraint (regression:
+        100,000 retained controls made each task start scan all of them)."""
+        exact, project = self._exact, self.project
+        found = list(exact.get(("global", ""), ()))
+        for kind, (names, _) in _SCOPE_KINDS.items():
+            for name in names(key, project):
+                found.extend(exact.get((kind, name), ()))
+        for sk, (kind, pat) in self._globbed.items():
+            if any(fnmatch.fnmatchcase(v, pat) for v in _SCOPE_KINDS[kind][0](key, project)):
+                found.append(sk)
+        if len(found) > 1:
+            rank, order = _TYPE_RANK, self._order
+            found.sort(key=lambda sk: (rank[sk[1]], order.get(sk, -1)))
+        return found
+
+    def _needs(self, key):
+        """What a unit of ``key`` must be able to take: (state, amount) pairs, the
+        matching states then capacities; ``takes``, the ones a grant reserves (pauses
+        take nothing). Cached on the key until the constraints change."""
+        if key.gen != self._gen:
+            states = self._states
+            needs = [(states[sk], 1) for sk in self._matching(key)]
+            needs += [(self._caps[k], n) for k, n in key.amounts]
+            key.needs = needs
+            key.takes = [pair for pair in needs if pair[0].takes]
+            key.gen = self._gen
+        return key.needs
 
     def _queue(self, key, loop=None):
         q = self._queues.get(key)
         if q is None:
             q = self._queues[key] = _Queue(key, loop)
         return q
+
+    def _pend(self, q):  # lock held: the next pass looks at q (it must have waiters)
+        head = q.waiters[0].seq
+        e = q.pending
+        if e is not None:
+            if e[0] <= head:
+                return
+            e[2] = None  # its head became older: pending again, in its new place
+        self._unpark(q)
+        e = q.pending = [head, next(self._tie), q]
+        heapq.heappush(self._ready, e)
+
+    def _unpark(self, q):  # lock held
+        if q.entries:
+            left = q.left = [*q.left] if q.left else []
+            for e in q.entries:
+                e[3].drop(e)
+                left.append(e[3].state)
+            q.entries = ()
+
+    def _park(self, q, states):  # lock held: q's head is held back on each of states
+        head = q.waiters[0].seq
+        entries = q.entries = []
+        parked = self._parked
+        for st in states:
+            parking = parked.get(st)
+            if parking is None:
+                parking = parked[st] = _Parking(st)
+            e = [head, next(self._tie), q, parking]
+            heapq.heappush(parking.heap, e)
+            entries.append(e)
+
+    def _wake(self, st, unless=None):  # lock held: st may admit more: its oldest parked
+        # queue pends, unless that is ``unless`` (just looked at: held back on st itself)
+        parking = self._parked.get(st)
+        if parking is not None:
+            e = parking.top()
+            if e is not None and e[2] is not unless:
+                self._pend(e[2])
 
     def enqueue(self, units, key):
         """Make ``units`` (of one node, so all with admission key ``key``, and in one
@@ -1328,7 +1467,6 @@ class _ControlPlane:
                 _Unit.grant_all(units)
                 return True
             q = self._queue(key, units[0].run.loop)
-            behind = bool(q.waiters) and q.reason is not None
             _Unit.wait_all(units)
             w = q.waiters
             if not w or w[-1].seq < units[0].seq:
@@ -1337,10 +1475,11 @@ class _ControlPlane:
                 for u in units:
                     _insort(w, u)
             self._waiting += len(units)
-            if behind:
-                # Queued behind a head that is held back: nothing can start until some
-                # state changes, and every change runs the admission routine itself.
+            if q.entries and w[0] not in units:
+                # Queued behind a head that is parked: nothing can start until a state
+                # that holds it back changes, and every change wakes it.
                 return False
+            self._pend(q)
             granted = self._admit()
         self._dispatch(granted)
         return False
@@ -1348,75 +1487,95 @@ class _ControlPlane:
     def _admit(self):
         """THE admission routine (call with the lock held); returns granted units.
 
-        Takes the queue whose head became ready first and grants from it while its head
-        stays ahead of every other queue's head and nothing holds it back; a queue held
-        back records why and drops out of this round."""
+        Looks at the pending queues oldest head first, and grants from each while its
+        head stays ahead of the next pending head and nothing holds it back; a queue
+        held back is parked. A queue that left a parking wakes that state, unless it is
+        now the oldest parked there (held back on the state itself), so the next oldest
+        queue of the state is looked at in turn."""
         granted = []
         self._admit_soon = False  # this pass does what a scheduled one would
-        queues = self._queues
-        live = [q for q in queues.values() if q.waiters]
-        if len(live) < len(queues):
-            for k in [k for k, q in queues.items() if not q.waiters]:
-                del queues[k]
-        marked = set()  # states an earlier waiter is held back on (FIFO)
+        ready, queues = self._ready, self._queues
         now = time.monotonic()
-        for q in live:
-            q.reason = None
-        while live:
-            if len(live) == 1:
-                q, bound = live[0], None
-            else:
-                live.sort(key=_head_seq)
-                q, bound = live[0], live[1].waiters[0].seq
-            self._match(q)
+        while ready:
+            e = heapq.heappop(ready)
+            q = e[2]
+            if q is None:
+                continue
+            q.pending = None
             waiters = q.waiters
-            while True:
-                reason = self._held_back(q, marked, now)
-                if reason is not None:
-                    q.reason = reason
-                    live.remove(q)
-                    break
-                u = waiters.popleft()
-                self._waiting -= 1
-                if q.takes:
-                    held = u.held = list(u.held)
-                    for st, n in q.takes:
-                        st.take(u, n)
-                        held.append((st, n))
-                u.grant()
-                self._holders.add(u)
-                granted.append(u)
-                if not waiters:
-                    live.remove(q)
-                    del queues[q.key]
-                    break
-                if bound is not None and waiters[0].seq > bound:
-                    break  # another queue's head became ready first: its turn
+            held = ()
+            if waiters:
+                while ready and ready[0][2] is None:
+                    heapq.heappop(ready)
+                bound = ready[0][0] if ready else None
+                self._needs(q.key)
+                takes = q.key.takes
+                while True:
+                    held = self._held_back(q, now)
+                    if held:
+                        self._park(q, held)
+                        break
+                    u = waiters.popleft()
+                    self._waiting -= 1
+                    if takes:
+                        u.held = hold = list(u.held)
+                        for st, n in takes:
+                            st.take(u, n)
+                            hold.append((st, n))
+                    u.grant()
+                    self._holders.add(u)
+                    granted.append(u)
+                    if not waiters:
+                        del queues[q.key]
+                        break
+                    if bound is not None and waiters[0].seq > bound:
+                        self._pend(q)  # another queue's head became ready first
+                        break
+            elif queues.get(q.key) is q:
+                del queues[q.key]
+            if q.left:
+                for st in q.left:
+                    self._wake(st, q)
+                q.left = ()
         return granted
 
-    def _held_back(self, q, marked, now):
-        """Why the head of ``q`` may not start now (None: it may). Every state that holds
-        it back is marked, so later waiters do not jump the queue on it."""
-        reason = None
-        for st, n in q.needs:
+    def _held_back(self, q, now):
+        """The states that hold the head of ``q`` back (empty: it may start): its pauses
+        alone if it is paused (a paused waiter holds nothing back), else each state it
+        cannot take from now, or that an older waiter is parked on (FIFO). Sets q.why."""
+        head = q.waiters[0].seq
+        held = paused = None
+        parked = self._parked
+        for pair in q.key.needs:
+            st, n = pair
             try:
-                free = st not in marked and st.can_take(n, now)
+                free = st not in self._failing and st.can_take(n, now)
             except Exception as exc:  # fail the constraint, never the admission routine
                 free = False
-                if st not in self._failing:
-                    self._failing.add(st)
-                    self._broken(st, exc)
-            if not free:
-                if st.fifo:
-                    marked.add(st)
-                if reason is None:
-                    reason = st.why(n)
-                if st not in self._wakes:  # event-driven: wake when it may admit by itself
-                    when = st.retry_at(now)
-                    if when is not None:
-                        self._wakes[st] = self.clock.call_at(
-                            when, functools.partial(self._refilled, st))
-        return reason
+                self._failing.add(st)
+                self._broken(st, exc)
+            if free:
+                if not st.fifo:
+                    continue
+                parking = parked.get(st)
+                if parking is None:
+                    continue
+                top = parking.top()
+                if top is None or top[0] >= head or top[2] is q:
+                    continue
+            elif st not in self._wakes:  # event-driven: wake when it may admit by itself
+                when = st.retry_at(now)
+                if when is not None:
+                    self._wakes[st] = self.clock.call_at(
+                        when, functools.partial(self._refilled, st))
+            if held is None:
+                q.why = pair
+                held = []
+            if st.fifo:
+                held.append(st)
+            else:
+                paused = [*paused, st] if paused else [st]
+        return paused or held or ()
 
     def _broken(self, st, exc):  # lock held: a state's code raised
         for key, s in self._states.items():
@@ -1431,12 +1590,15 @@ class _ControlPlane:
     def _refilled(self, st):
         with self.lock:
             self._wakes.pop(st, None)
-            granted = self._admit() if self._waiting else None
+            self._wake(st)
+            granted = self._admit() if self._ready else None
         self._dispatch(granted)
 
     def _give_back(self, u, began):  # lock held
         for st, n in u.held:
             st.give_back(u, n, began)
+            if st in self._parked:
+                self._wake(st)
         u.held = ()
         self._holders.discard(u)
 
@@ -1454,10 +1616,10 @@ class _ControlPlane:
             else:  # nothing to give back (the common case without constraints)
                 self._holders.discard(u)
             u.node.tally[_GRANTED] -= 1
-            if not self._waiting or self._admit_soon:
+            if not self._ready or self._admit_soon:
                 return
             loop = u.run.loop
-            if all(q.loop is loop for q in self._queues.values() if q.waiters):
+            if all(e[2] is None or e[2].loop is loop for e in self._ready):
                 try:
                     loop.call_soon(self._admit_now)
                     self._admit_soon = True
@@ -1477,13 +1639,13 @@ class _ControlPlane:
                 return
             self._give_back(u, False)
             u.drop()
-            granted = self._admit() if self._waiting else None
+            granted = self._admit() if self._ready else None
         self._dispatch(granted)
 
     def _admit_now(self):
         with self.lock:
             self._admit_soon = False
-            granted = self._admit() if self._waiting else None
+            granted = self._admit() if self._ready else None
         self._dispatch(granted)
 
     def gate(self, u):
@@ -1498,14 +1660,17 @@ class _ControlPlane:
             elif self._gates and self._gated(u):
                 self._give_back(u, False)
                 u.wait()
-                _insort(self._queue(u.key, u.run.loop).waiters, u)
+                q = self._queue(u.key, u.run.loop)
+                _insort(q.waiters, u)
                 self._waiting += 1
+                if q.waiters[0] is u or not q.entries:
+                    self._pend(q)
             else:
                 for st, n in u.held:
                     st.begin(u, n)
                 u.begin()
                 return True
-            granted = self._admit() if self._waiting else None
+            granted = self._admit() if self._ready else None
         self._dispatch(granted)
         return False
 
@@ -1523,9 +1688,7 @@ class _ControlPlane:
             if not st.may_begin(u, n):
                 return True
         if self._npause:
-            q = self._queues.get(u.key) or _Queue(u.key)  # looking makes no queue
-            self._match(q)
-            return any(st.__class__ is _Pause for st, _ in q.needs)
+            return any(st.__class__ is _Pause for st, _ in self._needs(u.key))
         return False
 
     def drop_run(self, run):
@@ -1536,8 +1699,15 @@ class _ControlPlane:
                     for u in q.waiters:
                         u.drop()
                     self._waiting -= len(q.waiters)
+                    q.waiters.clear()
                     del self._queues[key]
-            granted = self._admit() if self._waiting else None
+                    if q.pending is not None:
+                        q.pending[2] = q.pending = None
+                    self._unpark(q)
+                    for st in q.left:  # what it held back by FIFO may go on
+                        self._wake(st)
+                    q.left = ()
+            granted = self._admit() if self._ready else None
         self._dispatch(granted)
 
     def holders_of(self, run):
@@ -1558,25 +1728,33 @@ class _ControlPlane:
         for run, units in by_run.items():
             run.launch(units)
 
+    @staticmethod
+    def _why(q):
+        return q.why[0].why(q.why[1]) if q.why is not None else "queued"
+
     def reason(self, u):
         """Why a waiting unit waits (for status and TaskBlocked)."""
         q = self._queues.get(u.key)
-        return (q.reason if q is not None and q.reason else None) or "queued"
+        return self._why(q) if q is not None else "queued"
 
     BLOCKED_SHOWN = 100  # status lists this many waiting units; the counts have them all
 
     def snapshot(self, tallies):
         """Usage of every active constraint and capacity, and the first waiting units,
         for ``Engine.status``. ``tallies``: [(key, tally)] of the active runs' tasks, for
-        how many matching tasks hold a grant (cost: constraints x tasks, not units)."""
+        how many matching tasks hold a grant (cost: tasks x their matches)."""
         now = time.time()
         mono = time.monotonic()
         with self.lock:
+            running = dict.fromkeys(self.constraints, 0)
+            for key, t in tallies:
+                if t[_GRANTED]:
+                    for sk in self._matching(key):
+                        running[sk] += t[_GRANTED]
             rows = []
             for (scope, kind), c in self.constraints.items():
                 row = {"scope": scope, "type": kind, "expires_in": c.expires_in(now),
-                       "matching_running": sum(t[_GRANTED] for key, t in tallies
-                                               if self._matches(scope, key))}
+                       "matching_running": running[(scope, kind)]}
                 try:
                     row.update(self._states[(scope, kind)].usage(mono))
                 except Exception as exc:  # a failing state is being removed
@@ -1585,10 +1763,10 @@ class _ControlPlane:
             caps = {k: {"total": lim.total, "in_use": lim.borrowed} for k, lim in self._caps.items()}
             blocked = []
             for q in self._queues.values():
+                why = self._why(q)
                 for u in itertools.islice(q.waiters, self.BLOCKED_SHOWN - len(blocked)):
                     blocked.append({"run_id": u.run.run_id, "task_id": u.id,
-                                    "task_name": q.key.name,
-                                    "waits_on": q.reason or "queued"})
+                                    "task_name": q.key.name, "waits_on": why})
                 if len(blocked) >= self.BLOCKED_SHOWN:
                     break
             return rows, caps, blocked
