@@ -41,6 +41,7 @@ import json
 import logging
 import operator
 import os
+import queue
 import re
 import socket
 import subprocess
@@ -2532,6 +2533,113 @@ class _Unit:
 _STARTED, _REFUSED = object(), object()  # messages from worker threads
 
 
+class _Workers(concurrent.futures.Executor):
+    """The engine's own pool for sync bodies and sync resources: at most ``max_workers``
+    threads, started on demand and reused while idle (as ThreadPoolExecutor does).
+
+    Its threads are daemon threads: a body that never returns does not keep the process
+    alive at exit (ThreadPoolExecutor joins its threads at exit, so one stuck body hung
+    the process for good). ``call`` runs a function and makes no future (the engine's
+    bodies report back through their run); ``submit`` is the Executor API, for
+    ``run_in_executor``.
+
+    A run that abandons bodies still running here (see ``_Run._abandon``) writes their
+    threads off with ``abandon``: the pool starts replacements, so the threads that
+    serve never number more than ``max_workers`` and none of them is stuck. A call that
+    returns ``_LEAVE`` (an abandoned body that returned at last) ends its thread."""
+
+    def __init__(self, max_workers, prefix="cascade-worker"):
+        self.max_workers = max_workers
+        self._prefix = prefix
+        self._jobs = queue.SimpleQueue()     # (fn, args), or None: stop
+        self._idle = threading.Semaphore(0)  # released by a thread each time it goes idle
+        self._lock = threading.Lock()
+        self._serving = 0                    # invariant: <= max_workers (abandoned: not counted)
+        self._started = 0                    # for thread names
+        self._threads = set()
+        self._shutdown = False
+
+    def call(self, fn, *args):
+        """Run ``fn(*args)`` in a worker thread; what it raises is logged."""
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        self._jobs.put((fn, args))
+        # an idle thread takes it; else a new one, while fewer than max_workers serve
+        if self._serving < self.max_workers and not self._idle.acquire(blocking=False):
+            self._grow(1)
+
+    def submit(self, fn, /, *args, **kwargs):
+        f = concurrent.futures.Future()
+        self.call(_into_future, f, fn, args, kwargs)
+        return f
+
+    def abandon(self, n):
+        """``n`` of the threads run bodies that their run gave up on: replace them (each
+        ends when its body returns ``_LEAVE``)."""
+        with self._lock:
+            self._serving -= n
+        self._grow(n)
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        """Stop the threads once the calls queued before have run (an abandoned body's
+        thread: once it returns). ``wait`` joins them, so it waits for such a body too."""
+        with self._lock:
+            self._shutdown = True
+            threads = list(self._threads)
+        self._jobs.put(None)  # each thread that takes it puts it back for the next
+        if wait:
+            for t in threads:
+                t.join()
+
+    def _grow(self, n):
+        with self._lock:
+            while n > 0 and self._serving < self.max_workers and not self._shutdown:
+                t = threading.Thread(target=self._work, name=f"{self._prefix}_{self._started}",
+                                     daemon=True)
+                self._threads.add(t)
+                self._started += 1
+                self._serving += 1
+                n -= 1
+                t.start()
+
+    def _work(self):
+        get, idle = self._jobs.get, self._idle.release
+        while True:
+            job = get()
+            if job is None:
+                self._jobs.put(None)
+                break
+            try:
+                if job[0](*job[1]) is _LEAVE:
+                    break
+            except BaseException:  # a worker outlives whatever its call lets out
+                _log.exception("a call in worker thread %s raised",
+                               threading.current_thread().name)
+            del job  # its arguments go now, not when the next job comes
+            idle()
+        with self._lock:
+            self._threads.discard(threading.current_thread())
+
+    def __repr__(self):
+        return (f"<_Workers {self._serving}/{self.max_workers} serving, "
+                f"{len(self._threads) - self._serving} abandoned"
+                f"{', shut down' if self._shutdown else ''}>")
+
+
+_LEAVE = object()  # returned by a call to end its worker thread (see _Workers)
+
+
+def _into_future(f, fn, args, kwargs):
+    if not f.set_running_or_notify_cancel():
+        return
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:
+        f.set_exception(exc)
+    else:
+        f.set_result(result)
+
+
 def _call_task(task, args, kwargs):
     # What a non-thread executor (process pool, Dask) runs: pickles by task name.
     return task.fn(*args, **kwargs)
@@ -2778,8 +2886,11 @@ class _Run:
         self.resources = _Resources(self)
         self.report = _Reporter(self)
         executor = engine._executor
-        self._pool = executor if executor is not None else engine._threads()
-        self._threaded = isinstance(self._pool, concurrent.futures.ThreadPoolExecutor)
+        pool = self._pool = executor if executor is not None else engine._threads()
+        # A thread pool runs _sync_body, which calls back into this process; ours needs
+        # no future per body.
+        self._threaded = isinstance(pool, (_Workers, concurrent.futures.ThreadPoolExecutor))
+        self._to_thread = pool.call if isinstance(pool, _Workers) else pool.submit
 
     # -- entry point --------------------------------------------------------
     async def execute(self):
@@ -3144,7 +3255,7 @@ class _Run:
                 u.body = self._new_task(self._async_body(u, task.fn, u.args, kwargs))
                 return
             if self._threaded:
-                self._pool.submit(self._sync_body, u, task.fn, u.args, kwargs)
+                self._to_thread(self._sync_body, u, task.fn, u.args, kwargs)
                 return
             # A process or Dask executor cannot call back into this process before the
             # body begins, so the start gate is passed here instead.
@@ -3549,7 +3660,8 @@ class Engine:
         engine.rate_limit("task:fetch", "5/s")     # at most 5 starts a second
 
     Sync task bodies run in a thread pool of ``max_workers`` threads (sized for blocking
-    I/O), or in ``executor`` (any concurrent.futures.Executor: a process pool, Dask's
+    I/O; daemon threads, so they never keep the process alive at exit), or in
+    ``executor`` (any concurrent.futures.Executor: a process pool, Dask's
     ``client.get_executor()``); async bodies run on the event loop."""
 
     def __init__(self, *, system_resources: Optional[dict] = None,
@@ -3568,6 +3680,8 @@ class Engine:
                 raise ValueError(f"system_resources[{k!r}] must be an int >= 0, got {v!r}")
         if executor is not None and not callable(getattr(executor, "submit", None)):
             raise TypeError("executor must be a concurrent.futures.Executor (with submit())")
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+            raise ValueError(f"max_workers={max_workers!r}: need an int >= 1")
         self.org = _check_name(org or os.environ.get("CASCADE_ORG_ID") or "default", "org")
         self.project = _check_name(project or os.environ.get("CASCADE_PROJECT_ID")
                                    or "default", "project")
@@ -3692,8 +3806,7 @@ class Engine:
     def _threads(self):
         with self._pool_lock:
             if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    self._max_workers, thread_name_prefix="cascade-worker")
+                self._pool = _Workers(self._max_workers)
             return self._pool
 
     def close(self) -> None:

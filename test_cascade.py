@@ -5221,6 +5221,27 @@ EVENT_FIELDS = {
 }
 
 
+def test_sync_bodies_run_on_at_most_max_workers_daemon_threads():
+    # issue 9: the engine's own pool: daemon threads (a stuck body must not keep the
+    # process alive at exit), never more than max_workers, reused while idle
+    seen = set()
+    gauge = Gauge()
+
+    @cs.task
+    def where(i):
+        with gauge("body"):
+            time.sleep(0.002)
+        th = threading.current_thread()
+        seen.add((th.name, th.daemon))
+        return i
+
+    e = cs.Engine(max_workers=3)
+    assert run_engine(e, where.map(range(60))) == list(range(60))
+    assert run_engine(e, where.map(range(60))) == list(range(60))  # the same threads
+    assert 1 <= len(seen) <= 3 and all(daemon for _, daemon in seen), seen
+    assert gauge.peak["body"] <= 3
+
+
 @pytest.mark.parametrize("name", sorted(EVENT_FIELDS))
 def test_event_classes_are_frozen_dataclasses_with_listed_fields(name):
     cls = getattr(cs, name)
