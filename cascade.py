@@ -41,7 +41,9 @@ import json
 import logging
 import operator
 import os
+import queue
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -2710,6 +2712,113 @@ class _Unit:
 _STARTED, _REFUSED = object(), object()  # messages from worker threads
 
 
+class _Workers(concurrent.futures.Executor):
+    """The engine's own pool for sync bodies and sync resources: at most ``max_workers``
+    threads, started on demand and reused while idle (as ThreadPoolExecutor does).
+
+    Its threads are daemon threads: a body that never returns does not keep the process
+    alive at exit (ThreadPoolExecutor joins its threads at exit, so one stuck body hung
+    the process for good). ``call`` runs a function and makes no future (the engine's
+    bodies report back through their run); ``submit`` is the Executor API, for
+    ``run_in_executor``.
+
+    A run that abandons bodies still running here (see ``_Run._abandon``) writes their
+    threads off with ``abandon``: the pool starts replacements, so the threads that
+    serve never number more than ``max_workers`` and none of them is stuck. A call that
+    returns ``_LEAVE`` (an abandoned body that returned at last) ends its thread."""
+
+    def __init__(self, max_workers, prefix="cascade-worker"):
+        self.max_workers = max_workers
+        self._prefix = prefix
+        self._jobs = queue.SimpleQueue()     # (fn, args), or None: stop
+        self._idle = threading.Semaphore(0)  # released by a thread each time it goes idle
+        self._lock = threading.Lock()
+        self._serving = 0                    # invariant: <= max_workers (abandoned: not counted)
+        self._started = 0                    # for thread names
+        self._threads = set()
+        self._shutdown = False
+
+    def call(self, fn, *args):
+        """Run ``fn(*args)`` in a worker thread; what it raises is logged."""
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        self._jobs.put((fn, args))
+        # an idle thread takes it; else a new one, while fewer than max_workers serve
+        if self._serving < self.max_workers and not self._idle.acquire(blocking=False):
+            self._grow(1)
+
+    def submit(self, fn, /, *args, **kwargs):
+        f = concurrent.futures.Future()
+        self.call(_into_future, f, fn, args, kwargs)
+        return f
+
+    def abandon(self, n):
+        """``n`` of the threads run bodies that their run gave up on: replace them (each
+        ends when its body returns ``_LEAVE``)."""
+        with self._lock:
+            self._serving -= n
+        self._grow(n)
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        """Stop the threads once the calls queued before have run (an abandoned body's
+        thread: once it returns). ``wait`` joins them, so it waits for such a body too."""
+        with self._lock:
+            self._shutdown = True
+            threads = list(self._threads)
+        self._jobs.put(None)  # each thread that takes it puts it back for the next
+        if wait:
+            for t in threads:
+                t.join()
+
+    def _grow(self, n):
+        with self._lock:
+            while n > 0 and self._serving < self.max_workers and not self._shutdown:
+                t = threading.Thread(target=self._work, name=f"{self._prefix}_{self._started}",
+                                     daemon=True)
+                self._threads.add(t)
+                self._started += 1
+                self._serving += 1
+                n -= 1
+                t.start()
+
+    def _work(self):
+        get, idle = self._jobs.get, self._idle.release
+        while True:
+            job = get()
+            if job is None:
+                self._jobs.put(None)
+                break
+            try:
+                if job[0](*job[1]) is _LEAVE:
+                    break
+            except BaseException:  # a worker outlives whatever its call lets out
+                _log.exception("a call in worker thread %s raised",
+                               threading.current_thread().name)
+            del job  # its arguments go now, not when the next job comes
+            idle()
+        with self._lock:
+            self._threads.discard(threading.current_thread())
+
+    def __repr__(self):
+        return (f"<_Workers {self._serving}/{self.max_workers} serving, "
+                f"{len(self._threads) - self._serving} abandoned"
+                f"{', shut down' if self._shutdown else ''}>")
+
+
+_LEAVE = object()  # returned by a call to end its worker thread (see _Workers)
+
+
+def _into_future(f, fn, args, kwargs):
+    if not f.set_running_or_notify_cancel():
+        return
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:
+        f.set_exception(exc)
+    else:
+        f.set_result(result)
+
+
 def _call_task(task, args, kwargs):
     # What a non-thread executor (process pool, Dask) runs: pickles by task name.
     return task.fn(*args, **kwargs)
@@ -2945,6 +3054,13 @@ class _Run:
         self._pump_soon = False
         self._inflight = 0          # launched units whose body has not finished
         self._idle = None           # set once stopping and nothing is in flight
+        # Abandoning bodies (see _abandon). _late: a body's thread either reports it
+        # returned in time or finds it abandoned, never both. _settled: set under it.
+        # _gone: on the loop, once the bodies still running are abandoned.
+        self._late = threading.Lock()
+        self._settled = False
+        self._gone = False
+        self._stopped_at = None
         self._timers = {}           # unit -> the handle of its retry delay
         self._inbox = collections.deque()
         self._drain_pending = False
@@ -2956,8 +3072,11 @@ class _Run:
         self.resources = _Resources(self)
         self.report = _Reporter(self)
         executor = engine._executor
-        self._pool = executor if executor is not None else engine._threads()
-        self._threaded = isinstance(self._pool, concurrent.futures.ThreadPoolExecutor)
+        pool = self._pool = executor if executor is not None else engine._threads()
+        # A thread pool runs _sync_body, which calls back into this process; ours needs
+        # no future per body.
+        self._threaded = isinstance(pool, (_Workers, concurrent.futures.ThreadPoolExecutor))
+        self._to_thread = pool.call if isinstance(pool, _Workers) else pool.submit
 
     # -- entry point --------------------------------------------------------
     async def execute(self):
@@ -3006,7 +3125,7 @@ class _Run:
             # taken once it is done (regression: a second cancel during tear-down left
             # resources up, no RunFinished, and the run listed as active).
             self._stop()
-            cancelled = await _to_the_end(self._wait_for_bodies())
+            cancelled = await self._wait_for_bodies()
             cancelled |= await _to_the_end(self.resources.tear_down())
             escaped = self.resources.escaped
             if escaped is not None:
@@ -3322,7 +3441,7 @@ class _Run:
                 u.body = self._new_task(self._async_body(u, task.fn, u.args, kwargs))
                 return
             if self._threaded:
-                self._pool.submit(self._sync_body, u, task.fn, u.args, kwargs)
+                self._to_thread(self._sync_body, u, task.fn, u.args, kwargs)
                 return
             # A process or Dask executor cannot call back into this process before the
             # body begins, so the start gate is passed here instead.
@@ -3399,16 +3518,32 @@ class _Run:
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:
-            self._post(u, None, exc, t0)
-        else:
-            self._post(u, value, None, t0)
+            return self._returned(u, None, exc, t0)
+        return self._returned(u, value, None, t0)
 
     def _remote_done(self, u, t0, f):
         try:
             value, exc = f.result(), None
         except BaseException as e:
             value, exc = None, e
-        self._post(u, value, exc, t0)
+        self._returned(u, value, exc, t0)
+
+    def _returned(self, u, value, exc, t0):
+        """A worker thread: the body returned (or raised). Reported to the loop as usual,
+        unless the run has abandoned it meanwhile: then only its slots are given back,
+        and its thread of our pool leaves (the pool replaced it)."""
+        with self._late:  # against _abandon: in time, or abandoned; never both
+            if not self._settled:
+                return self._post(u, value, exc, t0)
+        _log.debug("abandoned task %r (%s) of run %s returned at last; its slots are free",
+                   u.key.name, u.id, self.run_id)
+        try:
+            self.loop.call_soon_threadsafe(self.cp.release, u)
+        except RuntimeError:  # its loop has closed: release here (admission is locked)
+            self.cp.release(u)
+        # (A loop that closes between the two lines above drops the callback, and the
+        # slot stays held: the safe way round, a limit is never exceeded.)
+        return _LEAVE
 
     def _post(self, u, value, exc, t0):
         # Messages from worker threads are batched: one loop wake-up drains many.
@@ -3429,6 +3564,8 @@ class _Run:
     def _drain(self):
         self._drain_pending = False
         inbox = self._inbox
+        if self._gone:  # only starts and refusals come now: the run is over for them
+            return inbox.clear()
         while inbox:
             u, value, exc, t0 = inbox.popleft()
             if value is _STARTED:
@@ -3441,6 +3578,8 @@ class _Run:
     def _body_started(self, u):
         """On the loop: the body begins (a sync body: has begun). Counts it, reports it;
         returns the perf_counter start when a duration will be reported."""
+        if self._gone:
+            return time.perf_counter()
         u.node.tally[_RUNNING] += 1
         rep = self.report
         if rep.version != rep.bus.version:
@@ -3459,6 +3598,8 @@ class _Run:
     def _body_finished(self, u, value, exc, t0):
         """A body returned or raised (or could not start): decide, once, what becomes of
         the unit: done, a retry, or a failure that fails the run."""
+        if self._gone:  # an abandoned async body ended at last: only its slots go back
+            return self.cp.release(u)
         if exc is None:
             outcome = _DONE
         else:
@@ -3531,6 +3672,7 @@ class _Run:
         if self.stopping:
             return
         self.stopping = True
+        self._stopped_at = time.perf_counter()
         self.cp.drop_run(self)
         for h in self._timers.values():
             h.cancel()
@@ -3547,10 +3689,65 @@ class _Run:
             self._idle.set_result(None)
 
     async def _wait_for_bodies(self):
-        """Wait until every started body has finished (sync bodies cannot be cancelled)."""
+        """Wait until every started body has finished, for at most ``stop_grace``
+        seconds; a cancellation meanwhile (a second cancel(), a second Ctrl-C) ends the
+        wait at once. Then the bodies still running are abandoned. Returns whether a
+        cancellation arrived, for the caller to raise once its clean-up is done."""
+        grace = self.engine._stop_grace
+        timer = None
+        if self._inflight > 0 and grace is not None:
+            timer = self.loop.call_later(grace, self._abandon)
+        cancelled = False
         while self._inflight > 0:
             self._idle = self.loop.create_future()
-            await self._idle
+            try:
+                await self._idle
+            except asyncio.CancelledError:
+                cancelled = True
+                self._abandon()
+        if timer is not None:
+            timer.cancel()
+        return cancelled
+
+    def _abandon(self):
+        """Stop waiting for the bodies still running (a sync body cannot be interrupted,
+        an async one may ignore its cancellation). Each is logged (one warning), counted
+        failed and reported so (TaskExecutionFinished); it runs on, and keeps its slots
+        until it returns (see _returned), so no limit is ever exceeded. A granted body
+        that has not begun never will: its grant goes back."""
+        if self._gone:
+            return
+        with self._late:
+            self._settled = True  # from now on, a body that returns finds it abandoned
+        self._drain()  # those that returned in time (reported under the lock): as usual
+        self._gone = True
+        waited = time.perf_counter() - self._stopped_at
+        lost = 0
+        for u in sorted(self.cp.holders_of(self), key=operator.attrgetter("seq")):
+            if u.state == _GRANTED:
+                self.cp.drop_grant(u)
+                continue
+            if u.state != _RUNNING:
+                continue
+            task = u.node.lazy.task
+            where = ("as an asyncio task" if task.is_async else
+                     "in its thread" if self._threaded else "in the executor")
+            err = CascadeError(
+                f"task {u.key.name!r} ({u.id}) of run {self.run_id} did not return within "
+                f"stop_grace={self.engine._stop_grace}s of the run stopping; it is abandoned: "
+                f"it runs on {where} until it returns, and holds its concurrency slots "
+                "until then")
+            _log.warning("%s", err)
+            t = u.node.tally
+            t[_RUNNING] -= 1
+            t[_FAILED] += 1  # (its state stays RUNNING: release() must know it began)
+            self.report.finished(u, waited, err)
+            lost += not task.is_async and isinstance(self._pool, _Workers)
+        if lost:
+            self._pool.abandon(lost)
+        self._inflight = 0
+        if self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
 
     # -- status -------------------------------------------------------------
     def counts(self):
@@ -3656,7 +3853,9 @@ class RunHandle:
 
     def cancel(self) -> bool:
         """Cancel the run: nothing more starts, async bodies are cancelled, resources are
-        torn down once every started body has settled; RunFinished says "Cancelled"."""
+        torn down once every started body has settled (or been abandoned, after the
+        engine's ``stop_grace``; cancelling again abandons them at once); RunFinished
+        says "Cancelled"."""
         if self._future.done():
             return False
         try:
@@ -3727,12 +3926,21 @@ class Engine:
         engine.rate_limit("task:fetch", "5/s")     # at most 5 starts a second
 
     Sync task bodies run in a thread pool of ``max_workers`` threads (sized for blocking
-    I/O), or in ``executor`` (any concurrent.futures.Executor: a process pool, Dask's
-    ``client.get_executor()``); async bodies run on the event loop."""
+    I/O; daemon threads, so they never keep the process alive at exit), or in
+    ``executor`` (any concurrent.futures.Executor: a process pool, Dask's
+    ``client.get_executor()``); async bodies run on the event loop.
+
+    When a run stops (a task failed, ``cancel()``, ``close()``) it waits at most
+    ``stop_grace`` seconds (``None``: for ever) for the bodies still running. Those that
+    have not ended by then are abandoned (a sync body cannot be interrupted): the run
+    logs a warning naming each, counts it failed and ends; the body runs on until its
+    function returns and holds its concurrency slots until then, so no limit is ever
+    exceeded. Cancelling the run again while it waits ends the wait at once."""
 
     def __init__(self, *, system_resources: Optional[dict] = None,
                  resources: Iterable[Resource] = (), connector: Any = None,
                  max_workers: int = 64, executor: Optional[concurrent.futures.Executor] = None,
+                 stop_grace: Optional[float] = 10.0,
                  org: Optional[str] = None, project: Optional[str] = None,
                  telemetry_errors: str = "message") -> None:
         caps = dict(system_resources or {})
@@ -3746,6 +3954,12 @@ class Engine:
                 raise ValueError(f"system_resources[{k!r}] must be an int >= 0, got {v!r}")
         if executor is not None and not callable(getattr(executor, "submit", None)):
             raise TypeError("executor must be a concurrent.futures.Executor (with submit())")
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+            raise ValueError(f"max_workers={max_workers!r}: need an int >= 1")
+        if stop_grace is not None and (isinstance(stop_grace, bool) or not isinstance(
+                stop_grace, (int, float)) or not stop_grace >= 0):
+            raise ValueError(f"stop_grace={stop_grace!r}: need seconds >= 0, or None to "
+                             "wait for running bodies for ever")
         self.org = _check_name(org or os.environ.get("CASCADE_ORG_ID") or "default", "org")
         self.project = _check_name(project or os.environ.get("CASCADE_PROJECT_ID")
                                    or "default", "project")
@@ -3756,6 +3970,7 @@ class Engine:
             self.register(r)
         self._max_workers = max_workers
         self._executor = executor
+        self._stop_grace = stop_grace
         self._pool = None
         self._pool_lock = threading.Lock()
         self._runs = {}
@@ -3870,16 +4085,16 @@ class Engine:
     def _threads(self):
         with self._pool_lock:
             if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    self._max_workers, thread_name_prefix="cascade-worker")
+                self._pool = _Workers(self._max_workers)
             return self._pool
 
     def close(self) -> None:
         """Close the engine; returns at once. Active runs stop as on a failure: nothing
-        more starts, async bodies are cancelled, running sync bodies finish, resources
-        are torn down, and each run raises ``CascadeError`` ("closed"). The engine's own
-        thread pool is shut down once the last of them has ended (a user's executor is
-        left alone). Later runs raise ``CascadeError``."""
+        more starts, async bodies are cancelled, running sync bodies get ``stop_grace``
+        seconds to finish (then they are abandoned), resources are torn down, and each
+        run raises ``CascadeError`` ("closed"). The engine's own thread pool is shut down
+        once the last of them has ended (a user's executor is left alone). Later runs
+        raise ``CascadeError``."""
         self._closed = True
         runs = list(self._runs.values())
         for r in runs:
@@ -4427,9 +4642,47 @@ def run(target: Any, params: Optional[dict] = None, *, system_resources: Optiona
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(coro)
+        return _run_interruptibly(coro)
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cascade-run") as ex:
         return ex.submit(asyncio.run, coro).result()
+
+
+def _run_interruptibly(coro):
+    """``asyncio.run(coro)`` where Ctrl-C cancels: the first cancels the run (which
+    cleans up, waiting up to ``stop_grace`` for running bodies), the second cancels it
+    again (it stops waiting and abandons them), and ``KeyboardInterrupt`` is raised once
+    it has ended; a third is raised where it lands, as Python's own. Neither of the
+    first two raises inside a body or the scheduler (asyncio.run's handler raises the
+    second wherever the main thread is, so a body could swallow it and the run go on
+    waiting). Outside the main thread, or under a SIGINT handler of the caller's,
+    this is plain ``asyncio.run``."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        return asyncio.run(coro)
+    interrupts, main = 0, None
+
+    def on_sigint(signum, frame):
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts > 2 or main is None or main[1].done():
+            raise KeyboardInterrupt
+        main[0].call_soon_threadsafe(main[1].cancel)
+
+    async def guarded():
+        nonlocal main
+        main = (asyncio.get_running_loop(), asyncio.current_task())
+        return await coro
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        return asyncio.run(guarded())
+    except asyncio.CancelledError:
+        if interrupts:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if signal.getsignal(signal.SIGINT) is on_sigint:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # ===========================================================================

@@ -5391,6 +5391,209 @@ EVENT_FIELDS = {
 }
 
 
+def test_sync_bodies_run_on_at_most_max_workers_daemon_threads():
+    # issue 9: the engine's own pool: daemon threads (a stuck body must not keep the
+    # process alive at exit), never more than max_workers, reused while idle
+    seen = set()
+    gauge = Gauge()
+
+    @cs.task
+    def where(i):
+        with gauge("body"):
+            time.sleep(0.002)
+        th = threading.current_thread()
+        seen.add((th.name, th.daemon))
+        return i
+
+    e = cs.Engine(max_workers=3)
+    assert run_engine(e, where.map(range(60))) == list(range(60))
+    assert run_engine(e, where.map(range(60))) == list(range(60))  # the same threads
+    assert 1 <= len(seen) <= 3 and all(daemon for _, daemon in seen), seen
+    assert gauge.peak["body"] <= 3
+
+
+# --- a body that never returns (stop_grace) ------------------------------------
+
+def stuck_task(go, name="stuck"):
+    """(task, began): a sync task called ``name`` that sets ``began`` and does not return
+    until ``go`` is set (the test sets it at its end: "never", within the test)."""
+    began = threading.Event()
+
+    @cs.task(name=name)
+    def stuck():
+        began.set()
+        go.wait(3 * TIMEOUT)
+        return "late"
+    return stuck, began
+
+
+def abandoned_warnings(caplog, name):
+    return [r for r in caplog.records if r.levelno == logging.WARNING
+            and repr(name) in r.getMessage() and "abandoned" in r.getMessage()]
+
+
+def test_fail_fast_resolves_the_handle_when_a_sync_body_never_returns(caplog):
+    # issue 9: fail-fast waited for the stuck body for ever; the handle never resolved
+    go = threading.Event()
+    stuck, began = stuck_task(go)
+
+    @cs.task
+    async def boom():
+        while not began.is_set():
+            await asyncio.sleep(0.005)
+        raise ValueError("boom")
+
+    e = cs.Engine(stop_grace=0.2)
+    e.limit("task:stuck", 1)
+    rec = Recorder(e)
+    try:
+        with caplog.at_level(logging.WARNING, logger="cascade"):
+            h = e.start(pair(stuck(), boom()))
+            with pytest.raises(ValueError, match="boom"):
+                h.result(TIMEOUT)
+        assert len(abandoned_warnings(caplog, "stuck")) == 1
+        [fin] = rec.of(cs.TaskExecutionFinished, task_name="stuck")
+        assert fin.status == "Failed" and isinstance(fin.error, cs.CascadeError)
+        assert "abandoned" in str(fin.error)
+        finished = rec.of(cs.RunFinished)
+        assert [f.status for f in finished] == ["Failed"] and rec.events[-1] is finished[0]
+        assert e.status()["runs"] == []
+        # The stuck body still runs, so it keeps its slot: another "stuck" waits for it.
+        quick = cs.task(name="stuck")(lambda: "quick")
+        h2 = e.start(quick())
+        wait_for(lambda: rec.of(cs.TaskBlocked, run_id=h2.run_id))
+        assert not rec.of(cs.TaskExecutionStarted, run_id=h2.run_id)
+    finally:
+        go.set()
+    assert h2.result(TIMEOUT) == "quick"  # the late return gave the slot back
+    assert len(rec.of(cs.TaskExecutionFinished, task_name="stuck")) == 2  # nothing more
+
+
+@pytest.mark.parametrize("grace", [0.2, None])
+def test_cancel_resolves_the_handle_when_a_sync_body_never_returns(grace):
+    # issue 9: cancel() waited for the stuck body for ever. With a grace the handle
+    # resolves once it is over; without one (stop_grace=None) a second cancel() ends
+    # the wait at once
+    go = threading.Event()
+    stuck, began = stuck_task(go)
+    e = cs.Engine(stop_grace=grace)
+    rec = Recorder(e)
+    try:
+        h = e.start(stuck())
+        assert began.wait(TIMEOUT)
+        assert h.cancel()
+        if grace is None:
+            wait_for(lambda: rec.of(cs.TaskExecutionStarted))
+            time.sleep(0.2)
+            assert not h.done()  # waits for the body, as told
+            assert h.cancel()
+        with pytest.raises(concurrent.futures.CancelledError):
+            h.result(TIMEOUT)
+        assert [f.status for f in rec.of(cs.RunFinished)] == ["Cancelled"]
+        [fin] = rec.of(cs.TaskExecutionFinished)
+        assert (fin.task_name, fin.status) == ("stuck", "Failed")
+    finally:
+        go.set()
+
+
+def test_an_abandoned_thread_is_replaced_so_tear_down_and_later_runs_still_get_one():
+    # With one worker thread, and that one stuck, the sync tear-down and every later
+    # sync body would wait for it for ever: the pool replaces an abandoned thread.
+    go = threading.Event()
+    torn = []
+
+    @cs.resource
+    def res():
+        yield 1
+        torn.append(threading.current_thread().name)
+
+    began = threading.Event()
+
+    @cs.task
+    def stuck(r=cs.inject("res")):
+        began.set()
+        go.wait(3 * TIMEOUT)
+
+    @cs.task
+    async def boom():
+        while not began.is_set():
+            await asyncio.sleep(0.005)
+        raise ValueError("boom")
+
+    e = cs.Engine(max_workers=1, stop_grace=0.2, resources=[res])
+    rec = Recorder(e)
+    try:
+        with pytest.raises(ValueError):
+            e.start(pair(stuck(), boom())).result(TIMEOUT)
+        assert len(torn) == 1
+        assert [r.resource_name for r in rec.of(cs.ResourceReleased)] == ["res"]
+        assert e.start(ident.map(range(5))).result(TIMEOUT) == list(range(5))
+    finally:
+        go.set()
+
+
+STUCK_SCRIPT = r"""
+import asyncio, inspect, sys, threading
+import cascade as cs
+
+@cs.task
+def stuck():
+    print("stuck", flush=True)
+    threading.Event().wait()  # never returns
+
+@cs.task
+async def watcher():
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        print("cancelled", flush=True)
+        raise
+
+if sys.argv[1] == "close":
+    e = cs.Engine()
+    h = e.start(stuck())
+    while not e.status()["tasks"].get("stuck", {}).get("running"):
+        pass
+    h.cancel()
+    e.close()
+    print("closed", flush=True)
+else:  # Ctrl-C twice; a long grace, so that only the second Ctrl-C can end the wait
+    if "stop_grace" in inspect.signature(cs.Engine).parameters:
+        Engine = cs.Engine
+        cs.Engine = lambda **kw: Engine(stop_grace=3600, **kw)
+    try:
+        cs.run([stuck(), watcher()])
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+"""
+
+
+def test_the_process_exits_after_cancel_and_close_though_a_body_never_returns():
+    # issue 9: the pool's threads were joined at exit, so the stuck body kept the
+    # process alive for good
+    r = run_python("-c", STUCK_SCRIPT, "close", timeout=20)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "closed" in r.stdout
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
+def test_a_second_ctrl_c_ends_cs_run_though_a_body_never_returns():
+    # issue 9: two Ctrl-C did not end cs.run (nor the process: SIGKILL was needed)
+    import signal
+    p = Proc([sys.executable, "-c", STUCK_SCRIPT, "sigint"])
+    try:
+        p.expect("^stuck$")
+        p.p.send_signal(signal.SIGINT)
+        p.expect("^cancelled$")  # the first one cancels the run, which waits for the body
+        p.p.send_signal(signal.SIGINT)
+        assert p.wait(TIMEOUT) == 0
+        assert "interrupted" in p.lines["out"]
+        assert any("abandoned" in line for line in p.lines["err"]), p.lines["err"]
+        assert any("cancelled" in line and "run" in line for line in p.lines["err"])
+    finally:
+        p.kill()
+
+
 @pytest.mark.parametrize("name", sorted(EVENT_FIELDS))
 def test_event_classes_are_frozen_dataclasses_with_listed_fields(name):
     cls = getattr(cs, name)
