@@ -3824,9 +3824,12 @@ class _Link:
         except (ConstraintError, TypeError, ValueError, RecursionError) as exc:
             if isinstance(exc, RecursionError):
                 exc = ConstraintError("payload nested too deeply")
+            # capped: a reason quotes the payload, and a 60 KB id must not live on in
+            # every warning and event (regression: 2,001 of them kept 120 MB)
+            reason = _error_text(str(exc), "message")
             _log.warning("rejected control message on %s: %s", _printable(topic),
-                         _printable(exc))
-            self.engine._bus.emit(ConstraintRejected(run_id, topic, str(exc)))
+                         _printable(reason))
+            self.engine._bus.emit(ConstraintRejected(run_id, topic, reason))
             return None if key is None else (key, _MISSING)
 
     def apply(self, key, c):

@@ -3211,6 +3211,38 @@ def test_bad_control_input_is_rejected_once_and_the_engine_carries_on(
     assert [c.scope for c in e.constraints] == ["task:other"]
 
 
+def test_a_rejected_control_is_described_in_a_capped_reason_not_quoted_whole(caplog):
+    # regression: the reason quoted the payload whole, so 2,001 rejected controls with a
+    # 60 KB id kept 120 MB alive in their warnings and ConstraintRejected events
+    broker = cs.LocalBroker()
+    e = cs.Engine(connector=broker)
+    rec = Recorder(e)
+    long = "y" * 60_000
+    bad = {"cascade/constraints/task/t/pause": {"id": long, "scope": "task:t", "type": "pause"},
+           "cascade/constraints/task/t/concurrency": {
+               "id": "x", "scope": "task:t", "type": "concurrency", "params": {long: 1}},
+           "cascade/constraints/task/t/rate_limit": {
+               "id": "x", "scope": f"task:t {long}", "type": "rate_limit"}}
+
+    @cs.task(name="t")
+    async def t():
+        return "ran"
+
+    async def main():
+        for topic, payload in bad.items():
+            await broker.publish(topic, payload, retain=True)
+        with caplog.at_level(logging.WARNING, logger=cs.__name__):
+            return await e.run(t())
+    assert asyncio.run(main()) == "ran"
+    rejected = rec.of(cs.ConstraintRejected)
+    assert sorted(ev.topic for ev in rejected) == sorted(bad)
+    assert all(len(ev.reason) <= 500 for ev in rejected), [len(ev.reason) for ev in rejected]
+    assert "id" in rejected[0].reason  # still says what is wrong
+    warnings = [r.getMessage() for r in caplog.records if "rejected control" in r.getMessage()]
+    assert len(warnings) == 3 and all(len(w) < 1000 for w in warnings)
+    assert e.constraints == []
+
+
 def test_a_control_storm_is_coalesced_the_last_message_wins_and_the_loop_keeps_turning():
     # regression: a storm of controls was applied one message at a time in one loop
     # callback (the loop stalled), and the final state was not always the last message
