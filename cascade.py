@@ -1901,11 +1901,19 @@ def _follow(result: Any, callback: Callable, topic: str, tasks: set | None) -> N
     task.add_done_callback(done)
 
 
+def _latest_only(callback: Callable) -> Callable:
+    """Mark a subscription callback as wanting, of the messages still queued for it,
+    only the newest of each topic (the engine's control subscription: a retained topic
+    is state, and the broker itself keeps only its newest message). See _Mailbox."""
+    callback._latest_only = True
+    return callback
+
+
 class _Subscription:
     """One (filter, callback) pair, bound to the loop that subscribed it. Its messages
     go through its hub's _Mailbox for that loop."""
     __slots__ = ("filter", "callback", "loop", "active", "replay", "acked", "tasks",
-                 "mailbox")
+                 "mailbox", "latest_only")
 
     def __init__(self, filter: str, callback: Callable[[str, Any], Any]) -> None:
         _check_topic(filter, is_filter=True)
@@ -1919,12 +1927,14 @@ class _Subscription:
         self.active, self.replay, self.acked = True, True, False
         self.tasks: set = set()
         self.mailbox = None  # set by _Hub._insert
+        self.latest_only = getattr(callback, "_latest_only", False)
 
-    def push(self, topic: str, payload: Any) -> bool:  # hub lock held, any thread
-        return self.mailbox.push(self, topic, (payload,))
+    # hub lock held, any thread; size: the payload's bytes on the wire (0: unknown)
+    def push(self, topic: str, payload: Any, size: int = 0) -> bool:
+        return self.mailbox.push(self, topic, (payload,), size)
 
     def push_many(self, topic: str, payloads: list) -> bool:  # hub lock held, any thread
-        return self.mailbox.push(self, topic, payloads)  # shared by subscriptions: read only
+        return self.mailbox.push(self, topic, payloads, 0)  # shared by subscriptions: read only
 
     def deliver(self, topic: str, payloads) -> None:  # on self.loop
         cb = self.callback
@@ -1943,22 +1953,68 @@ class _Subscription:
 class _Mailbox:
     """What one hub delivers on one event loop, to all of its subscriptions there, in
     the order it was fanned out, and drained by loop callbacks of at most DRAIN_CHUNK
-    callbacks each: a burst costs one wake-up of the loop, not one per message, and a
+    messages each: a burst costs one wake-up of the loop, not one per message, and a
     storm never holds the loop (regression: 1.25 million messages drained in one
-    callback, during which almost no task ran). One queue for all the loop's
+    callback, during which almost no task ran). One order for all the loop's
     subscriptions keeps their relative order across chunks, which the sync marker
     relies on: it comes after every retained control, whatever the chunking
     (regression: with 5,000 retained controls, 1,000 were applied after the first task).
-    invariant: push appends before reading ``scheduled``, drain clears it before
-    popping, so no message is ever left in the queue without a drain to come."""
-    __slots__ = ("loop", "queue", "scheduled", "alive")
+
+    Bounded, since a loop that falls behind must not buffer without end (regression: a
+    LocalBroker storm queued 540 MB; 200 x 1 MiB and 2,001 x 60 KB bad control payloads
+    through Mosquitto 320 MB, all to be rejected):
+
+    - A ``_latest_only`` subscription (the engine's control subscription) has at most
+      one message queued per topic: a newer one replaces the one still waiting, in its
+      place. The last message of a topic wins, as before; a control superseded while
+      queued is never seen (as by an engine that joins late: the broker keeps only the
+      newest retained message), and the replacement keeps the place of the first, so
+      the sync marker still comes after it.
+    - Beyond MAX_QUEUED messages, or MAX_BYTES of their wire payloads, queued on this
+      loop, the oldest are dropped (other subscriptions' first, then the controls'),
+      counted in ``dropped``; the message just queued is always kept. One warning per
+      episode, logged on the loop when it next drains; the episode ends, with one INFO
+      line, once the queue has emptied.
+
+    Two queues (controls, the rest) of entries ``[seq, sub, topic, payloads, size]``,
+    merged by ``seq`` when drained, so dropping and coalescing are O(1) each.
+    invariant: queues, counts and ``scheduled`` change only under the hub's lock, and
+    ``scheduled`` is True exactly while a drain is to come, so no message is ever left
+    in a queue without one."""
+    __slots__ = ("loop", "lock", "queue", "latest", "slots", "seq", "count", "bytes",
+                 "scheduled", "alive", "dropped", "shed", "warned")
     DRAIN_CHUNK = 1000
+    MAX_QUEUED = 100_000       # messages queued on one loop, all subscriptions together
+    MAX_BYTES = 64 * 1024**2   # bytes of their wire payloads (live in-process objects: 0)
 
-    def __init__(self, loop):
-        self.loop, self.queue, self.scheduled, self.alive = loop, collections.deque(), False, True
+    def __init__(self, loop, lock):
+        self.loop, self.lock = loop, lock  # lock: the hub's
+        self.queue, self.latest = collections.deque(), collections.deque()
+        self.slots = {}  # (sub, topic) -> its entry in self.latest
+        self.seq = self.count = self.bytes = 0
+        self.scheduled, self.alive = False, True
+        self.dropped = 0   # ever, for the hub's repr
+        self.shed = 0      # in this episode
+        self.warned = 0    # of them, how many the episode's warning told of
 
-    def push(self, sub, topic, payloads) -> bool:  # hub lock held
-        self.queue.append((sub, topic, payloads))
+    def push(self, sub, topic, payloads, size) -> bool:  # hub lock held
+        self.seq += 1
+        if sub.latest_only:
+            entry = self.slots.get((sub, topic))
+            if entry is not None:  # superseded while queued: the newest takes its place
+                self.bytes += size - entry[4]
+                entry[3], entry[4] = payloads[-1:], size
+            else:
+                entry = self.slots[(sub, topic)] = [self.seq, sub, topic, payloads[-1:], size]
+                self.latest.append(entry)
+                self.count += 1
+                self.bytes += size
+        else:
+            self.queue.append([self.seq, sub, topic, payloads, size])
+            self.count += len(payloads)
+            self.bytes += size
+        if self.count > self.MAX_QUEUED or self.bytes > self.MAX_BYTES:
+            self._shed(sub.latest_only)
         if not self.scheduled:
             self.scheduled = True
             if not _call_soon(self.loop, self.drain):
@@ -1967,22 +2023,59 @@ class _Mailbox:
             sub.active = False
         return self.alive
 
+    def _shed(self, newest_is_control) -> None:  # hub lock held
+        q, latest = self.queue, self.latest
+        while self.count > self.MAX_QUEUED or self.bytes > self.MAX_BYTES:
+            if len(q) > (0 if newest_is_control else 1):
+                _, sub, topic, payloads, size = q.popleft()
+            elif len(latest) > (1 if newest_is_control else 0):
+                _, sub, topic, payloads, size = latest.popleft()
+                del self.slots[(sub, topic)]
+            else:
+                return  # only the message just queued is left
+            self.count -= len(payloads)
+            self.bytes -= size
+            self.dropped += len(payloads)
+            self.shed += len(payloads)
+
     def drain(self) -> None:  # runs on self.loop
-        self.scheduled = False
-        q = self.queue
-        budget = self.DRAIN_CHUNK
-        while q:
-            sub, topic, payloads = q.popleft()
-            if len(payloads) > budget:  # the rest of this batch waits for the next turn
-                q.appendleft((sub, topic, payloads[budget:]))
-                payloads = payloads[:budget]
-            budget -= len(payloads)
+        batch, budget = [], self.DRAIN_CHUNK
+        with self.lock:
+            q, latest = self.queue, self.latest
+            while budget > 0 and (q or latest):
+                if latest and (not q or latest[0][0] < q[0][0]):
+                    _, sub, topic, payloads, size = entry = latest.popleft()
+                    del self.slots[(sub, topic)]
+                else:
+                    _, sub, topic, payloads, size = entry = q[0]
+                    if len(payloads) > budget:  # the rest of this batch waits for the next turn
+                        entry[3], payloads, size = payloads[budget:], payloads[:budget], 0
+                    else:
+                        q.popleft()
+                self.count -= len(payloads)
+                self.bytes -= size
+                budget -= len(payloads)
+                batch.append((sub, topic, payloads))
+            more = bool(q or latest)
+            self.scheduled = more
+            warn = self.shed if self.shed and not self.warned else 0
+            if warn:
+                self.warned = warn  # how many the warning told of
+            ended = 0
+            if self.warned and not more:  # caught up: the episode is over
+                ended = self.shed if self.shed > self.warned else 0  # (untold drops)
+                self.shed = self.warned = 0
+        if warn:
+            _log.warning("pub/sub: an event loop fell behind (over %s messages or %d MiB "
+                         "queued); dropped the %d oldest (further drops are not logged until "
+                         "it catches up)", f"{self.MAX_QUEUED:,}", self.MAX_BYTES >> 20, warn)
+        if ended:
+            _log.info("pub/sub: the event loop caught up; %d queued messages were dropped in "
+                      "all", ended)
+        for sub, topic, payloads in batch:
             sub.deliver(topic, payloads)
-            if budget <= 0 and q:
-                self.scheduled = True
-                if not _call_soon(self.loop, self.drain):
-                    self.alive = False
-                return
+        if more and not _call_soon(self.loop, self.drain):
+            self.alive = False
 
 
 class _Hub:
@@ -1990,7 +2083,9 @@ class _Hub:
 
     invariant: messages for one subscription are queued on its loop while
     `_lock` is held, so each subscription sees them in the order they were
-    fanned out, whichever threads publish.
+    fanned out, whichever threads publish. What waits for a loop is bounded
+    (the engine's controls coalesced, the oldest dropped beyond a bound): see
+    _Mailbox.
     """
 
     def __init__(self) -> None:
@@ -2003,7 +2098,7 @@ class _Hub:
     def _insert(self, sub: _Subscription) -> None:  # lock held
         box = self._mailboxes.get(sub.loop)
         if box is None or not box.alive:
-            box = self._mailboxes[sub.loop] = _Mailbox(sub.loop)
+            box = self._mailboxes[sub.loop] = _Mailbox(sub.loop, self._lock)
         sub.mailbox = box
         # MQTT: subscribing the same filter again replaces the subscription
         for s in self._subs:
@@ -2022,6 +2117,11 @@ class _Hub:
             self._matching = {}
             return bool(gone), any(s.filter == filter for s in self._subs)
 
+    def _dropped(self) -> int:
+        """Messages dropped so far because a loop fell behind (see _Mailbox)."""
+        with self._lock:
+            return sum(box.dropped for box in self._mailboxes.values())
+
     def _subs_for(self, topic: str) -> tuple:  # lock held
         subs = self._matching.get(topic)
         if subs is None:
@@ -2031,11 +2131,12 @@ class _Hub:
                 s for s in self._subs if _topic_matches(s.filter, topic))
         return subs
 
-    def _fanout(self, topic: str, payload: Any, retained: bool = False) -> None:  # lock held
+    def _fanout(self, topic: str, payload: Any, retained: bool = False,
+                size: int = 0) -> None:  # lock held; size: bytes on the wire
         subs = self._subs_for(topic)
         dead = False
         for s in subs:
-            if (s.replay or not retained) and s.active and not s.push(topic, payload):
+            if (s.replay or not retained) and s.active and not s.push(topic, payload, size):
                 dead = True  # its loop has closed: drop it silently
         if dead:
             self._subs = [s for s in self._subs if s.active]
@@ -2084,7 +2185,8 @@ class LocalBroker(_Hub):
 
     def __repr__(self) -> str:
         return (f"<LocalBroker connected={self._clients > 0} "
-                f"subscriptions={len(self._subs)} retained={len(self._retained)}>")
+                f"subscriptions={len(self._subs)} retained={len(self._retained)} "
+                f"dropped={self._dropped()}>")
 
     async def connect(self) -> None:
         with self._lock:
@@ -2127,7 +2229,7 @@ class LocalBroker(_Hub):
                 self._retained[topic] = raw
             elif retain:
                 self._retained.pop(topic, None)
-            self._fanout(topic, payload)
+            self._fanout(topic, payload, size=len(raw) if raw else 0)
 
     async def subscribe(self, topic: str, callback: Callable[[str, Any], Any]) -> None:
         sub = _Subscription(topic, callback)
@@ -2135,7 +2237,7 @@ class LocalBroker(_Hub):
             self._insert(sub)
             for t, raw in self._retained.items():  # queued before any later publish
                 if _topic_matches(topic, t):
-                    sub.push(t, _decode_payload(raw))
+                    sub.push(t, _decode_payload(raw), len(raw))
 
     async def unsubscribe(self, topic: str, callback: Callable[[str, Any], Any]) -> None:
         self._remove(topic, callback)
@@ -2185,7 +2287,7 @@ class MqttConnector(_Hub):
         up = (self._client.is_connected() if self._kind == "paho"
               else self._reader is not None and not self._reader.done())
         return (f"<MqttConnector {self._kind} {'connected' if up else 'disconnected'} "
-                f"subscriptions={len(self._subs)}>")
+                f"subscriptions={len(self._subs)} dropped={self._dropped()}>")
 
     async def connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -2271,7 +2373,7 @@ class MqttConnector(_Hub):
         try:
             async for m in self._client.messages:
                 with self._lock:
-                    self._fanout(m.topic.value, _decode_payload(m.payload))
+                    self._fanout(m.topic.value, _decode_payload(m.payload), size=len(m.payload))
         except Exception:  # aiomqtt raises MqttError when the connection drops
             _log.exception("MQTT reader stopped; re-create the client and connector to resume")
 
@@ -2323,7 +2425,8 @@ class MqttConnector(_Hub):
 
         def on_message(client: Any, userdata: Any, msg: Any) -> None:
             with self._lock:
-                self._fanout(msg.topic, _decode_payload(msg.payload), retained=bool(msg.retain))
+                self._fanout(msg.topic, _decode_payload(msg.payload), bool(msg.retain),
+                             len(msg.payload))
 
         def on_connect(client: Any, userdata: Any, flags: Any, rc: Any, *rest: Any) -> None:
             if rc != 0:
@@ -2404,6 +2507,7 @@ class Controller:
         marker = f"cascade/sync/{os.urandom(8).hex()}"
         done = asyncio.get_running_loop().create_future()
 
+        @_latest_only
         def collect(topic, payload):
             if topic == marker:
                 if not done.done():
@@ -4217,9 +4321,12 @@ class _Link:
         except (ConstraintError, TypeError, ValueError, RecursionError) as exc:
             if isinstance(exc, RecursionError):
                 exc = ConstraintError("payload nested too deeply")
+            # capped: a reason quotes the payload, and a 60 KB id must not live on in
+            # every warning and event (regression: 2,001 of them kept 120 MB)
+            reason = _error_text(str(exc), "message")
             _log.warning("rejected control message on %s: %s", _printable(topic),
-                         _printable(exc))
-            self.engine._bus.emit(ConstraintRejected(run_id, topic, str(exc)))
+                         _printable(reason))
+            self.engine._bus.emit(ConstraintRejected(run_id, topic, reason))
             return None if key is None else (key, _MISSING)
 
     def apply(self, key, c):
@@ -4357,6 +4464,7 @@ class _LoopSubscription:
         self.seen = set()                   # keys heard during the first sync
         self.pending = {}                   # (scope, type) -> its latest checked control
 
+    @_latest_only  # of a topic's messages still queued, only the newest is checked
     def on_message(self, topic, payload):
         checked = self.link.check(topic, payload)
         if checked is None:

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import uuid
 
 import pytest
@@ -105,6 +106,17 @@ def wait_for(pred, timeout=TIMEOUT):
         if time.monotonic() > end:
             raise AssertionError("condition not reached in time")
         time.sleep(0.005)
+
+
+def memory_held_by(fn):
+    """Bytes of Python memory that ``fn()`` allocated and still holds when it returns
+    (tracemalloc; called in a coroutine, ``fn`` blocks the loop meanwhile)."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
 
 
 def notes_of(exc):
@@ -3232,6 +3244,38 @@ def test_bad_control_input_is_rejected_once_and_the_engine_carries_on(
     assert [c.scope for c in e.constraints] == ["task:other"]
 
 
+def test_a_rejected_control_is_described_in_a_capped_reason_not_quoted_whole(caplog):
+    # regression: the reason quoted the payload whole, so 2,001 rejected controls with a
+    # 60 KB id kept 120 MB alive in their warnings and ConstraintRejected events
+    broker = cs.LocalBroker()
+    e = cs.Engine(connector=broker)
+    rec = Recorder(e)
+    long = "y" * 60_000
+    bad = {"cascade/constraints/task/t/pause": {"id": long, "scope": "task:t", "type": "pause"},
+           "cascade/constraints/task/t/concurrency": {
+               "id": "x", "scope": "task:t", "type": "concurrency", "params": {long: 1}},
+           "cascade/constraints/task/t/rate_limit": {
+               "id": "x", "scope": f"task:t {long}", "type": "rate_limit"}}
+
+    @cs.task(name="t")
+    async def t():
+        return "ran"
+
+    async def main():
+        for topic, payload in bad.items():
+            await broker.publish(topic, payload, retain=True)
+        with caplog.at_level(logging.WARNING, logger=cs.__name__):
+            return await e.run(t())
+    assert asyncio.run(main()) == "ran"
+    rejected = rec.of(cs.ConstraintRejected)
+    assert sorted(ev.topic for ev in rejected) == sorted(bad)
+    assert all(len(ev.reason) <= 500 for ev in rejected), [len(ev.reason) for ev in rejected]
+    assert "id" in rejected[0].reason  # still says what is wrong
+    warnings = [r.getMessage() for r in caplog.records if "rejected control" in r.getMessage()]
+    assert len(warnings) == 3 and all(len(w) < 1000 for w in warnings)
+    assert e.constraints == []
+
+
 def test_a_control_storm_is_coalesced_the_last_message_wins_and_the_loop_keeps_turning():
     # regression: a storm of controls was applied one message at a time in one loop
     # callback (the loop stalled), and the final state was not always the last message
@@ -4081,6 +4125,47 @@ async def test_call_soon_on_own_loop_is_queued_not_direct():
     assert got == [1]
 
 
+@async_test
+async def test_a_subscriber_that_falls_behind_loses_the_oldest_with_one_warning_an_episode(caplog):
+    # regression: a loop that fell behind queued every message without bound (1.25
+    # million, 540 MB). Beyond 100,000 messages or 64 MiB of wire payload queued on one
+    # loop, the oldest are dropped: one warning per episode, again only after it caught up.
+    broker = cs.LocalBroker()
+    got = []
+    await broker.subscribe("feed/x", lambda topic, payload: got.append(payload))
+
+    def blocked(publish):  # from another thread while this loop waits for it
+        t = threading.Thread(target=publish)
+        t.start()
+        t.join()
+
+    async def caught_up(n):
+        deadline = time.monotonic() + TIMEOUT
+        while len(got) < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # nothing more is coming
+        assert len(got) == n
+
+    def warnings():
+        return [r for r in caplog.records if r.levelno == logging.WARNING
+                and "fell behind" in r.getMessage()]
+
+    with caplog.at_level(logging.INFO, logger=cs.__name__):
+        blocked(lambda: [broker.publish_nowait("feed/x", i) for i in range(105_000)])
+        await caught_up(100_000)
+        assert got[0] == 5_000 and got[-1] == 104_999  # the oldest went, in order
+        assert len(warnings()) == 1 and "dropped the 5000 oldest" in warnings()[0].getMessage()
+        assert "dropped=5000" in repr(broker)
+        got.clear()
+        big = b"x" * 2**20  # an episode over the byte budget: 80 MiB for a 64 MiB bound
+        blocked(lambda: [broker.publish_nowait("feed/x", big) for _ in range(80)])
+        await caught_up(64)
+        assert len(warnings()) == 2  # once again, since it had caught up in between
+        blocked(lambda: [broker.publish_nowait("feed/x", i) for i in range(10)])
+        await caught_up(74)  # within the bounds: nothing dropped, nothing said
+    assert len(warnings()) == 2 and "dropped=5016" in repr(broker)
+
+
 # --- LocalBroker ------------------------------------------------------------
 
 @async_test
@@ -4300,6 +4385,44 @@ async def test_local_bytes_payload_is_decoded_like_a_wire():
     assert inbox.items == [("w/g", b"\xffgarbage"), ("w/j", {"a": 1})]
 
 
+def test_a_control_storm_while_the_loop_is_blocked_queues_one_message_per_topic():
+    # regression: an unpaced LocalBroker storm queued every control message while the
+    # loop was busy (1.25 million, 540 MB), to apply all but the last for nothing
+    broker = cs.LocalBroker()
+    e = cs.Engine(connector=broker)
+    rec = Recorder(e)
+    n, scopes = 20_000, [f"task:stormy{k}" for k in range(3)]
+
+    def storm():
+        for i in range(n):
+            for k, scope in enumerate(scopes):
+                broker.publish_nowait(f"cascade/constraints/task/stormy{k}/concurrency",
+                                      {"id": f"{k}-{i}", "scope": scope, "type": "concurrency",
+                                       "params": {"limit": i % 50 + 1}})
+
+    async def main():
+        held, gate, started = held_task("held", 1)
+        run = asyncio.ensure_future(e.run([held(), ident(2)]))
+        await asyncio.wait_for(started.wait(), TIMEOUT)
+
+        def blocked():  # the storm comes from another thread while this loop waits for it
+            t = threading.Thread(target=storm)
+            t.start()
+            t.join()
+        held_memory = memory_held_by(blocked)
+        deadline = time.monotonic() + TIMEOUT
+        while len(e.constraints) < len(scopes) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        gate.set()
+        return held_memory, await asyncio.wait_for(run, TIMEOUT)
+    held_memory, result = asyncio.run(main())
+    assert result == [1, 2]  # tasks ran on
+    assert held_memory < 4 * 2**20, held_memory  # 60,000 messages queued took 40 MB and more
+    assert sorted(c.id for c in e.constraints) == [f"{k}-{n - 1}" for k in range(3)]  # last wins
+    applied = rec.of(cs.ConstraintApplied)
+    assert len(applied) == len(scopes)  # the superseded ones were never applied
+
+
 def test_publish_many_nowait_reaches_live_subscribers_past_a_dead_one():
     # regression: a subscription whose loop had closed reset the topic cache mid-batch
     # and every payload after the first was dropped
@@ -4422,6 +4545,58 @@ async def test_paho_callbacks_run_on_subscribing_loop(paho_client, prefix):
     assert set(inbox.threads) == {threading.get_ident()}
     await conn.unsubscribe(f"{prefix}/#", inbox)
     await conn.disconnect()
+
+
+@async_test
+async def test_bad_control_payloads_through_mosquitto_are_not_buffered_while_the_loop_is_busy(
+        paho, broker, caplog):
+    # regression: 200 x 1 MiB and 2,001 x 60 KB bad control payloads grew RSS by 385 MB:
+    # all were queued for the busy loop (rejected only then) and each reason quoted its
+    # 60 KB. Superseded control messages are coalesced where they wait.
+    victim = f"l_{broker}_victim"
+    base = f"cascade/constraints/task/{victim}"
+    huge = (f"{base}/pause", b"\xff" * 2**20, 64)  # (topic, payload, how many): 64 MiB
+    long = (f"{base}/concurrency", json.dumps(  # 60 MB, rejected for the 60 KB id
+        {"id": "y" * 60_000, "scope": f"task:{victim}", "type": "concurrency"}).encode(), 1001)
+    arrived, total = [], huge[2] + long[2]
+    all_in = threading.Event()
+
+    def count(client, userdata, msg):  # chained by the connector: runs after its own hook
+        if msg.topic.startswith(base):
+            arrived.append(1)
+            if len(arrived) == total:
+                all_in.set()
+    client = mqtt_client()
+    client.on_message = count
+    raw = OutsideClient()
+    try:
+        engine = cs.Engine(connector=cs.MqttConnector(client))
+        log = Recorder(engine)
+        probe, gate, started = held_task(f"l_{broker}_probe", 1)
+        handle = engine.start(probe())
+        await asyncio.wait_for(started.wait(), TIMEOUT)  # synced and listening
+
+        def publish_while_blocked():  # this loop waits until the connector has them all
+            for topic, payload, times in (huge, long):
+                for _ in range(times):
+                    raw.publish(topic, payload)
+            assert all_in.wait(TIMEOUT), f"{len(arrived)} of {total} arrived"
+        with caplog.at_level(logging.WARNING, logger=cs.__name__):
+            held = memory_held_by(publish_while_blocked)
+            await log.until(lambda items: len(
+                events_of(items, cs.ConstraintRejected)) >= 2 and items, "both rejected")
+            await asyncio.sleep(0.2)  # nothing more comes
+        assert held < 16 * 2**20, held  # of 124 MB of payloads
+        rejected = [e for e in log.of(cs.ConstraintRejected) if victim in e.topic]
+        assert sorted(e.topic for e in rejected) == sorted([huge[0], long[0]])  # one a topic
+        assert all(len(e.reason) <= 500 for e in rejected)
+        assert len([r for r in caplog.records if victim in r.getMessage()]) == 2
+        assert controls_of(engine, broker) == {}
+        gate.set()
+        assert await asyncio.wait_for(handle, TIMEOUT) == 1
+    finally:
+        raw.close()
+        close_client(client)
 
 
 @async_test
@@ -6062,13 +6237,16 @@ async def test_garbage_and_oversize_control_messages_are_rejected_and_the_engine
                (f"{base}/concurrency", json.dumps({"scope": f"task:{victim}", "type": "concurrency",
                                                    "params": {"limit": -1}}).encode()),
                (f"{base}/bogus", json.dumps({"scope": f"task:{victim}", "type": "pause"}).encode())]
+        def rejected_so_far(n):
+            return lambda items: len(mine := [e for e in events_of(items, cs.ConstraintRejected)
+                                              if victim in e.topic]) == n and mine
+
         with caplog.at_level(logging.WARNING, logger=cs.__name__):
-            for topic, payload in bad:  # not retained: nothing to clean up
+            # one at a time (not retained: nothing to clean up): queued together, the
+            # newest of a topic would supersede the others (see the coalescing tests)
+            for n, (topic, payload) in enumerate(bad, 1):
                 raw.publish(topic, payload)
-            rejected = await log.until(
-                lambda items: len(mine := [e for e in events_of(items, cs.ConstraintRejected)
-                                           if victim in e.topic]) == len(bad) and mine,
-                "every bad message rejected")
+                rejected = await log.until(rejected_so_far(n), f"bad message {n} rejected")
         assert [e.topic for e in rejected] == [t for t, _ in bad]
         assert "64 KiB" in rejected[3].reason and "64 KiB" in rejected[4].reason
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING
