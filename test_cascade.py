@@ -2913,6 +2913,29 @@ def test_limit_and_rate_limit_ttls_expire_too():
     assert e.start(x()).result(TIMEOUT) == "x"  # the limit of 0 holds nothing any more
 
 
+def test_the_gil_is_handed_over_quickly_around_a_ttl_deadline_and_only_then():
+    # regression: 16 CPU-bound sync bodies made TTL expiry 200 ms late at p50 (the
+    # clock thread waited for the GIL behind each of them, 5 ms a turn). Around a TTL
+    # deadline the engine lowers the switch interval, and puts it back after; a far
+    # deadline or a rate limit's refills leave it alone. (bench W10 times the lateness)
+    wait_for(lambda: sys.getswitchinterval() > 0.001)  # earlier tests' TTLs are over
+    before = sys.getswitchinterval()
+    e = cs.Engine()
+    e.pause("task:far", ttl=3600)
+    e.rate_limit("task:r", "1/h")
+    assert sys.getswitchinterval() == before
+    e.pause("task:near", ttl=0.2)
+    assert sys.getswitchinterval() < before / 10
+    wait_for(lambda: [c.scope for c in e.constraints] == ["task:far", "task:r"])
+    wait_for(lambda: sys.getswitchinterval() == before)  # lingers a moment, then back
+    e.pause("task:near", ttl=0.1)
+    sys.setswitchinterval(0.01)  # the user's own setting meanwhile is left as it is
+    wait_for(lambda: len(e.constraints) == 2)
+    time.sleep(cs._Clock.LEAD + 0.5)
+    assert sys.getswitchinterval() == 0.01
+    sys.setswitchinterval(before)
+
+
 def test_a_ttl_beyond_the_platform_timeout_does_not_kill_the_clock():
     # regression: Condition.wait(1e10) overflowed and the clock thread died, so no
     # later TTL ever expired and no rate-limit refill ever fired
@@ -3328,11 +3351,18 @@ def test_a_control_storm_is_coalesced_the_last_message_wins_and_the_loop_keeps_t
     assert during >= 20_001 // 1000 - 1  # a turn of the loop at least every 1,000 messages
 
 
-def test_thousands_of_retained_controls_are_all_applied_before_the_first_task():
+def test_thousands_of_retained_controls_are_all_applied_before_the_first_task(monkeypatch):
     # regression (found in review): deliveries went out 1,000 per loop callback per
     # subscription, so the sync marker overtook the rest of a large retained burst: with
     # 5,000 retained controls, 1,000 were applied only after the first task, and a
-    # retained pause among them was ignored
+    # retained pause among them was ignored.
+    # regression: the sync was bounded as a whole, so a burst that took longer than
+    # SYNC_TIMEOUT to arrive was cut short (100,000 retained: 20,000 came after the
+    # first task); it is bounded by a pause in arrivals now
+    # A retained burst is never dropped for the bound on what waits for a busy loop
+    # (controls are bounded by their topics).
+    monkeypatch.setattr(cs._Link, "SYNC_TIMEOUT", 0.05)
+    monkeypatch.setattr(cs._Mailbox, "MAX_QUEUED", 1000)
     broker = cs.LocalBroker()
     e = cs.Engine(connector=broker)
     rec = Recorder(e)

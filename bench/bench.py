@@ -23,10 +23,12 @@ sys.path.insert(0, ROOT)  # cascade.py lives in the repo root; works from any cw
 perf = time.perf_counter
 FULL = dict(n=10_000, chain=2_000, io_n=500, io_sleep=0.010, io_limit=50, reps=5,
             scale=(1_000, 10_000, 100_000), samples=200, ttl_samples=60, ttl=0.02, timeout=180,
-            big=1_000_000, big_limit=1_000, hold=0.1, status_samples=20, status_gap=0.1)
+            big=1_000_000, big_limit=1_000, hold=0.1, status_samples=20, status_gap=0.1,
+            names=2_000, storm_s=2.0, storm_topics=10, storm_rate=50_000, hogs=16, hog_samples=60, hog_ttl=0.05)
 QUICK = dict(n=200, chain=100, io_n=100, io_sleep=0.001, io_limit=10, reps=1,
              scale=(50, 100, 200), samples=10, ttl_samples=5, ttl=0.02, timeout=30,
-             big=2_000, big_limit=1_000, hold=0.02, status_samples=5, status_gap=0.005)
+             big=2_000, big_limit=1_000, hold=0.02, status_samples=5, status_gap=0.005,
+             names=100, storm_s=0.2, storm_topics=3, storm_rate=25_000, hogs=4, hog_samples=5, hog_ttl=0.02)
 SKIP_DASK = "skipped: pip install -r bench/requirements.txt"
 
 # ---------------------------------------------------------------- task bodies
@@ -490,6 +492,147 @@ def w9(cfg, args, errors):
                      raw=dict(n=n, rss=mb, children={k: CHILD.get((k, n)) for k in names})))
     return rows
 
+# ---------------------------------------------------------------- W10: hardening
+def c_names(n, cfg, limit=None):
+    """cfg["names"] task names x 5 calls of an async no-op, one list; under a global limit
+    of 4, every name waits in its own queue."""
+    names = cfg["names"]
+    tasks = [cs.task(name=f"n{k}")(a_noop) for k in range(names)]
+    return _loop_run(_c_run(lambda: [t(i) for i in range(5) for t in tasks],
+                            [i for i in range(5) for _ in tasks], limit=limit), cfg)
+
+def c_names_limited(n, cfg):
+    return c_names(n, cfg, ("global", 4))
+
+RUNNERS.update(c_names=c_names, c_names_limited=c_names_limited)
+
+def c_storm(cfg):
+    """Concurrency controls for cfg["storm_topics"] scopes from another thread
+    through a LocalBroker, for cfg["storm_s"] s, while the engine's loop runs a task. Each
+    message's limit is its number: ConstraintApplied says which one took effect and when.
+    Returns (messages, seconds until the last of every topic was in force, apply
+    latencies of the applied ones, applied count, the slowest engine.limit() call made on
+    the loop meanwhile, whether the last message won everywhere)."""
+    _need_cascade()
+    broker = cs.LocalBroker()
+    engine = cs.Engine(connector=broker)
+    k, sent, lat, calls = cfg["storm_topics"], {}, [], []
+    engine.subscribe(cs.ConstraintApplied, lambda ev: lat.append(
+        perf() - sent[ev.constraint.params["limit"]])
+        if ev.constraint.scope.startswith("task:storm") else None)
+    stop, count = threading.Event(), [0]
+
+    def storm():  # paced: cfg["storm_rate"] a second, in bursts of one millisecond's worth
+        i, t0, rate = 0, perf(), cfg["storm_rate"]
+        while not stop.is_set():
+            due = int((perf() - t0) * rate)
+            while i < due:
+                i += 1
+                sent[i] = perf()
+                j = i % k
+                broker.publish_nowait(f"cascade/constraints/task/storm{j}/concurrency",
+                                      {"id": str(i), "scope": f"task:storm{j}",
+                                       "type": "concurrency", "params": {"limit": i}})
+            time.sleep(0.001)
+        count[0] = i
+
+    async def main():
+        @cs.task(name="other")
+        async def other():
+            while not stop.is_set():  # the engine's loop has work meanwhile
+                c0 = perf()
+                engine.limit("task:mine", 3)
+                calls.append(perf() - c0)
+                await asyncio.sleep(0.001)
+        run = asyncio.ensure_future(engine.run(other()))
+        await asyncio.sleep(0.05)
+        thread = threading.Thread(target=storm)
+        t0 = perf()
+        thread.start()
+        await asyncio.sleep(cfg["storm_s"])
+        stop.set()
+        await asyncio.get_running_loop().run_in_executor(None, thread.join)
+        last = {f"task:storm{i % k}": i for i in range(max(1, count[0] - k + 1), count[0] + 1)}
+        while perf() - t0 < cfg["timeout"]:
+            now = {c.scope: c.params["limit"] for c in engine.constraints
+                   if c.scope.startswith("task:storm")}
+            if now == last:
+                break
+            await asyncio.sleep(0.001)
+        done = perf() - t0
+        await run
+        return done, now == last
+    try:
+        done, won = asyncio.run(main())
+    finally:
+        engine.close()
+    return count[0], done, lat, max(calls, default=0.0), won
+
+def c_ttl_hogs(cfg):
+    """TTL expiry lateness (the instant the control is removed, ConstraintRemoved, against
+    its expires_at) while cfg["hogs"] CPU-bound sync bodies keep the GIL busy."""
+    _need_cascade()
+    engine, stop, late = cs.Engine(max_workers=cfg["hogs"] + 4), threading.Event(), []
+    engine.subscribe(cs.ConstraintRemoved, lambda ev: late.append(
+        time.time() - ev.constraint.expires_at))
+
+    def burn(i):
+        x = 0
+        while not stop.is_set():
+            for _ in range(1000):
+                x += 1
+        return i
+    hogs = engine.start(cs.task(name="hog")(burn).map(range(cfg["hogs"])))
+    try:
+        time.sleep(0.2)
+        for _ in range(cfg["hog_samples"]):
+            seen = len(late)
+            engine.pause("task:probe", ttl=cfg["hog_ttl"])
+            end = perf() + cfg["timeout"]
+            while len(late) == seen and perf() < end:
+                time.sleep(0.005)
+    finally:
+        stop.set()
+        hogs.result(cfg["timeout"])
+        engine.close()
+    return late
+
+def w10(cfg, args, errors):
+    rows, names = [], cfg["names"]
+    best, rss = measure(names * 5, ["c_names_limited", "c_names"], cfg, args, errors)
+    rows.append(ratio_row(f"W10 admission, {names:,} task names × 5 calls under one global "
+                          f"limit of 4 (n={names * 5:,})", names * 5, best, rss,
+                          "c_names_limited", "c_names", 3.0, "unlimited"))
+    label = (f"W10 control storm: {cfg['storm_rate']:,} concurrency controls a second for "
+             f"{cfg['storm_topics']} scopes through LocalBroker from a thread, "
+             f"{cfg['storm_s']:g} s")
+    try:
+        n, done, lat, slowest, won = c_storm(cfg)
+        rate, p99 = n / done, pct(lat, 99) * 1e3
+        ok = rate >= 20_000 and p99 <= 10 and won
+        rows.append(dict(workload=label, cascade=f"{rate:,.0f} msgs/s, apply p50 / p99 "
+                                                 f"{pct(lat, 50) * 1e3:.2f} / {p99:.2f} ms",
+                         floor=f"({n:,} sent, {len(lat):,} applied, last wins: "
+                               f"{'yes' if won else 'NO'}; slowest engine.limit() on the "
+                               f"loop meanwhile {slowest * 1e3:.1f} ms)",
+                         target="≥ 20,000 msgs/s, p99 apply ≤ 10 ms, last wins",
+                         met="yes" if ok else "**no**",
+                         raw=dict(sent=n, seconds=done, applied=len(lat), won=won,
+                                  slowest_call=slowest)))
+    except Exception as exc:
+        rows.append(dict(workload=label, cascade=_fail("W10 storm", exc, errors)))
+    label = (f"W10 TTL expiry lateness with {cfg['hogs']} CPU-bound sync bodies (ttl "
+             f"{cfg['hog_ttl'] * 1e3:g} ms, n={cfg['hog_samples']}, p50 / p99)")
+    try:
+        late = c_ttl_hogs(cfg)
+        p50, p99 = pct(late, 50) * 1e3, pct(late, 99) * 1e3
+        rows.append(dict(workload=label, cascade=f"{p50:.1f} / {p99:.1f} ms",
+                         floor=f"(max {max(late) * 1e3:.1f} ms)", target="p99 ≤ 50 ms",
+                         met=verdict(p99, 50.0), raw=dict(ms=[x * 1e3 for x in late])))
+    except Exception as exc:
+        rows.append(dict(workload=label, cascade=_fail("W10 TTL", exc, errors)))
+    return rows
+
 # ---------------------------------------------------------------- import time
 def import_ms(reps):
     """Best-of-reps cumulative `-X importtime` of asyncio alone, and of the `cascade` line
@@ -663,7 +806,7 @@ def w8(cfg, args, errors):
                  target="≤ 15 ms", met=verdict(extra, 15.0))]
 
 WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6, "W7": w7, "W9": w9,
-             "IMPORT": w8}
+             "W10": w10, "IMPORT": w8}
 
 FOOTNOTE = """\
 Timed: building the work and running it to its value. Cascade: graph build +
