@@ -3644,19 +3644,24 @@ def _valid_control(scope, kind, i):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.lists(hostile_message(), min_size=1, max_size=25), st.booleans())
-def test_property_hostile_control_messages_never_wedge_or_fool_an_engine(messages, threaded):
+@given(st.lists(hostile_message(), min_size=1, max_size=25), st.integers(0, 3))
+def test_property_hostile_control_messages_never_wedge_or_fool_an_engine(messages, threads):
     # Any mix of valid and hostile messages, sent while runs are active (from the loop,
-    # or from another thread): every run finishes, status() never raises, and for every
-    # (scope, type) the last valid message wins.
+    # or from 1-3 other threads at once, each with its share, calling status() as they
+    # go): every run finishes, status() never raises, for every (scope, type) the last
+    # valid message wins, and then guarantees 1-4 hold under that final state: nothing
+    # starts under a pause, never more run than the lowest limit, starts stay within
+    # burst + rate x elapsed, and a TTL pause lets the work go when it expires.
     broker = cs.LocalBroker()
     e = cs.Engine(connector=broker)
-
-    gate = []
+    gate, g = [], Gauge()
 
     @cs.task(name="h", tags=["io"])
     async def h(i):
         await gate[0].wait()  # the run stays active (and subscribed) while messages come
+        if i >= 100:  # the probe of the final state
+            with g("h"):
+                await asyncio.sleep(0.002)
         return i
 
     def topic(scope, kind):
@@ -3668,16 +3673,17 @@ def test_property_hostile_control_messages_never_wedge_or_fool_an_engine(message
         started = asyncio.Event()
         e.subscribe(cs.TaskExecutionStarted, lambda ev: started.set())
 
-        def send_all():
-            for scope, kind, payload in messages:
+        def send(share):
+            for scope, kind, payload in share:
                 broker.publish_nowait(topic(scope, kind), payload)
                 e.status()
         run = asyncio.ensure_future(e.run(h.map(range(30))))
         await asyncio.wait_for(started.wait(), TIMEOUT)  # synced: the first task started
-        if threaded:
-            await loop.run_in_executor(None, send_all)
+        if threads:
+            await asyncio.gather(*(loop.run_in_executor(None, send, messages[k::threads])
+                                   for k in range(threads)))
         else:
-            send_all()
+            send(messages)
         await asyncio.sleep(0.01)  # applied (or rejected) on this loop by now
         e.status()
         # a run that needs admission while whatever was accepted is in force
@@ -3695,10 +3701,28 @@ def test_property_hostile_control_messages_never_wedge_or_fool_an_engine(message
         got = {(c.scope, c.type): (c.id, c.params) for c in e.constraints}
         for (scope, kind), c in finals.items():
             assert got.get((scope, kind)) == (c["id"], c["params"]), (scope, kind, got)
+        gate[0].set()
+        # guarantees 1 and 4: a TTL pause over everything holds, then its expiry alone
+        # lets the work go
         for scope, kind in finals:
             if kind == "pause":
                 broker.publish_nowait(topic(scope, kind), "")
-        gate[0].set()
+        ttl = {"id": "ttl", "scope": "global", "type": "pause", "params": {},
+               "expires_at": time.time() + 0.1}
+        broker.publish_nowait(topic("global", "pause"), ttl)
+        final = asyncio.ensure_future(e.run(h.map(range(100, 130))))
+        await asyncio.sleep(0.02)
+        assert not g.starts  # still paused by the TTL
+        assert await asyncio.wait_for(final, TIMEOUT) == list(range(100, 130))
+        limits = [c["params"]["limit"] for (_, kind), c in finals.items()
+                  if kind == "concurrency"]
+        if limits:  # guarantee 2 (every scope here matches h)
+            assert g.peak["h"] <= min(limits), (g.peak, limits)
+        for (_, kind), c in finals.items():  # guarantee 3, with 5 ms of slack
+            if kind == "rate_limit":
+                t0, burst = g.starts[0][1], c["params"]["burst"]
+                for k, (_, t, _) in enumerate(g.starts):
+                    assert k + 1 <= burst + 1000 * (t - t0 + 0.005), (k, t - t0, burst)
         assert await asyncio.wait_for(run, TIMEOUT) == list(range(30))
         assert await asyncio.wait_for(probe, TIMEOUT) == list(range(5))
         e.status()

@@ -24,11 +24,11 @@ perf = time.perf_counter
 FULL = dict(n=10_000, chain=2_000, io_n=500, io_sleep=0.010, io_limit=50, reps=5,
             scale=(1_000, 10_000, 100_000), samples=200, ttl_samples=60, ttl=0.02, timeout=180,
             big=1_000_000, big_limit=1_000, hold=0.1, status_samples=20, status_gap=0.1,
-            names=2_000, storm_s=2.0, storm_topics=10, storm_rate=50_000, hogs=16, hog_samples=60, hog_ttl=0.05)
+            names=2_000, storm_s=2.0, storm_topics=10, storm_rate=50_000, big_map=100_000, hogs=16, hog_samples=60, hog_ttl=0.05)
 QUICK = dict(n=200, chain=100, io_n=100, io_sleep=0.001, io_limit=10, reps=1,
              scale=(50, 100, 200), samples=10, ttl_samples=5, ttl=0.02, timeout=30,
              big=2_000, big_limit=1_000, hold=0.02, status_samples=5, status_gap=0.005,
-             names=100, storm_s=0.2, storm_topics=3, storm_rate=25_000, hogs=4, hog_samples=5, hog_ttl=0.02)
+             names=100, storm_s=0.2, storm_topics=3, storm_rate=25_000, big_map=2_000, hogs=4, hog_samples=5, hog_ttl=0.02)
 SKIP_DASK = "skipped: pip install -r bench/requirements.txt"
 
 # ---------------------------------------------------------------- task bodies
@@ -597,6 +597,61 @@ def c_ttl_hogs(cfg):
         engine.close()
     return late
 
+def c_control_under_telemetry(cfg):
+    """Over a real Mosquitto (127.0.0.1:1883, paho): a cfg["big_map"]-item map under a
+    limit makes a burst of BLOCKED telemetry on the engine's connection; a pause from
+    another client 0.3 s into the run, then 4 more 50 ms apart. Returns the ms from each
+    publish to its ConstraintApplied, or a reason string when no broker or paho."""
+    try:
+        import paho.mqtt.client as mqtt
+    except ImportError:
+        return "skipped: pip install paho-mqtt"
+    import json as _json, socket as _socket, uuid as _uuid
+    try:
+        _socket.create_connection(("127.0.0.1", 1883), 1).close()
+    except OSError:
+        return "skipped: no MQTT broker on 127.0.0.1:1883"
+
+    def client():
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"b-{_uuid.uuid4().hex[:8]}")
+        c.connect("127.0.0.1", 1883)
+        c.loop_start()
+        return c
+    scope = f"task:bench{_uuid.uuid4().hex[:6]}"
+    topic = f"cascade/constraints/task/{scope[5:]}/pause"
+
+    async def main():
+        engine_client, pub = client(), client()
+        engine = cs.Engine(connector=cs.MqttConnector(engine_client))
+        engine.limit("task:io", 10)
+        applied, lat = [], []
+        engine.subscribe(cs.ConstraintApplied, lambda ev: applied.append(perf())
+                         if ev.constraint.scope == scope else None)
+        run = asyncio.ensure_future(engine.run(
+            cs.task(name="io")(a_io).map(range(cfg["big_map"]), cs.unmapped(0.01))))
+        try:
+            await asyncio.sleep(0.3)
+            for k in range(5):
+                seen, t0 = len(applied), perf()
+                pub.publish(topic, _json.dumps({"id": f"p{k}", "scope": scope, "type": "pause",
+                                                "params": {}}), qos=1)
+                while len(applied) == seen and perf() - t0 < cfg["timeout"]:
+                    await asyncio.sleep(0.0005)
+                lat.append((applied[-1] - t0) * 1e3 if len(applied) > seen else float("inf"))
+                await asyncio.sleep(0.05)
+        finally:
+            run.cancel()
+            try:
+                await run
+            except BaseException:
+                pass
+            engine.close()
+            for c in (engine_client, pub):
+                c.loop_stop()
+                c.disconnect()
+        return lat
+    return asyncio.run(main())
+
 def w10(cfg, args, errors):
     rows, names = [], cfg["names"]
     best, rss = measure(names * 5, ["c_names_limited", "c_names"], cfg, args, errors)
@@ -621,6 +676,18 @@ def w10(cfg, args, errors):
                                   slowest_call=slowest)))
     except Exception as exc:
         rows.append(dict(workload=label, cascade=_fail("W10 storm", exc, errors)))
+    label = (f"W10 a pause over MQTT while a {cfg['big_map']:,}-item map under a limit "
+             "sends its BLOCKED telemetry (publish → applied; first at 0.3 s, then 4 more)")
+    try:
+        lat = c_control_under_telemetry(cfg)
+        if isinstance(lat, str):
+            rows.append(dict(workload=label, cascade=lat))
+        else:
+            rows.append(dict(workload=label, cascade=" / ".join(f"{x:.0f}" for x in lat) + " ms",
+                             target="each ≤ 250 ms", met=verdict(max(lat), 250.0),
+                             raw=dict(ms=lat)))
+    except Exception as exc:
+        rows.append(dict(workload=label, cascade=_fail("W10 MQTT control", exc, errors)))
     label = (f"W10 TTL expiry lateness with {cfg['hogs']} CPU-bound sync bodies (ttl "
              f"{cfg['hog_ttl'] * 1e3:g} ms, n={cfg['hog_samples']}, p50 / p99)")
     try:
