@@ -1309,11 +1309,11 @@ class _ControlPlane:
         self._gen = 0                    # bumped when constraints change
         self._gates = 0                  # active constraints the start gate re-checks
         self._npause = 0                 # of which pauses
-        self._admit_soon = False         # an admission pass is scheduled (see release)
         self._seq = itertools.count(1)
         self._ttl = {}                   # (scope, type) -> clock entry of its expiry
         self._wakes = {}                 # state -> clock entry of its next refill
         self._failing = set()            # states whose code raised: removed soon
+        self._full = []                  # of the last _held_back: states without room
         self.clock = _Clock()
 
     def stamp(self):
@@ -1572,7 +1572,6 @@ class _ControlPlane:
         now the oldest parked there (held back on the state itself), so the next oldest
         queue of the state is looked at in turn."""
         granted = []
-        self._admit_soon = False  # this pass does what a scheduled one would
         ready, queues = self._ready, self._queues
         now = time.monotonic()
         while ready:
@@ -1613,8 +1612,10 @@ class _ControlPlane:
             elif queues.get(q.key) is q:
                 del queues[q.key]
             if q.left and q.pending is None:  # (pending again: this pass comes back to it)
+                full = self._full
                 for st in q.left:
-                    self._wake(st, q)
+                    if st not in full:  # (one that cannot take even 1: nobody can)
+                        self._wake(st, q)
                 q.left = ()
         return granted
 
@@ -1625,6 +1626,7 @@ class _ControlPlane:
         head = q.waiters[0].seq
         held = paused = None
         parked = self._parked
+        full = self._full = []  # states that could not give even 1
         for pair in q.key.needs:
             st, n = pair
             try:
@@ -1642,11 +1644,14 @@ class _ControlPlane:
                 top = parking.top()
                 if top is None or top[0] >= head or top[2] is q:
                     continue
-            elif st not in self._wakes:  # event-driven: wake when it may admit by itself
-                when = st.retry_at(now)
-                if when is not None:
-                    self._wakes[st] = self.clock.call_at(
-                        when, functools.partial(self._refilled, st))
+            else:
+                if n == 1:
+                    full.append(st)
+                if st not in self._wakes:  # event-driven: wake when it may admit by itself
+                    when = st.retry_at(now)
+                    if when is not None:
+                        self._wakes[st] = self.clock.call_at(
+                            when, functools.partial(self._refilled, st))
             if held is None:
                 q.why = pair
                 held = []
@@ -1686,27 +1691,19 @@ class _ControlPlane:
         RUNNING, or GRANTED): give its slots (and, if it never began, its tokens) back.
         The caller moves the unit on (``_Unit.end``).
 
-        Admission after a release runs once per loop iteration, not once per release:
-        when a wave of tasks ends together, one pass grants the next wave (the freed
-        slots are taken by the oldest waiters, as the pass goes in FIFO order)."""
+        Admission runs at once: a pass costs O(log queues) per grant, so the freed slot
+        goes straight to the oldest waiter, and on the loop an async waiter's body runs
+        in the finishing body's own task (fusion). (Passes were once deferred to the
+        next loop iteration, to batch the releases of a wave, when each one looked at
+        every waiting queue.)"""
         with self.lock:
             if u.held:
                 self._give_back(u, u.state == _RUNNING)
             else:  # nothing to give back (the common case without constraints)
                 self._holders.discard(u)
             u.node.tally[_GRANTED] -= 1
-            if not self._ready or self._admit_soon:
+            if not self._ready:
                 return
-            loop = u.run.loop
-            if all(e[2] is None or e[2].loop is loop for e in self._ready):
-                try:
-                    loop.call_soon(self._admit_now)
-                    self._admit_soon = True
-                    return
-                except RuntimeError:  # the loop is closing: admit at once
-                    pass
-            # Waiters on other loops must not wait for this loop's next turn
-            # (regression: a busy loop held another run's waiters back).
             granted = self._admit()
         self._dispatch(granted)
 
@@ -1718,12 +1715,6 @@ class _ControlPlane:
                 return
             self._give_back(u, False)
             u.drop()
-            granted = self._admit() if self._ready else None
-        self._dispatch(granted)
-
-    def _admit_now(self):
-        with self.lock:
-            self._admit_soon = False
             granted = self._admit() if self._ready else None
         self._dispatch(granted)
 
@@ -3310,8 +3301,6 @@ class _Run:
             escaped = self.resources.escaped
             if escaped is not None:
                 status, error = "Failed", escaped
-            if self.cp._admit_soon:  # this loop may stop before its scheduled pass runs
-                self.cp._admit_now()
             self.engine._runs.pop(self.run_id, None)
             if self.engine._closed and not self.engine._runs:
                 self.engine._shutdown_pool()  # close() left it to the last run

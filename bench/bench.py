@@ -890,7 +890,13 @@ control plane) starts each node as soon as its inputs are done, async bodies as 
 in a 64-thread pool, and is timed like Cascade: building its dict graph + running it to the value.
 W9 times each `engine.status()` call from the main thread while a limited map runs on
 `engine.start()`'s helper loop (sampled once status() shows every item; then the run is
-cancelled), and takes the peak RSS of an unlimited map run to its value, in a child as above."""
+cancelled), and takes the peak RSS of an unlimited map run to its value, in a child as above.
+W10 (hardening): the 2,000-name admission case against the same work unlimited; a paced storm of
+concurrency controls from a thread through LocalBroker (messages / s until the last of each topic
+is in force; apply latency = publish → ConstraintApplied of the messages that were applied, the
+superseded ones being coalesced away); a pause over a real Mosquitto while a 100,000-item map
+under a limit sends its BLOCKED telemetry; TTL expiry lateness (ConstraintRemoved against the
+control's expires_at) while CPU-bound sync bodies keep the GIL busy."""
 
 def print_table(rows, args, cfg, seconds):
     version = getattr(cs, "__version__", "?") if cs else f"not importable ({CASCADE_ERROR})"
