@@ -744,7 +744,7 @@ def _check_int(value, what, low, high=_MAX_COUNT):
 
 class _State:
     __slots__ = ()
-    fifo, gate, takes = True, False, True
+    fifo, gate, takes, capacity = True, False, True, False
 
     def may_begin(self, u, n):
         return True
@@ -830,7 +830,11 @@ class _Limiter(_State):
             self.maybe.add(u)
 
     def may_begin(self, u, n):
-        return self.capacity or not self.active or self.running + n <= self.total
+        # the other adopted units that may have begun unlocked count as running: one
+        # may be between its lock-free begin and began_unlocked (review: two began
+        # under a new limit of 1)
+        maybe = len(self.maybe) - (u in self.maybe) if self.maybe else 0
+        return self.capacity or not self.active or self.running + maybe + n <= self.total
 
     def begin(self, u, n):
         if not self.capacity:
@@ -1142,7 +1146,7 @@ class _Clock:
         self._thread = None
 
     def call_at(self, when, fn, urgent=False):
-        entry = [when, next(self._seq), fn]
+        entry = [when, next(self._seq), fn, urgent]
         with self._cond:
             heapq.heappush(self._heap, entry)
             if urgent:
@@ -1157,9 +1161,11 @@ class _Clock:
                 self._cond.notify()
         return entry
 
-    @staticmethod
-    def cancel(entry):
+    def cancel(self, entry):
         entry[2] = None  # dropped when it reaches the top of the heap
+        if entry[3]:  # the clock looks again: the switch interval may go back now
+            with self._cond:
+                self._cond.notify()
 
     def _main(self):
         try:
@@ -1180,7 +1186,7 @@ class _Clock:
                         delay = heap[0][0] - now if heap else self._linger - now
                         if delay <= 0:
                             entry = heapq.heappop(heap)
-                            if entry in urgent:  # (only when urgent[0] is entry: cheap)
+                            if entry[3]:
                                 self._linger = now + self.LEAD
                             fn, entry[2] = entry[2], None  # (fired: dropped from _urgent)
                             break
@@ -1303,6 +1309,8 @@ class _ControlPlane:
         self._queues = {}                # _Key -> _Queue with waiters
         self._ready = []                 # heap of pending queues' entries
         self._parked = {}                # state -> its _Parking
+        self._needers = {}               # capacity -> {queue waiting for it: amount}
+        self._amounts = {}               # capacity -> Counter of those amounts
         self._tie = itertools.count()
         self._waiting = 0
         self._holders = set()            # units holding a grant (granted or running)
@@ -1408,6 +1416,10 @@ class _ControlPlane:
     def _index(self, key, add):  # lock held: the scope index that _matching reads
         scope = key[0]
         kind, _, pat = scope.partition(":")
+        if add:
+            self._order[key] = next(self._tie)
+        else:
+            del self._order[key]
         if _GLOB.search(pat):
             if add:
                 self._globbed[key] = (kind, pat)
@@ -1417,14 +1429,11 @@ class _ControlPlane:
         where = (kind, pat)  # ("global", "") for global
         if add:
             self._exact.setdefault(where, set()).add(key)
-            self._order[key] = next(self._tie)
         else:
             keys = self._exact[where]
             keys.discard(key)
             if not keys:
                 del self._exact[where]
-        if not add:
-            del self._order[key]
 
     def _forget_ttl(self, key):  # lock held
         entry = self._ttl.pop(key, None)
@@ -1465,7 +1474,7 @@ class _ControlPlane:
                 found.append(sk)
         if len(found) > 1:
             rank, order = _TYPE_RANK, self._order
-            found.sort(key=lambda sk: (rank[sk[1]], order.get(sk, -1)))
+            found.sort(key=lambda sk: (rank[sk[1]], order[sk]))
         return found
 
     def _needs(self, key):
@@ -1485,7 +1494,38 @@ class _ControlPlane:
         q = self._queues.get(key)
         if q is None:
             q = self._queues[key] = _Queue(key, loop)
+            for k, n in key.amounts:
+                cap = self._caps[k]
+                self._needers.setdefault(cap, {})[q] = n
+                self._amounts.setdefault(cap, collections.Counter())[n] += 1
         return q
+
+    def _forget(self, q):  # lock held: q has no waiters any more
+        del self._queues[q.key]
+        for k, n in q.key.amounts:
+            cap = self._caps[k]
+            del self._needers[cap][q]
+            amounts = self._amounts[cap]
+            amounts[n] -= 1
+            if not amounts[n]:
+                del amounts[n]
+            self._wake(cap)  # what it held back by capacity FIFO may go on
+
+    def _mixed(self, q):  # lock held: the capacities q needs whose waiters' amounts differ
+        return [self._caps[k] for k, _ in q.key.amounts if len(self._amounts[self._caps[k]]) > 1]
+
+    def _bigger_waits(self, cap, q, n, head, now):
+        """Capacity FIFO, which parking alone cannot give: amounts differ, so an older
+        waiter may need more of ``cap`` than is free although ``q`` fits (it fit, or
+        something else held it back, when it was parked). Cost: the queues that wait
+        for ``cap``, only while one of them needs more than ``n``."""
+        if max(self._amounts[cap]) <= n:
+            return False
+        for o, m in self._needers[cap].items():
+            if (m > n and o.waiters and o.waiters[0].seq < head and not cap.can_take(m, now)
+                    and not any(st.__class__ is _Pause for st, _ in self._needs(o.key))):
+                return True
+        return False
 
     def _pend(self, q):  # lock held: the next pass looks at q (it must have waiters)
         head = q.waiters[0].seq
@@ -1604,16 +1644,19 @@ class _ControlPlane:
                     self._holders.add(u)
                     granted.append(u)
                     if not waiters:
-                        del queues[q.key]
+                        self._forget(q)
                         break
                     if bound is not None and waiters[0].seq > bound:
                         self._pend(q)  # another queue's head became ready first
                         break
             elif queues.get(q.key) is q:
-                del queues[q.key]
-            if q.left and q.pending is None:  # (pending again: this pass comes back to it)
+                self._forget(q)
+            if q.pending is None and (q.left or q.key.amounts):
+                # (pending again: this pass comes back to it.) Where it was parked, and
+                # the capacities whose FIFO it may have held back (a smaller amount may
+                # fit now: _bigger_waits), wake.
                 full = self._full
-                for st in q.left:
+                for st in [*q.left, *self._mixed(q)] if q.key.amounts else q.left:
                     if st not in full:  # (one that cannot take even 1: nobody can)
                         self._wake(st, q)
                 q.left = ()
@@ -1639,11 +1682,10 @@ class _ControlPlane:
                 if not st.fifo:
                     continue
                 parking = parked.get(st)
-                if parking is None:
-                    continue
-                top = parking.top()
+                top = parking.top() if parking is not None else None
                 if top is None or top[0] >= head or top[2] is q:
-                    continue
+                    if not (st.capacity and self._bigger_waits(st, q, n, head, now)):
+                        continue
             else:
                 if n == 1:
                     full.append(st)
@@ -1770,10 +1812,10 @@ class _ControlPlane:
                         u.drop()
                     self._waiting -= len(q.waiters)
                     q.waiters.clear()
-                    del self._queues[key]
                     if q.pending is not None:
                         q.pending[2] = q.pending = None
                     self._unpark(q)
+                    self._forget(q)
                     for st in q.left:  # what it held back by FIFO may go on
                         self._wake(st)
                     q.left = ()
@@ -4297,6 +4339,7 @@ class _Link:
 
     FLUSH_TIMEOUT = 2.0
     SYNC_TIMEOUT = 5.0
+    SYNC_ROUNDS = 12  # a sync that still hears controls waits at most this many timeouts
 
     def __init__(self, engine, connector):
         _check_connector(connector)
@@ -4362,18 +4405,20 @@ class _Link:
 
     async def _progressing(self, coro, sub):
         """Await ``coro`` while it makes progress: TimeoutError once SYNC_TIMEOUT passes
-        with no control message handled meanwhile. (A wait bounded as a whole gave up on
-        a retained burst still arriving: with 100,000 retained controls, 20,000 were
-        applied after the first task.)"""
+        with no control message handled meanwhile, or after SYNC_ROUNDS of them in all
+        (live traffic, a heartbeat, must not keep a sync whose marker never returns
+        waiting for ever). (A wait bounded as a whole gave up on a retained burst still
+        arriving: with 100,000 retained controls, 20,000 came after the first task.)"""
         task = asyncio.ensure_future(coro)
         try:
-            while True:
+            for _ in range(self.SYNC_ROUNDS):
                 heard = sub.heard
                 done, _ = await asyncio.wait((task,), timeout=self.SYNC_TIMEOUT)
                 if done:
                     return task.result()
                 if sub.heard == heard:
-                    raise asyncio.TimeoutError()
+                    break
+            raise asyncio.TimeoutError()
         finally:
             task.cancel()
 

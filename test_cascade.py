@@ -2924,6 +2924,10 @@ def test_the_gil_is_handed_over_quickly_around_a_ttl_deadline_and_only_then():
     e.pause("task:far", ttl=3600)
     e.rate_limit("task:r", "1/h")
     assert sys.getswitchinterval() == before
+    e.pause("task:soon", ttl=1.4)  # lifted before its deadline: put back at once
+    assert sys.getswitchinterval() < before / 10
+    e.resume("task:soon")
+    wait_for(lambda: sys.getswitchinterval() == before, 0.7)
     e.pause("task:near", ttl=0.2)
     assert sys.getswitchinterval() < before / 10
     wait_for(lambda: [c.scope for c in e.constraints] == ["task:far", "task:r"])
@@ -3349,6 +3353,37 @@ def test_a_control_storm_is_coalesced_the_last_message_wins_and_the_loop_keeps_t
     assert applied[-1].constraint.id == "last"
     assert len(applied) < 20_001 / 2  # coalesced, not one apply per message
     assert during >= 20_001 // 1000 - 1  # a turn of the loop at least every 1,000 messages
+
+
+def test_a_sync_whose_marker_never_returns_gives_up_though_controls_keep_coming(monkeypatch,
+                                                                                  caplog):
+    # regression (review): the sync waited while any control arrived, so a heartbeat
+    # (a TTL pause renewed on another task) kept a run whose marker was lost from
+    # starting for ever; it waits SYNC_ROUNDS timeouts at most
+    monkeypatch.setattr(cs._Link, "SYNC_TIMEOUT", 0.1)
+    monkeypatch.setattr(cs._Link, "SYNC_ROUNDS", 3)
+
+    class LossyBroker(cs.LocalBroker):
+        async def publish(self, topic, payload, qos=0, retain=False):
+            if not topic.startswith("cascade/sync/"):  # the marker is lost
+                return await super().publish(topic, payload, qos, retain)
+    broker, stop = LossyBroker(), threading.Event()
+
+    def heartbeat():
+        while not stop.is_set():
+            c = cs.Constraint.make("task:other", "pause", ttl=3)
+            broker.publish_nowait(c.topic, c.to_dict(), retain=True)
+            time.sleep(0.02)
+    beat = threading.Thread(target=heartbeat)
+    beat.start()
+    try:
+        e = cs.Engine(connector=broker)
+        with caplog.at_level(logging.WARNING, logger="cascade"):
+            assert e.start(ident(1)).result(TIMEOUT) == 1
+        assert any("could not sync controls" in r.getMessage() for r in caplog.records)
+    finally:
+        stop.set()
+        beat.join()
 
 
 def test_thousands_of_retained_controls_are_all_applied_before_the_first_task(monkeypatch):
@@ -3961,6 +3996,11 @@ def admission_cases(draw):
 # a paused big request holds nothing back, and is served in order once resumed
 @example(([("b0", "b", (), 1), ("a1", "a", (), 2), ("b2", "b", (), 1), ("b3", "b", (), 1)],
           2, {}, {"task:a"}, [("resume", "task:a"), ("release", 0), ("release", 0)]))
+# capacity FIFO for an older waiter held back by a limit too, once the capacity has
+# filled up after it was parked (review: the later small request went first)
+@example(([("b0", "b", (), 2), ("a1", "a", (), 1), ("c2", "c", (), 1)],
+          2, {"task:b": 0}, {"task:c"}, [("resume", "task:c"), ("limit", "task:b", 1),
+                                         ("release", 0)]))
 # FIFO across queues on shared limits, one with a glob, raised while they wait
 @example(([("a0", "a", ("x",), 0), ("b1", "b", ("x",), 0), ("a2", "a", (), 0),
            ("c3", "c", ("x",), 0), ("b4", "b", (), 0)],
