@@ -2181,10 +2181,12 @@ class _Mailbox:
         if ended:
             _log.info("pub/sub: the event loop caught up; %d queued messages were dropped in "
                       "all", ended)
-        for sub, topic, payloads in batch:
-            sub.deliver(topic, payloads)
-        if more and not _call_soon(self.loop, self.drain):
-            self.alive = False
+        try:
+            for sub, topic, payloads in batch:
+                sub.deliver(topic, payloads)
+        finally:  # (a callback's KeyboardInterrupt must not leave the rest undrained)
+            if more and not _call_soon(self.loop, self.drain):
+                self.alive = False
 
 
 class _Hub:

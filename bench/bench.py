@@ -683,9 +683,11 @@ def w10(cfg, args, errors):
         if isinstance(lat, str):
             rows.append(dict(workload=label, cascade=lat))
         else:
+            ok = lat[0] <= 500 and max(lat[1:]) <= 50
             rows.append(dict(workload=label, cascade=" / ".join(f"{x:.0f}" for x in lat) + " ms",
-                             target="each ≤ 250 ms", met=verdict(max(lat), 250.0),
-                             raw=dict(ms=lat)))
+                             floor="(0.1: 5.2 s for the first; QoS 0 telemetry: 1 s)",
+                             target="first ≤ 500 ms (the map is still expanding), then ≤ 50 ms",
+                             met="yes" if ok else "**no**", raw=dict(ms=lat)))
     except Exception as exc:
         rows.append(dict(workload=label, cascade=_fail("W10 MQTT control", exc, errors)))
     label = (f"W10 TTL expiry lateness with {cfg['hogs']} CPU-bound sync bodies (ttl "
