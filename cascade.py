@@ -988,6 +988,9 @@ class Constraint:
     type: str
     params: dict = dataclasses.field(default_factory=dict, hash=False)
     expires_at: float = None
+    # which layer it is in force from: "local" (the engine's own verbs) or "broker" (a
+    # retained control message); not part of the control itself
+    origin: str = dataclasses.field(default="local", compare=False)
 
     @classmethod
     def make(cls, scope: str, type: str, params: Optional[dict] = None, *,
@@ -1051,10 +1054,12 @@ class Constraint:
     def describe(self):
         left = self.expires_in()
         return (f"{_CONTROL_TYPES[self.type].describe(self.params)} on {self.scope}"
-                + ("" if left is None else f" ({left:.1f}s left)"))
+                + ("" if left is None else " (expired)" if left == 0 else
+                   f" ({left:.1f}s left)"))
 
     def __repr__(self):
-        return f"<Constraint {self.describe()} id={self.id}>"
+        return (f"<Constraint {self.describe()} id={self.id}"
+                f"{' from the broker' if self.origin == 'broker' else ''}>")
 
 
 _CONTROL_PREFIX = "cascade/constraints"
@@ -1299,6 +1304,7 @@ class _ControlPlane:
     def __init__(self, capacities, project, notify):
         self.lock = threading.Lock()
         self.constraints = {}            # (scope, type) -> the Constraint in force
+        self._layers = {}                # (scope, type) -> {origin: its Constraint}
         self.project = project
         self._notify = notify            # notify(applied: bool, constraint)
         self._states = {}                # (scope, type) -> its state object
@@ -1318,7 +1324,7 @@ class _ControlPlane:
         self._gates = 0                  # active constraints the start gate re-checks
         self._npause = 0                 # of which pauses
         self._seq = itertools.count(1)
-        self._ttl = {}                   # (scope, type) -> clock entry of its expiry
+        self._ttl = {}                   # ((scope, type), origin) -> clock entry of its expiry
         self._wakes = {}                 # state -> clock entry of its next refill
         self._failing = set()            # states whose code raised: removed soon
         self._full = []                  # of the last _held_back: states without room
@@ -1330,88 +1336,125 @@ class _ControlPlane:
         return next(self._seq) << 32
 
     # -- constraints --------------------------------------------------------
-    def apply(self, c):
-        """Make ``c`` active, replacing the one of its (scope, type). Returns the old one,
-        or, for a ``c`` that arrived already expired (it only clears), the removed ones."""
-        key = (c.scope, c.type)
+    # Two layers (SPEC 5): for each (scope, type) the engine's own control ("local",
+    # set by its verbs) and the broker's ("broker", a retained control message). The
+    # broker's, while present and unexpired, is in force; without it the engine's own
+    # is. Each layer's control expires by itself; an expired control changes nothing.
+    def apply(self, c, origin="local"):
+        """Set ``c`` as ``origin``'s control of its (scope, type). Returns the control
+        that was in force before. One that arrived expired changes nothing (from the
+        broker it means that the broker has none in force: the broker's layer is
+        cleared, and the engine's own applies)."""
         if c.expires_at is not None and c.expires_at <= time.time():
-            return self.remove(c.scope, c.type)  # arrived expired: it only clears
-        ctype = _CONTROL_TYPES[c.type]
-        now = time.monotonic()
+            if origin == "broker":
+                self.remove(c.scope, c.type, origin="broker")
+            return None
+        if c.origin != origin:
+            c = dataclasses.replace(c, origin=origin)
+        key = (c.scope, c.type)
         with self.lock:
-            old = self.constraints.get(key)
-            self._forget_ttl(key)
-            self.constraints[key] = c
-            st = self._states.get(key)
-            if st is None:
-                st = self._states[key] = ctype.state(c.scope, c.params, now)
-                self._index(key, True)
-                self._gates += st.gate
-                self._npause += st.__class__ is _Pause
-                if ctype.adopts_running:
-                    # A new limit counts what already runs in its scope, so that at no
-                    # instant more run than the limit (lowering never evicts).
-                    for u in self._holders:
-                        if self._matches(c.scope, u.key):
-                            st.adopt(u)
-                            u.held = [*u.held, (st, 1)]
-                # the queues it matches are looked at again: it may hold them back
-                # first (a pause), and their reasons change
-                for q in self._queues.values():
-                    if q.waiters and self._matches(c.scope, q.key):
-                        self._pend(q)
-            else:
-                st.update(c.params, now)
-                self._cancel_wake(st)  # due at the old rate (regression: lost wake-up)
-                self._wake(st)         # it may admit more now
+            layer = self._layers.setdefault(key, {})
+            layer[origin] = c
+            self._forget_ttl((key, origin))
             if c.expires_at is not None:
                 # both clocks read together (regression: `now`, read before the lock,
                 # made a TTL expire early by however long the GIL or the lock took)
                 deadline = time.monotonic() + (c.expires_at - time.time())
-                self._ttl[key] = self.clock.call_at(
+                self._ttl[(key, origin)] = self.clock.call_at(
                     deadline, functools.partial(self._expire, c), urgent=True)
-            self._gen += 1
+            before = self.constraints.get(key)
+            now_c = layer.get("broker") or layer["local"]
+            changed = now_c is not before
+            if changed:
+                self._install(key, now_c)
             granted = self._admit() if self._ready else None
         self._dispatch(granted)
-        self._notify(True, c)
-        return old
+        if changed:
+            self._notify(True, now_c)
+        return before
 
-    def remove(self, scope, kind=None, only=None):
-        """Remove the constraint of (scope, kind), or every type of scope; returns them.
-        With ``only``, remove it only if it is still that very constraint (checked under
-        the same lock, so a newer one that replaced it in the meantime stays)."""
+    def _install(self, key, c):  # lock held: make c the control in force of its key
+        ctype = _CONTROL_TYPES[c.type]
+        now = time.monotonic()
+        self.constraints[key] = c
+        st = self._states.get(key)
+        if st is None:
+            st = self._states[key] = ctype.state(c.scope, c.params, now)
+            self._index(key, True)
+            self._gates += st.gate
+            self._npause += st.__class__ is _Pause
+            if ctype.adopts_running:
+                # A new limit counts what already runs in its scope, so that at no
+                # instant more run than the limit (lowering never evicts).
+                for u in self._holders:
+                    if self._matches(c.scope, u.key):
+                        st.adopt(u)
+                        u.held = [*u.held, (st, 1)]
+            # the queues it matches are looked at again: it may hold them back first
+            # (a pause), and their reasons change
+            for q in self._queues.values():
+                if q.waiters and self._matches(c.scope, q.key):
+                    self._pend(q)
+        else:
+            st.update(c.params, now)
+            self._cancel_wake(st)  # due at the old rate (regression: lost wake-up)
+            self._wake(st)         # it may admit more now
+        self._gen += 1
+
+    def _uninstall(self, key):  # lock held: nothing is in force for key any more
+        # Holders keep their reference and give back to a state nobody consults any
+        # more; a later control on this scope counts afresh.
+        del self.constraints[key]
+        st = self._states.pop(key)
+        self._index(key, False)
+        self._failing.discard(st)
+        self._gates -= st.gate
+        self._npause -= st.__class__ is _Pause
+        if st.__class__ is _Limiter:
+            st.active = False
+        self._cancel_wake(st)
+        parking = self._parked.pop(st, None)
+        if parking is not None:  # everything it held back is looked at again
+            for e in parking.heap:
+                if e[2] is not None:
+                    self._pend(e[2])
+        self._gen += 1
+
+    def remove(self, scope, kind=None, only=None, origin="local"):
+        """Remove ``origin``'s control of (scope, kind), or of every type of scope;
+        returns the removed ones. The other layer's control of a key, if any, is then in
+        force. With ``only``, remove it only if it is still that very constraint
+        (checked under the same lock, so a newer one that replaced it stays)."""
+        removed, events = [], []
         with self.lock:
-            if only is not None and self.constraints.get((scope, kind)) is not only:
-                return []
-            removed = []
             for t in ((kind,) if kind else _TYPES):
-                self._forget_ttl((scope, t))
-                c = self.constraints.pop((scope, t), None)
-                if c is None:
+                key = (scope, t)
+                layer = self._layers.get(key)
+                c = layer.get(origin) if layer else None
+                if c is None or (only is not None and c is not only):
                     continue
-                # Holders keep their reference and give back to a state nobody consults
-                # any more; a later control on this scope counts afresh.
-                st = self._states.pop((scope, t))
-                self._index((scope, t), False)
-                self._failing.discard(st)
-                self._gates -= st.gate
-                self._npause -= st.__class__ is _Pause
-                if st.__class__ is _Limiter:
-                    st.active = False
-                self._cancel_wake(st)
-                parking = self._parked.pop(st, None)
-                if parking is not None:  # everything it held back is looked at again
-                    for e in parking.heap:
-                        if e[2] is not None:
-                            self._pend(e[2])
+                del layer[origin]
+                self._forget_ttl((key, origin))
                 removed.append(c)
-            if removed:
-                self._gen += 1
-            granted = self._admit() if self._ready else None
+                before = self.constraints.get(key)
+                now_c = layer.get("broker") or layer.get("local")
+                if now_c is None:
+                    del self._layers[key]
+                    self._uninstall(key)
+                    events.append((False, before))
+                elif now_c is not before:
+                    self._install(key, now_c)
+                    events.append((True, now_c))
+            granted = self._admit() if events and self._ready else None
         self._dispatch(granted)
-        for c in removed:
-            self._notify(False, c)
+        for applied, c in events:
+            self._notify(applied, c)
         return removed
+
+    def layers(self):
+        """{(scope, type): {"local": c, "broker": c}} of the controls set (a copy)."""
+        with self.lock:
+            return {k: dict(v) for k, v in self._layers.items()}
 
     def _index(self, key, add):  # lock held: the scope index that _matching reads
         scope = key[0]
@@ -1446,7 +1489,7 @@ class _ControlPlane:
             self.clock.cancel(entry)
 
     def _expire(self, c):
-        self.remove(c.scope, c.type, only=c)
+        self.remove(c.scope, c.type, only=c, origin=c.origin)
 
     def active(self):
         """The active constraints (expired ones the clock has not removed yet excluded)."""
@@ -1709,8 +1752,9 @@ class _ControlPlane:
                 _log.error("constraint %s on %s failed (%r) and is removed", key[1], key[0],
                            exc)
                 # removed by the clock thread, outside this lock; admission runs then
-                self.clock.call_at(0, functools.partial(self.remove, *key,
-                                                        only=self.constraints.get(key)))
+                c = self.constraints.get(key)
+                self.clock.call_at(0, functools.partial(self.remove, *key, only=c,
+                                                        origin=c.origin))
                 break
 
     def _refilled(self, st):
@@ -1865,8 +1909,12 @@ class _ControlPlane:
                         running[sk] += t[_GRANTED]
             rows = []
             for (scope, kind), c in self.constraints.items():
-                row = {"scope": scope, "type": kind, "expires_in": c.expires_in(now),
-                       "matching_running": running[(scope, kind)]}
+                own = self._layers[(scope, kind)].get("local")
+                row = {"scope": scope, "type": kind, "origin": c.origin,
+                       "expires_in": c.expires_in(now),
+                       "matching_running": running[(scope, kind)],
+                       # the engine's own control, while the broker's is in force
+                       "shadowed": None if own is None or own is c else own.describe()}
                 try:
                     row.update(self._states[(scope, kind)].usage(mono))
                 except Exception as exc:  # a failing state is being removed
@@ -4110,7 +4158,10 @@ class _Status(dict):
             for s in self["scopes"]:
                 use = _CONTROL_TYPES[s["type"]].shows(s)
                 left = "" if s["expires_in"] is None else f"  ({s['expires_in']:.1f}s left)"
-                lines.append(f"    {s['type']:<12} {s['scope']:<24} {use}{left}")
+                where = "  (from the broker" + (f"; the engine's own: {s['shadowed']})"
+                                               if s.get("shadowed") else ")")
+                lines.append(f"    {s['type']:<12} {s['scope']:<24} {use}{left}"
+                             f"{where if s.get('origin') == 'broker' else ''}")
         for k, c in self["capacities"].items():
             lines.append(f"  capacity {k}: {c['in_use']}/{c['total']} in use")
         if self["blocked"]:
@@ -4225,7 +4276,9 @@ class Engine:
 
     @property
     def constraints(self) -> list:
-        """The active constraints."""
+        """The constraints in force, each with its ``origin``: ``"local"`` (this engine's
+        verbs) or ``"broker"`` (a retained control message, which is in force over the
+        engine's own control of the same scope and type while it is present)."""
         return self._cp.active()
 
     def _constraint_changed(self, applied, c):
@@ -4401,9 +4454,10 @@ class _Link:
         if fresh and synced.done():
             cp = self.engine._cp
             for key in set(self.remote) - seen:
-                # Cleared on the broker while nothing listened. Only the broker's own
-                # constraint goes: a local one set since then stays.
-                cp.remove(*key, only=self.remote.pop(key))
+                # Cleared on the broker while nothing listened: its layer goes (the
+                # engine's own control of the key, if any, applies again).
+                self.remote.pop(key)
+                cp.remove(*key, origin="broker")
 
     async def _progressing(self, coro, sub):
         """Await ``coro`` while it makes progress: TimeoutError once SYNC_TIMEOUT passes
@@ -4459,15 +4513,16 @@ class _Link:
             return None if key is None else (key, _MISSING)
 
     def apply(self, key, c):
-        """Put a checked control in force (``c``), or remove the broker's (None)."""
+        """Set a checked control as the broker's layer of its key (``c``), or clear the
+        broker's layer (None); the engine's own controls are never touched."""
         cp = self.engine._cp
         if c is None:
             self.remote.pop(key, None)
-            cp.remove(*key)
+            cp.remove(*key, origin="broker")
             return
-        if cp.constraints.get(key) != c:
-            cp.apply(c)
-        self.remote[key] = cp.constraints.get(key)
+        if self.remote.get(key) != c:
+            cp.apply(c, origin="broker")
+        self.remote[key] = c
 
     async def close(self, rl):
         """Flush the run's telemetry (bounded: a hung connector never stalls the run),

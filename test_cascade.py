@@ -6102,40 +6102,71 @@ async def test_pause_and_limit_on_one_scope_are_two_topics_and_an_empty_message_
 
 
 @async_test
-async def test_local_controls_and_broker_messages_replace_each_other():
+async def test_local_and_broker_controls_are_two_layers_and_the_brokers_wins_while_present():
+    # regression: a broker message for a (scope, type) replaced the engine's own control
+    # and vice versa, so `cascade clear` wiped a limit set in code, and an expired TTL
+    # control left retained removed a pause set in code (a deploy ran). Now: two
+    # layers; the broker's is in force while present and unexpired; engine verbs change
+    # the engine's own layer only.
     broker, u = cs.LocalBroker(), uid()
     scope = f"task:l_{u}_x"
     ctl = cs.Controller(broker)
     engine = cs.Engine(connector=broker)
     log = Recorder(engine)
-    engine.limit(scope, 5)           # local ...
-    await ctl.limit(scope, 2)        # ... replaced by the retained one when the run syncs
+    engine.limit(scope, 5)           # the engine's own ...
+    await ctl.limit(scope, 2)        # ... and the broker's, in force once the run syncs
     probe, gate, started = held_task(f"l_{u}_probe", "done")
 
     def applied(**params):
         return lambda items: [e for e in events_of(items, cs.ConstraintApplied)
                               if e.constraint.scope == scope and e.constraint.params == params]
 
+    def origins():
+        return {(c.scope, c.type): c.origin for c in engine.constraints if u in c.scope}
+
     handle = engine.start(probe())
     await asyncio.wait_for(started.wait(), TIMEOUT)
     assert controls_of(engine, u) == {(scope, "concurrency"): {"limit": 2}}
-    engine.limit(scope, 7)           # local replaces the broker's
-    assert controls_of(engine, u) == {(scope, "concurrency"): {"limit": 7}}
-    await ctl.limit(scope, 3)        # and a broker message replaces the local one
+    assert origins() == {(scope, "concurrency"): "broker"}
+    engine.limit(scope, 7)           # the engine's own layer only: the broker's stays
+    assert controls_of(engine, u) == {(scope, "concurrency"): {"limit": 2}}
+    row = next(r for r in engine.status()["scopes"] if r["scope"] == scope)
+    assert row["origin"] == "broker" and row["shadowed"] == f"limit 7 on {scope}"
+    await ctl.limit(scope, 3)
     await log.until(applied(limit=3), "limit 3 from the broker")
-    assert controls_of(engine, u) == {(scope, "concurrency"): {"limit": 3}}
+    await ctl.clear(scope)           # the broker's goes: the engine's own applies again
+    await log.until(applied(limit=7), "the engine's limit 7 back")
+    assert controls_of(engine, u) == {(scope, "concurrency"): {"limit": 7}}
+    assert origins() == {(scope, "concurrency"): "local"}
 
-    engine.pause(scope)              # a local pause ...
-    await ctl.resume(scope)          # ... is lifted by the broker's empty pause message
-    await log.until(lambda items: events_of(items, cs.ConstraintRemoved), "pause removed")
-    assert (scope, "pause") not in controls_of(engine, u)
-    await ctl.pause(scope)           # a broker pause ... (the local pause above was the 1st)
-    await log.until(lambda items: len(applied()(items)) >= 2, "pause from the broker")
+    engine.pause(scope)              # a pause set in code ...
+    await ctl.resume(scope)          # ... is not lifted by the broker's empty pause message
+    await ctl.pause(scope, ttl=0.2)  # a broker pause with a ttl is in force over it ...
+    await log.until(lambda items: [e for e in events_of(items, cs.ConstraintApplied)
+                                   if e.constraint.origin == "broker"
+                                   and e.constraint.type == "pause"], "the broker's pause")
+    await asyncio.sleep(0.4)         # ... and its expiry brings the engine's own back
     assert (scope, "pause") in controls_of(engine, u)
-    engine.resume(scope)             # ... is lifted by a local resume
-    assert controls_of(engine, u) == {(scope, "concurrency"): {"limit": 3}}
+    assert origins()[(scope, "pause")] == "local"
+    assert engine.resume(scope).origin == "local"  # only a local resume lifts it
+    assert controls_of(engine, u) == {(scope, "concurrency"): {"limit": 7}}
     gate.set()
     assert await asyncio.wait_for(handle, TIMEOUT) == "done"
+
+    # an expired control left retained on the broker: a later run syncs it, and the
+    # engine's own pause stays in force (it changes nothing)
+    engine.pause(scope)
+    await ctl.pause(scope, ttl=0.05)
+    await asyncio.sleep(0.1)
+    later, gate2, started2 = held_task(f"l_{u}_x", "ran")
+    run = engine.start(later())
+    await asyncio.sleep(0.1)
+    assert not started2.is_set()     # still paused by the engine's own pause
+    engine.resume(scope)
+    await asyncio.wait_for(started2.wait(), TIMEOUT)
+    gate2.set()
+    assert await asyncio.wait_for(run, TIMEOUT) == "ran"
+    engine.clear(scope)
     await ctl.clear(scope)
 
 
