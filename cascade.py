@@ -970,9 +970,15 @@ _TYPES = tuple(_CONTROL_TYPES)
 _TYPE_RANK = {t: i for i, t in enumerate(_TYPES)}
 
 
+# The verbs' names of the types, accepted wherever a type is (`clear --type limit`).
+_TYPE_ALIASES = {"limit": "concurrency", "rate": "rate_limit"}
+
+
 def _check_type(type, call):
+    type = _TYPE_ALIASES.get(type, type) if isinstance(type, str) else type
     if type is not None and type not in _CONTROL_TYPES:
-        raise ConstraintError(f"{call}(type={type!r}): use one of {list(_TYPES)} or None")
+        raise ConstraintError(f"{call}(type={type!r}): use one of {list(_TYPES)} (or "
+                              f"{' / '.join(_TYPE_ALIASES)}), or None")
     return type
 
 
@@ -2490,6 +2496,11 @@ class MqttConnector(_Hub):
             await self._client.publish(topic, raw, qos=qos, retain=retain)
             return
         info = self._client.publish(topic, raw, qos, retain)
+        if qos and info.rc != 0 and not retain:
+            # not connected: a live message (telemetry) is dropped at once rather than
+            # wait for a reconnect (a retained control is kept by paho and waited for)
+            raise ConnectionError(f"MQTT publish to {topic!r} failed: "
+                                  f"{getattr(info.rc, 'name', info.rc)}")
         if qos:  # NO_CONN still queues it in paho: wait for the ack either way
             await self._await_ack(info.mid, None, f"acknowledgement of publish to {topic!r}")
         elif info.rc != 0:
@@ -4402,6 +4413,8 @@ class _Link:
         self.connector = connector
         self.source = f"{socket.gethostname()}-{os.getpid()}"
         self.remote = {}             # (scope, type) -> the constraint the broker gave
+        self.telemetry_down = False  # a telemetry publish failed, none has worked since
+        self.telemetry_lost = 0      # events dropped since
         self._subs = {}              # loop -> _LoopSubscription
 
     def attach(self, run):
@@ -4608,7 +4621,7 @@ class _RunLink:
         topic = f"cascade/telemetry/{engine.org}/{engine.project}/{self.run.run_id}/events"
         conn = self.link.connector
         batch = getattr(conn, "publish_many_nowait", None)  # LocalBroker's
-        failed = False
+        link = self.link
         # At most CHUNK records a loop turn: telemetry never holds the loop, so control
         # messages get in between (regression: the BLOCKED records of a 100,000-item map
         # were published in one go, and a pause sent then was applied 0.8 s-5 s later).
@@ -4636,9 +4649,19 @@ class _RunLink:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # telemetry never fails a run
-                    if not failed:
-                        failed = True
-                        _log.warning("telemetry publish failed: %r", exc)
+                    # quiet: one warning an outage (for the engine, not per run or
+                    # message: a 3 s outage once gave 142), one info line when it is over
+                    link.telemetry_lost += len(items)
+                    if not link.telemetry_down:
+                        link.telemetry_down = True
+                        _log.warning("telemetry publish failed (%r); dropping telemetry "
+                                     "until the broker takes it again", exc)
+                else:
+                    if link.telemetry_down:
+                        link.telemetry_down = False
+                        _log.info("telemetry publishing works again; %d events were "
+                                  "dropped meanwhile", link.telemetry_lost)
+                        link.telemetry_lost = 0
         finally:
             self.flusher = None
 
@@ -4770,6 +4793,9 @@ class _LogEvents:
             TaskBlocked: logging.INFO, ConstraintApplied: logging.INFO,
             ConstraintRemoved: logging.INFO}
 
+    def __init__(self):
+        self.blocked = set()  # (run_id, task name, reason) logged as blocked
+
     def subscribe(self, engine):
         """Subscribe to what the logger's effective level can print; returns the
         unsubscribe functions."""
@@ -4807,7 +4833,14 @@ class _LogEvents:
         elif t is TaskSkipped:
             lvl, msg = logging.INFO, f"{e.task_id} skipped: {_printable(e.reason)}"
         elif t is TaskBlocked:
-            lvl, msg = logging.INFO, f"{e.task_id} blocked: {e.reason}"
+            # one line per task name and reason in a run, not per item (a 2,000-item
+            # map under a limit logged 1,997 lines); status() has the count
+            said = (e.run_id, e.task_name, e.reason)
+            if said in self.blocked:
+                return
+            self.blocked.add(said)
+            lvl, msg = logging.INFO, (f"{e.task_id} blocked: {_printable(e.reason)} (later "
+                                      f"{e.task_name} tasks blocked so are not logged)")
         elif t in (ConstraintApplied, ConstraintRemoved):
             lvl = logging.INFO
             msg = f"{'applied' if t is ConstraintApplied else 'removed'} {e.constraint.describe()}"
@@ -5062,7 +5095,8 @@ def _cli_parser():
                                                          ttl=a.ttl))
     v = verb("clear", "remove the controls of SCOPE (all types, or --type)")
     v.add_argument("scope", help=scope_help)
-    v.add_argument("--type", choices=_TYPES)
+    v.add_argument("--type", choices=[*_TYPES, *_TYPE_ALIASES],
+                   help="one type only (limit = concurrency, rate = rate_limit)")
     verb("status", "list the controls in force on the broker, with time left")
     v = verb("watch", "print live task events of every run (Ctrl-C stops)")
     v.add_argument("--json", action="store_true", help="print raw JSON payloads")

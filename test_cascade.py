@@ -2130,6 +2130,12 @@ def test_clear_removes_one_type_or_all():
     e.rate_limit("task:x", "1/s")
     e.clear("task:x", type="concurrency")
     assert sorted(c.type for c in e.constraints) == ["pause", "rate_limit"]
+    e.limit("task:x", 1)
+    e.clear("task:x", type="limit")   # the verbs' names are aliases of the types
+    e.clear("task:x", type="rate")
+    assert [c.type for c in e.constraints] == ["pause"]
+    with pytest.raises(cs.ConstraintError, match="limit / rate"):
+        e.clear("task:x", type="speed")
     e.clear("task:x")
     assert e.constraints == []
 
@@ -6101,6 +6107,42 @@ async def test_pause_and_limit_on_one_scope_are_two_topics_and_an_empty_message_
                                                                (scope, "concurrency")]
 
 
+def test_a_telemetry_outage_warns_once_and_says_when_it_is_over(caplog):
+    # regression: a 3 s broker outage gave 142 identical "telemetry publish failed"
+    # warnings (one per run and burst); one an outage now, and one info line after
+    class Flaky:  # a connector whose broker drops telemetry while `down`
+        def __init__(self):
+            self.broker, self.down, self.sent = cs.LocalBroker(), True, 0
+
+        async def connect(self):
+            await self.broker.connect()
+
+        async def disconnect(self):
+            await self.broker.disconnect()
+
+        async def subscribe(self, topic, callback):
+            await self.broker.subscribe(topic, callback)
+
+        async def publish(self, topic, payload, qos=0, retain=False):
+            if topic.startswith("cascade/telemetry/"):
+                if self.down:
+                    raise ConnectionError("broker unreachable")
+                self.sent += 1
+            await self.broker.publish(topic, payload, qos, retain)
+
+    conn = Flaky()
+    e = cs.Engine(connector=conn)
+    with caplog.at_level(logging.INFO, logger="cascade"):
+        for i in range(5):
+            assert e.start(ident.map(range(3))).result(TIMEOUT) == [0, 1, 2]
+        conn.down = False
+        assert e.start(ident(1)).result(TIMEOUT) == 1
+        assert e.start(ident(2)).result(TIMEOUT) == 2
+    said = [r.getMessage() for r in caplog.records if "telemetry" in r.getMessage()]
+    assert len(said) == 2 and "publish failed" in said[0], said
+    assert "works again" in said[1] and conn.sent >= 2
+
+
 @async_test
 async def test_local_and_broker_controls_are_two_layers_and_the_brokers_wins_while_present():
     # regression: a broker message for a (scope, type) replaced the engine's own control
@@ -6831,6 +6873,20 @@ def hello_task(x):
     return x
 
 
+def test_cs_run_logs_blocking_once_per_task_name_and_reason(bare_logger, capfd):
+    # regression: one INFO line per blocked map item (1,997 for a 2,000-item map)
+    e = cs.Engine()
+    e.limit("task:ident", 2)
+    e.pause("task:hello_task", ttl=0.2)
+    out = asyncio.run(cs.run_async([ident.map(range(300)), hello_task(1), hello_task(2)],
+                                   engine=e))
+    assert out == [list(range(300)), 1, 2]
+    blocked = [ln for ln in capfd.readouterr().err.splitlines() if " blocked: " in ln]
+    assert len(blocked) == 2, blocked
+    assert "ident-1[" in blocked[0] and "concurrency on task:ident" in blocked[0]
+    assert "hello_task-" in blocked[1] and "pause on task:hello_task" in blocked[1]
+
+
 def test_cs_run_logs_human_lines_to_stderr(bare_logger, capfd):
     assert cs.run(hello_task(1)) == 1
     lines = capfd.readouterr().err.splitlines()
@@ -6989,6 +7045,8 @@ def test_cli_every_control_verb_and_status_as_a_table_with_time_left(paho, broke
         assert "rate 10/s burst 4 on " + b in stdout_of(cli("rate", b, "10/s", "--burst", 4,
                                                           "--ttl", 60))
         stdout_of(cli("limit", c, 0, "--ttl", 30))
+        stdout_of(cli("rate", c, "1/s"))
+        assert "cleared rate on " + c in stdout_of(cli("clear", c, "--type", "rate"))  # alias
         got = rows()
         assert set(got) == {("pause", a), ("concurrency", a), ("rate_limit", b), ("concurrency", c)}
         assert re.fullmatch(r"1[0-2]\ds", got["pause", a]), got  # 120 s ttl, a few s gone at most
