@@ -4620,12 +4620,17 @@ async def test_paho_resubscribes_after_reconnect(paho, paho_client, prefix):
     paho_client.on_connect = lambda *a: loop.call_soon_threadsafe(connects.put_nowait, 1)
     conn = cs.MqttConnector(paho_client)
     await conn.connect()
+
+    def no_delay():  # (issue 10: Nagle's algorithm cost each run 40-90 ms on some systems)
+        return paho_client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    assert no_delay()
     inbox = Inbox()
     await conn.subscribe(f"{prefix}/r/#", inbox)
     while not connects.empty():
         connects.get_nowait()
     paho_client.socket().shutdown(socket.SHUT_RDWR)  # the broker "goes away"
     await asyncio.wait_for(connects.get(), TIMEOUT)  # paho reconnected (clean session: subs gone)
+    assert no_delay()  # the new socket too
     other = paho.Client(paho.CallbackAPIVersion.VERSION2)
     other.connect(HOST, PORT)
     other.loop_start()
