@@ -3420,7 +3420,7 @@ class _Run:
                 status, error = "Failed", escaped
             self.engine._runs.pop(self.run_id, None)
             if self.engine._closed and not self.engine._runs:
-                self.engine._shutdown_pool()  # close() left it to the last run
+                self.engine._let_go()  # close() left it to the last run
             if cancelled and status != "Failed":
                 status = "Cancelled"
             self.report.run_finished(status, time.perf_counter() - t0, error)
@@ -3823,12 +3823,10 @@ class _Run:
                 return self._post(u, value, exc, t0)
         _log.debug("abandoned task %r (%s) of run %s returned at last; its slots are free",
                    u.key.name, u.id, self.run_id)
-        try:
-            self.loop.call_soon_threadsafe(self.cp.release, u)
-        except RuntimeError:  # its loop has closed: release here (admission is locked)
-            self.cp.release(u)
-        # (A loop that closes between the two lines above drops the callback, and the
-        # slot stays held: the safe way round, a limit is never exceeded.)
+        # Released here, in the body's thread: release works under the control plane's
+        # lock from any thread (regression: handed to the run's loop, the release was
+        # lost when that loop closed just then, and the slot stayed held for good).
+        self.cp.release(u)
         return _LEAVE
 
     def _post(self, u, value, exc, t0):
@@ -4391,7 +4389,14 @@ class Engine:
         for r in runs:
             r.close()
         if not runs:
-            self._shutdown_pool()
+            self._let_go()
+
+    def _let_go(self):
+        """The engine is closed and its last run has ended: its pool and its broker
+        subscriptions go."""
+        if self._link is not None:
+            self._link.forget()
+        self._shutdown_pool()
 
     def _shutdown_pool(self):
         with self._pool_lock:
@@ -4448,24 +4453,25 @@ class _Link:
             sub = self._subs[loop] = _LoopSubscription(self, loop)
         sub.runs += 1
         rl.sub = sub
-        marker = f"cascade/sync/{os.urandom(8).hex()}"
-        synced = loop.create_future()
-
-        def on_marker(topic, payload):
-            if not synced.done():
-                synced.set_result(None)
+        marker = f"{sub.marker_filter[:-2]}/{next(sub.count)}"
+        synced = sub.markers[marker] = loop.create_future()
+        gone = [s for lp, s in self._subs.items() if lp.is_closed()]
 
         async def sync():
             if fresh:
                 await conn.connect()
                 await conn.subscribe(f"{_CONTROL_PREFIX}/#", sub.on_message)
+                await conn.subscribe(sub.marker_filter, sub.on_marker)
+                for old in gone:  # subscriptions of loops that have closed since
+                    del self._subs[old.loop]
+                    await self._leave(old)
+                if not sub.ready.done():
+                    sub.ready.set_result(None)
             else:
-                await asyncio.shield(sub.ready)  # the first run's subscription is live
-            await conn.subscribe(marker, on_marker)
+                await asyncio.shield(sub.ready)  # the first run's subscriptions are live
             await conn.publish(marker, {"sync": marker})
             await synced
             sub.apply()  # every control that came before the marker, before any task
-            await _maybe(conn, "unsubscribe", marker, on_marker)
         try:  # bounded: a connector that hangs must not stall the run
             await self._progressing(sync(), sub)
         except asyncio.CancelledError:
@@ -4474,6 +4480,7 @@ class _Link:
             _log.warning("could not sync controls from %r (%r); running with the "
                          "controls applied so far", conn, exc)
         finally:
+            sub.markers.pop(marker, None)
             if fresh:
                 seen, sub.seen = sub.seen, None
                 if not sub.ready.done():
@@ -4564,14 +4571,32 @@ class _Link:
                              self.FLUSH_TIMEOUT, len(rl.queue))
         sub = rl.sub
         if sub is not None:
+            # The loop's subscription stays after its last run: the next run on this
+            # loop syncs with one marker round trip, not a subscription and the whole
+            # retained replay (a run over MQTT cost 5 ms, most of it that). Controls
+            # that arrive meanwhile are applied as ever. It goes with its loop (see
+            # open) or the engine (forget).
             sub.runs -= 1
-            if not sub.runs:  # the last run on this loop: nobody listens here any more
-                del self._subs[sub.loop]
+
+    async def _leave(self, sub):
+        """Unsubscribe ``sub`` (its loop has closed, or the engine is closing)."""
+        for topic, callback in ((f"{_CONTROL_PREFIX}/#", sub.on_message),
+                                (sub.marker_filter, sub.on_marker)):
+            try:
+                await asyncio.wait_for(_maybe(self.connector, "unsubscribe", topic, callback),
+                                       self.FLUSH_TIMEOUT)
+            except Exception:
+                pass
+
+    def forget(self):
+        """The engine closes: leave every loop's subscription (on its loop, if it runs)."""
+        subs, self._subs = list(self._subs.values()), {}
+        for sub in subs:
+            loop = sub.loop
+            if not loop.is_closed() and loop.is_running():
                 try:
-                    await asyncio.wait_for(_maybe(self.connector, "unsubscribe",
-                                                  f"{_CONTROL_PREFIX}/#", sub.on_message),
-                                           self.FLUSH_TIMEOUT)
-                except Exception:
+                    asyncio.run_coroutine_threadsafe(self._leave(sub), loop)
+                except RuntimeError:
                     pass
 
 
@@ -4691,7 +4716,8 @@ class _LoopSubscription:
     one loop callback, and a later one for a topic supersedes an earlier one still
     waiting (the last message for a (scope, type) wins, and a storm costs one apply per
     topic per loop turn, not one per message)."""
-    __slots__ = ("link", "loop", "runs", "ready", "seen", "pending", "heard")
+    __slots__ = ("link", "loop", "runs", "ready", "seen", "pending", "heard",
+                 "marker_filter", "markers", "count")
 
     def __init__(self, link, loop):
         self.link, self.loop, self.runs = link, loop, 0
@@ -4699,6 +4725,14 @@ class _LoopSubscription:
         self.seen = set()                   # keys heard during the first sync
         self.pending = {}                   # (scope, type) -> its latest checked control
         self.heard = 0                      # messages handled (a sync waits while it grows)
+        self.marker_filter = f"cascade/sync/{os.urandom(8).hex()}/+"  # its runs' markers
+        self.markers = {}                   # marker topic -> the future its run awaits
+        self.count = itertools.count()
+
+    def on_marker(self, topic, payload):
+        fut = self.markers.get(topic)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     @_latest_only  # of a topic's messages still queued, only the newest is checked
     def on_message(self, topic, payload):

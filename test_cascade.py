@@ -6148,6 +6148,48 @@ def test_a_telemetry_outage_warns_once_and_says_when_it_is_over(caplog):
     assert "works again" in said[1] and conn.sent >= 2
 
 
+def test_a_loops_subscription_outlives_its_runs_and_goes_with_its_loop_or_engine():
+    # issue 10: each run subscribed, took the whole retained replay and unsubscribed
+    # (most of the 5 ms a run cost over MQTT). The subscription now stays while its
+    # loop lives: later runs there sync with one marker round trip, and controls that
+    # come between runs are applied; a closed loop's goes at the next run, and all go
+    # with the engine.
+    calls = []
+
+    class Counting(cs.LocalBroker):
+        async def subscribe(self, topic, callback):
+            calls.append(("sub", topic.split("/")[1]))
+            await super().subscribe(topic, callback)
+
+        async def unsubscribe(self, topic, callback):
+            calls.append(("unsub", topic.split("/")[1]))
+            await super().unsubscribe(topic, callback)
+    broker = Counting()
+    e = cs.Engine(connector=broker)
+    ctl = cs.Controller(broker)
+
+    async def three_runs():
+        for i in range(3):
+            assert await e.run(ident(i)) == i
+        await ctl.limit("task:between", 2)   # between runs, with no run active
+        await asyncio.sleep(0.01)
+        assert [(c.scope, c.origin) for c in e.constraints] == [("task:between", "broker")]
+    asyncio.run(three_runs())
+    assert calls == [("sub", "constraints"), ("sub", "sync")]  # once for the three runs
+    asyncio.run(three_runs())  # a new loop: the closed one's subscriptions go
+    assert calls[2:] == [("sub", "constraints"), ("sub", "sync"),
+                         ("unsub", "constraints"), ("unsub", "sync")]
+
+    async def close_on_the_loop():
+        assert await e.run(ident(9)) == 9
+        e.close()
+        await asyncio.sleep(0.05)
+    del calls[:]
+    asyncio.run(close_on_the_loop())
+    assert calls[-2:] == [("unsub", "constraints"), ("unsub", "sync")]
+    asyncio.run(ctl.clear("task:between"))
+
+
 @async_test
 async def test_local_and_broker_controls_are_two_layers_and_the_brokers_wins_while_present():
     # regression: a broker message for a (scope, type) replaced the engine's own control
