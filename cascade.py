@@ -2545,8 +2545,14 @@ class MqttConnector(_Hub):
             async for m in self._client.messages:
                 with self._lock:
                     self._fanout(m.topic.value, _decode_payload(m.payload), size=len(m.payload))
-        except Exception:  # aiomqtt raises MqttError when the connection drops
-            _log.exception("MQTT reader stopped; re-create the client and connector to resume")
+        except Exception as exc:  # aiomqtt raises MqttError when the connection ends
+            if exc.__cause__ is None and "Disconnected" in str(exc):
+                # the user's `async with aiomqtt.Client()` ended: a normal disconnect
+                # (aiomqtt chains the error of a failed connection as the cause)
+                _log.debug("MQTT reader stopped: the aiomqtt client disconnected")
+                return
+            _log.error("MQTT reader stopped (%r); re-create the client and connector to "
+                       "resume", exc.__cause__ or exc)
 
     async def _await_ack(self, mid: int, sub: _Subscription | None, what: str) -> Any:
         fut = asyncio.get_running_loop().create_future()

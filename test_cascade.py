@@ -6360,6 +6360,19 @@ def test_republishing_the_same_payload_object_applies_it_again():
 
 
 @async_test
+async def test_leaving_async_with_aiomqtt_client_after_a_run_logs_no_error(aiomqtt, caplog):
+    # regression (issue 10): the connector's reader logged an ERROR with a traceback
+    # when the user's `async with aiomqtt.Client()` ended normally
+    with caplog.at_level(logging.DEBUG, logger="cascade"):
+        async with aiomqtt.Client(HOST, PORT) as client:
+            engine = cs.Engine(connector=cs.MqttConnector(client))
+            assert await asyncio.wait_for(engine.run(ident(3)), TIMEOUT) == 3
+        await asyncio.sleep(0.1)  # the reader sees the disconnect
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert any("aiomqtt client disconnected" in r.getMessage() for r in caplog.records)
+
+
+@async_test
 async def test_an_aiomqtt_engine_applies_retained_controls_and_sends_telemetry(paho, aiomqtt, broker):
     u = broker
     org, project = f"lorg_{u}", f"l_{u}"
