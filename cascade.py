@@ -4462,12 +4462,14 @@ class _Link:
         marker = f"{sub.marker_filter[:-2]}/{next(sub.count)}"
         synced = sub.markers[marker] = loop.create_future()
         gone = [s for lp, s in self._subs.items() if lp.is_closed()]
+        subscribed = [False]
 
         async def sync():
             if fresh:
                 await conn.connect()
                 await conn.subscribe(f"{_CONTROL_PREFIX}/#", sub.on_message)
                 await conn.subscribe(sub.marker_filter, sub.on_marker)
+                subscribed[0] = True
                 for old in gone:  # subscriptions of loops that have closed since
                     del self._subs[old.loop]
                     await self._leave(old)
@@ -4485,6 +4487,8 @@ class _Link:
         except Exception as exc:
             _log.warning("could not sync controls from %r (%r); running with the "
                          "controls applied so far", conn, exc)
+            if fresh and not subscribed[0] and self._subs.get(loop) is sub:
+                del self._subs[loop]  # not subscribed: the next run on this loop tries again
         finally:
             sub.markers.pop(marker, None)
             if fresh:

@@ -6190,6 +6190,30 @@ def test_a_loops_subscription_outlives_its_runs_and_goes_with_its_loop_or_engine
     asyncio.run(ctl.clear("task:between"))
 
 
+def test_a_run_whose_subscription_failed_leaves_the_next_run_to_subscribe(caplog):
+    # The loop's subscription outlives its runs; one that never got subscribed (the
+    # broker was down) must not: the next run subscribes and gets the retained controls.
+    class Refusing(cs.LocalBroker):
+        fail = True
+
+        async def subscribe(self, topic, callback):
+            if self.fail:
+                raise ConnectionError("broker down")
+            await super().subscribe(topic, callback)
+    broker = Refusing()
+    e = cs.Engine(connector=broker)
+
+    async def main():
+        with caplog.at_level(logging.WARNING, logger="cascade"):
+            assert await e.run(ident(1)) == 1
+        assert any("could not sync" in r.getMessage() for r in caplog.records)
+        broker.fail = False
+        await cs.Controller(broker).limit("task:later", 3)
+        assert await e.run(ident(2)) == 2
+        assert [(c.scope, c.origin) for c in e.constraints] == [("task:later", "broker")]
+    asyncio.run(main())
+
+
 @async_test
 async def test_local_and_broker_controls_are_two_layers_and_the_brokers_wins_while_present():
     # regression: a broker message for a (scope, type) replaced the engine's own control
