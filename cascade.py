@@ -1382,6 +1382,8 @@ class _ControlPlane:
     def _install(self, key, c):  # lock held: make c the control in force of its key
         ctype = _CONTROL_TYPES[c.type]
         now = time.monotonic()
+        if self._states.get(key) in self._failing:  # (review) the other layer's control
+            self._uninstall(key)                     # gets a state of its own
         self.constraints[key] = c
         st = self._states.get(key)
         if st is None:
@@ -2442,6 +2444,7 @@ class MqttConnector(_Hub):
                 "on_message, subscribe, publish) or an aiomqtt 2.x Client entered with 'async with'; "
                 f"got {type(client).__name__}")
         self._client, self._timeout = client, timeout
+        self.connects = 0  # (re)connections seen by on_connect
         self._waiting: dict = {}  # mid -> (future, subscription or None)
         self._early: collections.OrderedDict = collections.OrderedDict()  # acks that beat us
         self._conn_waiters: list = []
@@ -2496,12 +2499,12 @@ class MqttConnector(_Hub):
         if self._kind == "aiomqtt":
             await self._client.publish(topic, raw, qos=qos, retain=retain)
             return
+        if qos and not retain and not self._client.is_connected():
+            # not connected: a live message (telemetry) is dropped at once, never handed
+            # to paho, which would queue it without bound and send it stale on reconnect
+            # (a retained control is handed over, kept by paho and waited for)
+            raise ConnectionError(f"MQTT publish to {topic!r} failed: not connected")
         info = self._client.publish(topic, raw, qos, retain)
-        if qos and info.rc != 0 and not retain:
-            # not connected: a live message (telemetry) is dropped at once rather than
-            # wait for a reconnect (a retained control is kept by paho and waited for)
-            raise ConnectionError(f"MQTT publish to {topic!r} failed: "
-                                  f"{getattr(info.rc, 'name', info.rc)}")
         if qos:  # NO_CONN still queues it in paho: wait for the ack either way
             await self._await_ack(info.mid, None, f"acknowledgement of publish to {topic!r}")
         elif info.rc != 0:
@@ -2610,6 +2613,7 @@ class MqttConnector(_Hub):
                 return
             _no_delay(client)
             with self._lock:
+                self.connects += 1  # (a link re-syncs at its next run: see _Link.open)
                 for s in self._subs:
                     s.replay = True  # every filter gets its retained burst again
                 filters = sorted({s.filter for s in self._subs})
@@ -4454,6 +4458,14 @@ class _Link:
         conn = self.connector
         loop = asyncio.get_running_loop()
         sub = self._subs.get(loop)
+        gone = [s for lp, s in self._subs.items() if lp.is_closed()]
+        if sub is not None and getattr(conn, "connects", 0) != sub.connects:
+            # The connection was made again since this subscription synced: the broker
+            # may have lost or changed what it retains, and what was cleared meanwhile
+            # never came. Sync afresh, so the broker's layer is what it retains now
+            # (regression: a pause cleared during an outage held every later run).
+            gone.append(sub)
+            sub = None
         fresh = sub is None
         if fresh:
             sub = self._subs[loop] = _LoopSubscription(self, loop)
@@ -4461,7 +4473,6 @@ class _Link:
         rl.sub = sub
         marker = f"{sub.marker_filter[:-2]}/{next(sub.count)}"
         synced = sub.markers[marker] = loop.create_future()
-        gone = [s for lp, s in self._subs.items() if lp.is_closed()]
         subscribed = [False]
 
         async def sync():
@@ -4470,8 +4481,10 @@ class _Link:
                 await conn.subscribe(f"{_CONTROL_PREFIX}/#", sub.on_message)
                 await conn.subscribe(sub.marker_filter, sub.on_marker)
                 subscribed[0] = True
-                for old in gone:  # subscriptions of loops that have closed since
-                    del self._subs[old.loop]
+                sub.connects = getattr(conn, "connects", 0)
+                for old in gone:  # of loops that have closed since, or stale
+                    if self._subs.get(old.loop) is old:
+                        del self._subs[old.loop]
                     await self._leave(old)
                 if not sub.ready.done():
                     sub.ready.set_result(None)
@@ -4613,7 +4626,7 @@ class _Link:
 class _RunLink:
     """One run's side of its engine's _Link: the run's telemetry queue and flusher, and
     its share of its loop's control subscription (None until ``open``)."""
-    __slots__ = ("link", "run", "queue", "flusher", "sub")
+    __slots__ = ("link", "run", "queue", "flusher", "sub", "opened")
     BATCH = 1000  # events per telemetry message at most
 
     def __init__(self, link, run):
@@ -4621,11 +4634,19 @@ class _RunLink:
         self.queue = collections.deque()   # (ts, record) not yet published
         self.flusher = None
         self.sub = None
+        # set once the link is open (or the run closes without): the flusher waits for
+        # it, since a record made before (ENGINE_STARTED) would find the connector not
+        # connected yet and be dropped
+        self.opened = asyncio.Event()
 
     async def open(self):
-        await self.link.open(self)
+        try:
+            await self.link.open(self)
+        finally:
+            self.opened.set()
 
     async def close(self):
+        self.opened.set()
         await self.link.close(self)
 
     # A record is (ts, word) for a lifecycle event or (ts, who, state, duration_ms,
@@ -4676,6 +4697,7 @@ class _RunLink:
         # were published in one go, and a pause sent then was applied 0.8 s-5 s later).
         chunk = self.BATCH * (10 if batch is not None else 1)
         try:
+            await self.opened.wait()
             while self.queue:
                 if len(self.queue) <= chunk:
                     items, self.queue = self.queue, collections.deque()
@@ -4727,7 +4749,7 @@ class _LoopSubscription:
     waiting (the last message for a (scope, type) wins, and a storm costs one apply per
     topic per loop turn, not one per message)."""
     __slots__ = ("link", "loop", "runs", "ready", "seen", "pending", "heard",
-                 "marker_filter", "markers", "count")
+                 "marker_filter", "markers", "count", "connects")
 
     def __init__(self, link, loop):
         self.link, self.loop, self.runs = link, loop, 0
@@ -4738,6 +4760,7 @@ class _LoopSubscription:
         self.marker_filter = f"cascade/sync/{os.urandom(8).hex()}/+"  # its runs' markers
         self.markers = {}                   # marker topic -> the future its run awaits
         self.count = itertools.count()
+        self.connects = 0                   # the connector's connects when it synced
 
     def on_marker(self, topic, payload):
         fut = self.markers.get(topic)
