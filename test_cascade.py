@@ -6525,31 +6525,48 @@ async def test_garbage_and_oversize_control_messages_are_rejected_and_the_engine
         close_client(ctl_client)
 
 
-@async_test
-async def test_a_broker_restart_mid_run_the_run_completes_and_controls_work_again(paho, tmp_path):
+def watched_client(port):
+    """(client, next_event): a paho client of ``port``, and ``next_event(want)``, which
+    blocks until it has (re)connected ("connect") or lost its connection ("disconnect")."""
+    events = queue.Queue()
+    client = mqtt_client(port)
+    client.on_connect = lambda *a: events.put("connect")        # chained by the connector
+    client.on_disconnect = lambda *a: events.put("disconnect")
+
+    def next_event(want):
+        while events.get(timeout=TIMEOUT) != want:
+            pass
+    return client, next_event
+
+
+def private_mosquitto(tmp_path):
+    """(port, start, started): a private Mosquitto without persistence on a free port;
+    ``start()`` starts one more process of it (after a kill, say), ``started`` lists
+    them for the caller to kill."""
     binary = shutil.which("mosquitto")
     need("no mosquitto binary to start a private broker", binary)
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(f"listener {port} {HOST}\nallow_anonymous true\npersistence false\n"
                     "log_dest stderr\n")
+    started = []
 
-    brokers = []
+    def start():
+        started.append(Proc([binary, "-c", str(conf)]))
+        started[-1].expect(r"mosquitto version .* running", stream="err")
+        return started[-1]
+    return port, start, started
 
-    def start_broker():
-        brokers.append(Proc([binary, "-c", str(conf)]))
-        brokers[-1].expect(r"mosquitto version .* running", stream="err")
-        return brokers[-1]
 
+@async_test
+async def test_a_broker_restart_mid_run_the_run_completes_and_controls_work_again(paho, tmp_path):
+    port, start_broker, brokers = private_mosquitto(tmp_path)
     broker = start_broker()
     u = uid()
     second = f"l_{u}_second"
-    events = queue.Queue()
     client = ctl_client = None
     try:
-        client = mqtt_client(port)
-        client.on_connect = lambda *a: events.put("connect")        # chained by the connector
-        client.on_disconnect = lambda *a: events.put("disconnect")
+        client, next_event = watched_client(port)
         engine = cs.Engine(connector=cs.MqttConnector(client))
         log = Recorder(engine)
         first, gate, started = held_task(f"l_{u}_first", 1)
@@ -6560,12 +6577,6 @@ async def test_a_broker_restart_mid_run_the_run_completes_and_controls_work_agai
 
         handle = engine.start(then(first()))
         await asyncio.wait_for(started.wait(), TIMEOUT)
-
-        def next_event(want):
-            while True:
-                got = events.get(timeout=TIMEOUT)
-                if got == want:
-                    return
 
         broker.kill()
         await asyncio.to_thread(next_event, "disconnect")
@@ -6597,28 +6608,12 @@ async def test_after_a_reconnect_the_next_run_sees_what_the_broker_retains_now(p
     # although the broker no longer had it. And while paho was disconnected, telemetry
     # was handed to paho, which queued it without bound, sent it stale on reconnect and
     # had it counted as dropped.
-    binary = shutil.which("mosquitto")
-    need("no mosquitto binary to start a private broker", binary)
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} {HOST}\nallow_anonymous true\npersistence false\n"
-                    "log_dest stderr\n")
-    brokers, events, u = [], queue.Queue(), uid()
-
-    def start_broker():
-        brokers.append(Proc([binary, "-c", str(conf)]))
-        brokers[-1].expect(r"mosquitto version .* running", stream="err")
-        return brokers[-1]
-
-    def next_event(want):
-        while events.get(timeout=TIMEOUT) != want:
-            pass
+    port, start_broker, brokers = private_mosquitto(tmp_path)
+    u = uid()
     broker = start_broker()
     client = ctl_client = None
     try:
-        client = mqtt_client(port)
-        client.on_connect = lambda *a: events.put("connect")        # chained by the connector
-        client.on_disconnect = lambda *a: events.put("disconnect")
+        client, next_event = watched_client(port)
         engine = cs.Engine(connector=cs.MqttConnector(client))
         ctl_client = mqtt_client(port)
         await cs.Controller(cs.MqttConnector(ctl_client)).pause(f"task:l_{u}_w")

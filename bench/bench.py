@@ -597,16 +597,14 @@ def c_ttl_hogs(cfg):
         engine.close()
     return late
 
-def c_control_under_telemetry(cfg):
-    """Over a real Mosquitto (127.0.0.1:1883, paho): a cfg["big_map"]-item map under a
-    limit makes a burst of BLOCKED telemetry on the engine's connection; a pause from
-    another client 0.3 s into the run, then 4 more 50 ms apart. Returns the ms from each
-    publish to its ConstraintApplied, or a reason string when no broker or paho."""
+def _mqtt_client_maker():
+    """A function making connected paho clients (network loop started) for Mosquitto on
+    127.0.0.1:1883, or why the MQTT rows are skipped."""
     try:
         import paho.mqtt.client as mqtt
     except ImportError:
         return "skipped: pip install paho-mqtt"
-    import json as _json, socket as _socket, uuid as _uuid
+    import socket as _socket, uuid as _uuid
     try:
         _socket.create_connection(("127.0.0.1", 1883), 1).close()
     except OSError:
@@ -617,6 +615,17 @@ def c_control_under_telemetry(cfg):
         c.connect("127.0.0.1", 1883)
         c.loop_start()
         return c
+    return client
+
+def c_control_under_telemetry(cfg):
+    """Over a real Mosquitto (127.0.0.1:1883, paho): a cfg["big_map"]-item map under a
+    limit makes a burst of BLOCKED telemetry on the engine's connection; a pause from
+    another client 0.3 s into the run, then 4 more 50 ms apart. Returns the ms from each
+    publish to its ConstraintApplied, or a reason string when no broker or paho."""
+    client = _mqtt_client_maker()
+    if isinstance(client, str):
+        return client
+    import json as _json, uuid as _uuid
     scope = f"task:bench{_uuid.uuid4().hex[:6]}"
     topic = f"cascade/constraints/task/{scope[5:]}/pause"
 
@@ -656,18 +665,10 @@ def c_mqtt_per_run(cfg):
     """ms per trivial run of an engine linked to a real Mosquitto through paho (its sync
     round trip and telemetry flush included), p50 of cfg["status_samples"] runs; or why
     it was skipped."""
-    try:
-        import paho.mqtt.client as mqtt
-    except ImportError:
-        return "skipped: pip install paho-mqtt"
-    import socket as _socket, uuid as _uuid
-    try:
-        _socket.create_connection(("127.0.0.1", 1883), 1).close()
-    except OSError:
-        return "skipped: no MQTT broker on 127.0.0.1:1883"
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"b-{_uuid.uuid4().hex[:8]}")
-    client.connect("127.0.0.1", 1883)
-    client.loop_start()
+    make = _mqtt_client_maker()
+    if isinstance(make, str):
+        return make
+    client = make()
 
     async def main():
         engine = cs.Engine(connector=cs.MqttConnector(client))
