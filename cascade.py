@@ -5205,11 +5205,33 @@ def _mqtt_client(args):
     if args.tls:
         client.tls_set()
     port = args.port or (8883 if args.tls else 1883)
+    answer, answered = [], threading.Event()
+
+    def on_connect(client, userdata, flags, reason, *rest):
+        answer.append(reason)
+        answered.set()
+    client.on_connect = on_connect  # (the connector chains it)
     try:
         client.connect(args.host, port, keepalive=30)
     except (OSError, ValueError) as exc:
         raise _CliError(f"cannot reach the MQTT broker at {args.host}:{port} ({exc}); "
                         "check --host/--port, or start one (e.g. mosquitto)") from None
+    # Wait for the broker's answer (CONNACK) here, so that a refusal or a port that is
+    # not a broker is said plainly (regression: both read "call client.connect(...)").
+    client.loop_start()
+    if not answered.wait(args.timeout):
+        client.loop_stop()
+        raise _CliError(f"{args.host}:{port} took the connection but did not answer as an "
+                        f"MQTT broker within {args.timeout:g}s; check --port (1883, or 8883 "
+                        "with --tls) and --tls")
+    reason = answer[0]
+    if getattr(reason, "is_failure", bool(reason)):
+        client.loop_stop()
+        text = str(getattr(reason, "getName", lambda: reason)())
+        hint = ("not authorised: check --username/--password" if any(
+            w in text.lower() for w in ("auth", "password", "user name")) else text)
+        raise _CliError(f"the MQTT broker at {args.host}:{port} refused the connection: "
+                        f"{hint}")
     return client
 
 

@@ -7267,6 +7267,41 @@ def test_cli_without_a_broker_is_one_line_and_exit_status_1(paho, argv):
     assert len(lines) == 1 and str(port) in lines[0], r.stderr
 
 
+def test_cli_says_plainly_when_the_port_is_not_a_broker_or_the_broker_refuses(paho, tmp_path):
+    # regression (issue 10): a port that is not an MQTT broker, and a wrong password,
+    # both read "call client.connect(host, port) before MqttConnector.connect()"
+    silent = socket.create_server((HOST, 0))  # takes connections, never answers
+    try:
+        r = cli("status", "--port", silent.getsockname()[1], "--timeout", 1)
+    finally:
+        silent.close()
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "did not answer as an MQTT broker" in r.stderr and "check --port" in r.stderr
+
+    binary, passwd = shutil.which("mosquitto"), shutil.which("mosquitto_passwd")
+    need("no mosquitto / mosquitto_passwd binary to start a private broker", binary and passwd)
+    (tmp_path / "passwd").touch()
+    subprocess.run([passwd, "-b", str(tmp_path / "passwd"), "alice", "secret"], check=True)
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    # (started as root, mosquitto would drop to a user who cannot read tmp_path)
+    conf.write_text(f"listener {port} {HOST}\nallow_anonymous false\npersistence false\n"
+                    f"password_file {tmp_path / 'passwd'}\nlog_dest stderr\nuser root\n")
+    broker = Proc([binary, "-c", str(conf)])
+    try:
+        broker.expect(r"mosquitto version .* running", stream="err")
+        for creds in (["--username", "alice", "--password", "wrong"], []):
+            r = cli("status", "--port", port, *creds)
+            assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+            assert r.stderr.strip().splitlines() == [
+                f"cascade: the MQTT broker at {HOST}:{port} refused the connection: not "
+                "authorised: check --username/--password"]
+        r = cli("status", "--port", port, "--username", "alice", "--password", "secret")
+        assert stdout_of(r).strip() == "no controls in force"
+    finally:
+        broker.kill()
+
+
 @pytest.mark.parametrize("script", [False, True], ids=["python-m-cascade", "console-script"])
 def test_cli_pauses_and_resumes_an_engine_process(paho, broker, script):
     if script:  # CI installs the package (pip install -e .), so it must run there
