@@ -1459,11 +1459,6 @@ class _ControlPlane:
             self._notify(applied, c)
         return removed
 
-    def layers(self):
-        """{(scope, type): {"local": c, "broker": c}} of the controls set (a copy)."""
-        with self.lock:
-            return {k: dict(v) for k, v in self._layers.items()}
-
     def _index(self, key, add):  # lock held: the scope index that _matching reads
         scope = key[0]
         kind, _, pat = scope.partition(":")
