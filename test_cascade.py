@@ -4628,8 +4628,13 @@ async def test_paho_resubscribes_after_reconnect(paho, paho_client, prefix):
     await conn.subscribe(f"{prefix}/r/#", inbox)
     while not connects.empty():
         connects.get_nowait()
-    paho_client.socket().shutdown(socket.SHUT_RDWR)  # the broker "goes away"
+    old = paho_client.socket()
+    old.shutdown(socket.SHUT_RDWR)  # the broker "goes away"
     await asyncio.wait_for(connects.get(), TIMEOUT)  # paho reconnected (clean session: subs gone)
+    deadline = time.monotonic() + TIMEOUT
+    while (paho_client.socket() in (None, old) or not paho_client.is_connected()) \
+            and time.monotonic() < deadline:  # (a late event of the first connect)
+        await asyncio.sleep(0.01)
     assert no_delay()  # the new socket too
     other = paho.Client(paho.CallbackAPIVersion.VERSION2)
     other.connect(HOST, PORT)
