@@ -1048,7 +1048,7 @@ class Constraint:
 
     @property
     def topic(self):
-        """The retained control topic of this (scope, type)."""
+        """The retained control topic of this (scope, type), under the default prefix."""
         return _control_topic(self.scope, self.type)
 
     def expires_in(self, now=None):
@@ -1068,24 +1068,44 @@ class Constraint:
                 f"{' from the broker' if self.origin == 'broker' else ''}>")
 
 
-_CONTROL_PREFIX = "cascade/constraints"
+_PREFIX = "cascade"  # the default topic prefix (see _check_prefix)
 _TELEMETRY_V = "1.1"  # the shape of telemetry messages (see _RunLink.payloads)
 
 
-def _control_topic(scope, kind):
+def _check_prefix(prefix, what="prefix"):
+    """A topic prefix: one or more topic levels, no wildcards, no empty level, not a
+    ``$`` topic (``"cascade"``, ``"team-a/cascade"``). Every topic Cascade uses is under
+    it, so deployments with different prefixes share a broker without seeing each
+    other."""
+    if (not isinstance(prefix, str) or not prefix or "\0" in prefix or "+" in prefix
+            or "#" in prefix or prefix.startswith("$") or "" in prefix.split("/")):
+        raise ValueError(f"{what}={prefix!r}: a topic prefix is one or more '/'-separated "
+                         "levels without '+', '#', empty levels or a leading '$' (e.g. "
+                         "'cascade' or 'team-a/cascade')")
+    return prefix
+
+
+def _prefix_of(connector):
+    """The topic prefix of a connector (its ``prefix`` attribute; "cascade" if none)."""
+    return _check_prefix(getattr(connector, "prefix", _PREFIX), f"{connector!r}.prefix")
+
+
+def _control_topic(scope, kind, prefix=_PREFIX):
     # scope "task:api_call" -> "cascade/constraints/task/api_call/pause"
-    return f"{_CONTROL_PREFIX}/{scope.replace(':', '/', 1)}/{kind}"
+    return f"{prefix}/constraints/{scope.replace(':', '/', 1)}/{kind}"
 
 
-def _parse_control_topic(topic):
-    """(scope, type) of a control topic; ConstraintError if it is not one."""
-    parts = topic.split("/")
-    if len(parts) == 4 and parts[2] == "global":
-        scope, kind = "global", parts[3]
-    elif len(parts) == 5:
-        scope, kind = f"{parts[2]}:{parts[3]}", parts[4]
+def _parse_control_topic(topic, prefix=_PREFIX):
+    """(scope, type) of a control topic under ``prefix``; ConstraintError if it is not
+    one."""
+    head = f"{prefix}/constraints/"
+    parts = topic[len(head):].split("/") if topic.startswith(head) else ()
+    if len(parts) == 2 and parts[0] == "global":
+        scope, kind = "global", parts[1]
+    elif len(parts) == 3:
+        scope, kind = f"{parts[0]}:{parts[1]}", parts[2]
     else:
-        raise ConstraintError(f"topic {topic!r} is not cascade/constraints/<scope>/<type>")
+        raise ConstraintError(f"topic {topic!r} is not {head}<scope>/<type>")
     if kind not in _CONTROL_TYPES:
         raise ConstraintError(f"constraint type {kind!r} in topic {topic!r} is not one of "
                               f"{list(_TYPES)}")
@@ -2341,8 +2361,9 @@ class LocalBroker(_Hub):
     as raw bytes, as it would from an MQTT broker.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, prefix: str = _PREFIX) -> None:
         super().__init__()
+        self.prefix = _check_prefix(prefix)  # the topics engines and controllers use
         self._retained: dict = {}  # topic -> encoded payload (never b"")
 
     def __repr__(self) -> str:
@@ -2426,8 +2447,9 @@ class MqttConnector(_Hub):
     retained messages to earlier subscriptions (paho filters by SUBACK order).
     """
 
-    def __init__(self, client: Any, *, timeout: float = 10.0) -> None:
+    def __init__(self, client: Any, *, timeout: float = 10.0, prefix: str = _PREFIX) -> None:
         super().__init__()
+        self.prefix = _check_prefix(prefix)  # the topics engines and controllers use
         if callable(getattr(client, "loop_start", None)) and (
                 hasattr(client, "message_callback_add") or hasattr(client, "on_message")):
             self._kind = "paho"
@@ -2644,8 +2666,8 @@ def _resolve_future(fut: asyncio.Future, result: Any) -> None:
 
 class Controller:
     """Steer every engine on a broker: the engine's control verbs as coroutines, each
-    published as a retained message on ``cascade/constraints/<scope path>/<type>``, so
-    engines that join later honour it too::
+    published as a retained message on ``<prefix>/constraints/<scope path>/<type>`` (the
+    connector's prefix, "cascade" by default), so engines that join later honour it too::
 
         ctl = cs.Controller(cs.MqttConnector(client))
         await ctl.pause("task:api_call", ttl=60)
@@ -2654,6 +2676,7 @@ class Controller:
 
     def __init__(self, connector: Any) -> None:
         self.connector = _check_connector(connector)
+        self.prefix = _prefix_of(connector)
         self._connected = False
 
     async def _conn(self):
@@ -2663,13 +2686,15 @@ class Controller:
         return self.connector
 
     async def _publish(self, c):
-        await (await self._conn()).publish(c.topic, c.to_dict(), qos=1, retain=True)
+        await (await self._conn()).publish(_control_topic(c.scope, c.type, self.prefix),
+                                           c.to_dict(), qos=1, retain=True)
         return c
 
     async def _clear(self, scope, kinds):
         conn = await self._conn()
         for kind in kinds:
-            await conn.publish(_control_topic(_check_scope(scope), kind), "", qos=1, retain=True)
+            await conn.publish(_control_topic(_check_scope(scope), kind, self.prefix), "",
+                               qos=1, retain=True)
 
     async def pause(self, scope: str = "global", *, ttl: Optional[float] = None) -> Constraint:
         return await self._publish(Constraint.make(scope, "pause", ttl=ttl))
@@ -2693,7 +2718,8 @@ class Controller:
         ``expires_in()``), sorted by scope and type."""
         conn = await self._conn()
         found = {}
-        marker = f"cascade/sync/{os.urandom(8).hex()}"
+        marker = f"{self.prefix}/sync/{os.urandom(8).hex()}"
+        controls = f"{self.prefix}/constraints/#"
         done = asyncio.get_running_loop().create_future()
 
         @_latest_only
@@ -2708,13 +2734,13 @@ class Controller:
                     pass
             else:
                 found.pop(topic, None)
-        await conn.subscribe(f"{_CONTROL_PREFIX}/#", collect)
+        await conn.subscribe(controls, collect)
         await conn.subscribe(marker, collect)
         try:
             await conn.publish(marker, {"sync": marker})
             await asyncio.wait_for(done, timeout)
         finally:
-            await _maybe(conn, "unsubscribe", f"{_CONTROL_PREFIX}/#", collect)
+            await _maybe(conn, "unsubscribe", controls, collect)
             await _maybe(conn, "unsubscribe", marker, collect)
         return sorted(found.values(), key=lambda c: (c.scope, c.type))
 
@@ -4435,6 +4461,7 @@ class _Link:
         _check_connector(connector)
         self.engine = engine
         self.connector = connector
+        self.prefix = _prefix_of(connector)
         self.source = f"{socket.gethostname()}-{os.getpid()}"
         self.remote = {}             # (scope, type) -> the constraint the broker gave
         self.telemetry_down = False  # a telemetry publish failed, none has worked since
@@ -4473,7 +4500,7 @@ class _Link:
         async def sync():
             if fresh:
                 await conn.connect()
-                await conn.subscribe(f"{_CONTROL_PREFIX}/#", sub.on_message)
+                await conn.subscribe(f"{self.prefix}/constraints/#", sub.on_message)
                 await conn.subscribe(sub.marker_filter, sub.on_marker)
                 subscribed[0] = True
                 sub.connects = getattr(conn, "connects", 0)
@@ -4537,7 +4564,7 @@ class _Link:
         topic stays) or None when the topic is not a control topic at all."""
         key = None
         try:
-            scope, kind = key = _parse_control_topic(topic)
+            scope, kind = key = _parse_control_topic(topic, self.prefix)
             if payload == "":
                 return key, None
             if payload is None:  # (regression: a JSON null silently removed the control)
@@ -4598,7 +4625,7 @@ class _Link:
 
     async def _leave(self, sub):
         """Unsubscribe ``sub`` (its loop has closed, or the engine is closing)."""
-        for topic, callback in ((f"{_CONTROL_PREFIX}/#", sub.on_message),
+        for topic, callback in ((f"{self.prefix}/constraints/#", sub.on_message),
                                 (sub.marker_filter, sub.on_marker)):
             try:
                 await asyncio.wait_for(_maybe(self.connector, "unsubscribe", topic, callback),
@@ -4683,7 +4710,7 @@ class _RunLink:
 
     async def _flush(self):
         engine = self.link.engine
-        topic = f"cascade/telemetry/{engine.org}/{engine.project}/{self.run.run_id}/events"
+        topic = f"{self.link.prefix}/telemetry/{engine.org}/{engine.project}/{self.run.run_id}/events"
         conn = self.link.connector
         batch = getattr(conn, "publish_many_nowait", None)  # LocalBroker's
         link = self.link
@@ -4752,7 +4779,7 @@ class _LoopSubscription:
         self.seen = set()                   # keys heard during the first sync
         self.pending = {}                   # (scope, type) -> its latest checked control
         self.heard = 0                      # messages handled (a sync waits while it grows)
-        self.marker_filter = f"cascade/sync/{os.urandom(8).hex()}/+"  # its runs' markers
+        self.marker_filter = f"{link.prefix}/sync/{os.urandom(8).hex()}/+"  # its runs' markers
         self.markers = {}                   # marker topic -> the future its run awaits
         self.count = itertools.count()
         self.connects = 0                   # the connector's connects when it synced
@@ -5145,6 +5172,9 @@ def _cli_parser():
     g.add_argument("--password", default=os.environ.get("CASCADE_MQTT_PASSWORD"))
     g.add_argument("--tls", action="store_true", help="connect with TLS (system CA store)")
     g.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker")
+    g.add_argument("--prefix", default=os.environ.get("CASCADE_TOPIC_PREFIX", _PREFIX),
+                   help="topic prefix of the deployment, as given to its connectors "
+                        "(default: $CASCADE_TOPIC_PREFIX or cascade)")
     ttl = argparse.ArgumentParser(add_help=False)
     ttl.add_argument("--ttl", type=float, help="seconds until the control lifts itself")
 
@@ -5177,7 +5207,7 @@ def _cli_parser():
     v = verb("watch", "print live task events of every run (Ctrl-C stops)")
     v.add_argument("--json", action="store_true", help="print raw JSON payloads")
     v.add_argument("--count", type=int, help="exit after this many events")
-    v.add_argument("--topic", default="cascade/telemetry/#", help="telemetry topic filter")
+    v.add_argument("--topic", help="telemetry topic filter (default: PREFIX/telemetry/#)")
     v = verb("demo", "run a demo workflow steered live (no broker needed)", ())
     v.add_argument("--tasks", type=int, default=40, help="items per stage (default 40)")
     return p
@@ -5231,7 +5261,7 @@ def _mqtt_client(args):
 
 
 async def _cli_verb(args, client):
-    ctl = Controller(MqttConnector(client, timeout=args.timeout))
+    ctl = Controller(MqttConnector(client, timeout=args.timeout, prefix=args.prefix))
     v = args.verb
     publish = getattr(args, "publish", None)
     if publish is not None:  # a control verb: pause, limit, rate
@@ -5279,8 +5309,9 @@ def _clock_of(event):
 async def _cli_watch(args, conn):
     await conn.connect()
     q = asyncio.Queue()
-    await conn.subscribe(args.topic, lambda t, p: q.put_nowait((t, p)))
-    print(f"watching {args.topic} (Ctrl-C stops)", file=sys.stderr, flush=True)
+    topic = args.topic or f"{conn.prefix}/telemetry/#"
+    await conn.subscribe(topic, lambda t, p: q.put_nowait((t, p)))
+    print(f"watching {topic} (Ctrl-C stops)", file=sys.stderr, flush=True)
     seen = 0  # events (a message carries one or more)
     while args.count is None or seen < args.count:
         topic, p = await q.get()
@@ -5315,9 +5346,14 @@ def _watch_line(p, b):
 
 def main(argv: Optional[list] = None) -> int:
     """The ``cascade`` command line; returns the exit status."""
-    args = _cli_parser().parse_args(argv)
+    parser = _cli_parser()
+    args = parser.parse_args(argv)
     if args.verb == "demo":
         return _demo(args.tasks)
+    try:
+        _check_prefix(args.prefix, "--prefix")
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         client = _mqtt_client(args)
         client.loop_start()

@@ -6871,8 +6871,8 @@ async def test_telemetry_reaches_an_outside_mqtt_subscriber(paho, broker):
 class FaultyConnector:
     """A LocalBroker whose publish raises or hangs forever for matching topics."""
 
-    def __init__(self, mode, prefix=""):
-        self.broker, self.mode, self.prefix = cs.LocalBroker(), mode, prefix
+    def __init__(self, mode, faulty=""):
+        self.broker, self.mode, self.faulty = cs.LocalBroker(), mode, faulty
 
     async def connect(self):
         await self.broker.connect()
@@ -6881,7 +6881,7 @@ class FaultyConnector:
         await self.broker.disconnect()
 
     async def publish(self, topic, payload, qos=0, retain=False):
-        if topic.startswith(self.prefix):
+        if topic.startswith(self.faulty):
             if self.mode == "raise":
                 raise ConnectionError("l broker gone")
             await asyncio.Event().wait()  # hangs forever
@@ -6908,7 +6908,7 @@ class BrokenConnector:
 async def test_failing_telemetry_publish_never_fails_or_stalls_the_run(mode, monkeypatch, caplog):
     monkeypatch.setattr(cs._Link, "FLUSH_TIMEOUT", 0.2)
     u = uid()
-    conn = FaultyConnector(mode, prefix="cascade/telemetry/")
+    conn = FaultyConnector(mode, faulty="cascade/telemetry/")
     await cs.Controller(conn.broker).limit(f"task:l_{u}_t", 3)
     engine = cs.Engine(connector=conn)
 
@@ -7384,6 +7384,94 @@ def test_a_late_joining_engine_process_honours_retained_controls(paho, broker):
 # ===========================================================================
 # Demo (python cascade.py demo) and benchmarks
 # ===========================================================================
+
+# --- topic prefixes: isolated deployments on one broker ---------------------
+
+class Prefixed:
+    """A connector of the user's own over a shared LocalBroker, with its own prefix."""
+
+    def __init__(self, broker, prefix):
+        self.broker, self.prefix = broker, prefix
+
+    def __getattr__(self, name):
+        return getattr(self.broker, name)
+
+
+@async_test
+async def test_a_topic_prefix_keeps_deployments_on_one_broker_apart():
+    # regression: `cascade pause task:fetch` paused fetch in every project on the broker
+    broker, u = cs.LocalBroker(), uid()
+    scope = f"task:l_{u}_fetch"
+    fetch = cs.task(lambda: "fetched", name=f"l_{u}_fetch")
+    a, b = Prefixed(broker, "team-a/cascade"), Prefixed(broker, "team-b/cascade")
+    ea, eb = cs.Engine(connector=a), cs.Engine(connector=b)
+    await cs.Controller(a).pause(scope)
+    assert [t for t in broker._retained] == [f"team-a/cascade/constraints/task/l_{u}_fetch/pause"]
+    assert [c.scope for c in await cs.Controller(a).status()] == [scope]
+    assert await cs.Controller(b).status() == []
+    assert await cs.Controller(broker).status() == []      # the default prefix: "cascade"
+    assert await eb.run(fetch()) == "fetched"              # team b is not paused
+    handle = ea.start(fetch())
+    await asyncio.sleep(0.2)
+    assert not handle.done() and controls_of(ea, u) == {(scope, "pause"): {}}
+    await cs.Controller(broker).resume(scope)               # another deployment's resume
+    await asyncio.sleep(0.1)
+    assert not handle.done()
+    await cs.Controller(a).resume(scope)
+    assert await asyncio.wait_for(handle, TIMEOUT) == "fetched"
+    topics = []
+    await broker.subscribe("#", lambda t, p: topics.append(t))
+    await ea.run(fetch())
+    await asyncio.sleep(0.05)
+    assert topics and all(t.startswith("team-a/cascade/") for t in topics), topics
+    own = cs.LocalBroker(prefix="solo")
+    await cs.Controller(own).limit(scope, 2)
+    assert list(own._retained) == [f"solo/constraints/task/l_{u}_fetch/concurrency"]
+
+
+@pytest.mark.parametrize("bad", ["", "a/#", "a/+/b", "$SYS", "a//b", "/a", "a/", 7])
+def test_a_bad_topic_prefix_is_refused_with_the_fix(bad):
+    with pytest.raises(ValueError, match="topic prefix is one or more"):
+        cs.LocalBroker(prefix=bad)
+    with pytest.raises(ValueError, match="topic prefix is one or more"):
+        cs.Engine(connector=Prefixed(cs.LocalBroker(), bad))
+
+
+def test_cli_refuses_a_bad_prefix_as_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit:
+        cs.main(["status", "--prefix", "team/+"])
+    assert exit.value.code == 2
+    assert "--prefix='team/+': a topic prefix is one or more" in capsys.readouterr().err
+
+
+@async_test
+async def test_cli_prefix_steers_only_its_deployment_on_mosquitto(paho, prefix):
+    u = prefix.rsplit("/", 1)[1]
+    scope = f"task:l_{u}_fetch"
+    pa, pb = f"{prefix}/a", f"{prefix}/b"
+    clients = [mqtt_client(), mqtt_client()]
+    ea, eb = (cs.Engine(connector=cs.MqttConnector(c, prefix=p)) for c, p in zip(clients, (pa, pb)))
+    fetch = cs.task(lambda: "fetched", name=f"l_{u}_fetch")
+    try:
+        assert "pause on " + scope in stdout_of(await asyncio.to_thread(
+            cli, "pause", scope, "--prefix", pa))
+        out = stdout_of(await asyncio.to_thread(cli, "status", "--prefix", pa))
+        assert scope in out
+        assert scope not in stdout_of(await asyncio.to_thread(cli, "status"))
+        assert scope not in stdout_of(await asyncio.to_thread(cli, "status", "--prefix", pb))
+        assert await eb.run(fetch()) == "fetched"
+        handle = ea.start(fetch())
+        await asyncio.sleep(0.3)
+        assert not handle.done() and controls_of(ea, u) == {(scope, "pause"): {}}
+        stdout_of(await asyncio.to_thread(cli, "resume", scope, "--prefix", pa))
+        assert await asyncio.wait_for(handle, TIMEOUT) == "fetched"
+    finally:
+        await asyncio.to_thread(cli, "clear", scope, "--prefix", pa)
+        ea.close()
+        eb.close()
+        for c in clients:
+            close_client(c)
+
 
 def test_demo_needs_no_broker_and_no_mqtt_library():
     r = run_python("-c", NO_PAHO, "demo", "--tasks", "6", timeout=60)
