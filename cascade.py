@@ -2462,6 +2462,7 @@ class MqttConnector(_Hub):
                 f"got {type(client).__name__}")
         self._client, self._timeout = client, timeout
         self.connects = 0  # (re)connections seen by on_connect
+        self._watchers: list = []  # (loop, fn): fn() runs on loop after each (re)connect
         self._waiting: dict = {}  # mid -> (future, subscription or None)
         self._early: collections.OrderedDict = collections.OrderedDict()  # acks that beat us
         self._conn_waiters: list = []
@@ -2630,15 +2631,18 @@ class MqttConnector(_Hub):
                 return
             _no_delay(client)
             with self._lock:
-                self.connects += 1  # (a link re-syncs at its next run: see _Link.open)
+                self.connects += 1  # (an engine's link re-syncs: see _Link._sync)
                 for s in self._subs:
                     s.replay = True  # every filter gets its retained burst again
                 filters = sorted({s.filter for s in self._subs})
                 waiters, self._conn_waiters = self._conn_waiters, []
+                watchers = list(self._watchers)
             if filters:  # broker restart or clean session: subscriptions are gone
                 client.subscribe([(f, 1) for f in filters])
             for fut in waiters:
                 _call_soon(fut.get_loop(), _resolve_future, fut, None)
+            for loop, fn in watchers:
+                _call_soon(loop, fn)
 
         c.on_message = chained("on_message", on_message)
         c.on_connect = chained("on_connect", on_connect)
@@ -4466,6 +4470,7 @@ class _Link:
         self.remote = {}             # (scope, type) -> the constraint the broker gave
         self.telemetry_down = False  # a telemetry publish failed, none has worked since
         self.telemetry_lost = 0      # events dropped since
+        self.sync_down = False       # a sync failed, none has worked since
         self._subs = {}              # loop -> _LoopSubscription
 
     def attach(self, run):
@@ -4474,69 +4479,127 @@ class _Link:
 
     async def open(self, rl):
         """Join (or make) this loop's control subscription and sync: every retained
-        constraint is applied when this returns. The marker round trip relies on the
-        broker's per-connection ordering: messages published before our marker reach
-        the control subscription first, and both drain on this loop in order."""
-        conn = self.connector
+        constraint is applied when this returns, unless syncing is failing (then the run
+        goes on at once with the controls applied so far, while the loop's subscription
+        retries in the background: see _keep)."""
         loop = asyncio.get_running_loop()
         sub = self._subs.get(loop)
-        gone = [s for lp, s in self._subs.items() if lp.is_closed()]
-        if sub is not None and getattr(conn, "connects", 0) != sub.connects:
-            # The connection was made again since this subscription synced: the broker
-            # may have lost or changed what it retains, and what was cleared meanwhile
-            # never came. Sync afresh, so the broker's layer is what it retains now
-            # (regression: a pause cleared during an outage held every later run).
-            gone.append(sub)
-            sub = None
-        fresh = sub is None
-        if fresh:
+        if sub is None:
+            for lp, old in list(self._subs.items()):  # of loops that have closed since
+                if lp.is_closed():
+                    del self._subs[lp]
+                    old.unwatch()
+                    loop.create_task(self._leave(old))
             sub = self._subs[loop] = _LoopSubscription(self, loop)
         sub.runs += 1
         rl.sub = sub
-        marker = f"{sub.marker_filter[:-2]}/{next(sub.count)}"
-        synced = sub.markers[marker] = loop.create_future()
-        subscribed = [False]
-
-        async def sync():
-            if fresh:
-                await conn.connect()
-                await conn.subscribe(f"{self.prefix}/constraints/#", sub.on_message)
-                await conn.subscribe(sub.marker_filter, sub.on_marker)
-                subscribed[0] = True
-                sub.connects = getattr(conn, "connects", 0)
-                for old in gone:  # of loops that have closed since, or stale
-                    if self._subs.get(old.loop) is old:
-                        del self._subs[old.loop]
-                    await self._leave(old)
-                if not sub.ready.done():
-                    sub.ready.set_result(None)
-            else:
-                await asyncio.shield(sub.ready)  # the first run's subscriptions are live
-            await conn.publish(marker, {"sync": marker})
-            await synced
-            sub.apply()  # every control that came before the marker, before any task
+        if sub.failing:  # (regression: with the broker down, every run waited 5 s)
+            self._keep(sub)
+            return
         try:  # bounded: a connector that hangs must not stall the run
-            await self._progressing(sync(), sub)
+            await self._progressing(self._sync(sub), sub)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            _log.warning("could not sync controls from %r (%r); running with the "
-                         "controls applied so far", conn, exc)
-            if fresh and not subscribed[0] and self._subs.get(loop) is sub:
-                del self._subs[loop]  # not subscribed: the next run on this loop tries again
-        finally:
-            sub.markers.pop(marker, None)
-            if fresh:
+            self._sync_failed(exc)
+            sub.failing = True
+            self._keep(sub)
+        else:
+            self._sync_worked()
+
+    async def _sync(self, sub, full=False):
+        """One sync of ``sub`` (serialised on it): a marker round trip after which every
+        control the broker retains has been applied. The first, and the first after a
+        (re)connect of the connector (or ``full``), subscribes afresh and afterwards
+        drops from the broker's layer what the broker no longer retains.
+
+        The marker relies on the broker's per-connection ordering: the retained burst
+        of a SUBSCRIBE, and messages published before our marker, reach the control
+        subscription before the marker comes back, and both drain on this loop in
+        order. Subscribing again (an MQTT SUBSCRIBE of the same filter replaces it and
+        sends its retained messages again) is what makes the reconcile exact: ``seen``
+        starts before the burst it counts (regression: after a broker restart that lost
+        what it retained, a running run kept a pause nobody could see or lift)."""
+        conn, loop = self.connector, sub.loop
+        async with sub.lock:
+            connects = getattr(conn, "connects", 0)
+            full = full or connects != sub.connects
+            if not sub.connected:
+                await conn.connect()
+                sub.connected = True
+            if full:
+                sub.seen = set()
+                await conn.subscribe(f"{self.prefix}/constraints/#", sub.on_message)
+                if not sub.subscribed:
+                    await conn.subscribe(sub.marker_filter, sub.on_marker)
+                    sub.subscribed = True
+                    sub.watch()
+            marker = f"{sub.marker_filter[:-2]}/{next(sub.count)}"
+            synced = sub.markers[marker] = loop.create_future()
+            try:
+                await conn.publish(marker, {"sync": marker})
+                await synced
+            finally:
+                sub.markers.pop(marker, None)
+            sub.apply()  # every control that came before the marker, before any task
+            if full:
                 seen, sub.seen = sub.seen, None
-                if not sub.ready.done():
-                    sub.ready.set_result(None)
-        if fresh and synced.done():
-            cp = self.engine._cp
-            for key in set(self.remote) - seen:
-                # Cleared on the broker while nothing listened: its layer goes (the
-                # engine's own control of the key, if any, applies again).
-                self.remote.pop(key)
-                cp.remove(*key, origin="broker")
+                cp = self.engine._cp
+                for key in set(self.remote) - seen:
+                    # Not retained on the broker (cleared while nothing listened, or
+                    # lost in a restart): its layer goes (the engine's own control of
+                    # the key, if any, applies again).
+                    self.remote.pop(key)
+                    cp.remove(*key, origin="broker")
+                sub.connects = connects  # synced as of this connection
+
+    def _keep(self, sub, full=False):
+        """Sync ``sub`` in the background until it works (after a failed sync, or a
+        reconnect while runs are active): retried after 0.25 s, doubling up to 5 s, and
+        at once when the connector reconnects. Cancelled when the loop's last run ends
+        (the next run starts it again, without waiting for it)."""
+        if sub.keeper is None or sub.keeper.done():
+            sub.keeper = sub.loop.create_task(self._keeping(sub, full))
+
+    async def _keeping(self, sub, full):
+        delay = 0.25
+        try:
+            while sub.runs > 0 and self._subs.get(sub.loop) is sub:
+                try:
+                    await self._progressing(self._sync(sub, full=full), sub)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self._sync_failed(exc)
+                    sub.failing = True
+                    sub.poke.clear()
+                    timer = sub.loop.call_later(delay, sub.poke.set)
+                    try:
+                        await sub.poke.wait()
+                    finally:
+                        timer.cancel()
+                    delay = min(delay * 2, 5.0)
+                else:
+                    sub.failing = False
+                    self._sync_worked()
+                    return
+        finally:
+            sub.keeper = None
+
+    def _sync_failed(self, exc):
+        # quiet: one warning an outage for the engine, not one per run or retry
+        if not self.sync_down:
+            self.sync_down = True
+            _log.warning("could not sync controls from %r (%r); runs go on with the "
+                         "controls applied so far, and syncing is retried in the "
+                         "background", self.connector, exc)
+        else:
+            _log.debug("sync of controls from %r failed again: %r", self.connector, exc)
+
+    def _sync_worked(self):
+        if self.sync_down:
+            self.sync_down = False
+            _log.info("controls are synced from %r again", self.connector)
 
     async def _progressing(self, coro, sub):
         """Await ``coro`` while it makes progress: TimeoutError once SYNC_TIMEOUT passes
@@ -4622,6 +4685,8 @@ class _Link:
             # that arrive meanwhile are applied as ever. It goes with its loop (see
             # open) or the engine (forget).
             sub.runs -= 1
+            if sub.runs == 0 and sub.keeper is not None:
+                sub.keeper.cancel()  # nothing waits for it now (the next run restarts it)
 
     async def _leave(self, sub):
         """Unsubscribe ``sub`` (its loop has closed, or the engine is closing)."""
@@ -4637,6 +4702,7 @@ class _Link:
         """The engine closes: leave every loop's subscription (on its loop, if it runs)."""
         subs, self._subs = list(self._subs.values()), {}
         for sub in subs:
+            sub.unwatch()
             loop = sub.loop
             if not loop.is_closed() and loop.is_running():
                 try:
@@ -4770,19 +4836,49 @@ class _LoopSubscription:
     one loop callback, and a later one for a topic supersedes an earlier one still
     waiting (the last message for a (scope, type) wins, and a storm costs one apply per
     topic per loop turn, not one per message)."""
-    __slots__ = ("link", "loop", "runs", "ready", "seen", "pending", "heard",
-                 "marker_filter", "markers", "count", "connects")
+    __slots__ = ("link", "loop", "runs", "lock", "connected", "subscribed", "failing",
+                 "keeper", "poke", "seen", "pending", "heard", "marker_filter", "markers",
+                 "count", "connects")
 
     def __init__(self, link, loop):
         self.link, self.loop, self.runs = link, loop, 0
-        self.ready = loop.create_future()   # set once the first sync is over
-        self.seen = set()                   # keys heard during the first sync
+        self.lock = asyncio.Lock()          # one sync at a time (see _Link._sync)
+        self.connected = False              # connector.connect() done
+        self.subscribed = False             # both filters subscribed (once)
+        self.failing = False                # the last sync failed: runs do not wait
+        self.keeper = None                  # the task retrying the sync (_Link._keep)
+        self.poke = asyncio.Event()         # wakes the keeper early (a reconnect)
+        self.seen = None                    # keys heard during a full sync
         self.pending = {}                   # (scope, type) -> its latest checked control
         self.heard = 0                      # messages handled (a sync waits while it grows)
         self.marker_filter = f"{link.prefix}/sync/{os.urandom(8).hex()}/+"  # its runs' markers
         self.markers = {}                   # marker topic -> the future its run awaits
         self.count = itertools.count()
-        self.connects = 0                   # the connector's connects when it synced
+        self.connects = None                # the connector's connects at the last full sync
+
+    def watch(self):
+        """Be told of the connector's reconnects (MqttConnector's paho clients): a
+        reconnect re-syncs at once while runs are active, not at the next run."""
+        conn = self.link.connector
+        if isinstance(conn, MqttConnector):
+            with conn._lock:
+                conn._watchers.append((self.loop, self.on_reconnect))
+
+    def unwatch(self):
+        conn = self.link.connector
+        if isinstance(conn, MqttConnector):
+            with conn._lock:
+                conn._watchers = [w for w in conn._watchers if w[1] != self.on_reconnect]
+        if self.keeper is not None and not self.loop.is_closed():
+            try:
+                self.loop.call_soon_threadsafe(self.poke.set)  # so it sees it is gone
+            except RuntimeError:
+                pass
+
+    def on_reconnect(self):  # on the loop, called soon after the connector reconnected
+        if self.runs > 0:
+            self.link._keep(self, full=True)
+        self.poke.set()
 
     def on_marker(self, topic, payload):
         fut = self.markers.get(topic)

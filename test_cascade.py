@@ -6544,15 +6544,18 @@ def watched_client(port):
     return client, next_event
 
 
-def private_mosquitto(tmp_path):
-    """(port, start, started): a private Mosquitto without persistence on a free port;
-    ``start()`` starts one more process of it (after a kill, say), ``started`` lists
-    them for the caller to kill."""
+def private_mosquitto(tmp_path, persist=False):
+    """(port, start, started): a private Mosquitto on a free port, without persistence
+    (or with it in ``tmp_path``: what it retains survives a stop by SIGTERM); ``start()``
+    starts one more process of it (after a kill, say), ``started`` lists them for the
+    caller to kill."""
     binary = shutil.which("mosquitto")
     need("no mosquitto binary to start a private broker", binary)
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} {HOST}\nallow_anonymous true\npersistence false\n"
+    keep = (f"persistence true\npersistence_location {tmp_path}/\n" if persist
+            else "persistence false\n")
+    conf.write_text(f"listener {port} {HOST}\nallow_anonymous true\n{keep}"
                     "log_dest stderr\n")
     started = []
 
@@ -6639,6 +6642,172 @@ async def test_after_a_reconnect_the_next_run_sees_what_the_broker_retains_now(p
         started.clear()
         assert await asyncio.wait_for(engine.run(work()), TIMEOUT) == 1
         assert controls_of(engine, u) == {}
+    finally:
+        for c in (client, ctl_client):
+            if c is not None:
+                close_client(c)
+        for b in brokers:
+            b.kill()
+
+
+class FlakyConnector:
+    """A LocalBroker behind a link that is down until ``up`` is set: while down, connect
+    waits for it (a broker that does not answer), so a sync of it times out."""
+
+    def __init__(self):
+        self.broker, self.up, self.attempts = cs.LocalBroker(), asyncio.Event(), 0
+
+    async def connect(self):
+        self.attempts += 1
+        await self.up.wait()
+        await self.broker.connect()
+
+    def __getattr__(self, name):
+        return getattr(self.broker, name)
+
+
+@async_test
+async def test_a_failing_sync_warns_once_and_later_runs_do_not_wait_for_it(monkeypatch, caplog):
+    # regression: with the broker down every run waited the full sync timeout (5 s) and
+    # warned again; and a broker that came back later was never synced by a running run
+    u = uid()
+    conn = FlakyConnector()
+    engine = cs.Engine(connector=conn)
+    item = cs.task(name=f"l_{u}_item")(lambda i: i)
+    monkeypatch.setattr(cs._Link, "SYNC_TIMEOUT", 0.2)
+    with caplog.at_level(logging.INFO, logger=cs.__name__):
+        assert await asyncio.wait_for(engine.run(item.map(range(3))), TIMEOUT) == [0, 1, 2]
+        monkeypatch.setattr(cs._Link, "SYNC_TIMEOUT", 1000.0)  # a run that waited would hang
+        for _ in range(3):
+            assert await asyncio.wait_for(engine.run(item.map(range(3))), TIMEOUT) == [0, 1, 2]
+        first, gate, started = held_task(f"l_{u}_first", 1)
+        then = cs.task(name=f"l_{u}_then")(lambda x: x + 1)
+        handle = engine.start(then(first()))
+        await asyncio.wait_for(started.wait(), TIMEOUT)   # did not wait for the sync either
+        attempts = conn.attempts
+        conn.up.set()                                     # the broker is back
+        await cs.Controller(conn.broker).pause(f"task:l_{u}_then")
+        log = Recorder(engine)
+        await log.until(lambda items: controls_of(engine, u), "the broker's pause, synced")
+        gate.set()
+        await log.until(lambda items: events_of(items, cs.TaskBlocked, task_name=f"l_{u}_then"),
+                        "then blocked by the broker's pause")
+        await cs.Controller(conn.broker).resume(f"task:l_{u}_then")
+        assert await asyncio.wait_for(handle, TIMEOUT) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "could not sync controls" in warnings[0], warnings
+    assert "retried in the background" in warnings[0]
+    assert [r.getMessage() for r in caplog.records if "synced from" in r.getMessage()] == [
+        f"controls are synced from {conn!r} again"]
+    assert attempts <= 6  # the first run's try and its retry, then a retry per later run
+    assert await asyncio.wait_for(engine.run(item.map(range(2))), TIMEOUT) == [0, 1]
+
+
+@async_test
+async def test_a_running_run_drops_a_pause_the_restarted_broker_no_longer_has(paho, tmp_path):
+    # regression: after a broker restart that lost what it retained, the engine kept the
+    # broker's pause that nobody could see or lift: 0 of 100 tasks ran
+    port, start_broker, brokers = private_mosquitto(tmp_path)
+    broker = start_broker()
+    u = uid()
+    client = ctl_client = None
+    try:
+        client, next_event = watched_client(port)
+        engine = cs.Engine(connector=cs.MqttConnector(client))
+        log = Recorder(engine)
+        ctl_client = mqtt_client(port)
+        await cs.Controller(cs.MqttConnector(ctl_client)).pause(f"task:l_{u}_w")
+        first, gate, started = held_task(f"l_{u}_first", 0)
+        w = cs.task(name=f"l_{u}_w")(lambda i, x: i + x)
+        handle = engine.start(w.map(range(100), cs.unmapped(first())))
+        await asyncio.wait_for(started.wait(), TIMEOUT)
+        gate.set()
+        await log.until(lambda items: events_of(items, cs.TaskBlocked, task_name=f"l_{u}_w"),
+                        "the items held by the broker's pause")
+        broker.kill()
+        await asyncio.to_thread(next_event, "disconnect")
+        broker = start_broker()                      # no persistence: the pause is gone
+        assert await asyncio.wait_for(handle, TIMEOUT) == list(range(100))
+        assert controls_of(engine, u) == {}
+        assert len(events_of(log.snapshot(), cs.TaskExecutionStarted, task_name=f"l_{u}_w")) == 100
+    finally:
+        for c in (client, ctl_client):
+            if c is not None:
+                close_client(c)
+        for b in brokers:
+            b.kill()
+
+
+@async_test
+async def test_a_resume_published_while_the_engine_reconnects_takes_effect(paho, tmp_path):
+    # regression: a resume published while the engine was reconnecting never took effect
+    # (the broker kept nothing to send it; the run waited for ever)
+    port, start_broker, brokers = private_mosquitto(tmp_path, persist=True)
+    broker = start_broker()
+    u = uid()
+    client = ctl_client = None
+    try:
+        client, next_event = watched_client(port)
+        client.reconnect_delay_set(min_delay=2, max_delay=2)  # a window to resume in
+        engine = cs.Engine(connector=cs.MqttConnector(client))
+        ctl_client = mqtt_client(port)
+        ctl = cs.Controller(cs.MqttConnector(ctl_client))
+        await ctl.pause(f"task:l_{u}_w")
+        work, gate, started = held_task(f"l_{u}_w", "done")
+        gate.set()
+        handle = engine.start(work())
+        log = Recorder(engine)
+        await log.until(lambda items: events_of(items, cs.TaskBlocked, task_name=f"l_{u}_w")
+                        or controls_of(engine, u), "held by the broker's pause")
+        assert controls_of(engine, u) == {(f"task:l_{u}_w", "pause"): {}}
+        broker.p.terminate()                         # SIGTERM: it saves what it retains
+        broker.p.wait(TIMEOUT)
+        await asyncio.to_thread(next_event, "disconnect")
+        broker = start_broker()                      # the pause is retained again ...
+        close_client(ctl_client)
+        ctl_client = mqtt_client(port)
+        await cs.Controller(cs.MqttConnector(ctl_client)).resume(f"task:l_{u}_w")  # ... lifted
+        assert not client.is_connected()             # before the engine is back
+        assert await asyncio.wait_for(handle, TIMEOUT) == "done"
+        assert controls_of(engine, u) == {}
+    finally:
+        for c in (client, ctl_client):
+            if c is not None:
+                close_client(c)
+        for b in brokers:
+            b.kill()
+
+
+@async_test
+async def test_with_the_broker_down_at_start_a_later_pause_applies_to_the_running_run(
+        paho, tmp_path):
+    # regression: with the broker down at start and up 0.45 s later, a pause published
+    # afterwards did not apply to the run already running
+    import paho.mqtt.client as mqtt
+    port, start_broker, brokers = private_mosquitto(tmp_path)
+    u = uid()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex[:16]}")
+    client.reconnect_delay_set(min_delay=0.1, max_delay=0.5)
+    client.connect_async(HOST, port)
+    ctl_client = None
+    try:
+        engine = cs.Engine(connector=cs.MqttConnector(client, timeout=0.3))
+        log = Recorder(engine)
+        first, gate, started = held_task(f"l_{u}_first", 1)
+        then = cs.task(name=f"l_{u}_then")(lambda x: x + 1)
+        handle = engine.start(then(first()))
+        await asyncio.wait_for(started.wait(), TIMEOUT)   # the sync gave up; the run goes on
+        await asyncio.sleep(0.45)
+        start_broker()
+        ctl_client = mqtt_client(port)
+        await cs.Controller(cs.MqttConnector(ctl_client)).pause(f"task:l_{u}_then")
+        await log.until(lambda items: controls_of(engine, u), "the pause, in the running run")
+        gate.set()
+        await log.until(lambda items: events_of(items, cs.TaskBlocked, task_name=f"l_{u}_then"),
+                        "then blocked")
+        assert not handle.done()
+        await cs.Controller(cs.MqttConnector(ctl_client)).resume(f"task:l_{u}_then")
+        assert await asyncio.wait_for(handle, TIMEOUT) == 2
     finally:
         for c in (client, ctl_client):
             if c is not None:
