@@ -724,6 +724,11 @@ def _parse_rate(rate):
     return per_s
 
 
+def _is_number(x):
+    """An int or float that is not a bool (JSON numbers off the wire)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _check_int(value, what, low, high=_MAX_COUNT):
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ConstraintError(f"{what} must be an int from {low} to {high}, got {value!r:.80}")
@@ -1069,6 +1074,18 @@ class Constraint:
 
 
 _PREFIX = "cascade"  # the default topic prefix (see _check_prefix)
+
+
+def _source():
+    """This process, as telemetry and presence name it: ``<host>-<pid>`` (a topic level)."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def _quiet_future(fut):
+    """Done callback of a fire-and-forget publish: its failure is logged at DEBUG only."""
+    if not fut.cancelled() and fut.exception() is not None:
+        _log.debug("publish failed: %r", fut.exception())
 _TELEMETRY_V = "1.1"  # the shape of telemetry messages (see _RunLink.payloads)
 
 
@@ -2396,6 +2413,11 @@ class LocalBroker(_Hub):
                 self._subs = [s for s in self._subs if s.active]
                 self._matching = {}
 
+    def publish_soon(self, topic: str, payload: Any) -> bool:
+        """Publish a retained message from any thread (see _Link.publish_soon)."""
+        self.publish_nowait(topic, payload, retain=True)
+        return True
+
     def publish_nowait(self, topic: str, payload: Any, retain: bool = False) -> None:
         """``publish`` without a coroutine: for in-process publishers on a hot path."""
         if topic not in self._matching:
@@ -2527,6 +2549,23 @@ class MqttConnector(_Hub):
             await self._await_ack(info.mid, None, f"acknowledgement of publish to {topic!r}")
         elif info.rc != 0:
             raise ConnectionError(f"MQTT publish to {topic!r} failed: {getattr(info.rc, 'name', info.rc)}")
+
+    def publish_soon(self, topic: str, payload: Any) -> bool:
+        """Publish a retained message (QoS 1) from any thread without waiting for its ack:
+        True if the client took it. Not connected: False, nothing queued (paho would send
+        it stale on reconnect)."""
+        _check_topic(topic, is_filter=False)
+        raw = _encode_payload(payload)
+        if self._kind == "paho":
+            if not self._client.is_connected():
+                return False
+            return self._client.publish(topic, raw, 1, True).rc == 0
+        reader = self._reader  # aiomqtt: on the loop its client lives on
+        if reader is None or reader.done():
+            return False
+        asyncio.run_coroutine_threadsafe(self._client.publish(topic, raw, qos=1, retain=True),
+                                         reader.get_loop()).add_done_callback(_quiet_future)
+        return True
 
     async def subscribe(self, topic: str, callback: Callable[[str, Any], Any]) -> None:
         sub = _Subscription(topic, callback)
@@ -2720,10 +2759,40 @@ class Controller:
     async def status(self, timeout: float = 5.0) -> list:
         """The constraints retained on the broker (expired ones included: check
         ``expires_in()``), sorted by scope and type."""
+        found = []
+        for payload in (await self._retained(f"{self.prefix}/constraints/#", timeout)).values():
+            if isinstance(payload, dict):
+                try:
+                    found.append(Constraint.from_dict(payload))
+                except ConstraintError:
+                    pass
+        return sorted(found, key=lambda c: (c.scope, c.type))
+
+    async def engines(self, timeout: float = 5.0) -> list:
+        """The presence records of the engines on the broker (under this prefix), sorted
+        by org, project and engine id: each a dict (see the README's fleet view) with
+        ``lost`` added, True when it has not been updated for 3 heartbeats (an engine
+        that crashed, or lost its broker; clocks of engine and operator are compared)."""
+        now, out = time.time(), []
+        for topic, p in (await self._retained(f"{self.prefix}/engines/#", timeout)).items():
+            if not isinstance(p, dict):
+                continue
+            rec = dict(p)
+            at, beat = rec.get("updated_at"), rec.get("heartbeat")
+            rec["lost"] = not (_is_number(at) and _is_number(beat)
+                               and now - at <= _Presence.LOST * beat)
+            rec.setdefault("engine_id", topic.rsplit("/", 1)[-1])
+            out.append(rec)
+        return sorted(out, key=lambda r: tuple(str(r.get(k)) for k in ("org", "project",
+                                                                       "engine_id")))
+
+    async def _retained(self, filter, timeout):
+        """{topic: payload} of what the broker retains under ``filter`` now: subscribe,
+        then a marker round trip on our connection (the broker sends a subscription's
+        retained messages before it routes a later message to us)."""
         conn = await self._conn()
         found = {}
         marker = f"{self.prefix}/sync/{os.urandom(8).hex()}"
-        controls = f"{self.prefix}/constraints/#"
         done = asyncio.get_running_loop().create_future()
 
         @_latest_only
@@ -2731,22 +2800,19 @@ class Controller:
             if topic == marker:
                 if not done.done():
                     done.set_result(None)
-            elif isinstance(payload, dict):
-                try:
-                    found[topic] = Constraint.from_dict(payload)
-                except ConstraintError:
-                    pass
-            else:
+            elif payload == "":
                 found.pop(topic, None)
-        await conn.subscribe(controls, collect)
+            else:
+                found[topic] = payload
+        await conn.subscribe(filter, collect)
         await conn.subscribe(marker, collect)
         try:
             await conn.publish(marker, {"sync": marker})
             await asyncio.wait_for(done, timeout)
         finally:
-            await _maybe(conn, "unsubscribe", controls, collect)
+            await _maybe(conn, "unsubscribe", filter, collect)
             await _maybe(conn, "unsubscribe", marker, collect)
-        return sorted(found.values(), key=lambda c: (c.scope, c.type))
+        return found
 
     def __repr__(self):
         return f"<Controller {self.connector!r}>"
@@ -4257,15 +4323,23 @@ class Engine:
     have not ended by then are abandoned (a sync body cannot be interrupted): the run
     logs a warning naming each, counts it failed and ends; the body runs on until its
     function returns and holds its concurrency slots until then, so no limit is ever
-    exceeded. Cancelling the run again while it waits ends the wait at once."""
+    exceeded. Cancelling the run again while it waits ends the wait at once.
+
+    With a ``connector``, the engine also keeps a retained presence record on the broker
+    (``presence_topic``), refreshed at least every ``presence`` seconds (None: none), so
+    ``Controller.engines()`` and ``cascade status`` show it and what it enforces."""
 
     def __init__(self, *, system_resources: Optional[dict] = None,
                  resources: Iterable[Resource] = (), connector: Any = None,
                  max_workers: int = 64, executor: Optional[concurrent.futures.Executor] = None,
                  stop_grace: Optional[float] = 10.0,
                  org: Optional[str] = None, project: Optional[str] = None,
-                 telemetry_errors: str = "message") -> None:
+                 telemetry_errors: str = "message", presence: Optional[float] = 5.0) -> None:
         caps = dict(system_resources or {})
+        if presence is not None and (isinstance(presence, bool) or not isinstance(
+                presence, (int, float)) or not 0.1 <= presence <= 3600):
+            raise ValueError(f"presence={presence!r}: need the seconds between presence "
+                             "heartbeats (0.1 to 3600), or None to publish no presence record")
         if telemetry_errors not in ("message", "type"):
             raise ValueError(f"telemetry_errors={telemetry_errors!r}: use 'message' (the "
                              "exception's type and message, capped) or 'type' (its type only)")
@@ -4297,7 +4371,9 @@ class Engine:
         self._pool_lock = threading.Lock()
         self._runs = {}
         self._closed = False
-        self._link = _Link(self, connector) if connector is not None else None
+        # this engine's name on the broker: host-pid and a random part (see _Presence)
+        self.id = f"{_source()}-{os.urandom(3).hex()}"
+        self._link = _Link(self, connector, presence) if connector is not None else None
 
     # -- control plane ------------------------------------------------------
     def pause(self, scope: str = "global", *, ttl: Optional[float] = None) -> Constraint:
@@ -4341,6 +4417,16 @@ class Engine:
 
     def _constraint_changed(self, applied, c):
         self._bus.emit((ConstraintApplied if applied else ConstraintRemoved)("", c))
+        if self._link is not None and self._link.presence is not None:
+            self._link.presence.changed()
+
+    @property
+    def presence_topic(self) -> Optional[str]:
+        """The retained topic of this engine's presence record (None without a connector
+        or with ``presence=None``): set it as your MQTT client's last will, an empty
+        retained message, and a crashed engine is removed at once."""
+        p = self._link.presence if self._link is not None else None
+        return None if p is None else p.topic
 
     def status(self) -> dict:
         """A snapshot: per-task state counts, what every blocked task waits on, and
@@ -4461,17 +4547,18 @@ class _Link:
     SYNC_TIMEOUT = 5.0
     SYNC_ROUNDS = 12  # a sync that still hears controls waits at most this many timeouts
 
-    def __init__(self, engine, connector):
+    def __init__(self, engine, connector, presence=None):
         _check_connector(connector)
         self.engine = engine
         self.connector = connector
         self.prefix = _prefix_of(connector)
-        self.source = f"{socket.gethostname()}-{os.getpid()}"
+        self.source = _source()
         self.remote = {}             # (scope, type) -> the constraint the broker gave
         self.telemetry_down = False  # a telemetry publish failed, none has worked since
         self.telemetry_lost = 0      # events dropped since
         self.sync_down = False       # a sync failed, none has worked since
         self._subs = {}              # loop -> _LoopSubscription
+        self.presence = None if presence is None else _Presence(self, presence)
 
     def attach(self, run):
         """The run's side of the link, made before its RunStarted."""
@@ -4493,6 +4580,8 @@ class _Link:
             sub = self._subs[loop] = _LoopSubscription(self, loop)
         sub.runs += 1
         rl.sub = sub
+        if self.presence is not None:
+            self.presence.changed(start=True)
         if sub.failing:  # (regression: with the broker down, every run waited 5 s)
             self._keep(sub)
             return
@@ -4685,8 +4774,30 @@ class _Link:
             # that arrive meanwhile are applied as ever. It goes with its loop (see
             # open) or the engine (forget).
             sub.runs -= 1
+            if self.presence is not None:
+                self.presence.changed()
             if sub.runs == 0 and sub.keeper is not None:
                 sub.keeper.cancel()  # nothing waits for it now (the next run restarts it)
+
+    def publish_soon(self, topic, payload):
+        """Publish a retained message from any thread without waiting for it: True if it
+        was handed over (the presence record's path: see _Presence)."""
+        conn = self.connector
+        try:
+            if isinstance(conn, (LocalBroker, MqttConnector)):
+                return conn.publish_soon(topic, payload)
+            # a connector of the user's own: through a loop of the engine's that runs
+            loop = next((s.loop for s in list(self._subs.values()) if s.loop.is_running()),
+                        None)
+            if loop is None:
+                return False
+            asyncio.run_coroutine_threadsafe(
+                conn.publish(topic, payload, qos=1, retain=True), loop).add_done_callback(
+                    _quiet_future)
+            return True
+        except Exception as exc:
+            _log.debug("publishing %s failed: %r", topic, exc)
+            return False
 
     async def _leave(self, sub):
         """Unsubscribe ``sub`` (its loop has closed, or the engine is closing)."""
@@ -4699,7 +4810,10 @@ class _Link:
                 pass
 
     def forget(self):
-        """The engine closes: leave every loop's subscription (on its loop, if it runs)."""
+        """The engine closes: its presence record goes, and it leaves every loop's
+        subscription (on its loop, if it runs)."""
+        if self.presence is not None:
+            self.presence.stop()
         subs, self._subs = list(self._subs.values()), {}
         for sub in subs:
             sub.unwatch()
@@ -4908,6 +5022,104 @@ class _LoopSubscription:
                 self.link.apply(key, c)
             except Exception:  # one control must not cost the others of its batch
                 _log.exception("applying the control of %s/%s failed", *key)
+
+
+class _Presence:
+    """An engine's presence record, retained on ``<prefix>/engines/<org>/<project>/<engine
+    id>`` so an operator sees which engines exist and what each enforces (``Controller
+    .engines()``, ``cascade status``). See the README's fleet view for the payload.
+
+    Published from the engine's clock thread (never a run's loop): first when a run
+    opens its link, then within THROTTLE seconds of a change (a control applied or
+    removed, a run begun or ended, task counts moving while runs are active), at most
+    once per THROTTLE, and at least every ``heartbeat`` seconds; removed (an empty
+    retained message) when the engine closes. A reader counts a record whose
+    ``updated_at`` is more than LOST heartbeats old as lost (a crashed engine)."""
+    THROTTLE = 0.25
+    LOST = 3
+    MAX_CONSTRAINTS = 100  # listed in a record at most (``constraints_total`` counts all)
+
+    def __init__(self, link, heartbeat):
+        self.link, self.heartbeat = link, float(heartbeat)
+        e = link.engine
+        self.topic = f"{link.prefix}/engines/{e.org}/{e.project}/{e.id}"
+        self.clock = e._cp.clock
+        self.started_at = time.time()
+        self.lock = threading.Lock()
+        self.live = False    # between the first run's open and close
+        self.closed = False
+        self.entry = None    # the clock entry of the next tick, due at ``due``
+        self.due = 0.0
+        self.said = None     # what the last record sent said (times left out)
+        self.sent_at = None  # time.monotonic() of it
+
+    def record(self):
+        e = self.link.engine
+        runs = []
+        for r in list(e._runs.values()):
+            counts = collections.Counter()
+            for c in r.counts().values():
+                counts.update(c)
+            runs.append({"run_id": r.run_id, "counts": dict(counts)})
+        now = time.time()
+        cons = sorted(e.constraints, key=lambda c: (c.scope, c.type))
+        return {"v": "1", "engine_id": e.id, "source": self.link.source, "org": e.org,
+                "project": e.project, "version": __version__, "started_at": self.started_at,
+                "updated_at": now, "heartbeat": self.heartbeat, "runs": runs,
+                "constraints": [{"scope": c.scope, "type": c.type, "params": dict(c.params),
+                                 "origin": c.origin, "expires_at": c.expires_at,
+                                 "expires_in": c.expires_in(now)}
+                                for c in cons[:self.MAX_CONSTRAINTS]],
+                "constraints_total": len(cons)}
+
+    def changed(self, start=False):  # any thread
+        with self.lock:
+            if start and not self.closed:
+                self.live = True
+            if self.live:
+                self._tick_in(0.0 if self.sent_at is None else self.THROTTLE)
+
+    def _tick_in(self, delay):  # lock held: the next tick, moved sooner only
+        when = time.monotonic() + delay
+        if self.entry is not None:
+            if self.due <= when:
+                return
+            self.clock.cancel(self.entry)
+        self.due, self.entry = when, self.clock.call_at(when, self._tick)
+
+    def _tick(self):  # on the clock thread
+        with self.lock:
+            self.entry = None
+            if not self.live:
+                return
+        try:
+            rec = self.record()
+        except Exception:  # a record must never kill the heartbeat
+            _log.exception("building the presence record failed")
+            rec = None
+        now = time.monotonic()
+        if rec is not None:
+            said = (rec["runs"], [dict(c, expires_in=None) for c in rec["constraints"]])
+            beat = self.sent_at is None or now - self.sent_at >= self.heartbeat * 0.99
+            if said != self.said or beat:
+                with self.lock:  # (never after stop's removal: it would bring it back)
+                    if self.live and self.link.publish_soon(self.topic, rec):
+                        self.said, self.sent_at = said, now
+        with self.lock:
+            if self.live:
+                busy = bool(self.link.engine._runs)  # counts move: look again soon
+                wait = self.heartbeat - (now - (self.sent_at or now))
+                self._tick_in(min(self.THROTTLE, wait) if busy else max(wait, self.THROTTLE))
+
+    def stop(self):
+        """The engine closes: no more ticks, and the record goes from the broker."""
+        with self.lock:
+            was, self.live, self.closed = self.live, False, True
+            if self.entry is not None:
+                self.clock.cancel(self.entry)
+                self.entry = None
+            if was:
+                self.link.publish_soon(self.topic, "")
 
 
 def _iso(ts):

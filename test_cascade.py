@@ -6816,6 +6816,151 @@ async def test_with_the_broker_down_at_start_a_later_pause_applies_to_the_runnin
             b.kill()
 
 
+# --- presence: the fleet view ---------------------------------------------
+
+async def until_engines(ctl, pred, what, timeout=TIMEOUT):
+    """Poll ``ctl.engines()`` (a broker read; nothing pushes it) until ``pred`` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await ctl.engines()
+        if pred(got):
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; engines: {got}")
+        await asyncio.sleep(0.05)
+
+
+@async_test
+async def test_presence_record_appears_follows_the_engine_and_goes_when_it_closes():
+    broker, u = cs.LocalBroker(), uid()
+    project = f"l_{u}"
+    engine = cs.Engine(connector=broker, project=project, presence=0.2)
+    ctl = cs.Controller(broker)
+    topic = f"cascade/engines/default/{project}/{engine.id}"
+    assert engine.presence_topic == topic and engine.id.startswith(cs._source() + "-")
+    mine = lambda recs: [r for r in recs if r.get("project") == project]
+    assert mine(await ctl.engines()) == []           # before its first run: nothing
+    engine.limit(f"task:l_{u}_w", 2)
+    await ctl.pause(f"task:l_{u}_other", ttl=60)
+    work, gate, started = held_task(f"l_{u}_w", 1)
+    handle = engine.start(work())
+    await asyncio.wait_for(started.wait(), TIMEOUT)
+    [rec] = await until_engines(ctl, lambda r: mine(r) and mine(r)[0]["runs"] and mine(r)[0][
+        "runs"][0]["counts"] == {"running": 1} and len(mine(r)[0]["constraints"]) == 2,
+        "the record with the run and both controls")
+    rec = mine([rec])[0]
+    assert {k: rec[k] for k in ("v", "engine_id", "source", "org", "project", "version",
+                                "heartbeat", "lost", "constraints_total")} == {
+        "v": "1", "engine_id": engine.id, "source": cs._source(), "org": "default",
+        "project": project, "version": cs.__version__, "heartbeat": 0.2, "lost": False,
+        "constraints_total": 2}
+    assert rec["runs"] == [{"run_id": handle.run_id, "counts": {"running": 1}}]
+    by_scope = {c["scope"]: c for c in rec["constraints"]}
+    assert by_scope[f"task:l_{u}_w"] == {"scope": f"task:l_{u}_w", "type": "concurrency",
+                                         "params": {"limit": 2}, "origin": "local",
+                                         "expires_at": None, "expires_in": None}
+    other = by_scope[f"task:l_{u}_other"]
+    assert other["origin"] == "broker" and other["type"] == "pause" and 50 < other["expires_in"] <= 60
+    first = rec["updated_at"]
+    await until_engines(ctl, lambda r: mine(r) and mine(r)[0]["updated_at"] > first,
+                        "a heartbeat with nothing changed")
+    engine.limit(f"task:l_{u}_w", 5)                 # a change is published soon
+    await until_engines(ctl, lambda r: mine(r) and {"limit": 5} in [
+        c["params"] for c in mine(r)[0]["constraints"]], "the new limit")
+    gate.set()
+    assert await asyncio.wait_for(handle, TIMEOUT) == 1
+    await until_engines(ctl, lambda r: mine(r) and mine(r)[0]["runs"] == [], "no active run")
+    engine.close()
+    await until_engines(ctl, lambda r: mine(r) == [], "the record removed on close")
+    assert topic not in broker._retained
+    await ctl.clear(f"task:l_{u}_other")
+
+
+@async_test
+async def test_a_presence_record_not_updated_for_three_heartbeats_is_lost():
+    broker, u = cs.LocalBroker(), uid()
+    ctl = cs.Controller(broker)
+    now = time.time()
+    for name, age in (("fresh", 1.0), ("stale", 31.0)):
+        await broker.publish(f"cascade/engines/o/l_{u}/{name}", {
+            "v": "1", "engine_id": name, "org": "o", "project": f"l_{u}", "updated_at": now - age,
+            "heartbeat": 10.0, "runs": [], "constraints": []}, retain=True)
+    await broker.publish(f"cascade/engines/o/l_{u}/junk", b"not json", retain=True)
+    recs = await ctl.engines()
+    assert [(r["engine_id"], r["lost"]) for r in recs] == [("fresh", False), ("stale", True)]
+    with pytest.raises(ValueError, match="presence"):
+        cs.Engine(presence=0)
+    assert cs.Engine(connector=broker, presence=None).presence_topic is None
+
+
+PRESENCE_SCRIPT = r"""
+import asyncio, sys, time
+import paho.mqtt.client as mqtt
+import cascade as cs
+
+port, prefix, project, will = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "will"
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+engine = cs.Engine(connector=cs.MqttConnector(client, prefix=prefix), project=project,
+                   presence=0.3)
+if will:  # a crash removes the record at once
+    client.will_set(engine.presence_topic, b"", qos=1, retain=True)
+client.connect("127.0.0.1", port)
+
+@cs.task(name="forever")
+async def forever():
+    print("running", engine.id, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(engine.run(forever()))
+"""
+
+
+@async_test
+async def test_presence_on_mosquitto_a_crashed_engine_is_lost_or_removed_by_its_last_will(
+        paho, prefix):
+    u = prefix.rsplit("/", 1)[1]
+    project = f"l_{u}"
+    ctl_client = mqtt_client()
+    ctl = cs.Controller(cs.MqttConnector(ctl_client, prefix=prefix))
+    procs = []
+    try:
+        for will in ("none", "will"):
+            procs.append(Proc([sys.executable, "-c", PRESENCE_SCRIPT, str(PORT), prefix, project, will]))
+            procs[-1].expect(r"^running ")
+        ids = [p.lines["out"][0].split()[1] for p in procs]
+        recs = await until_engines(ctl, lambda r: len(r) == 2 and all(x["runs"] for x in r),
+                                   "both engines with their run")
+        assert sorted(r["engine_id"] for r in recs) == sorted(ids)
+        assert all(r["lost"] is False and r["runs"][0]["counts"] == {"running": 1} for r in recs)
+        for p in procs:
+            p.kill()                                  # SIGKILL: no close, no DISCONNECT
+        recs = await until_engines(ctl, lambda r: len(r) == 1 and r[0]["lost"],
+                                   "the will's record gone, the other lost")
+        assert recs[0]["engine_id"] == ids[0]
+        # an engine closed in this process: its record goes at once
+        client = mqtt_client()
+        engine = cs.Engine(connector=cs.MqttConnector(client, prefix=prefix), project=project)
+        item = cs.task(name=f"l_{u}_i")(lambda i: i)
+        assert await engine.run(item.map(range(3))) == [0, 1, 2]
+        await until_engines(ctl, lambda r: engine.id in [x["engine_id"] for x in r], "mine")
+        engine.close()
+        await until_engines(ctl, lambda r: engine.id not in [x["engine_id"] for x in r],
+                            "mine removed")
+        close_client(client)
+    finally:
+        for p in procs:
+            p.kill()
+        await ctl_client_clear(ctl_client, prefix)
+        close_client(ctl_client)
+
+
+async def ctl_client_clear(client, prefix):
+    """Clear what a test retained under its own ``prefix`` on the shared broker."""
+    conn = cs.MqttConnector(client, prefix=prefix)
+    for topic in await cs.Controller(conn)._retained(f"{prefix}/#", TIMEOUT):
+        await conn.publish(topic, "", qos=1, retain=True)
+
+
 # --- telemetry --------------------------------------------------------------
 
 async def local_telemetry_engine():
@@ -7588,6 +7733,8 @@ async def test_a_topic_prefix_keeps_deployments_on_one_broker_apart():
     assert not handle.done()
     await cs.Controller(a).resume(scope)
     assert await asyncio.wait_for(handle, TIMEOUT) == "fetched"
+    eb.close()  # its presence record goes (through this loop: a connector of our own)
+    await asyncio.sleep(0.05)
     topics = []
     await broker.subscribe("#", lambda t, p: topics.append(t))
     await ea.run(fetch())
