@@ -7699,6 +7699,55 @@ def test_a_late_joining_engine_process_honours_retained_controls(paho, broker):
 # Demo (python cascade.py demo) and benchmarks
 # ===========================================================================
 
+@async_test
+async def test_on_mosquitto_the_clis_expired_and_cleared_controls_leave_the_engines_own(
+        paho, broker):
+    # regression: an expired `cascade pause task:deploy --ttl 0.5` left retained removed
+    # engine.pause("task:deploy") set in code, and a deploy ran; `cascade clear
+    # task:api_call` wiped a limit of 5 set in code, and 533 calls started at once
+    u = broker
+    deploy, api = f"task:l_{u}_deploy", f"task:l_{u}_api"
+    client = mqtt_client()
+    try:
+        engine = cs.Engine(connector=cs.MqttConnector(client))
+        engine.pause(deploy)
+        engine.limit(api, 5)
+        stdout_of(await asyncio.to_thread(cli, "pause", deploy, "--ttl", "0.5"))
+        stdout_of(await asyncio.to_thread(cli, "limit", api, "2"))
+        running = peak = 0
+
+        @cs.task(name=f"l_{u}_api")
+        async def call(i):
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.02)
+            running -= 1
+            return i
+
+        assert await asyncio.wait_for(engine.run(call.map(range(20))), TIMEOUT) == list(range(20))
+        assert peak == 2                                   # the broker's limit, in force
+        assert [c.origin for c in engine.constraints if c.scope == api] == ["broker"]
+        stdout_of(await asyncio.to_thread(cli, "clear", api))
+        await asyncio.sleep(0.6)                           # the broker's pause has expired
+        assert controls_of(engine, u) == {(deploy, "pause"): {}, (api, "concurrency"): {"limit": 5}}
+        assert {c.origin for c in engine.constraints if u in c.scope} == {"local"}
+        peak = 0
+        ran = []
+        shipped = cs.task(name=f"l_{u}_deploy")(lambda: ran.append("deployed"))
+        handle = engine.start(shipped())
+        assert await asyncio.wait_for(engine.run(call.map(range(30))), TIMEOUT) == list(range(30))
+        assert peak == 5                                   # the engine's own limit is back
+        assert not handle.done() and ran == []             # and its own pause holds the deploy
+        engine.resume(deploy)
+        await asyncio.wait_for(handle, TIMEOUT)
+        assert ran == ["deployed"]
+    finally:
+        await asyncio.to_thread(cli, "clear", deploy)
+        await asyncio.to_thread(cli, "clear", api)
+        close_client(client)
+
+
 # --- topic prefixes: isolated deployments on one broker ---------------------
 
 class Prefixed:
