@@ -1112,6 +1112,39 @@ def _parse_control_topic(topic, prefix=_PREFIX):
     return _check_scope(scope), kind
 
 
+def _read_control(topic, payload, prefix=_PREFIX):
+    """What an engine makes of one message on a control topic: ``(key, constraint,
+    None)``; ``(key, None, None)`` for the empty message (it removes the control); or,
+    rejected, ``(key, _MISSING, reason)``, with key None when the topic is not a control
+    topic at all. The one validator of control messages: engines (_Link.check) and
+    Controller.retained (what ``cascade status`` shows as rejected) both use it, so the
+    operator sees exactly what the engines would apply."""
+    key = None
+    try:
+        scope, kind = key = _parse_control_topic(topic, prefix)
+        if payload == "":
+            return key, None, None
+        if payload is None:  # (regression: a JSON null silently removed the control)
+            raise ConstraintError("payload is null; to remove a control, publish an "
+                                  "empty retained message")
+        if isinstance(payload, (bytes, bytearray, str)):
+            raise ConstraintError("payload over 64 KiB" if len(payload) > _MAX_PAYLOAD
+                                  else "payload is not a JSON object")
+        if len(json.dumps(payload, default=str)) > _MAX_PAYLOAD:
+            raise ConstraintError("payload over 64 KiB")
+        c = Constraint.from_dict(payload)
+        if (c.scope, c.type) != (scope, kind):
+            raise ConstraintError(f"payload is a {c.type} on {c.scope} but the topic is "
+                                  f"for a {kind} on {scope}")
+        return key, c, None
+    except (ConstraintError, TypeError, ValueError, RecursionError) as exc:
+        if isinstance(exc, RecursionError):
+            exc = ConstraintError("payload nested too deeply")
+        # capped: a reason quotes the payload, and a 60 KB id must not live on in
+        # every warning and event (regression: 2,001 of them kept 120 MB)
+        return key, _MISSING, _error_text(str(exc), "message")
+
+
 class _FastSwitch:
     """Who needs the GIL handed over quickly now: while anyone does, the interpreter's
     switch interval is FAST instead of its own (5 ms by default), and it is put back when
@@ -4558,38 +4591,18 @@ class _Link:
             task.cancel()
 
     def check(self, topic, payload, run_id=""):
-        """Validate one control message: ``(key, constraint)``, ``(key, None)`` for the
-        empty message (it removes the control), or, rejected with one warning and a
-        ConstraintRejected event, ``(key, _MISSING)`` (the last valid control of the
-        topic stays) or None when the topic is not a control topic at all."""
-        key = None
-        try:
-            scope, kind = key = _parse_control_topic(topic, self.prefix)
-            if payload == "":
-                return key, None
-            if payload is None:  # (regression: a JSON null silently removed the control)
-                raise ConstraintError("payload is null; to remove a control, publish an "
-                                      "empty retained message")
-            if isinstance(payload, (bytes, bytearray, str)):
-                raise ConstraintError("payload over 64 KiB" if len(payload) > _MAX_PAYLOAD
-                                      else "payload is not a JSON object")
-            if len(json.dumps(payload, default=str)) > _MAX_PAYLOAD:
-                raise ConstraintError("payload over 64 KiB")
-            c = Constraint.from_dict(payload)
-            if (c.scope, c.type) != (scope, kind):
-                raise ConstraintError(f"payload is a {c.type} on {c.scope} but the topic is "
-                                      f"for a {kind} on {scope}")
+        """Validate one control message (see _read_control): ``(key, constraint)``,
+        ``(key, None)`` for the empty message (it removes the control), or, rejected
+        with one warning and a ConstraintRejected event, ``(key, _MISSING)`` (the last
+        valid control of the topic stays) or None when the topic is not a control topic
+        at all."""
+        key, c, reason = _read_control(topic, payload, self.prefix)
+        if reason is None:
             return key, c
-        except (ConstraintError, TypeError, ValueError, RecursionError) as exc:
-            if isinstance(exc, RecursionError):
-                exc = ConstraintError("payload nested too deeply")
-            # capped: a reason quotes the payload, and a 60 KB id must not live on in
-            # every warning and event (regression: 2,001 of them kept 120 MB)
-            reason = _error_text(str(exc), "message")
-            _log.warning("rejected control message on %s: %s", _printable(topic),
-                         _printable(reason))
-            self.engine._bus.emit(ConstraintRejected(run_id, topic, reason))
-            return None if key is None else (key, _MISSING)
+        _log.warning("rejected control message on %s: %s", _printable(topic),
+                     _printable(reason))
+        self.engine._bus.emit(ConstraintRejected(run_id, topic, reason))
+        return None if key is None else (key, _MISSING)
 
     def apply(self, key, c):
         """Set a checked control as the broker's layer of its key (``c``), or clear the
