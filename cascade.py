@@ -2707,9 +2707,10 @@ class Controller:
         print(await ctl.status())
     """
 
-    def __init__(self, connector: Any) -> None:
+    def __init__(self, connector: Any, *, timeout: float = 5.0) -> None:
         self.connector = _check_connector(connector)
         self.prefix = _prefix_of(connector)
+        self.timeout = timeout  # bound of each read-back of the broker, in seconds
         self._connected = False
 
     async def _conn(self):
@@ -2746,13 +2747,17 @@ class Controller:
     async def clear(self, scope: str, type: Optional[str] = None) -> None:
         await self._clear(scope, (_check_type(type, "clear"),) if type else _TYPES)
 
-    async def status(self, timeout: float = 5.0) -> list:
-        """The constraints retained on the broker (expired ones included: check
-        ``expires_in()``), sorted by scope and type."""
+    async def _read(self, filters, timeout=None):
+        """``{topic: payload}`` of what the broker holds on ``filters`` now. Subscribes,
+        then makes a marker round trip on ``<prefix>/sync/<id>``: on one connection the
+        broker sends a new subscription's retained messages before it routes our later
+        marker back to us (a live message that comes meanwhile is newer, and wins).
+        PermissionError if the broker refuses a subscription; TimeoutError, naming the
+        sync topic's ACL, if the marker does not come back within ``timeout`` seconds."""
         conn = await self._conn()
-        found = {}
+        timeout = self.timeout if timeout is None else timeout
+        held = {}
         marker = f"{self.prefix}/sync/{os.urandom(8).hex()}"
-        controls = f"{self.prefix}/constraints/#"
         done = asyncio.get_running_loop().create_future()
 
         @_latest_only
@@ -2760,22 +2765,59 @@ class Controller:
             if topic == marker:
                 if not done.done():
                     done.set_result(None)
-            elif isinstance(payload, dict):
-                try:
-                    found[topic] = Constraint.from_dict(payload)
-                except ConstraintError:
-                    pass
+            elif payload == "":
+                held.pop(topic, None)
             else:
-                found.pop(topic, None)
-        await conn.subscribe(controls, collect)
-        await conn.subscribe(marker, collect)
+                held[topic] = payload
+        subscribed = []
         try:
+            for f in (*filters, marker):
+                await conn.subscribe(f, collect)
+                subscribed.append(f)
             await conn.publish(marker, {"sync": marker})
-            await asyncio.wait_for(done, timeout)
+            try:
+                await asyncio.wait_for(done, timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError(
+                    f"the broker did not send back the marker on {marker} within "
+                    f"{timeout:g}s: not authorised to read and write {self.prefix}/sync/#? "
+                    "(check the broker's ACL for this user)") from None
         finally:
-            await _maybe(conn, "unsubscribe", controls, collect)
-            await _maybe(conn, "unsubscribe", marker, collect)
-        return sorted(found.values(), key=lambda c: (c.scope, c.type))
+            for f in subscribed:
+                await _maybe(conn, "unsubscribe", f, collect)
+        return held
+
+    async def retained(self, timeout: Optional[float] = None) -> dict:
+        """Every control message the broker retains under ``<prefix>/constraints/``, as
+        the engines see it (the same validation):
+
+        - ``"in_force"``: the constraints an engine starting now applies, sorted by
+          scope and type (what ``status()`` returns);
+        - ``"expired"``: valid ones past their ``expires_at``, which every engine
+          ignores (``clear`` removes them);
+        - ``"rejected"``: ``{"topic", "reason"}`` of each message engines refuse, with
+          the reason of their warning and ConstraintRejected event (a running engine
+          keeps the last valid control it had of that topic).
+        """
+        now = time.time()
+        found = {"in_force": [], "expired": [], "rejected": []}
+        held = await self._read([f"{self.prefix}/constraints/#"], timeout)
+        for topic, payload in sorted(held.items()):
+            key, c, reason = _read_control(topic, payload, self.prefix)
+            if reason is not None:
+                found["rejected"].append({"topic": topic, "reason": reason})
+            elif c is not None:
+                past = c.expires_at is not None and c.expires_at <= now
+                found["expired" if past else "in_force"].append(c)
+        for part in ("in_force", "expired"):
+            found[part].sort(key=lambda c: (c.scope, c.type))
+        return found
+
+    async def status(self, timeout: Optional[float] = None) -> list:
+        """The constraints in force on the broker: those an engine starting now would
+        apply, sorted by scope and type. Expired and rejected messages are left out
+        (changed in 0.2: expired ones were listed); ``retained()`` gives them too."""
+        return (await self.retained(timeout))["in_force"]
 
     def __repr__(self):
         return f"<Controller {self.connector!r}>"
@@ -5216,7 +5258,10 @@ def _cli_parser():
     v.add_argument("scope", help=scope_help)
     v.add_argument("--type", choices=[*_TYPES, *_TYPE_ALIASES],
                    help="one type only (limit = concurrency, rate = rate_limit)")
-    verb("status", "list the controls in force on the broker, with time left")
+    v = verb("status", "list the controls in force on the broker, with time left, and "
+                       "apart the expired and rejected ones engines ignore")
+    v.add_argument("--json", action="store_true",
+                   help="print one JSON object: in_force, expired, rejected")
     v = verb("watch", "print live task events of every run (Ctrl-C stops)")
     v.add_argument("--json", action="store_true", help="print raw JSON payloads")
     v.add_argument("--count", type=int, help="exit after this many events")
@@ -5274,7 +5319,8 @@ def _mqtt_client(args):
 
 
 async def _cli_verb(args, client):
-    ctl = Controller(MqttConnector(client, timeout=args.timeout, prefix=args.prefix))
+    ctl = Controller(MqttConnector(client, timeout=args.timeout, prefix=args.prefix),
+                     timeout=args.timeout)
     v = args.verb
     publish = getattr(args, "publish", None)
     if publish is not None:  # a control verb: pause, limit, rate
@@ -5287,17 +5333,60 @@ async def _cli_verb(args, client):
         await ctl.clear(args.scope, args.type)
         return f"cleared {args.type or 'all controls'} on {args.scope}"
     if v == "status":
-        rows = await ctl.status(timeout=args.timeout)
-        if not rows:
-            return "no controls in force"
-        lines = [f"{'TYPE':<12} {'SCOPE':<28} {'SETTING':<22} TIME LEFT"]
-        for c in rows:
-            setting = _printable(_CONTROL_TYPES[c.type].setting(c.params))
-            left = c.expires_in()
-            left = "-" if left is None else "expired" if left <= 0 else f"{left:.0f}s"
-            lines.append(f"{c.type:<12} {c.scope:<28} {setting:<22} {left}")
-        return "\n".join(lines)
+        found = await ctl.retained()
+        if args.json:
+            return json.dumps(_status_json(found))
+        return _status_text(_status_sections(found))
     return await _cli_watch(args, ctl.connector)
+
+
+def _status_sections(found):
+    """The sections of ``cascade status``, from ``Controller.retained()``: each
+    ``(title, header, rows)``, the controls in force first (title None). (More sections
+    can join: _status_text prints what it is given.)"""
+    def constraint_row(c, when):
+        return [c.type, c.scope, _printable(_CONTROL_TYPES[c.type].setting(c.params)), when]
+    now = time.time()
+    in_force = [constraint_row(c, "-" if c.expires_at is None else
+                               f"{max(1, round(c.expires_at - now))}s")
+                for c in found["in_force"]]
+    expired = [constraint_row(c, f"{max(0, round(now - c.expires_at))}s ago")
+               for c in found["expired"]]
+    rejected = [[_printable(r["topic"]), _printable(r["reason"])] for r in found["rejected"]]
+    return [
+        (None, ["TYPE", "SCOPE", "SETTING", "TIME LEFT"], in_force),
+        ("expired: every engine ignores them (cascade clear SCOPE removes them)",
+         ["TYPE", "SCOPE", "SETTING", "EXPIRED"], expired),
+        ("rejected: every engine ignores them, for the reason shown",
+         ["TOPIC", "REASON"], rejected),
+    ]
+
+
+def _status_text(sections):
+    """``cascade status`` as text: a table per section (its title above it), sections
+    without rows left out but the first, which says when nothing is in force."""
+    parts = []
+    for i, (title, header, rows) in enumerate(sections):
+        if not rows:
+            if i == 0:
+                parts.append(["no controls in force"])
+            continue
+        widths = [max(len(r[k]) for r in [header, *rows]) for k in range(len(header) - 1)]
+        lines = [] if title is None else [title]
+        lines += ["  ".join([*(cell.ljust(w) for cell, w in zip(r, widths)), r[-1]]).rstrip()
+                  for r in [header, *rows]]
+        parts.append(lines)
+    return "\n\n".join("\n".join(lines) for lines in parts)
+
+
+def _status_json(found):
+    """``cascade status --json``: Controller.retained() as one JSON object; each
+    constraint as on the wire plus ``expires_in`` (seconds left, or null)."""
+    def row(c):
+        return dict(c.to_dict(), expires_in=c.expires_in())
+    return {"in_force": [row(c) for c in found["in_force"]],
+            "expired": [row(c) for c in found["expired"]],
+            "rejected": [dict(r) for r in found["rejected"]]}
 
 
 def _telemetry_events(p):

@@ -4781,6 +4781,44 @@ async def test_controller_verbs_are_coroutines_and_status_returns_the_retained_c
 
 
 @async_test
+async def test_controller_status_is_what_engines_apply_and_retained_shows_expired_and_rejected():
+    # regression (issue 10): status() listed expired controls among those in force, and
+    # silently left out messages every engine rejects (a payload for another topic)
+    broker, u = cs.LocalBroker(), uid()
+    base = f"cascade/constraints/task/l_{u}"
+    ctl = cs.Controller(broker)
+    kept = await ctl.pause(f"task:l_{u}_a", ttl=60)
+    old = {"id": f"old-{u}", "scope": f"task:l_{u}_b", "type": "pause", "params": {},
+           "expires_at": time.time() - 5}
+    await broker.publish(f"{base}_b/pause", old, retain=True)
+    bad = {f"{base}_c/pause": {"scope": f"task:l_{u}_other", "type": "pause"},
+           f"{base}_d/concurrency": {"scope": f"task:l_{u}_d", "type": "concurrency",
+                                     "params": {"limit": -1}},
+           f"{base}_e/pause": b"\xff garbage",
+           f"{base}_f/pause": b"null",
+           f"cascade/constraints/l_{u}_oops": {"type": "pause"}}
+    for topic, payload in bad.items():
+        await broker.publish(topic, payload, retain=True)
+    assert await ctl.status() == [kept]
+    found = await ctl.retained()
+    assert set(found) == {"in_force", "expired", "rejected"}
+    assert found["in_force"] == [kept]
+    assert [c.to_dict() for c in found["expired"]] == [old]
+    assert [r["topic"] for r in found["rejected"]] == sorted(bad)
+    # the reasons are the engines' own, word for word
+    engine = cs.Engine(connector=broker)
+    log = Recorder(engine)
+    assert await engine.run(cs.task(lambda: 1, name=f"l_{u}_probe")()) == 1
+    assert found["rejected"] == [{"topic": e.topic, "reason": e.reason} for e in
+                                 sorted(log.of(cs.ConstraintRejected), key=lambda e: e.topic)]
+    reasons = {r["topic"]: r["reason"] for r in found["rejected"]}
+    assert reasons[f"{base}_c/pause"] == (f"payload is a pause on task:l_{u}_other but the "
+                                          f"topic is for a pause on task:l_{u}_c")
+    assert controls_of(engine, u) == {(f"task:l_{u}_a", "pause"): {}}
+    engine.close()
+
+
+@async_test
 async def test_controller_limit_steers_a_running_engine():
     broker, u = cs.LocalBroker(), uid()
     name = f"l_{u}_w"
@@ -7207,6 +7245,61 @@ def test_cli_every_control_verb_and_status_as_a_table_with_time_left(paho, broke
             assert r.stderr.startswith("cascade: ")
     finally:
         sweep(u)
+
+
+def test_cli_status_shows_expired_and_rejected_controls_apart_and_as_json(paho, tmp_path):
+    # regression (issue 10): `cascade status` listed an expired control among those in
+    # force, and left out a message every engine rejects
+    port, start_broker, brokers = private_mosquitto(tmp_path)
+    start_broker()
+    raw = None
+    try:
+        on = ("--port", port)
+        stdout_of(cli("pause", "task:fetch", "--ttl", 600, *on))
+        stdout_of(cli("limit", "tag:io", 5, *on))
+        raw = OutsideClient(port=port)
+        raw.publish("cascade/constraints/task/old/pause", json.dumps(
+            {"id": "old", "scope": "task:old", "type": "pause",
+             "expires_at": time.time() - 30}).encode(), retain=True)
+        raw.publish("cascade/constraints/task/api/pause", json.dumps(
+            {"scope": "task:api", "type": "concurrency", "params": {"limit": 1}}).encode(),
+            retain=True)
+        raw.publish("cascade/constraints/task/bin/pause", b"\x1b[2J garbage", retain=True)
+        out = stdout_of(cli("status", *on))
+        sections = [part.splitlines() for part in out.split("\n\n")]
+        assert len(sections) == 3, out
+        in_force, expired, rejected = sections
+        assert in_force[0].split() == ["TYPE", "SCOPE", "SETTING", "TIME", "LEFT"]
+        assert sorted(r.split()[:2] for r in in_force[1:]) == [
+            ["concurrency", "tag:io"], ["pause", "task:fetch"]]
+        assert expired[0].startswith("expired: every engine ignores them")
+        assert expired[1].split() == ["TYPE", "SCOPE", "SETTING", "EXPIRED"]
+        assert re.fullmatch(r"pause +task:old +(29|3\d)s ago", expired[2]), expired
+        assert len(expired) == 3
+        assert rejected[0].startswith("rejected: every engine ignores them")
+        assert rejected[1].split() == ["TOPIC", "REASON"]
+        assert rejected[2:] == [
+            "cascade/constraints/task/api/pause  payload is a concurrency on task:api but the "
+            "topic is for a pause on task:api",
+            "cascade/constraints/task/bin/pause  payload is not a JSON object"]
+        assert "\x1b" not in out
+        doc = json.loads(stdout_of(cli("status", "--json", *on)))
+        assert [(c["type"], c["scope"]) for c in doc["in_force"]] == [
+            ("concurrency", "tag:io"), ("pause", "task:fetch")]
+        assert doc["in_force"][1]["params"] == {} and 500 < doc["in_force"][1]["expires_in"] <= 600
+        assert doc["in_force"][0]["expires_in"] is None
+        assert [(c["id"], c["expires_in"]) for c in doc["expired"]] == [("old", 0.0)]
+        assert [r["topic"] for r in doc["rejected"]] == [
+            "cascade/constraints/task/api/pause", "cascade/constraints/task/bin/pause"]
+        for verb in (("clear", "task:fetch"), ("clear", "tag:io"), ("clear", "task:old"),
+                     ("clear", "task:api"), ("clear", "task:bin")):
+            stdout_of(cli(*verb, *on))
+        assert stdout_of(cli("status", *on)).strip() == "no controls in force"
+    finally:
+        if raw is not None:
+            raw.close()
+        for b in brokers:
+            b.kill()
 
 
 def test_cli_watch_is_a_live_readable_stream(paho, broker):
