@@ -2451,9 +2451,14 @@ class LocalBroker(_Hub):
         sub = _Subscription(topic, callback)
         with self._lock:
             self._insert(sub)
-            for t, raw in self._retained.items():  # queued before any later publish
-                if _topic_matches(topic, t):
-                    sub.push(t, _decode_payload(raw), len(raw))
+            if "+" in topic or "#" in topic:
+                retained = [(t, raw) for t, raw in self._retained.items()
+                            if _topic_matches(topic, t)]
+            else:  # one topic (a Controller's read-back, a sync marker): no scan
+                raw = self._retained.get(topic)
+                retained = [] if raw is None else [(topic, raw)]
+            for t, raw in retained:  # queued before any later publish
+                sub.push(t, _decode_payload(raw), len(raw))
 
     async def unsubscribe(self, topic: str, callback: Callable[[str, Any], Any]) -> None:
         self._remove(topic, callback)
