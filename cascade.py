@@ -56,7 +56,7 @@ __version__ = "0.1.0"
 __all__ = [
     # errors
     "CascadeError", "ConstraintError", "ParamError", "ResourceError",
-    "DependencyMissingError",
+    "DependencyMissingError", "NotKeptError",
     # authoring
     "task", "Task", "LazyResult", "MappedLazyResult", "unmapped", "Param", "Env",
     "resource", "Resource", "inject", "shell",
@@ -101,6 +101,18 @@ class ResourceError(CascadeError, LookupError):
 
 class DependencyMissingError(CascadeError):
     """The run target was skipped (a ``run_if`` was falsy upstream), so it has no value."""
+
+
+class NotKeptError(CascadeError):
+    """A ``Controller`` verb did not see the broker keep what it published: the broker
+    holds something else on the control topic ``topic`` (most often this user may not
+    write it: an MQTT 3.1.1 broker drops such a publish silently, yet acknowledges it;
+    or another operator wrote the topic just after), or the read-back itself was
+    refused or got no answer. The message names the likely cause."""
+
+    def __init__(self, message: str, topic: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.topic = topic
 
 
 # ===========================================================================
@@ -1059,13 +1071,18 @@ class Constraint:
 
     def describe(self):
         left = self.expires_in()
-        return (f"{_CONTROL_TYPES[self.type].describe(self.params)} on {self.scope}"
+        return (_what(self)
                 + ("" if left is None else " (expired)" if left == 0 else
                    f" ({left:.1f}s left)"))
 
     def __repr__(self):
         return (f"<Constraint {self.describe()} id={self.id}"
                 f"{' from the broker' if self.origin == 'broker' else ''}>")
+
+
+def _what(c):
+    """A constraint in a few words, without its time left: "limit 3 on task:fetch"."""
+    return f"{_CONTROL_TYPES[c.type].describe(c.params)} on {c.scope}"
 
 
 _PREFIX = "cascade"  # the default topic prefix (see _check_prefix)
@@ -2710,6 +2727,14 @@ class Controller:
         ctl = cs.Controller(cs.MqttConnector(client))
         await ctl.pause("task:api_call", ttl=60)
         print(await ctl.status())
+
+    A verb returns once it has read back that the broker holds what it published (the
+    control, or no message for resume/clear), by the marker round trip of ``status``;
+    otherwise it raises NotKeptError naming the likely cause (a broker that drops a
+    publish its ACL refuses still acknowledges it). Should another operator write the
+    same topic between our publish and the read-back, the verb raises too, saying what
+    the broker holds: the last write is in force, and it is not ours. Each read-back
+    waits at most ``timeout`` seconds.
     """
 
     def __init__(self, connector: Any, *, timeout: float = 5.0) -> None:
@@ -2725,21 +2750,51 @@ class Controller:
         return self.connector
 
     async def _publish(self, c):
-        await (await self._conn()).publish(_control_topic(c.scope, c.type, self.prefix),
-                                           c.to_dict(), qos=1, retain=True)
+        topic = _control_topic(c.scope, c.type, self.prefix)
+        await (await self._conn()).publish(topic, c.to_dict(), qos=1, retain=True)
+        await self._confirm({topic: c}, _what(c))
         return c
 
-    async def _clear(self, scope, kinds):
+    async def _clear(self, scope, kinds, what):
         conn = await self._conn()
-        for kind in kinds:
-            await conn.publish(_control_topic(_check_scope(scope), kind, self.prefix), "",
-                               qos=1, retain=True)
+        topics = {_control_topic(_check_scope(scope), kind, self.prefix): None
+                  for kind in kinds}
+        for topic in topics:
+            await conn.publish(topic, "", qos=1, retain=True)
+        await self._confirm(topics, what)
+
+    async def _confirm(self, wanted, what):
+        """Read back each topic of ``wanted`` (``{topic: the Constraint published, or None
+        for a removal}``) and raise NotKeptError, naming the likely cause, unless the
+        broker holds exactly that: a publish the broker refused (an ACL; MQTT 3.1.1 has
+        no way to say so) must not pass for one that is in force."""
+        try:
+            held = await self._read(list(wanted))
+        except (PermissionError, TimeoutError) as exc:
+            raise NotKeptError(f"could not read back {what} from the broker: {exc}",
+                               next(iter(wanted))) from exc
+        for topic, c in wanted.items():
+            _, got, reason = _read_control(topic, held.get(topic, ""), self.prefix)
+            if got == c:
+                continue
+            acl = (f"not authorised to write {topic}? (check the broker's ACL for this "
+                   "user)")
+            other = (f"a message engines reject ({reason})" if reason is not None
+                     else None if got is None else f"{got.describe()}, id {got.id}")
+            if c is None:
+                raise NotKeptError(f"the broker did not take {what}: it still holds "
+                                   f"{other}: {acl}; or another operator wrote it again "
+                                   "meanwhile", topic)
+            if other is None:
+                raise NotKeptError(f"the broker did not keep {what}: {acl}", topic)
+            raise NotKeptError(f"the broker did not keep {what}: it holds {other}: {acl}; "
+                               "or another operator wrote it just after us", topic)
 
     async def pause(self, scope: str = "global", *, ttl: Optional[float] = None) -> Constraint:
         return await self._publish(Constraint.make(scope, "pause", ttl=ttl))
 
     async def resume(self, scope: str = "global") -> None:
-        await self._clear(scope, ("pause",))
+        await self._clear(scope, ("pause",), f"the resume of {scope}")
 
     async def limit(self, scope: str, n: int, *, ttl: Optional[float] = None) -> Constraint:
         return await self._publish(Constraint.make(scope, "concurrency", {"limit": n}, ttl=ttl))
@@ -2750,7 +2805,9 @@ class Controller:
                                                    {"rate": rate, "burst": burst}, ttl=ttl))
 
     async def clear(self, scope: str, type: Optional[str] = None) -> None:
-        await self._clear(scope, (_check_type(type, "clear"),) if type else _TYPES)
+        type = _check_type(type, "clear") if type else None
+        await self._clear(scope, (type,) if type else _TYPES,
+                          f"the clear of {type or 'every control'} on {scope}")
 
     async def _read(self, filters, timeout=None):
         """``{topic: payload}`` of what the broker holds on ``filters`` now. Subscribes,
@@ -5197,7 +5254,9 @@ _CLI_HELP = """\
 Steer Cascade workflows, from anywhere that reaches their MQTT broker.
 
 Controls are published as retained messages, so every engine on the broker applies
-them at once, and engines that start later apply them before their first task.
+them at once, and engines that start later apply them before their first task. Each
+verb reads its control back: exit status 0 means the broker holds it, 1 that it does
+not (an ACL that refuses this user, most often), said in one line.
 Scopes: global, task:<name> (globs: task:fetch_*), tag:<tag>, run:<run_id>,
 project:<id>.
 
@@ -5330,7 +5389,7 @@ async def _cli_verb(args, client):
     publish = getattr(args, "publish", None)
     if publish is not None:  # a control verb: pause, limit, rate
         c = await publish(ctl, args)
-        return f"{c.describe()} (published, retained)"
+        return f"{c.describe()}, held by the broker"
     if v == "resume":
         await ctl.resume(args.scope)
         return f"resumed {args.scope}"
