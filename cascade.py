@@ -1086,6 +1086,9 @@ def _what(c):
 
 
 _PREFIX = "cascade"  # the default topic prefix (see _check_prefix)
+# The distribution's name on PyPI, for install hints: "cascade" there is another project.
+# (The module and the command are "cascade".)
+_DIST = "cascade-workflow"
 _TELEMETRY_V = "1.1"  # the shape of telemetry messages (see _RunLink.payloads)
 
 
@@ -5250,7 +5253,7 @@ def _run_interruptibly(coro):
 # CLI: cascade pause|resume|limit|rate|clear|status|watch|demo
 # ===========================================================================
 
-_CLI_HELP = """\
+_CLI_HELP = f"""\
 Steer Cascade workflows, from anywhere that reaches their MQTT broker.
 
 Controls are published as retained messages, so every engine on the broker applies
@@ -5270,7 +5273,7 @@ examples:
   cascade status                        what is in force, with time left
   cascade watch                         live task events of every run
 
-The MQTT verbs need paho-mqtt: pip install 'cascade[mqtt]'.
+The MQTT verbs need paho-mqtt: pip install '{_DIST}[mqtt]'.
 """
 
 
@@ -5344,7 +5347,7 @@ def _mqtt_client(args):
         import paho.mqtt.client as mqtt
     except ImportError:
         raise _CliError("this verb talks to an MQTT broker and needs paho-mqtt: "
-                        "pip install 'cascade[mqtt]'") from None
+                        f"pip install '{_DIST}[mqtt]'") from None
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
                          client_id=f"cascade-cli-{os.getpid()}-{os.urandom(2).hex()}")
     if args.username:
@@ -5659,7 +5662,7 @@ def _demo(n=40):
               f"  notify    {len(notes)} starts spread over {span:.2f}s by the 10/s rate limit\n"
               f"  flaky     failed twice, succeeded on attempt {attempts['flaky']}\n"
               "\nNext: README.md; steer from a terminal with `cascade pause task:NAME` "
-              "(pip install 'cascade[mqtt]').\n")
+              f"(pip install '{_DIST}[mqtt]').\n")
     engine.close()
     return 0
 

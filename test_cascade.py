@@ -7294,7 +7294,7 @@ VERBS = ("pause", "resume", "limit", "rate", "clear", "status", "watch", "demo")
 def test_cli_help_is_enough_on_its_own(capsys):
     out = stdout_of(cli("--help"))
     for word in VERBS + ("global", "task:", "tag:", "run:", "project:", "--ttl",
-                           "pip install 'cascade[mqtt]'"):
+                           "pip install 'cascade-workflow[mqtt]'"):
         assert word in out, word
     options = {"pause": ["scope", "--ttl"], "resume": ["scope"], "limit": ["scope", "n", "--ttl"],
                "rate": ["scope", "rate", "--burst", "--ttl", "10/s"], "clear": ["scope", "--type",
@@ -7457,7 +7457,25 @@ def test_cli_without_the_mqtt_extra_is_one_plain_line(argv):
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert r.stdout == "" and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "pip install 'cascade[mqtt]'" in lines[0], r.stderr
+    assert len(lines) == 1 and "pip install 'cascade-workflow[mqtt]'" in lines[0], r.stderr
+
+
+def test_every_install_hint_names_the_distribution_of_pyproject():
+    # regression (issue 10): the hints said pip install 'cascade[mqtt]', and "cascade" on
+    # PyPI is an unrelated project (an IMAP copier); the module and command stay cascade
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        pyproject = f.read()
+    name = re.search(r'^name = "([^"]+)"$', pyproject, re.M).group(1)
+    assert name == "cascade-workflow"
+    assert re.search(r'^cascade = "cascade:main"$', pyproject, re.M)  # the command
+    assert re.search(r'^py-modules = \["cascade"\]$', pyproject, re.M)  # the module
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    shown = [readme, stdout_of(cli("--help")), run_python("-c", NO_PAHO, "status").stderr,
+             run_python("-c", NO_PAHO, "demo", "--tasks", "2", timeout=60).stderr]
+    for text in shown:  # the README, --help, the missing-paho error, the demo's last line
+        hints = re.findall(r"pip install '([^'\[]+)\[", text)
+        assert hints and set(hints) == {name}, (hints, text[-300:])
 
 
 @pytest.mark.parametrize("argv", [["status"], ["pause", "task:l_x", "--ttl", "5"],
