@@ -56,7 +56,7 @@ __version__ = "0.1.0"
 __all__ = [
     # errors
     "CascadeError", "ConstraintError", "ParamError", "ResourceError",
-    "DependencyMissingError",
+    "DependencyMissingError", "NotKeptError",
     # authoring
     "task", "Task", "LazyResult", "MappedLazyResult", "unmapped", "Param", "Env",
     "resource", "Resource", "inject", "shell",
@@ -101,6 +101,18 @@ class ResourceError(CascadeError, LookupError):
 
 class DependencyMissingError(CascadeError):
     """The run target was skipped (a ``run_if`` was falsy upstream), so it has no value."""
+
+
+class NotKeptError(CascadeError):
+    """A ``Controller`` verb did not see the broker keep what it published: the broker
+    holds something else on the control topic ``topic`` (most often this user may not
+    write it: an MQTT 3.1.1 broker drops such a publish silently, yet acknowledges it;
+    or another operator wrote the topic just after), or the read-back itself was
+    refused or got no answer. The message names the likely cause."""
+
+    def __init__(self, message: str, topic: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.topic = topic
 
 
 # ===========================================================================
@@ -1064,7 +1076,7 @@ class Constraint:
 
     def describe(self):
         left = self.expires_in()
-        return (f"{_CONTROL_TYPES[self.type].describe(self.params)} on {self.scope}"
+        return (_what(self)
                 + ("" if left is None else " (expired)" if left == 0 else
                    f" ({left:.1f}s left)"))
 
@@ -1073,7 +1085,15 @@ class Constraint:
                 f"{' from the broker' if self.origin == 'broker' else ''}>")
 
 
+def _what(c):
+    """A constraint in a few words, without its time left: "limit 3 on task:fetch"."""
+    return f"{_CONTROL_TYPES[c.type].describe(c.params)} on {c.scope}"
+
+
 _PREFIX = "cascade"  # the default topic prefix (see _check_prefix)
+# The distribution's name on PyPI, for install hints: "cascade" there is another project.
+# (The module and the command are "cascade".)
+_DIST = "cascade-workflow"
 
 
 def _source():
@@ -1086,6 +1106,7 @@ def _quiet_future(fut):
     """Done callback of a fire-and-forget publish: its failure is logged at DEBUG only."""
     if not fut.cancelled() and fut.exception() is not None:
         _log.debug("publish failed: %r", fut.exception())
+
 _TELEMETRY_V = "1.1"  # the shape of telemetry messages (see _RunLink.payloads)
 
 
@@ -1127,6 +1148,39 @@ def _parse_control_topic(topic, prefix=_PREFIX):
         raise ConstraintError(f"constraint type {kind!r} in topic {topic!r} is not one of "
                               f"{list(_TYPES)}")
     return _check_scope(scope), kind
+
+
+def _read_control(topic, payload, prefix=_PREFIX):
+    """What an engine makes of one message on a control topic: ``(key, constraint,
+    None)``; ``(key, None, None)`` for the empty message (it removes the control); or,
+    rejected, ``(key, _MISSING, reason)``, with key None when the topic is not a control
+    topic at all. The one validator of control messages: engines (_Link.check) and
+    Controller.retained (what ``cascade status`` shows as rejected) both use it, so the
+    operator sees exactly what the engines would apply."""
+    key = None
+    try:
+        scope, kind = key = _parse_control_topic(topic, prefix)
+        if payload == "":
+            return key, None, None
+        if payload is None:  # (regression: a JSON null silently removed the control)
+            raise ConstraintError("payload is null; to remove a control, publish an "
+                                  "empty retained message")
+        if isinstance(payload, (bytes, bytearray, str)):
+            raise ConstraintError("payload over 64 KiB" if len(payload) > _MAX_PAYLOAD
+                                  else "payload is not a JSON object")
+        if len(json.dumps(payload, default=str)) > _MAX_PAYLOAD:
+            raise ConstraintError("payload over 64 KiB")
+        c = Constraint.from_dict(payload)
+        if (c.scope, c.type) != (scope, kind):
+            raise ConstraintError(f"payload is a {c.type} on {c.scope} but the topic is "
+                                  f"for a {kind} on {scope}")
+        return key, c, None
+    except (ConstraintError, TypeError, ValueError, RecursionError) as exc:
+        if isinstance(exc, RecursionError):
+            exc = ConstraintError("payload nested too deeply")
+        # capped: a reason quotes the payload, and a 60 KB id must not live on in
+        # every warning and event (regression: 2,001 of them kept 120 MB)
+        return key, _MISSING, _error_text(str(exc), "message")
 
 
 class _FastSwitch:
@@ -2440,9 +2494,14 @@ class LocalBroker(_Hub):
         sub = _Subscription(topic, callback)
         with self._lock:
             self._insert(sub)
-            for t, raw in self._retained.items():  # queued before any later publish
-                if _topic_matches(topic, t):
-                    sub.push(t, _decode_payload(raw), len(raw))
+            if "+" in topic or "#" in topic:
+                retained = [(t, raw) for t, raw in self._retained.items()
+                            if _topic_matches(topic, t)]
+            else:  # one topic (a Controller's read-back, a sync marker): no scan
+                raw = self._retained.get(topic)
+                retained = [] if raw is None else [(topic, raw)]
+            for t, raw in retained:  # queued before any later publish
+                sub.push(t, _decode_payload(raw), len(raw))
 
     async def unsubscribe(self, topic: str, callback: Callable[[str, Any], Any]) -> None:
         self._remove(topic, callback)
@@ -2715,11 +2774,20 @@ class Controller:
         ctl = cs.Controller(cs.MqttConnector(client))
         await ctl.pause("task:api_call", ttl=60)
         print(await ctl.status())
+
+    A verb returns once it has read back that the broker holds what it published (the
+    control, or no message for resume/clear), by the marker round trip of ``status``;
+    otherwise it raises NotKeptError naming the likely cause (a broker that drops a
+    publish its ACL refuses still acknowledges it). Should another operator write the
+    same topic between our publish and the read-back, the verb raises too, saying what
+    the broker holds: the last write is in force, and it is not ours. Each read-back
+    waits at most ``timeout`` seconds.
     """
 
-    def __init__(self, connector: Any) -> None:
+    def __init__(self, connector: Any, *, timeout: float = 5.0) -> None:
         self.connector = _check_connector(connector)
         self.prefix = _prefix_of(connector)
+        self.timeout = timeout  # bound of each read-back of the broker, in seconds
         self._connected = False
 
     async def _conn(self):
@@ -2729,21 +2797,51 @@ class Controller:
         return self.connector
 
     async def _publish(self, c):
-        await (await self._conn()).publish(_control_topic(c.scope, c.type, self.prefix),
-                                           c.to_dict(), qos=1, retain=True)
+        topic = _control_topic(c.scope, c.type, self.prefix)
+        await (await self._conn()).publish(topic, c.to_dict(), qos=1, retain=True)
+        await self._confirm({topic: c}, _what(c))
         return c
 
-    async def _clear(self, scope, kinds):
+    async def _clear(self, scope, kinds, what):
         conn = await self._conn()
-        for kind in kinds:
-            await conn.publish(_control_topic(_check_scope(scope), kind, self.prefix), "",
-                               qos=1, retain=True)
+        topics = {_control_topic(_check_scope(scope), kind, self.prefix): None
+                  for kind in kinds}
+        for topic in topics:
+            await conn.publish(topic, "", qos=1, retain=True)
+        await self._confirm(topics, what)
+
+    async def _confirm(self, wanted, what):
+        """Read back each topic of ``wanted`` (``{topic: the Constraint published, or None
+        for a removal}``) and raise NotKeptError, naming the likely cause, unless the
+        broker holds exactly that: a publish the broker refused (an ACL; MQTT 3.1.1 has
+        no way to say so) must not pass for one that is in force."""
+        try:
+            held = await self._read(list(wanted))
+        except (PermissionError, TimeoutError) as exc:
+            raise NotKeptError(f"could not read back {what} from the broker: {exc}",
+                               next(iter(wanted))) from exc
+        for topic, c in wanted.items():
+            _, got, reason = _read_control(topic, held.get(topic, ""), self.prefix)
+            if got == c:
+                continue
+            acl = (f"not authorised to write {topic}? (check the broker's ACL for this "
+                   "user)")
+            other = (f"a message engines reject ({reason})" if reason is not None
+                     else None if got is None else f"{got.describe()}, id {got.id}")
+            if c is None:
+                raise NotKeptError(f"the broker did not take {what}: it still holds "
+                                   f"{other}: {acl}; or another operator wrote it again "
+                                   "meanwhile", topic)
+            if other is None:
+                raise NotKeptError(f"the broker did not keep {what}: {acl}", topic)
+            raise NotKeptError(f"the broker did not keep {what}: it holds {other}: {acl}; "
+                               "or another operator wrote it just after us", topic)
 
     async def pause(self, scope: str = "global", *, ttl: Optional[float] = None) -> Constraint:
         return await self._publish(Constraint.make(scope, "pause", ttl=ttl))
 
     async def resume(self, scope: str = "global") -> None:
-        await self._clear(scope, ("pause",))
+        await self._clear(scope, ("pause",), f"the resume of {scope}")
 
     async def limit(self, scope: str, n: int, *, ttl: Optional[float] = None) -> Constraint:
         return await self._publish(Constraint.make(scope, "concurrency", {"limit": n}, ttl=ttl))
@@ -2754,27 +2852,89 @@ class Controller:
                                                    {"rate": rate, "burst": burst}, ttl=ttl))
 
     async def clear(self, scope: str, type: Optional[str] = None) -> None:
-        await self._clear(scope, (_check_type(type, "clear"),) if type else _TYPES)
+        type = _check_type(type, "clear") if type else None
+        await self._clear(scope, (type,) if type else _TYPES,
+                          f"the clear of {type or 'every control'} on {scope}")
 
-    async def status(self, timeout: float = 5.0) -> list:
-        """The constraints retained on the broker (expired ones included: check
-        ``expires_in()``), sorted by scope and type."""
-        found = []
-        for payload in (await self._retained(f"{self.prefix}/constraints/#", timeout)).values():
-            if isinstance(payload, dict):
-                try:
-                    found.append(Constraint.from_dict(payload))
-                except ConstraintError:
-                    pass
-        return sorted(found, key=lambda c: (c.scope, c.type))
+    async def _read(self, filters, timeout=None):
+        """``{topic: payload}`` of what the broker holds on ``filters`` now. Subscribes,
+        then makes a marker round trip on ``<prefix>/sync/<id>``: on one connection the
+        broker sends a new subscription's retained messages before it routes our later
+        marker back to us (a live message that comes meanwhile is newer, and wins).
+        PermissionError if the broker refuses a subscription; TimeoutError, naming the
+        sync topic's ACL, if the marker does not come back within ``timeout`` seconds."""
+        conn = await self._conn()
+        timeout = self.timeout if timeout is None else timeout
+        held = {}
+        marker = f"{self.prefix}/sync/{os.urandom(8).hex()}"
+        done = asyncio.get_running_loop().create_future()
 
-    async def engines(self, timeout: float = 5.0) -> list:
+        @_latest_only
+        def collect(topic, payload):
+            if topic == marker:
+                if not done.done():
+                    done.set_result(None)
+            elif payload == "":
+                held.pop(topic, None)
+            else:
+                held[topic] = payload
+        subscribed = []
+        try:
+            for f in (*filters, marker):
+                await conn.subscribe(f, collect)
+                subscribed.append(f)
+            await conn.publish(marker, {"sync": marker})
+            try:
+                await asyncio.wait_for(done, timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError(
+                    f"the broker did not send back the marker on {marker} within "
+                    f"{timeout:g}s: not authorised to read and write {self.prefix}/sync/#? "
+                    "(check the broker's ACL for this user)") from None
+        finally:
+            for f in subscribed:
+                await _maybe(conn, "unsubscribe", f, collect)
+        return held
+
+    async def retained(self, timeout: Optional[float] = None) -> dict:
+        """Every control message the broker retains under ``<prefix>/constraints/``, as
+        the engines see it (the same validation):
+
+        - ``"in_force"``: the constraints an engine starting now applies, sorted by
+          scope and type (what ``status()`` returns);
+        - ``"expired"``: valid ones past their ``expires_at``, which every engine
+          ignores (``clear`` removes them);
+        - ``"rejected"``: ``{"topic", "reason"}`` of each message engines refuse, with
+          the reason of their warning and ConstraintRejected event (a running engine
+          keeps the last valid control it had of that topic).
+        """
+        now = time.time()
+        found = {"in_force": [], "expired": [], "rejected": []}
+        held = await self._read([f"{self.prefix}/constraints/#"], timeout)
+        for topic, payload in sorted(held.items()):
+            key, c, reason = _read_control(topic, payload, self.prefix)
+            if reason is not None:
+                found["rejected"].append({"topic": topic, "reason": reason})
+            elif c is not None:
+                past = c.expires_at is not None and c.expires_at <= now
+                found["expired" if past else "in_force"].append(c)
+        for part in ("in_force", "expired"):
+            found[part].sort(key=lambda c: (c.scope, c.type))
+        return found
+
+    async def status(self, timeout: Optional[float] = None) -> list:
+        """The constraints in force on the broker: those an engine starting now would
+        apply, sorted by scope and type. Expired and rejected messages are left out
+        (changed in 0.2: expired ones were listed); ``retained()`` gives them too."""
+        return (await self.retained(timeout))["in_force"]
+
+    async def engines(self, timeout: Optional[float] = None) -> list:
         """The presence records of the engines on the broker (under this prefix), sorted
         by org, project and engine id: each a dict (see the README's fleet view) with
         ``lost`` added, True when it has not been updated for 3 heartbeats (an engine
         that crashed, or lost its broker; clocks of engine and operator are compared)."""
         now, out = time.time(), []
-        for topic, p in (await self._retained(f"{self.prefix}/engines/#", timeout)).items():
+        for topic, p in (await self._read([f"{self.prefix}/engines/#"], timeout)).items():
             if not isinstance(p, dict):
                 continue
             rec = dict(p)
@@ -2785,34 +2945,6 @@ class Controller:
             out.append(rec)
         return sorted(out, key=lambda r: tuple(str(r.get(k)) for k in ("org", "project",
                                                                        "engine_id")))
-
-    async def _retained(self, filter, timeout):
-        """{topic: payload} of what the broker retains under ``filter`` now: subscribe,
-        then a marker round trip on our connection (the broker sends a subscription's
-        retained messages before it routes a later message to us)."""
-        conn = await self._conn()
-        found = {}
-        marker = f"{self.prefix}/sync/{os.urandom(8).hex()}"
-        done = asyncio.get_running_loop().create_future()
-
-        @_latest_only
-        def collect(topic, payload):
-            if topic == marker:
-                if not done.done():
-                    done.set_result(None)
-            elif payload == "":
-                found.pop(topic, None)
-            else:
-                found[topic] = payload
-        await conn.subscribe(filter, collect)
-        await conn.subscribe(marker, collect)
-        try:
-            await conn.publish(marker, {"sync": marker})
-            await asyncio.wait_for(done, timeout)
-        finally:
-            await _maybe(conn, "unsubscribe", filter, collect)
-            await _maybe(conn, "unsubscribe", marker, collect)
-        return found
 
     def __repr__(self):
         return f"<Controller {self.connector!r}>"
@@ -4710,38 +4842,18 @@ class _Link:
             task.cancel()
 
     def check(self, topic, payload, run_id=""):
-        """Validate one control message: ``(key, constraint)``, ``(key, None)`` for the
-        empty message (it removes the control), or, rejected with one warning and a
-        ConstraintRejected event, ``(key, _MISSING)`` (the last valid control of the
-        topic stays) or None when the topic is not a control topic at all."""
-        key = None
-        try:
-            scope, kind = key = _parse_control_topic(topic, self.prefix)
-            if payload == "":
-                return key, None
-            if payload is None:  # (regression: a JSON null silently removed the control)
-                raise ConstraintError("payload is null; to remove a control, publish an "
-                                      "empty retained message")
-            if isinstance(payload, (bytes, bytearray, str)):
-                raise ConstraintError("payload over 64 KiB" if len(payload) > _MAX_PAYLOAD
-                                      else "payload is not a JSON object")
-            if len(json.dumps(payload, default=str)) > _MAX_PAYLOAD:
-                raise ConstraintError("payload over 64 KiB")
-            c = Constraint.from_dict(payload)
-            if (c.scope, c.type) != (scope, kind):
-                raise ConstraintError(f"payload is a {c.type} on {c.scope} but the topic is "
-                                      f"for a {kind} on {scope}")
+        """Validate one control message (see _read_control): ``(key, constraint)``,
+        ``(key, None)`` for the empty message (it removes the control), or, rejected
+        with one warning and a ConstraintRejected event, ``(key, _MISSING)`` (the last
+        valid control of the topic stays) or None when the topic is not a control topic
+        at all."""
+        key, c, reason = _read_control(topic, payload, self.prefix)
+        if reason is None:
             return key, c
-        except (ConstraintError, TypeError, ValueError, RecursionError) as exc:
-            if isinstance(exc, RecursionError):
-                exc = ConstraintError("payload nested too deeply")
-            # capped: a reason quotes the payload, and a 60 KB id must not live on in
-            # every warning and event (regression: 2,001 of them kept 120 MB)
-            reason = _error_text(str(exc), "message")
-            _log.warning("rejected control message on %s: %s", _printable(topic),
-                         _printable(reason))
-            self.engine._bus.emit(ConstraintRejected(run_id, topic, reason))
-            return None if key is None else (key, _MISSING)
+        _log.warning("rejected control message on %s: %s", _printable(topic),
+                     _printable(reason))
+        self.engine._bus.emit(ConstraintRejected(run_id, topic, reason))
+        return None if key is None else (key, _MISSING)
 
     def apply(self, key, c):
         """Set a checked control as the broker's layer of its key (``c``), or clear the
@@ -5441,11 +5553,13 @@ def _run_interruptibly(coro):
 # CLI: cascade pause|resume|limit|rate|clear|status|watch|demo
 # ===========================================================================
 
-_CLI_HELP = """\
+_CLI_HELP = f"""\
 Steer Cascade workflows, from anywhere that reaches their MQTT broker.
 
 Controls are published as retained messages, so every engine on the broker applies
-them at once, and engines that start later apply them before their first task.
+them at once, and engines that start later apply them before their first task. Each
+verb reads its control back: exit status 0 means the broker holds it, 1 that it does
+not (an ACL that refuses this user, most often), said in one line.
 Scopes: global, task:<name> (globs: task:fetch_*), tag:<tag>, run:<run_id>,
 project:<id>.
 
@@ -5459,7 +5573,7 @@ examples:
   cascade status                        what is in force, with time left
   cascade watch                         live task events of every run
 
-The MQTT verbs need paho-mqtt: pip install 'cascade[mqtt]'.
+The MQTT verbs need paho-mqtt: pip install '{_DIST}[mqtt]'.
 """
 
 
@@ -5511,7 +5625,10 @@ def _cli_parser():
     v.add_argument("scope", help=scope_help)
     v.add_argument("--type", choices=[*_TYPES, *_TYPE_ALIASES],
                    help="one type only (limit = concurrency, rate = rate_limit)")
-    verb("status", "list the controls in force on the broker, with time left")
+    v = verb("status", "list the controls in force on the broker, with time left, and "
+                       "apart the expired and rejected ones engines ignore")
+    v.add_argument("--json", action="store_true",
+                   help="print one JSON object: in_force, expired, rejected")
     v = verb("watch", "print live task events of every run (Ctrl-C stops)")
     v.add_argument("--json", action="store_true", help="print raw JSON payloads")
     v.add_argument("--count", type=int, help="exit after this many events")
@@ -5530,7 +5647,7 @@ def _mqtt_client(args):
         import paho.mqtt.client as mqtt
     except ImportError:
         raise _CliError("this verb talks to an MQTT broker and needs paho-mqtt: "
-                        "pip install 'cascade[mqtt]'") from None
+                        f"pip install '{_DIST}[mqtt]'") from None
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
                          client_id=f"cascade-cli-{os.getpid()}-{os.urandom(2).hex()}")
     if args.username:
@@ -5569,12 +5686,13 @@ def _mqtt_client(args):
 
 
 async def _cli_verb(args, client):
-    ctl = Controller(MqttConnector(client, timeout=args.timeout, prefix=args.prefix))
+    ctl = Controller(MqttConnector(client, timeout=args.timeout, prefix=args.prefix),
+                     timeout=args.timeout)
     v = args.verb
     publish = getattr(args, "publish", None)
     if publish is not None:  # a control verb: pause, limit, rate
         c = await publish(ctl, args)
-        return f"{c.describe()} (published, retained)"
+        return f"{c.describe()}, held by the broker"
     if v == "resume":
         await ctl.resume(args.scope)
         return f"resumed {args.scope}"
@@ -5582,17 +5700,60 @@ async def _cli_verb(args, client):
         await ctl.clear(args.scope, args.type)
         return f"cleared {args.type or 'all controls'} on {args.scope}"
     if v == "status":
-        rows = await ctl.status(timeout=args.timeout)
-        if not rows:
-            return "no controls in force"
-        lines = [f"{'TYPE':<12} {'SCOPE':<28} {'SETTING':<22} TIME LEFT"]
-        for c in rows:
-            setting = _printable(_CONTROL_TYPES[c.type].setting(c.params))
-            left = c.expires_in()
-            left = "-" if left is None else "expired" if left <= 0 else f"{left:.0f}s"
-            lines.append(f"{c.type:<12} {c.scope:<28} {setting:<22} {left}")
-        return "\n".join(lines)
+        found = await ctl.retained()
+        if args.json:
+            return json.dumps(_status_json(found))
+        return _status_text(_status_sections(found))
     return await _cli_watch(args, ctl.connector)
+
+
+def _status_sections(found):
+    """The sections of ``cascade status``, from ``Controller.retained()``: each
+    ``(title, header, rows)``, the controls in force first (title None). (More sections
+    can join: _status_text prints what it is given.)"""
+    def constraint_row(c, when):
+        return [c.type, c.scope, _printable(_CONTROL_TYPES[c.type].setting(c.params)), when]
+    now = time.time()
+    in_force = [constraint_row(c, "-" if c.expires_at is None else
+                               f"{max(1, round(c.expires_at - now))}s")
+                for c in found["in_force"]]
+    expired = [constraint_row(c, f"{max(0, round(now - c.expires_at))}s ago")
+               for c in found["expired"]]
+    rejected = [[_printable(r["topic"]), _printable(r["reason"])] for r in found["rejected"]]
+    return [
+        (None, ["TYPE", "SCOPE", "SETTING", "TIME LEFT"], in_force),
+        ("expired: every engine ignores them (cascade clear SCOPE removes them)",
+         ["TYPE", "SCOPE", "SETTING", "EXPIRED"], expired),
+        ("rejected: every engine ignores them, for the reason shown",
+         ["TOPIC", "REASON"], rejected),
+    ]
+
+
+def _status_text(sections):
+    """``cascade status`` as text: a table per section (its title above it), sections
+    without rows left out but the first, which says when nothing is in force."""
+    parts = []
+    for i, (title, header, rows) in enumerate(sections):
+        if not rows:
+            if i == 0:
+                parts.append(["no controls in force"])
+            continue
+        widths = [max(len(r[k]) for r in [header, *rows]) for k in range(len(header) - 1)]
+        lines = [] if title is None else [title]
+        lines += ["  ".join([*(cell.ljust(w) for cell, w in zip(r, widths)), r[-1]]).rstrip()
+                  for r in [header, *rows]]
+        parts.append(lines)
+    return "\n\n".join("\n".join(lines) for lines in parts)
+
+
+def _status_json(found):
+    """``cascade status --json``: Controller.retained() as one JSON object; each
+    constraint as on the wire plus ``expires_in`` (seconds left, or null)."""
+    def row(c):
+        return dict(c.to_dict(), expires_in=c.expires_in())
+    return {"in_force": [row(c) for c in found["in_force"]],
+            "expired": [row(c) for c in found["expired"]],
+            "rejected": [dict(r) for r in found["rejected"]]}
 
 
 def _telemetry_events(p):
@@ -5801,7 +5962,7 @@ def _demo(n=40):
               f"  notify    {len(notes)} starts spread over {span:.2f}s by the 10/s rate limit\n"
               f"  flaky     failed twice, succeeded on attempt {attempts['flaky']}\n"
               "\nNext: README.md; steer from a terminal with `cascade pause task:NAME` "
-              "(pip install 'cascade[mqtt]').\n")
+              f"(pip install '{_DIST}[mqtt]').\n")
     engine.close()
     return 0
 

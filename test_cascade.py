@@ -4781,6 +4781,128 @@ async def test_controller_verbs_are_coroutines_and_status_returns_the_retained_c
 
 
 @async_test
+async def test_controller_status_is_what_engines_apply_and_retained_shows_expired_and_rejected():
+    # regression (issue 10): status() listed expired controls among those in force, and
+    # silently left out messages every engine rejects (a payload for another topic)
+    broker, u = cs.LocalBroker(), uid()
+    base = f"cascade/constraints/task/l_{u}"
+    ctl = cs.Controller(broker)
+    kept = await ctl.pause(f"task:l_{u}_a", ttl=60)
+    old = {"id": f"old-{u}", "scope": f"task:l_{u}_b", "type": "pause", "params": {},
+           "expires_at": time.time() - 5}
+    await broker.publish(f"{base}_b/pause", old, retain=True)
+    bad = {f"{base}_c/pause": {"scope": f"task:l_{u}_other", "type": "pause"},
+           f"{base}_d/concurrency": {"scope": f"task:l_{u}_d", "type": "concurrency",
+                                     "params": {"limit": -1}},
+           f"{base}_e/pause": b"\xff garbage",
+           f"{base}_f/pause": b"null",
+           f"cascade/constraints/l_{u}_oops": {"type": "pause"}}
+    for topic, payload in bad.items():
+        await broker.publish(topic, payload, retain=True)
+    assert await ctl.status() == [kept]
+    found = await ctl.retained()
+    assert set(found) == {"in_force", "expired", "rejected"}
+    assert found["in_force"] == [kept]
+    assert [c.to_dict() for c in found["expired"]] == [old]
+    assert [r["topic"] for r in found["rejected"]] == sorted(bad)
+    # the reasons are the engines' own, word for word
+    engine = cs.Engine(connector=broker)
+    log = Recorder(engine)
+    assert await engine.run(cs.task(lambda: 1, name=f"l_{u}_probe")()) == 1
+    assert found["rejected"] == [{"topic": e.topic, "reason": e.reason} for e in
+                                 sorted(log.of(cs.ConstraintRejected), key=lambda e: e.topic)]
+    reasons = {r["topic"]: r["reason"] for r in found["rejected"]}
+    assert reasons[f"{base}_c/pause"] == (f"payload is a pause on task:l_{u}_other but the "
+                                          f"topic is for a pause on task:l_{u}_c")
+    assert controls_of(engine, u) == {(f"task:l_{u}_a", "pause"): {}}
+    engine.close()
+
+
+class RefusedByAcl:
+    """A connector over a LocalBroker that acts like a broker whose ACL refuses this
+    user: publishes on topics under ``refused`` are dropped, yet return as if they went
+    (as MQTT 3.1.1 acknowledges them), and subscriptions to filters under
+    ``unreadable`` raise PermissionError (as a refusing SUBACK does). ``then``, if set,
+    runs after each publish that went (another operator's write, say)."""
+
+    def __init__(self, broker, refused="cascade/constraints/", unreadable=None, then=None):
+        self.broker, self.refused, self.unreadable, self.then = broker, refused, unreadable, then
+
+    def __getattr__(self, name):
+        return getattr(self.broker, name)
+
+    async def publish(self, topic, payload, qos=0, retain=False):
+        if self.refused and topic.startswith(self.refused):
+            return
+        await self.broker.publish(topic, payload, qos, retain)
+        if self.then is not None:
+            await self.then(topic)
+
+    async def subscribe(self, topic, callback):
+        if self.unreadable and topic.startswith(self.unreadable):
+            raise PermissionError(f"MQTT broker refused the subscription to {topic!r} "
+                                  "(check its ACL)")
+        await self.broker.subscribe(topic, callback)
+
+
+@async_test
+async def test_controller_verbs_raise_not_kept_unless_the_broker_holds_what_they_published():
+    # regression (issue 10): a publish the broker dropped (an ACL) passed for one in force
+    broker, u = cs.LocalBroker(), uid()
+    scope = f"task:l_{u}"
+    pause = f"cascade/constraints/task/l_{u}/pause"
+    acl = "(check the broker's ACL for this user)"
+    operator, reader = cs.Controller(broker), cs.Controller(RefusedByAcl(broker))
+    assert issubclass(cs.NotKeptError, cs.CascadeError) and "NotKeptError" in cs.__all__
+    with pytest.raises(cs.NotKeptError) as e:
+        await reader.pause(scope, ttl=60)
+    assert str(e.value) == (f"the broker did not keep pause on {scope}: not authorised to "
+                            f"write {pause}? {acl}")
+    assert e.value.topic == pause
+    held = await operator.limit(scope, 2)
+    with pytest.raises(cs.NotKeptError, match=rf"did not keep limit 5 on {scope}: it holds "
+                       rf"limit 2 on {scope}, id {held.id}: not authorised to write "):
+        await reader.limit(scope, 5)
+    with pytest.raises(cs.NotKeptError, match=rf"did not take the clear of concurrency on "
+                       rf"{scope}: it still holds limit 2 on {scope}, id {held.id}"):
+        await reader.clear(scope, "limit")
+    assert await reader.status() == [held]  # reading is allowed
+    await operator.pause(scope)
+    with pytest.raises(cs.NotKeptError, match=rf"did not take the resume of {scope}: it still "
+                       rf"holds pause on {scope}, id "):
+        await reader.resume(scope)
+    await operator.resume(scope)
+    await reader.resume(scope)  # the broker holds no pause: that is what resume asked for
+
+    # another operator writes the same topic just after us: the last write is in force,
+    # and the verb says that it is not ours
+    async def other_operator(topic):
+        if topic.startswith("cascade/constraints/"):
+            await broker.publish(topic, dict(theirs.to_dict()), retain=True)
+    theirs = cs.Constraint.make(scope, "concurrency", {"limit": 9}, id=f"theirs-{u}")
+    racing = cs.Controller(RefusedByAcl(broker, refused=None, then=other_operator))
+    with pytest.raises(cs.NotKeptError, match=rf"did not keep limit 3 on {scope}: it holds "
+                       rf"limit 9 on {scope}, id theirs-{u}: .*or another operator wrote it "
+                       "just after us$"):
+        await racing.limit(scope, 3)
+    assert [c.id for c in await operator.status()] == [f"theirs-{u}"]
+
+    # a read-back the broker refuses, or never answers, is not taken for a success
+    for conn, why in ((RefusedByAcl(broker, refused=None, unreadable="cascade/constraints/"),
+                       "MQTT broker refused the subscription to "),
+                      (RefusedByAcl(broker, refused="cascade/"),
+                       "the broker did not send back the marker on cascade/sync/")):
+        ctl = cs.Controller(conn, timeout=0.5)
+        with pytest.raises(cs.NotKeptError, match=f"could not read back the clear of every "
+                           f"control on {scope} from the broker: {why}"):
+            await ctl.clear(scope)
+    with pytest.raises(TimeoutError, match=r"not authorised to read and write cascade/sync/#\? "):
+        await cs.Controller(RefusedByAcl(broker, refused="cascade/"), timeout=0.5).status()
+    await operator.clear(scope)
+    assert await retained_on(broker) == {}
+
+
+@async_test
 async def test_controller_limit_steers_a_running_engine():
     broker, u = cs.LocalBroker(), uid()
     name = f"l_{u}_w"
@@ -6171,7 +6293,14 @@ def test_a_loops_subscription_outlives_its_runs_and_goes_with_its_loop_or_engine
             await super().unsubscribe(topic, callback)
     broker = Counting()
     e = cs.Engine(connector=broker)
-    ctl = cs.Controller(broker)
+
+    class Uncounted(Prefixed):  # the same broker for the controller, whose read-backs
+        async def subscribe(self, topic, callback):  # subscribe too: not the engine's
+            await cs.LocalBroker.subscribe(self.broker, topic, callback)
+
+        async def unsubscribe(self, topic, callback):
+            await cs.LocalBroker.unsubscribe(self.broker, topic, callback)
+    ctl = cs.Controller(Uncounted(broker, "cascade"))
 
     async def three_runs():
         for i in range(3):
@@ -6544,23 +6673,38 @@ def watched_client(port):
     return client, next_event
 
 
-def private_mosquitto(tmp_path, persist=False):
+def private_mosquitto(tmp_path, users=None, acl=None, persist=False):
     """(port, start, started): a private Mosquitto on a free port, without persistence
     (or with it in ``tmp_path``: what it retains survives a stop by SIGTERM); ``start()``
     starts one more process of it (after a kill, say), ``started`` lists them for the
-    caller to kill."""
+    caller to kill. ``users`` ({name: password}) turns anonymous access off (a password
+    file made with mosquitto_passwd); ``acl`` is an acl_file's text."""
     binary = shutil.which("mosquitto")
     need("no mosquitto binary to start a private broker", binary)
     port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    keep = (f"persistence true\npersistence_location {tmp_path}/\n" if persist
-            else "persistence false\n")
-    conf.write_text(f"listener {port} {HOST}\nallow_anonymous true\n{keep}"
-                    "log_dest stderr\n")
+    conf = [f"listener {port} {HOST}", "log_dest stderr"]
+    conf += (["persistence true", f"persistence_location {tmp_path}/"] if persist
+             else ["persistence false"])
+    if users:
+        passwd = shutil.which("mosquitto_passwd")
+        need("no mosquitto_passwd binary to make a password file", passwd)
+        (tmp_path / "passwd").touch()
+        for name, password in users.items():
+            subprocess.run([passwd, "-b", str(tmp_path / "passwd"), name, password], check=True)
+        conf += ["allow_anonymous false", f"password_file {tmp_path / 'passwd'}"]
+    else:
+        conf.append("allow_anonymous true")
+    if acl is not None:
+        (tmp_path / "acl").write_text(acl)
+        conf.append(f"acl_file {tmp_path / 'acl'}")
+    if users or acl is not None or persist:
+        # (started as root, mosquitto would drop to a user who cannot use tmp_path)
+        conf.append("user root")
+    (tmp_path / "mosquitto.conf").write_text("\n".join(conf) + "\n")
     started = []
 
     def start():
-        started.append(Proc([binary, "-c", str(conf)]))
+        started.append(Proc([binary, "-c", str(tmp_path / "mosquitto.conf")]))
         started[-1].expect(r"mosquitto version .* running", stream="err")
         return started[-1]
     return port, start, started
@@ -6766,7 +6910,9 @@ async def test_a_resume_published_while_the_engine_reconnects_takes_effect(paho,
         broker = start_broker()                      # the pause is retained again ...
         close_client(ctl_client)
         ctl_client = mqtt_client(port)
-        await cs.Controller(cs.MqttConnector(ctl_client)).resume(f"task:l_{u}_w")  # ... lifted
+        ctl = cs.Controller(cs.MqttConnector(ctl_client))
+        assert [c.scope for c in await ctl.status()] == [f"task:l_{u}_w"]
+        await ctl.resume(f"task:l_{u}_w")            # ... and lifted
         assert not client.is_connected()             # before the engine is back
         assert await asyncio.wait_for(handle, TIMEOUT) == "done"
         assert controls_of(engine, u) == {}
@@ -6957,7 +7103,7 @@ async def test_presence_on_mosquitto_a_crashed_engine_is_lost_or_removed_by_its_
 async def ctl_client_clear(client, prefix):
     """Clear what a test retained under its own ``prefix`` on the shared broker."""
     conn = cs.MqttConnector(client, prefix=prefix)
-    for topic in await cs.Controller(conn)._retained(f"{prefix}/#", TIMEOUT):
+    for topic in await cs.Controller(conn)._read([f"{prefix}/#"], TIMEOUT):
         await conn.publish(topic, "", qos=1, retain=True)
 
 
@@ -7464,7 +7610,7 @@ VERBS = ("pause", "resume", "limit", "rate", "clear", "status", "watch", "demo")
 def test_cli_help_is_enough_on_its_own(capsys):
     out = stdout_of(cli("--help"))
     for word in VERBS + ("global", "task:", "tag:", "run:", "project:", "--ttl",
-                           "pip install 'cascade[mqtt]'"):
+                           "pip install 'cascade-workflow[mqtt]'"):
         assert word in out, word
     options = {"pause": ["scope", "--ttl"], "resume": ["scope"], "limit": ["scope", "n", "--ttl"],
                "rate": ["scope", "rate", "--burst", "--ttl", "10/s"], "clear": ["scope", "--type",
@@ -7523,6 +7669,61 @@ def test_cli_every_control_verb_and_status_as_a_table_with_time_left(paho, broke
         sweep(u)
 
 
+def test_cli_status_shows_expired_and_rejected_controls_apart_and_as_json(paho, tmp_path):
+    # regression (issue 10): `cascade status` listed an expired control among those in
+    # force, and left out a message every engine rejects
+    port, start_broker, brokers = private_mosquitto(tmp_path)
+    start_broker()
+    raw = None
+    try:
+        on = ("--port", port)
+        stdout_of(cli("pause", "task:fetch", "--ttl", 600, *on))
+        stdout_of(cli("limit", "tag:io", 5, *on))
+        raw = OutsideClient(port=port)
+        raw.publish("cascade/constraints/task/old/pause", json.dumps(
+            {"id": "old", "scope": "task:old", "type": "pause",
+             "expires_at": time.time() - 30}).encode(), retain=True)
+        raw.publish("cascade/constraints/task/api/pause", json.dumps(
+            {"scope": "task:api", "type": "concurrency", "params": {"limit": 1}}).encode(),
+            retain=True)
+        raw.publish("cascade/constraints/task/bin/pause", b"\x1b[2J garbage", retain=True)
+        out = stdout_of(cli("status", *on))
+        sections = [part.splitlines() for part in out.split("\n\n")]
+        assert len(sections) == 3, out
+        in_force, expired, rejected = sections
+        assert in_force[0].split() == ["TYPE", "SCOPE", "SETTING", "TIME", "LEFT"]
+        assert sorted(r.split()[:2] for r in in_force[1:]) == [
+            ["concurrency", "tag:io"], ["pause", "task:fetch"]]
+        assert expired[0].startswith("expired: every engine ignores them")
+        assert expired[1].split() == ["TYPE", "SCOPE", "SETTING", "EXPIRED"]
+        assert re.fullmatch(r"pause +task:old +(29|3\d)s ago", expired[2]), expired
+        assert len(expired) == 3
+        assert rejected[0].startswith("rejected: every engine ignores them")
+        assert rejected[1].split() == ["TOPIC", "REASON"]
+        assert rejected[2:] == [
+            "cascade/constraints/task/api/pause  payload is a concurrency on task:api but the "
+            "topic is for a pause on task:api",
+            "cascade/constraints/task/bin/pause  payload is not a JSON object"]
+        assert "\x1b" not in out
+        doc = json.loads(stdout_of(cli("status", "--json", *on)))
+        assert [(c["type"], c["scope"]) for c in doc["in_force"]] == [
+            ("concurrency", "tag:io"), ("pause", "task:fetch")]
+        assert doc["in_force"][1]["params"] == {} and 500 < doc["in_force"][1]["expires_in"] <= 600
+        assert doc["in_force"][0]["expires_in"] is None
+        assert [(c["id"], c["expires_in"]) for c in doc["expired"]] == [("old", 0.0)]
+        assert [r["topic"] for r in doc["rejected"]] == [
+            "cascade/constraints/task/api/pause", "cascade/constraints/task/bin/pause"]
+        for verb in (("clear", "task:fetch"), ("clear", "tag:io"), ("clear", "task:old"),
+                     ("clear", "task:api"), ("clear", "task:bin")):
+            stdout_of(cli(*verb, *on))
+        assert stdout_of(cli("status", *on)).strip() == "no controls in force"
+    finally:
+        if raw is not None:
+            raw.close()
+        for b in brokers:
+            b.kill()
+
+
 def test_cli_watch_is_a_live_readable_stream(paho, broker):
     u = broker
     org, project = f"lorg_{u}", f"l_{u}"
@@ -7572,7 +7773,25 @@ def test_cli_without_the_mqtt_extra_is_one_plain_line(argv):
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert r.stdout == "" and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "pip install 'cascade[mqtt]'" in lines[0], r.stderr
+    assert len(lines) == 1 and "pip install 'cascade-workflow[mqtt]'" in lines[0], r.stderr
+
+
+def test_every_install_hint_names_the_distribution_of_pyproject():
+    # regression (issue 10): the hints said pip install 'cascade[mqtt]', and "cascade" on
+    # PyPI is an unrelated project (an IMAP copier); the module and command stay cascade
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        pyproject = f.read()
+    name = re.search(r'^name = "([^"]+)"$', pyproject, re.M).group(1)
+    assert name == "cascade-workflow"
+    assert re.search(r'^cascade = "cascade:main"$', pyproject, re.M)  # the command
+    assert re.search(r'^py-modules = \["cascade"\]$', pyproject, re.M)  # the module
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    shown = [readme, stdout_of(cli("--help")), run_python("-c", NO_PAHO, "status").stderr,
+             run_python("-c", NO_PAHO, "demo", "--tasks", "2", timeout=60).stderr]
+    for text in shown:  # the README, --help, the missing-paho error, the demo's last line
+        hints = re.findall(r"pip install '([^'\[]+)\[", text)
+        assert hints and set(hints) == {name}, (hints, text[-300:])
 
 
 @pytest.mark.parametrize("argv", [["status"], ["pause", "task:l_x", "--ttl", "5"],
@@ -7597,18 +7816,9 @@ def test_cli_says_plainly_when_the_port_is_not_a_broker_or_the_broker_refuses(pa
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "did not answer as an MQTT broker" in r.stderr and "check --port" in r.stderr
 
-    binary, passwd = shutil.which("mosquitto"), shutil.which("mosquitto_passwd")
-    need("no mosquitto / mosquitto_passwd binary to start a private broker", binary and passwd)
-    (tmp_path / "passwd").touch()
-    subprocess.run([passwd, "-b", str(tmp_path / "passwd"), "alice", "secret"], check=True)
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    # (started as root, mosquitto would drop to a user who cannot read tmp_path)
-    conf.write_text(f"listener {port} {HOST}\nallow_anonymous false\npersistence false\n"
-                    f"password_file {tmp_path / 'passwd'}\nlog_dest stderr\nuser root\n")
-    broker = Proc([binary, "-c", str(conf)])
+    port, start_broker, brokers = private_mosquitto(tmp_path, users={"alice": "secret"})
     try:
-        broker.expect(r"mosquitto version .* running", stream="err")
+        start_broker()
         for creds in (["--username", "alice", "--password", "wrong"], []):
             r = cli("status", "--port", port, *creds)
             assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
@@ -7618,7 +7828,75 @@ def test_cli_says_plainly_when_the_port_is_not_a_broker_or_the_broker_refuses(pa
         r = cli("status", "--port", port, "--username", "alice", "--password", "secret")
         assert stdout_of(r).strip() == "no controls in force"
     finally:
-        broker.kill()
+        for b in brokers:
+            b.kill()
+
+
+# An operator who may write controls, a reader who may only read them (and use the sync
+# topics, as `cascade status` does), and a user who may not even use the sync topics.
+ACL = """\
+user operator
+topic readwrite cascade/constraints/#
+topic readwrite cascade/sync/#
+user reader
+topic read cascade/constraints/#
+topic readwrite cascade/sync/#
+user blind
+topic read cascade/constraints/#
+"""
+
+
+def test_cli_a_control_the_broker_did_not_keep_is_one_line_and_exit_status_1(paho, tmp_path):
+    # regression (issue 10): a publish the broker's ACL refused (an MQTT 3.1.1 broker
+    # drops it silently, yet acknowledges it) printed "pause on task:x (published,
+    # retained)" and exit status 0
+    users = {"operator": "op-secret", "reader": "rd-secret", "blind": "bl-secret"}
+    port, start_broker, brokers = private_mosquitto(tmp_path, users=users, acl=ACL)
+    start_broker()
+
+    def as_user(user, *argv, timeout=5):
+        return cli(*argv, "--port", port, "--username", user, "--password", users[user],
+                   "--timeout", timeout)
+
+    def one_line_error(r):
+        assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr, r
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("cascade: "), r.stderr
+        return lines[0][len("cascade: "):]
+
+    acl = "(check the broker's ACL for this user)"
+    pause, limit = "cascade/constraints/task/x/pause", "cascade/constraints/task/x/concurrency"
+    try:
+        assert as_user("operator", "pause", "task:x").returncode == 0  # users are as meant
+        assert as_user("operator", "resume", "task:x").returncode == 0
+        assert one_line_error(as_user("reader", "pause", "task:x")) == (
+            f"the broker did not keep pause on task:x: not authorised to write {pause}? {acl}")
+        assert stdout_of(as_user("operator", "pause", "task:x")).strip() == (
+            "pause on task:x, held by the broker")
+        assert one_line_error(as_user("reader", "limit", "task:x", 3)) == (
+            f"the broker did not keep limit 3 on task:x: not authorised to write {limit}? {acl}")
+        text = one_line_error(as_user("reader", "pause", "task:x", "--ttl", 60))
+        assert text.startswith("the broker did not keep pause on task:x: it holds pause on "
+                               "task:x, id ") and f"write {pause}? {acl}" in text, text
+        text = one_line_error(as_user("reader", "resume", "task:x"))
+        assert text.startswith("the broker did not take the resume of task:x: it still holds "
+                               "pause on task:x, id ") and f"write {pause}? {acl}" in text, text
+        assert "the clear of every control on task:x" in one_line_error(
+            as_user("reader", "clear", "task:x"))
+        out = stdout_of(as_user("reader", "status"))  # reading is allowed: only the operator's
+        assert [line.split() for line in out.splitlines()] == [
+            ["TYPE", "SCOPE", "SETTING", "TIME", "LEFT"], ["pause", "task:x", "-"]], out
+        # without the sync topics nothing can be read back: still one line, naming them
+        for argv in (["pause", "task:y"], ["status"]):
+            text = one_line_error(as_user("blind", *argv, timeout=2))
+            assert "did not send back the marker on cascade/sync/" in text and (
+                f"not authorised to read and write cascade/sync/#? {acl}" in text), text
+        assert text.startswith("the broker did not send back")  # status: no read-back verb
+        assert stdout_of(as_user("operator", "resume", "task:x")).strip() == "resumed task:x"
+        assert stdout_of(as_user("reader", "status")).strip() == "no controls in force"
+    finally:
+        for b in brokers:
+            b.kill()
 
 
 @pytest.mark.parametrize("script", [False, True], ids=["python-m-cascade", "console-script"])
