@@ -2467,7 +2467,7 @@ class LocalBroker(_Hub):
                 self._subs = [s for s in self._subs if s.active]
                 self._matching = {}
 
-    def publish_soon(self, topic: str, payload: Any) -> bool:
+    def publish_soon(self, topic: str, payload: Any, wait: Optional[float] = None) -> bool:
         """Publish a retained message from any thread (see _Link.publish_soon)."""
         self.publish_nowait(topic, payload, retain=True)
         return True
@@ -2609,16 +2609,19 @@ class MqttConnector(_Hub):
         elif info.rc != 0:
             raise ConnectionError(f"MQTT publish to {topic!r} failed: {getattr(info.rc, 'name', info.rc)}")
 
-    def publish_soon(self, topic: str, payload: Any) -> bool:
-        """Publish a retained message (QoS 1) from any thread without waiting for its ack:
-        True if the client took it. Not connected: False, nothing queued (paho would send
-        it stale on reconnect)."""
+    def publish_soon(self, topic: str, payload: Any, wait: Optional[float] = None) -> bool:
+        """Publish a retained message (QoS 1) from any thread without waiting for its ack
+        (paho: or up to ``wait`` seconds for it): True if the client took it. Not
+        connected: False, nothing queued (paho would send it stale on reconnect)."""
         _check_topic(topic, is_filter=False)
         raw = _encode_payload(payload)
         if self._kind == "paho":
             if not self._client.is_connected():
                 return False
-            return self._client.publish(topic, raw, 1, True).rc == 0
+            info = self._client.publish(topic, raw, 1, True)
+            if wait and info.rc == 0:
+                info.wait_for_publish(wait)
+            return info.rc == 0
         reader = self._reader  # aiomqtt: on the loop its client lives on
         if reader is None or reader.done():
             return False
@@ -4891,13 +4894,14 @@ class _Link:
             if sub.runs == 0 and sub.keeper is not None:
                 sub.keeper.cancel()  # nothing waits for it now (the next run restarts it)
 
-    def publish_soon(self, topic, payload):
-        """Publish a retained message from any thread without waiting for it: True if it
-        was handed over (the presence record's path: see _Presence)."""
+    def publish_soon(self, topic, payload, wait=None):
+        """Publish a retained message from any thread without waiting for it (paho: or
+        up to ``wait`` seconds): True if it was handed over (the presence record's path:
+        see _Presence)."""
         conn = self.connector
         try:
             if isinstance(conn, (LocalBroker, MqttConnector)):
-                return conn.publish_soon(topic, payload)
+                return conn.publish_soon(topic, payload, wait)
             # a connector of the user's own: through a loop of the engine's that runs
             loop = next((s.loop for s in list(self._subs.values()) if s.loop.is_running()),
                         None)
@@ -5186,8 +5190,9 @@ class _Presence:
 
     def changed(self, start=False):  # any thread
         with self.lock:
-            if start and not self.closed:
+            if start and not self.closed and not self.live:
                 self.live = True
+                _at_exit(self)
             if self.live:
                 self._tick_in(0.0 if self.sent_at is None else self.THROTTLE)
 
@@ -5223,15 +5228,42 @@ class _Presence:
                 wait = self.heartbeat - (now - (self.sent_at or now))
                 self._tick_in(min(self.THROTTLE, wait) if busy else max(wait, self.THROTTLE))
 
-    def stop(self):
-        """The engine closes: no more ticks, and the record goes from the broker."""
+    def stop(self, wait=None):
+        """The engine closes (or the process exits: see _at_exit, which waits up to
+        ``wait`` seconds for paho to send it): no more ticks, and the record goes from
+        the broker."""
         with self.lock:
             was, self.live, self.closed = self.live, False, True
             if self.entry is not None:
                 self.clock.cancel(self.entry)
                 self.entry = None
             if was:
-                self.link.publish_soon(self.topic, "")
+                self.link.publish_soon(self.topic, "", wait)
+        _LIVE_PRESENCES.discard(self)
+
+
+_LIVE_PRESENCES = weakref.WeakSet()  # of engines not closed, removed at exit (_at_exit)
+
+
+def _at_exit(presence):
+    """Remove ``presence`` when the process exits normally without closing its engine
+    (its MQTT client must still be connected then: paho's network thread runs until
+    the interpreter finalises; 1 s at most is spent waiting for acks). A crash leaves
+    it to be shown lost, or to the client's last will (see Engine.presence_topic)."""
+    if not _LIVE_PRESENCES:
+        import atexit  # (built in, and imported by site already)
+        atexit.unregister(_remove_presences)
+        atexit.register(_remove_presences)
+    _LIVE_PRESENCES.add(presence)
+
+
+def _remove_presences():
+    deadline = time.monotonic() + 1.0
+    for p in list(_LIVE_PRESENCES):
+        try:
+            p.stop(wait=max(0.01, deadline - time.monotonic()))
+        except Exception:  # at exit: nothing may raise
+            pass
 
 
 def _iso(ts):
@@ -5625,10 +5657,12 @@ def _cli_parser():
     v.add_argument("scope", help=scope_help)
     v.add_argument("--type", choices=[*_TYPES, *_TYPE_ALIASES],
                    help="one type only (limit = concurrency, rate = rate_limit)")
-    v = verb("status", "list the controls in force on the broker, with time left, and "
-                       "apart the expired and rejected ones engines ignore")
+    v = verb("status", "list the controls in force on the broker, with time left, apart "
+                       "the expired and rejected ones engines ignore, and the engines")
+    v.add_argument("--engines", action="store_true",
+                   help="also each engine's active runs and the controls it enforces")
     v.add_argument("--json", action="store_true",
-                   help="print one JSON object: in_force, expired, rejected")
+                   help="print one JSON object: in_force, expired, rejected, engines")
     v = verb("watch", "print live task events of every run (Ctrl-C stops)")
     v.add_argument("--json", action="store_true", help="print raw JSON payloads")
     v.add_argument("--count", type=int, help="exit after this many events")
@@ -5701,9 +5735,10 @@ async def _cli_verb(args, client):
         return f"cleared {args.type or 'all controls'} on {args.scope}"
     if v == "status":
         found = await ctl.retained()
+        engines = await ctl.engines()
         if args.json:
-            return json.dumps(_status_json(found))
-        return _status_text(_status_sections(found))
+            return json.dumps(dict(_status_json(found), engines=engines))
+        return _status_text(_status_sections(found) + _engine_sections(engines, args.engines))
     return await _cli_watch(args, ctl.connector)
 
 
@@ -5727,6 +5762,50 @@ def _status_sections(found):
         ("rejected: every engine ignores them, for the reason shown",
          ["TOPIC", "REASON"], rejected),
     ]
+
+
+def _engine_sections(engines, detail):
+    """The engines' sections of ``cascade status`` (see _status_sections), from
+    ``Controller.engines()``: a table of them, and with ``detail`` one section each of
+    its runs and the controls it enforces. Everything shown came off the wire."""
+    def text(x):
+        return "-" if x is None else _printable(x if isinstance(x, str) else json.dumps(
+            x, default=repr))
+
+    def counts(c):
+        return ", ".join(f"{text(k)} {text(v)}" for k, v in sorted(c.items())) if isinstance(
+            c, dict) else text(c)
+
+    now, rows, sections = time.time(), [], []
+    for e in engines:
+        runs = e.get("runs") if isinstance(e.get("runs"), list) else []
+        cons = e.get("constraints") if isinstance(e.get("constraints"), list) else []
+        at = e.get("updated_at")
+        ago = f"{max(0, round(now - at))}s ago" if _is_number(at) else "?"
+        rows.append([text(e.get("engine_id")), f"{text(e.get('org'))}/{text(e.get('project'))}",
+                     text(e.get("version")), str(len(runs)),
+                     text(e.get("constraints_total", len(cons))),
+                     f"lost (last heard {ago})" if e.get("lost") else f"up ({ago})"])
+        if detail:
+            lines = []
+            for r in runs:
+                r = r if isinstance(r, dict) else {}
+                lines.append(["run", text(r.get("run_id")), counts(r.get("counts", {}))])
+            for c in cons:
+                c = c if isinstance(c, dict) else {}
+                left = c.get("expires_in")
+                setting = (_printable(_CONTROL_TYPES[c["type"]].setting(c.get("params") or {}))
+                           if c.get("type") in _CONTROL_TYPES and isinstance(
+                               c.get("params", {}), dict) else text(c.get("params")))
+                lines.append([text(c.get("type")), text(c.get("scope")),
+                              (f"{setting} ({text(c.get('origin'))}" + (
+                                  f", {round(left)}s left" if _is_number(left) else "")
+                               + ")").strip()])
+            sections.append((f"engine {text(e.get('engine_id'))} on {text(e.get('source'))}",
+                             ["WHAT", "NAME", "STATE"], lines or [["-", "idle", "no run, no control"]]))
+    title = "engines (a record not updated for 3 heartbeats is lost)"
+    return [(title, ["ENGINE", "ORG/PROJECT", "VERSION", "RUNS", "CONTROLS", "STATE"],
+             rows)] + sections
 
 
 def _status_text(sections):

@@ -526,14 +526,14 @@ class OutsideClient:
         close_client(self.c)
 
 
-def retained_on_broker(port=PORT):
-    """{topic: payload} retained under cascade/constraints/ on a broker, read by a
-    marker round trip on one connection (the broker sends the retained messages of a
-    subscription before it routes our later marker to us)."""
+def retained_on_broker(port=PORT, filter="cascade/constraints/#"):
+    """{topic: payload} retained under ``filter`` on a broker, read by a marker round
+    trip on one connection (the broker sends the retained messages of a subscription
+    before it routes our later marker to us)."""
     client = OutsideClient(port=port, retained_only=True)
     try:
         marker = f"cascade/sync/t-{uuid.uuid4().hex}"
-        client.subscribe("cascade/constraints/#")
+        client.subscribe(filter)
         client.subscribe(marker)
         client.publish(marker, b'{"marker": true}')
         items = client.until(lambda items: any(t == marker for t, _ in items) and items, "marker")
@@ -556,6 +556,28 @@ def sweep(tag, port=PORT, clear=True):
     return found
 
 
+def sweep_presence(port=PORT):
+    """Clear the presence records (cascade/engines/#) on a broker of engines of this
+    host whose process is this one or has ended: the tests' engines that were not
+    closed (those of other live processes stay). Returns how many were cleared."""
+    host = cs._source().rsplit("-", 1)[0]
+    gone = []
+    for t, p in retained_on_broker(port, "cascade/engines/#").items():
+        src = p.get("source", "") if isinstance(p, dict) else ""
+        mine, _, pid = src.rpartition("-")
+        if mine == host and pid.isdigit() and (int(pid) == os.getpid()
+                                               or not os.path.exists(f"/proc/{pid}")):
+            gone.append(t)
+    if gone:
+        client = OutsideClient(port=port)
+        try:
+            for t in gone:
+                client.publish(t, b"", retain=True)
+        finally:
+            client.close()
+    return len(gone)
+
+
 @pytest.fixture
 def paho():
     """The paho-mqtt client module (skip without it; fail under CI=true)."""
@@ -576,6 +598,7 @@ def shared_broker():
     yield
     if have("paho"):
         left = sweep(RUN)  # cleared, so that other engines never inherit them
+        sweep_presence()   # engines the tests did not close (records that would read lost)
         assert not left, f"the tests left retained controls behind: {sorted(left)}"
 
 
@@ -747,6 +770,7 @@ def work(x):
     return x + 1
 
 say("result", asyncio.run(engine.run(work(first()))))
+engine.close()
 client.disconnect()
 client.loop_stop()
 '''
@@ -7044,13 +7068,18 @@ import asyncio, sys, time
 import paho.mqtt.client as mqtt
 import cascade as cs
 
-port, prefix, project, will = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "will"
+port, prefix, project, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
 engine = cs.Engine(connector=cs.MqttConnector(client, prefix=prefix), project=project,
                    presence=0.3)
-if will:  # a crash removes the record at once
+if mode == "will":  # a crash removes the record at once
     client.will_set(engine.presence_topic, b"", qos=1, retain=True)
 client.connect("127.0.0.1", port)
+if mode == "exit":  # a normal exit, the engine not closed: the record goes at exit
+    print("ran", engine.id, asyncio.run(engine.run(cs.task(name="once")(lambda: 1)())),
+          flush=True)
+    sys.stdin.readline()
+    sys.exit(0)
 
 @cs.task(name="forever")
 async def forever():
@@ -7083,6 +7112,15 @@ async def test_presence_on_mosquitto_a_crashed_engine_is_lost_or_removed_by_its_
         recs = await until_engines(ctl, lambda r: len(r) == 1 and r[0]["lost"],
                                    "the will's record gone, the other lost")
         assert recs[0]["engine_id"] == ids[0]
+        # a process that exits normally without closing its engine: the record goes
+        proc = Proc([sys.executable, "-c", PRESENCE_SCRIPT, str(PORT), prefix, project, "exit"])
+        procs.append(proc)
+        eid = proc.expect(r"^ran ").split()[1]
+        await until_engines(ctl, lambda r: eid in [x["engine_id"] for x in r], "its record")
+        proc.send()
+        assert proc.wait() == 0, proc.lines["err"]
+        await until_engines(ctl, lambda r: eid not in [x["engine_id"] for x in r],
+                            "its record removed at exit")
         # an engine closed in this process: its record goes at once
         client = mqtt_client()
         engine = cs.Engine(connector=cs.MqttConnector(client, prefix=prefix), project=project)
@@ -7098,6 +7136,44 @@ async def test_presence_on_mosquitto_a_crashed_engine_is_lost_or_removed_by_its_
             p.kill()
         await ctl_client_clear(ctl_client, prefix)
         close_client(ctl_client)
+
+
+@async_test
+async def test_cli_status_shows_the_engines_with_their_runs_and_controls(paho, prefix):
+    u = prefix.rsplit("/", 1)[1]
+    client = mqtt_client()
+    engine = cs.Engine(connector=cs.MqttConnector(client, prefix=prefix), project=f"l_{u}")
+    engine.limit(f"task:l_{u}_w", 3)
+    work, gate, started = held_task(f"l_{u}_w", 1)
+    try:
+        handle = engine.start(work())
+        await asyncio.wait_for(started.wait(), TIMEOUT)
+        ctl = cs.Controller(cs.MqttConnector(client, prefix=prefix))
+        await until_engines(ctl, lambda r: r and r[0]["runs"], "the engine with its run")
+        out = stdout_of(await asyncio.to_thread(cli, "status", "--prefix", prefix))
+        assert "no controls in force" in out
+        [row] = [line for line in out.splitlines() if line.startswith(engine.id)]
+        assert row.split()[1:5] == [f"default/l_{u}", cs.__version__, "1", "1"], row
+        assert "up (" in row
+        assert handle.run_id not in out                   # the detail is for --engines
+        out = stdout_of(await asyncio.to_thread(cli, "status", "--prefix", prefix, "--engines"))
+        assert f"engine {engine.id} on {cs._source()}" in out
+        assert re.search(rf"run +{handle.run_id} +running 1", out), out
+        assert re.search(rf"concurrency +task:l_{u}_w +limit 3 \(local\)", out), out
+        got = json.loads(stdout_of(await asyncio.to_thread(
+            cli, "status", "--prefix", prefix, "--json")))
+        assert [e["engine_id"] for e in got["engines"]] == [engine.id]
+        assert got["engines"][0]["runs"][0]["run_id"] == handle.run_id
+        gate.set()
+        await asyncio.wait_for(handle, TIMEOUT)
+        engine.close()
+        await until_engines(ctl, lambda r: r == [], "the record removed")
+        out = stdout_of(await asyncio.to_thread(cli, "status", "--prefix", prefix))
+        assert engine.id not in out and "engines" not in out
+    finally:
+        engine.close()
+        await ctl_client_clear(client, prefix)
+        close_client(client)
 
 
 async def ctl_client_clear(client, prefix):
@@ -7633,7 +7709,7 @@ def test_cli_every_control_verb_and_status_as_a_table_with_time_left(paho, broke
     a, b, c = f"task:l_{u}_a", f"tag:l_{u}_b", f"project:l_{u}"
 
     def rows():
-        out = stdout_of(cli("status"))
+        out = stdout_of(cli("status")).split("\n\n")[0]  # the controls in force
         lines = out.splitlines()
         if lines != ["no controls in force"]:
             assert lines[0].split() == ["TYPE", "SCOPE", "SETTING", "TIME", "LEFT"], out
