@@ -52,7 +52,7 @@ import time
 import weakref
 from typing import Any, Callable, Iterable, Optional, Union
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 __all__ = [
     # errors
     "CascadeError", "ConstraintError", "ParamError", "ResourceError",
@@ -2405,7 +2405,7 @@ class _Hub:
         # broker sends at most max_inflight_messages at a time), and so do those still
         # awaiting their own SUBACK.
         for s in self._subs:
-            if s.acked and s is not sub and _filters_overlap(s.filter, sub.filter):
+            if s.acked and s is not sub and not s.latest_only and _filters_overlap(s.filter, sub.filter):
                 s.replay = False
         sub.acked = True
 
@@ -2545,9 +2545,11 @@ class MqttConnector(_Hub):
         self.connects = 0  # (re)connections seen by on_connect
         self._watchers: list = []  # (loop, fn): fn() runs on loop after each (re)connect
         self._waiting: dict = {}  # mid -> (future, subscription or None)
+        self._lost_on_reconnect: dict = {}  # mid -> (future, what): (UN)SUBSCRIBEs waiting
         self._early: collections.OrderedDict = collections.OrderedDict()  # acks that beat us
         self._conn_waiters: list = []
         self._hooked = False
+        self._start_lock = threading.Lock()  # hook and network thread: once
         self._reader: asyncio.Task | None = None
 
     def __repr__(self) -> str:
@@ -2564,13 +2566,15 @@ class MqttConnector(_Hub):
             if self._reader is None or self._reader.done():
                 self._reader = loop.create_task(self._read())
             return
-        if not self._hooked:
-            self._hook()
-            _no_delay(self._client)  # (already connected: on_connect has been and gone)
         fut = loop.create_future()
-        with self._lock:  # register before checking, so on_connect cannot slip between
-            self._conn_waiters.append(fut)
-        self._client.loop_start()  # MQTT_ERR_INVAL if the network thread already runs
+        with self._start_lock:  # (regression: runs starting at once ran several network
+            # threads on one socket, and hooked the callbacks twice)
+            if not self._hooked:
+                self._hook()
+                _no_delay(self._client)  # (already connected: on_connect has been and gone)
+            with self._lock:  # register before checking, so on_connect cannot slip between
+                self._conn_waiters.append(fut)
+            self._client.loop_start()  # MQTT_ERR_INVAL if the network thread already runs
         try:
             if not self._client.is_connected():
                 await asyncio.wait_for(fut, self._timeout)
@@ -2640,7 +2644,7 @@ class MqttConnector(_Hub):
                 rc, mid = self._client.subscribe(topic, qos=1)
                 if rc != 0:
                     raise ConnectionError(f"MQTT subscribe to {topic!r} failed: {getattr(rc, 'name', rc)}")
-                granted = await self._await_ack(mid, sub, f"SUBACK for {topic!r}")
+                granted = await self._await_ack(mid, sub, f"SUBACK for {topic!r}", True)
             if any(int(getattr(g, "value", g)) >= 0x80 for g in granted or ()):
                 raise PermissionError(f"MQTT broker refused the subscription to {topic!r} (check its ACL)")
         except BaseException:
@@ -2658,7 +2662,7 @@ class MqttConnector(_Hub):
             else:
                 rc, mid = self._client.unsubscribe(topic)
                 if rc == 0:
-                    await self._await_ack(mid, None, f"UNSUBACK for {topic!r}")
+                    await self._await_ack(mid, None, f"UNSUBACK for {topic!r}", True)
         except Exception as exc:
             _log.debug("MQTT unsubscribe from %r failed: %r", topic, exc)
 
@@ -2676,7 +2680,11 @@ class MqttConnector(_Hub):
             _log.error("MQTT reader stopped (%r); re-create the client and connector to "
                        "resume", exc.__cause__ or exc)
 
-    async def _await_ack(self, mid: int, sub: _Subscription | None, what: str) -> Any:
+    async def _await_ack(self, mid: int, sub: _Subscription | None, what: str,
+                         lost: bool = False) -> Any:
+        """Wait for the ack of ``mid``. ``lost``: a (UN)SUBSCRIBE, which paho does not
+        send again after a reconnect, so the wait fails with ConnectionError then
+        (regression: a network blip during a sync cost the run a 5 s wait)."""
         fut = asyncio.get_running_loop().create_future()
         with self._lock:
             if mid in self._early:  # the ack arrived before paho gave us the mid
@@ -2684,6 +2692,8 @@ class MqttConnector(_Hub):
                     self._acked(sub)
                 return self._early.pop(mid)
             self._waiting[mid] = (fut, sub)
+            if lost:
+                self._lost_on_reconnect[mid] = (fut, what)
         try:
             return await asyncio.wait_for(fut, self._timeout)
         except asyncio.TimeoutError:
@@ -2691,10 +2701,12 @@ class MqttConnector(_Hub):
         finally:
             with self._lock:
                 self._waiting.pop(mid, None)
+                self._lost_on_reconnect.pop(mid, None)
 
     def _ack(self, mid: int, result: Any) -> None:  # paho network thread
         with self._lock:
             entry = self._waiting.pop(mid, None)
+            self._lost_on_reconnect.pop(mid, None)
             if entry is None:
                 # Bounded: unawaited acks (qos 0 publishes, the user's own calls)
                 # land here too; mids are reused only after 65535 others.
@@ -2738,10 +2750,16 @@ class MqttConnector(_Hub):
                 filters = sorted({s.filter for s in self._subs})
                 waiters, self._conn_waiters = self._conn_waiters, []
                 watchers = list(self._watchers)
+                lost, self._lost_on_reconnect = self._lost_on_reconnect, {}
+                for mid in lost:
+                    self._waiting.pop(mid, None)
             if filters:  # broker restart or clean session: subscriptions are gone
                 client.subscribe([(f, 1) for f in filters])
             for fut in waiters:
                 _call_soon(fut.get_loop(), _resolve_future, fut, None)
+            for fut, what in lost.values():
+                _call_soon(fut.get_loop(), _fail_future, fut, ConnectionError(
+                    f"the connection was lost before the {what}; try again"))
             for loop, fn in watchers:
                 _call_soon(loop, fn)
 
@@ -2767,6 +2785,11 @@ def _no_delay(client: Any) -> None:
 def _resolve_future(fut: asyncio.Future, result: Any) -> None:
     if not fut.done():
         fut.set_result(result)
+
+
+def _fail_future(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
 
 
 class Controller:
@@ -2886,7 +2909,7 @@ class Controller:
             for f in (*filters, marker):
                 await conn.subscribe(f, collect)
                 subscribed.append(f)
-            await conn.publish(marker, {"sync": marker})
+            await conn.publish(marker, {"sync": marker}, qos=1)
             try:
                 await asyncio.wait_for(done, timeout)
             except asyncio.TimeoutError:
@@ -4688,7 +4711,9 @@ class _Link:
         self.connector = connector
         self.prefix = _prefix_of(connector)
         self.source = _source()
-        self.remote = {}             # (scope, type) -> the constraint the broker gave
+        self.remote = {}             # (scope, type) -> (the broker's constraint, its stamp)
+        self._stamps = itertools.count()  # orders applies and full syncs (see _sync)
+        self._lock = threading.Lock()     # remote and _subs: loops of several threads
         self.telemetry_down = False  # a telemetry publish failed, none has worked since
         self.telemetry_lost = 0      # events dropped since
         self.sync_down = False       # a sync failed, none has worked since
@@ -4705,19 +4730,26 @@ class _Link:
         goes on at once with the controls applied so far, while the loop's subscription
         retries in the background: see _keep)."""
         loop = asyncio.get_running_loop()
-        sub = self._subs.get(loop)
-        if sub is None:
-            for lp, old in list(self._subs.items()):  # of loops that have closed since
-                if lp.is_closed():
-                    del self._subs[lp]
-                    old.unwatch()
-                    loop.create_task(self._leave(old))
-            sub = self._subs[loop] = _LoopSubscription(self, loop)
+        with self._lock:  # (runs on other loops open at the same time)
+            sub = self._subs.get(loop)
+            gone = []
+            if sub is None:
+                for lp, old in list(self._subs.items()):  # of loops that have closed since
+                    if lp.is_closed():
+                        del self._subs[lp]
+                        gone.append(old)
+                sub = self._subs[loop] = _LoopSubscription(self, loop)
+                sub.watch()  # (before its first sync works: a reconnect retries it)
+        for old in gone:
+            old.unwatch()
+            loop.create_task(self._leave(old))
         sub.runs += 1
         rl.sub = sub
         if self.presence is not None:
             self.presence.changed(start=True)
-        if sub.failing:  # (regression: with the broker down, every run waited 5 s)
+        if sub.failing and getattr(self.connector, "connects", None) == sub.failed_at:
+            # (regression: with the broker down, every run waited 5 s); once the
+            # connector has connected again since, the run syncs as ever
             self._keep(sub)
             return
         try:  # bounded: a connector that hangs must not stall the run
@@ -4725,10 +4757,10 @@ class _Link:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._sync_failed(exc)
-            sub.failing = True
+            self._failed(sub, exc)
             self._keep(sub)
         else:
+            sub.failing = False
             self._sync_worked()
 
     async def _sync(self, sub, full=False):
@@ -4753,15 +4785,16 @@ class _Link:
                 sub.connected = True
             if full:
                 sub.seen = set()
+                with self._lock:
+                    since = next(self._stamps)  # what another loop applies later stays
                 await conn.subscribe(f"{self.prefix}/constraints/#", sub.on_message)
                 if not sub.subscribed:
                     await conn.subscribe(sub.marker_filter, sub.on_marker)
                     sub.subscribed = True
-                    sub.watch()
             marker = f"{sub.marker_filter[:-2]}/{next(sub.count)}"
             synced = sub.markers[marker] = loop.create_future()
             try:
-                await conn.publish(marker, {"sync": marker})
+                await conn.publish(marker, {"sync": marker}, qos=1)
                 await synced
             finally:
                 sub.markers.pop(marker, None)
@@ -4769,11 +4802,17 @@ class _Link:
             if full:
                 seen, sub.seen = sub.seen, None
                 cp = self.engine._cp
-                for key in set(self.remote) - seen:
+                with self._lock:
                     # Not retained on the broker (cleared while nothing listened, or
                     # lost in a restart): its layer goes (the engine's own control of
-                    # the key, if any, applies again).
-                    self.remote.pop(key)
+                    # the key, if any, applies again), unless another loop of this
+                    # engine applied it since this sync began (a message this loop has
+                    # not handled yet: regression, a live control was dropped).
+                    stale = [k for k in self.remote if k not in seen
+                             and self.remote[k][1] < since]
+                    for key in stale:
+                        del self.remote[key]
+                for key in stale:
                     cp.remove(*key, origin="broker")
                 sub.connects = connects  # synced as of this connection
 
@@ -4794,8 +4833,7 @@ class _Link:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    self._sync_failed(exc)
-                    sub.failing = True
+                    self._failed(sub, exc)
                     sub.poke.clear()
                     timer = sub.loop.call_later(delay, sub.poke.set)
                     try:
@@ -4809,6 +4847,10 @@ class _Link:
                     return
         finally:
             sub.keeper = None
+
+    def _failed(self, sub, exc):
+        sub.failing, sub.failed_at = True, getattr(self.connector, "connects", None)
+        self._sync_failed(exc)
 
     def _sync_failed(self, exc):
         # quiet: one warning an outage for the engine, not one per run or retry
@@ -4839,8 +4881,13 @@ class _Link:
                 if done:
                     return task.result()
                 if sub.heard == heard:
-                    break
-            raise asyncio.TimeoutError()
+                    raise TimeoutError(
+                        f"the broker answered nothing for {self.SYNC_TIMEOUT:g}s (is it up, "
+                        f"and may this client read {self.prefix}/constraints/# and read and "
+                        f"write {self.prefix}/sync/#?)")
+            raise TimeoutError(f"the broker kept sending controls for "
+                               f"{self.SYNC_ROUNDS * self.SYNC_TIMEOUT:g}s without the sync "
+                               "marker coming back")
         finally:
             task.cancel()
 
@@ -4860,15 +4907,20 @@ class _Link:
 
     def apply(self, key, c):
         """Set a checked control as the broker's layer of its key (``c``), or clear the
-        broker's layer (None); the engine's own controls are never touched."""
+        broker's layer (None); the engine's own controls are never touched. (Loops of
+        the engine that each hear the same messages in order converge to the same
+        state: the last message of a key is each loop's last apply of it.)"""
         cp = self.engine._cp
+        with self._lock:
+            if c is None:
+                self.remote.pop(key, None)
+            else:
+                old = self.remote.get(key)
+                self.remote[key] = (c, next(self._stamps))
         if c is None:
-            self.remote.pop(key, None)
             cp.remove(*key, origin="broker")
-            return
-        if self.remote.get(key) != c:
+        elif old is None or old[0] != c:
             cp.apply(c, origin="broker")
-        self.remote[key] = c
 
     async def close(self, rl):
         """Flush the run's telemetry (bounded: a hung connector never stalls the run),
@@ -4930,7 +4982,8 @@ class _Link:
         subscription (on its loop, if it runs)."""
         if self.presence is not None:
             self.presence.stop()
-        subs, self._subs = list(self._subs.values()), {}
+        with self._lock:
+            subs, self._subs = list(self._subs.values()), {}
         for sub in subs:
             sub.unwatch()
             loop = sub.loop
@@ -5068,7 +5121,7 @@ class _LoopSubscription:
     topic per loop turn, not one per message)."""
     __slots__ = ("link", "loop", "runs", "lock", "connected", "subscribed", "failing",
                  "keeper", "poke", "seen", "pending", "heard", "marker_filter", "markers",
-                 "count", "connects")
+                 "count", "connects", "failed_at")
 
     def __init__(self, link, loop):
         self.link, self.loop, self.runs = link, loop, 0
@@ -5085,6 +5138,7 @@ class _LoopSubscription:
         self.markers = {}                   # marker topic -> the future its run awaits
         self.count = itertools.count()
         self.connects = None                # the connector's connects at the last full sync
+        self.failed_at = None               # ... when a sync last failed
 
     def watch(self):
         """Be told of the connector's reconnects (MqttConnector's paho clients): a
@@ -5167,6 +5221,7 @@ class _Presence:
         self.entry = None    # the clock entry of the next tick, due at ``due``
         self.due = 0.0
         self.said = None     # what the last record sent said (times left out)
+        self.listed = None   # (control plane generation, the constraints listed, total)
         self.sent_at = None  # time.monotonic() of it
 
     def record(self):
@@ -5178,15 +5233,22 @@ class _Presence:
                 counts.update(c)
             runs.append({"run_id": r.run_id, "counts": dict(counts)})
         now = time.time()
-        cons = sorted(e.constraints, key=lambda c: (c.scope, c.type))
+        gen = e._cp._gen
+        if self.listed is None or self.listed[0] != gen:
+            # only when the controls changed: this runs on the clock thread, which also
+            # fires TTL expiries (regression: sorting 100,000 controls 4 times a second
+            # made expiries up to 154 ms late)
+            cons = e.constraints
+            self.listed = (gen, heapq.nsmallest(self.MAX_CONSTRAINTS, cons,
+                                                key=lambda c: (c.scope, c.type)), len(cons))
+        _, listed, total = self.listed
         return {"v": "1", "engine_id": e.id, "source": self.link.source, "org": e.org,
                 "project": e.project, "version": __version__, "started_at": self.started_at,
                 "updated_at": now, "heartbeat": self.heartbeat, "runs": runs,
                 "constraints": [{"scope": c.scope, "type": c.type, "params": dict(c.params),
                                  "origin": c.origin, "expires_at": c.expires_at,
-                                 "expires_in": c.expires_in(now)}
-                                for c in cons[:self.MAX_CONSTRAINTS]],
-                "constraints_total": len(cons)}
+                                 "expires_in": c.expires_in(now)} for c in listed],
+                "constraints_total": total}
 
     def changed(self, start=False):  # any thread
         with self.lock:
@@ -5804,6 +5866,8 @@ def _engine_sections(engines, detail):
             sections.append((f"engine {text(e.get('engine_id'))} on {text(e.get('source'))}",
                              ["WHAT", "NAME", "STATE"], lines or [["-", "idle", "no run, no control"]]))
     title = "engines (a record not updated for 3 heartbeats is lost)"
+    if detail and not rows:
+        return [("no engine has a presence record on the broker", None, [])]
     return [(title, ["ENGINE", "ORG/PROJECT", "VERSION", "RUNS", "CONTROLS", "STATE"],
              rows)] + sections
 
@@ -5813,6 +5877,9 @@ def _status_text(sections):
     without rows left out but the first, which says when nothing is in force."""
     parts = []
     for i, (title, header, rows) in enumerate(sections):
+        if header is None:  # a line of its own
+            parts.append([title])
+            continue
         if not rows:
             if i == 0:
                 parts.append(["no controls in force"])

@@ -6986,6 +6986,214 @@ async def test_with_the_broker_down_at_start_a_later_pause_applies_to_the_runnin
             b.kill()
 
 
+async def retain_pauses(port, scopes, clear=False):
+    """Publish (or clear) a retained pause on each scope, raw and fast (no read-back)."""
+    client = mqtt_client(port)
+    try:
+        conn = cs.MqttConnector(client)
+        await conn.connect()
+        for scope in scopes:
+            c = cs.Constraint.make(scope, "pause")
+            await conn.publish(c.topic, "" if clear else c.to_dict(), qos=1, retain=True)
+    finally:
+        close_client(client)
+
+
+@async_test
+async def test_a_sync_on_mosquitto_applies_all_600_retained_controls_before_the_first_task(
+        paho, tmp_path):
+    # regression (review): the sync marker went out with QoS 0, which Mosquitto sends
+    # ahead of retained QoS 1 messages still queued behind its in-flight window: 420 of
+    # 600 retained pauses were in force at the first task, and status() listed 440
+    port, start_broker, brokers = private_mosquitto(tmp_path)
+    start_broker()
+    u = uid()
+    scopes = [f"task:l_{u}_{i}" for i in range(600)]
+    client = ctl_client = None
+    try:
+        await retain_pauses(port, scopes)
+        ctl_client = mqtt_client(port)
+        assert len(await cs.Controller(cs.MqttConnector(ctl_client)).status()) == 600
+        client = mqtt_client(port)
+        engine = cs.Engine(connector=cs.MqttConnector(client))
+        probe = cs.task(name=f"l_{u}_probe")(lambda: len(controls_of(engine, u)))
+        assert await asyncio.wait_for(engine.run(probe()), TIMEOUT) == 600
+    finally:
+        for c in (client, ctl_client):
+            if c is not None:
+                close_client(c)
+        for b in brokers:
+            b.kill()
+
+
+def test_runs_on_several_loops_sharing_a_connector_keep_every_retained_control(paho, tmp_path):
+    # regression (review): one loop's SUBACK cut another loop's retained burst short, and
+    # that loop's sync then removed, engine-wide, the controls it had not heard: with 25
+    # retained pauses and two runs started from plain code (a loop each), 5 were lifted
+    port, start_broker, brokers = private_mosquitto(tmp_path)
+    start_broker()
+    u = uid()
+    scopes = [f"task:l_{u}_{i}" for i in range(25)]
+    client = None
+    try:
+        asyncio.run(retain_pauses(port, scopes))
+        client = mqtt_client(port)
+        engine = cs.Engine(connector=cs.MqttConnector(client))
+        removed = []
+        engine.subscribe(cs.ConstraintRemoved, lambda e: removed.append(e.constraint.scope))
+        gate, started = threading.Event(), []
+
+        @cs.task(name=f"l_{u}_hold")
+        def hold():
+            started.append(len(controls_of(engine, u)))
+            gate.wait(TIMEOUT)
+
+        handles = [engine.start(hold()) for _ in range(3)]   # three loops, one connector
+        deadline = time.monotonic() + TIMEOUT
+        while len(started) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)  # (a late removal would come within it)
+        assert started == [25, 25, 25] and removed == []
+        assert len(controls_of(engine, u)) == 25
+        gate.set()
+        for h in handles:
+            h.result(TIMEOUT)
+    finally:
+        if client is not None:
+            close_client(client)
+        for b in brokers:
+            b.kill()
+
+
+def test_runs_starting_at_once_start_one_paho_network_thread(paho, tmp_path):
+    # regression (review): MqttConnector.connect checked and started paho's network
+    # thread without a lock (paho's loop_start is check-then-act too): runs starting at
+    # once ran 3-4 threads reading one socket (garbled messages, lost SUBACKs)
+    port, start_broker, brokers = private_mosquitto(tmp_path)
+    start_broker()
+    client = mqtt_client(port)
+    try:
+        real, inside, most = client.loop_start, [0], [0]
+
+        def loop_start():  # paho's check-then-act, made wide enough to be seen
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+            time.sleep(0.05)
+            try:
+                return real()
+            finally:
+                inside[0] -= 1
+        client.loop_start = loop_start
+        engine = cs.Engine(connector=cs.MqttConnector(client), presence=None)
+        noop = cs.task(name="noop")(lambda: 1)
+        handles = [engine.start(noop()) for _ in range(6)]  # six loops connect at once
+        assert [h.result(TIMEOUT) for h in handles] == [1] * 6
+        assert most[0] == 1
+        assert [t for t in threading.enumerate() if t.name.startswith("paho-mqtt-client")
+                and t.name.endswith(client._client_id.decode())] == [client._thread]
+    finally:
+        close_client(client)
+        for b in brokers:
+            b.kill()
+
+
+@async_test
+async def test_once_the_broker_is_back_after_a_failed_sync_the_next_run_syncs(paho, tmp_path):
+    # regression (review): after one failed sync every later run started unsynced, also
+    # once the broker was back: a pause retained meanwhile did not hold the next run
+    import paho.mqtt.client as mqtt
+    port, start_broker, brokers = private_mosquitto(tmp_path)
+    u = uid()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex[:16]}")
+    client.reconnect_delay_set(min_delay=0.1, max_delay=0.5)
+    client.connect_async(HOST, port)                 # the broker is down at start
+    ctl_client = None
+    try:
+        conn = cs.MqttConnector(client, timeout=0.3)
+        engine = cs.Engine(connector=conn)
+        log = Recorder(engine)
+        x = cs.task(name=f"l_{u}_x")(lambda: "ran")
+        assert await asyncio.wait_for(engine.run(x()), TIMEOUT) == "ran"  # unsynced
+        start_broker()
+        ctl_client = mqtt_client(port)
+        await cs.Controller(cs.MqttConnector(ctl_client)).pause(f"task:l_{u}_x")
+        deadline = time.monotonic() + TIMEOUT
+        while not client.is_connected() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        handle = engine.start(x())                   # no run was going: nobody synced
+        await log.until(lambda items: events_of(items, cs.TaskBlocked, task_name=f"l_{u}_x"),
+                        "x held by the pause retained while the engine was unsynced")
+        await cs.Controller(cs.MqttConnector(ctl_client)).resume(f"task:l_{u}_x")
+        assert await asyncio.wait_for(handle, TIMEOUT) == "ran"
+    finally:
+        for c in (client, ctl_client):
+            if c is not None:
+                close_client(c)
+        for b in brokers:
+            b.kill()
+
+
+@async_test
+async def test_a_connection_lost_during_a_sync_is_synced_again_at_once(paho, tmp_path, caplog):
+    # regression (review): a SUBSCRIBE lost with its connection (paho does not send it
+    # again) left the sync waiting for its SUBACK: the run started after 5 s, with a
+    # warning, although paho had reconnected within milliseconds
+    port, start_broker, brokers = private_mosquitto(tmp_path)
+    start_broker()
+    u = uid()
+    client = None
+    try:
+        await retain_pauses(port, [f"task:l_{u}_other"])
+        client = mqtt_client(port)
+        orig = client.subscribe
+
+        def subscribe(topic, qos=0, *args, **kwargs):  # the link drops after the SUBSCRIBE
+            result = orig(topic, qos, *args, **kwargs)
+            if isinstance(topic, str) and topic.endswith("constraints/#") and not blips:
+                blips.append(topic)
+                client.socket().shutdown(socket.SHUT_RDWR)
+            return result
+        blips = []
+        client.subscribe = subscribe
+        engine = cs.Engine(connector=cs.MqttConnector(client))
+        probe = cs.task(name=f"l_{u}_probe")(lambda: controls_of(engine, u))
+        with caplog.at_level(logging.WARNING, logger=cs.__name__):
+            got = await asyncio.wait_for(engine.run(probe()), TIMEOUT)
+        assert blips
+        if got:   # synced again before the first task (usual) ...
+            assert got == {(f"task:l_{u}_other", "pause"): {}}
+        else:     # ... or, if the retry lost the race, one warning and the keeper syncs
+            assert len([r for r in caplog.records if "could not sync" in r.getMessage()]) == 1
+        assert all("TimeoutError()" not in r.getMessage() for r in caplog.records)
+    finally:
+        if client is not None:
+            close_client(client)
+        for b in brokers:
+            b.kill()
+
+
+def test_the_presence_record_lists_the_controls_again_only_when_they_changed(monkeypatch):
+    # regression (review): each presence record (4 a second while runs are active) sorted
+    # every control on the clock thread, which also fires TTL expiries: with 100,000
+    # controls that made expiries up to 154 ms late
+    broker = cs.LocalBroker()
+    engine = cs.Engine(connector=broker)
+    for i in range(300):
+        engine.limit(f"task:t{i:03d}", 2)
+    calls = []
+    real = cs._ControlPlane.active
+    monkeypatch.setattr(cs._ControlPlane, "active", lambda self: calls.append(1) or real(self))
+    p = engine._link.presence
+    recs = [p.record() for _ in range(20)]
+    assert len(calls) == 1
+    assert [c["scope"] for c in recs[-1]["constraints"]] == [f"task:t{i:03d}" for i in range(100)]
+    assert recs[-1]["constraints_total"] == 300
+    engine.clear("task:t000")
+    rec = p.record()
+    assert len(calls) == 2 and rec["constraints_total"] == 299
+    assert rec["constraints"][0]["scope"] == "task:t001"
+
+
 # --- presence: the fleet view ---------------------------------------------
 
 async def until_engines(ctl, pred, what, timeout=TIMEOUT):
