@@ -6868,6 +6868,95 @@ async def test_telemetry_reaches_an_outside_mqtt_subscriber(paho, broker):
         close_client(client)
 
 
+@async_test
+async def test_telemetry_over_mqtt_comes_in_messages_every_cascade_subscriber_decodes(
+        paho, broker):
+    # regression: a message carried up to 1,000 events (140 KB), and an MqttConnector
+    # hands a payload over 64 KiB to its subscribers raw, undecoded: `cascade watch`
+    # printed a burst of 100,000 events as 102 lines of data
+    u = broker
+    org, project = f"lorg_{u}", f"l_{u}"
+    client, listener = mqtt_client(), mqtt_client()
+    try:
+        inbox = Inbox()
+        watching = cs.MqttConnector(listener)
+        await watching.connect()
+        await watching.subscribe(f"cascade/telemetry/{org}/{project}/+/events", inbox)
+        engine = cs.Engine(connector=cs.MqttConnector(client), org=org, project=project)
+        log = Recorder(engine)
+        item = cs.task(name=f"l_{u}_item")(lambda i: i)
+        n = 3 * cs._RunLink.BATCH
+        handle = engine.start(item.map(range(n)))
+        assert await asyncio.wait_for(handle, TIMEOUT) == list(range(n))
+        items = await inbox.until(lambda items: any(
+            isinstance(p, dict) and any(e.get("event") == "ENGINE_STOPPED"
+                                        for e in p.get("events", ())) for _, p in items)
+            and items, "ENGINE_STOPPED")
+        payloads = [p for _, p in items]
+        assert all(isinstance(p, dict) for p in payloads), [type(p) for p in payloads]
+        events = [e for p in payloads for e in check_telemetry(p, org, project, handle.run_id)]
+        assert len(events) == 2 * n + 2
+        assert seen_telemetry(payloads) == expected_telemetry(log.snapshot(), handle.run_id)
+    finally:
+        close_client(client)
+        close_client(listener)
+
+
+@async_test
+async def test_telemetry_over_mqtt_says_what_the_in_process_one_says(paho, broker):
+    # Over a wire the messages are written as JSON text by the engine itself (cheaper
+    # than json.dumps): the same events, fields and escapes as the in-process dicts.
+    u = broker
+    org, project = f"lorg_{u}", f"l_{u}"
+    name = f'l_{u}_q"uo\\te%s{{é}}'
+
+    @cs.task(name=name)
+    async def odd(i):
+        if i == 1:
+            raise ValueError('bad "value"\n\x1b[2J é\u202e ' + "x" * 600)
+        return i
+
+    async def run_on(connector, inbox_of):
+        engine = cs.Engine(connector=connector, org=org, project=project)
+        inbox = await inbox_of()
+        with pytest.raises(ValueError):
+            await engine.run(odd.map(range(3)))
+        items = await inbox.until(lambda items: any(
+            e.get("event") == "ENGINE_STOPPED" for e in telemetry_events(items)) and items,
+            "ENGINE_STOPPED")
+        events = telemetry_events(items)
+        for e in events:
+            assert isinstance(e.pop("at"), float)
+        return sorted(events, key=lambda e: json.dumps(e, sort_keys=True))
+
+    local = cs.LocalBroker()
+
+    async def local_inbox():
+        inbox = Inbox()
+        await local.subscribe("cascade/telemetry/#", inbox)
+        return inbox
+    client, listener = mqtt_client(), mqtt_client()
+    try:
+        async def mqtt_inbox():
+            inbox = Inbox()
+            conn = cs.MqttConnector(listener)
+            await conn.connect()
+            await conn.subscribe(f"cascade/telemetry/{org}/{project}/+/events", inbox)
+            return inbox
+        over_mqtt = await run_on(cs.MqttConnector(client), mqtt_inbox)
+    finally:
+        close_client(client)
+        close_client(listener)
+    in_process = await run_on(local, local_inbox)
+    for e in over_mqtt + in_process:  # durations differ between runs
+        if e.get("duration_ms") is not None:
+            e["duration_ms"] = "ms"
+    assert over_mqtt == in_process
+    assert any(e.get("task_name") == name and e.get("state") == "FAILED"
+               and e["error"].startswith('ValueError: bad "value"\n\x1b[2J é\u202e')
+               for e in over_mqtt), over_mqtt
+
+
 class FaultyConnector:
     """A LocalBroker whose publish raises or hangs forever for matching topics."""
 
@@ -6923,6 +7012,21 @@ async def test_failing_telemetry_publish_never_fails_or_stalls_the_run(mode, mon
         with pytest.raises(ZeroDivisionError):  # a failing run keeps its own error
             await asyncio.wait_for(engine.run(cs.task(name=f"l_{u}_z")(lambda: 1 / 0)()), TIMEOUT)
     assert any("telemetry" in r.getMessage() for r in caplog.records)
+
+
+@async_test
+async def test_a_telemetry_flush_that_times_out_counts_every_event_it_dropped(
+        monkeypatch, caplog):
+    # regression: the warning counted the events still queued, not those the flusher
+    # had taken and not sent (the message it was stuck on)
+    monkeypatch.setattr(cs._Link, "FLUSH_TIMEOUT", 0.2)
+    engine = cs.Engine(connector=FaultyConnector("hang", faulty="cascade/telemetry/"))
+    n = 5
+    with caplog.at_level(logging.WARNING, logger=cs.__name__):
+        assert await asyncio.wait_for(engine.run(
+            cs.task(name=f"l_{uid()}_t")(lambda i: i).map(range(n))), TIMEOUT) == list(range(n))
+    dropped = [r.getMessage() for r in caplog.records if "telemetry flush" in r.getMessage()]
+    assert dropped == [f"telemetry flush did not finish in 0.2s; dropped {2 * n + 2} events"]
 
 
 @async_test
@@ -7207,6 +7311,58 @@ def test_cli_every_control_verb_and_status_as_a_table_with_time_left(paho, broke
             assert r.stderr.startswith("cascade: ")
     finally:
         sweep(u)
+
+
+def test_cli_watch_shows_every_event_of_a_burst(paho, broker):
+    # regression: of a map's telemetry, `cascade watch --count` saw one line a message
+    # (messages over 64 KiB reached it undecoded), and never got to its count
+    u = broker
+    org, project = f"lorg_{u}", f"l_{u}"
+    n = 3000
+    watch = Proc([sys.executable, "-m", "cascade", "watch", "--count", str(2 * n + 2),
+                  "--topic", f"cascade/telemetry/{org}/{project}/+/events"])
+    client = mqtt_client()
+    try:
+        watch.expect("watching", stream="err")
+        engine = cs.Engine(connector=cs.MqttConnector(client), org=org, project=project)
+        item = cs.task(name=f"l_{u}_item")(lambda i: i)
+
+        async def main():
+            return await asyncio.wait_for(engine.start(item.map(range(n))), TIMEOUT)
+        assert asyncio.run(main()) == list(range(n))
+        assert watch.wait() == 0, watch.lines["err"]
+        lines = watch.lines["out"]
+        assert len(lines) == 2 * n + 2
+        assert "ENGINE_STARTED" in lines[0] and "ENGINE_STOPPED" in lines[-1]
+        assert sum(f" l_{u}_item-1[" in line and " COMPLETED " in line for line in lines) == n
+    finally:
+        watch.kill()
+        close_client(client)
+
+
+def test_cli_watch_reads_a_message_over_64_KiB(paho, broker):
+    # An engine of 0.1 sent up to 1,000 events a message (140 KB): watch decodes it.
+    u = broker
+    topic = f"cascade/telemetry/lorg_{u}/l_{u}/r3/events"
+    n = 1000
+    watch = Proc([sys.executable, "-m", "cascade", "watch", "--topic", topic, "--count", str(n)])
+    outside = OutsideClient()
+    try:
+        watch.expect("watching", stream="err")
+        events = [{"at": 1764600000.5 + i / 1e3, "type": "TaskStateEvent",
+                   "task_id": f"l_{u}_t-1[{i}]", "task_name": f"l_{u}_t", "state": "COMPLETED",
+                   "duration_ms": 1.5, "error": None} for i in range(n)]
+        raw = json.dumps({"v": "1.1", "ts": "2026-12-01T14:40:00.500000Z", "run_id": "r3",
+                          "org_id": "o", "project_id": "p", "source": "h-1", "events": events})
+        assert len(raw) > 64 * 1024
+        outside.publish(topic, raw)
+        assert watch.wait() == 0, watch.lines
+        lines = watch.lines["out"]
+        assert len(lines) == n and all("COMPLETED" in line for line in lines), lines[:3]
+        assert f"l_{u}_t-1[999]" in lines[-1]
+    finally:
+        watch.kill()
+        outside.close()
 
 
 def test_cli_watch_is_a_live_readable_stream(paho, broker):
