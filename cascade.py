@@ -1069,7 +1069,10 @@ class Constraint:
 
 
 _PREFIX = "cascade"  # the default topic prefix (see _check_prefix)
-_TELEMETRY_V = "1.1"  # the shape of telemetry messages (see _RunLink.payloads)
+# The shape of telemetry messages (see _RunLink.payloads and the README): 1.0 one event
+# a message ("body"), 1.1 a list of them ("events"), 1.2 ENGINE_STOPPED with the run's
+# status.
+_TELEMETRY_V = "1.2"
 
 
 def _check_prefix(prefix, what="prefix"):
@@ -3205,7 +3208,7 @@ class _Reporter:
 
     def run_started(self, target_names, params):
         if self.tele is not None:
-            self.tele.lifecycle("ENGINE_STARTED")
+            self.tele.lifecycle("ENGINE_STARTED", None)
         self.bus.emit(RunStarted(self.run.run_id, target_names, params))
 
     def _emit(self, event, callbacks=None):
@@ -3220,7 +3223,7 @@ class _Reporter:
 
     def run_finished(self, status, duration, error):
         if self.tele is not None:
-            self.tele.lifecycle("ENGINE_STOPPED")
+            self.tele.lifecycle("ENGINE_STOPPED", status)
         self._emit(RunFinished(self.run.run_id, status, duration, error))
 
     def started(self, u):  # when on_start
@@ -4702,13 +4705,14 @@ class _RunLink:
         self.opened.set()
         await self.link.close(self)
 
-    # A record is (ts, word) for a lifecycle event or (ts, node, index, state,
+    # A record is (ts, word, status) for a lifecycle event (``status``: the run's, on
+    # ENGINE_STOPPED) or (ts, node, index, state,
     # duration_ms, error) for a task's (``index``: of a map item, else None): made by the
     # next two methods, read by payloads and wire (which derive ids and names off the
     # hot path). Not the _Unit itself: a record would keep it alive until published,
     # and allocating units in fresh memory made a map's expansion 2x slower.
-    def lifecycle(self, word):
-        self.queue.append((time.time(), word))
+    def lifecycle(self, word, status):
+        self.queue.append((time.time(), word, status))
         if self.flusher is None:
             self.flusher = asyncio.ensure_future(self._flush())
 
@@ -4726,8 +4730,11 @@ class _RunLink:
                                         self.link.source)
         events = []
         for r in items:
-            if len(r) == 2:
-                events.append({"at": r[0], "type": "LifecycleEvent", "event": r[1]})
+            if len(r) == 3:
+                e = {"at": r[0], "type": "LifecycleEvent", "event": r[1]}
+                if r[2] is not None:
+                    e["status"] = r[2]
+                events.append(e)
             else:
                 at, node, index, state, ms, error = r
                 events.append({"at": at, "type": "TaskStateEvent", "task_id": node.id
@@ -4783,7 +4790,8 @@ class _RunLink:
                     e = (f'{{"at":{t}{f[0]}[{index}]",{f[1]}{state}","duration_ms":{ms},'
                          '"error":null}')
             else:
-                e = f'{{"at":{t},"type":"LifecycleEvent","event":{_json_str(r[1])}}}'
+                e = (f'{{"at":{t},"type":"LifecycleEvent","event":"{r[1]}"' +
+                     ("}" if r[2] is None else f',"status":"{r[2]}"}}'))
             size += len(e) + 1
             if (size > cap or not left) and events:
                 out.append((f'{{"v":"{_TELEMETRY_V}","ts":"{_iso(first)}{head}'
@@ -5336,10 +5344,17 @@ def _cli_parser():
     v.add_argument("--type", choices=[*_TYPES, *_TYPE_ALIASES],
                    help="one type only (limit = concurrency, rate = rate_limit)")
     verb("status", "list the controls in force on the broker, with time left")
-    v = verb("watch", "print live task events of every run (Ctrl-C stops)")
+    v = verb("watch", "print live task events of every run (Ctrl-C stops); each line: "
+                      "time (UTC), project, source (host-pid), run, then the task and its "
+                      "state, or the run's start or end and outcome")
     v.add_argument("--json", action="store_true", help="print raw JSON payloads")
     v.add_argument("--count", type=int, help="exit after this many events")
-    v.add_argument("--topic", help="telemetry topic filter (default: PREFIX/telemetry/#)")
+    for name, what in (("org", "only the runs of this org"),
+                       ("project", "only the runs of this project"),
+                       ("run", "only this run (its run id)")):
+        v.add_argument(f"--{name}", type=_topic_level(f"--{name}"), help=what)
+    v.add_argument("--topic", help="telemetry topic filter, instead of --org/--project/--run "
+                                    "(default: PREFIX/telemetry/#)")
     v = verb("demo", "run a demo workflow steered live (no broker needed)", ())
     v.add_argument("--tasks", type=int, default=40, help="items per stage (default 40)")
     return p
@@ -5347,6 +5362,32 @@ def _cli_parser():
 
 class _CliError(Exception):
     pass
+
+
+def _topic_level(option):
+    """An argparse type: a value that fills one topic level (a name, a run id)."""
+    import argparse
+
+    def check(value):
+        if not value or any(c in value for c in "/+#\0"):
+            raise argparse.ArgumentTypeError(f"{value!r}: {option} takes one name, without "
+                                             "'/', '+' or '#'")
+        return value
+    return check
+
+
+def _watch_topic(args):
+    """The topic filter ``cascade watch`` subscribes to: --topic, or one built from
+    --org/--project/--run (``+`` for those not given), or every run's telemetry."""
+    parts = (args.org, args.project, args.run)
+    if args.topic is not None:
+        if any(parts):
+            raise ValueError("--topic is a whole topic filter: give it or --org/--project/"
+                             "--run, not both")
+        return args.topic
+    if not any(parts):
+        return f"{args.prefix}/telemetry/#"
+    return f"{args.prefix}/telemetry/" + "/".join(p or "+" for p in parts) + "/events"
 
 
 def _mqtt_client(args):
@@ -5441,7 +5482,7 @@ def _clock_of(event):
 async def _cli_watch(args, conn):
     await conn.connect()
     q = asyncio.Queue()
-    topic = args.topic or f"{conn.prefix}/telemetry/#"
+    topic = args.topic  # (main made it: _watch_topic)
     await conn.subscribe(topic, lambda t, p: q.put_nowait((t, p)))
     print(f"watching {topic} (Ctrl-C stops)", file=sys.stderr, flush=True)
     seen = 0  # events (a message carries one or more)
@@ -5466,16 +5507,20 @@ async def _cli_watch(args, conn):
 
 
 def _watch_line(p, b):
-    """One telemetry event as a line for ``cascade watch``: whatever arrived, it never
-    raises and never sends a control character to the terminal."""
+    """One telemetry event as a line for ``cascade watch``: time, project, source, run,
+    then the task and its state, or the run's start or end (with its outcome, from 1.2).
+    Whatever arrived, it never raises and never sends a control character to the
+    terminal."""
     try:
-        run_id = _printable(p.get("run_id"))
+        where = " ".join(_printable(p.get(k, "?")) for k in ("project_id", "source", "run_id"))
         if b.get("type") == "LifecycleEvent":
-            return f"{_clock_of(b)} {run_id} {_printable(b.get('event'))}"
+            status = b.get("status")
+            return (f"{_clock_of(b)} {where} {_printable(b.get('event'))}"
+                    + (f" {_printable(status)}" if status else ""))
         ms = b.get("duration_ms")
         extra = (f" {ms:.1f}ms" if isinstance(ms, (int, float)) and not isinstance(ms, bool)
                  else "") + (f"  {_printable(b['error'])}" if b.get("error") else "")
-        return (f"{_clock_of(b)} {run_id} {_printable(b.get('task_id')):<24} "
+        return (f"{_clock_of(b)} {where} {_printable(b.get('task_id')):<24} "
                 f"{_printable(b.get('state')):<9}{extra}")
     except Exception:  # malformed: shown as data, not as a crash
         return _printable(json.dumps(b, default=repr))
@@ -5489,6 +5534,8 @@ def main(argv: Optional[list] = None) -> int:
         return _demo(args.tasks)
     try:
         _check_prefix(args.prefix, "--prefix")
+        if args.verb == "watch":
+            args.topic = _watch_topic(args)
     except ValueError as exc:
         parser.error(str(exc))
     try:

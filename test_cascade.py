@@ -380,10 +380,11 @@ TELEMETRY_STATES = {"RUNNING", "COMPLETED", "FAILED", "SKIPPED", "BLOCKED", "RET
 
 
 def check_telemetry(p, org, project, run_id, source=SOURCE):
-    """Assert one telemetry message has the documented shape (v1.1: several events per
-    message, each with its own time); return its events."""
+    """Assert one telemetry message has the documented shape (v1.2: several events per
+    message, each with its own time; ENGINE_STOPPED with the run's status); return its
+    events."""
     assert set(p) == {"v", "ts", "run_id", "org_id", "project_id", "source", "events"}, p
-    assert p["v"] == "1.1"
+    assert p["v"] == "1.2"
     assert ISO_TS.fullmatch(p["ts"]), p["ts"]
     ts = datetime.datetime.strptime(p["ts"][:19], "%Y-%m-%dT%H:%M:%S").replace(
         tzinfo=datetime.timezone.utc)
@@ -398,8 +399,11 @@ def check_telemetry(p, org, project, run_id, source=SOURCE):
         assert b["at"] >= last, events  # in the order they happened
         last = b["at"]
         if b["type"] == "LifecycleEvent":
-            assert set(b) == {"at", "type", "event"} and b["event"] in ("ENGINE_STARTED",
-                                                                        "ENGINE_STOPPED")
+            if b["event"] == "ENGINE_STOPPED":
+                assert set(b) == {"at", "type", "event", "status"}, b
+                assert b["status"] in ("Succeeded", "Failed", "Cancelled"), b
+            else:
+                assert set(b) == {"at", "type", "event"} and b["event"] == "ENGINE_STARTED", b
             continue
         assert b["type"] == "TaskStateEvent", b
         assert set(b) == {"at", "type", "task_id", "task_name", "state", "duration_ms",
@@ -6754,7 +6758,7 @@ def test_cli_watch_reads_the_one_event_messages_of_telemetry_v1_0(paho, broker):
             "body": {"type": "TaskStateEvent", "task_id": f"l_{u}_t-1", "task_name": f"l_{u}_t",
                      "state": "COMPLETED", "duration_ms": 1.5, "error": None}}))
         assert watch.wait() == 0, watch.lines
-        assert watch.lines["out"] == [f"14:03:01.123 r1 {f'l_{u}_t-1':<24} COMPLETED 1.5ms"]
+        assert watch.lines["out"] == [f"14:03:01.123 p h-1 r1 {f'l_{u}_t-1':<24} COMPLETED 1.5ms"]
     finally:
         watch.kill()
         outside.close()
@@ -6828,6 +6832,39 @@ async def test_telemetry_with_a_local_broker_is_complete_when_run_returns():
     assert "l boom" in failed[0]["error"] and failed[0]["duration_ms"] >= 0
     retrying = [e for e in events if e.get("state") == "RETRYING"]
     assert "l hiccup" in retrying[0]["error"]
+
+
+@async_test
+async def test_engine_stopped_telemetry_says_how_the_run_ended():
+    # v1.2: ENGINE_STOPPED carries the run's RunFinished status
+    broker, engine, tele, log, u, org, project = await local_telemetry_engine()
+    gate = asyncio.Event()
+
+    @cs.task(name=f"l_{u}_t")
+    async def t(x):
+        if x == "boom":
+            raise ValueError("l boom")
+        if x == "wait":
+            await gate.wait()
+        return x
+
+    assert await engine.run(t("ok")) == "ok"
+    with pytest.raises(ValueError):
+        await engine.run(t("boom"))
+    handle = engine.start(t("wait"))
+    await log.until(lambda items: events_of(items, cs.TaskExecutionStarted, task_name=f"l_{u}_t")[2:],
+                    "the third run's task")
+    handle.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await handle
+    items = await tele.until(lambda items: len([e for e in telemetry_events(items)
+                                                if e.get("event") == "ENGINE_STOPPED"]) == 3
+                             and items, "three ENGINE_STOPPED")
+    runs = [e.run_id for e in log.of(cs.RunFinished)]
+    stopped = {p["run_id"]: e for _, p in items for e in check_telemetry(
+        p, org, project, p["run_id"]) if e.get("event") == "ENGINE_STOPPED"}
+    assert [stopped[r]["status"] for r in runs] == ["Succeeded", "Failed", "Cancelled"]
+    assert [e.status for e in log.of(cs.RunFinished)] == ["Succeeded", "Failed", "Cancelled"]
 
 
 @async_test
@@ -7391,9 +7428,11 @@ def test_cli_watch_is_a_live_readable_stream(paho, broker):
         assert human.wait() == 0 and raw.wait() == 0, (human.lines, raw.lines)
         lines = human.lines["out"]
         assert len(lines) == n, lines
-        assert all(re.match(r"\d\d:\d\d:\d\d\.\d{3} ", line) and run_id in line for line in lines)
-        assert "ENGINE_STARTED" in lines[0] and "ENGINE_STOPPED" in lines[-1]
-        assert [line.split()[2:4] for line in lines[1:-1]] == [
+        assert all(re.match(r"\d\d:\d\d:\d\d\.\d{3} ", line) for line in lines)
+        assert all(line.split()[1:4] == [project, SOURCE, run_id] for line in lines), lines
+        assert lines[0].split()[4:] == ["ENGINE_STARTED"]
+        assert lines[-1].split()[4:] == ["ENGINE_STOPPED", "Succeeded"]
+        assert [line.split()[4:6] for line in lines[1:-1]] == [
             [f"l_{u}_step-1", "RUNNING"], [f"l_{u}_step-1", "COMPLETED"],
             [f"l_{u}_step-2", "RUNNING"], [f"l_{u}_step-2", "COMPLETED"]]
         assert re.search(r"COMPLETED +\d+\.\dms$", lines[2]), lines[2]
@@ -7406,6 +7445,68 @@ def test_cli_watch_is_a_live_readable_stream(paho, broker):
         human.kill()
         raw.kill()
         close_client(client)
+
+
+def test_cli_watch_filters_by_org_project_and_run_and_shows_each_run_s_outcome(
+        paho, broker):
+    u = broker
+    org, a, b = f"lorg_{u}", f"l_{u}_a", f"l_{u}_b"
+    b_run = f"l_{u}_run"
+    watches = {
+        "a": Proc([sys.executable, "-m", "cascade", "watch", "--org", org, "--project", a,
+                   "--count", "4"]),
+        "run": Proc([sys.executable, "-m", "cascade", "watch", "--run", b_run, "--count",
+                     "4"]),
+        "org": Proc([sys.executable, "-m", "cascade", "watch", "--org", org, "--count", "8"])}
+    client = mqtt_client()
+    try:
+        for w in watches.values():
+            w.expect("watching", stream="err")
+        assert watches["a"].lines["err"][-1].startswith(
+            f"watching cascade/telemetry/{org}/{a}/+/events")
+        assert watches["run"].lines["err"][-1].startswith(
+            f"watching cascade/telemetry/+/+/{b_run}/events")
+
+        @cs.task(name=f"l_{u}_boom")
+        async def boom():
+            raise ValueError("l boom")
+
+        @cs.task(name=f"l_{u}_ok")
+        async def ok():
+            return 1
+
+        async def main():
+            conn = cs.MqttConnector(client)
+            assert await cs.Engine(connector=conn, org=org, project=b).run(
+                ok(), run_id=b_run) == 1  # first: the --project watch must not see it
+            with pytest.raises(ValueError):
+                await cs.Engine(connector=conn, org=org, project=a).run(boom())
+        asyncio.run(main())
+        for w in watches.values():
+            assert w.wait() == 0, w.lines
+        lines = {k: w.lines["out"] for k, w in watches.items()}
+        assert all(line.split()[1:3] == [a, SOURCE] for line in lines["a"]), lines["a"]
+        assert lines["a"][-1].split()[4:] == ["ENGINE_STOPPED", "Failed"]
+        assert any(f"l_{u}_boom-1" in line and "FAILED" in line and "l boom" in line
+                   for line in lines["a"]), lines["a"]
+        assert all(line.split()[1:4] == [b, SOURCE, b_run] for line in lines["run"])
+        assert lines["run"][-1].split()[4:] == ["ENGINE_STOPPED", "Succeeded"]
+        assert lines["org"] == lines["run"] + lines["a"]
+    finally:
+        for w in watches.values():
+            w.kill()
+        close_client(client)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--topic", "cascade/telemetry/#", "--project", "etl"], "give it or --org/--project/--run"),
+    (["--project", "a/b"], "--project takes one name, without '/', '+' or '#'"),
+    (["--run", "+"], "--run takes one name"),
+])
+def test_cli_watch_refuses_filters_that_cannot_be_a_topic_level(argv, says):
+    r = cli("watch", *argv)
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    assert says in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("argv", [["status"], ["pause", "task:l_x"], ["watch"]])
