@@ -1071,8 +1071,11 @@ class Constraint:
 _PREFIX = "cascade"  # the default topic prefix (see _check_prefix)
 # The shape of telemetry messages (see _RunLink.payloads and the README): 1.0 one event
 # a message ("body"), 1.1 a list of them ("events"), 1.2 ENGINE_STOPPED with the run's
-# status.
+# status, and MapCountsEvent (telemetry="counts").
 _TELEMETRY_V = "1.2"
+_TELEMETRY_MODES = ("all", "counts", "runs", "off")  # Engine(telemetry=...)
+# The states a map's items are counted in (telemetry="counts"), in this order
+_COUNTED = ("BLOCKED", "RUNNING", "RETRYING", "COMPLETED", "FAILED")
 
 
 def _check_prefix(prefix, what="prefix"):
@@ -3184,12 +3187,14 @@ def _gen_finish(gen):
 class _Reporter:
     """A run's events (to the engine's bus) and telemetry records (to its link), each
     kind from one method. Per-task events are built only when somebody listens: the
-    listening flags are re-read only when the bus's subscriptions changed (hot path)."""
-    __slots__ = ("run", "bus", "tele", "version", "on_start", "on_finish", "_started",
-                 "_finished", "_failed", "_starts")
+    listening flags are re-read only when the bus's subscriptions changed (hot path).
+    ``tele`` and ``life``: where task and lifecycle records go (the run link's methods,
+    as the engine's ``telemetry`` option says), or None."""
+    __slots__ = ("run", "bus", "tele", "life", "version", "on_start", "on_finish",
+                 "_started", "_finished", "_failed", "_starts")
 
     def __init__(self, run):
-        self.run, self.bus, self.tele = run, run.engine._bus, None
+        self.run, self.bus, self.tele, self.life = run, run.engine._bus, None, None
         self.version = -1  # never read the bus yet: the first check refreshes
         self.on_start = self.on_finish = self._started = False
         self._finished = self._failed = ()
@@ -3206,9 +3211,17 @@ class _Reporter:
         self.on_start = self._started or self.tele is not None
         self.on_finish = bool(self._finished) or self.tele is not None
 
+    def use(self, rl):
+        """Send telemetry records to the run link ``rl``: everything, a map's items as
+        counts, the run's start and end only, or nothing (the engine's ``telemetry``)."""
+        mode = self.run.engine.telemetry
+        self.life = None if mode == "off" else rl.lifecycle
+        self.tele = rl.count if mode == "counts" else rl.task if mode == "all" else None
+        self.version = -1  # on_start and on_finish depend on it
+
     def run_started(self, target_names, params):
-        if self.tele is not None:
-            self.tele.lifecycle("ENGINE_STARTED", None)
+        if self.life is not None:
+            self.life("ENGINE_STARTED", None)
         self.bus.emit(RunStarted(self.run.run_id, target_names, params))
 
     def _emit(self, event, callbacks=None):
@@ -3222,8 +3235,8 @@ class _Reporter:
             self.bus.deliver(callbacks, event)
 
     def run_finished(self, status, duration, error):
-        if self.tele is not None:
-            self.tele.lifecycle("ENGINE_STOPPED", status)
+        if self.life is not None:
+            self.life("ENGINE_STOPPED", status)
         self._emit(RunFinished(self.run.run_id, status, duration, error))
 
     def started(self, u):  # when on_start
@@ -3238,7 +3251,7 @@ class _Reporter:
                 self.run.loop.call_soon(self.deliver_starts)
             self._starts.append(TaskExecutionStarted(self.run.run_id, uid, node.key.name))
         if self.tele is not None:
-            self.tele.task(u.node, u.index, "RUNNING", None, None)
+            self.tele(u.node, u.index, "RUNNING", None, None)
 
     def deliver_starts(self):
         starts, self._starts = self._starts, []
@@ -3256,8 +3269,8 @@ class _Reporter:
                 self.run.run_id, uid, node.key.name, "Succeeded" if exc is None else "Failed",
                 duration, exc), cbs)
         if self.tele is not None:
-            self.tele.task(u.node, u.index, "COMPLETED" if exc is None else "FAILED",
-                           duration * 1000, exc)
+            self.tele(u.node, u.index, "COMPLETED" if exc is None else "FAILED", duration * 1000,
+                      exc)
 
     def blocked(self, u):
         u.reported = True  # once per wait
@@ -3265,18 +3278,18 @@ class _Reporter:
         if self.bus.wants(TaskBlocked):
             self._emit(TaskBlocked(self.run.run_id, u.id, u.key.name, cp.reason(u)))
         if self.tele is not None:
-            self.tele.task(u.node, u.index, "BLOCKED", None, cp.reason(u))
+            self.tele(u.node, u.index, "BLOCKED", None, cp.reason(u))
 
     def retrying(self, u, max_attempts, wait, exc):
         self._emit(TaskRetrying(self.run.run_id, u.id, u.key.name, u.attempt,
                                    max_attempts, wait, exc))
         if self.tele is not None:
-            self.tele.task(u.node, u.index, "RETRYING", None, exc)
+            self.tele(u.node, u.index, "RETRYING", None, exc)
 
     def skipped(self, node, reason):
         self._emit(TaskSkipped(self.run.run_id, node.id, node.lazy.task.name, reason))
         if self.tele is not None:
-            self.tele.task(node, None, "SKIPPED", None, reason)
+            self.tele(node, None, "SKIPPED", None, reason)
 
     def resource(self, name, acquired):
         self._emit((ResourceAcquired if acquired else ResourceReleased)(self.run.run_id, name))
@@ -3439,7 +3452,8 @@ class _Run:
         self.engine._runs[self.run_id] = self
         link = self.engine._link
         if link is not None:
-            self.link = self.report.tele = link.attach(self)
+            self.link = link.attach(self)
+            self.report.use(self.link)
         targets = self.target.deps if type(self.target) is _Gather else [self.target]
         self.report.run_started(tuple(d.name for d in dict.fromkeys(targets)),
                                 dict(self.params))
@@ -4280,19 +4294,32 @@ class Engine:
     have not ended by then are abandoned (a sync body cannot be interrupted): the run
     logs a warning naming each, counts it failed and ends; the body runs on until its
     function returns and holds its concurrency slots until then, so no limit is ever
-    exceeded. Cancelling the run again while it waits ends the wait at once."""
+    exceeded. Cancelling the run again while it waits ends the wait at once.
+
+    With a ``connector``, every run follows the controls on its broker and publishes
+    telemetry there, as ``org``/``project`` (default: $CASCADE_ORG_ID and
+    $CASCADE_PROJECT_ID, else "default"). ``telemetry`` says how much: ``"all"`` (every
+    task's every state change), ``"counts"`` (the items of a map as counts per state,
+    a MapCountsEvent at most once a message and a last one before the run's end; other
+    tasks as with "all"), ``"runs"`` (each run's start and end, with its outcome) or
+    ``"off"``. ``telemetry_errors="type"`` sends a failure's exception type without
+    its message (which can hold secrets)."""
 
     def __init__(self, *, system_resources: Optional[dict] = None,
                  resources: Iterable[Resource] = (), connector: Any = None,
                  max_workers: int = 64, executor: Optional[concurrent.futures.Executor] = None,
                  stop_grace: Optional[float] = 10.0,
                  org: Optional[str] = None, project: Optional[str] = None,
-                 telemetry_errors: str = "message") -> None:
+                 telemetry: str = "all", telemetry_errors: str = "message") -> None:
         caps = dict(system_resources or {})
+        if telemetry not in _TELEMETRY_MODES:
+            raise ValueError(f"telemetry={telemetry!r}: use 'all' (every task's every state), "
+                             "'counts' (a map's items as counts per state), 'runs' (each "
+                             "run's start and end only) or 'off' (none)")
         if telemetry_errors not in ("message", "type"):
             raise ValueError(f"telemetry_errors={telemetry_errors!r}: use 'message' (the "
                              "exception's type and message, capped) or 'type' (its type only)")
-        self.telemetry_errors = telemetry_errors
+        self.telemetry, self.telemetry_errors = telemetry, telemetry_errors
         for k, v in caps.items():
             _check_name(k, "system resource name")
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -4675,7 +4702,8 @@ class _Link:
 class _RunLink:
     """One run's side of its engine's _Link: the run's telemetry queue and flusher, and
     its share of its loop's control subscription (None until ``open``)."""
-    __slots__ = ("link", "run", "queue", "flusher", "sub", "opened", "_frags", "unsent")
+    __slots__ = ("link", "run", "queue", "flusher", "sub", "opened", "_frags", "unsent",
+                 "counts", "changed")
     BATCH = 1000  # events per telemetry message at most
     # Bytes per telemetry message over a wire at most (one larger event goes alone): an
     # MqttConnector hands a larger payload to its subscribers raw, undecoded, so
@@ -4694,6 +4722,8 @@ class _RunLink:
         self.opened = asyncio.Event()
         self._frags = {}  # node -> its events' JSON around the state (see wire)
         self.unsent = 0   # events the flusher took from the queue and has not sent yet
+        self.counts = {}  # telemetry="counts": map node -> {state: its items' events}
+        self.changed = {}  # the map nodes counted since their last MapCountsEvent
 
     async def open(self):
         try:
@@ -4706,12 +4736,14 @@ class _RunLink:
         await self.link.close(self)
 
     # A record is (ts, word, status) for a lifecycle event (``status``: the run's, on
-    # ENGINE_STOPPED) or (ts, node, index, state,
-    # duration_ms, error) for a task's (``index``: of a map item, else None): made by the
-    # next two methods, read by payloads and wire (which derive ids and names off the
-    # hot path). Not the _Unit itself: a record would keep it alive until published,
-    # and allocating units in fresh memory made a map's expansion 2x slower.
+    # ENGINE_STOPPED), (ts, node, index, state, duration_ms, error) for a task's
+    # (``index``: of a map item, else None) or (ts, node, items, counts) for a map's
+    # counts: made by the next methods, read by payloads and wire (which derive ids and
+    # names off the hot path). Not the _Unit itself: a record would keep it alive until
+    # published, and allocating units in fresh memory made a map's expansion 2x slower.
     def lifecycle(self, word, status):
+        if self.changed:  # a map's last counts come before the run's end
+            self._snapshot()
         self.queue.append((time.time(), word, status))
         if self.flusher is None:
             self.flusher = asyncio.ensure_future(self._flush())
@@ -4720,6 +4752,27 @@ class _RunLink:
         self.queue.append((time.time(), node, index, state, ms, error))
         if self.flusher is None:
             self.flusher = asyncio.ensure_future(self._flush())
+
+    def count(self, node, index, state, ms, error):
+        """telemetry="counts": a map item's event is counted, not sent (its map's counts
+        go out with the next message: see _snapshot); any other task's is sent."""
+        if index is None:
+            return self.task(node, index, state, ms, error)
+        c = self.counts.get(node)
+        if c is None:
+            c = self.counts[node] = dict.fromkeys(_COUNTED, 0)
+        c[state] += 1
+        self.changed[node] = None
+        if self.flusher is None:
+            self.flusher = asyncio.ensure_future(self._flush())
+
+    def _snapshot(self):
+        """A MapCountsEvent record for every map counted since its last one."""
+        now = time.time()
+        for node in self.changed:
+            self.queue.append((now, node, len(node.value),
+                               {k: n for k, n in self.counts[node].items() if n}))
+        self.changed = {}
 
     def payloads(self, items):
         """The telemetry messages of ``items`` (records): one message per BATCH events,
@@ -4735,6 +4788,11 @@ class _RunLink:
                 if r[2] is not None:
                     e["status"] = r[2]
                 events.append(e)
+            elif len(r) == 4:
+                at, node, n, counts = r
+                events.append({"at": at, "type": "MapCountsEvent", "task_id": node.id,
+                               "task_name": node.lazy.task.name, "items": n,
+                               "counts": counts})
             else:
                 at, node, index, state, ms, error = r
                 events.append({"at": at, "type": "TaskStateEvent", "task_id": node.id
@@ -4789,9 +4847,14 @@ class _RunLink:
                 else:
                     e = (f'{{"at":{t}{f[0]}[{index}]",{f[1]}{state}","duration_ms":{ms},'
                          '"error":null}')
-            else:
+            elif len(r) == 3:
                 e = (f'{{"at":{t},"type":"LifecycleEvent","event":"{r[1]}"' +
                      ("}" if r[2] is None else f',"status":"{r[2]}"}}'))
+            else:
+                _, node, n, counts = r
+                e = (f'{{"at":{t},"type":"MapCountsEvent","task_id":{_json_str(node.id)},'
+                     f'"task_name":{_json_str(node.lazy.task.name)},"items":{n},"counts":{{'
+                     + ",".join(f'"{k}":{v}' for k, v in counts.items()) + "}}")
             size += len(e) + 1
             if (size > cap or not left) and events:
                 out.append((f'{{"v":"{_TELEMETRY_V}","ts":"{_iso(first)}{head}'
@@ -4830,7 +4893,9 @@ class _RunLink:
         acks = collections.deque()  # (publish task, its events) awaiting their acks
         try:
             await self.opened.wait()
-            while self.queue or acks:
+            while self.queue or acks or self.changed:
+                if self.changed:  # the maps counted since: their counts now
+                    self._snapshot()
                 if not self.queue:
                     await self._acked(acks)
                     continue
@@ -5508,7 +5573,8 @@ async def _cli_watch(args, conn):
 
 def _watch_line(p, b):
     """One telemetry event as a line for ``cascade watch``: time, project, source, run,
-    then the task and its state, or the run's start or end (with its outcome, from 1.2).
+    then the task and its state, a map's counts, or the run's start or end (with its
+    outcome, from 1.2).
     Whatever arrived, it never raises and never sends a control character to the
     terminal."""
     try:
@@ -5517,6 +5583,10 @@ def _watch_line(p, b):
             status = b.get("status")
             return (f"{_clock_of(b)} {where} {_printable(b.get('event'))}"
                     + (f" {_printable(status)}" if status else ""))
+        if b.get("type") == "MapCountsEvent":  # telemetry="counts"
+            counts = " ".join(f"{_printable(k)} {int(n):,}" for k, n in b["counts"].items())
+            return (f"{_clock_of(b)} {where} {_printable(b.get('task_id')):<24} "
+                    f"{int(b['items']):,} items: {counts}")
         ms = b.get("duration_ms")
         extra = (f" {ms:.1f}ms" if isinstance(ms, (int, float)) and not isinstance(ms, bool)
                  else "") + (f"  {_printable(b['error'])}" if b.get("error") else "")

@@ -11,6 +11,7 @@ saying what is missing; under CI=true they fail instead (CI must run them).
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -404,6 +405,13 @@ def check_telemetry(p, org, project, run_id, source=SOURCE):
                 assert b["status"] in ("Succeeded", "Failed", "Cancelled"), b
             else:
                 assert set(b) == {"at", "type", "event"} and b["event"] == "ENGINE_STARTED", b
+            continue
+        if b["type"] == "MapCountsEvent":
+            assert set(b) == {"at", "type", "task_id", "task_name", "items", "counts"}, b
+            assert b["task_id"].startswith(b["task_name"] + "-") and b["items"] > 0, b
+            assert list(b["counts"]) == [k for k in ("BLOCKED", "RUNNING", "RETRYING",
+                                                     "COMPLETED", "FAILED") if k in b["counts"]]
+            assert all(isinstance(n, int) and n > 0 for n in b["counts"].values()), b
             continue
         assert b["type"] == "TaskStateEvent", b
         assert set(b) == {"at", "type", "task_id", "task_name", "state", "duration_ms",
@@ -6834,6 +6842,94 @@ async def test_telemetry_with_a_local_broker_is_complete_when_run_returns():
     assert "l hiccup" in retrying[0]["error"]
 
 
+def test_engine_telemetry_option_names_its_choices():
+    for mode in ("all", "counts", "runs", "off"):
+        assert cs.Engine(telemetry=mode).telemetry == mode
+    for bad in ("none", "ALL", None, True):
+        with pytest.raises(ValueError, match=r"telemetry=.*use 'all'.*'counts'.*'runs'.*'off'"):
+            cs.Engine(telemetry=bad)
+
+
+@async_test
+async def test_telemetry_counts_reports_a_maps_items_as_counts_per_state():
+    # telemetry="counts": a map's items go out as MapCountsEvents (what "all" would have
+    # sent, counted per state), every other task as before
+    broker, u = cs.LocalBroker(), uid()
+    org, project = f"lorg_{u}", f"lproj_{u}"
+    engine = cs.Engine(connector=broker, org=org, project=project, telemetry="counts")
+    tele, log = Inbox(), Recorder(engine)
+    await broker.subscribe(f"cascade/telemetry/{org}/{project}/+/events", tele)
+    engine.limit(f"task:l_{u}_item", 10)  # items wait: BLOCKED
+    failed = []
+
+    @cs.task(name=f"l_{u}_item")
+    async def item(i):
+        if i == 7 and not failed:
+            failed.append(i)
+            raise ConnectionError("l once")  # RETRYING, then RUNNING again
+        return i
+
+    @cs.task(name=f"l_{u}_total")
+    def total(xs):
+        return sum(xs)
+
+    n = 300
+    handle = engine.start(total(item.map(range(n)).with_retry(2)))
+    assert await asyncio.wait_for(handle, TIMEOUT) == sum(range(n))
+    items = await tele.until(lambda items: any(e.get("event") == "ENGINE_STOPPED"
+                                               for e in telemetry_events(items)) and items,
+                             "ENGINE_STOPPED")
+    events = [e for _, p in items for e in check_telemetry(p, org, project, handle.run_id)]
+    mapped = f"l_{u}_item-1"
+    assert not [e for e in events if e["type"] == "TaskStateEvent"
+                and e["task_id"].startswith(mapped)]
+    counts = [e for e in events if e["type"] == "MapCountsEvent"]
+    assert counts and all(e["task_id"] == mapped and e["items"] == n for e in counts)
+    assert len(counts) < n // 10  # a snapshot a message, not one per item event
+    for earlier, later in zip(counts, counts[1:]):  # cumulative
+        assert all(later["counts"].get(k, 0) >= v for k, v in earlier["counts"].items())
+    every = collections.Counter(state for task_id, state in expected_telemetry(
+        log.snapshot(), handle.run_id) if task_id and task_id.startswith(mapped + "["))
+    assert counts[-1]["counts"] == dict(every)
+    assert every["BLOCKED"] > 0 and every["RETRYING"] == 1 and every["RUNNING"] == n + 1
+    assert every["COMPLETED"] == n
+    assert [(e["task_id"], e["state"]) for e in events if e["type"] == "TaskStateEvent"] == [
+        (f"l_{u}_total-1", "RUNNING"), (f"l_{u}_total-1", "COMPLETED")]
+    assert events.index(counts[-1]) < len(events) - 1  # the last counts: before the end
+    assert events[-1]["event"] == "ENGINE_STOPPED" and events[-1]["status"] == "Succeeded"
+
+
+@pytest.mark.parametrize("mode", ["runs", "off"])
+@async_test
+async def test_telemetry_runs_sends_only_each_run_s_start_and_end_and_off_nothing(mode):
+    broker, u = cs.LocalBroker(), uid()
+    org, project = f"lorg_{u}", f"lproj_{u}"
+    engine = cs.Engine(connector=broker, org=org, project=project, telemetry=mode)
+    tele = Inbox()
+    await broker.subscribe(f"cascade/telemetry/{org}/{project}/+/events", tele)
+    await cs.Controller(broker).limit(f"task:l_{u}_t", 2)  # the connector still steers
+    seen = []
+
+    @cs.task(name=f"l_{u}_t")
+    async def t(i):
+        seen.append(controls_of(engine, u))
+        return i
+
+    assert await asyncio.wait_for(engine.run(t.map(range(5))), TIMEOUT) == list(range(5))
+    with pytest.raises(ZeroDivisionError):
+        await engine.run(cs.task(name=f"l_{u}_z")(lambda: 1 / 0)())
+    assert seen == [{(f"task:l_{u}_t", "concurrency"): {"limit": 2}}] * 5
+    marker = f"cascade/telemetry/{org}/{project}/marker/events"
+    await broker.publish(marker, {"m": 1})  # after all the runs published
+    items = await tele.until(lambda items: any(t == marker for t, _ in items) and items,
+                             "the marker")
+    events = [(e["event"], e.get("status")) for t, p in items if t != marker
+              for e in p["events"]]
+    assert events == ([] if mode == "off" else [
+        ("ENGINE_STARTED", None), ("ENGINE_STOPPED", "Succeeded"),
+        ("ENGINE_STARTED", None), ("ENGINE_STOPPED", "Failed")])
+
+
 @async_test
 async def test_engine_stopped_telemetry_says_how_the_run_ended():
     # v1.2: ENGINE_STOPPED carries the run's RunFinished status
@@ -7374,6 +7470,58 @@ def test_cli_watch_shows_every_event_of_a_burst(paho, broker):
         assert sum(f" l_{u}_item-1[" in line and " COMPLETED " in line for line in lines) == n
     finally:
         watch.kill()
+        close_client(client)
+
+
+def test_cli_watch_shows_a_maps_counts(paho, broker):
+    u = broker
+    topic = f"cascade/telemetry/lorg_{u}/l_{u}/r4/events"
+    watch = Proc([sys.executable, "-m", "cascade", "watch", "--topic", topic, "--count", "2"])
+    outside = OutsideClient()
+    try:
+        watch.expect("watching", stream="err")
+        outside.publish(topic, json.dumps({
+            "v": "1.2", "ts": "2026-12-01T14:40:00.500000Z", "run_id": "r4", "org_id": "o",
+            "project_id": "p", "source": "h-1", "events": [
+                {"at": 1764600000.5, "type": "MapCountsEvent", "task_id": f"l_{u}_i-1",
+                 "task_name": f"l_{u}_i", "items": 3000,
+                 "counts": {"BLOCKED": 12, "RUNNING": 3001, "RETRYING": 1, "COMPLETED": 2999,
+                            "FAILED": 1}},
+                {"at": 1764600000.625, "type": "LifecycleEvent", "event": "ENGINE_STOPPED",
+                 "status": "Failed"}]}))
+        assert watch.wait() == 0, watch.lines
+        assert watch.lines["out"] == [
+            f"14:40:00.500 p h-1 r4 {f'l_{u}_i-1':<24} 3,000 items: BLOCKED 12 RUNNING 3,001 "
+            "RETRYING 1 COMPLETED 2,999 FAILED 1",
+            "14:40:00.625 p h-1 r4 ENGINE_STOPPED Failed"]
+    finally:
+        watch.kill()
+        outside.close()
+
+
+@async_test
+async def test_telemetry_counts_over_mqtt(paho, broker):
+    u = broker
+    org, project = f"lorg_{u}", f"l_{u}"
+    outside = OutsideClient(f"cascade/telemetry/{org}/{project}/+/events")
+    client = mqtt_client()
+    try:
+        engine = cs.Engine(connector=cs.MqttConnector(client), org=org, project=project,
+                           telemetry="counts")
+        n = 5000
+        handle = engine.start(cs.task(name=f"l_{u}_i")(lambda i: i).map(range(n)))
+        assert await asyncio.wait_for(handle, TIMEOUT) == list(range(n))
+        items = await asyncio.to_thread(outside.until, lambda items: any(
+            e.get("event") == "ENGINE_STOPPED" for e in telemetry_events(items)) and items,
+            "ENGINE_STOPPED")
+        events = [e for _, p in items for e in check_telemetry(p, org, project, handle.run_id)]
+        assert [e["type"] for e in events if e["type"] != "MapCountsEvent"] == [
+            "LifecycleEvent", "LifecycleEvent"]
+        last = [e for e in events if e["type"] == "MapCountsEvent"][-1]
+        assert (last["task_id"], last["items"], last["counts"]) == (
+            f"l_{u}_i-1", n, {"RUNNING": n, "COMPLETED": n})
+    finally:
+        outside.close()
         close_client(client)
 
 
