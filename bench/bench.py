@@ -837,8 +837,8 @@ def w10(cfg, args, errors):
             sent, paho, watched, us = res
             worst = min(paho, watched) / sent
             rows.append(dict(workload=label, cascade=f"{paho / sent:.1%} / {watched / sent:.1%}",
-                             floor=f"({sent:,} events sent; the run {us:.1f} µs/task; 0.1: "
-                                   "watch printed 102 lines)",
+                             floor=f"({sent:,} events sent; the run {us:.1f} µs/task; unbatched "
+                                   "(issue 10): 66% reached a watch)",
                              target="≥ 99% each", met=verdict(worst, 0.99, at_most=False),
                              raw=dict(sent=sent, paho=paho, watch=watched, us_per_task=us)))
     except Exception as exc:
