@@ -4709,7 +4709,11 @@ class _RunLink:
     # MqttConnector hands a larger payload to its subscribers raw, undecoded, so
     # `cascade watch` showed a message of 1,000 events (140 KB) as one line of data.
     MAX_BYTES = _MAX_PAYLOAD
-    WINDOW = 32  # telemetry messages awaiting the broker's ack at once, over a wire
+    # Telemetry messages awaiting the broker's ack at once, over a wire: 8 left a busy
+    # run's events queued (paho saw an ack every ~100 ms: a run of 20,000 tasks waited
+    # 0.1 s at its end); more lets paho's thread write longer before it reads, so a
+    # control coming in waits longer (32 did not send faster than 16).
+    WINDOW = 16
 
     def __init__(self, link, run):
         self.link, self.run = link, run

@@ -655,11 +655,11 @@ def c_control_under_telemetry(cfg):
         return client
     import json as _json, uuid as _uuid
     scope = f"task:bench{_uuid.uuid4().hex[:6]}"
-    topic = f"cascade/constraints/task/{scope[5:]}/pause"
+    topic = f"{MQTT_PREFIX}/constraints/task/{scope[5:]}/pause"
 
     async def main():
         engine_client, pub = client(), client()
-        engine = cs.Engine(connector=cs.MqttConnector(engine_client))
+        engine = cs.Engine(connector=cs.MqttConnector(engine_client, prefix=MQTT_PREFIX))
         engine.limit("task:io", 10)
         applied, lat = [], []
         engine.subscribe(cs.ConstraintApplied, lambda ev: applied.append(perf())
@@ -699,7 +699,7 @@ def c_mqtt_per_run(cfg):
     client = make()
 
     async def main():
-        engine = cs.Engine(connector=cs.MqttConnector(client))
+        engine = cs.Engine(connector=cs.MqttConnector(client, prefix=MQTT_PREFIX))
         task = cs.task(name="one")(a_noop)
         await engine.run(task(0))
         lat = []
