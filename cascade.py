@@ -5359,6 +5359,7 @@ examples:
   cascade clear task:fetch              remove every control on task:fetch
   cascade status                        what is in force, with time left
   cascade watch                         live task events of every run
+  cascade watch --project etl           ... of one project's runs (--org, --run too)
 
 The MQTT verbs need paho-mqtt: pip install 'cascade[mqtt]'.
 """
