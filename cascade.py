@@ -1107,7 +1107,13 @@ def _quiet_future(fut):
     if not fut.cancelled() and fut.exception() is not None:
         _log.debug("publish failed: %r", fut.exception())
 
-_TELEMETRY_V = "1.1"  # the shape of telemetry messages (see _RunLink.payloads)
+# The shape of telemetry messages (see _RunLink.payloads and the README): 1.0 one event
+# a message ("body"), 1.1 a list of them ("events"), 1.2 ENGINE_STOPPED with the run's
+# status, and MapCountsEvent (telemetry="counts").
+_TELEMETRY_V = "1.2"
+_TELEMETRY_MODES = ("all", "counts", "runs", "off")  # Engine(telemetry=...)
+# The states a map's items are counted in (telemetry="counts"), in this order
+_COUNTED = ("BLOCKED", "RUNNING", "RETRYING", "COMPLETED", "FAILED")
 
 
 def _check_prefix(prefix, what="prefix"):
@@ -2519,7 +2525,7 @@ class MqttConnector(_Hub):
     paho (either callback API version): `connect()` starts the network thread
     (`loop_start`; don't run `loop_forever` yourself) and waits until connected.
     It chains, never replaces, the client's on_message/on_connect/on_subscribe/
-    on_publish/on_unsubscribe (set yours first). After a reconnect every filter
+    on_publish/on_unsubscribe/on_disconnect (set yours first). After a reconnect every filter
     is subscribed again, so retained messages arrive again.
 
     aiomqtt: `connect()` starts a task reading `client.messages` (don't read
@@ -2545,7 +2551,8 @@ class MqttConnector(_Hub):
         self.connects = 0  # (re)connections seen by on_connect
         self._watchers: list = []  # (loop, fn): fn() runs on loop after each (re)connect
         self._waiting: dict = {}  # mid -> (future, subscription or None)
-        self._lost_on_reconnect: dict = {}  # mid -> (future, what): (UN)SUBSCRIBEs waiting
+        self._lost_on_disconnect: dict = {}  # mid -> (future, what): (UN)SUBSCRIBEs waiting
+        self._drops = 0  # connections lost (on_disconnect)
         self._early: collections.OrderedDict = collections.OrderedDict()  # acks that beat us
         self._conn_waiters: list = []
         self._hooked = False
@@ -2641,10 +2648,11 @@ class MqttConnector(_Hub):
             if self._kind == "aiomqtt":
                 granted = await self._client.subscribe(topic, qos=1)
             else:
+                drops = self._drops
                 rc, mid = self._client.subscribe(topic, qos=1)
                 if rc != 0:
                     raise ConnectionError(f"MQTT subscribe to {topic!r} failed: {getattr(rc, 'name', rc)}")
-                granted = await self._await_ack(mid, sub, f"SUBACK for {topic!r}", True)
+                granted = await self._await_ack(mid, sub, f"SUBACK for {topic!r}", drops)
             if any(int(getattr(g, "value", g)) >= 0x80 for g in granted or ()):
                 raise PermissionError(f"MQTT broker refused the subscription to {topic!r} (check its ACL)")
         except BaseException:
@@ -2660,9 +2668,10 @@ class MqttConnector(_Hub):
             if self._kind == "aiomqtt":
                 await self._client.unsubscribe(topic)
             else:
+                drops = self._drops
                 rc, mid = self._client.unsubscribe(topic)
                 if rc == 0:
-                    await self._await_ack(mid, None, f"UNSUBACK for {topic!r}", True)
+                    await self._await_ack(mid, None, f"UNSUBACK for {topic!r}", drops)
         except Exception as exc:
             _log.debug("MQTT unsubscribe from %r failed: %r", topic, exc)
 
@@ -2681,19 +2690,22 @@ class MqttConnector(_Hub):
                        "resume", exc.__cause__ or exc)
 
     async def _await_ack(self, mid: int, sub: _Subscription | None, what: str,
-                         lost: bool = False) -> Any:
-        """Wait for the ack of ``mid``. ``lost``: a (UN)SUBSCRIBE, which paho does not
-        send again after a reconnect, so the wait fails with ConnectionError then
-        (regression: a network blip during a sync cost the run a 5 s wait)."""
+                         drops: Optional[int] = None) -> Any:
+        """Wait for the ack of ``mid``. With ``drops`` (the connection drops counted when
+        it was sent): a (UN)SUBSCRIBE, which paho does not send again after a reconnect,
+        so the wait fails with ConnectionError once the connection has dropped since
+        (regression: a network blip during a sync cost a 5 s wait)."""
         fut = asyncio.get_running_loop().create_future()
         with self._lock:
             if mid in self._early:  # the ack arrived before paho gave us the mid
                 if sub is not None:
                     self._acked(sub)
                 return self._early.pop(mid)
+            if drops is not None and drops != self._drops:
+                raise ConnectionError(f"the connection was lost before the {what}; try again")
             self._waiting[mid] = (fut, sub)
-            if lost:
-                self._lost_on_reconnect[mid] = (fut, what)
+            if drops is not None:
+                self._lost_on_disconnect[mid] = (fut, what)
         try:
             return await asyncio.wait_for(fut, self._timeout)
         except asyncio.TimeoutError:
@@ -2701,12 +2713,12 @@ class MqttConnector(_Hub):
         finally:
             with self._lock:
                 self._waiting.pop(mid, None)
-                self._lost_on_reconnect.pop(mid, None)
+                self._lost_on_disconnect.pop(mid, None)
 
     def _ack(self, mid: int, result: Any) -> None:  # paho network thread
         with self._lock:
             entry = self._waiting.pop(mid, None)
-            self._lost_on_reconnect.pop(mid, None)
+            self._lost_on_disconnect.pop(mid, None)
             if entry is None:
                 # Bounded: unawaited acks (qos 0 publishes, the user's own calls)
                 # land here too; mids are reused only after 65535 others.
@@ -2722,7 +2734,7 @@ class MqttConnector(_Hub):
     def _hook(self) -> None:
         c, self._hooked = self._client, True
         prev = {n: getattr(c, n) for n in ("on_message", "on_connect", "on_subscribe",
-                                            "on_publish", "on_unsubscribe")}
+                                            "on_publish", "on_unsubscribe", "on_disconnect")}
 
         def chained(name: str, ours: Callable[..., None]) -> Callable[..., None]:
             def hook(*args: Any) -> None:  # args differ between paho callback API versions
@@ -2750,23 +2762,34 @@ class MqttConnector(_Hub):
                 filters = sorted({s.filter for s in self._subs})
                 waiters, self._conn_waiters = self._conn_waiters, []
                 watchers = list(self._watchers)
-                lost, self._lost_on_reconnect = self._lost_on_reconnect, {}
-                for mid in lost:
-                    self._waiting.pop(mid, None)
             if filters:  # broker restart or clean session: subscriptions are gone
                 client.subscribe([(f, 1) for f in filters])
             for fut in waiters:
                 _call_soon(fut.get_loop(), _resolve_future, fut, None)
-            for fut, what in lost.values():
-                _call_soon(fut.get_loop(), _fail_future, fut, ConnectionError(
-                    f"the connection was lost before the {what}; try again"))
             for loop, fn in watchers:
                 _call_soon(loop, fn)
 
+        def on_disconnect(client: Any, *args: Any) -> None:
+            # A (UN)SUBSCRIBE whose ack had not come is gone with its connection (paho
+            # does not send it again): its wait fails now, not after the timeout.
+            with self._lock:
+                self._drops += 1
+                lost, self._lost_on_disconnect = self._lost_on_disconnect, {}
+                for mid in lost:
+                    self._waiting.pop(mid, None)
+            for fut, what in lost.values():
+                _call_soon(fut.get_loop(), _fail_future, fut, ConnectionError(
+                    f"the connection was lost before the {what}; try again"))
+
         c.on_message = chained("on_message", on_message)
         c.on_connect = chained("on_connect", on_connect)
+        c.on_disconnect = chained("on_disconnect", on_disconnect)
         c.on_subscribe = chained("on_subscribe", lambda cl, u, mid, granted, *r: self._ack(mid, granted))
-        c.on_publish = chained("on_publish", lambda cl, u, mid, *r: self._ack(mid, None))
+        def on_publish(client: Any, userdata: Any, mid: int, *rest: Any) -> None:
+            self._ack(mid, None)
+            _quick_ack(client)
+
+        c.on_publish = chained("on_publish", on_publish)
         c.on_unsubscribe = chained("on_unsubscribe", lambda cl, u, mid, *r: self._ack(mid, None))
 
 
@@ -2778,6 +2801,25 @@ def _no_delay(client: Any) -> None:
         sock = client.socket()
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
+
+
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+
+
+def _quick_ack(client: Any) -> None:
+    """After a PUBACK: have the kernel acknowledge what the broker sent at once, not
+    after its delayed-ACK timer. Mosquitto leaves Nagle's algorithm on by default
+    (set_tcp_nodelay false), so of several PUBACKs due at once it holds all but the
+    first until that is acknowledged: the last messages of a telemetry burst waited
+    about 40 ms for their acks. A no-op where TCP_QUICKACK does not exist."""
+    if _TCP_QUICKACK is None:
+        return
+    try:
+        sock = client.socket()
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
     except (OSError, AttributeError):
         pass
 
@@ -3386,12 +3428,14 @@ def _gen_finish(gen):
 class _Reporter:
     """A run's events (to the engine's bus) and telemetry records (to its link), each
     kind from one method. Per-task events are built only when somebody listens: the
-    listening flags are re-read only when the bus's subscriptions changed (hot path)."""
-    __slots__ = ("run", "bus", "tele", "version", "on_start", "on_finish", "_started",
-                 "_finished", "_failed", "_starts")
+    listening flags are re-read only when the bus's subscriptions changed (hot path).
+    ``tele`` and ``life``: where task and lifecycle records go (the run link's methods,
+    as the engine's ``telemetry`` option says), or None."""
+    __slots__ = ("run", "bus", "tele", "life", "version", "on_start", "on_finish",
+                 "_started", "_finished", "_failed", "_starts")
 
     def __init__(self, run):
-        self.run, self.bus, self.tele = run, run.engine._bus, None
+        self.run, self.bus, self.tele, self.life = run, run.engine._bus, None, None
         self.version = -1  # never read the bus yet: the first check refreshes
         self.on_start = self.on_finish = self._started = False
         self._finished = self._failed = ()
@@ -3408,9 +3452,17 @@ class _Reporter:
         self.on_start = self._started or self.tele is not None
         self.on_finish = bool(self._finished) or self.tele is not None
 
+    def use(self, rl):
+        """Send telemetry records to the run link ``rl``: everything, a map's items as
+        counts, the run's start and end only, or nothing (the engine's ``telemetry``)."""
+        mode = self.run.engine.telemetry
+        self.life = None if mode == "off" else rl.lifecycle
+        self.tele = rl.count if mode == "counts" else rl.task if mode == "all" else None
+        self.version = -1  # on_start and on_finish depend on it
+
     def run_started(self, target_names, params):
-        if self.tele is not None:
-            self.tele.lifecycle("ENGINE_STARTED")
+        if self.life is not None:
+            self.life("ENGINE_STARTED", None)
         self.bus.emit(RunStarted(self.run.run_id, target_names, params))
 
     def _emit(self, event, callbacks=None):
@@ -3424,8 +3476,8 @@ class _Reporter:
             self.bus.deliver(callbacks, event)
 
     def run_finished(self, status, duration, error):
-        if self.tele is not None:
-            self.tele.lifecycle("ENGINE_STOPPED")
+        if self.life is not None:
+            self.life("ENGINE_STOPPED", status)
         self._emit(RunFinished(self.run.run_id, status, duration, error))
 
     def started(self, u):  # when on_start
@@ -3440,7 +3492,7 @@ class _Reporter:
                 self.run.loop.call_soon(self.deliver_starts)
             self._starts.append(TaskExecutionStarted(self.run.run_id, uid, node.key.name))
         if self.tele is not None:
-            self.tele.task(u, "RUNNING", None, None)
+            self.tele(u.node, u.index, "RUNNING", None, None)
 
     def deliver_starts(self):
         starts, self._starts = self._starts, []
@@ -3458,7 +3510,8 @@ class _Reporter:
                 self.run.run_id, uid, node.key.name, "Succeeded" if exc is None else "Failed",
                 duration, exc), cbs)
         if self.tele is not None:
-            self.tele.task(u, "COMPLETED" if exc is None else "FAILED", duration * 1000, exc)
+            self.tele(u.node, u.index, "COMPLETED" if exc is None else "FAILED", duration * 1000,
+                      exc)
 
     def blocked(self, u):
         u.reported = True  # once per wait
@@ -3466,18 +3519,18 @@ class _Reporter:
         if self.bus.wants(TaskBlocked):
             self._emit(TaskBlocked(self.run.run_id, u.id, u.key.name, cp.reason(u)))
         if self.tele is not None:
-            self.tele.task(u, "BLOCKED", None, cp.reason(u))
+            self.tele(u.node, u.index, "BLOCKED", None, cp.reason(u))
 
     def retrying(self, u, max_attempts, wait, exc):
         self._emit(TaskRetrying(self.run.run_id, u.id, u.key.name, u.attempt,
                                    max_attempts, wait, exc))
         if self.tele is not None:
-            self.tele.task(u, "RETRYING", None, exc)
+            self.tele(u.node, u.index, "RETRYING", None, exc)
 
     def skipped(self, node, reason):
         self._emit(TaskSkipped(self.run.run_id, node.id, node.lazy.task.name, reason))
         if self.tele is not None:
-            self.tele.task(node, "SKIPPED", None, reason)
+            self.tele(node, None, "SKIPPED", None, reason)
 
     def resource(self, name, acquired):
         self._emit((ResourceAcquired if acquired else ResourceReleased)(self.run.run_id, name))
@@ -3640,7 +3693,8 @@ class _Run:
         self.engine._runs[self.run_id] = self
         link = self.engine._link
         if link is not None:
-            self.link = self.report.tele = link.attach(self)
+            self.link = link.attach(self)
+            self.report.use(self.link)
         targets = self.target.deps if type(self.target) is _Gather else [self.target]
         self.report.run_started(tuple(d.name for d in dict.fromkeys(targets)),
                                 dict(self.params))
@@ -4483,6 +4537,15 @@ class Engine:
     function returns and holds its concurrency slots until then, so no limit is ever
     exceeded. Cancelling the run again while it waits ends the wait at once.
 
+    With a ``connector``, every run follows the controls on its broker and publishes
+    telemetry there, as ``org``/``project`` (default: $CASCADE_ORG_ID and
+    $CASCADE_PROJECT_ID, else "default"). ``telemetry`` says how much: ``"all"`` (every
+    task's every state change), ``"counts"`` (the items of a map as counts per state,
+    a MapCountsEvent at most once a message and a last one before the run's end; other
+    tasks as with "all"), ``"runs"`` (each run's start and end, with its outcome) or
+    ``"off"``. ``telemetry_errors="type"`` sends a failure's exception type without
+    its message (which can hold secrets).
+
     With a ``connector``, the engine also keeps a retained presence record on the broker
     (``presence_topic``), refreshed at least every ``presence`` seconds (None: none), so
     ``Controller.engines()`` and ``cascade status`` show it and what it enforces."""
@@ -4492,8 +4555,13 @@ class Engine:
                  max_workers: int = 64, executor: Optional[concurrent.futures.Executor] = None,
                  stop_grace: Optional[float] = 10.0,
                  org: Optional[str] = None, project: Optional[str] = None,
-                 telemetry_errors: str = "message", presence: Optional[float] = 5.0) -> None:
+                 telemetry: str = "all", telemetry_errors: str = "message",
+                 presence: Optional[float] = 5.0) -> None:
         caps = dict(system_resources or {})
+        if telemetry not in _TELEMETRY_MODES:
+            raise ValueError(f"telemetry={telemetry!r}: use 'all' (every task's every state), "
+                             "'counts' (a map's items as counts per state), 'runs' (each "
+                             "run's start and end only) or 'off' (none)")
         if presence is not None and (isinstance(presence, bool) or not isinstance(
                 presence, (int, float)) or not 0.1 <= presence <= 3600):
             raise ValueError(f"presence={presence!r}: need the seconds between presence "
@@ -4501,7 +4569,7 @@ class Engine:
         if telemetry_errors not in ("message", "type"):
             raise ValueError(f"telemetry_errors={telemetry_errors!r}: use 'message' (the "
                              "exception's type and message, capped) or 'type' (its type only)")
-        self.telemetry_errors = telemetry_errors
+        self.telemetry, self.telemetry_errors = telemetry, telemetry_errors
         for k, v in caps.items():
             _check_name(k, "system resource name")
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -4932,7 +5000,7 @@ class _Link:
             except (asyncio.TimeoutError, Exception):
                 flusher.cancel()
                 _log.warning("telemetry flush did not finish in %.1fs; dropped %d events",
-                             self.FLUSH_TIMEOUT, len(rl.queue))
+                             self.FLUSH_TIMEOUT, len(rl.queue) + rl.unsent)
         sub = rl.sub
         if sub is not None:
             # The loop's subscription stays after its last run: the next run on this
@@ -4997,8 +5065,18 @@ class _Link:
 class _RunLink:
     """One run's side of its engine's _Link: the run's telemetry queue and flusher, and
     its share of its loop's control subscription (None until ``open``)."""
-    __slots__ = ("link", "run", "queue", "flusher", "sub", "opened")
+    __slots__ = ("link", "run", "queue", "flusher", "sub", "opened", "_frags", "unsent",
+                 "counts", "changed")
     BATCH = 1000  # events per telemetry message at most
+    # Bytes per telemetry message over a wire at most (one larger event goes alone): an
+    # MqttConnector hands a larger payload to its subscribers raw, undecoded, so
+    # `cascade watch` showed a message of 1,000 events (140 KB) as one line of data.
+    MAX_BYTES = _MAX_PAYLOAD
+    # Telemetry messages awaiting the broker's ack at once, over a wire: 8 left a busy
+    # run's events queued (paho saw an ack every ~100 ms: a run of 20,000 tasks waited
+    # 0.1 s at its end); more lets paho's thread write longer before it reads, so a
+    # control coming in waits longer (32 did not send faster than 16).
+    WINDOW = 16
 
     def __init__(self, link, run):
         self.link, self.run = link, run
@@ -5009,6 +5087,10 @@ class _RunLink:
         # it, since a record made before (ENGINE_STARTED) would find the connector not
         # connected yet and be dropped
         self.opened = asyncio.Event()
+        self._frags = {}  # node -> its events' JSON around the state (see wire)
+        self.unsent = 0   # events the flusher took from the queue and has not sent yet
+        self.counts = {}  # telemetry="counts": map node -> {state: its items' events}
+        self.changed = {}  # the map nodes counted since their last MapCountsEvent
 
     async def open(self):
         try:
@@ -5020,18 +5102,44 @@ class _RunLink:
         self.opened.set()
         await self.link.close(self)
 
-    # A record is (ts, word) for a lifecycle event or (ts, who, state, duration_ms,
-    # error) for a task's, ``who`` being its _Unit (or _Node, when skipped): made by the
-    # next two methods, read by payloads (which derives ids and names off the hot path).
-    def lifecycle(self, word):
-        self.queue.append((time.time(), word))
+    # A record is (ts, word, status) for a lifecycle event (``status``: the run's, on
+    # ENGINE_STOPPED), (ts, node, index, state, duration_ms, error) for a task's
+    # (``index``: of a map item, else None) or (ts, node, items, counts) for a map's
+    # counts: made by the next methods, read by payloads and wire (which derive ids and
+    # names off the hot path). Not the _Unit itself: a record would keep it alive until
+    # published, and allocating units in fresh memory made a map's expansion 2x slower.
+    def lifecycle(self, word, status):
+        if self.changed:  # a map's last counts come before the run's end
+            self._snapshot()
+        self.queue.append((time.time(), word, status))
         if self.flusher is None:
             self.flusher = asyncio.ensure_future(self._flush())
 
-    def task(self, who, state, ms, error):
-        self.queue.append((time.time(), who, state, ms, error))
+    def task(self, node, index, state, ms, error):
+        self.queue.append((time.time(), node, index, state, ms, error))
         if self.flusher is None:
             self.flusher = asyncio.ensure_future(self._flush())
+
+    def count(self, node, index, state, ms, error):
+        """telemetry="counts": a map item's event is counted, not sent (its map's counts
+        go out with the next message: see _snapshot); any other task's is sent."""
+        if index is None:
+            return self.task(node, index, state, ms, error)
+        c = self.counts.get(node)
+        if c is None:
+            c = self.counts[node] = dict.fromkeys(_COUNTED, 0)
+        c[state] += 1
+        self.changed[node] = None
+        if self.flusher is None:
+            self.flusher = asyncio.ensure_future(self._flush())
+
+    def _snapshot(self):
+        """A MapCountsEvent record for every map counted since its last one."""
+        now = time.time()
+        for node in self.changed:
+            self.queue.append((now, node, len(node.value),
+                               {k: n for k, n in self.counts[node].items() if n}))
+        self.changed = {}
 
     def payloads(self, items):
         """The telemetry messages of ``items`` (records): one message per BATCH events,
@@ -5042,12 +5150,20 @@ class _RunLink:
                                         self.link.source)
         events = []
         for r in items:
-            if len(r) == 2:
-                events.append({"at": r[0], "type": "LifecycleEvent", "event": r[1]})
+            if len(r) == 3:
+                e = {"at": r[0], "type": "LifecycleEvent", "event": r[1]}
+                if r[2] is not None:
+                    e["status"] = r[2]
+                events.append(e)
+            elif len(r) == 4:
+                at, node, n, counts = r
+                events.append({"at": at, "type": "MapCountsEvent", "task_id": node.id,
+                               "task_name": node.lazy.task.name, "items": n,
+                               "counts": counts})
             else:
-                at, who, state, ms, error = r
-                node = who.node if who.__class__ is _Unit else who
-                events.append({"at": at, "type": "TaskStateEvent", "task_id": who.id,
+                at, node, index, state, ms, error = r
+                events.append({"at": at, "type": "TaskStateEvent", "task_id": node.id
+                               if index is None else f"{node.id}[{index}]",
                                "task_name": node.lazy.task.name, "state": state,
                                "duration_ms": ms,
                                "error": None if error is None else _error_text(
@@ -5057,57 +5173,164 @@ class _RunLink:
                  "org_id": org, "project_id": project, "source": source,
                  "events": events[i:i + n]} for i in range(0, len(events), n)]
 
+    def wire(self, items):
+        """The messages of ``payloads`` as the bytes a broker carries, ``[(message, its
+        number of events)]``, cut at BATCH events or MAX_BYTES, whichever comes first.
+        Built as JSON text: json.dumps of the dicts cost 3 µs an event, as much as the
+        trivial task itself. Of what was left, writing ``at`` to the microsecond cost
+        the most (0.5 µs: more than all the rest of the event): it is written to the
+        millisecond, which a burst's events share (``duration_ms`` to the microsecond).
+        Strings are escaped to ASCII, so a message's characters are its bytes."""
+        engine = self.link.engine
+        mode, frags = engine.telemetry_errors, self._frags
+        head = (f'","run_id":{_json_str(self.run.run_id)},"org_id":{_json_str(engine.org)},'
+                f'"project_id":{_json_str(engine.project)},"source":'
+                f'{_json_str(self.link.source)},"events":[')
+        base = len(head) + 60  # + '{"v":"1.1","ts":"<ISO>' and ']}'
+        cap = self.MAX_BYTES
+        out, events, size, left, first = [], [], base, self.BATCH, 0.0
+        nxt, t = 0.0, ""
+        for r in items:
+            at = r[0]
+            if at >= nxt:  # a new millisecond: a burst's events share its text
+                msec = int(at * 1000)
+                nxt = (msec + 1) / 1000
+                t = str(msec)
+                t = t[:-3] + "." + t[-3:]  # (Unix seconds > 1, so never short)
+            if len(r) == 6:
+                _, node, index, state, ms, error = r
+                f = frags.get(node)
+                if f is None:  # JSON escapes once per node, not per event
+                    if len(frags) >= 4096:  # (bounded: a fan-out has a node per call)
+                        frags.clear()
+                    f = frags[node] = self._fragments(node)
+                ms = "null" if ms is None else "%.3f" % ms
+                if error is not None:
+                    e = (f'{{"at":{t}{f[0]}{"" if index is None else f"[{index}]"}",{f[1]}'
+                         f'{state}","duration_ms":{ms},"error":'
+                         f'{_json_str(_error_text(error, mode))}}}')
+                elif index is None:
+                    e = f'{{"at":{t}{f[0]}",{f[1]}{state}","duration_ms":{ms},"error":null}}'
+                else:
+                    e = (f'{{"at":{t}{f[0]}[{index}]",{f[1]}{state}","duration_ms":{ms},'
+                         '"error":null}')
+            elif len(r) == 3:
+                e = (f'{{"at":{t},"type":"LifecycleEvent","event":"{r[1]}"' +
+                     ("}" if r[2] is None else f',"status":"{r[2]}"}}'))
+            else:
+                _, node, n, counts = r
+                e = (f'{{"at":{t},"type":"MapCountsEvent","task_id":{_json_str(node.id)},'
+                     f'"task_name":{_json_str(node.lazy.task.name)},"items":{n},"counts":{{'
+                     + ",".join(f'"{k}":{v}' for k, v in counts.items()) + "}}")
+            size += len(e) + 1
+            if (size > cap or not left) and events:
+                out.append((f'{{"v":"{_TELEMETRY_V}","ts":"{_iso(first)}{head}'
+                            f'{",".join(events)}]}}'.encode("ascii"), len(events)))
+                events, size, left = [], base + len(e) + 1, self.BATCH
+            if not events:
+                first = at
+            events.append(e)
+            left -= 1
+        if events:
+            out.append((f'{{"v":"{_TELEMETRY_V}","ts":"{_iso(first)}{head}'
+                        f'{",".join(events)}]}}'.encode("ascii"), len(events)))
+        return out
+
+    @staticmethod
+    def _fragments(node):
+        """The JSON of a node's events before its index (a map item's) and around its
+        state, escaped once."""
+        return (f',"type":"TaskStateEvent","task_id":{_json_str(node.id)[:-1]}',
+                f'"task_name":{_json_str(node.lazy.task.name)},"state":"')
+
     async def _flush(self):
         engine = self.link.engine
         topic = f"{self.link.prefix}/telemetry/{engine.org}/{engine.project}/{self.run.run_id}/events"
         conn = self.link.connector
         batch = getattr(conn, "publish_many_nowait", None)  # LocalBroker's
-        link = self.link
+        # Over a wire: the bytes themselves, WINDOW messages awaiting their acks at once
+        # (the order holds: each publish hands its message to the client before it
+        # awaits). To any other connector: dicts (its contract), one at a time.
+        wire = isinstance(conn, MqttConnector)
+        build, window = (self.wire, self.WINDOW) if wire else (self.payloads, 1)
         # At most CHUNK records a loop turn: telemetry never holds the loop, so control
         # messages get in between (regression: the BLOCKED records of a 100,000-item map
         # were published in one go, and a pause sent then was applied 0.8 s-5 s later).
-        chunk = self.BATCH * (10 if batch is not None else 1)
+        chunk = self.BATCH * (10 if batch is not None else 4 if wire else 1)
+        acks = collections.deque()  # (publish task, its events) awaiting their acks
         try:
             await self.opened.wait()
-            while self.queue:
-                if len(self.queue) <= chunk:
-                    items, self.queue = self.queue, collections.deque()
-                else:
-                    take = self.queue.popleft
-                    items = [take() for _ in range(chunk)]
-                    await asyncio.sleep(0)  # (the rest after a turn of the loop)
-                messages = _without_gc(self.payloads, items)
-                try:
+            while self.queue or acks or self.changed:
+                if self.changed:  # the maps counted since: their counts now
+                    self._snapshot()
+                if not self.queue:
+                    await self._acked(acks)
+                    continue
+                items, self.queue = self.queue, collections.deque()  # ours alone now
+                left, records = len(items), iter(items)
+                self.unsent += left
+                while left:
+                    n = min(left, chunk)
+                    left -= n
+                    messages = _without_gc(build, itertools.islice(records, n))
                     if batch is not None:  # in process: every message in one call
-                        batch(topic, messages)
+                        self.unsent -= n
+                        try:
+                            batch(topic, messages)
+                        except Exception as exc:
+                            self._sent(n, exc)
+                        else:
+                            self._sent(n, None)
                     else:
-                        # QoS 1, one at a time: each message waits for the broker's
-                        # ack, so the connection's queue stays short and a control
+                        # QoS 1, each message awaiting the broker's ack, at most WINDOW
+                        # at once: the connection's queue stays short, so a control
                         # coming in is read at once (with QoS 0 the BLOCKED records of
-                        # a 100,000-item map queued 15 MB ahead of it: a pause was
-                        # read 1 s late), and telemetry is not lost to a full buffer
+                        # a 100,000-item map queued 15 MB ahead of it: a pause was read
+                        # 1 s late), and telemetry is not lost to a full buffer. (One at
+                        # a time, a busy loop sent a message every turn or two: a run of
+                        # 50,000 trivial tasks ended with 95% of its events queued.)
                         for m in messages:
-                            await conn.publish(topic, m, qos=1)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # telemetry never fails a run
-                    # quiet: one warning an outage (for the engine, not per run or
-                    # message: a 3 s outage once gave 142), one info line when it is over
-                    link.telemetry_lost += len(items)
-                    if not link.telemetry_down:
-                        link.telemetry_down = True
-                        _log.warning("telemetry publish failed (%r); dropping telemetry "
-                                     "until the broker takes it again", exc)
-                else:
-                    if link.telemetry_down:
-                        link.telemetry_down = False
-                        _log.info("telemetry publishing works again; %d events were "
-                                  "dropped meanwhile", link.telemetry_lost)
-                        link.telemetry_lost = 0
+                            m, k = m if wire else (m, len(m["events"]))
+                            while len(acks) >= window:
+                                await self._acked(acks)
+                            acks.append((asyncio.ensure_future(conn.publish(topic, m, qos=1)),
+                                         k))
+                    if left:
+                        await asyncio.sleep(0)  # (the rest after a turn of the loop)
         finally:
             self.flusher = None
+            for t, _ in acks:
+                t.cancel()
+
+    async def _acked(self, acks):
+        """Wait for the oldest message in ``acks`` to be acknowledged, or to fail (the
+        broker acknowledges in order). (asyncio.wait: a cancellation of the flusher
+        leaves the publish in ``acks``, for the flusher's clean-up to cancel.)"""
+        t, n = acks[0]
+        await asyncio.wait((t,))
+        acks.popleft()
+        self.unsent -= n
+        self._sent(n, asyncio.CancelledError() if t.cancelled() else t.exception())
+
+    def _sent(self, n, exc):
+        """``n`` events were published (``exc`` None) or not: telemetry never fails a run,
+        and stays quiet: one warning an outage (for the engine, not per run or message:
+        a 3 s outage once gave 142), one info line when it is over."""
+        link = self.link
+        if exc is not None:
+            link.telemetry_lost += n
+            if not link.telemetry_down:
+                link.telemetry_down = True
+                _log.warning("telemetry publish failed (%r); dropping telemetry until the "
+                             "broker takes it again", exc)
+        elif link.telemetry_down:
+            link.telemetry_down = False
+            _log.info("telemetry publishing works again; %d events were dropped meanwhile",
+                      link.telemetry_lost)
+            link.telemetry_lost = 0
 
 
+_json_str = json.encoder.encode_basestring_ascii  # a str as a JSON string literal (C)
 _iso_second = (0, "1970-01-01T00:00:00")  # (second, its text): one tuple, swapped whole
 
 
@@ -5666,6 +5889,7 @@ examples:
   cascade clear task:fetch              remove every control on task:fetch
   cascade status                        what is in force, with time left
   cascade watch                         live task events of every run
+  cascade watch --project etl           ... of one project's runs (--org, --run too)
 
 The MQTT verbs need paho-mqtt: pip install '{_DIST}[mqtt]'.
 """
@@ -5725,10 +5949,17 @@ def _cli_parser():
                    help="also each engine's active runs and the controls it enforces")
     v.add_argument("--json", action="store_true",
                    help="print one JSON object: in_force, expired, rejected, engines")
-    v = verb("watch", "print live task events of every run (Ctrl-C stops)")
+    v = verb("watch", "print live task events of every run (Ctrl-C stops); each line: "
+                      "time (UTC), project, source (host-pid), run, then the task and its "
+                      "state, or the run's start or end and outcome")
     v.add_argument("--json", action="store_true", help="print raw JSON payloads")
     v.add_argument("--count", type=int, help="exit after this many events")
-    v.add_argument("--topic", help="telemetry topic filter (default: PREFIX/telemetry/#)")
+    for name, what in (("org", "only the runs of this org"),
+                       ("project", "only the runs of this project"),
+                       ("run", "only this run (its run id)")):
+        v.add_argument(f"--{name}", type=_topic_level(f"--{name}"), help=what)
+    v.add_argument("--topic", help="telemetry topic filter, instead of --org/--project/--run "
+                                    "(default: PREFIX/telemetry/#)")
     v = verb("demo", "run a demo workflow steered live (no broker needed)", ())
     v.add_argument("--tasks", type=int, default=40, help="items per stage (default 40)")
     return p
@@ -5736,6 +5967,32 @@ def _cli_parser():
 
 class _CliError(Exception):
     pass
+
+
+def _topic_level(option):
+    """An argparse type: a value that fills one topic level (a name, a run id)."""
+    import argparse
+
+    def check(value):
+        if not value or any(c in value for c in "/+#\0"):
+            raise argparse.ArgumentTypeError(f"{value!r}: {option} takes one name, without "
+                                             "'/', '+' or '#'")
+        return value
+    return check
+
+
+def _watch_topic(args):
+    """The topic filter ``cascade watch`` subscribes to: --topic, or one built from
+    --org/--project/--run (``+`` for those not given), or every run's telemetry."""
+    parts = (args.org, args.project, args.run)
+    if args.topic is not None:
+        if any(parts):
+            raise ValueError("--topic is a whole topic filter: give it or --org/--project/"
+                             "--run, not both")
+        return args.topic
+    if not any(parts):
+        return f"{args.prefix}/telemetry/#"
+    return f"{args.prefix}/telemetry/" + "/".join(p or "+" for p in parts) + "/events"
 
 
 def _mqtt_client(args):
@@ -5916,7 +6173,7 @@ def _telemetry_events(p):
 def _clock_of(event):
     """HH:MM:SS.mmm (UTC) of a telemetry event, for ``cascade watch``."""
     at = event.get("at")
-    if isinstance(at, (int, float)) and not isinstance(at, bool) and 0 <= at < 1e11:
+    if _is_number(at) and 0 <= at < 1e11:
         return _iso(at)[11:23]
     return str(event.get("ts", ""))[11:23]
 
@@ -5924,12 +6181,17 @@ def _clock_of(event):
 async def _cli_watch(args, conn):
     await conn.connect()
     q = asyncio.Queue()
-    topic = args.topic or f"{conn.prefix}/telemetry/#"
+    topic = args.topic  # (main made it: _watch_topic)
     await conn.subscribe(topic, lambda t, p: q.put_nowait((t, p)))
     print(f"watching {topic} (Ctrl-C stops)", file=sys.stderr, flush=True)
     seen = 0  # events (a message carries one or more)
     while args.count is None or seen < args.count:
         topic, p = await q.get()
+        if isinstance(p, bytes):  # over 64 KiB (an older engine's): handed on undecoded
+            try:
+                p = json.loads(p)
+            except (ValueError, RecursionError):
+                pass
         events = _telemetry_events(p)
         if args.json or events is None:
             print(json.dumps({"topic": topic, "payload": p}, default=repr), flush=True)
@@ -5944,16 +6206,25 @@ async def _cli_watch(args, conn):
 
 
 def _watch_line(p, b):
-    """One telemetry event as a line for ``cascade watch``: whatever arrived, it never
-    raises and never sends a control character to the terminal."""
+    """One telemetry event as a line for ``cascade watch``: time, project, source, run,
+    then the task and its state, a map's counts, or the run's start or end (with its
+    outcome, from 1.2).
+    Whatever arrived, it never raises and never sends a control character to the
+    terminal."""
     try:
-        run_id = _printable(p.get("run_id"))
+        where = " ".join(_printable(p.get(k, "?")) for k in ("project_id", "source", "run_id"))
         if b.get("type") == "LifecycleEvent":
-            return f"{_clock_of(b)} {run_id} {_printable(b.get('event'))}"
+            status = b.get("status")
+            return (f"{_clock_of(b)} {where} {_printable(b.get('event'))}"
+                    + (f" {_printable(status)}" if status else ""))
+        if b.get("type") == "MapCountsEvent":  # telemetry="counts"
+            counts = " ".join(f"{_printable(k)} {int(n):,}" for k, n in b["counts"].items())
+            return (f"{_clock_of(b)} {where} {_printable(b.get('task_id')):<24} "
+                    f"{int(b['items']):,} items: {counts}")
         ms = b.get("duration_ms")
-        extra = (f" {ms:.1f}ms" if isinstance(ms, (int, float)) and not isinstance(ms, bool)
+        extra = (f" {ms:.1f}ms" if _is_number(ms)
                  else "") + (f"  {_printable(b['error'])}" if b.get("error") else "")
-        return (f"{_clock_of(b)} {run_id} {_printable(b.get('task_id')):<24} "
+        return (f"{_clock_of(b)} {where} {_printable(b.get('task_id')):<24} "
                 f"{_printable(b.get('state')):<9}{extra}")
     except Exception:  # malformed: shown as data, not as a crash
         return _printable(json.dumps(b, default=repr))
@@ -5967,6 +6238,8 @@ def main(argv: Optional[list] = None) -> int:
         return _demo(args.tasks)
     try:
         _check_prefix(args.prefix, "--prefix")
+        if args.verb == "watch":
+            args.topic = _watch_topic(args)
     except ValueError as exc:
         parser.error(str(exc))
     try:
