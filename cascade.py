@@ -4844,45 +4844,56 @@ class _Link:
         sends its retained messages again) is what makes the reconcile exact: ``seen``
         starts before the burst it counts (regression: after a broker restart that lost
         what it retained, a running run kept a pause nobody could see or lift)."""
-        conn, loop = self.connector, sub.loop
+        conn = self.connector
         async with sub.lock:
-            connects = getattr(conn, "connects", 0)
-            full = full or connects != sub.connects
-            if not sub.connected:
-                await conn.connect()
-                sub.connected = True
-            if full:
-                sub.seen = set()
-                with self._lock:
-                    since = next(self._stamps)  # what another loop applies later stays
-                await conn.subscribe(f"{self.prefix}/constraints/#", sub.on_message)
-                if not sub.subscribed:
-                    await conn.subscribe(sub.marker_filter, sub.on_marker)
-                    sub.subscribed = True
-            marker = f"{sub.marker_filter[:-2]}/{next(sub.count)}"
-            synced = sub.markers[marker] = loop.create_future()
-            try:
-                await conn.publish(marker, {"sync": marker}, qos=1)
-                await synced
-            finally:
-                sub.markers.pop(marker, None)
-            sub.apply()  # every control that came before the marker, before any task
-            if full:
-                seen, sub.seen = sub.seen, None
-                cp = self.engine._cp
-                with self._lock:
-                    # Not retained on the broker (cleared while nothing listened, or
-                    # lost in a restart): its layer goes (the engine's own control of
-                    # the key, if any, applies again), unless another loop of this
-                    # engine applied it since this sync began (a message this loop has
-                    # not handled yet: regression, a live control was dropped).
-                    stale = [k for k in self.remote if k not in seen
-                             and self.remote[k][1] < since]
-                    for key in stale:
-                        del self.remote[key]
+            while True:
+                connects = getattr(conn, "connects", 0)
+                full = full or connects != sub.connects
+                await self._sync_once(sub, full, connects)
+                if getattr(conn, "connects", 0) == connects:
+                    return
+                # (re)connected again meanwhile: what this sync saw may be the old
+                # connection's; sync afresh (regression: a full sync that began before a
+                # broker restart ended after it and kept the pause the broker had lost)
+                full = True
+
+    async def _sync_once(self, sub, full, connects):  # sub.lock held
+        conn, loop = self.connector, sub.loop
+        if not sub.connected:
+            await conn.connect()
+            sub.connected = True
+        if full:
+            sub.seen = set()
+            with self._lock:
+                since = next(self._stamps)  # what another loop applies later stays
+            await conn.subscribe(f"{self.prefix}/constraints/#", sub.on_message)
+            if not sub.subscribed:
+                await conn.subscribe(sub.marker_filter, sub.on_marker)
+                sub.subscribed = True
+        marker = f"{sub.marker_filter[:-2]}/{next(sub.count)}"
+        synced = sub.markers[marker] = loop.create_future()
+        try:
+            await conn.publish(marker, {"sync": marker}, qos=1)
+            await synced
+        finally:
+            sub.markers.pop(marker, None)
+        sub.apply()  # every control that came before the marker, before any task
+        if full:
+            seen, sub.seen = sub.seen, None
+            cp = self.engine._cp
+            with self._lock:
+                # Not retained on the broker (cleared while nothing listened, or
+                # lost in a restart): its layer goes (the engine's own control of
+                # the key, if any, applies again), unless another loop of this
+                # engine applied it since this sync began (a message this loop has
+                # not handled yet: regression, a live control was dropped).
+                stale = [k for k in self.remote if k not in seen
+                         and self.remote[k][1] < since]
                 for key in stale:
-                    cp.remove(*key, origin="broker")
-                sub.connects = connects  # synced as of this connection
+                    del self.remote[key]
+            for key in stale:
+                cp.remove(*key, origin="broker")
+            sub.connects = connects  # synced as of this connection
 
     def _keep(self, sub, full=False):
         """Sync ``sub`` in the background until it works (after a failed sync, or a
@@ -4914,7 +4925,8 @@ class _Link:
                     self._sync_worked()
                     return
         finally:
-            sub.keeper = None
+            if sub.keeper is asyncio.current_task():  # (not a later keeper's)
+                sub.keeper = None
 
     def _failed(self, sub, exc):
         sub.failing, sub.failed_at = True, getattr(self.connector, "connects", None)
