@@ -5061,7 +5061,9 @@ class _Link:
         """The engine closes: its presence record goes, and it leaves every loop's
         subscription (on its loop, if it runs)."""
         if self.presence is not None:
-            self.presence.stop()
+            # (paho: waits up to 0.5 s for the ack, about a round trip: a process that
+            # exits right after close() would otherwise leave its record behind)
+            self.presence.stop(wait=0.5)
         with self._lock:
             subs, self._subs = list(self._subs.values()), {}
         for sub in subs:
