@@ -218,6 +218,24 @@ def _find_task(module, qualname):
     return obj
 
 
+def _by_name(task):
+    """Is ``task`` itself what its module has at its qualname (so a worker that imports
+    the module finds this task there)? Not for ``cs.task(math.factorial)`` or a task
+    kept under another name than its function's: the name finds the function."""
+    obj = sys.modules.get(task.__module__)
+    try:
+        for part in task.__qualname__.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        return False
+    return obj is task
+
+
+def _rebuild_task(fn, name, tags):
+    # Unpickling a Task its name does not find (see Task.__reduce__).
+    return Task(fn, name=name, tags=tags)
+
+
 class Task:
     """A function made into a node type of workflows; see ``task``.
 
@@ -286,10 +304,15 @@ class Task:
     def __reduce__(self):
         # pickle finds the function by name and would find this Task instead (the
         # decorator rebinds the name), so a Task pickles as "the task at module.qualname".
+        # Where that name finds something else (cs.task(math.factorial), a task kept
+        # under another name), it pickles as its function, name and tags (regression:
+        # it unpickled as the plain function: "'function' object has no attribute 'fn'").
         if "<locals>" in self.__qualname__:
             raise TypeError(f"task {self.name!r} is defined inside a function and cannot be "
                             "pickled for a process executor; define it at module level")
-        return (_find_task, (self.__module__, self.__qualname__))
+        if _by_name(self):
+            return (_find_task, (self.__module__, self.__qualname__))
+        return (_rebuild_task, (self.fn, self.name, self.tags))
 
     def __repr__(self):
         kind = "async" if self.is_async else "sync"
@@ -3250,9 +3273,42 @@ def _into_future(f, fn, args, kwargs):
         f.set_result(result)
 
 
-def _call_task(task, args, kwargs):
-    # What a remote executor (process pool, Dask) runs: pickles by task name.
-    return task.fn(*args, **kwargs)
+def _call_task(fn, args, kwargs, name=None, check=None):
+    # What a remote executor (process pool, Dask) runs: the body (``fn``: the task, sent
+    # by name, or its function; see _Remote.wires), then, with ``check``, a check that its
+    # value can be sent back (regression: on Dask an unpicklable value hung the run).
+    value = (fn.fn if isinstance(fn, Task) else fn)(*args, **kwargs)
+    if check is not None:
+        _check_sendable(value, name, check)
+    return value
+
+
+class _Discard:
+    # A file that keeps nothing: _check_sendable pickles for the error alone.
+    def write(self, data):
+        return len(data)
+
+    @staticmethod
+    def buffer(buf):  # buffer_callback: None keeps a buffer out of band (not copied)
+        return None
+
+
+def _check_sendable(value, name, how):
+    """In the worker: can ``value`` be sent back as the executor will send it? Costs one
+    serialization more; large buffers (numpy arrays, PickleBuffer) are not copied."""
+    try:
+        if how == "dask":
+            from distributed.protocol import serialize  # runs on a Dask worker only
+            serialize(value, on_error="raise")
+        else:
+            import pickle
+            from multiprocessing.reduction import ForkingPickler  # what a pool sends with
+            ForkingPickler(_Discard(), pickle.HIGHEST_PROTOCOL, True, _Discard.buffer).dump(value)
+    except Exception as exc:
+        raise TypeError(f"task {name!r} returned a {type(value).__name__} that cannot be "
+                        f"pickled to send it back from the executor ({type(exc).__name__}: "
+                        f"{exc}); return plain data, or make its type picklable") from None
+    return True
 
 
 class _Remote:
@@ -3269,7 +3325,12 @@ class _Remote:
     is its own remote call. A body cannot report when a worker begins it, so status
     counts a handed-over body as ``submitted``, never as ``running``.
 
-    ``sized``: whether the window's default size is read afresh when each run starts."""
+    ``check``: how a worker checks that a value can be sent back (None: it does not);
+    ``probes``: whether a run, before any body, sends each distinct sync task to a
+    worker and has it loaded there inside a call (see _Run._check_remote); ``sized``:
+    whether the window's default size is read afresh when each run starts."""
+    check = None
+    probes = False
     sized = False
 
     def __init__(self, executor, name=None):
@@ -3282,9 +3343,27 @@ class _Remote:
         ok = isinstance(n, int) and not isinstance(n, bool) and n > 0
         return n if ok else (os.cpu_count() or 1)
 
-    def submit(self, u, task, args, kwargs):
+    def wires(self, task):
+        """What may be sent to run ``task``'s body, best first (a run sends the first
+        that a worker loads): the task itself where its name finds it (a worker imports
+        its module), else its function (pickled as the executor pickles)."""
+        return (task,) if _by_name(task) else (task.fn,)
+
+    def dumps(self, obj):
+        import pickle
+        return pickle.dumps(obj)
+
+    def probe(self, blob, label):
+        """A future of ``pickle.loads(blob)`` run by a worker: a blob that cannot be
+        loaded fails that call, and nothing else (loaded by the pool itself, it broke the
+        pool: BrokenProcessPool, the cause only on the child's stderr). ``label``: a name
+        for it, where the executor shows one."""
+        import pickle
+        return self.executor.submit(pickle.loads, blob)
+
+    def submit(self, u, fn, args, kwargs):
         """Hand a body over; returns a concurrent.futures.Future of its value."""
-        return self.executor.submit(_call_task, task, args, kwargs)
+        return self.executor.submit(_call_task, fn, args, kwargs, u.key.name, self.check)
 
     def cancel(self, futures):
         for f in futures:  # a pool's future that a worker has taken is not cancelled
@@ -3306,6 +3385,13 @@ class _Remote:
         return f"<{type(self).__name__} {self.name}>"
 
 
+class _ProcessPool(_Remote):
+    """A ``concurrent.futures.ProcessPoolExecutor``: its window is its ``max_workers``;
+    tasks are checked before a run's first body, values in the worker."""
+    check = "pickle"
+    probes = True
+
+
 class _Dask(_Remote):
     """A Dask cluster, through its ``distributed.Client`` (passed as the executor, or
     behind its ``get_executor()``): each body is submitted with a key of its own (so
@@ -3313,6 +3399,8 @@ class _Dask(_Remote):
     identical calls one key and ran them once), its ``with_constraints`` amounts as
     Dask ``resources=``, and the executor's own options (workers=, retries=, ...).
     Futures are awaited on the client's loop and cancelled without blocking."""
+    check = "dask"
+    probes = True
     sized = True
 
     def __init__(self, executor, client, options):
@@ -3323,12 +3411,29 @@ class _Dask(_Remote):
     def slots(self):
         return sum(self.client.nthreads().values())
 
-    def submit(self, u, task, args, kwargs):
+    def wires(self, task):
+        # A task of the main script that the workers do not find by name (a worker's
+        # __main__ is not the script, or has no such name) goes as its function, which
+        # Dask sends by value (cloudpickle), as it sends what pickle cannot.
+        if not _by_name(task):
+            return (task.fn,)
+        return (task, task.fn) if task.__module__ == "__main__" else (task,)
+
+    def dumps(self, obj):
+        import cloudpickle  # what Dask sends with when pickle cannot (Dask needs it)
+        return cloudpickle.dumps(obj)
+
+    def probe(self, blob, label):
+        import pickle
+        return self._watch(self.client.submit(pickle.loads, blob, key=label, pure=False,
+                                              **self.options))
+
+    def submit(self, u, fn, args, kwargs):
         opts = self.options
         if u.key.amounts:  # the local count stays; Dask places it on a worker that has them
             opts = {**opts, "resources": {**(opts.get("resources") or {}),
                                           **dict(u.key.amounts)}}
-        fut = self.client.submit(_call_task, task, args, kwargs,
+        fut = self.client.submit(_call_task, fn, args, kwargs, u.key.name, "dask",
                                  key=f"{u.id}-{u.run.run_id}-{u.attempt}", pure=False, **opts)
         return self._watch(fut)
 
@@ -3368,7 +3473,7 @@ def _remote_for(executor):
         if cfe is not None and isinstance(executor, cfe.ClientExecutor):
             return _Dask(executor, executor._client, dict(executor._kwargs))
     if isinstance(executor, concurrent.futures.ProcessPoolExecutor):
-        return _Remote(executor, "process pool")
+        return _ProcessPool(executor, "process pool")
     return _Remote(executor)
 
 
@@ -3623,9 +3728,10 @@ class _Run:
         pool = self._pool = executor if executor is not None else engine._threads()
         # A thread pool runs _sync_body, which calls back into this process; ours needs
         # no future per body. Any other executor is remote (see _Remote): its sync tasks'
-        # keys take the engine's window.
+        # keys take the engine's window, and _wire has what is sent for each of them.
         self._remote = engine._remote
         self._window = engine._window
+        self._wire = {}
         self._threaded = self._remote is None
         self._to_thread = pool.call if isinstance(pool, _Workers) else pool.submit
 
@@ -3655,7 +3761,7 @@ class _Run:
             if self.link is not None:
                 await self.link.open()
             if self._remote is not None:
-                await self._size_window()
+                await self._check_remote()
             self._pump()
             try:
                 await self._wake
@@ -3742,15 +3848,74 @@ class _Run:
                                     "cs.run(..., resources=[r])")
             stack.extend(r for _, r in registered[name].injects)
 
-    async def _size_window(self):
-        """Before any body on a Dask cluster: the window's size is its threads now, unless
-        ``Engine(window=)`` fixed it (a blocking call: in a thread of the engine's)."""
-        if not self._remote.sized or self.engine._window_size is not None:
+    async def _check_remote(self):
+        """Before any body on a remote executor: size the window afresh (a Dask cluster's
+        threads, unless ``Engine(window=)`` fixed it), and choose what is sent for each
+        distinct sync task of the graph (see _Remote.wires): the first way that pickles
+        here and that a worker loads inside a call (process pools, Dask), which leaves
+        the executor as it was. Raises CascadeError naming each task that cannot be
+        sent, and the fix. (Regression: a lambda task broke the user's process pool for
+        good; on Dask a task defined under `if __name__ == "__main__":` killed the
+        workers that loaded it, and the run never ended.)"""
+        remote = self._remote
+        tasks = [t for t in self.tallies if not t.is_async]
+        if not tasks:
             return
-        if all(t.is_async for t in self.tallies):
-            return
-        n = await self.loop.run_in_executor(self.engine._threads(), self._remote.slots)
-        self.cp.resize(self._window, max(1, n))
+        waits = []
+        if remote.sized and self.engine._window_size is None:
+            sizing = self.loop.run_in_executor(self.engine._threads(), remote.slots)
+            sizing.add_done_callback(_retrieved)
+            waits.append(sizing)
+        else:
+            sizing = None
+        ways = {t: list(remote.wires(t)) for t in tasks}
+        if not remote.probes:
+            self._wire.update((t, w[0]) for t, w in ways.items())
+            ways = {}
+        tried = {t: [] for t in ways}  # the errors of each way tried, in order
+        problems = []
+        while ways or waits:
+            probes = []
+            for t, left in list(ways.items()):
+                if not left:
+                    del ways[t]
+                    problems.append(_cannot_send(remote, t, tried[t]))
+                    continue
+                wire = left.pop(0)
+                try:
+                    blob = remote.dumps((_call_task, wire))
+                except Exception as exc:
+                    tried[t].append((exc, False))
+                    continue
+                f = remote.probe(blob, f"cascade-check-{t.name}-{self.run_id}-{len(tried[t])}")
+                probes.append((t, wire, f))
+                w = asyncio.wrap_future(f)
+                w.add_done_callback(_retrieved)  # (read below from f itself)
+                waits.append(w)
+            try:
+                if waits:
+                    await asyncio.wait(waits)
+            except asyncio.CancelledError:  # the run is cancelled meanwhile
+                remote.cancel([f for _, _, f in probes if not f.done()])
+                raise
+            waits = []
+            for t, wire, f in probes:
+                exc = concurrent.futures.CancelledError() if f.cancelled() else f.exception()
+                if exc is None:
+                    self._wire[t] = wire
+                    del ways[t]
+                elif isinstance(exc, (concurrent.futures.CancelledError, asyncio.CancelledError,
+                                      concurrent.futures.BrokenExecutor)):
+                    raise CascadeError(f"the {remote.name} failed while run {self.run_id} "
+                                       f"checked its tasks, before any body: "
+                                       f"{type(exc).__name__}: {exc or '-'}") from exc
+                else:
+                    tried[t].append((exc, True))
+        if sizing is not None:
+            self.cp.resize(self._window, max(1, sizing.result()))
+        if problems:
+            raise CascadeError(problems[0] if len(problems) == 1 else
+                               f"{len(problems)} tasks cannot be sent: " + "; ".join(problems))
 
     # -- dataflow -----------------------------------------------------------
     def _pump(self):
@@ -4012,7 +4177,7 @@ class _Run:
             if not self.cp.gate(u):
                 return self._gate_refused(u)
             t0 = self._body_started(u)
-            f = self._remote.submit(u, task, u.args, kwargs)
+            f = self._remote.submit(u, self._wire[task], u.args, kwargs)
         except Exception as exc:  # could not even start the body: the task fails
             self._body_finished(u, None, exc, time.perf_counter())
             return
@@ -4338,6 +4503,40 @@ class _Run:
                 for task, t in list(self.tallies.items())]
 
 
+def _retrieved(fut):
+    # Done callback: its outcome is read elsewhere, or not needed (a run that failed
+    # first): asyncio must not log it as never retrieved.
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _cannot_send(remote, task, tried):
+    """Why ``task`` cannot be sent to ``remote``'s workers, and the fix. ``tried``: the
+    error of each way tried, with whether it pickled here (and a worker could not load
+    it)."""
+    fn = task.fn
+    (exc, loaded), main = tried[-1], task.__module__ in ("__main__", "__mp_main__")
+    if getattr(fn, "__name__", "") == "<lambda>":
+        fix = "it is a lambda: define it with def at the top level of a module"
+    elif "<locals>" in getattr(fn, "__qualname__", ""):
+        fix = "it is defined inside a function: define it at the top level of a module"
+    elif isinstance(exc, ModuleNotFoundError):
+        fix = (f"the workers cannot import module {exc.name!r}: install it where they run"
+               + (", or send it with client.upload_file(path)"
+                  if isinstance(remote, _Dask) else ""))
+    elif main and (loaded or len(tried) > 1):
+        fix = ("it is defined in the main script but not at its top level (under "
+               "`if __name__ == \"__main__\":`, say), which a worker process imports "
+               "without running that block: move the def to the top level of the script, "
+               "or into a module")
+        if len(tried) > 1:
+            fix += ", or make what it refers to picklable (it is then sent by value)"
+    else:
+        fix = "define it with def at the top level of a module that the workers can import"
+    why = "; then ".join(f"{type(e).__name__}: {e}" for e, _ in tried)
+    return f"task {task.name!r} cannot be sent to the {remote.name} ({why}): {fix}"
+
+
 def _check_amount(caps, lz, name, amount):
     if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
         raise ConstraintError(f"{lz.name}.with_constraints({name}=...) resolved to "
@@ -4512,7 +4711,7 @@ class Engine:
     bodies elsewhere (anything but a thread pool) gets them through a window: at most
     ``window`` handed over and unfinished at once (default: its slots, a process pool's
     workers or a Dask cluster's threads), so pauses, limits, failures and cancels act on
-    the rest (see _Remote).
+    the rest; a run first checks that each of its sync tasks can be sent (see _Remote).
 
     When a run stops (a task failed, ``cancel()``, ``close()``) it waits at most
     ``stop_grace`` seconds (``None``: for ever) for the bodies still running. Those that

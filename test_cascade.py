@@ -23,6 +23,7 @@ import inspect
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import random
@@ -5011,10 +5012,41 @@ def rx_flaky(d, fails):
     return n
 
 
+class _Unpicklable:
+    def __reduce__(self):
+        raise TypeError("this object refuses to be pickled")
+
+
+@cs.task
+def rx_unpicklable(x):
+    return _Unpicklable()
+
+
+def rx_square(x):
+    return x * x
+
+
+rx_square_task = cs.task(rx_square)   # kept under another name than its function's
+rx_factorial = cs.task(math.factorial)
+rx_lambda = cs.task(lambda x: x + 1, name="rx_lambda")
+
+
 @cs.task
 def rx_where(i):
     import distributed
     return distributed.get_worker().address
+
+
+def _main_script_task(monkeypatch):
+    """A task as the main script defines it under `if __name__ == "__main__":`: this
+    process's __main__ has it, a spawned worker's does not."""
+    def body(x):
+        return x * 10
+    body.__module__ = "__main__"
+    body.__name__ = body.__qualname__ = "cascade_main_script_task"
+    t = cs.task(body)
+    monkeypatch.setattr(sys.modules["__main__"], "cascade_main_script_task", t, raising=False)
+    return t
 
 
 @pytest.fixture
@@ -5128,6 +5160,81 @@ def test_cancelling_a_run_on_a_remote_executor_cancels_its_remote_futures(remote
     finally:
         _release(d)
     assert _marks(d, "start") == 2
+
+
+def test_a_task_kept_under_another_name_and_a_builtin_task_run_on_a_remote_executor(remote):
+    # regression: they unpickled as their plain function, and failed with
+    # "'function' object has no attribute 'fn'"
+    e = cs.Engine(executor=remote[1])
+    assert run_engine(e, [rx_square_task(7), rx_factorial(5)]) == [49, 120]
+
+
+def test_an_unpicklable_return_value_fails_its_task_with_an_error_that_says_so(remote):
+    # regression (Dask): the value could not be sent back, and the run never ended
+    e = cs.Engine(executor=remote[1])
+    rec = Recorder(e)
+    with pytest.raises(TypeError, match="task 'rx_unpicklable' returned a _Unpicklable that "
+                                        "cannot be pickled to send it back"):
+        run_engine(e, rx_unpicklable(1))
+    assert [f.status for f in rec.of(cs.TaskExecutionFinished)] == ["Failed"]
+
+
+def test_a_lambda_task_fails_before_any_body_and_leaves_the_process_pool_usable(
+        process_pool, rx_dir):
+    # regression: its call broke the user's pool (BrokenProcessPool; the cause only on
+    # the child's stderr)
+    e = cs.Engine(executor=process_pool)
+    rec = Recorder(e)
+    with pytest.raises(cs.CascadeError, match="task 'rx_lambda' cannot be sent to the "
+                                              "process pool .*it is a lambda: define it"):
+        run_engine(e, [rx_work(rx_dir, 0), rx_lambda(1)])
+    assert rec.of(cs.TaskExecutionStarted) == [] and _marks(rx_dir, "start") == 0
+    assert process_pool.submit(abs, -3).result(TIMEOUT) == 3
+    assert run_engine(e, rx_square_task(3)) == 9
+
+    @cs.task
+    def nested(x):
+        return x
+
+    with pytest.raises(cs.CascadeError, match="task 'nested' cannot be sent .*it is defined "
+                                              "inside a function: define it at the top level"):
+        run_engine(e, nested(1))
+
+
+def test_a_task_the_main_script_defines_under_its_main_guard_fails_before_any_body_on_a_process_pool(
+        process_pool, monkeypatch):
+    # regression: a spawned worker imports the main script without the guarded block, so
+    # it could not load the task and the pool broke for good
+    t = _main_script_task(monkeypatch)
+    e = cs.Engine(executor=process_pool)
+    with pytest.raises(cs.CascadeError, match="task 'cascade_main_script_task' cannot be sent"
+                                              ".*under `if __name__ == \"__main__\":`"):
+        run_engine(e, t(1))
+    assert process_pool.submit(abs, -3).result(TIMEOUT) == 3
+
+
+def test_lambda_nested_and_main_script_tasks_are_sent_by_value_to_dask(dask_client, monkeypatch):
+    # regression: a task the workers could not load killed them, and the run never ended;
+    # Dask sends by value (cloudpickle) what its workers do not find by name
+    t = _main_script_task(monkeypatch)
+    offset = 2
+
+    @cs.task
+    def nested(x):
+        return x + offset
+
+    e = cs.Engine(executor=dask_client.get_executor())
+    assert run_engine(e, [rx_lambda(1), t(5), nested(1)]) == [2, 50, 3]
+    assert dask_client.submit(abs, -3, pure=False).result(TIMEOUT) == 3
+
+
+def test_arguments_that_cannot_be_pickled_fail_their_task_on_a_remote_executor(remote):
+    e = cs.Engine(executor=remote[1])
+    rec = Recorder(e)
+    with pytest.raises(TypeError, match="pickle|serialize"):
+        run_engine(e, ident(threading.Lock()))
+    assert [f.status for f in rec.of(cs.TaskExecutionFinished)] == ["Failed"]
+    assert run_engine(e, ident(3)) == 3
 
 
 def test_with_constraints_amounts_reach_dask_as_resources():
