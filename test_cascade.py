@@ -8201,5 +8201,6 @@ def test_bench_quick_smoke_run_prints_the_table():
     p = run_python(os.path.join(ROOT, "bench", "bench.py"), "--quick", timeout=240)
     assert p.returncode == 0, p.stderr[-2000:]
     for row in ("| W1 fan-out, async bodies", "| W2 chain", "| W3 limited I/O", "| W4 map",
-                "| W5", "| W6", "| W7", "import cascade"):
+                "| W5", "| W6", "| W7", "| W11 CPU-bound map on a 2-process pool",
+                "| W11 CPU-bound map on a Dask LocalCluster", "import cascade"):
         assert row in p.stdout, row
