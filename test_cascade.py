@@ -4986,8 +4986,10 @@ def _release(d):
 
 @cs.task
 def rx_work(d, i, hold=False):
-    """Counts its start; with ``hold``, waits for the go file; returns ``i``."""
+    """Counts its start (and leaves its process id); with ``hold``, waits for the go
+    file; returns ``i``."""
     _mark(d, "start")
+    _mark(d, f"pid{os.getpid()}")
     end = time.monotonic() + 3 * TIMEOUT
     while hold and not _marks(d, "go"):
         if time.monotonic() > end:
@@ -5297,6 +5299,27 @@ def test_a_killed_dask_worker_loses_nothing(dask_client, rx_dir):
         assert _marks(d, "start") >= 7   # the killed worker's body ran again
     finally:
         dask_client.wait_for_workers(2, timeout=3 * TIMEOUT)
+
+
+def _pids(d):
+    return {int(n[3:].split("-")[0]) for n in os.listdir(d) if n.startswith("pid")}
+
+
+def test_a_killed_process_pool_worker_fails_the_run_with_the_pools_error(rx_dir):
+    # A process pool does not survive the death of a worker (BrokenProcessPool): the run
+    # fails with that error, and ends, rather than wait for bodies that are gone
+    import multiprocessing
+    pool = concurrent.futures.ProcessPoolExecutor(
+        2, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        e = cs.Engine(executor=pool)
+        h = e.start(rx_work.map(cs.unmapped(rx_dir), range(6), hold=cs.unmapped(True)))
+        wait_for(lambda: _marks(rx_dir, "start") == 2)
+        os.kill(min(_pids(rx_dir)), signal.SIGKILL)
+        with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+            h.result(TIMEOUT)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def test_engine_window_is_checked():
