@@ -230,6 +230,24 @@ def _find_task(module, qualname):
     return obj
 
 
+def _by_name(task):
+    """Is ``task`` itself what its module has at its qualname (so a worker that imports
+    the module finds this task there)? Not for ``cs.task(math.factorial)`` or a task
+    kept under another name than its function's: the name finds the function."""
+    obj = sys.modules.get(task.__module__)
+    try:
+        for part in task.__qualname__.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        return False
+    return obj is task
+
+
+def _rebuild_task(fn, name, tags):
+    # Unpickling a Task its name does not find (see Task.__reduce__).
+    return Task(fn, name=name, tags=tags)
+
+
 class Task:
     """A function made into a node type of workflows; see ``task``.
 
@@ -298,10 +316,15 @@ class Task:
     def __reduce__(self):
         # pickle finds the function by name and would find this Task instead (the
         # decorator rebinds the name), so a Task pickles as "the task at module.qualname".
+        # Where that name finds something else (cs.task(math.factorial), a task kept
+        # under another name), it pickles as its function, name and tags (regression:
+        # it unpickled as the plain function: "'function' object has no attribute 'fn'").
         if "<locals>" in self.__qualname__:
             raise TypeError(f"task {self.name!r} is defined inside a function and cannot be "
                             "pickled for a process executor; define it at module level")
-        return (_find_task, (self.__module__, self.__qualname__))
+        if _by_name(self):
+            return (_find_task, (self.__module__, self.__qualname__))
+        return (_rebuild_task, (self.fn, self.name, self.tags))
 
     def __repr__(self):
         kind = "async" if self.is_async else "sync"
@@ -653,18 +676,21 @@ class _Key:
     per run (one object per task, or per task and capacity amounts), so a key compares
     and hashes by identity. The control plane caches on it what it needs (``needs``,
     ``takes``, as of constraint generation ``gen``)."""
-    __slots__ = ("name", "tags", "run_id", "amounts", "gen", "needs", "takes")
+    __slots__ = ("name", "tags", "run_id", "amounts", "window", "gen", "needs", "takes")
 
-    def __init__(self, name, tags, run_id, amounts=()):
+    def __init__(self, name, tags, run_id, amounts=(), window=None):
         self.name = name          # the task's name: task:<name>
         self.tags = tags          # the task's tags: tag:<tag>
         self.run_id = run_id      # run:<run_id>
         self.amounts = amounts    # ((capacity, n), ...) of with_constraints, n > 0
+        self.window = window      # the engine's _Window: a sync task on a remote executor
         self.gen = -1
         self.needs = self.takes = ()
 
     def __repr__(self):
-        return f"<_Key {self.name} run={self.run_id}{' ' + str(self.amounts) if self.amounts else ''}>"
+        return (f"<_Key {self.name} run={self.run_id}"
+                f"{' ' + str(self.amounts) if self.amounts else ''}"
+                f"{' window' if self.window is not None else ''}>")
 
 
 # Scope kinds: kind -> (the names a key has of this kind in this project, the form, for
@@ -889,6 +915,30 @@ class _Limiter(_State):
 
     def __repr__(self):
         return f"<_Limiter {self.name} {self.borrowed}/{self.total}>"
+
+
+class _Window(_Limiter):
+    """An engine's submission window on an executor that runs sync bodies elsewhere (a
+    process pool, a Dask cluster; see _Remote): a capacity every such body takes at its
+    grant and gives back when its future completes, so at no instant are more than
+    ``total`` handed over and unfinished. FIFO across the engine's runs, like any
+    capacity; the start gate does not re-check it (a body that passes the gate is
+    handed over at once). Resized, as a capacity, without evicting (``_ControlPlane.
+    resize``): a Dask cluster's size is read afresh when each run starts."""
+    __slots__ = ("executor",)
+
+    def __init__(self, total, executor):
+        super().__init__("window", total, capacity=True)
+        self.executor = executor  # its name, for reasons and status
+
+    def why(self, n):
+        return f"the window of the {self.executor} ({self.total} handed over at a time)"
+
+    def usage(self, now):
+        return {"executor": self.executor, "size": self.total, "submitted": self.borrowed}
+
+    def __repr__(self):
+        return f"<_Window {self.executor} {self.borrowed}/{self.total}>"
 
 
 class _Bucket(_State):
@@ -1628,6 +1678,8 @@ class _ControlPlane:
             states = self._states
             needs = [(states[sk], 1) for sk in self._matching(key)]
             needs += [(self._caps[k], n) for k, n in key.amounts]
+            if key.window is not None:
+                needs.append((key.window, 1))
             key.needs = needs
             key.takes = [pair for pair in needs if pair[0].takes]
             key.gen = self._gen
@@ -1662,7 +1714,8 @@ class _ControlPlane:
         waiter may need more of ``cap`` than is free although ``q`` fits (it fit, or
         something else held it back, when it was parked). Cost: the queues that wait
         for ``cap``, only while one of them needs more than ``n``."""
-        if max(self._amounts[cap]) <= n:
+        amounts = self._amounts.get(cap)  # (none for an executor window: 1 each)
+        if not amounts or max(amounts) <= n:
             return False
         for o, m in self._needers[cap].items():
             if (m > n and o.waiters and o.waiters[0].seq < head and not cap.can_take(m, now)
@@ -1715,7 +1768,7 @@ class _ControlPlane:
         launches them); otherwise grants are dispatched and the caller reports those
         still waiting."""
         with self.lock:
-            if not self._states and not self._waiting and not key.amounts:
+            if not self._states and not self._waiting and not key.amounts and key.window is None:
                 # fast path: nothing to decide, nobody to queue behind
                 self._holders.update(units)
                 _Unit.grant_all(units)
@@ -1860,6 +1913,17 @@ class _ControlPlane:
     def _refilled(self, st):
         with self.lock:
             self._wakes.pop(st, None)
+            self._wake(st)
+            granted = self._admit() if self._ready else None
+        self._dispatch(granted)
+
+    def resize(self, st, total):
+        """A capacity's total changes (an executor window read afresh). Growing admits
+        waiters at once; shrinking never evicts (as a lowered limit)."""
+        with self.lock:
+            if st.total == total:
+                return
+            st.total = total
             self._wake(st)
             granted = self._admit() if self._ready else None
         self._dispatch(granted)
@@ -3225,7 +3289,8 @@ class _Unit:
     DROPPED change under the control-plane lock; PENDING, RUNNING, RETRYING, DONE and
     FAILED on the run's loop thread (a sync body's start is counted when the loop hears
     of it). Leaving GRANTED/RUNNING is two halves: ``_ControlPlane.release`` (lock side)
-    then ``end`` (loop side)."""
+    then ``end`` (loop side). On a remote executor (see _Remote) RUNNING means handed
+    over (its gate passed on the loop; ``body`` is its future), shown as "submitted"."""
     __slots__ = ("run", "node", "index", "args", "kwargs", "attempt", "seq", "state", "held",
                  "reported", "body")
 
@@ -3408,9 +3473,212 @@ def _into_future(f, fn, args, kwargs):
         f.set_result(result)
 
 
-def _call_task(task, args, kwargs):
-    # What a non-thread executor (process pool, Dask) runs: pickles by task name.
-    return task.fn(*args, **kwargs)
+def _call_task(fn, args, kwargs, name=None, check=None):
+    # What a remote executor (process pool, Dask) runs: the body (``fn``: the task, sent
+    # by name, or its function; see _Remote.wires), then, with ``check``, a check that its
+    # value can be sent back (regression: on Dask an unpicklable value hung the run).
+    value = (fn.fn if isinstance(fn, Task) else fn)(*args, **kwargs)
+    if check is not None:
+        _check_sendable(value, name, check)
+    return value
+
+
+class _Discard:
+    # A file that keeps nothing: _check_sendable pickles for the error alone.
+    def write(self, data):
+        return len(data)
+
+    @staticmethod
+    def buffer(buf):  # buffer_callback: None keeps a buffer out of band (not copied)
+        return None
+
+
+def _check_sendable(value, name, how):
+    """In the worker: can ``value`` be sent back as the executor will send it? Costs one
+    serialization more; large buffers (numpy arrays, PickleBuffer) are not copied."""
+    try:
+        if how == "dask":
+            from distributed.protocol import serialize  # runs on a Dask worker only
+            serialize(value, on_error="raise")
+        else:
+            import pickle
+            from multiprocessing.reduction import ForkingPickler  # what a pool sends with
+            ForkingPickler(_Discard(), pickle.HIGHEST_PROTOCOL, True, _Discard.buffer).dump(value)
+    except Exception as exc:
+        raise TypeError(f"task {name!r} returned a {type(value).__name__} that cannot be "
+                        f"pickled to send it back from the executor ({type(exc).__name__}: "
+                        f"{exc}); return plain data, or make its type picklable") from None
+    return True
+
+
+class _Remote:
+    """How a run hands sync bodies to an executor that runs them elsewhere: a process
+    pool, a Dask cluster (``_Dask``), or any other Executor but a thread pool.
+
+    The invariant: at any instant, the sync bodies an engine has handed to its executor
+    and not yet seen finish number at most its window (a ``_Window``: a capacity each one
+    takes at its grant and gives back when its future completes), and each was handed
+    over right after passing the start gate on its run's loop. So a pause, a limit, a
+    failure and a cancel act on everything not handed over; what was handed over and
+    has not begun when a run fails or is cancelled is cancelled (on Dask even what
+    runs), and the rest runs to its end (at most the window). Every call and every retry
+    is its own remote call. A body cannot report when a worker begins it, so status
+    counts a handed-over body as ``submitted``, never as ``running``.
+
+    ``check``: how a worker checks that a value can be sent back (None: it does not);
+    ``probes``: whether a run, before any body, sends each distinct sync task to a
+    worker and has it loaded there inside a call (see _Run._check_remote); ``sized``:
+    whether the window's default size is read afresh when each run starts."""
+    check = None
+    probes = False
+    sized = False
+
+    def __init__(self, executor, name=None):
+        self.executor = executor
+        self.name = name or type(executor).__name__
+
+    def slots(self):
+        """The window's default size: the executor's workers (blocking: not on a loop)."""
+        n = getattr(self.executor, "_max_workers", None)
+        ok = isinstance(n, int) and not isinstance(n, bool) and n > 0
+        return n if ok else (os.cpu_count() or 1)
+
+    def wires(self, task):
+        """What may be sent to run ``task``'s body, best first (a run sends the first
+        that a worker loads): the task itself where its name finds it (a worker imports
+        its module), else its function (pickled as the executor pickles)."""
+        return (task,) if _by_name(task) else (task.fn,)
+
+    def dumps(self, obj):
+        import pickle
+        return pickle.dumps(obj)
+
+    def probe(self, blob, label):
+        """A future of ``pickle.loads(blob)`` run by a worker: a blob that cannot be
+        loaded fails that call, and nothing else (loaded by the pool itself, it broke the
+        pool: BrokenProcessPool, the cause only on the child's stderr). ``label``: a name
+        for it, where the executor shows one."""
+        import pickle
+        return self.executor.submit(pickle.loads, blob)
+
+    def submit(self, u, fn, args, kwargs):
+        """Hand a body over; returns a concurrent.futures.Future of its value."""
+        return self.executor.submit(_call_task, fn, args, kwargs, u.key.name, self.check)
+
+    def cancel(self, futures):
+        for f in futures:  # a pool's future that a worker has taken is not cancelled
+            f.cancel()
+
+    def explain(self, exc, u):
+        """The error to report for a body whose future failed by the executor's doing: a
+        bare CancelledError says nothing, so it becomes a CascadeError that names it."""
+        if not isinstance(exc, (concurrent.futures.CancelledError, asyncio.CancelledError)):
+            return exc
+        why = ("the run stopped" if u.run.stopping else
+               f"the {self.name} cancelled or lost it")
+        err = CascadeError(f"task {u.key.name!r} ({u.id}) of run {u.run.run_id} did not "
+                           f"finish: {why} ({type(exc).__name__}: {exc or '-'})")
+        err.__cause__ = exc
+        return err
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name}>"
+
+
+class _ProcessPool(_Remote):
+    """A ``concurrent.futures.ProcessPoolExecutor``: its window is its ``max_workers``;
+    tasks are checked before a run's first body, values in the worker."""
+    check = "pickle"
+    probes = True
+
+
+class _Dask(_Remote):
+    """A Dask cluster, through its ``distributed.Client`` (passed as the executor, or
+    behind its ``get_executor()``): each body is submitted with a key of its own (so
+    identical calls and retries all run: the executor's default, pure=True, gave
+    identical calls one key and ran them once), its ``with_constraints`` amounts as
+    Dask ``resources=``, and the executor's own options (workers=, retries=, ...).
+    Futures are awaited on the client's loop and cancelled without blocking."""
+    check = "dask"
+    probes = True
+    sized = True
+
+    def __init__(self, executor, client, options):
+        super().__init__(executor, "Dask cluster")
+        self.client = client
+        self.options = {k: v for k, v in options.items() if k != "pure"}
+
+    def slots(self):
+        # Its threads, and one task more per worker: as Dask's own scheduler sends each
+        # worker one task ahead (worker-saturation 1.1), so that a worker has its next
+        # task at hand when one ends. With threads alone each worker waited a scheduler
+        # round trip for every task (15-25 % of 100 ms tasks on a busy 2-core host).
+        return sum(n + 1 for n in self.client.nthreads().values())
+
+    def wires(self, task):
+        # A task of the main script that the workers do not find by name (a worker's
+        # __main__ is not the script, or has no such name) goes as its function, which
+        # Dask sends by value (cloudpickle), as it sends what pickle cannot.
+        if not _by_name(task):
+            return (task.fn,)
+        return (task, task.fn) if task.__module__ == "__main__" else (task,)
+
+    def dumps(self, obj):
+        import cloudpickle  # what Dask sends with when pickle cannot (Dask needs it)
+        return cloudpickle.dumps(obj)
+
+    def probe(self, blob, label):
+        import pickle
+        return self._watch(self.client.submit(pickle.loads, blob, key=label, pure=False,
+                                              **self.options))
+
+    def submit(self, u, fn, args, kwargs):
+        opts = self.options
+        if u.key.amounts:  # the local count stays; Dask places it on a worker that has them
+            opts = {**opts, "resources": {**(opts.get("resources") or {}),
+                                          **dict(u.key.amounts)}}
+        fut = self.client.submit(_call_task, fn, args, kwargs, u.key.name, "dask",
+                                 key=f"{u.id}-{u.run.run_id}-{u.attempt}", pure=False, **opts)
+        return self._watch(fut)
+
+    def _watch(self, fut):
+        """A concurrent.futures.Future that gets ``fut``'s outcome: awaited on the client's
+        loop (a coroutine per future, so results are fetched concurrently)."""
+        out = concurrent.futures.Future()
+        out.remote = fut
+
+        async def wait():
+            try:
+                value = await fut
+            except BaseException as exc:  # a lost or cancelled future: CancelledError
+                out.set_exception(exc)
+            else:
+                out.set_result(value)
+        self.client.loop.add_callback(wait)
+        return out
+
+    def cancel(self, futures):
+        coro = self.client.cancel([f.remote for f in futures], asynchronous=True,
+                                  reason="cascade-run-stopped",
+                                  msg="the Cascade run that submitted it stopped")
+        self.client.loop.add_callback(lambda: coro)
+
+
+def _remote_for(executor):
+    """The _Remote for a user's ``executor``, or None for a thread pool (its threads call
+    back into this process: bodies pass the start gate in them, right before they run)."""
+    if executor is None or isinstance(executor, (_Workers, concurrent.futures.ThreadPoolExecutor)):
+        return None
+    dist = sys.modules.get("distributed")  # only set if the user has imported Dask
+    if dist is not None:
+        if isinstance(executor, dist.Client):
+            return _Dask(executor, executor, {})
+        cfe = sys.modules.get("distributed.cfexecutor")
+        if cfe is not None and isinstance(executor, cfe.ClientExecutor):
+            return _Dask(executor, executor._client, dict(executor._kwargs))
+    if isinstance(executor, concurrent.futures.ProcessPoolExecutor):
+        return _ProcessPool(executor, "process pool")
+    return _Remote(executor)
 
 
 def _gen_next(gen):
@@ -3674,8 +3942,12 @@ class _Run:
         executor = engine._executor
         pool = self._pool = executor if executor is not None else engine._threads()
         # A thread pool runs _sync_body, which calls back into this process; ours needs
-        # no future per body.
-        self._threaded = isinstance(pool, (_Workers, concurrent.futures.ThreadPoolExecutor))
+        # no future per body. Any other executor is remote (see _Remote): its sync tasks'
+        # keys take the engine's window, and _wire has what is sent for each of them.
+        self._remote = engine._remote
+        self._window = engine._window
+        self._wire = {}
+        self._threaded = self._remote is None
         self._to_thread = pool.call if isinstance(pool, _Workers) else pool.submit
 
     # -- entry point --------------------------------------------------------
@@ -3704,6 +3976,8 @@ class _Run:
             self._prepare()
             if self.link is not None:
                 await self.link.open()
+            if self._remote is not None:
+                await self._check_remote()
             self._pump()
             try:
                 await self._wake
@@ -3790,6 +4064,75 @@ class _Run:
                                     "cs.run(..., resources=[r])")
             stack.extend(r for _, r in registered[name].injects)
 
+    async def _check_remote(self):
+        """Before any body on a remote executor: size the window afresh (a Dask cluster's
+        threads, unless ``Engine(window=)`` fixed it), and choose what is sent for each
+        distinct sync task of the graph (see _Remote.wires): the first way that pickles
+        here and that a worker loads inside a call (process pools, Dask), which leaves
+        the executor as it was. Raises CascadeError naming each task that cannot be
+        sent, and the fix. (Regression: a lambda task broke the user's process pool for
+        good; on Dask a task defined under `if __name__ == "__main__":` killed the
+        workers that loaded it, and the run never ended.)"""
+        remote = self._remote
+        tasks = [t for t in self.tallies if not t.is_async]
+        if not tasks:
+            return
+        waits = []
+        if remote.sized and self.engine._window_size is None:
+            sizing = self.loop.run_in_executor(self.engine._threads(), remote.slots)
+            sizing.add_done_callback(_retrieved)
+            waits.append(sizing)
+        else:
+            sizing = None
+        ways = {t: list(remote.wires(t)) for t in tasks}
+        if not remote.probes:
+            self._wire.update((t, w[0]) for t, w in ways.items())
+            ways = {}
+        tried = {t: [] for t in ways}  # the errors of each way tried, in order
+        problems = []
+        while ways or waits:
+            probes = []
+            for t, left in list(ways.items()):
+                if not left:
+                    del ways[t]
+                    problems.append(_cannot_send(remote, t, tried[t]))
+                    continue
+                wire = left.pop(0)
+                try:
+                    blob = remote.dumps((_call_task, wire))
+                except Exception as exc:
+                    tried[t].append((exc, False))
+                    continue
+                f = remote.probe(blob, f"cascade-check-{t.name}-{self.run_id}-{len(tried[t])}")
+                probes.append((t, wire, f))
+                w = asyncio.wrap_future(f)
+                w.add_done_callback(_retrieved)  # (read below from f itself)
+                waits.append(w)
+            try:
+                if waits:
+                    await asyncio.wait(waits)
+            except asyncio.CancelledError:  # the run is cancelled meanwhile
+                remote.cancel([f for _, _, f in probes if not f.done()])
+                raise
+            waits = []
+            for t, wire, f in probes:
+                exc = concurrent.futures.CancelledError() if f.cancelled() else f.exception()
+                if exc is None:
+                    self._wire[t] = wire
+                    del ways[t]
+                elif isinstance(exc, (concurrent.futures.CancelledError, asyncio.CancelledError,
+                                      concurrent.futures.BrokenExecutor)):
+                    raise CascadeError(f"the {remote.name} failed while run {self.run_id} "
+                                       f"checked its tasks, before any body: "
+                                       f"{type(exc).__name__}: {exc or '-'}") from exc
+                else:
+                    tried[t].append((exc, True))
+        if sizing is not None:
+            self.cp.resize(self._window, max(1, sizing.result()))
+        if problems:
+            raise CascadeError(problems[0] if len(problems) == 1 else
+                               f"{len(problems)} tasks cannot be sent: " + "; ".join(problems))
+
     # -- dataflow -----------------------------------------------------------
     def _pump(self):
         """Process ready nodes in FIFO order, ``PUMP_CHUNK`` units at a time: between
@@ -3873,15 +4216,17 @@ class _Run:
         """The interned admission key of a call: one per task, or one per task and
         capacity amounts (amounts of 0 take nothing and are left out)."""
         task = lz.task
+        window = None if task.is_async else self._window
         if not lz.amounts:
-            key = self.keys[task] = _Key(task.name, task.tags, self.run_id)
+            key = self.keys[task] = _Key(task.name, task.tags, self.run_id, (), window)
             return key
         amounts = tuple(sorted(
             (k, n) for k, v in lz.amounts.items()
             for n in [_check_amount(self.cp._caps, lz, k, _resolve(v, self.nodes))] if n))
         key = self.keys.get((task, amounts))
         if key is None:
-            key = self.keys[(task, amounts)] = _Key(task.name, task.tags, self.run_id, amounts)
+            key = self.keys[(task, amounts)] = _Key(task.name, task.tags, self.run_id, amounts,
+                                                    window)
         return key
 
     def _expand_map(self, node, budget):
@@ -4042,15 +4387,17 @@ class _Run:
             if self._threaded:
                 self._to_thread(self._sync_body, u, task.fn, u.args, kwargs)
                 return
-            # A process or Dask executor cannot call back into this process before the
-            # body begins, so the start gate is passed here instead.
+            # A remote executor cannot call back into this process before the body
+            # begins, so the start gate is passed here, right before the hand-over (the
+            # unit holds a slot of the window: see _Remote).
             if not self.cp.gate(u):
                 return self._gate_refused(u)
             t0 = self._body_started(u)
-            f = self._pool.submit(_call_task, task, u.args, kwargs)
+            f = self._remote.submit(u, self._wire[task], u.args, kwargs)
         except Exception as exc:  # could not even start the body: the task fails
             self._body_finished(u, None, exc, time.perf_counter())
             return
+        u.body = f  # its future: cancelled if the run stops first
         f.add_done_callback(functools.partial(self._remote_done, u, t0))
 
     async def _async_body(self, u, fn, args, kwargs):
@@ -4121,10 +4468,11 @@ class _Run:
         return self._returned(u, value, None, t0)
 
     def _remote_done(self, u, t0, f):
+        # In the thread that completed the future (a pool's, the Dask client's loop).
         try:
             value, exc = f.result(), None
         except BaseException as e:
-            value, exc = None, e
+            value, exc = None, self._remote.explain(e, u)
         self._returned(u, value, exc, t0)
 
     def _returned(self, u, value, exc, t0):
@@ -4275,9 +4623,15 @@ class _Run:
             h.cancel()
         self._timers.clear()
         self.resources.cancel_setups()
+        handed = []  # remote futures: cancelled together (Dask: one message)
         for u in self.cp.holders_of(self):
             if u.state == _RUNNING and u.body is not None:
-                u.body.cancel()
+                if self._remote is not None and not u.node.lazy.task.is_async:
+                    handed.append(u.body)
+                else:
+                    u.body.cancel()
+        if handed:
+            self._remote.cancel(handed)
         if not self._wake.done():
             self._wake.set_result(None)
 
@@ -4353,13 +4707,50 @@ class _Run:
         out = {}
         for task, t in list(self.tallies.items()):
             c = out.setdefault(task.name, collections.Counter())
-            c.update(_tally_counts(t))
+            counts = _tally_counts(t)
+            if self._remote is not None and not task.is_async and "running" in counts:
+                counts["submitted"] = counts.pop("running")  # handed over (see _Remote)
+            c.update(counts)
         return {k: dict(v) for k, v in out.items()}
 
     def scoped_tallies(self):
         """[(admission key, tally)] of every task, for scope matching in status."""
         return [(self.keys.get(task) or _Key(task.name, task.tags, self.run_id), t)
                 for task, t in list(self.tallies.items())]
+
+
+def _retrieved(fut):
+    # Done callback: its outcome is read elsewhere, or not needed (a run that failed
+    # first): asyncio must not log it as never retrieved.
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _cannot_send(remote, task, tried):
+    """Why ``task`` cannot be sent to ``remote``'s workers, and the fix. ``tried``: the
+    error of each way tried, with whether it pickled here (and a worker could not load
+    it)."""
+    fn = task.fn
+    (exc, loaded), main = tried[-1], task.__module__ in ("__main__", "__mp_main__")
+    if getattr(fn, "__name__", "") == "<lambda>":
+        fix = "it is a lambda: define it with def at the top level of a module"
+    elif "<locals>" in getattr(fn, "__qualname__", ""):
+        fix = "it is defined inside a function: define it at the top level of a module"
+    elif isinstance(exc, ModuleNotFoundError):
+        fix = (f"the workers cannot import module {exc.name!r}: install it where they run"
+               + (", or send it with client.upload_file(path)"
+                  if isinstance(remote, _Dask) else ""))
+    elif main and (loaded or len(tried) > 1):
+        fix = ("it is defined in the main script but not at its top level (under "
+               "`if __name__ == \"__main__\":`, say), which a worker process imports "
+               "without running that block: move the def to the top level of the script, "
+               "or into a module")
+        if len(tried) > 1:
+            fix += ", or make what it refers to picklable (it is then sent by value)"
+    else:
+        fix = "define it with def at the top level of a module that the workers can import"
+    why = "; then ".join(f"{type(e).__name__}: {e}" for e, _ in tried)
+    return f"task {task.name!r} cannot be sent to the {remote.name} ({why}): {fix}"
 
 
 def _check_amount(caps, lz, name, amount):
@@ -4500,6 +4891,10 @@ class _Status(dict):
                              f"{where if s.get('origin') == 'broker' else ''}")
         for k, c in self["capacities"].items():
             lines.append(f"  capacity {k}: {c['in_use']}/{c['total']} in use")
+        w = self.get("window")
+        if w:
+            lines.append(f"  window of the {w['executor']}: {w['submitted']}/{w['size']} "
+                         "submitted")
         if self["blocked"]:
             total = sum(c.get("blocked", 0) for c in self["tasks"].values())
             lines.append(f"  blocked ({total}):")
@@ -4527,8 +4922,13 @@ class Engine:
 
     Sync task bodies run in a thread pool of ``max_workers`` threads (sized for blocking
     I/O; daemon threads, so they never keep the process alive at exit), or in
-    ``executor`` (any concurrent.futures.Executor: a process pool, Dask's
-    ``client.get_executor()``); async bodies run on the event loop.
+    ``executor`` (any concurrent.futures.Executor: a process pool, a Dask ``Client`` or
+    its ``get_executor()``); async bodies run on the event loop. An executor that runs
+    bodies elsewhere (anything but a thread pool) gets them through a window: at most
+    ``window`` handed over and unfinished at once (default: its slots, a process pool's
+    workers, or a Dask cluster's threads and one more per worker), so pauses, limits,
+    failures and cancels act on the rest; a run first checks that each of its sync
+    tasks can be sent (see _Remote).
 
     When a run stops (a task failed, ``cancel()``, ``close()``) it waits at most
     ``stop_grace`` seconds (``None``: for ever) for the bodies still running. Those that
@@ -4553,7 +4953,7 @@ class Engine:
     def __init__(self, *, system_resources: Optional[dict] = None,
                  resources: Iterable[Resource] = (), connector: Any = None,
                  max_workers: int = 64, executor: Optional[concurrent.futures.Executor] = None,
-                 stop_grace: Optional[float] = 10.0,
+                 window: Optional[int] = None, stop_grace: Optional[float] = 10.0,
                  org: Optional[str] = None, project: Optional[str] = None,
                  telemetry: str = "all", telemetry_errors: str = "message",
                  presence: Optional[float] = 5.0) -> None:
@@ -4578,6 +4978,16 @@ class Engine:
             raise TypeError("executor must be a concurrent.futures.Executor (with submit())")
         if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
             raise ValueError(f"max_workers={max_workers!r}: need an int >= 1")
+        remote = _remote_for(executor)
+        if window is not None:
+            if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+                raise ValueError(f"window={window!r}: need an int >= 1 (how many sync bodies "
+                                 "may be handed to the executor at once), or None for its "
+                                 "number of workers")
+            if remote is None:
+                raise ValueError(f"window={window}: a thread pool has no window (its bodies "
+                                 "pass the start gate in their threads); it applies to a "
+                                 "process pool or a Dask cluster passed as executor=")
         if stop_grace is not None and (isinstance(stop_grace, bool) or not isinstance(
                 stop_grace, (int, float)) or not stop_grace >= 0):
             raise ValueError(f"stop_grace={stop_grace!r}: need seconds >= 0, or None to "
@@ -4592,6 +5002,12 @@ class Engine:
             self.register(r)
         self._max_workers = max_workers
         self._executor = executor
+        # A remote executor's window (see _Remote): fixed by window=, else its slots
+        # (a Dask cluster's: read when each run starts).
+        self._remote = remote
+        self._window_size = window
+        self._window = None if remote is None else _Window(
+            window or (1 if remote.sized else remote.slots()), remote.name)
         self._stop_grace = stop_grace
         self._pool = None
         self._pool_lock = threading.Lock()
@@ -4664,9 +5080,11 @@ class Engine:
                 c = tasks.setdefault(name, collections.Counter())
                 c.update(counts)
         scopes, caps, blocked = self._cp.snapshot([p for r in runs for p in r.scoped_tallies()])
+        window = self._window
         return _Status(runs=[r.run_id for r in runs],
                        tasks={k: dict(v) for k, v in tasks.items()},
-                       blocked=blocked, scopes=scopes, capacities=caps)
+                       blocked=blocked, scopes=scopes, capacities=caps,
+                       window=None if window is None else window.usage(None))
 
     # -- events, resources --------------------------------------------------
     def subscribe(self, event_type: type, callback: Callable[[Any], Any]) -> Callable[[], None]:

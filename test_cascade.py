@@ -5,7 +5,7 @@ the public API (``import cascade as cs``) and events, by order, counts and state
 time cannot be avoided (TTL, rate) the bounds are generous.
 
 Optional parts: the broker tests talk to Mosquitto on 127.0.0.1:1883 and need paho-mqtt
-(some aiomqtt), and one test needs dask[distributed]. Without them those tests skip,
+(some aiomqtt), and the Dask tests need dask[distributed]. Without them those tests skip,
 saying what is missing; under CI=true they fail instead (CI must run them).
 """
 from __future__ import annotations
@@ -24,11 +24,13 @@ import inspect
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -5121,6 +5123,379 @@ def test_a_dask_cluster_executor_runs_sync_tasks_under_the_control_plane():
         assert len(blocked) == 5   # one at a time: the limit held the others
 
 
+# --- remote executors: a process pool and a Dask cluster ----------------------------
+# Their bodies run in other processes, so they report through the file system: each
+# execution leaves a file in the test's directory (_mark), and a held body waits for a
+# "go" file (_release). One spawned process pool and one Dask LocalCluster with real
+# worker processes (pickling must be real) are shared by the tests of this part.
+
+def _mark(d, what):
+    with open(os.path.join(d, f"{what}-{uuid.uuid4().hex}"), "w"):
+        pass
+
+
+def _marks(d, what):
+    return sum(1 for n in os.listdir(d) if n.startswith(what + "-"))
+
+
+def _release(d):
+    _mark(d, "go")
+
+
+@cs.task
+def rx_work(d, i, hold=False):
+    """Counts its start (and leaves its process id); with ``hold``, waits for the go
+    file; returns ``i``."""
+    _mark(d, "start")
+    _mark(d, f"pid{os.getpid()}")
+    end = time.monotonic() + 3 * TIMEOUT
+    while hold and not _marks(d, "go"):
+        if time.monotonic() > end:
+            raise TimeoutError("rx_work was never released")
+        time.sleep(0.01)
+    return i
+
+
+@cs.task
+def rx_fail(d):
+    _mark(d, "start")
+    raise ValueError("the first task fails")
+
+
+@cs.task
+def rx_flaky(d, fails):
+    """Fails its first ``fails`` executions, then returns how many there were."""
+    _mark(d, "attempt")
+    n = _marks(d, "attempt")
+    if n <= fails:
+        raise RuntimeError(f"attempt {n} fails")
+    return n
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise TypeError("this object refuses to be pickled")
+
+
+@cs.task
+def rx_unpicklable(x):
+    return _Unpicklable()
+
+
+def rx_square(x):
+    return x * x
+
+
+rx_square_task = cs.task(rx_square)   # kept under another name than its function's
+rx_factorial = cs.task(math.factorial)
+rx_lambda = cs.task(lambda x: x + 1, name="rx_lambda")
+
+
+@cs.task
+def rx_where(i):
+    import distributed
+    return distributed.get_worker().address
+
+
+def _main_script_task(monkeypatch):
+    """A task as the main script defines it under `if __name__ == "__main__":`: this
+    process's __main__ has it, a spawned worker's does not."""
+    def body(x):
+        return x * 10
+    body.__module__ = "__main__"
+    body.__name__ = body.__qualname__ = "cascade_main_script_task"
+    t = cs.task(body)
+    monkeypatch.setattr(sys.modules["__main__"], "cascade_main_script_task", t, raising=False)
+    return t
+
+
+@pytest.fixture
+def rx_dir(tmp_path):
+    """The directory of a test's marks; released at the end, so that no held body
+    outlives a failed test."""
+    yield str(tmp_path)
+    _release(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def process_pool():
+    import multiprocessing
+    with concurrent.futures.ProcessPoolExecutor(
+            2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def dask_client():
+    distributed = requires("distributed", "dask[distributed]")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0") as cluster, \
+            distributed.Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture(params=["process pool", "Dask"])
+def remote(request):
+    """(kind, executor): the shared process pool, or the Dask cluster's get_executor();
+    both have two slots."""
+    if request.param == "process pool":
+        return request.param, request.getfixturevalue("process_pool")
+    return request.param, request.getfixturevalue("dask_client").get_executor()
+
+
+def test_every_call_and_every_retry_runs_on_a_remote_executor(remote, rx_dir):
+    # regression (Dask): get_executor() submits with pure=True, so identical calls shared
+    # a key: a 40-item map of 2 distinct calls ran its body twice, and a retry never ran
+    d = rx_dir
+    e = cs.Engine(executor=remote[1])
+    items = [i % 2 for i in range(40)]
+    assert run_engine(e, rx_work.map(cs.unmapped(d), items)) == items
+    assert _marks(d, "start") == 40
+    assert run_engine(e, rx_flaky(d, 2).with_retry(3)) == 3
+    assert _marks(d, "attempt") == 3
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_after_pause_returns_at_most_the_windows_queued_bodies_start_on_a_remote_executor(
+        remote, window, rx_dir):
+    # Guarantee 1 on a remote executor: a body is handed over only through the window,
+    # so what the pause cannot stop is what was handed over and had not begun (both
+    # executors have 2 slots): none with a pool's default window (its 2 workers), one
+    # per worker with Dask's (its threads and one more per worker: 4), one with
+    # window=3. status() shows those bodies as submitted, apart from the blocked ones.
+    kind, ex = remote
+    d = rx_dir
+    e = cs.Engine(executor=ex, **({"window": window} if window else {}))
+    size = window or (4 if kind == "Dask" else 2)
+    h = e.start(rx_work.map(cs.unmapped(d), range(12), hold=cs.unmapped(True)))
+    wait_for(lambda: _marks(d, "start") == 2)   # both slots busy
+    e.pause("task:rx_work")
+    began = _marks(d, "start")
+    st = e.status()
+    assert st["tasks"]["rx_work"] == {"submitted": size, "blocked": 12 - size}
+    assert st["window"] == {"executor": "Dask cluster" if kind == "Dask" else "process pool",
+                            "size": size, "submitted": size}
+    assert {b["waits_on"] for b in st["blocked"]} == {"pause on task:rx_work"}
+    _release(d)
+    wait_for(lambda: e.status()["tasks"]["rx_work"] == {"done": size, "blocked": 12 - size})
+    assert began == 2 and _marks(d, "start") - began == size - 2  # the queued ones alone
+    assert e.status()["window"]["submitted"] == 0
+    e.resume("task:rx_work")
+    assert h.result(TIMEOUT) == list(range(12))
+    assert _marks(d, "start") == 12
+
+
+def test_a_failure_on_a_remote_executor_hands_nothing_more_over(remote, rx_dir):
+    # regression: every unit was submitted at once, so fail-fast ran every body (all
+    # 200, 5 s to the error instead of 0.2 s)
+    kind, ex = remote
+    d = rx_dir
+    e = cs.Engine(executor=ex, stop_grace=3 * TIMEOUT)
+    rec = Recorder(e)
+    h = e.start([rx_fail(d)] + [rx_work(d, i, hold=True) for i in range(30)])
+    wait_for(lambda: rec.of(cs.TaskExecutionFinished, task_id="rx_fail-1"))
+    _release(d)  # (a process pool cannot cancel a body its worker has begun)
+    with pytest.raises(ValueError, match="the first task fails"):
+        h.result(TIMEOUT)
+    # rx_fail and what was handed over with it: at most the window (pool 2, Dask 4)
+    assert _marks(d, "start") <= (4 if kind == "Dask" else 2)
+    assert [f.status for f in rec.of(cs.RunFinished)] == ["Failed"]
+
+
+def test_cancelling_a_run_on_a_remote_executor_cancels_its_remote_futures(remote, rx_dir):
+    # regression: cancel waited for every remote body (38 s on Dask); now nothing more is
+    # handed over, Dask's futures are cancelled even while they run (the run ends at
+    # once, the cluster's threads run on), and a pool's are where it has not begun them
+    kind, ex = remote
+    d = rx_dir
+    e = cs.Engine(executor=ex, stop_grace=3 * TIMEOUT)
+    h = e.start(rx_work.map(cs.unmapped(d), range(20), hold=cs.unmapped(True)))
+    wait_for(lambda: _marks(d, "start") == 2)
+    h.cancel()
+    try:
+        if kind == "Dask":  # over while its two bodies still hold
+            with pytest.raises(concurrent.futures.CancelledError):
+                h.result(TIMEOUT)
+        else:
+            _release(d)
+            with pytest.raises(concurrent.futures.CancelledError):
+                h.result(TIMEOUT)
+    finally:
+        _release(d)
+    # none of those never handed over began (a Dask worker may have begun its queued
+    # one before the cancel reached it: the window is 4 there)
+    assert _marks(d, "start") <= (4 if kind == "Dask" else 2)
+
+
+def test_a_task_kept_under_another_name_and_a_builtin_task_run_on_a_remote_executor(remote):
+    # regression: they unpickled as their plain function, and failed with
+    # "'function' object has no attribute 'fn'"
+    e = cs.Engine(executor=remote[1])
+    assert run_engine(e, [rx_square_task(7), rx_factorial(5)]) == [49, 120]
+
+
+def test_an_unpicklable_return_value_fails_its_task_with_an_error_that_says_so(remote):
+    # regression (Dask): the value could not be sent back, and the run never ended
+    e = cs.Engine(executor=remote[1])
+    rec = Recorder(e)
+    with pytest.raises(TypeError, match="task 'rx_unpicklable' returned a _Unpicklable that "
+                                        "cannot be pickled to send it back"):
+        run_engine(e, rx_unpicklable(1))
+    assert [f.status for f in rec.of(cs.TaskExecutionFinished)] == ["Failed"]
+
+
+def test_a_lambda_task_fails_before_any_body_and_leaves_the_process_pool_usable(
+        process_pool, rx_dir):
+    # regression: its call broke the user's pool (BrokenProcessPool; the cause only on
+    # the child's stderr)
+    e = cs.Engine(executor=process_pool)
+    rec = Recorder(e)
+    with pytest.raises(cs.CascadeError, match="task 'rx_lambda' cannot be sent to the "
+                                              "process pool .*it is a lambda: define it"):
+        run_engine(e, [rx_work(rx_dir, 0), rx_lambda(1)])
+    assert rec.of(cs.TaskExecutionStarted) == [] and _marks(rx_dir, "start") == 0
+    assert process_pool.submit(abs, -3).result(TIMEOUT) == 3
+    assert run_engine(e, rx_square_task(3)) == 9
+
+    @cs.task
+    def nested(x):
+        return x
+
+    with pytest.raises(cs.CascadeError, match="task 'nested' cannot be sent .*it is defined "
+                                              "inside a function: define it at the top level"):
+        run_engine(e, nested(1))
+
+
+def test_a_task_the_main_script_defines_under_its_main_guard_fails_before_any_body_on_a_process_pool(
+        process_pool, monkeypatch):
+    # regression: a spawned worker imports the main script without the guarded block, so
+    # it could not load the task and the pool broke for good
+    t = _main_script_task(monkeypatch)
+    e = cs.Engine(executor=process_pool)
+    with pytest.raises(cs.CascadeError, match="task 'cascade_main_script_task' cannot be sent"
+                                              ".*under `if __name__ == \"__main__\":`"):
+        run_engine(e, t(1))
+    assert process_pool.submit(abs, -3).result(TIMEOUT) == 3
+
+
+def test_lambda_nested_and_main_script_tasks_are_sent_by_value_to_dask(dask_client, monkeypatch):
+    # regression: a task the workers could not load killed them, and the run never ended;
+    # Dask sends by value (cloudpickle) what its workers do not find by name
+    t = _main_script_task(monkeypatch)
+    offset = 2
+
+    @cs.task
+    def nested(x):
+        return x + offset
+
+    e = cs.Engine(executor=dask_client.get_executor())
+    assert run_engine(e, [rx_lambda(1), t(5), nested(1)]) == [2, 50, 3]
+    assert dask_client.submit(abs, -3, pure=False).result(TIMEOUT) == 3
+
+
+def test_arguments_that_cannot_be_pickled_fail_their_task_on_a_remote_executor(remote):
+    e = cs.Engine(executor=remote[1])
+    rec = Recorder(e)
+    with pytest.raises(TypeError, match="pickle|serialize"):
+        run_engine(e, ident(threading.Lock()))
+    assert [f.status for f in rec.of(cs.TaskExecutionFinished)] == ["Failed"]
+    assert run_engine(e, ident(3)) == 3
+
+
+def test_with_constraints_amounts_reach_dask_as_resources():
+    # regression: gpu=1 was counted here only, so the task landed on a worker without one
+    distributed = requires("distributed", "dask[distributed]")
+    workers = {"gpu": {"cls": distributed.Worker,
+                       "options": {"nthreads": 1, "resources": {"gpu": 1}}},
+               "cpu": {"cls": distributed.Worker, "options": {"nthreads": 1}}}
+    with distributed.SpecCluster(workers=workers, scheduler={
+            "cls": distributed.Scheduler, "options": {"dashboard_address": ":0"}}) as cluster, \
+            distributed.Client(cluster) as client:
+        client.wait_for_workers(2, timeout=TIMEOUT)
+        gpu = [a for a, w in client.scheduler_info()["workers"].items()
+               if w["resources"].get("gpu")]
+        e = cs.Engine(executor=client.get_executor(), system_resources={"gpu": 2})
+        assert run_engine(e, rx_where.map(range(6)).with_constraints(gpu=1)) == gpu * 6
+        assert e.status()["capacities"] == {"gpu": {"total": 2, "in_use": 0}}
+
+
+def test_losing_the_dask_scheduler_fails_the_run_with_an_error_that_names_it(rx_dir):
+    # regression: the run failed with a bare CancelledError and no word of why
+    distributed = requires("distributed", "dask[distributed]")
+    d = rx_dir
+    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                       dashboard_address=":0")
+    client = distributed.Client(cluster)
+    try:
+        e = cs.Engine(executor=client)
+        h = e.start(rx_work.map(cs.unmapped(d), range(4), hold=cs.unmapped(True)))
+        wait_for(lambda: _marks(d, "start") == 1)
+        cluster.sync(cluster.scheduler.close)
+        with pytest.raises(cs.CascadeError, match=r"task 'rx_work' \(rx_work-1\[\d\]\) of run "
+                                                  r".* the Dask cluster cancelled or lost it "
+                                                  r".*scheduler-connection-lost"):
+            h.result(TIMEOUT)
+    finally:
+        _release(d)
+        with contextlib.suppress(Exception):
+            client.close(timeout=2)
+        with contextlib.suppress(Exception):
+            cluster.close(timeout=2)
+
+
+def test_a_killed_dask_worker_loses_nothing(dask_client, rx_dir):
+    # Dask runs the body its dead worker had again elsewhere (so it may run twice)
+    d = rx_dir
+    e = cs.Engine(executor=dask_client)
+    h = e.start(rx_work.map(cs.unmapped(d), range(6), hold=cs.unmapped(True)))
+    wait_for(lambda: _marks(d, "start") == 2)
+    pid = next(iter(dask_client.run(os.getpid).values()))
+    os.kill(pid, signal.SIGKILL)
+    _release(d)
+    try:
+        assert h.result(3 * TIMEOUT) == list(range(6))
+        assert _marks(d, "start") >= 7   # the killed worker's body ran again
+    finally:
+        dask_client.wait_for_workers(2, timeout=3 * TIMEOUT)
+
+
+def _pids(d):
+    return {int(n[3:].split("-")[0]) for n in os.listdir(d) if n.startswith("pid")}
+
+
+def test_a_killed_process_pool_worker_fails_the_run_with_the_pools_error(rx_dir):
+    # A process pool does not survive the death of a worker (BrokenProcessPool): the run
+    # fails with that error, and ends, rather than wait for bodies that are gone
+    import multiprocessing
+    pool = concurrent.futures.ProcessPoolExecutor(
+        2, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        e = cs.Engine(executor=pool)
+        h = e.start(rx_work.map(cs.unmapped(rx_dir), range(6), hold=cs.unmapped(True)))
+        wait_for(lambda: _marks(rx_dir, "start") == 2)
+        os.kill(min(_pids(rx_dir)), signal.SIGKILL)
+        with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+            h.result(TIMEOUT)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def test_engine_window_is_checked():
+    pool = concurrent.futures.ProcessPoolExecutor(1)  # (no process is started)
+    try:
+        assert cs.Engine(executor=pool).status()["window"] == {
+            "executor": "process pool", "size": 1, "submitted": 0}
+        assert cs.Engine(executor=pool, window=5).status()["window"]["size"] == 5
+        for bad in (0, -1, True, 2.0, "2"):
+            with pytest.raises(ValueError, match="window="):
+                cs.Engine(executor=pool, window=bad)
+    finally:
+        pool.shutdown()
+    with pytest.raises(ValueError, match="a thread pool has no window"):
+        cs.Engine(window=2)
+    assert cs.Engine().status()["window"] is None
+
+
 def test_a_body_that_cannot_even_start_fails_the_run_instead_of_hanging():
     # regression: an exception while starting a body left the unit counted as in
     # flight, and the run waited for it forever
@@ -8824,7 +9199,8 @@ def test_bench_quick_smoke_run_prints_the_table():
     p = run_python(os.path.join(ROOT, "bench", "bench.py"), "--quick", timeout=240)
     assert p.returncode == 0, p.stderr[-2000:]
     for row in ("| W1 fan-out, async bodies", "| W2 chain", "| W3 limited I/O", "| W4 map",
-                "| W5", "| W6", "| W7", "import cascade",
+                "| W5", "| W6", "| W7", "| W11 CPU-bound map on a 2-process pool",
+                "| W11 CPU-bound map on a Dask LocalCluster", "import cascade",
                 # (skipped with a note where no Mosquitto runs)
                 "| W10 telemetry over Mosquitto (paho): W4's map", "| W10 telemetry burst"):
         assert row in p.stdout, row

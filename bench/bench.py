@@ -9,10 +9,11 @@ installed) in this process, alternating them within each repetition, every measu
 on a fresh event loop, and keeps the best repetition. Peak RSS comes from one fresh child
 process per (workload, implementation). W9 times `engine.status()` during a
 1,000,000-item map running on `engine.start()`'s helper thread, and measures that map's
-peak RSS. `--quick` uses tiny sizes: it is the test suite's smoke run. Standard
-library only; peers (`pip install -r bench/requirements.txt`) are imported inside the
-functions that use them. Exit status 1 means a workload raised; a missed target is not
-an error (read the table).
+peak RSS. W11 runs a CPU-bound map on a 2-process pool and on a Dask LocalCluster (needs
+dask[distributed]) against `pool.map` and `client.map`. `--quick` uses tiny sizes: it is
+the test suite's smoke run. Standard library only; peers (`pip install -r
+bench/requirements.txt`) are imported inside the functions that use them. Exit status 1
+means a workload raised; a missed target is not an error (read the table).
 """
 import argparse, asyncio, datetime, gc, graphlib, importlib.util, json, os, platform, re, resource
 import subprocess, sys, tempfile, threading, time, traceback
@@ -25,12 +26,14 @@ FULL = dict(n=10_000, chain=2_000, io_n=500, io_sleep=0.010, io_limit=50, reps=5
             scale=(1_000, 10_000, 100_000), samples=200, ttl_samples=60, ttl=0.02, timeout=180,
             big=1_000_000, big_limit=1_000, hold=0.1, status_samples=20, status_gap=0.1,
             names=2_000, storm_s=2.0, storm_topics=10, storm_rate=50_000, big_map=100_000, hogs=16, hog_samples=60, hog_ttl=0.05,
-            burst=50_000)
+            burst=50_000,
+            pool_n=200, pool_work=200_000, dask_n=40, dask_work=1_000_000)
 QUICK = dict(n=200, chain=100, io_n=100, io_sleep=0.001, io_limit=10, reps=1,
              scale=(50, 100, 200), samples=10, ttl_samples=5, ttl=0.02, timeout=30,
              big=2_000, big_limit=1_000, hold=0.02, status_samples=5, status_gap=0.005,
              names=100, storm_s=0.2, storm_topics=3, storm_rate=25_000, big_map=2_000, hogs=4, hog_samples=5, hog_ttl=0.02,
-             burst=2_000)
+             burst=2_000,
+             pool_n=8, pool_work=1_000, dask_n=4, dask_work=1_000)
 SKIP_DASK = "skipped: pip install -r bench/requirements.txt"
 
 # ---------------------------------------------------------------- task bodies
@@ -44,6 +47,11 @@ async def a_io(i, d):
     return i
 STAMPS = []  # perf_counter() at the start of each W6 probe body
 async def a_probe(i): STAMPS.append(perf())
+def s_cpu(n):  # W11: CPU-bound work for a process pool or a Dask worker
+    s = 0
+    for i in range(n):
+        s += i * i
+    return s
 
 try:  # the same plain functions, as Cascade tasks
     import cascade as cs
@@ -51,6 +59,7 @@ try:  # the same plain functions, as Cascade tasks
     total, total_sync = cs.task(name="total")(a_total), cs.task(name="total_sync")(s_total)
     io, probe = cs.task(name="io")(a_io), cs.task(name="probe")(a_probe)
     hold = cs.task(name="hold")(a_io)
+    cpu = cs.task(name="cpu")(s_cpu)  # (sent as s_cpu, which the workers find by name)
     CASCADE_ERROR = None
 except Exception as exc:  # missing or broken: the floors and peers still run
     cs, CASCADE_ERROR = None, f"{type(exc).__name__}: {exc}"
@@ -769,6 +778,108 @@ def c_telemetry_burst(cfg):
             c.loop_stop()
             c.disconnect()
 
+
+# ---------------------------------------------------------------- W11: remote executors
+# One 2-process pool (spawn) and one Dask LocalCluster (2 worker processes, 1 thread each),
+# made once, outside the timed region, and shared by the repetitions.
+REMOTE = {}
+
+def remote_pool():
+    if "pool" not in REMOTE:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
+        list(pool.map(s_cpu, [1, 1]))  # its processes are up
+        REMOTE["pool"] = pool
+    return REMOTE["pool"]
+
+def remote_dask():
+    if "dask" not in REMOTE:
+        import distributed
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                           dashboard_address=":0")
+        client = distributed.Client(cluster)
+        client.gather(client.map(s_cpu, [1, 1], pure=False))  # its workers are warm
+        REMOTE["dask"] = (cluster, client)
+    return REMOTE["dask"][1]
+
+def close_remote():
+    pool = REMOTE.pop("pool", None)
+    if pool is not None:
+        pool.shutdown()
+    dask = REMOTE.pop("dask", None)
+    if dask is not None:
+        dask[1].close()
+        dask[0].close()
+
+def _c_remote(ex, n, work, cfg, window=None):
+    expect = [s_cpu(work)] * n
+    # window None: the executor's slots (2 here), the default
+    engine = cs.Engine(executor=ex, window=window) if cs is not None else None
+    return _loop_run(_c_run(lambda: cpu.map([work] * n), expect, engine), cfg)
+
+def c_pool_map(n, cfg):
+    return _c_remote(remote_pool(), n, cfg["pool_work"], cfg)
+
+def f_pool_map(n, cfg):
+    pool, work = remote_pool(), cfg["pool_work"]
+    t0 = perf()
+    value = list(pool.map(s_cpu, [work] * n))
+    dt = perf() - t0
+    assert value == [s_cpu(work)] * n
+    return dt
+
+def c_dask_map(n, cfg):
+    return _c_remote(remote_dask(), n, cfg["dask_work"], cfg)
+
+def c_dask_map_w2(n, cfg):  # its threads alone: nothing queued at the workers
+    return _c_remote(remote_dask(), n, cfg["dask_work"], cfg, window=2)
+
+def f_dask_map(n, cfg):
+    client, work = remote_dask(), cfg["dask_work"]
+    t0 = perf()
+    value = client.gather(client.map(s_cpu, [work] * n, pure=False))  # every call runs
+    dt = perf() - t0
+    assert value == [s_cpu(work)] * n
+    return dt
+
+RUNNERS.update(c_pool_map=c_pool_map, f_pool_map=f_pool_map, c_dask_map=c_dask_map,
+               c_dask_map_w2=c_dask_map_w2, f_dask_map=f_dask_map)
+
+def have_distributed():
+    return importlib.util.find_spec("distributed") is not None
+
+def w11(cfg, args, errors):
+    rows = []
+    try:
+        n = cfg["pool_n"]
+        best = best_of(cfg["reps"], ["c_pool_map", "f_pool_map"], n, cfg, errors)
+        row = ratio_row(f"W11 CPU-bound map on a 2-process pool (n={n:,}, {_each(best, 'f_pool_map', n)}), "
+                        "default window (2)", n, best, {}, "c_pool_map", "f_pool_map", 1.15, "ProcessPoolExecutor.map")
+        rows.append(row)
+        if have_distributed():
+            n = cfg["dask_n"]
+            best = best_of(cfg["reps"], ["c_dask_map", "c_dask_map_w2", "f_dask_map"], n, cfg, errors)
+            label = (f"W11 CPU-bound map on a Dask LocalCluster, 2 workers × 1 thread (n={n:,}, "
+                     f"{_each(best, 'f_dask_map', n)})")
+            rows.append(ratio_row(f"{label}, default window (4: threads + 1 per worker)", n, best,
+                                  {}, "c_dask_map", "f_dask_map", 1.15, "client.map"))
+            rows.append(ratio_row(f"{label}, window=2 (its threads alone)", n, best, {},
+                                  "c_dask_map_w2", "f_dask_map", None, "client.map"))
+        else:
+            rows.append(dict(workload="W11 CPU-bound map on a Dask LocalCluster", floor=SKIP_DASK,
+                             target="≤ 1.15× client.map", met="—"))
+    finally:
+        close_remote()
+    for r in rows:
+        r["rss"] = "(not run)" if "raw" in r else ""
+    return rows
+
+def _each(best, floor, n):
+    # a body's time on one of the 2 workers, from the floor's run: it is what ran
+    v = best.get(floor)
+    return f"≈{2 * v / n * 1e3:.0f} ms each" if isinstance(v, float) else "CPU-bound bodies"
+
 def w10(cfg, args, errors):
     rows, names = [], cfg["names"]
     best, rss = measure(names * 5, ["c_names_limited", "c_names"], cfg, args, errors)
@@ -1028,7 +1139,7 @@ def w8(cfg, args, errors):
                  target="≤ 15 ms", met=verdict(extra, 15.0))]
 
 WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6, "W7": w7, "W9": w9,
-             "W10": w10, "IMPORT": w8}
+             "W10": w10, "W11": w11, "IMPORT": w8}
 
 FOOTNOTE = """\
 Timed: building the work and running it to its value. Cascade: graph build +
@@ -1055,7 +1166,13 @@ control's expires_at) while CPU-bound sync bodies keep the GIL busy; W4's map on
 whose telemetry goes to Mosquitto (the run's flush included; paho client and the engine's
 control subscription made outside the timed region) against W4 without telemetry; and the
 events of a 50,000-item map that reach a paho subscriber and `cascade watch --count` (a
-separate process). The MQTT rows use a topic prefix of their own on the shared broker."""
+separate process). The MQTT rows use a topic prefix of their own on the shared broker.
+W11 (remote executors): a map of CPU-bound sync bodies on a 2-process pool (spawn) and on a Dask
+LocalCluster of 2 worker processes × 1 thread, each made once outside the timed region; Cascade with
+its default window (the pool's 2 workers; the cluster's 2 threads + 1 per worker) against
+`list(pool.map(f, items))` and `client.gather(client.map(f, items, pure=False))`; Cascade's time
+includes its per-run check that the task loads in a worker. The "window=2" Dask row is for
+information: with nothing queued at the workers, each waits a scheduler round trip per task."""
 
 def print_table(rows, args, cfg, seconds):
     version = getattr(cs, "__version__", "?") if cs else f"not importable ({CASCADE_ERROR})"
