@@ -904,32 +904,29 @@ def w10(cfg, args, errors):
                                   slowest_call=slowest)))
     except Exception as exc:
         rows.append(dict(workload=label, cascade=_fail("W10 storm", exc, errors)))
-    label = (f"W10 a pause over MQTT while a {cfg['big_map']:,}-item map under a limit "
-             "sends its BLOCKED telemetry (publish → applied; first at 0.3 s, then 4 more)")
-    try:
-        lat = c_control_under_telemetry(cfg)
-        if isinstance(lat, str):
-            rows.append(dict(workload=label, cascade=lat))
-        else:
-            ok = lat[0] <= 500 and max(lat[1:]) <= 50
-            rows.append(dict(workload=label, cascade=" / ".join(f"{x:.0f}" for x in lat) + " ms",
-                             floor="(0.1: 5.2 s for the first; QoS 0 telemetry: 1 s)",
-                             target="first ≤ 500 ms (the map is still expanding), then ≤ 50 ms",
-                             met="yes" if ok else "**no**", raw=dict(ms=lat)))
-    except Exception as exc:
-        rows.append(dict(workload=label, cascade=_fail("W10 MQTT control", exc, errors)))
-    label = "W10 one trivial run of an engine linked to Mosquitto through paho (p50 / max)"
-    try:
-        lat = c_mqtt_per_run(cfg)
-        if isinstance(lat, str):
-            rows.append(dict(workload=label, cascade=lat))
-        else:
-            rows.append(dict(workload=label, cascade=f"{pct(lat, 50):.1f} / {max(lat):.1f} ms",
-                             floor="(0.1: about 88 ms on a system where Nagle's algorithm bit)",
-                             target="≤ 3 ms", met=verdict(pct(lat, 50), 3.0),
-                             raw=dict(ms=lat)))
-    except Exception as exc:
-        rows.append(dict(workload=label, cascade=_fail("W10 MQTT per run", exc, errors)))
+    def over_mqtt(label, measure, what, make):
+        """A row of a measurement over a real broker: ``make(result)`` gives its fields;
+        a str result (why it was skipped) is shown as it is, an error as _fail's."""
+        try:
+            res = measure(cfg)
+            rows.append(dict(workload=label, **({"cascade": res} if isinstance(res, str)
+                                                 else make(res))))
+        except Exception as exc:
+            rows.append(dict(workload=label, cascade=_fail(what, exc, errors)))
+
+    over_mqtt(f"W10 a pause over MQTT while a {cfg['big_map']:,}-item map under a limit sends "
+              "its BLOCKED telemetry (publish → applied; first at 0.3 s, then 4 more)",
+              c_control_under_telemetry, "W10 MQTT control", lambda lat: dict(
+                  cascade=" / ".join(f"{x:.0f}" for x in lat) + " ms",
+                  floor="(0.1: 5.2 s for the first; QoS 0 telemetry: 1 s)",
+                  target="first ≤ 500 ms (the map is still expanding), then ≤ 50 ms",
+                  met="yes" if lat[0] <= 500 and max(lat[1:]) <= 50 else "**no**",
+                  raw=dict(ms=lat)))
+    over_mqtt("W10 one trivial run of an engine linked to Mosquitto through paho (p50 / max)",
+              c_mqtt_per_run, "W10 MQTT per run", lambda lat: dict(
+                  cascade=f"{pct(lat, 50):.1f} / {max(lat):.1f} ms",
+                  floor="(0.1: about 88 ms on a system where Nagle's algorithm bit)",
+                  target="≤ 3 ms", met=verdict(pct(lat, 50), 3.0), raw=dict(ms=lat)))
     n = cfg["n"]
     best, rss = measure(n, ["c_map_mqtt", "c_map", "c_map_mqtt_counts"], cfg, args, errors)
     rows.append(ratio_row(f"W10 telemetry over Mosquitto (paho): W4's map (n={n:,}), "
@@ -938,22 +935,18 @@ def w10(cfg, args, errors):
     rows.append(ratio_row(f"W10 telemetry over Mosquitto (paho): W4's map (n={n:,}), "
                           "telemetry=\"counts\" / none", n, best, rss, "c_map_mqtt_counts",
                           "c_map", None, "W4 without telemetry"))
-    label = (f"W10 telemetry burst over Mosquitto: a {cfg['burst']:,}-item map's events "
-             "delivered (paho subscriber / `cascade watch --count`)")
-    try:
-        res = c_telemetry_burst(cfg)
-        if isinstance(res, str):
-            rows.append(dict(workload=label, cascade=res))
-        else:
-            sent, paho, watched, us = res
-            worst = min(paho, watched) / sent
-            rows.append(dict(workload=label, cascade=f"{paho / sent:.1%} / {watched / sent:.1%}",
-                             floor=f"({sent:,} events sent; the run {us:.1f} µs/task; unbatched "
-                                   "(issue 10): 66% reached a watch)",
-                             target="≥ 99% each", met=verdict(worst, 0.99, at_most=False),
-                             raw=dict(sent=sent, paho=paho, watch=watched, us_per_task=us)))
-    except Exception as exc:
-        rows.append(dict(workload=label, cascade=_fail("W10 MQTT burst", exc, errors)))
+
+    def burst(res):
+        sent, paho, watched, us = res
+        return dict(cascade=f"{paho / sent:.1%} / {watched / sent:.1%}",
+                    floor=f"({sent:,} events sent; the run {us:.1f} µs/task; unbatched "
+                          "(issue 10): 66% reached a watch)",
+                    target="≥ 99% each", met=verdict(min(paho, watched) / sent, 0.99,
+                                                      at_most=False),
+                    raw=dict(sent=sent, paho=paho, watch=watched, us_per_task=us))
+    over_mqtt(f"W10 telemetry burst over Mosquitto: a {cfg['burst']:,}-item map's events "
+              "delivered (paho subscriber / `cascade watch --count`)", c_telemetry_burst,
+              "W10 MQTT burst", burst)
     label = (f"W10 TTL expiry lateness with {cfg['hogs']} CPU-bound sync bodies (ttl "
              f"{cfg['hog_ttl'] * 1e3:g} ms, n={cfg['hog_samples']}, p50 / p99)")
     try:
