@@ -5104,8 +5104,17 @@ class Engine:
                   run_id: Optional[str] = None) -> Any:
         """Run ``target`` (a lazy result, or a list/tuple/dict of them) and return its
         value. On the first task failure the run fails fast and the task's exception is
-        raised unchanged. Logs nothing above DEBUG; subscribe to events instead."""
-        return await _Run(self, _as_target(target), params, run_id or _new_run_id()).execute()
+        raised unchanged. Logs nothing above DEBUG; subscribe to events instead.
+        ``run_id`` names the run (``run:<run_id>`` scopes, telemetry topics); by default
+        a new one. It must be a valid topic level, and not the id of an active run."""
+        if run_id is None:
+            run_id = _new_run_id()
+        else:  # (regression: a '/' in it broke the run's telemetry topic)
+            _check_name(run_id, "run_id")
+            if run_id in self._runs:
+                raise ValueError(f"run_id {run_id!r} is the id of a run still active on this "
+                                 "engine; give each concurrent run its own id")
+        return await _Run(self, _as_target(target), params, run_id).execute()
 
     def start(self, target: Any, params: Optional[dict] = None) -> RunHandle:
         """Start a run in the background and return its ``RunHandle`` at once.

@@ -6487,6 +6487,30 @@ def test_each_run_gets_its_own_run_id():
     assert len(ids) == 2 and ids[0] != ids[1]
 
 
+def test_a_run_id_that_is_no_topic_level_or_is_active_is_refused():
+    engine = cs.Engine()
+    for bad in ("a/b", "x+", "#", "", "a b"):
+        with pytest.raises(ValueError, match="run_id"):
+            asyncio.run(engine.run(ident(1), run_id=bad))
+
+    async def main():
+        gate = asyncio.Event()
+
+        @cs.task
+        async def hold():
+            await gate.wait()
+            return 1
+        first = asyncio.ensure_future(engine.run(hold(), run_id="nightly"))
+        while "nightly" not in engine.status()["runs"]:
+            await asyncio.sleep(0.001)
+        with pytest.raises(ValueError, match="still active"):
+            await engine.run(ident(2), run_id="nightly")
+        gate.set()
+        return await first
+    assert asyncio.run(main()) == 1
+    assert asyncio.run(engine.run(ident(3), run_id="nightly")) == 3  # free again
+
+
 def test_subscribe_by_type_and_unsubscribe():
     engine = cs.Engine()
     only_started = []
