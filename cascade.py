@@ -39,6 +39,7 @@ import inspect
 import itertools
 import json
 import logging
+import math
 import operator
 import os
 import queue
@@ -725,8 +726,9 @@ def _scope_matches(scope, key, project):
     return any(fnmatch.fnmatchcase(v, pat) for v in _SCOPE_KINDS[kind][0](key, project))
 
 
-_RATE = re.compile(r" *(\d+(?:\.\d*)?|\.\d+) */ *([smh]) *")
-_PER = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_RATE = re.compile(r" *(\d+(?:\.\d*)?|\.\d+) */ *([smhd]) *")
+_PER = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_MAX_WINDOWS = 8            # windows of one rate limit ("60/m" and "10000/d" are two)
 
 
 # The largest numbers a control may carry: beyond them the arithmetic of limits, token
@@ -739,7 +741,8 @@ _MAX_UNIX = 1e11            # an expires_at (the year 5138)
 
 
 def _parse_rate(rate):
-    """Starts per second from ``"10/s"``, ``"30/m"``, ``"2/h"`` or a number per second."""
+    """Starts per second from ``"10/s"``, ``"30/m"``, ``"2/h"``, ``"500/d"`` or a number
+    per second."""
     per_s = None
     try:
         if isinstance(rate, (int, float)) and not isinstance(rate, bool):
@@ -756,7 +759,7 @@ def _parse_rate(rate):
     except OverflowError:  # an int too large for a float
         per_s = None
     if per_s is None or not (0 < per_s <= _MAX_RATE):
-        raise ConstraintError(f"rate {rate!r:.80} is not valid; use 'N/s', 'N/m', 'N/h' or a "
+        raise ConstraintError(f"rate {rate!r:.80} is not valid; use 'N/s', 'N/m', 'N/h', 'N/d' or a "
                               f"positive number per second, at most {_MAX_RATE:.0e} (to stop "
                               "starts, use pause)")
     return per_s
@@ -942,49 +945,87 @@ class _Window(_Limiter):
 
 
 class _Bucket(_State):
-    """Token bucket: ``rate`` tokens a second, at most ``burst``; starts full, so with
-    burst 1 starts are evenly spaced (as in Celery). A start takes a token at grant; a
-    grant that never started gets it back."""
-    __slots__ = ("scope", "label", "rate", "burst", "tokens", "stamp")
+    """Token buckets, one a window: ``"60/m"`` gives 60/60 tokens a second, at most its
+    burst. Each starts full, so with burst 1 starts are evenly spaced (as in Celery). A
+    start takes a token from every window at grant (so each window's bound holds: starts
+    <= burst + rate * elapsed); a grant that never started gets them back. One window
+    is the common case; ``["60/m", "10000/d"]`` makes two (see _check_rate_limit)."""
+    __slots__ = ("scope", "label", "windows", "stamp")
 
     def __init__(self, scope, params, now):
-        self.scope, self.tokens, self.stamp = scope, params["burst"], now
+        self.scope, self.stamp, self.windows = scope, now, ()
         self.update(params, now)
 
     def refill(self, now):
         if now > self.stamp:
-            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            dt = now - self.stamp
+            for w in self.windows:  # w = [rate per second, burst, tokens, unit]
+                w[2] = min(w[1], w[2] + dt * w[0])
             self.stamp = now
 
     def can_take(self, n, now):
         self.refill(now)
-        return self.tokens >= n
+        for w in self.windows:
+            if w[2] < n:
+                return False
+        return True
 
     def take(self, u, n):
-        self.tokens -= n
+        for w in self.windows:
+            w[2] -= n
 
     def give_back(self, u, n, began):
         if not began:
-            self.tokens = min(self.burst, self.tokens + n)
+            for w in self.windows:
+                w[2] = min(w[1], w[2] + n)
 
     def update(self, params, now):
-        # replacing keeps at most the new burst of tokens
+        # Replacing keeps, for each window of the same unit, at most the new burst of
+        # tokens; a window that is new starts full.
         self.refill(now)
-        self.rate, self.burst, self.label = _parse_rate(params["rate"]), params["burst"], params["rate"]
-        self.tokens = min(self.tokens, self.burst)
+        rates, bursts = params["rate"], params["burst"]
+        if type(rates) is not list:
+            rates, bursts = [rates], [bursts]
+        old = {w[3]: w[2] for w in self.windows}
+        windows = []
+        for rate, burst in zip(rates, bursts):
+            unit = _rate_unit(rate)
+            windows.append([_parse_rate(rate), burst, min(old.get(unit, burst), burst), unit])
+        self.windows = windows
+        self.label = params["rate"]  # as given: "10/s", 0.5, ["60/m", "10000/d"]
 
     def retry_at(self, now):
-        return now + (1 - self.tokens) / self.rate
+        # when every window has a token again (each refills on its own)
+        return now + max(max(0.0, 1 - w[2]) / w[0] for w in self.windows)
 
     def why(self, n):
-        return f"rate_limit on {self.scope} ({self.label})"
+        rates = self.label if type(self.label) is list else [self.label]
+        short = [r for r, w in zip(rates, self.windows) if w[2] < n] or rates
+        return f"rate_limit on {self.scope} ({_plus(short)})"
 
     def usage(self, now):
         self.refill(now)
-        return {"rate": self.label, "burst": self.burst, "tokens": round(self.tokens, 3)}
+        tokens = [round(w[2], 3) for w in self.windows]
+        bursts = [w[1] for w in self.windows]
+        one = len(tokens) == 1
+        return {"rate": self.label, "burst": bursts[0] if one else bursts,
+                "tokens": tokens[0] if one else tokens}
 
     def __repr__(self):
-        return f"<_Bucket {self.rate:g}/s burst={self.burst} tokens={self.tokens:.2f}>"
+        return "<_Bucket " + ", ".join(f"{w[0]:g}/s burst={w[1]} tokens={w[2]:.2f}"
+                                       for w in self.windows) + ">"
+
+
+def _rate_unit(rate):
+    """The window a rate is counted over, by its unit: ``"60/m"`` -> "m"; a plain
+    number is per second."""
+    m = _RATE.fullmatch(rate) if isinstance(rate, str) else None
+    return m.group(2) if m else "s"
+
+
+def _plus(x):
+    """A window list as it reads in status and logs: ``60/m + 10000/d``."""
+    return " + ".join(map(str, x)) if type(x) is list else str(x)
 
 
 # -- control types: one entry each ------------------------------------------------
@@ -995,11 +1036,39 @@ def _check_concurrency(raw):
 
 
 def _check_rate_limit(raw):
+    """One rate (``"10/s"``; burst an int, 1 by default) or several windows, each bound
+    holding (``["60/m", "10000/d"]``; burst a list, one per window). With several, the
+    first window's burst defaults to 1, as for one rate (evenly spaced starts), and
+    each further window's to its own count (a quota: 10000 a day, at any pace the other
+    windows allow). A list of one rate is that rate."""
     if "rate" not in raw:
         raise ConstraintError("a rate_limit constraint needs params {'rate': '10/s'}")
-    _parse_rate(raw["rate"])
-    burst = raw.get("burst")
-    return {"rate": raw["rate"], "burst": 1 if burst is None else _check_int(burst, "burst", 1)}
+    rate, burst = raw["rate"], raw.get("burst")
+    if type(rate) in (list, tuple) and len(rate) == 1:
+        rate = rate[0]
+        if type(burst) in (list, tuple) and len(burst) == 1:
+            burst = burst[0]
+    if type(rate) not in (list, tuple):
+        _parse_rate(rate)
+        return {"rate": rate, "burst": 1 if burst is None else _check_int(burst, "burst", 1)}
+    if not 1 < len(rate) <= _MAX_WINDOWS:
+        raise ConstraintError(f"a rate_limit takes one rate or a list of 2 to {_MAX_WINDOWS} "
+                              f"windows ('60/m', '10000/d'), got {len(rate)}")
+    units = []
+    for r in rate:
+        _parse_rate(r)
+        unit = _rate_unit(r)
+        if unit in units:
+            raise ConstraintError(f"rate windows {list(rate)!r:.120} name the unit '/{unit}' "
+                                  "twice; give each window its own unit (s, m, h, d)")
+        units.append(unit)
+    if burst is None:
+        burst = [1] + [max(1, min(_MAX_COUNT, math.ceil(_parse_rate(r) * _PER[_rate_unit(r)])))
+                       for r in rate[1:]]
+    elif type(burst) not in (list, tuple) or len(burst) != len(rate):
+        raise ConstraintError(f"burst {burst!r:.80} must be a list of one int per rate window "
+                              f"({len(rate)}), or left out")
+    return {"rate": list(rate), "burst": [_check_int(b, "burst", 1) for b in burst]}
 
 
 class _ControlType:
@@ -1028,9 +1097,10 @@ _CONTROL_TYPES = {t.name: t for t in (
                  lambda row: f"{row['in_use']}/{row['limit']} in use", _Limiter.control,
                  adopts_running=True),
     _ControlType("rate_limit", ("rate", "burst"), _check_rate_limit,
-                 lambda p: f"rate {p['rate']} burst {p['burst']}",
-                 lambda p: f"{p['rate']} burst {p['burst']}",
-                 lambda row: f"{row['rate']} burst {row['burst']} tokens {row['tokens']}",
+                 lambda p: f"rate {_plus(p['rate'])} burst {_plus(p['burst'])}",
+                 lambda p: f"{_plus(p['rate'])} burst {_plus(p['burst'])}",
+                 lambda row: (f"{_plus(row['rate'])} burst {_plus(row['burst'])} "
+                              f"tokens {_plus(row['tokens'])}"),
                  _Bucket),
 )}
 _TYPES = tuple(_CONTROL_TYPES)
@@ -2978,7 +3048,8 @@ class Controller:
     async def limit(self, scope: str, n: int, *, ttl: Optional[float] = None) -> Constraint:
         return await self._publish(Constraint.make(scope, "concurrency", {"limit": n}, ttl=ttl))
 
-    async def rate_limit(self, scope: str, rate: Union[str, float], *, burst: Optional[int] = None,
+    async def rate_limit(self, scope: str, rate: Union[str, float, list], *,
+                         burst: Union[int, list, None] = None,
                          ttl: Optional[float] = None) -> Constraint:
         return await self._publish(Constraint.make(scope, "rate_limit",
                                                    {"rate": rate, "burst": burst}, ttl=ttl))
@@ -5038,10 +5109,14 @@ class Engine:
         self._cp.apply(c)
         return c
 
-    def rate_limit(self, scope: str, rate: Union[str, float], *, burst: Optional[int] = None,
+    def rate_limit(self, scope: str, rate: Union[str, float, list], *,
+                   burst: Union[int, list, None] = None,
                    ttl: Optional[float] = None) -> Constraint:
         """At most ``burst + rate * elapsed`` starts of tasks matched by ``scope``;
-        ``rate`` is "N/s", "N/m", "N/h" or a number per second; burst defaults to 1."""
+        ``rate`` is "N/s", "N/m", "N/h", "N/d" or a number per second; burst defaults
+        to 1. Several windows, each bound holding: ``rate=["60/m", "10000/d"]`` with
+        ``burst`` a list (one per window), by default 1 for the first and each further
+        window's count (10000): a quota of 10,000 a day, at 1 a second at most."""
         c = Constraint.make(scope, "rate_limit", {"rate": rate, "burst": burst}, ttl=ttl)
         self._cp.apply(c)
         return c
@@ -6373,13 +6448,19 @@ def _cli_parser():
     v.add_argument("scope", help=scope_help)
     v.add_argument("n", type=int, help="how many may run at once (0 holds every start)")
     v.set_defaults(publish=lambda ctl, a: ctl.limit(a.scope, a.n, ttl=a.ttl))
-    v = verb("rate", "start at most RATE tasks of SCOPE (10/s, 30/m, 2/h, or per second)",
+    v = verb("rate", "start at most RATE tasks of SCOPE (10/s, 30/m, 2/h, 500/d, or per "
+                     "second); several RATEs are windows that each hold (60/m 10000/d)",
              (mqtt, ttl))
     v.add_argument("scope", help=scope_help)
-    v.add_argument("rate", help="10/s, 30/m, 2/h, or a number per second")
-    v.add_argument("--burst", type=int, help="starts allowed at once (default 1)")
-    v.set_defaults(publish=lambda ctl, a: ctl.rate_limit(a.scope, a.rate, burst=a.burst,
-                                                         ttl=a.ttl))
+    v.add_argument("rate", nargs="+", help="10/s, 30/m, 2/h, 500/d, or a number per second; "
+                                           "one per window")
+    v.add_argument("--burst", type=int, nargs="+",
+                   help="starts allowed at once, one per window (default 1; with several "
+                        "windows 1 for the first, each other window's count for it)")
+    v.set_defaults(publish=lambda ctl, a: ctl.rate_limit(
+        a.scope, a.rate[0] if len(a.rate) == 1 else a.rate,
+        burst=a.burst[0] if a.burst and len(a.burst) == 1 and len(a.rate) == 1 else a.burst,
+        ttl=a.ttl))
     v = verb("clear", "remove the controls of SCOPE (all types, or --type)")
     v.add_argument("scope", help=scope_help)
     v.add_argument("--type", choices=[*_TYPES, *_TYPE_ALIASES],

@@ -2909,6 +2909,121 @@ def test_a_granted_start_stopped_by_a_late_pause_gives_its_rate_token_back():
     assert sorted(starts) == [0, 1, 2, 3]
 
 
+def test_a_rate_limit_with_several_windows_holds_each_bound():
+    # Quotas: 5 at once then 50/s, and at most 8 in any minute (plus 5/60 a second).
+    e = cs.Engine()
+    g = Gauge()
+    rec = Recorder(e)
+    e.rate_limit("task:q", ["50/s", "5/m"], burst=[5, 8])
+
+    @cs.task(name="q")
+    async def q(i):
+        g.enter("q")
+        g.exit("q")
+        return i
+
+    t0 = time.monotonic()
+    h = e.start(q.map(range(10)))
+    wait_for(lambda: len(g.starts) == 8)
+    times = [t for _, t, _ in g.starts]
+    for k, t in enumerate(times, start=1):
+        assert k <= 5 + 50 * (t - t0) + 1e-6, (k, t - t0)  # the first window
+    wait_for(lambda: len(e.status()["blocked"]) == 2)
+    time.sleep(0.2)
+    assert len(g.starts) == 8  # the minute's quota is spent: the 9th waits ~12 s
+    (row,) = [s for s in e.status()["scopes"] if s["type"] == "rate_limit"]
+    assert row["rate"] == ["50/s", "5/m"] and row["burst"] == [5, 8]
+    assert row["tokens"][1] < 1
+    # the reason names the window that holds them back now (first it was the 50/s one)
+    assert {b["waits_on"] for b in e.status()["blocked"]} == {"rate_limit on task:q (5/m)"}
+    assert rec.of(cs.TaskBlocked)[0].reason == "rate_limit on task:q (50/s)"
+    e.clear("task:q")
+    assert h.result(TIMEOUT) == list(range(10))
+
+
+def test_several_rate_windows_default_to_one_then_each_windows_count():
+    e = cs.Engine()
+    c = e.rate_limit("tag:openai", ["60/m", "10000/d"])
+    assert c.params == {"rate": ["60/m", "10000/d"], "burst": [1, 10000]}
+    assert repr(c).startswith("<Constraint rate 60/m + 10000/d burst 1 + 10000 on tag:openai")
+    assert e.rate_limit("task:x", ["60/m"]).params == {"rate": "60/m", "burst": 1}  # one rate
+    assert e.rate_limit("task:x", "2/d").params == {"rate": "2/d", "burst": 1}  # per day
+    assert e.rate_limit("task:x", ["1/m", 0.5, "3/h"]).params["burst"] == [1, 1, 3]
+
+
+@pytest.mark.parametrize("rate, burst, match", [
+    (["1/s", "2/s"], None, "unit '/s' twice"),
+    (["1/s", 5], None, "unit '/s' twice"),       # a plain number is per second
+    (["1/s", "2/m"], 3, "one int per rate window"),
+    (["1/s", "2/m"], [1], "one int per rate window"),
+    (["1/s", "2/m"], [1, 0], "burst must be an int from 1"),
+    ([], None, "list of 2 to 8 windows"),
+    (["1/s", "1/m", "1/h", "1/d", "2", "3", "4", "5", "6"], None, "list of 2 to 8"),
+    (["1/s", "1/w"], None, "'N/d'"),
+])
+def test_bad_rate_windows_are_refused_naming_the_fix(rate, burst, match):
+    with pytest.raises(cs.ConstraintError, match=match):
+        cs.Engine().rate_limit("task:x", rate, burst=burst)
+
+
+def test_replacing_rate_windows_keeps_each_units_tokens_and_fills_new_ones():
+    e = cs.Engine()
+    e.rate_limit("task:r", ["1/h", "1/d"], burst=[3, 10])
+    started = []
+
+    @cs.task(name="r")
+    async def r(i):
+        started.append(i)
+
+    h = e.start(r.map(range(6)))
+    wait_for(lambda: len(started) == 3 and len(e.status()["blocked"]) == 3)
+
+    def tokens():
+        return next(s for s in e.status()["scopes"] if s["type"] == "rate_limit")["tokens"]
+    assert tokens() == [0, 7]
+    # the day's window keeps its 7 (at most the new burst, 5); the minute's is new: full
+    e.rate_limit("task:r", ["2/m", "1/d"], burst=[2, 5])
+    wait_for(lambda: len(started) == 5)
+    time.sleep(0.05)
+    assert len(started) == 5 and tokens()[1] == 3
+    e.clear("task:r")
+    h.result(TIMEOUT)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(windows=st.lists(st.tuples(st.sampled_from(["s", "m", "h", "d"]),
+                                  st.integers(1, 400), st.integers(1, 4)),
+                        min_size=2, max_size=4, unique_by=lambda w: w[0]),
+       n=st.integers(1, 12))
+def test_property_every_rate_window_bounds_the_starts(windows, n):
+    per = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    rates = [f"{count}/{unit}" for unit, count, _ in windows]
+    bursts = [b for _, _, b in windows]
+    e = cs.Engine()
+    e.rate_limit("task:p", rates, burst=bursts)
+    starts = []
+
+    @cs.task(name="p")
+    async def p(i):
+        starts.append(time.monotonic())
+
+    t0 = time.monotonic()
+    h = e.start(p.map(range(n)))
+    # what the windows allow within the next 0.3 s, at most n
+    allowed = min(n, *(b + int(c / per[u] * 0.3) for (u, c, _), b in zip(windows, bursts)))
+    wait_for(lambda: len(starts) >= allowed)
+    time.sleep(0.05)
+    cleared = time.monotonic()
+    e.clear("task:p")
+    h.result(TIMEOUT)
+    assert len(starts) == n
+    # every start before the clear: within every window's bound (body starts come after
+    # their grants, so this side of the bound cannot fail by scheduling delay)
+    for k, t in enumerate([t for t in sorted(starts) if t < cleared], start=1):
+        for (u, c, _), b in zip(windows, bursts):
+            assert k <= b + c / per[u] * (t - t0) + 1e-6, (k, t - t0, u, c, b)
+
+
 # --- ttl --------------------------------------------------------------------
 
 def test_pause_with_ttl_lifts_itself():
@@ -3272,6 +3387,14 @@ def test_no_timer_is_armed_while_nothing_changes():
       "params": {"rate": "1/s", "burst": 10**400}}, "burst"),
     ({"id": "x", "scope": "task:t", "type": "rate_limit", "params": {"rate": 10**400}}, "rate"),
     ({"id": "x", "scope": "task:t", "type": "rate_limit", "params": {"rate": "10\n/s"}}, "rate"),
+    ({"id": "x", "scope": "task:t", "type": "rate_limit",
+      "params": {"rate": ["1/s", "2/s"]}}, "twice"),
+    ({"id": "x", "scope": "task:t", "type": "rate_limit",
+      "params": {"rate": ["1/s", "2/m"], "burst": [1, 10**400]}}, "burst"),
+    ({"id": "x", "scope": "task:t", "type": "rate_limit",
+      "params": {"rate": ["1/s", "2/m"], "burst": 4}}, "burst"),
+    ({"id": "x", "scope": "task:t", "type": "rate_limit",
+      "params": {"rate": ["1/s", {"x": 1}]}}, "rate"),
     ({"id": "x", "scope": "task:t", "type": "concurrency", "params": {"limit": 10**400}},
      "limit"),
     ({"id": "x", "scope": "task:t", "type": "pause", "expires_at": 10**400}, "expires_at"),
@@ -3702,7 +3825,8 @@ def hostile_message(draw):
         pick = lambda ok: draw(ok if draw(odds) < 5 else huge)
         params = {"pause": lambda: {},
                   "concurrency": lambda: {"limit": pick(st.integers(1, 5))},
-                  "rate_limit": lambda: {"rate": pick(st.sampled_from(["50/s", "20/s", 30])),
+                  "rate_limit": lambda: {"rate": pick(st.sampled_from(
+                      ["50/s", "20/s", 30, ["50/s", "600/m"], ["50/s", "1/s"]])),
                                          "burst": pick(st.integers(1, 3))}}[kind]()
     else:
         params = draw(st.one_of(_hostile_values, st.dictionaries(
@@ -8594,6 +8718,25 @@ def test_cli_every_control_verb_and_status_as_a_table_with_time_left(paho, broke
             assert r.returncode == 1, (bad, r.stdout, r.stderr)
             assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
             assert r.stderr.startswith("cascade: ")
+    finally:
+        sweep(u)
+
+
+def test_cli_rate_with_several_windows_reaches_an_engine_as_one_quota(paho, broker):
+    u = broker
+    scope = f"tag:q_{u}"
+    try:
+        out = stdout_of(cli("rate", scope, "60/m", "10000/d", "--ttl", 60))
+        assert f"rate 60/m + 10000/d burst 1 + 10000 on {scope}" in out
+        (c,) = [c for c in json.loads(stdout_of(cli("status", "--json")))["in_force"]
+                if c["scope"] == scope]
+        assert c["params"] == {"rate": ["60/m", "10000/d"], "burst": [1, 10000]}
+        out = stdout_of(cli("rate", scope, "5/s", "100/h", "--burst", 2, 50))
+        assert f"rate 5/s + 100/h burst 2 + 50 on {scope}" in out
+        for bad in (["rate", scope, "1/s", "2/s"], ["rate", scope, "1/s", "1/m", "--burst", 3]):
+            r = cli(*bad)
+            assert r.returncode == 1 and r.stderr.startswith("cascade: "), (bad, r.stderr)
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     finally:
         sweep(u)
 
