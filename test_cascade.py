@@ -2136,7 +2136,7 @@ def test_constraint_round_trips_through_dict_and_validates():
     lambda e: e.limit("task:x", True),
     lambda e: e.rate_limit("task:x", "ten/s"),
     lambda e: e.rate_limit("task:x", 0),
-    lambda e: e.rate_limit("task:x", "5/d"),
+    lambda e: e.rate_limit("task:x", "5/w"),  # (/d is a day)
     lambda e: e.rate_limit("task:x", "5/s", burst=0),
     lambda e: e.pause("task:x", ttl=0),
     lambda e: e.pause("task:x", ttl=-3),
