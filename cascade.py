@@ -677,14 +677,16 @@ class _Key:
     per run (one object per task, or per task and capacity amounts), so a key compares
     and hashes by identity. The control plane caches on it what it needs (``needs``,
     ``takes``, as of constraint generation ``gen``)."""
-    __slots__ = ("name", "tags", "run_id", "amounts", "window", "gen", "needs", "takes")
+    __slots__ = ("name", "tags", "run_id", "amounts", "window", "since", "gen", "needs",
+                 "takes")
 
-    def __init__(self, name, tags, run_id, amounts=(), window=None):
+    def __init__(self, name, tags, run_id, amounts=(), window=None, since=math.inf):
         self.name = name          # the task's name: task:<name>
         self.tags = tags          # the task's tags: tag:<tag>
         self.run_id = run_id      # run:<run_id>
         self.amounts = amounts    # ((capacity, n), ...) of with_constraints, n > 0
         self.window = window      # the engine's _Window: a sync task on a remote executor
+        self.since = since        # when its run started (monotonic): drains after it hold
         self.gen = -1
         self.needs = self.takes = ()
 
@@ -791,6 +793,7 @@ def _check_int(value, what, low, high=_MAX_COUNT):
 class _State:
     __slots__ = ()
     fifo, gate, takes, capacity = True, False, True, False
+    since = None  # a drain's: the runs that started before it are exempt (see _needs)
 
     def may_begin(self, u, n):
         return True
@@ -831,6 +834,24 @@ class _Pause(_State):
 
     def __repr__(self):
         return f"<_Pause {self.scope}>"
+
+
+class _Drain(_Pause):
+    """An active drain: held like a pause, but only the units of runs that started after
+    it was put in force (``since``, the engine's monotonic clock then; see _needs);
+    earlier runs carry on to their end. No start gate: a unit granted before the drain
+    belongs to a run that started before it."""
+    __slots__ = ("since",)
+    gate = False
+
+    def __init__(self, scope, params, now):
+        self.scope, self.since = scope, now
+
+    def why(self, n):
+        return f"drain on {self.scope}"
+
+    def __repr__(self):
+        return f"<_Drain {self.scope}>"
 
 
 class _Limiter(_State):
@@ -1092,6 +1113,8 @@ class _ControlType:
 _CONTROL_TYPES = {t.name: t for t in (
     _ControlType("pause", (), lambda raw: {}, lambda p: "pause", lambda p: "",
                  lambda row: f"{row['matching_running']} still running", _Pause),
+    _ControlType("drain", (), lambda raw: {}, lambda p: "drain", lambda p: "",
+                 lambda row: f"{row['matching_running']} still running", _Drain),
     _ControlType("concurrency", ("limit",), _check_concurrency,
                  lambda p: f"limit {p['limit']}", lambda p: f"limit {p['limit']}",
                  lambda row: f"{row['in_use']}/{row['limit']} in use", _Limiter.control,
@@ -1746,7 +1769,8 @@ class _ControlPlane:
         take nothing). Cached on the key until the constraints change."""
         if key.gen != self._gen:
             states = self._states
-            needs = [(states[sk], 1) for sk in self._matching(key)]
+            needs = [(st, 1) for st in map(states.__getitem__, self._matching(key))
+                     if st.since is None or st.since <= key.since]  # (drains: see _Drain)
             needs += [(self._caps[k], n) for k, n in key.amounts]
             if key.window is not None:
                 needs.append((key.window, 1))
@@ -1789,7 +1813,7 @@ class _ControlPlane:
             return False
         for o, m in self._needers[cap].items():
             if (m > n and o.waiters and o.waiters[0].seq < head and not cap.can_take(m, now)
-                    and not any(st.__class__ is _Pause for st, _ in self._needs(o.key))):
+                    and not any(isinstance(st, _Pause) for st, _ in self._needs(o.key))):
                 return True
         return False
 
@@ -3045,6 +3069,12 @@ class Controller:
     async def resume(self, scope: str = "global") -> None:
         await self._clear(scope, ("pause",), f"the resume of {scope}")
 
+    async def drain(self, scope: str = "global", *, ttl: Optional[float] = None) -> Constraint:
+        return await self._publish(Constraint.make(scope, "drain", ttl=ttl))
+
+    async def undrain(self, scope: str = "global") -> None:
+        await self._clear(scope, ("drain",), f"the undrain of {scope}")
+
     async def limit(self, scope: str, n: int, *, ttl: Optional[float] = None) -> Constraint:
         return await self._publish(Constraint.make(scope, "concurrency", {"limit": n}, ttl=ttl))
 
@@ -3982,6 +4012,7 @@ class _Run:
         self.target = target
         self.params = dict(params or {})
         self.run_id = run_id
+        self.since = math.inf       # when its first task could start (set in execute)
         self.stopping = False
         self.error = None
         self.nodes = {}
@@ -4049,6 +4080,9 @@ class _Run:
                 await self.link.open()
             if self._remote is not None:
                 await self._check_remote()
+            # The run starts now, after its sync with the broker: a drain put in force
+            # after this holds it, one in force before (retained on the broker) too.
+            self.since = time.monotonic()
             self._pump()
             try:
                 await self._wake
@@ -4289,7 +4323,8 @@ class _Run:
         task = lz.task
         window = None if task.is_async else self._window
         if not lz.amounts:
-            key = self.keys[task] = _Key(task.name, task.tags, self.run_id, (), window)
+            key = self.keys[task] = _Key(task.name, task.tags, self.run_id, (), window,
+                                         self.since)
             return key
         amounts = tuple(sorted(
             (k, n) for k, v in lz.amounts.items()
@@ -4297,7 +4332,7 @@ class _Run:
         key = self.keys.get((task, amounts))
         if key is None:
             key = self.keys[(task, amounts)] = _Key(task.name, task.tags, self.run_id, amounts,
-                                                    window)
+                                                    window, self.since)
         return key
 
     def _expand_map(self, node, budget):
@@ -5100,6 +5135,20 @@ class Engine:
         """Lift the pause of exactly this scope (other scopes' pauses and any limits
         stay). Returns the removed constraint, or None."""
         removed = self._cp.remove(_check_scope(scope), "pause")
+        return removed[0] if removed else None
+
+    def drain(self, scope: str = "global", *, ttl: Optional[float] = None) -> Constraint:
+        """For maintenance: runs already started carry on to their end; a run started
+        later holds at its first task matched by ``scope`` (as if paused) until
+        ``undrain`` (or the ttl). Unmatched tasks run as usual."""
+        c = Constraint.make(scope, "drain", ttl=ttl)
+        self._cp.apply(c)
+        return c
+
+    def undrain(self, scope: str = "global") -> Optional[Constraint]:
+        """Lift the drain of exactly this scope: the runs it held go on. Returns the
+        removed constraint, or None."""
+        removed = self._cp.remove(_check_scope(scope), "drain")
         return removed[0] if removed else None
 
     def limit(self, scope: str, n: int, *, ttl: Optional[float] = None) -> Constraint:
@@ -6402,6 +6451,8 @@ examples:
   cascade resume task:api_call
   cascade limit tag:io 5                at most 5 io tasks at once
   cascade rate task:fetch 10/s --burst 5
+  cascade rate tag:openai 60/m 10000/d  windows that each hold: a daily quota too
+  cascade drain global                  before maintenance: new runs hold, started ones finish
   cascade clear task:fetch              remove every control on task:fetch
   cascade status                        what is in force, with time left
   cascade watch                         live task events of every run
@@ -6443,6 +6494,12 @@ def _cli_parser():
     v.add_argument("scope", help=scope_help)
     v.set_defaults(publish=lambda ctl, a: ctl.pause(a.scope, ttl=a.ttl))
     v = verb("resume", "lift the pause of SCOPE")
+    v.add_argument("scope", help=scope_help)
+    v = verb("drain", "for maintenance: runs already started finish; runs started later "
+                      "hold at their first task in SCOPE until undrain", (mqtt, ttl))
+    v.add_argument("scope", help=scope_help)
+    v.set_defaults(publish=lambda ctl, a: ctl.drain(a.scope, ttl=a.ttl))
+    v = verb("undrain", "lift the drain of SCOPE: the runs it held go on")
     v.add_argument("scope", help=scope_help)
     v = verb("limit", "run at most N tasks of SCOPE at once (0 holds all)", (mqtt, ttl))
     v.add_argument("scope", help=scope_help)
@@ -6565,12 +6622,15 @@ async def _cli_verb(args, client):
                      timeout=args.timeout)
     v = args.verb
     publish = getattr(args, "publish", None)
-    if publish is not None:  # a control verb: pause, limit, rate
+    if publish is not None:  # a control verb: pause, drain, limit, rate
         c = await publish(ctl, args)
         return f"{c.describe()}, held by the broker"
     if v == "resume":
         await ctl.resume(args.scope)
         return f"resumed {args.scope}"
+    if v == "undrain":
+        await ctl.undrain(args.scope)
+        return f"undrained {args.scope}"
     if v == "clear":
         await ctl.clear(args.scope, args.type)
         return f"cleared {args.type or 'all controls'} on {args.scope}"

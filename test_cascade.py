@@ -3024,6 +3024,124 @@ def test_property_every_rate_window_bounds_the_starts(windows, n):
             assert k <= b + c / per[u] * (t - t0) + 1e-6, (k, t - t0, u, c, b)
 
 
+# --- drain ------------------------------------------------------------------
+
+def test_drain_lets_started_runs_finish_and_holds_runs_started_later():
+    e = cs.Engine()
+    rec = Recorder(e)
+    go = threading.Event()
+    ran = []
+
+    @cs.task(name="step")
+    def step(tag, i):
+        ran.append((tag, i))
+        return i
+
+    @cs.task
+    def gate(tag):
+        if tag == "old":
+            go.wait(TIMEOUT)  # the old run is mid-way when the drain comes
+        return tag
+
+    @cs.task(name="other")
+    def other(tag):
+        ran.append((tag, "other"))
+        return "other"
+
+    def flow(tag):  # step's items are readied only after gate: after the drain
+        return [step.map(cs.unmapped(gate(tag)), range(3)), other(tag)]
+
+    old = e.start(flow("old"))
+    wait_for(lambda: e.status()["tasks"].get("gate") == {"running": 1})
+    c = e.drain("global")
+    assert (c.type, c.scope, c.params) == ("drain", "global", {})
+    new = e.start(flow("new"))
+    go.set()
+    assert old.result(TIMEOUT) == [[0, 1, 2], "other"]  # started before: runs to its end
+    wait_for(lambda: e.status()["tasks"].get("gate") == {"blocked": 1})
+    time.sleep(0.05)
+    assert not [r for r in ran if r[0] == "new"]  # held at its first task
+    held = [ev for ev in rec.of(cs.TaskBlocked) if ev.run_id == new.run_id]
+    assert sorted((b.task_id, b.reason) for b in held) == [
+        ("gate-1", "drain on global"), ("other-1", "drain on global")]
+    assert [s["type"] for s in e.status()["scopes"]] == ["drain"]
+    assert e.undrain("global") == c
+    assert new.result(TIMEOUT) == [[0, 1, 2], "other"]
+    assert e.undrain("global") is None
+
+
+def test_a_drain_holds_only_the_tasks_of_its_scope_in_later_runs():
+    e = cs.Engine()
+    e.drain("task:db_write")
+
+    @cs.task(name="db_write")
+    async def db_write(x):
+        return x
+
+    @cs.task(name="fetch")
+    async def fetch(x):
+        return x + 1
+
+    h = e.start([fetch(1), db_write(fetch(2))])
+    wait_for(lambda: e.status()["tasks"].get("db_write") == {"blocked": 1})
+    assert e.status()["tasks"]["fetch"] == {"done": 2}
+    e.undrain("task:db_write")
+    assert h.result(TIMEOUT) == [2, 3]
+
+
+def test_a_drained_waiter_holds_no_capacity_back_from_others():
+    # A drained request for 2 GPUs is older than a request for 1 that fits: like a paused
+    # waiter, it holds nothing back (regression: only pauses were exempt from capacity
+    # FIFO, so the 1-GPU task waited behind the drained one for good).
+    e = cs.Engine(system_resources={"gpu": 2})
+    hold = threading.Event()
+
+    @cs.task(name="big")
+    def big():
+        return "big"
+
+    @cs.task(name="small")
+    def small(i):
+        if i == 0:
+            hold.wait(TIMEOUT)
+        return i
+
+    e.drain("task:big")
+    hb = e.start(big().with_constraints(gpu=2))
+    wait_for(lambda: e.status()["tasks"].get("big") == {"blocked": 1})
+    first = e.start(small(0).with_constraints(gpu=1))
+    wait_for(lambda: e.status()["tasks"].get("small") == {"running": 1})
+    assert e.start(small(1).with_constraints(gpu=1)).result(TIMEOUT) == 1
+    hold.set()
+    assert first.result(TIMEOUT) == 0
+    e.undrain("task:big")
+    assert hb.result(TIMEOUT) == "big"
+
+
+def test_a_retained_drain_holds_an_engine_that_starts_later_over_the_broker():
+    broker = cs.LocalBroker()
+
+    @cs.task(name="job")
+    async def job():
+        return "done"
+
+    async def main():
+        ctl = cs.Controller(broker)
+        c = await ctl.drain("project:maint", ttl=60)
+        assert c.type == "drain" and 0 < c.expires_in() <= 60
+        e = cs.Engine(connector=broker, project="maint")
+        run = asyncio.ensure_future(e.run(job()))
+        end = time.monotonic() + TIMEOUT
+        while e.status()["tasks"].get("job") != {"blocked": 1}:
+            assert time.monotonic() < end, e.status()
+            await asyncio.sleep(0.005)
+        assert e.status()["blocked"][0]["waits_on"] == "drain on project:maint"
+        await ctl.undrain("project:maint")
+        assert await ctl.status() == []
+        return await asyncio.wait_for(run, TIMEOUT)
+    assert asyncio.run(main()) == "done"
+
+
 # --- ttl --------------------------------------------------------------------
 
 def test_pause_with_ttl_lifts_itself():
@@ -8737,6 +8855,21 @@ def test_cli_rate_with_several_windows_reaches_an_engine_as_one_quota(paho, brok
             r = cli(*bad)
             assert r.returncode == 1 and r.stderr.startswith("cascade: "), (bad, r.stderr)
             assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    finally:
+        sweep(u)
+
+
+def test_cli_drain_and_undrain(paho, broker):
+    u = broker
+    scope = f"task:d_{u}"
+    try:
+        assert f"drain on {scope}" in stdout_of(cli("drain", scope, "--ttl", 60))
+        (c,) = [c for c in json.loads(stdout_of(cli("status", "--json")))["in_force"]
+                if c["scope"] == scope]
+        assert c["type"] == "drain"
+        assert stdout_of(cli("undrain", scope)).strip() == f"undrained {scope}"
+        assert not [c for c in json.loads(stdout_of(cli("status", "--json")))["in_force"]
+                    if c["scope"] == scope]
     finally:
         sweep(u)
 
