@@ -3103,7 +3103,7 @@ def test_a_drained_waiter_holds_no_capacity_back_from_others():
     @cs.task(name="small")
     def small(i):
         if i == 0:
-            hold.wait(TIMEOUT)
+            hold.wait(3 * TIMEOUT)  # longer than the result() below waits
         return i
 
     e.drain("task:big")
