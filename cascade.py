@@ -3658,9 +3658,12 @@ class _Dask(_Remote):
         return out
 
     def cancel(self, futures):
-        coro = self.client.cancel([f.remote for f in futures], asynchronous=True,
-                                  reason="cascade-run-stopped",
-                                  msg="the Cascade run that submitted it stopped")
+        remote = [f.remote for f in futures]
+        try:
+            coro = self.client.cancel(remote, asynchronous=True, reason="cascade-run-stopped",
+                                      msg="the Cascade run that submitted it stopped")
+        except TypeError:  # distributed before 2024.7 has no reason= nor msg= (regression:
+            coro = self.client.cancel(remote, asynchronous=True)  # the run hung in _stop)
         self.client.loop.add_callback(lambda: coro)
 
 
@@ -4631,7 +4634,11 @@ class _Run:
                 else:
                     u.body.cancel()
         if handed:
-            self._remote.cancel(handed)
+            try:
+                self._remote.cancel(handed)
+            except Exception:  # the run ends all the same: they run to their end, or
+                _log.warning("run %s could not cancel its %d futures on the %s",  # stop_grace
+                             self.run_id, len(handed), self._remote.name, exc_info=True)
         if not self._wake.done():
             self._wake.set_result(None)
 

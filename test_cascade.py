@@ -5459,6 +5459,50 @@ def test_a_killed_dask_worker_loses_nothing(dask_client, rx_dir):
         dask_client.wait_for_workers(2, timeout=3 * TIMEOUT)
 
 
+def test_a_failure_on_a_dask_client_whose_cancel_takes_no_reason_still_ends_the_run(
+        dask_client, rx_dir):
+    # regression: Client.cancel(reason=, msg=) came with distributed 2024.7; before it, the
+    # cancel of a failing run raised TypeError inside the run's stop, and the run hung
+    distributed = requires("distributed", "dask[distributed]")
+
+    class OldClient(distributed.Client):  # Client.cancel as distributed < 2024.7 has it
+        def cancel(self, futures, asynchronous=None, force=False):
+            return super().cancel(futures, asynchronous=asynchronous, force=force)
+
+    d = rx_dir
+    with OldClient(dask_client.scheduler.address) as client:
+        e = cs.Engine(executor=client, stop_grace=3 * TIMEOUT)
+        rec = Recorder(e)
+        h = e.start([rx_fail(d)] + [rx_work(d, i, hold=True) for i in range(6)])
+        with pytest.raises(ValueError, match="the first task fails"):
+            h.result(TIMEOUT)  # at once: the held bodies' futures are cancelled
+        assert [f.status for f in rec.of(cs.RunFinished)] == ["Failed"]
+        assert _marks(d, "start") <= 4
+
+
+def test_a_cancel_that_raises_does_not_keep_a_failing_run_from_ending(dask_client, rx_dir,
+                                                                       caplog):
+    # A run must always end: a cancel that fails is logged, and the bodies handed over
+    # run to their end (at most the window, at most stop_grace)
+    distributed = requires("distributed", "dask[distributed]")
+
+    class BrokenCancel(distributed.Client):
+        def cancel(self, *args, **kwargs):
+            raise RuntimeError("this client cannot cancel")
+
+    d = rx_dir
+    with BrokenCancel(dask_client.scheduler.address) as client:
+        e = cs.Engine(executor=client, stop_grace=3 * TIMEOUT)
+        rec = Recorder(e)
+        h = e.start([rx_fail(d)] + [rx_work(d, i, hold=True) for i in range(6)])
+        wait_for(lambda: rec.of(cs.TaskExecutionFinished, task_id="rx_fail-1"))
+        _release(d)
+        with pytest.raises(ValueError, match="the first task fails"):
+            h.result(TIMEOUT)
+        assert [f.status for f in rec.of(cs.RunFinished)] == ["Failed"]
+        assert "could not cancel its" in caplog.text
+
+
 def _pids(d):
     return {int(n[3:].split("-")[0]) for n in os.listdir(d) if n.startswith("pid")}
 
