@@ -5286,6 +5286,38 @@ def test_after_pause_returns_at_most_the_windows_queued_bodies_start_on_a_remote
     assert _marks(d, "start") == 12
 
 
+@cs.task
+def rx_quick(d, i):
+    _mark(d, "start")
+    time.sleep(random.random() * 0.01)
+    return i
+
+
+def test_pauses_racing_short_bodies_let_at_most_the_window_start_on_a_remote_executor(
+        remote, rx_dir):
+    # Guarantee 1 on a remote executor while pauses and resumes race a map of short
+    # bodies: after each pause returns, what still starts is what was handed over and
+    # not begun, never more than the window (bodies just handed over may all be such)
+    kind, ex = remote
+    d = rx_dir
+    e = cs.Engine(executor=ex)
+    h = e.start(rx_quick.map(cs.unmapped(d), range(300)))
+    wait_for(lambda: _marks(d, "start") > 0)  # (the run has checked its task, sized its window)
+    late, pauses = [], 0
+    while not h.done() and pauses < 12:
+        time.sleep(random.random() * 0.05)
+        e.pause("task:rx_quick")
+        began = _marks(d, "start")
+        size = e.status()["window"]["size"]
+        wait_for(lambda: e.status()["window"]["submitted"] == 0)  # the handed-over ended
+        late.append(_marks(d, "start") - began)
+        pauses += 1
+        e.resume("task:rx_quick")
+    assert h.result(TIMEOUT) == list(range(300))
+    assert _marks(d, "start") == 300
+    assert pauses > 3 and max(late) <= size == (4 if kind == "Dask" else 3), late
+
+
 def test_a_failure_on_a_remote_executor_hands_nothing_more_over(remote, rx_dir):
     # regression: every unit was submitted at once, so fail-fast ran every body (all
     # 200, 5 s to the error instead of 0.2 s)
