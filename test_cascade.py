@@ -5360,6 +5360,33 @@ def test_cancelling_a_run_on_a_remote_executor_cancels_its_remote_futures(remote
     assert _marks(d, "start") <= (4 if kind == "Dask" else 3)
 
 
+def _rx_hold(d):
+    # rx_work's body, for a pool's own submit (a task's function pickles as the task)
+    return rx_work.fn(d, -1, hold=True)
+
+
+def test_cancelling_a_run_while_it_checks_its_tasks_ends_it_and_runs_no_body(
+        process_pool, rx_dir):
+    # The check before the first body waits for a worker: with the pool's workers busy
+    # (and its call queue full), a cancel ends the run there, and no body of it runs
+    d = rx_dir
+    busy = [process_pool.submit(_rx_hold, d) for _ in range(3)]
+    wait_for(lambda: _marks(d, "start") == 2)
+    e = cs.Engine(executor=process_pool)
+    rec = Recorder(e)
+    h = e.start(rx_work(d, 0))
+    wait_for(lambda: rec.of(cs.RunStarted))
+    time.sleep(0.2)  # (its check is under way)
+    h.cancel()
+    with pytest.raises(concurrent.futures.CancelledError):
+        h.result(TIMEOUT)
+    assert [f.status for f in rec.of(cs.RunFinished)] == ["Cancelled"]
+    _release(d)
+    assert [f.result(TIMEOUT) for f in busy] == [-1] * 3
+    assert rec.of(cs.TaskExecutionStarted) == [] and _marks(d, "start") == 3
+    assert run_engine(e, rx_square_task(4)) == 16  # the pool is as it was
+
+
 def test_a_task_kept_under_another_name_and_a_builtin_task_run_on_a_remote_executor(remote):
     # regression: they unpickled as their plain function, and failed with
     # "'function' object has no attribute 'fn'"
