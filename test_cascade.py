@@ -5509,14 +5509,18 @@ def test_a_killed_dask_worker_loses_nothing(dask_client, rx_dir):
     e = cs.Engine(executor=dask_client)
     h = e.start(rx_work.map(cs.unmapped(d), range(6), hold=cs.unmapped(True)))
     wait_for(lambda: _marks(d, "start") == 2)
-    pid = next(iter(dask_client.run(os.getpid).values()))
+    addr, pid = next(iter(dask_client.run(os.getpid).items()))
     os.kill(pid, signal.SIGKILL)
     _release(d)
     try:
         assert h.result(3 * TIMEOUT) == list(range(6))
         assert _marks(d, "start") >= 7   # the killed worker's body ran again
     finally:
-        dask_client.wait_for_workers(2, timeout=3 * TIMEOUT)
+        # its replacement is up before the test ends (wait_for_workers(2) alone returns
+        # while the scheduler still lists the dead one: the nanny could then spawn the
+        # new worker between tests, where it inherits pytest's real stdout and stderr)
+        wait_for(lambda: (lambda w: addr not in w and len(w) == 2)(
+            dask_client.scheduler_info()["workers"]), 3 * TIMEOUT)
 
 
 def test_a_failure_on_a_dask_client_whose_cancel_takes_no_reason_still_ends_the_run(
