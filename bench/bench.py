@@ -814,7 +814,7 @@ def close_remote():
 
 def _c_remote(ex, n, work, cfg, window=None):
     expect = [s_cpu(work)] * n
-    # window None: the executor's slots (2 here), the default
+    # window None: the executor's slots, the default (the pool's 2 workers + 1; Dask: 4)
     engine = cs.Engine(executor=ex, window=window) if cs is not None else None
     return _loop_run(_c_run(lambda: cpu.map([work] * n), expect, engine), cfg)
 
@@ -855,7 +855,7 @@ def w11(cfg, args, errors):
         n = cfg["pool_n"]
         best = best_of(cfg["reps"], ["c_pool_map", "f_pool_map"], n, cfg, errors)
         row = ratio_row(f"W11 CPU-bound map on a 2-process pool (n={n:,}, {_each(best, 'f_pool_map', n)}), "
-                        "default window (2)", n, best, {}, "c_pool_map", "f_pool_map", 1.15, "ProcessPoolExecutor.map")
+                        "default window (3: workers + 1)", n, best, {}, "c_pool_map", "f_pool_map", 1.15, "ProcessPoolExecutor.map")
         rows.append(row)
         if have_distributed():
             n = cfg["dask_n"]
@@ -1162,7 +1162,7 @@ events of a 50,000-item map that reach a paho subscriber and `cascade watch --co
 separate process). The MQTT rows use a topic prefix of their own on the shared broker.
 W11 (remote executors): a map of CPU-bound sync bodies on a 2-process pool (spawn) and on a Dask
 LocalCluster of 2 worker processes × 1 thread, each made once outside the timed region; Cascade with
-its default window (the pool's 2 workers; the cluster's 2 threads + 1 per worker) against
+its default window (the pool's 2 workers + 1; the cluster's 2 threads + 1 per worker) against
 `list(pool.map(f, items))` and `client.gather(client.map(f, items, pure=False))`; Cascade's time
 includes its per-run check that the task loads in a worker. The "window=2" Dask row is for
 information: with nothing queued at the workers, each waits a scheduler round trip per task."""
