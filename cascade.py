@@ -4862,6 +4862,68 @@ class RunHandle:
         return f"<RunHandle {self.run_id} {state}>"
 
 
+class _ExitWait:
+    """Runs that ``engine.start`` began on a helper thread (daemon threads), which the
+    interpreter waits for at exit, as concurrent.futures waits for a ThreadPoolExecutor's
+    work: a script that starts a run and returns gets its run done, not dropped.
+
+    The wait is registered with threading's exit hook (``threading._register_atexit``,
+    as concurrent.futures.thread does), which runs before the interpreter joins its
+    threads and while it can still start threads (a run's pool starts them on demand);
+    plain ``atexit`` runs after that. Ctrl-C during the wait cancels every run still
+    going (each cleans up: nothing more starts, resources are torn down once its
+    bodies have settled, waiting up to ``stop_grace``); a second cancels them again
+    (the wait for their running bodies ends at once); a third gives up on them."""
+
+    def __init__(self):
+        self.handles = set()
+        self.hooked = False
+        self.lock = threading.Lock()
+
+    def add(self, handle):
+        with self.lock:
+            if not self.hooked:
+                self.hooked = True
+                try:
+                    threading._register_atexit(self.wait)
+                except (AttributeError, RuntimeError):  # no such hook, or exiting already
+                    import atexit  # (built in, and imported by site already)
+                    atexit.register(self.wait)
+            self.handles.add(handle)
+        handle._future.add_done_callback(lambda _: self.handles.discard(handle))
+
+    def wait(self):
+        # A Ctrl-C may land anywhere in here, also while the runs are being cancelled:
+        # each is counted, and acted on (in order) at the top of the loop.
+        interrupts = acted = 0
+        while True:
+            try:
+                left = [h for h in list(self.handles) if not h.done()]
+                if not left or interrupts > 2:
+                    return
+                if not interrupts:
+                    _log.info("waiting at exit for %d run(s) started with engine.start(): "
+                              "%s (Ctrl-C cancels)", len(left), ", ".join(h.run_id for h in left))
+                while acted < min(interrupts, 2):
+                    acted += 1
+                    _log.warning("Ctrl-C: %s %d run(s) started with engine.start(): %s",
+                                 "cancelling" if acted == 1 else
+                                 "no longer waiting for the running bodies of", len(left),
+                                 ", ".join(h.run_id for h in left))
+                    for h in left:
+                        h.cancel()
+                for h in left:  # (not futures.wait(): it misses a cancel() of the future)
+                    if not h._future.cancelled():
+                        h._future.exception()
+            except concurrent.futures.CancelledError:
+                pass
+            except KeyboardInterrupt:
+                interrupts += 1
+
+
+_wait_at_exit = _ExitWait()
+
+
 def _serve(loop):
     asyncio.set_event_loop(loop)
     try:
@@ -5012,6 +5074,7 @@ class Engine:
         self._pool = None
         self._pool_lock = threading.Lock()
         self._runs = {}
+        self._started = {}  # run id -> RunHandle of engine.start, until the run ends
         self._closed = False
         # this engine's name on the broker: host-pid and a random part (see _Presence)
         self.id = f"{_source()}-{os.urandom(3).hex()}"
@@ -5074,6 +5137,9 @@ class Engine:
         """A snapshot: per-task state counts, what every blocked task waits on, and
         per-scope usage against limits. Prints as a table."""
         runs = list(self._runs.values())
+        # runs started but not yet begun by their loop: listed, with no tasks yet
+        waiting = [k for k, h in list(self._started.items())
+                   if not h.done() and k not in self._runs]
         tasks = {}
         for r in runs:
             for name, counts in r.counts().items():
@@ -5081,7 +5147,7 @@ class Engine:
                 c.update(counts)
         scopes, caps, blocked = self._cp.snapshot([p for r in runs for p in r.scoped_tallies()])
         window = self._window
-        return _Status(runs=[r.run_id for r in runs],
+        return _Status(runs=[r.run_id for r in runs] + waiting,
                        tasks={k: dict(v) for k, v in tasks.items()},
                        blocked=blocked, scopes=scopes, capacities=caps,
                        window=None if window is None else window.usage(None))
@@ -5112,7 +5178,9 @@ class Engine:
 
         Where an event loop is running in this thread (a notebook), the run lives on it:
         later cells can steer it and ``await handle``. Elsewhere it runs on a new loop in a
-        helper thread, and ``handle.result()`` waits for it."""
+        helper thread, and ``handle.result()`` waits for it; the interpreter waits for
+        such a run at exit, as for a ThreadPoolExecutor's work (Ctrl-C then cancels it:
+        see _wait_at_exit). ``status()`` lists the run from the moment this returns."""
         target = _as_target(target)
         run_id = _new_run_id()
         coro = _contained(self.run(target, params, run_id=run_id))
@@ -5123,6 +5191,7 @@ class Engine:
         if loop is not None:
             handle = RunHandle(run_id, loop)
             handle._attach(loop.create_task(coro))
+            self._listed(handle)
             return handle
         loop = asyncio.new_event_loop()
         handle = RunHandle(run_id, loop)
@@ -5132,9 +5201,16 @@ class Engine:
             task.add_done_callback(lambda _: loop.stop())
             handle._attach(task)
         loop.call_soon(begin)
+        self._listed(handle)
+        _wait_at_exit.add(handle)
         threading.Thread(target=_serve, args=(loop,), name=f"cascade-{run_id}",
                          daemon=True).start()
         return handle
+
+    def _listed(self, handle):
+        """status() lists a started run at once, before its loop has begun it."""
+        self._started[handle.run_id] = handle
+        handle._future.add_done_callback(lambda _: self._started.pop(handle.run_id, None))
 
     def _threads(self):
         with self._pool_lock:
@@ -6137,15 +6213,27 @@ class _JsonFormatter(logging.Formatter):
 
 
 class _Progress:
-    """A live one-line status on stderr: done / running / blocked / failed. Redrawn on
-    events, at most every 0.1 s (a one-shot timer draws the last change)."""
+    """A live one-line status on stderr: how many of the run's task executions have
+    finished, of how many (with a percentage and an ETA once every map knows its
+    length), then done / running / blocked / failed. Redrawn on events, at most every
+    0.1 s (a one-shot timer draws the last change). On a terminal, cs.run's log handler
+    (_LogHandler) clears the line before each log line and draws it again after, under
+    ``lock``, so the two never run together; elsewhere only the final line is written."""
 
-    def __init__(self, stream=None):
+    def __init__(self, engine, stream=None):
+        self.engine = engine
         self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.lock = threading.RLock()
+        self.shown = False      # a status line without its newline is on the terminal
         self.done = self.failed = self.skipped = self.retrying = 0
         self.running, self.blocked = set(), set()
         self.last = 0.0
         self.timer = None
+        self.run = None         # the _Run, for its totals
+        self.t0 = None
+        self.maps = None        # its map nodes whose length is not known yet
+        self.ended = False      # the final line is drawn
 
     def __call__(self, e):
         t = type(e)
@@ -6165,10 +6253,16 @@ class _Progress:
             self.blocked.add(e.task_id)
         elif t is TaskSkipped:
             self.skipped += 1
+        elif t is RunStarted:
+            if self.run is None:
+                self.run = self.engine._runs.get(e.run_id)
+                self.t0 = time.monotonic()
+            return
         elif t is RunFinished:
             if self.timer:
                 self.timer.cancel()
             self.draw(end="\n")
+            self.ended = True
             return
         else:
             return
@@ -6181,21 +6275,85 @@ class _Progress:
             except RuntimeError:
                 pass
 
-    def line(self):
-        return (f"done {self.done} | running {len(self.running)} | blocked "
+    def total(self):
+        """(finished, total) task executions of the run, once every map of it knows its
+        length (a map over a lazy result learns it when that value arrives); else None."""
+        run = self.run
+        if run is None or not run.nodes:
+            return None
+        if self.maps is None:
+            self.maps = [n for n in run.nodes.values() if isinstance(n.lazy, MappedLazyResult)]
+        if self.maps:
+            self.maps = [n for n in self.maps if n.value is None and n.skip is None]
+            if self.maps:
+                return None
+        total = finished = 0
+        for t in list(run.tallies.values()):  # (dropped ones too: a failed run's total stays)
+            total += sum(t) - t[_RUNNING]  # (the GRANTED cell counts running units too)
+            finished += t[_DONE] + t[_FAILED] + t[_SKIPPED]
+        return (finished, total) if total else None
+
+    def line(self, end=""):
+        head = ""
+        known = self.total()
+        if known is not None:
+            finished, total = known
+            head = f"{finished}/{total} ({100 * finished // total}%)"
+            if not end and 0 < finished < total:
+                took = time.monotonic() - self.t0
+                head += f" ETA {_duration(took / finished * (total - finished))}"
+            head += " | "
+        return (f"{head}done {self.done} | running {len(self.running)} | blocked "
                 f"{len(self.blocked)} | failed {self.failed}"
                 + (f" | skipped {self.skipped}" if self.skipped else "")
                 + (f" | retries {self.retrying}" if self.retrying else ""))
 
     def draw(self, end=""):
-        self.timer = None
-        self.last = time.monotonic()
-        tty = getattr(self.stream, "isatty", lambda: False)()
-        if tty:
-            self.stream.write(f"\r\x1b[2K[cascade] {self.line()}{end}")
-        elif end:  # a log file gets the final line only, not a stream of redraws
-            self.stream.write(f"[cascade] {self.line()}{end}")
-        self.stream.flush()
+        with self.lock:
+            self.timer = None
+            self.last = time.monotonic()
+            if self.tty:
+                self.stream.write(f"\r\x1b[2K[cascade] {self.line(end)}{end}")
+                self.shown = not end
+            elif end:  # a log file gets the final line only, not a stream of redraws
+                self.stream.write(f"[cascade] {self.line(end)}{end}")
+            self.stream.flush()
+
+    def clear(self):
+        """Before a log line (lock held): wipe the status line, so the log line starts
+        at the beginning of a clean line."""
+        if self.shown:
+            self.stream.write("\r\x1b[2K")
+            self.shown = False
+
+
+def _duration(seconds):
+    """``5s``, ``3m05s``, ``2h07m``: an ETA."""
+    s = int(seconds + 0.5)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class _LogHandler(logging.StreamHandler):
+    """cs.run's log handler: with a progress line on the terminal, each log line clears
+    it first and draws it again after (the status line stays last, and whole)."""
+
+    def __init__(self, stream, progress=None):
+        super().__init__(stream)
+        self.progress = progress if progress is not None and progress.tty else None
+
+    def emit(self, record):
+        p = self.progress
+        if p is None:
+            return super().emit(record)
+        with p.lock:
+            p.clear()
+            super().emit(record)
+            if not p.ended:
+                p.draw()
 
 
 async def run_async(target: Any, params: Optional[dict] = None, *,
@@ -6213,9 +6371,12 @@ async def run_async(target: Any, params: Optional[dict] = None, *,
     if own:
         engine = Engine(system_resources=system_resources, resources=resources,
                         connector=connector)
+    else:
+        _check_engine_options(engine, system_resources, connector, resources)
     handler = None
+    show = _Progress(engine) if progress else None
     if not _log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _LogHandler(sys.stderr, show)
         handler.setFormatter(_JsonFormatter() if log_format == "json" else
                              logging.Formatter("%(asctime)s %(levelname)-7s %(message)s",
                                                "%H:%M:%S"))
@@ -6224,8 +6385,8 @@ async def run_async(target: Any, params: Optional[dict] = None, *,
         _log.addHandler(handler)
         _log.setLevel(level)
     unsubs = _LogEvents().subscribe(engine)
-    if progress:
-        unsubs.append(engine.subscribe(Event, _Progress()))
+    if show is not None:
+        unsubs.append(engine.subscribe(Event, show))
     try:
         return await engine.run(target, params)
     finally:
@@ -6238,33 +6399,67 @@ async def run_async(target: Any, params: Optional[dict] = None, *,
             engine.close()
 
 
+def _check_engine_options(engine, system_resources, connector, resources):
+    """``run(..., engine=e)``: the engine's own options are set where it was made, so
+    passing them again is an error that says so; ``resources`` are registered on it."""
+    if not isinstance(engine, Engine):
+        raise TypeError(f"run(..., engine=...) takes a cs.Engine, got {engine!r}")
+    given = [n for n, v in (("system_resources", system_resources), ("connector", connector))
+             if v is not None]
+    if given:
+        raise TypeError(f"run(..., engine=e) got {' and '.join(given)} too: they are the "
+                        f"engine's, so pass them where it is made, cs.Engine("
+                        f"{', '.join(f'{n}=...' for n in given)}), or leave engine= out")
+    for r in resources:
+        engine.register(r)
+
+
 def run(target: Any, params: Optional[dict] = None, *, system_resources: Optional[dict] = None,
         resources: Iterable[Resource] = (), connector: Any = None,
         log_level: Union[str, int] = "INFO", log_format: str = "human",
-        progress: bool = False) -> Any:
-    """Run ``target`` on a new default engine and return its value.
+        progress: bool = False, engine: Optional[Engine] = None) -> Any:
+    """Run ``target`` and return its value: on a new default engine, closed after the
+    run, or on ``engine`` (left open: its limits, pauses and resources apply; options
+    that belong to the engine, ``system_resources`` and ``connector``, are a TypeError
+    with it, and ``resources`` are registered on it, as ``engine.register`` does).
 
     Logs run and task events to stderr at ``log_level`` (human lines, or JSON lines with
     ``log_format="json"``) through a handler attached for this run only, and only when the
     library's logger has no handler of its own; ``progress=True`` shows a live status
     line. Works in a notebook too: where an event loop already runs in this thread, the
-    run happens on a helper thread (``await cs.run_async(...)`` is the async twin)."""
+    run happens on a helper thread (``await cs.run_async(...)`` is the async twin).
+
+    A failure raises the task's own exception, chained to nothing of the engine's. Ctrl-C
+    cancels the run (see _run_interruptibly) and raises ``KeyboardInterrupt`` from here."""
     coro = run_async(target, params, system_resources=system_resources,
                      resources=resources, connector=connector, log_level=log_level,
-                     log_format=log_format, progress=progress)
+                     log_format=log_format, progress=progress, engine=engine)
     try:
         asyncio.get_running_loop()
+        in_loop = True
     except RuntimeError:
-        return _run_interruptibly(coro)
+        in_loop = False
+    # (called outside the except clause: inside it, whatever the run raised would be
+    # chained to that RuntimeError, "During handling of the above exception ...")
+    if not in_loop:
+        value = _run_interruptibly(coro)
+        if value is _INTERRUPTED:  # raised here, the traceback is the user's call and this
+            raise KeyboardInterrupt
+        return value
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cascade-run") as ex:
         return ex.submit(asyncio.run, coro).result()
+
+
+_INTERRUPTED = object()  # what _run_interruptibly returns when Ctrl-C cancelled the run
 
 
 def _run_interruptibly(coro):
     """``asyncio.run(coro)`` where Ctrl-C cancels: the first cancels the run (which
     cleans up, waiting up to ``stop_grace`` for running bodies), the second cancels it
     again (it stops waiting and abandons them), and ``KeyboardInterrupt`` is raised once
-    it has ended; a third is raised where it lands, as Python's own. Neither of the
+    it has ended (by ``run``: this returns ``_INTERRUPTED`` for it, so the traceback
+    shows no frame of asyncio or of this function); a third is raised where it lands,
+    as Python's own. Neither of the
     first two raises inside a body or the scheduler (asyncio.run's handler raises the
     second wherever the main thread is, so a body could swallow it and the run go on
     waiting). Outside the main thread, or under a SIGINT handler of the caller's,
@@ -6291,7 +6486,7 @@ def _run_interruptibly(coro):
         return asyncio.run(guarded())
     except asyncio.CancelledError:
         if interrupts:
-            raise KeyboardInterrupt from None
+            return _INTERRUPTED
         raise
     finally:
         if signal.getsignal(signal.SIGINT) is on_sigint:

@@ -21,6 +21,7 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import io
 import itertools
 import json
 import logging
@@ -5959,6 +5960,92 @@ def test_start_returns_handle_with_result_done_and_run_id():
     assert {e.run_id for e in rec.events} == {handle.run_id}
 
 
+def test_status_lists_a_started_run_at_once():
+    # issue 12: status() right after start() showed no run until its loop had begun it
+    @cs.task
+    def f(x):
+        return x
+
+    engine = cs.Engine()
+    engine.pause("global")  # nothing starts: the run stays active
+    handle = engine.start(f(1))
+    assert engine.status()["runs"] == [handle.run_id]
+    assert "1 active run(s)" in repr(engine.status())
+    engine.resume("global")
+    assert handle.result(timeout=TIMEOUT) == 1
+    assert engine.status()["runs"] == []
+
+    async def on_a_loop():  # started on a running loop: listed before it has had a turn
+        h = engine.start(f(2))
+        listed = engine.status()["runs"]
+        return listed, h.run_id, await h
+
+    listed, run_id, value = asyncio.run(on_a_loop())
+    assert listed == [run_id] and value == 2
+    assert engine.status()["runs"] == []
+
+
+# A script that starts runs with engine.start() and returns: the interpreter waits
+# for them at exit. argv: a file to write when the run's body ends ("stuck": a body
+# that never returns, and a resource whose tear-down says so).
+EXIT_WAIT_SCRIPT = r"""
+import pathlib, sys, time
+import cascade as cs
+
+@cs.resource
+def res():
+    yield 1
+    print("torn down", flush=True)
+
+@cs.task
+def slow(path, r=cs.inject("res")):
+    print("started", flush=True)
+    if path == "stuck":
+        while True:
+            time.sleep(0.05)
+    time.sleep(0.5)
+    pathlib.Path(path).write_text("done")
+    return 1
+
+engine = cs.Engine(resources=[res], stop_grace=3600)
+engine.start(slow(sys.argv[1]))
+engine.start(slow(sys.argv[1] + "2") if sys.argv[1] != "stuck" else slow("stuck"))
+print("returned", flush=True)
+"""
+
+
+def test_the_interpreter_waits_at_exit_for_runs_started_with_start(tmp_path):
+    # issue 12: the run lived on a daemon thread, so a script that returned dropped it
+    # without a word; as with a ThreadPoolExecutor, the interpreter now waits for it
+    out = tmp_path / "done"
+    r = run_python("-c", EXIT_WAIT_SCRIPT, out)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert out.read_text() == "done" and (tmp_path / "done2").read_text() == "done"
+    assert "returned" in r.stdout.splitlines()
+    assert r.stdout.count("torn down") == 2, r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
+def test_ctrl_c_while_waiting_at_exit_cancels_the_started_runs():
+    # issue 12: Ctrl-C during the exit wait cancels the runs (their resources are torn
+    # down); a second ends their wait for a body that never returns, so the process exits
+    p = Proc([sys.executable, "-c", EXIT_WAIT_SCRIPT, "stuck"])
+    try:
+        said = sorted(p.expect("^(started|returned)$") for _ in range(3))
+        assert said == ["returned", "started", "started"]
+        p.p.send_signal(signal.SIGINT)
+        p.expect("Ctrl-C: cancelling 2 run", stream="err")
+        assert p.p.poll() is None  # it waits for the stuck bodies (stop_grace=3600)
+        p.p.send_signal(signal.SIGINT)
+        assert p.wait(TIMEOUT) == 0
+        assert p.lines["out"].count("torn down") == 2, p.lines
+        assert any("abandoned" in line for line in p.lines["err"]), p.lines["err"]
+        assert not any("Traceback" in line for line in p.lines["err"]), p.lines["err"]
+    finally:
+        p.kill()
+
+
 def test_start_with_params():
     @cs.task
     def f(x):
@@ -8470,9 +8557,149 @@ def test_cs_run_uses_existing_handlers_instead_of_its_own(bare_logger, capfd):
 
 def test_cs_run_progress_shows_status_line(bare_logger, capfd):
     assert cs.run(hello_task(5), progress=True) == 5
-    # not a terminal: no redraws, the final line only
+    # not a terminal: no redraws, the final line only (issue 12: with the total)
     assert capfd.readouterr().err.splitlines()[-1] == (
-        "[cascade] done 1 | running 0 | blocked 0 | failed 0")
+        "[cascade] 1/1 (100%) | done 1 | running 0 | blocked 0 | failed 0")
+
+
+def test_cs_run_on_an_engine_of_yours_keeps_its_controls_and_leaves_it_open(bare_logger, capfd):
+    # issue 12: cs.run(flow, engine=e) was a TypeError, so the logged, progress-showing
+    # entry point could not use an engine that carries limits
+    peak = running = 0
+    lock = threading.Lock()
+
+    @cs.task
+    def work(i, db=cs.inject("db")):
+        nonlocal peak, running
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.01)
+        with lock:
+            running -= 1
+        return i + db
+
+    @cs.resource
+    def db():
+        yield 100
+
+    engine = cs.Engine()
+    engine.limit("task:work", 2)
+    assert cs.run(work.map(range(12)), engine=engine, resources=[db]) == list(range(100, 112))
+    assert peak == 2
+    assert " run " in capfd.readouterr().err  # logged, as cs.run does
+    assert cs.run(work(1), engine=engine) == 101  # open still, db registered on it
+    with pytest.raises(TypeError, match=r"cs\.Engine\(system_resources=\.\.\.\)"):
+        cs.run(work(1), engine=engine, system_resources={"gpu": 1})
+    with pytest.raises(TypeError, match=r"connector"):
+        asyncio.run(cs.run_async(work(1), engine=engine, connector=cs.LocalBroker()))
+    with pytest.raises(TypeError, match="takes a cs.Engine"):
+        cs.run(work(1), engine="engine")
+    assert run_engine(engine, work(2)) == 102
+
+
+def test_a_failure_through_cs_run_is_chained_to_nothing(bare_logger):
+    # issue 12: every exception raised through cs.run() in a script was chained to an
+    # unrelated "RuntimeError: no running event loop" (During handling of the above ...)
+    @cs.task
+    def boom():
+        raise KeyError("k")
+
+    with pytest.raises(KeyError) as ei:
+        cs.run(boom())
+    assert ei.value.__context__ is None and ei.value.__cause__ is None
+
+    async def in_a_loop():  # (the helper-thread path too)
+        cs.run(boom())
+
+    with pytest.raises(KeyError) as ei:
+        asyncio.run(in_a_loop())
+    assert ei.value.__context__ is None and ei.value.__cause__ is None
+
+
+CTRL_C_SCRIPT = r"""
+import asyncio, time
+import cascade as cs
+
+@cs.resource
+def res():
+    yield 1
+    print("torn down", flush=True)
+
+@cs.task
+async def wait(i, r=cs.inject("res")):
+    print("waiting", flush=True)
+    await asyncio.sleep(3600)
+
+cs.run(wait.map(range(3)))
+""".replace("cs.run(wait.map(range(3)))", "cs.run(wait.map(range(3)), resources=[res])")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
+def test_ctrl_c_in_a_cs_run_script_gives_a_short_traceback():
+    # issue 12: a Ctrl-C gave a long traceback through asyncio and cascade's internals
+    p = Proc([sys.executable, "-c", CTRL_C_SCRIPT])
+    try:
+        for _ in range(3):
+            p.expect("^waiting$")
+        p.p.send_signal(signal.SIGINT)
+        assert p.wait(TIMEOUT) != 0
+        assert p.lines["out"].count("torn down") == 1, p.lines
+        err = p.lines["err"]
+        tb = err[next(i for i, line in enumerate(err) if line.startswith("Traceback")):]
+        assert tb[-1] == "KeyboardInterrupt", err
+        # the user's line and cs.run's: nothing of asyncio, nothing chained
+        assert len(tb) <= 6 and not any("asyncio" in line for line in tb), tb
+        assert any("cancelled" in line for line in err), err
+    finally:
+        p.kill()
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_cs_run_progress_on_a_terminal_never_runs_into_log_lines(bare_logger, monkeypatch):
+    # issue 12: "... failed 015:24:58 INFO ...": the status line and the log lines ran
+    # together; each log line must start on a clean line, and the status line shows a
+    # total, a percentage and an ETA once the map's length is known
+    tty = FakeTTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+
+    @cs.task
+    def work(i):
+        time.sleep(0.02)
+        if i == 5:
+            raise ValueError("once")
+        return i
+
+    @cs.task
+    def count():
+        return 30
+
+    @cs.task
+    def upto(n):
+        return list(range(n))
+
+    engine = cs.Engine()
+    engine.limit("task:work", 2)
+    flow = work.map(upto(count())).with_retry(2)  # its length known at run time only
+    with pytest.raises(ValueError):
+        cs.run(flow, progress=True, engine=engine)
+    out = tty.getvalue()
+    logs = list(re.finditer(r"\d\d:\d\d:\d\d (INFO|WARNING|ERROR) ", out))
+    assert len(logs) >= 4, out
+    for m in logs:  # each log line starts at the start of a clean line
+        before = out[:m.start()]
+        assert before == "" or before.endswith("\n") or before.endswith("\r\x1b[2K"), (
+            repr(out[max(0, m.start() - 80):m.end()]))
+    status = re.findall(r"\[cascade\] ([^\r\n\x1b]*)", out)
+    assert any(re.fullmatch(r"\d+/32 \(\d+%\) ETA \d+s \| done \d+ .*", s)
+               for s in status), status
+    assert not any(re.match(r"\d+/\d+", s) for s in status[:1]), status  # not known at first
+    assert status[-1].startswith("32/32 (100%) | done 31 |"), status
+    assert out.endswith("\n")
 
 
 def test_engine_run_logs_nothing_above_debug(caplog):
