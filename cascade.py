@@ -56,7 +56,7 @@ __version__ = "0.2.0.dev0"
 __all__ = [
     # errors
     "CascadeError", "ConstraintError", "ParamError", "ResourceError",
-    "DependencyMissingError", "NotKeptError",
+    "DependencyMissingError", "NotKeptError", "ShellError",
     # authoring
     "task", "Task", "LazyResult", "MappedLazyResult", "unmapped", "Param", "Env",
     "resource", "Resource", "inject", "shell",
@@ -101,6 +101,25 @@ class ResourceError(CascadeError, LookupError):
 
 class DependencyMissingError(CascadeError):
     """The run target was skipped (a ``run_if`` was falsy upstream), so it has no value."""
+
+
+class ShellError(CascadeError, subprocess.CalledProcessError):
+    """``cs.shell(command)`` exited non-zero: a ``subprocess.CalledProcessError``
+    (``returncode``, ``cmd``, ``stdout``, ``stderr``) whose message ends with the last
+    lines of the command's stderr (CalledProcessError's own message leaves it out)."""
+
+    def __str__(self):
+        tail = _tail(self.stderr)
+        return f"{super().__str__()} Its stderr ends: {tail}" if tail else super().__str__()
+
+
+def _tail(text, lines=10, chars=1000):
+    """The last ``lines`` lines of ``text`` (at most ``chars`` characters), stripped."""
+    text = (text or "").strip()
+    if not text:
+        return ""
+    tail = "\n".join(text.splitlines()[-lines:])
+    return tail if len(tail) <= chars else "..." + tail[-chars:]
 
 
 class NotKeptError(CascadeError):
@@ -540,7 +559,10 @@ def resource(fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = N
 def _shell(command, check=True):
     done = subprocess.run(command, shell=True, capture_output=True, text=True)
     if check and done.returncode:
-        raise subprocess.CalledProcessError(done.returncode, command, done.stdout, done.stderr)
+        raise ShellError(done.returncode, command, done.stdout, done.stderr)
+    if done.stderr.strip():  # (a failure carries it in its message instead)
+        _log.info("shell command %r (exit status %d) wrote on stderr: %s", command,
+                  done.returncode, _tail(done.stderr))
     return done.stdout
 
 
@@ -549,7 +571,9 @@ _shell_task = Task(_shell, name="shell")
 
 def shell(command: Union[str, LazyResult], check: bool = True) -> LazyResult:
     """A task running ``command`` in a shell (in the thread pool); its value is stdout.
-    With ``check=True`` a non-zero exit raises ``subprocess.CalledProcessError``.
+    With ``check=True`` a non-zero exit raises ``cs.ShellError``, a
+    ``subprocess.CalledProcessError`` whose message ends with the tail of stderr.
+    Otherwise stderr, when the command wrote any, is logged at INFO (its last lines).
     ``command`` may be a lazy result. Scopes see it as ``task:shell``."""
     return _shell_task(command, check)
 

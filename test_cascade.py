@@ -1854,6 +1854,37 @@ def test_shell_nonzero_exit_raises_when_checked():
     assert ei.value.returncode == 3
 
 
+def test_shell_failure_keeps_stderr_in_its_message(bare_logger, capfd):
+    # issue 12: CalledProcessError's message left stderr out, so the log said only
+    # "returned non-zero exit status 3"
+    script = "echo out; for i in $(seq 1 30); do echo line$i >&2; done; exit 3"
+    with pytest.raises(subprocess.CalledProcessError) as ei:
+        cs.run(cs.shell(script))
+    e = ei.value
+    assert isinstance(e, cs.ShellError) and isinstance(e, cs.CascadeError)
+    assert (e.returncode, e.cmd, e.stdout) == (3, script, "out\n")
+    assert e.stderr.splitlines() == [f"line{i}" for i in range(1, 31)]
+    text = str(e)
+    assert "exit status 3" in text and text.endswith("line30")
+    assert "line21" in text and "line20" not in text  # the tail: its last 10 lines
+    assert "line30" in capfd.readouterr().err  # in the failure's log line too
+    import pickle  # (a process pool sends it back)
+    back = pickle.loads(pickle.dumps(e))
+    assert type(back) is cs.ShellError and str(back) == text
+
+
+def test_shell_logs_stderr_of_a_command_that_succeeds(caplog):
+    # issue 12: cs.shell() dropped stderr when the command succeeded
+    caplog.set_level(logging.INFO, logger=cs.__name__)
+    assert cs.run(cs.shell("echo out; echo 'careful: disk 91% full' >&2")) == "out\n"
+    said = [r for r in caplog.records if "careful: disk 91% full" in r.getMessage()]
+    assert [r.levelname for r in said] == ["INFO"], caplog.records
+    assert "exit status 0" in said[0].getMessage()
+    caplog.clear()
+    assert cs.run(cs.shell("echo quiet")) == "quiet\n"
+    assert not [r for r in caplog.records if "stderr" in r.getMessage()]
+
+
 def test_shell_nonzero_exit_ignored_when_unchecked():
     assert cs.run(cs.shell("echo out; exit 3", check=False)) == "out\n"
 
