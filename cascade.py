@@ -531,29 +531,45 @@ class Resource:
     ``yield`` sets up, the yielded value is injected, code after it tears down. See
     ``resource``."""
 
-    def __init__(self, fn, *, name=None):
+    def __init__(self, fn, *, name=None, same_thread=False):
         if not (inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)):
             raise TypeError(f"@cs.resource needs a generator function (sync or async) with "
                             f"one `yield value` between set-up and tear-down; got {fn!r}")
         self.fn = fn
         self.name = _check_name(fn.__name__ if name is None else name, "resource name")
         self.is_async = inspect.isasyncgenfunction(fn)
+        if same_thread and self.is_async:
+            raise TypeError(f"@cs.resource(same_thread=True) on async generator {self.name!r}: "
+                            "an async resource lives on the event loop's one thread already; "
+                            "leave same_thread out, or make it a sync generator")
+        self.same_thread = bool(same_thread)
         self.injects = _injects_of(fn)
         functools.update_wrapper(self, fn)
 
     def __repr__(self):
-        return f"<Resource {self.name}{' async' if self.is_async else ''}>"
+        return (f"<Resource {self.name}{' async' if self.is_async else ''}"
+                f"{' same_thread' if self.same_thread else ''}>")
 
 
-def resource(fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None) -> Any:
+def resource(fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None,
+             same_thread: bool = False) -> Any:
     """Decorator for a resource generator: ``@cs.resource`` or ``@cs.resource(name=...)``.
     Register it with ``engine.register(r)`` or ``cs.run(..., resources=[r])``; tasks ask
     for it with ``db=cs.inject("db")``. Only resources the graph needs are set up, each
     before the first task that needs it; they are torn down in reverse order when the run
-    ends, also after a failure or cancellation. A resource may inject resources."""
+    ends, also after a failure or cancellation. A resource may inject resources.
+
+    A sync resource's set-up and tear-down run in the engine's thread pool, maybe on two
+    different threads, and each body that uses it on its own. ``same_thread=True`` is
+    for values that must stay on the thread that made them (a ``sqlite3`` connection):
+    the resource gets a thread of its own for the run, which runs its set-up, the body of
+    every (sync) task that injects it, one at a time, in the order they are admitted,
+    and its tear-down; so do resources that inject it. An async task cannot inject such
+    a resource, nor can a task or resource need two of them (each is a ResourceError
+    when the run starts)."""
     if fn is None:
-        return lambda f: Resource(f, name=name)
-    return Resource(fn, name=name)
+        return lambda f: Resource(f, name=name, same_thread=same_thread)
+    return Resource(fn, name=name, same_thread=same_thread)
 
 
 def _shell(command, check=True):
@@ -3839,9 +3855,78 @@ class _Resources:
         self._stack = []        # (resource, generator), in set-up order
         self._setups = set()    # tasks setting up resources before a unit's body
         self.escaped = None     # a KeyboardInterrupt/SystemExit raised by a tear-down
+        # same_thread resources (see resource()): where each resource lives, by the name
+        # of the same_thread resource whose thread it is (None: the engine's pool), and
+        # those threads, each a _Workers of one; ``stuck``: those a body still holds
+        # after the run abandoned it (see _Run._abandon).
+        self.homes = {}
+        self.threads = {}
+        self.stuck = set()
 
     def missing(self, lz):
         return any(r not in self.values for _, r in lz.injects)
+
+    def place(self, special, needed):
+        """At run start: find the thread each needed resource lives on (see homes), and
+        check that no task or resource needs two same_thread resources, and that no
+        async task needs one; else ResourceError, naming them and the fix."""
+        registered = self.run.engine._resources
+        if not any(registered[r].same_thread for r in needed):
+            return
+        homes = self.homes
+
+        def home(name, visiting):
+            if name in homes:
+                return homes[name]
+            res = registered[name]
+            found = {name} if res.same_thread else set()
+            for _, r in res.injects:
+                if r not in visiting:
+                    found.add(home(r, visiting | {r}))
+            found.discard(None)
+            if len(found) > 1:
+                raise ResourceError(
+                    f"resource {name!r} needs same_thread resources {sorted(found)}, which "
+                    "live on different threads; make one same_thread resource that yields "
+                    "what they do")
+            homes[name] = h = next(iter(found), None)
+            return h
+
+        for name in needed:
+            home(name, {name})
+        for node in special:
+            lz = node.lazy
+            if not lz.injects or lz.task is None:
+                continue
+            found = sorted({homes[r] for _, r in lz.injects} - {None})
+            if len(found) > 1:
+                raise ResourceError(
+                    f"task {lz.task.name!r} needs same_thread resources {found}, which live "
+                    "on different threads; make one same_thread resource that yields what "
+                    "they do")
+            if found and lz.task.is_async:
+                raise ResourceError(
+                    f"async task {lz.task.name!r} injects same_thread resource {found[0]!r}, "
+                    "which may be used only on its own thread; make the task a plain def "
+                    "(its body then runs on that thread)")
+
+    def home_of(self, lz):
+        """The name of the same_thread resource on whose thread a sync body that
+        injects resources runs, or None: the run's pool (see place)."""
+        for _, r in lz.injects:
+            h = self.homes.get(r)
+            if h is not None:
+                return h
+        return None
+
+    def _pool_for(self, name):
+        h = self.homes.get(name)
+        if h is None:
+            return self.run.engine._threads()
+        pool = self.threads.get(h)
+        if pool is None:
+            pool = self.threads[h] = _Workers(1, prefix=f"cascade-resource-{h}")
+        return pool
 
     def start_after_setup(self, u):
         t = self.run.loop.create_task(self._setup_then_start(u))
@@ -3879,7 +3964,7 @@ class _Resources:
                 if res.is_async:
                     value = await gen.__anext__()
                 else:
-                    value = await loop.run_in_executor(run.engine._threads(), _gen_next, gen)
+                    value = await loop.run_in_executor(self._pool_for(name), _gen_next, gen)
                     if value is _MISSING:
                         raise ResourceError(f"resource {name!r} returned without yielding")
             except BaseException as exc:
@@ -3906,13 +3991,18 @@ class _Resources:
                         raise RuntimeError("a resource generator must yield exactly once")
                     except StopAsyncIteration:
                         pass
+                elif self.homes.get(res.name) in self.stuck:
+                    _log.warning("resource %r is not torn down: its thread still runs a body "
+                                 "that run %s abandoned", res.name, run.run_id)
                 else:
-                    await run.loop.run_in_executor(run.engine._threads(), _gen_finish, gen)
+                    await run.loop.run_in_executor(self._pool_for(res.name), _gen_finish, gen)
             except Exception:
                 _log.exception("tear-down of resource %r failed", res.name)
             except BaseException as exc:  # (regression: it skipped the other tear-downs)
                 self.escaped = self.escaped or exc
             run.report.resource(res.name, False)
+        for pool in self.threads.values():  # (a stuck one ends when its body returns)
+            pool.shutdown(wait=False)
 
 
 class _Run:
@@ -4087,6 +4177,7 @@ class _Run:
                                     "pass it with engine.register(r) or "
                                     "cs.run(..., resources=[r])")
             stack.extend(r for _, r in registered[name].injects)
+        self.resources.place(special, seen)
 
     async def _check_remote(self):
         """Before any body on a remote executor: size the window afresh (a Dask cluster's
@@ -4396,6 +4487,14 @@ class _Run:
             values = self.resources.values
             for p, r in lz.injects:
                 kwargs[p] = values[r]
+            if self.resources.homes and not task.is_async:
+                home = self.resources.home_of(lz)
+                if home is not None:  # a same_thread resource's thread (see resource())
+                    try:
+                        return self.resources.threads[home].call(
+                            self._sync_body, u, task.fn, u.args, kwargs)
+                    except Exception as exc:
+                        return self._body_finished(u, None, exc, time.perf_counter())
         try:
             if task.is_async:
                 if self._fuse_into is not None and self._fused is None:
@@ -4717,6 +4816,10 @@ class _Run:
             t[_RUNNING] -= 1
             t[_FAILED] += 1  # (its state stays RUNNING: release() must know it began)
             self.report.finished(u, waited, err)
+            home = self.resources.home_of(u.node.lazy) if self.resources.homes else None
+            if home is not None:  # on a same_thread resource's thread: not the pool's
+                self.resources.stuck.add(home)
+                continue
             lost += not task.is_async and isinstance(self._pool, _Workers)
         if lost:
             self._pool.abandon(lost)

@@ -1464,6 +1464,148 @@ def test_resources_are_set_up_per_run():
         (r, "res") for r in runs]
 
 
+def test_a_same_thread_resource_makes_a_sqlite3_connection_work(tmp_path):
+    # issue 12: the first sqlite3 resource anyone writes failed ("SQLite objects created
+    # in a thread can only be used in that same thread"): set-up, bodies and tear-down
+    # ran on different threads of the pool
+    import sqlite3
+    threads = collections.defaultdict(set)
+    path = tmp_path / "pages.db"
+
+    @cs.resource(same_thread=True)
+    def db():
+        threads["set-up"].add(threading.get_ident())
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE pages (url TEXT, size INT)")
+        yield conn
+        threads["tear-down"].add(threading.get_ident())
+        conn.commit()
+        conn.close()
+
+    @cs.task
+    def fetch(url):
+        threads["fetch"].add(threading.get_ident())
+        time.sleep(0.001)
+        return len(url)
+
+    @cs.task
+    def save(url, size, db=cs.inject("db")):
+        threads["save"].add(threading.get_ident())
+        db.execute("INSERT INTO pages VALUES (?, ?)", (url, size))
+        return size
+
+    @cs.task
+    def total(sizes, db=cs.inject("db")):
+        return db.execute("SELECT count(*), sum(size) FROM pages").fetchone(), sum(sizes)
+
+    urls = [f"https://example.com/{'x' * i}" for i in range(40)]
+    engine = cs.Engine(resources=[db])
+    rec = Recorder(engine)
+    sizes = [save(u, fetch(u)) for u in urls]
+    expect = sum(len(u) for u in urls)
+    assert run_engine(engine, total(sizes)) == ((40, expect), expect)
+    one = threads["set-up"]
+    assert len(one) == 1 and threads["save"] == one and threads["tear-down"] == one
+    assert not threads["fetch"] & one  # other tasks run in the pool as usual
+    conn = sqlite3.connect(path)  # committed and closed by the tear-down
+    assert conn.execute("SELECT count(*) FROM pages").fetchone() == (40,)
+    conn.close()
+    assert [e.resource_name for e in rec.of(cs.ResourceAcquired)] == ["db"]
+    assert [e.resource_name for e in rec.of(cs.ResourceReleased)] == ["db"]
+    for t in threading.enumerate():  # its thread ends with the run
+        if t.name.startswith("cascade-resource-db"):
+            t.join(TIMEOUT)
+            assert not t.is_alive(), t
+
+
+def test_a_same_thread_resource_is_torn_down_on_its_thread_after_a_failure():
+    import sqlite3
+    seen = []
+
+    @cs.resource(same_thread=True)
+    def db():
+        conn = sqlite3.connect(":memory:")
+        yield conn
+        conn.close()  # raises ProgrammingError on any other thread
+        seen.append("closed")
+
+    @cs.resource
+    def cursor(db=cs.inject("db")):  # lives on db's thread too
+        cur = db.cursor()
+        yield cur
+        cur.close()
+        seen.append("cursor closed")
+
+    @cs.task
+    def boom(cur=cs.inject("cursor")):
+        cur.execute("SELECT 1")
+        raise KeyError("k")
+
+    with pytest.raises(KeyError):
+        run_engine(cs.Engine(resources=[db, cursor]), boom())
+    assert seen == ["cursor closed", "closed"]
+
+
+def test_a_body_abandoned_on_a_same_thread_resources_thread_leaves_it_up(caplog):
+    # the abandoned body holds the resource's thread: its tear-down cannot run there (and
+    # must not anywhere else), so the run ends without it, saying so, instead of waiting
+    started, release = threading.Event(), threading.Event()
+    seen = []
+
+    @cs.resource(same_thread=True)
+    def db():
+        yield 1
+        seen.append("down")
+
+    @cs.task
+    def stuck(db=cs.inject("db")):
+        started.set()
+        release.wait(TIMEOUT)
+
+    @cs.task
+    def boom():
+        assert started.wait(TIMEOUT)
+        raise KeyError("k")
+
+    engine = cs.Engine(resources=[db], stop_grace=0.1)
+    try:
+        with pytest.raises(KeyError):
+            run_engine(engine, [stuck(), boom()])
+        assert "resource 'db' is not torn down" in caplog.text
+        assert seen == []
+        assert run_engine(engine, ident(5)) == 5  # the pool is as it was
+    finally:
+        release.set()
+
+
+def test_same_thread_resources_that_cannot_work_fail_at_decoration_or_run_start():
+    @cs.resource(same_thread=True)
+    def a():
+        yield 1
+
+    @cs.resource(same_thread=True)
+    def b():
+        yield 2
+
+    @cs.task
+    async def on_loop(a=cs.inject("a")):
+        return a
+
+    @cs.task
+    def both(a=cs.inject("a"), b=cs.inject("b")):
+        return a + b
+
+    engine = cs.Engine(resources=[a, b])
+    with pytest.raises(cs.ResourceError, match=r"async task 'on_loop' .*make the task a plain def"):
+        run_engine(engine, on_loop())
+    with pytest.raises(cs.ResourceError, match=r"task 'both' needs same_thread resources \['a', 'b'\]"):
+        run_engine(engine, both())
+    with pytest.raises(TypeError, match="same_thread"):
+        @cs.resource(same_thread=True)
+        async def c():
+            yield 3
+
+
 # --- policies: with_retry ---------------------------------------------------
 
 def test_retry_max_attempts_counts_the_first_attempt():
