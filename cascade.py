@@ -6268,8 +6268,9 @@ class _LogEvents:
             TaskBlocked: logging.INFO, ConstraintApplied: logging.INFO,
             ConstraintRemoved: logging.INFO}
 
-    def __init__(self):
+    def __init__(self, run_id=None):
         self.blocked = set()  # (run_id, task name, reason) logged as blocked
+        self.run_id = run_id  # only this run's events (and the engine's: run_id "")
 
     def subscribe(self, engine):
         """Subscribe to what the logger's effective level can print; returns the
@@ -6283,6 +6284,8 @@ class _LogEvents:
         return [engine.subscribe(t, self) for t in types]
 
     def __call__(self, e):
+        if self.run_id is not None and e.run_id and e.run_id != self.run_id:
+            return  # another run of an engine passed to cs.run(engine=)
         t = type(e)
         lvl, msg = logging.DEBUG, None
         if t is RunStarted:
@@ -6347,8 +6350,9 @@ class _Progress:
     (_LogHandler) clears the line before each log line and draws it again after, under
     ``lock``, so the two never run together; elsewhere only the final line is written."""
 
-    def __init__(self, engine, stream=None):
+    def __init__(self, engine, run_id=None, stream=None):
         self.engine = engine
+        self.run_id = run_id  # its events only (the engine may run others meanwhile)
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.lock = threading.RLock()
@@ -6363,6 +6367,8 @@ class _Progress:
         self.ended = False      # the final line is drawn
 
     def __call__(self, e):
+        if self.run_id is not None and e.run_id != self.run_id:
+            return
         t = type(e)
         if t is TaskExecutionStarted:
             self.blocked.discard(e.task_id)
@@ -6381,9 +6387,8 @@ class _Progress:
         elif t is TaskSkipped:
             self.skipped += 1
         elif t is RunStarted:
-            if self.run is None:
-                self.run = self.engine._runs.get(e.run_id)
-                self.t0 = time.monotonic()
+            self.run = self.engine._runs.get(e.run_id)
+            self.t0 = time.monotonic()
             return
         elif t is RunFinished:
             if self.timer:
@@ -6501,7 +6506,8 @@ async def run_async(target: Any, params: Optional[dict] = None, *,
     else:
         _check_engine_options(engine, system_resources, connector, resources)
     handler = None
-    show = _Progress(engine) if progress else None
+    run_id = _new_run_id()
+    show = _Progress(engine, run_id) if progress else None
     if not _log.handlers:
         handler = _LogHandler(sys.stderr, show)
         handler.setFormatter(_JsonFormatter() if log_format == "json" else
@@ -6511,11 +6517,11 @@ async def run_async(target: Any, params: Optional[dict] = None, *,
         old_level = _log.level
         _log.addHandler(handler)
         _log.setLevel(level)
-    unsubs = _LogEvents().subscribe(engine)
+    unsubs = _LogEvents(run_id).subscribe(engine)
     if show is not None:
         unsubs.append(engine.subscribe(Event, show))
     try:
-        return await engine.run(target, params)
+        return await engine.run(target, params, run_id=run_id)
     finally:
         for u in unsubs:
             u()
@@ -7081,7 +7087,7 @@ def _demo(n=40):
         elif isinstance(e, TaskExecutionFinished):
             running[e.task_name] -= 1
     engine.subscribe(Event, on_event)
-    progress = _Progress(out)
+    progress = _Progress(engine, stream=out)
     engine.subscribe(Event, progress)
 
     tty = getattr(out, "isatty", lambda: False)()

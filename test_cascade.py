@@ -8758,9 +8758,17 @@ def test_cs_run_on_an_engine_of_yours_keeps_its_controls_and_leaves_it_open(bare
 
     engine = cs.Engine()
     engine.limit("task:work", 2)
-    assert cs.run(work.map(range(12)), engine=engine, resources=[db]) == list(range(100, 112))
+    engine.pause("task:hello_task")
+    other = engine.start(hello_task(7))  # another run of the engine meanwhile
+    assert cs.run(work.map(range(12)), engine=engine, resources=[db], progress=True) == list(
+        range(100, 112))
     assert peak == 2
-    assert " run " in capfd.readouterr().err  # logged, as cs.run does
+    err = capfd.readouterr().err
+    assert " run " in err  # logged, as cs.run does
+    assert other.run_id not in err and "hello_task" not in err  # its own run only
+    assert err.splitlines()[-1].startswith("[cascade] 12/12 (100%) | done 12 |"), err
+    engine.resume("task:hello_task")
+    assert other.result(timeout=TIMEOUT) == 7
     assert cs.run(work(1), engine=engine) == 101  # open still, db registered on it
     with pytest.raises(TypeError, match=r"cs\.Engine\(system_resources=\.\.\.\)"):
         cs.run(work(1), engine=engine, system_resources={"gpu": 1})
