@@ -5023,11 +5023,13 @@ class _ExitWait:
         # A Ctrl-C may land anywhere in here, also while the runs are being cancelled:
         # each is counted, and acted on (in order) at the top of the loop.
         interrupts = acted = 0
+        waited = []
         while True:
             try:
                 left = [h for h in list(self.handles) if not h.done()]
+                waited.extend(h for h in left if h not in waited)
                 if not left or interrupts > 2:
-                    return
+                    break
                 if not interrupts:
                     _log.info("waiting at exit for %d run(s) started with engine.start(): "
                               "%s (Ctrl-C cancels)", len(left), ", ".join(h.run_id for h in left))
@@ -5046,6 +5048,12 @@ class _ExitWait:
                 pass
             except KeyboardInterrupt:
                 interrupts += 1
+        for h in waited:  # nobody can ask for these results any more: a failure is said
+            f = h._future
+            if f.done() and not f.cancelled() and f.exception() is not None:
+                e = f.exception()
+                _log.error("run %s (started with engine.start()) failed at exit: %s: %s",
+                           h.run_id, type(e).__name__, _printable(e))
 
 
 _wait_at_exit = _ExitWait()

@@ -6177,6 +6177,8 @@ def slow(path, r=cs.inject("res")):
         while True:
             time.sleep(0.05)
     time.sleep(0.5)
+    if path == "fail":
+        raise ValueError("no disk")
     pathlib.Path(path).write_text("done")
     return 1
 
@@ -6197,6 +6199,12 @@ def test_the_interpreter_waits_at_exit_for_runs_started_with_start(tmp_path):
     assert "returned" in r.stdout.splitlines()
     assert r.stdout.count("torn down") == 2, r.stdout
     assert "Traceback" not in r.stderr, r.stderr
+    # a failure that nobody can ask for any more is said
+    r = run_python("-c", EXIT_WAIT_SCRIPT, "fail")
+    assert r.returncode == 0 and r.stdout.count("torn down") == 2, (r.stdout, r.stderr)
+    failed = [line for line in r.stderr.splitlines() if "failed at exit" in line]
+    assert len(failed) == 1 and failed[0].endswith(  # (the second run's path is "fail2")
+        "(started with engine.start()) failed at exit: ValueError: no disk"), r.stderr
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
