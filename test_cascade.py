@@ -6162,17 +6162,24 @@ def test_status_lists_a_started_run_at_once():
 # for them at exit. argv: a file to write when the run's body ends ("stuck": a body
 # that never returns, and a resource whose tear-down says so).
 EXIT_WAIT_SCRIPT = r"""
-import pathlib, sys, time
+import pathlib, sys, threading, time
 import cascade as cs
+
+lock = threading.Lock()
+
+def say(line):  # one write per line: the runs' threads print too
+    with lock:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 @cs.resource
 def res():
     yield 1
-    print("torn down", flush=True)
+    say("torn down")
 
 @cs.task
 def slow(path, r=cs.inject("res")):
-    print("started", flush=True)
+    say("started")
     if path == "stuck":
         while True:
             time.sleep(0.05)
@@ -6185,7 +6192,7 @@ def slow(path, r=cs.inject("res")):
 engine = cs.Engine(resources=[res], stop_grace=3600)
 engine.start(slow(sys.argv[1]))
 engine.start(slow(sys.argv[1] + "2") if sys.argv[1] != "stuck" else slow("stuck"))
-print("returned", flush=True)
+say("returned")
 """
 
 
@@ -8820,8 +8827,8 @@ async def wait(i, r=cs.inject("res")):
     print("waiting", flush=True)
     await asyncio.sleep(3600)
 
-cs.run(wait.map(range(3)))
-""".replace("cs.run(wait.map(range(3)))", "cs.run(wait.map(range(3)), resources=[res])")
+cs.run(wait.map(range(3)), resources=[res])
+"""
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
