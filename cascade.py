@@ -4923,6 +4923,35 @@ async def _contained(coro):
         raise _Escaped(exc) from None
 
 
+class _Cancels:
+    """Cancels an asyncio task from any thread, each request counting: a request that
+    comes before the last one has reached the task (two Ctrl-C in quick succession)
+    waits for it, so the second is a second cancellation (a run's "stop waiting for
+    its bodies"), not lost in the first (Task.cancel() twice before the task has run
+    once delivers one CancelledError)."""
+
+    def __init__(self, loop, task):
+        self.loop, self.task = loop, task
+        self.busy = False  # a cancel is on its way to the task
+
+    def request(self):
+        """From any thread; raises RuntimeError if the loop is closed."""
+        self.loop.call_soon_threadsafe(self._cancel)
+
+    def _cancel(self):
+        if self.task.done():
+            return
+        if self.busy:  # after the task's next step, which the last cancel scheduled
+            self.loop.call_soon(self._cancel)
+            return
+        self.busy = True
+        self.task.cancel()
+        self.loop.call_soon(self._reached)
+
+    def _reached(self):
+        self.busy = False
+
+
 class RunHandle:
     """A run started with ``engine.start``: ``result(timeout)``, ``done()``, ``cancel()``,
     ``run_id``, and ``await handle``."""
@@ -4935,6 +4964,7 @@ class RunHandle:
 
     def _attach(self, task):
         self._task = task
+        self._cancels = _Cancels(self._loop, task)
         task.add_done_callback(self._mirror)
 
     def _mirror(self, task):
@@ -4974,7 +5004,7 @@ class RunHandle:
         if self._future.done():
             return False
         try:
-            self._loop.call_soon_threadsafe(lambda: self._task and self._task.cancel())
+            self._loop.call_soon_threadsafe(lambda: self._task and self._cancels.request())
         except RuntimeError:
             return False
         return True
@@ -5024,6 +5054,7 @@ class _ExitWait:
         # each is counted, and acted on (in order) at the top of the loop.
         interrupts = acted = 0
         waited = []
+        sent = {}  # handle -> how many cancels it got (one per Ctrl-C, at most two)
         while True:
             try:
                 left = [h for h in list(self.handles) if not h.done()]
@@ -5039,8 +5070,10 @@ class _ExitWait:
                                  "cancelling" if acted == 1 else
                                  "no longer waiting for the running bodies of", len(left),
                                  ", ".join(h.run_id for h in left))
-                    for h in left:
+                for h in left:  # (counted per handle: a Ctrl-C may land between two)
+                    while sent.get(h, 0) < min(interrupts, 2):
                         h.cancel()
+                        sent[h] = sent.get(h, 0) + 1
                 for h in left:  # (not futures.wait(): it misses a cancel() of the future)
                     if not h._future.cancelled():
                         h._future.exception()
@@ -6613,13 +6646,13 @@ def _run_interruptibly(coro):
     def on_sigint(signum, frame):
         nonlocal interrupts
         interrupts += 1
-        if interrupts > 2 or main is None or main[1].done():
+        if interrupts > 2 or main is None or main.task.done():
             raise KeyboardInterrupt
-        main[0].call_soon_threadsafe(main[1].cancel)
+        main.request()
 
     async def guarded():
         nonlocal main
-        main = (asyncio.get_running_loop(), asyncio.current_task())
+        main = _Cancels(asyncio.get_running_loop(), asyncio.current_task())
         return await coro
 
     signal.signal(signal.SIGINT, on_sigint)

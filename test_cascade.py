@@ -6596,6 +6596,23 @@ def test_cancel_resolves_the_handle_when_a_sync_body_never_returns(grace):
         go.set()
 
 
+def test_two_cancels_in_quick_succession_are_two():
+    # issue 12 (two Ctrl-C at once): Task.cancel() twice before the task has run again
+    # delivers one CancelledError, so the second cancel() was lost and the run went on
+    # waiting for the stuck body
+    go = threading.Event()
+    stuck, began = stuck_task(go)
+    e = cs.Engine(stop_grace=None)
+    try:
+        h = e.start(stuck())
+        assert began.wait(TIMEOUT)
+        assert h.cancel() and h.cancel()
+        with pytest.raises(concurrent.futures.CancelledError):
+            h.result(TIMEOUT)
+    finally:
+        go.set()
+
+
 def test_an_abandoned_thread_is_replaced_so_tear_down_and_later_runs_still_get_one():
     # With one worker thread, and that one stuck, the sync tear-down and every later
     # sync body would wait for it for ever: the pool replaces an abandoned thread.
