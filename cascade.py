@@ -57,7 +57,7 @@ __version__ = "0.2.0.dev0"
 __all__ = [
     # errors
     "CascadeError", "ConstraintError", "ParamError", "ResourceError",
-    "DependencyMissingError", "NotKeptError",
+    "DependencyMissingError", "NotKeptError", "ShellError",
     # authoring
     "task", "Task", "LazyResult", "MappedLazyResult", "unmapped", "Param", "Env",
     "resource", "Resource", "inject", "shell",
@@ -102,6 +102,25 @@ class ResourceError(CascadeError, LookupError):
 
 class DependencyMissingError(CascadeError):
     """The run target was skipped (a ``run_if`` was falsy upstream), so it has no value."""
+
+
+class ShellError(CascadeError, subprocess.CalledProcessError):
+    """``cs.shell(command)`` exited non-zero: a ``subprocess.CalledProcessError``
+    (``returncode``, ``cmd``, ``stdout``, ``stderr``) whose message ends with the last
+    lines of the command's stderr (CalledProcessError's own message leaves it out)."""
+
+    def __str__(self):
+        tail = _tail(self.stderr)
+        return f"{super().__str__()} Its stderr ends: {tail}" if tail else super().__str__()
+
+
+def _tail(text, lines=10, chars=1000):
+    """The last ``lines`` lines of ``text`` (at most ``chars`` characters), stripped."""
+    text = (text or "").strip()
+    if not text:
+        return ""
+    tail = "\n".join(text.splitlines()[-lines:])
+    return tail if len(tail) <= chars else "..." + tail[-chars:]
 
 
 class NotKeptError(CascadeError):
@@ -513,35 +532,54 @@ class Resource:
     ``yield`` sets up, the yielded value is injected, code after it tears down. See
     ``resource``."""
 
-    def __init__(self, fn, *, name=None):
+    def __init__(self, fn, *, name=None, same_thread=False):
         if not (inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)):
             raise TypeError(f"@cs.resource needs a generator function (sync or async) with "
                             f"one `yield value` between set-up and tear-down; got {fn!r}")
         self.fn = fn
         self.name = _check_name(fn.__name__ if name is None else name, "resource name")
         self.is_async = inspect.isasyncgenfunction(fn)
+        if same_thread and self.is_async:
+            raise TypeError(f"@cs.resource(same_thread=True) on async generator {self.name!r}: "
+                            "an async resource lives on the event loop's one thread already; "
+                            "leave same_thread out, or make it a sync generator")
+        self.same_thread = bool(same_thread)
         self.injects = _injects_of(fn)
         functools.update_wrapper(self, fn)
 
     def __repr__(self):
-        return f"<Resource {self.name}{' async' if self.is_async else ''}>"
+        return (f"<Resource {self.name}{' async' if self.is_async else ''}"
+                f"{' same_thread' if self.same_thread else ''}>")
 
 
-def resource(fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None) -> Any:
+def resource(fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None,
+             same_thread: bool = False) -> Any:
     """Decorator for a resource generator: ``@cs.resource`` or ``@cs.resource(name=...)``.
     Register it with ``engine.register(r)`` or ``cs.run(..., resources=[r])``; tasks ask
     for it with ``db=cs.inject("db")``. Only resources the graph needs are set up, each
     before the first task that needs it; they are torn down in reverse order when the run
-    ends, also after a failure or cancellation. A resource may inject resources."""
+    ends, also after a failure or cancellation. A resource may inject resources.
+
+    A sync resource's set-up and tear-down run in the engine's thread pool, maybe on two
+    different threads, and each body that uses it on its own. ``same_thread=True`` is
+    for values that must stay on the thread that made them (a ``sqlite3`` connection):
+    the resource gets a thread of its own for the run, which runs its set-up, the body of
+    every (sync) task that injects it, one at a time, in the order they are admitted,
+    and its tear-down; so do resources that inject it. An async task cannot inject such
+    a resource, nor can a task or resource need two of them (each is a ResourceError
+    when the run starts)."""
     if fn is None:
-        return lambda f: Resource(f, name=name)
-    return Resource(fn, name=name)
+        return lambda f: Resource(f, name=name, same_thread=same_thread)
+    return Resource(fn, name=name, same_thread=same_thread)
 
 
 def _shell(command, check=True):
     done = subprocess.run(command, shell=True, capture_output=True, text=True)
     if check and done.returncode:
-        raise subprocess.CalledProcessError(done.returncode, command, done.stdout, done.stderr)
+        raise ShellError(done.returncode, command, done.stdout, done.stderr)
+    if done.stderr.strip():  # (a failure carries it in its message instead)
+        _log.info("shell command %r (exit status %d) wrote on stderr: %s", command,
+                  done.returncode, _tail(done.stderr))
     return done.stdout
 
 
@@ -550,7 +588,9 @@ _shell_task = Task(_shell, name="shell")
 
 def shell(command: Union[str, LazyResult], check: bool = True) -> LazyResult:
     """A task running ``command`` in a shell (in the thread pool); its value is stdout.
-    With ``check=True`` a non-zero exit raises ``subprocess.CalledProcessError``.
+    With ``check=True`` a non-zero exit raises ``cs.ShellError``, a
+    ``subprocess.CalledProcessError`` whose message ends with the tail of stderr.
+    Otherwise stderr, when the command wrote any, is logged at INFO (its last lines).
     ``command`` may be a lazy result. Scopes see it as ``task:shell``."""
     return _shell_task(command, check)
 
@@ -3926,9 +3966,78 @@ class _Resources:
         self._stack = []        # (resource, generator), in set-up order
         self._setups = set()    # tasks setting up resources before a unit's body
         self.escaped = None     # a KeyboardInterrupt/SystemExit raised by a tear-down
+        # same_thread resources (see resource()): where each resource lives, by the name
+        # of the same_thread resource whose thread it is (None: the engine's pool), and
+        # those threads, each a _Workers of one; ``stuck``: those a body still holds
+        # after the run abandoned it (see _Run._abandon).
+        self.homes = {}
+        self.threads = {}
+        self.stuck = set()
 
     def missing(self, lz):
         return any(r not in self.values for _, r in lz.injects)
+
+    def place(self, special, needed):
+        """At run start: find the thread each needed resource lives on (see homes), and
+        check that no task or resource needs two same_thread resources, and that no
+        async task needs one; else ResourceError, naming them and the fix."""
+        registered = self.run.engine._resources
+        if not any(registered[r].same_thread for r in needed):
+            return
+        homes = self.homes
+
+        def home(name, visiting):
+            if name in homes:
+                return homes[name]
+            res = registered[name]
+            found = {name} if res.same_thread else set()
+            for _, r in res.injects:
+                if r not in visiting:
+                    found.add(home(r, visiting | {r}))
+            found.discard(None)
+            if len(found) > 1:
+                raise ResourceError(
+                    f"resource {name!r} needs same_thread resources {sorted(found)}, which "
+                    "live on different threads; make one same_thread resource that yields "
+                    "what they do")
+            homes[name] = h = next(iter(found), None)
+            return h
+
+        for name in needed:
+            home(name, {name})
+        for node in special:
+            lz = node.lazy
+            if not lz.injects or lz.task is None:
+                continue
+            found = sorted({homes[r] for _, r in lz.injects} - {None})
+            if len(found) > 1:
+                raise ResourceError(
+                    f"task {lz.task.name!r} needs same_thread resources {found}, which live "
+                    "on different threads; make one same_thread resource that yields what "
+                    "they do")
+            if found and lz.task.is_async:
+                raise ResourceError(
+                    f"async task {lz.task.name!r} injects same_thread resource {found[0]!r}, "
+                    "which may be used only on its own thread; make the task a plain def "
+                    "(its body then runs on that thread)")
+
+    def home_of(self, lz):
+        """The name of the same_thread resource on whose thread a sync body that
+        injects resources runs, or None: the run's pool (see place)."""
+        for _, r in lz.injects:
+            h = self.homes.get(r)
+            if h is not None:
+                return h
+        return None
+
+    def _pool_for(self, name):
+        h = self.homes.get(name)
+        if h is None:
+            return self.run.engine._threads()
+        pool = self.threads.get(h)
+        if pool is None:
+            pool = self.threads[h] = _Workers(1, prefix=f"cascade-resource-{h}")
+        return pool
 
     def start_after_setup(self, u):
         t = self.run.loop.create_task(self._setup_then_start(u))
@@ -3966,7 +4075,7 @@ class _Resources:
                 if res.is_async:
                     value = await gen.__anext__()
                 else:
-                    value = await loop.run_in_executor(run.engine._threads(), _gen_next, gen)
+                    value = await loop.run_in_executor(self._pool_for(name), _gen_next, gen)
                     if value is _MISSING:
                         raise ResourceError(f"resource {name!r} returned without yielding")
             except BaseException as exc:
@@ -3993,13 +4102,18 @@ class _Resources:
                         raise RuntimeError("a resource generator must yield exactly once")
                     except StopAsyncIteration:
                         pass
+                elif self.homes.get(res.name) in self.stuck:
+                    _log.warning("resource %r is not torn down: its thread still runs a body "
+                                 "that run %s abandoned", res.name, run.run_id)
                 else:
-                    await run.loop.run_in_executor(run.engine._threads(), _gen_finish, gen)
+                    await run.loop.run_in_executor(self._pool_for(res.name), _gen_finish, gen)
             except Exception:
                 _log.exception("tear-down of resource %r failed", res.name)
             except BaseException as exc:  # (regression: it skipped the other tear-downs)
                 self.escaped = self.escaped or exc
             run.report.resource(res.name, False)
+        for pool in self.threads.values():  # (a stuck one ends when its body returns)
+            pool.shutdown(wait=False)
 
 
 class _Run:
@@ -4178,6 +4292,7 @@ class _Run:
                                     "pass it with engine.register(r) or "
                                     "cs.run(..., resources=[r])")
             stack.extend(r for _, r in registered[name].injects)
+        self.resources.place(special, seen)
 
     async def _check_remote(self):
         """Before any body on a remote executor: size the window afresh (a Dask cluster's
@@ -4488,6 +4603,14 @@ class _Run:
             values = self.resources.values
             for p, r in lz.injects:
                 kwargs[p] = values[r]
+            if self.resources.homes and not task.is_async:
+                home = self.resources.home_of(lz)
+                if home is not None:  # a same_thread resource's thread (see resource())
+                    try:
+                        return self.resources.threads[home].call(
+                            self._sync_body, u, task.fn, u.args, kwargs)
+                    except Exception as exc:
+                        return self._body_finished(u, None, exc, time.perf_counter())
         try:
             if task.is_async:
                 if self._fuse_into is not None and self._fused is None:
@@ -4813,6 +4936,10 @@ class _Run:
             t[_RUNNING] -= 1
             t[_FAILED] += 1  # (its state stays RUNNING: release() must know it began)
             self.report.finished(u, waited, err)
+            home = self.resources.home_of(u.node.lazy) if self.resources.homes else None
+            if home is not None:  # on a same_thread resource's thread: not the pool's
+                self.resources.stuck.add(home)
+                continue
             lost += not task.is_async and isinstance(self._pool, _Workers)
         if lost:
             self._pool.abandon(lost)
@@ -4916,6 +5043,35 @@ async def _contained(coro):
         raise _Escaped(exc) from None
 
 
+class _Cancels:
+    """Cancels an asyncio task from any thread, each request counting: a request that
+    comes before the last one has reached the task (two Ctrl-C in quick succession)
+    waits for it, so the second is a second cancellation (a run's "stop waiting for
+    its bodies"), not lost in the first (Task.cancel() twice before the task has run
+    once delivers one CancelledError)."""
+
+    def __init__(self, loop, task):
+        self.loop, self.task = loop, task
+        self.busy = False  # a cancel is on its way to the task
+
+    def request(self):
+        """From any thread; raises RuntimeError if the loop is closed."""
+        self.loop.call_soon_threadsafe(self._cancel)
+
+    def _cancel(self):
+        if self.task.done():
+            return
+        if self.busy:  # after the task's next step, which the last cancel scheduled
+            self.loop.call_soon(self._cancel)
+            return
+        self.busy = True
+        self.task.cancel()
+        self.loop.call_soon(self._reached)
+
+    def _reached(self):
+        self.busy = False
+
+
 class RunHandle:
     """A run started with ``engine.start``: ``result(timeout)``, ``done()``, ``cancel()``,
     ``run_id``, and ``await handle``."""
@@ -4928,6 +5084,7 @@ class RunHandle:
 
     def _attach(self, task):
         self._task = task
+        self._cancels = _Cancels(self._loop, task)
         task.add_done_callback(self._mirror)
 
     def _mirror(self, task):
@@ -4967,7 +5124,7 @@ class RunHandle:
         if self._future.done():
             return False
         try:
-            self._loop.call_soon_threadsafe(lambda: self._task and self._task.cancel())
+            self._loop.call_soon_threadsafe(lambda: self._task and self._cancels.request())
         except RuntimeError:
             return False
         return True
@@ -4980,6 +5137,79 @@ class RunHandle:
         state = ("running" if not f.done() else "cancelled" if f.cancelled() else
                  "failed" if f.exception() else "done")
         return f"<RunHandle {self.run_id} {state}>"
+
+
+class _ExitWait:
+    """Runs that ``engine.start`` began on a helper thread (daemon threads), which the
+    interpreter waits for at exit, as concurrent.futures waits for a ThreadPoolExecutor's
+    work: a script that starts a run and returns gets its run done, not dropped.
+
+    The wait is registered with threading's exit hook (``threading._register_atexit``,
+    as concurrent.futures.thread does), which runs before the interpreter joins its
+    threads and while it can still start threads (a run's pool starts them on demand);
+    plain ``atexit`` runs after that. Ctrl-C during the wait cancels every run still
+    going (each cleans up: nothing more starts, resources are torn down once its
+    bodies have settled, waiting up to ``stop_grace``); a second cancels them again
+    (the wait for their running bodies ends at once); a third gives up on them."""
+
+    def __init__(self):
+        self.handles = set()
+        self.hooked = False
+        self.lock = threading.Lock()
+
+    def add(self, handle):
+        with self.lock:
+            if not self.hooked:
+                self.hooked = True
+                try:
+                    threading._register_atexit(self.wait)
+                except (AttributeError, RuntimeError):  # no such hook, or exiting already
+                    import atexit  # (built in, and imported by site already)
+                    atexit.register(self.wait)
+            self.handles.add(handle)
+        handle._future.add_done_callback(lambda _: self.handles.discard(handle))
+
+    def wait(self):
+        # A Ctrl-C may land anywhere in here, also while the runs are being cancelled:
+        # each is counted, and acted on (in order) at the top of the loop.
+        interrupts = acted = 0
+        waited = []
+        sent = {}  # handle -> how many cancels it got (one per Ctrl-C, at most two)
+        while True:
+            try:
+                left = [h for h in list(self.handles) if not h.done()]
+                waited.extend(h for h in left if h not in waited)
+                if not left or interrupts > 2:
+                    break
+                if not interrupts:
+                    _log.info("waiting at exit for %d run(s) started with engine.start(): "
+                              "%s (Ctrl-C cancels)", len(left), ", ".join(h.run_id for h in left))
+                while acted < min(interrupts, 2):
+                    acted += 1
+                    _log.warning("Ctrl-C: %s %d run(s) started with engine.start(): %s",
+                                 "cancelling" if acted == 1 else
+                                 "no longer waiting for the running bodies of", len(left),
+                                 ", ".join(h.run_id for h in left))
+                for h in left:  # (counted per handle: a Ctrl-C may land between two)
+                    while sent.get(h, 0) < min(interrupts, 2):
+                        h.cancel()
+                        sent[h] = sent.get(h, 0) + 1
+                for h in left:  # (not futures.wait(): it misses a cancel() of the future)
+                    if not h._future.cancelled():
+                        h._future.exception()
+            except concurrent.futures.CancelledError:
+                pass
+            except KeyboardInterrupt:
+                interrupts += 1
+        for h in waited:  # nobody can ask for these results any more: a failure is said
+            f = h._future
+            if f.done() and not f.cancelled() and f.exception() is not None:
+                e = f.exception()
+                _log.error("run %s (started with engine.start()) failed at exit: %s: %s",
+                           h.run_id, type(e).__name__, _printable(e))
+
+
+_wait_at_exit = _ExitWait()
 
 
 def _serve(loop):
@@ -5132,6 +5362,7 @@ class Engine:
         self._pool = None
         self._pool_lock = threading.Lock()
         self._runs = {}
+        self._started = {}  # run id -> RunHandle of engine.start, until the run ends
         self._closed = False
         # this engine's name on the broker: host-pid and a random part (see _Presence)
         self.id = f"{_source()}-{os.urandom(3).hex()}"
@@ -5212,6 +5443,9 @@ class Engine:
         """A snapshot: per-task state counts, what every blocked task waits on, and
         per-scope usage against limits. Prints as a table."""
         runs = list(self._runs.values())
+        # runs started but not yet begun by their loop: listed, with no tasks yet
+        waiting = [k for k, h in list(self._started.items())
+                   if not h.done() and k not in self._runs]
         tasks = {}
         for r in runs:
             for name, counts in r.counts().items():
@@ -5219,7 +5453,7 @@ class Engine:
                 c.update(counts)
         scopes, caps, blocked = self._cp.snapshot([p for r in runs for p in r.scoped_tallies()])
         window = self._window
-        return _Status(runs=[r.run_id for r in runs],
+        return _Status(runs=[r.run_id for r in runs] + waiting,
                        tasks={k: dict(v) for k, v in tasks.items()},
                        blocked=blocked, scopes=scopes, capacities=caps,
                        window=None if window is None else window.usage(None))
@@ -5259,7 +5493,9 @@ class Engine:
 
         Where an event loop is running in this thread (a notebook), the run lives on it:
         later cells can steer it and ``await handle``. Elsewhere it runs on a new loop in a
-        helper thread, and ``handle.result()`` waits for it."""
+        helper thread, and ``handle.result()`` waits for it; the interpreter waits for
+        such a run at exit, as for a ThreadPoolExecutor's work (Ctrl-C then cancels it:
+        see _wait_at_exit). ``status()`` lists the run from the moment this returns."""
         target = _as_target(target)
         run_id = _new_run_id()
         coro = _contained(self.run(target, params, run_id=run_id))
@@ -5270,6 +5506,7 @@ class Engine:
         if loop is not None:
             handle = RunHandle(run_id, loop)
             handle._attach(loop.create_task(coro))
+            self._listed(handle)
             return handle
         loop = asyncio.new_event_loop()
         handle = RunHandle(run_id, loop)
@@ -5279,9 +5516,16 @@ class Engine:
             task.add_done_callback(lambda _: loop.stop())
             handle._attach(task)
         loop.call_soon(begin)
+        self._listed(handle)
+        _wait_at_exit.add(handle)
         threading.Thread(target=_serve, args=(loop,), name=f"cascade-{run_id}",
                          daemon=True).start()
         return handle
+
+    def _listed(self, handle):
+        """status() lists a started run at once, before its loop has begun it."""
+        self._started[handle.run_id] = handle
+        handle._future.add_done_callback(lambda _: self._started.pop(handle.run_id, None))
 
     def _threads(self):
         with self._pool_lock:
@@ -6212,8 +6456,9 @@ class _LogEvents:
             TaskBlocked: logging.INFO, ConstraintApplied: logging.INFO,
             ConstraintRemoved: logging.INFO}
 
-    def __init__(self):
+    def __init__(self, run_id=None):
         self.blocked = set()  # (run_id, task name, reason) logged as blocked
+        self.run_id = run_id  # only this run's events (and the engine's: run_id "")
 
     def subscribe(self, engine):
         """Subscribe to what the logger's effective level can print; returns the
@@ -6227,6 +6472,8 @@ class _LogEvents:
         return [engine.subscribe(t, self) for t in types]
 
     def __call__(self, e):
+        if self.run_id is not None and e.run_id and e.run_id != self.run_id:
+            return  # another run of an engine passed to cs.run(engine=)
         t = type(e)
         lvl, msg = logging.DEBUG, None
         if t is RunStarted:
@@ -6284,17 +6531,32 @@ class _JsonFormatter(logging.Formatter):
 
 
 class _Progress:
-    """A live one-line status on stderr: done / running / blocked / failed. Redrawn on
-    events, at most every 0.1 s (a one-shot timer draws the last change)."""
+    """A live one-line status on stderr: how many of the run's task executions have
+    finished, of how many (with a percentage and an ETA once every map knows its
+    length), then done / running / blocked / failed. Redrawn on events, at most every
+    0.1 s (a one-shot timer draws the last change). On a terminal, cs.run's log handler
+    (_LogHandler) clears the line before each log line and draws it again after, under
+    ``lock``, so the two never run together; elsewhere only the final line is written."""
 
-    def __init__(self, stream=None):
+    def __init__(self, engine, run_id=None, stream=None):
+        self.engine = engine
+        self.run_id = run_id  # its events only (the engine may run others meanwhile)
         self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.lock = threading.RLock()
+        self.shown = False      # a status line without its newline is on the terminal
         self.done = self.failed = self.skipped = self.retrying = 0
         self.running, self.blocked = set(), set()
         self.last = 0.0
         self.timer = None
+        self.run = None         # the _Run, for its totals
+        self.t0 = None
+        self.maps = None        # its map nodes whose length is not known yet
+        self.ended = False      # the final line is drawn
 
     def __call__(self, e):
+        if self.run_id is not None and e.run_id != self.run_id:
+            return
         t = type(e)
         if t is TaskExecutionStarted:
             self.blocked.discard(e.task_id)
@@ -6312,10 +6574,15 @@ class _Progress:
             self.blocked.add(e.task_id)
         elif t is TaskSkipped:
             self.skipped += 1
+        elif t is RunStarted:
+            self.run = self.engine._runs.get(e.run_id)
+            self.t0 = time.monotonic()
+            return
         elif t is RunFinished:
             if self.timer:
                 self.timer.cancel()
             self.draw(end="\n")
+            self.ended = True
             return
         else:
             return
@@ -6328,21 +6595,85 @@ class _Progress:
             except RuntimeError:
                 pass
 
-    def line(self):
-        return (f"done {self.done} | running {len(self.running)} | blocked "
+    def total(self):
+        """(finished, total) task executions of the run, once every map of it knows its
+        length (a map over a lazy result learns it when that value arrives); else None."""
+        run = self.run
+        if run is None or not run.nodes:
+            return None
+        if self.maps is None:
+            self.maps = [n for n in run.nodes.values() if isinstance(n.lazy, MappedLazyResult)]
+        if self.maps:
+            self.maps = [n for n in self.maps if n.value is None and n.skip is None]
+            if self.maps:
+                return None
+        total = finished = 0
+        for t in list(run.tallies.values()):  # (dropped ones too: a failed run's total stays)
+            total += sum(t) - t[_RUNNING]  # (the GRANTED cell counts running units too)
+            finished += t[_DONE] + t[_FAILED] + t[_SKIPPED]
+        return (finished, total) if total else None
+
+    def line(self, end=""):
+        head = ""
+        known = self.total()
+        if known is not None:
+            finished, total = known
+            head = f"{finished}/{total} ({100 * finished // total}%)"
+            if not end and 0 < finished < total:
+                took = time.monotonic() - self.t0
+                head += f" ETA {_duration(took / finished * (total - finished))}"
+            head += " | "
+        return (f"{head}done {self.done} | running {len(self.running)} | blocked "
                 f"{len(self.blocked)} | failed {self.failed}"
                 + (f" | skipped {self.skipped}" if self.skipped else "")
                 + (f" | retries {self.retrying}" if self.retrying else ""))
 
     def draw(self, end=""):
-        self.timer = None
-        self.last = time.monotonic()
-        tty = getattr(self.stream, "isatty", lambda: False)()
-        if tty:
-            self.stream.write(f"\r\x1b[2K[cascade] {self.line()}{end}")
-        elif end:  # a log file gets the final line only, not a stream of redraws
-            self.stream.write(f"[cascade] {self.line()}{end}")
-        self.stream.flush()
+        with self.lock:
+            self.timer = None
+            self.last = time.monotonic()
+            if self.tty:
+                self.stream.write(f"\r\x1b[2K[cascade] {self.line(end)}{end}")
+                self.shown = not end
+            elif end:  # a log file gets the final line only, not a stream of redraws
+                self.stream.write(f"[cascade] {self.line(end)}{end}")
+            self.stream.flush()
+
+    def clear(self):
+        """Before a log line (lock held): wipe the status line, so the log line starts
+        at the beginning of a clean line."""
+        if self.shown:
+            self.stream.write("\r\x1b[2K")
+            self.shown = False
+
+
+def _duration(seconds):
+    """``5s``, ``3m05s``, ``2h07m``: an ETA."""
+    s = int(seconds + 0.5)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class _LogHandler(logging.StreamHandler):
+    """cs.run's log handler: with a progress line on the terminal, each log line clears
+    it first and draws it again after (the status line stays last, and whole)."""
+
+    def __init__(self, stream, progress=None):
+        super().__init__(stream)
+        self.progress = progress if progress is not None and progress.tty else None
+
+    def emit(self, record):
+        p = self.progress
+        if p is None:
+            return super().emit(record)
+        with p.lock:
+            p.clear()
+            super().emit(record)
+            if not p.ended:
+                p.draw()
 
 
 async def run_async(target: Any, params: Optional[dict] = None, *,
@@ -6360,9 +6691,13 @@ async def run_async(target: Any, params: Optional[dict] = None, *,
     if own:
         engine = Engine(system_resources=system_resources, resources=resources,
                         connector=connector)
+    else:
+        _check_engine_options(engine, system_resources, connector, resources)
     handler = None
+    run_id = _new_run_id()
+    show = _Progress(engine, run_id) if progress else None
     if not _log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _LogHandler(sys.stderr, show)
         handler.setFormatter(_JsonFormatter() if log_format == "json" else
                              logging.Formatter("%(asctime)s %(levelname)-7s %(message)s",
                                                "%H:%M:%S"))
@@ -6370,11 +6705,11 @@ async def run_async(target: Any, params: Optional[dict] = None, *,
         old_level = _log.level
         _log.addHandler(handler)
         _log.setLevel(level)
-    unsubs = _LogEvents().subscribe(engine)
-    if progress:
-        unsubs.append(engine.subscribe(Event, _Progress()))
+    unsubs = _LogEvents(run_id).subscribe(engine)
+    if show is not None:
+        unsubs.append(engine.subscribe(Event, show))
     try:
-        return await engine.run(target, params)
+        return await engine.run(target, params, run_id=run_id)
     finally:
         for u in unsubs:
             u()
@@ -6385,33 +6720,67 @@ async def run_async(target: Any, params: Optional[dict] = None, *,
             engine.close()
 
 
+def _check_engine_options(engine, system_resources, connector, resources):
+    """``run(..., engine=e)``: the engine's own options are set where it was made, so
+    passing them again is an error that says so; ``resources`` are registered on it."""
+    if not isinstance(engine, Engine):
+        raise TypeError(f"run(..., engine=...) takes a cs.Engine, got {engine!r}")
+    given = [n for n, v in (("system_resources", system_resources), ("connector", connector))
+             if v is not None]
+    if given:
+        raise TypeError(f"run(..., engine=e) got {' and '.join(given)} too: they are the "
+                        f"engine's, so pass them where it is made, cs.Engine("
+                        f"{', '.join(f'{n}=...' for n in given)}), or leave engine= out")
+    for r in resources:
+        engine.register(r)
+
+
 def run(target: Any, params: Optional[dict] = None, *, system_resources: Optional[dict] = None,
         resources: Iterable[Resource] = (), connector: Any = None,
         log_level: Union[str, int] = "INFO", log_format: str = "human",
-        progress: bool = False) -> Any:
-    """Run ``target`` on a new default engine and return its value.
+        progress: bool = False, engine: Optional[Engine] = None) -> Any:
+    """Run ``target`` and return its value: on a new default engine, closed after the
+    run, or on ``engine`` (left open: its limits, pauses and resources apply; options
+    that belong to the engine, ``system_resources`` and ``connector``, are a TypeError
+    with it, and ``resources`` are registered on it, as ``engine.register`` does).
 
     Logs run and task events to stderr at ``log_level`` (human lines, or JSON lines with
     ``log_format="json"``) through a handler attached for this run only, and only when the
     library's logger has no handler of its own; ``progress=True`` shows a live status
     line. Works in a notebook too: where an event loop already runs in this thread, the
-    run happens on a helper thread (``await cs.run_async(...)`` is the async twin)."""
+    run happens on a helper thread (``await cs.run_async(...)`` is the async twin).
+
+    A failure raises the task's own exception, chained to nothing of the engine's. Ctrl-C
+    cancels the run (see _run_interruptibly) and raises ``KeyboardInterrupt`` from here."""
     coro = run_async(target, params, system_resources=system_resources,
                      resources=resources, connector=connector, log_level=log_level,
-                     log_format=log_format, progress=progress)
+                     log_format=log_format, progress=progress, engine=engine)
     try:
         asyncio.get_running_loop()
+        in_loop = True
     except RuntimeError:
-        return _run_interruptibly(coro)
+        in_loop = False
+    # (called outside the except clause: inside it, whatever the run raised would be
+    # chained to that RuntimeError, "During handling of the above exception ...")
+    if not in_loop:
+        value = _run_interruptibly(coro)
+        if value is _INTERRUPTED:  # raised here, the traceback is the user's call and this
+            raise KeyboardInterrupt
+        return value
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cascade-run") as ex:
         return ex.submit(asyncio.run, coro).result()
+
+
+_INTERRUPTED = object()  # what _run_interruptibly returns when Ctrl-C cancelled the run
 
 
 def _run_interruptibly(coro):
     """``asyncio.run(coro)`` where Ctrl-C cancels: the first cancels the run (which
     cleans up, waiting up to ``stop_grace`` for running bodies), the second cancels it
     again (it stops waiting and abandons them), and ``KeyboardInterrupt`` is raised once
-    it has ended; a third is raised where it lands, as Python's own. Neither of the
+    it has ended (by ``run``: this returns ``_INTERRUPTED`` for it, so the traceback
+    shows no frame of asyncio or of this function); a third is raised where it lands,
+    as Python's own. Neither of the
     first two raises inside a body or the scheduler (asyncio.run's handler raises the
     second wherever the main thread is, so a body could swallow it and the run go on
     waiting). Outside the main thread, or under a SIGINT handler of the caller's,
@@ -6424,13 +6793,13 @@ def _run_interruptibly(coro):
     def on_sigint(signum, frame):
         nonlocal interrupts
         interrupts += 1
-        if interrupts > 2 or main is None or main[1].done():
+        if interrupts > 2 or main is None or main.task.done():
             raise KeyboardInterrupt
-        main[0].call_soon_threadsafe(main[1].cancel)
+        main.request()
 
     async def guarded():
         nonlocal main
-        main = (asyncio.get_running_loop(), asyncio.current_task())
+        main = _Cancels(asyncio.get_running_loop(), asyncio.current_task())
         return await coro
 
     signal.signal(signal.SIGINT, on_sigint)
@@ -6438,7 +6807,7 @@ def _run_interruptibly(coro):
         return asyncio.run(guarded())
     except asyncio.CancelledError:
         if interrupts:
-            raise KeyboardInterrupt from None
+            return _INTERRUPTED
         raise
     finally:
         if signal.getsignal(signal.SIGINT) is on_sigint:
@@ -6923,7 +7292,7 @@ def _demo(n=40):
         elif isinstance(e, TaskExecutionFinished):
             running[e.task_name] -= 1
     engine.subscribe(Event, on_event)
-    progress = _Progress(out)
+    progress = _Progress(engine, stream=out)
     engine.subscribe(Event, progress)
 
     tty = getattr(out, "isatty", lambda: False)()

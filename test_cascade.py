@@ -21,6 +21,7 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import io
 import itertools
 import json
 import logging
@@ -1463,6 +1464,148 @@ def test_resources_are_set_up_per_run():
         (r, "res") for r in runs]
 
 
+def test_a_same_thread_resource_makes_a_sqlite3_connection_work(tmp_path):
+    # issue 12: the first sqlite3 resource anyone writes failed ("SQLite objects created
+    # in a thread can only be used in that same thread"): set-up, bodies and tear-down
+    # ran on different threads of the pool
+    import sqlite3
+    threads = collections.defaultdict(set)
+    path = tmp_path / "pages.db"
+
+    @cs.resource(same_thread=True)
+    def db():
+        threads["set-up"].add(threading.get_ident())
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE pages (url TEXT, size INT)")
+        yield conn
+        threads["tear-down"].add(threading.get_ident())
+        conn.commit()
+        conn.close()
+
+    @cs.task
+    def fetch(url):
+        threads["fetch"].add(threading.get_ident())
+        time.sleep(0.001)
+        return len(url)
+
+    @cs.task
+    def save(url, size, db=cs.inject("db")):
+        threads["save"].add(threading.get_ident())
+        db.execute("INSERT INTO pages VALUES (?, ?)", (url, size))
+        return size
+
+    @cs.task
+    def total(sizes, db=cs.inject("db")):
+        return db.execute("SELECT count(*), sum(size) FROM pages").fetchone(), sum(sizes)
+
+    urls = [f"https://example.com/{'x' * i}" for i in range(40)]
+    engine = cs.Engine(resources=[db])
+    rec = Recorder(engine)
+    sizes = [save(u, fetch(u)) for u in urls]
+    expect = sum(len(u) for u in urls)
+    assert run_engine(engine, total(sizes)) == ((40, expect), expect)
+    one = threads["set-up"]
+    assert len(one) == 1 and threads["save"] == one and threads["tear-down"] == one
+    assert not threads["fetch"] & one  # other tasks run in the pool as usual
+    conn = sqlite3.connect(path)  # committed and closed by the tear-down
+    assert conn.execute("SELECT count(*) FROM pages").fetchone() == (40,)
+    conn.close()
+    assert [e.resource_name for e in rec.of(cs.ResourceAcquired)] == ["db"]
+    assert [e.resource_name for e in rec.of(cs.ResourceReleased)] == ["db"]
+    for t in threading.enumerate():  # its thread ends with the run
+        if t.name.startswith("cascade-resource-db"):
+            t.join(TIMEOUT)
+            assert not t.is_alive(), t
+
+
+def test_a_same_thread_resource_is_torn_down_on_its_thread_after_a_failure():
+    import sqlite3
+    seen = []
+
+    @cs.resource(same_thread=True)
+    def db():
+        conn = sqlite3.connect(":memory:")
+        yield conn
+        conn.close()  # raises ProgrammingError on any other thread
+        seen.append("closed")
+
+    @cs.resource
+    def cursor(db=cs.inject("db")):  # lives on db's thread too
+        cur = db.cursor()
+        yield cur
+        cur.close()
+        seen.append("cursor closed")
+
+    @cs.task
+    def boom(cur=cs.inject("cursor")):
+        cur.execute("SELECT 1")
+        raise KeyError("k")
+
+    with pytest.raises(KeyError):
+        run_engine(cs.Engine(resources=[db, cursor]), boom())
+    assert seen == ["cursor closed", "closed"]
+
+
+def test_a_body_abandoned_on_a_same_thread_resources_thread_leaves_it_up(caplog):
+    # the abandoned body holds the resource's thread: its tear-down cannot run there (and
+    # must not anywhere else), so the run ends without it, saying so, instead of waiting
+    started, release = threading.Event(), threading.Event()
+    seen = []
+
+    @cs.resource(same_thread=True)
+    def db():
+        yield 1
+        seen.append("down")
+
+    @cs.task
+    def stuck(db=cs.inject("db")):
+        started.set()
+        release.wait(TIMEOUT)
+
+    @cs.task
+    def boom():
+        assert started.wait(TIMEOUT)
+        raise KeyError("k")
+
+    engine = cs.Engine(resources=[db], stop_grace=0.1)
+    try:
+        with pytest.raises(KeyError):
+            run_engine(engine, [stuck(), boom()])
+        assert "resource 'db' is not torn down" in caplog.text
+        assert seen == []
+        assert run_engine(engine, ident(5)) == 5  # the pool is as it was
+    finally:
+        release.set()
+
+
+def test_same_thread_resources_that_cannot_work_fail_at_decoration_or_run_start():
+    @cs.resource(same_thread=True)
+    def a():
+        yield 1
+
+    @cs.resource(same_thread=True)
+    def b():
+        yield 2
+
+    @cs.task
+    async def on_loop(a=cs.inject("a")):
+        return a
+
+    @cs.task
+    def both(a=cs.inject("a"), b=cs.inject("b")):
+        return a + b
+
+    engine = cs.Engine(resources=[a, b])
+    with pytest.raises(cs.ResourceError, match=r"async task 'on_loop' .*make the task a plain def"):
+        run_engine(engine, on_loop())
+    with pytest.raises(cs.ResourceError, match=r"task 'both' needs same_thread resources \['a', 'b'\]"):
+        run_engine(engine, both())
+    with pytest.raises(TypeError, match="same_thread"):
+        @cs.resource(same_thread=True)
+        async def c():
+            yield 3
+
+
 # --- policies: with_retry ---------------------------------------------------
 
 def test_retry_max_attempts_counts_the_first_attempt():
@@ -1851,6 +1994,37 @@ def test_shell_nonzero_exit_raises_when_checked():
     with pytest.raises(subprocess.CalledProcessError) as ei:
         cs.run(cs.shell("echo out; exit 3"))
     assert ei.value.returncode == 3
+
+
+def test_shell_failure_keeps_stderr_in_its_message(bare_logger, capfd):
+    # issue 12: CalledProcessError's message left stderr out, so the log said only
+    # "returned non-zero exit status 3"
+    script = "echo out; for i in $(seq 1 30); do echo line$i >&2; done; exit 3"
+    with pytest.raises(subprocess.CalledProcessError) as ei:
+        cs.run(cs.shell(script))
+    e = ei.value
+    assert isinstance(e, cs.ShellError) and isinstance(e, cs.CascadeError)
+    assert (e.returncode, e.cmd, e.stdout) == (3, script, "out\n")
+    assert e.stderr.splitlines() == [f"line{i}" for i in range(1, 31)]
+    text = str(e)
+    assert "exit status 3" in text and text.endswith("line30")
+    assert "line21" in text and "line20" not in text  # the tail: its last 10 lines
+    assert "line30" in capfd.readouterr().err  # in the failure's log line too
+    import pickle  # (a process pool sends it back)
+    back = pickle.loads(pickle.dumps(e))
+    assert type(back) is cs.ShellError and str(back) == text
+
+
+def test_shell_logs_stderr_of_a_command_that_succeeds(caplog):
+    # issue 12: cs.shell() dropped stderr when the command succeeded
+    caplog.set_level(logging.INFO, logger=cs.__name__)
+    assert cs.run(cs.shell("echo out; echo 'careful: disk 91% full' >&2")) == "out\n"
+    said = [r for r in caplog.records if "careful: disk 91% full" in r.getMessage()]
+    assert [r.levelname for r in said] == ["INFO"], caplog.records
+    assert "exit status 0" in said[0].getMessage()
+    caplog.clear()
+    assert cs.run(cs.shell("echo quiet")) == "quiet\n"
+    assert not [r for r in caplog.records if "stderr" in r.getMessage()]
 
 
 def test_shell_nonzero_exit_ignored_when_unchecked():
@@ -6311,6 +6485,107 @@ def test_start_returns_handle_with_result_done_and_run_id():
     assert {e.run_id for e in rec.events} == {handle.run_id}
 
 
+def test_status_lists_a_started_run_at_once():
+    # issue 12: status() right after start() showed no run until its loop had begun it
+    @cs.task
+    def f(x):
+        return x
+
+    engine = cs.Engine()
+    engine.pause("global")  # nothing starts: the run stays active
+    handle = engine.start(f(1))
+    assert engine.status()["runs"] == [handle.run_id]
+    assert "1 active run(s)" in repr(engine.status())
+    engine.resume("global")
+    assert handle.result(timeout=TIMEOUT) == 1
+    assert engine.status()["runs"] == []
+
+    async def on_a_loop():  # started on a running loop: listed before it has had a turn
+        h = engine.start(f(2))
+        listed = engine.status()["runs"]
+        return listed, h.run_id, await h
+
+    listed, run_id, value = asyncio.run(on_a_loop())
+    assert listed == [run_id] and value == 2
+    assert engine.status()["runs"] == []
+
+
+# A script that starts runs with engine.start() and returns: the interpreter waits
+# for them at exit. argv: a file to write when the run's body ends ("stuck": a body
+# that never returns, and a resource whose tear-down says so).
+EXIT_WAIT_SCRIPT = r"""
+import pathlib, sys, threading, time
+import cascade as cs
+
+lock = threading.Lock()
+
+def say(line):  # one write per line: the runs' threads print too
+    with lock:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+@cs.resource
+def res():
+    yield 1
+    say("torn down")
+
+@cs.task
+def slow(path, r=cs.inject("res")):
+    say("started")
+    if path == "stuck":
+        while True:
+            time.sleep(0.05)
+    time.sleep(0.5)
+    if path == "fail":
+        raise ValueError("no disk")
+    pathlib.Path(path).write_text("done")
+    return 1
+
+engine = cs.Engine(resources=[res], stop_grace=3600)
+engine.start(slow(sys.argv[1]))
+engine.start(slow(sys.argv[1] + "2") if sys.argv[1] != "stuck" else slow("stuck"))
+say("returned")
+"""
+
+
+def test_the_interpreter_waits_at_exit_for_runs_started_with_start(tmp_path):
+    # issue 12: the run lived on a daemon thread, so a script that returned dropped it
+    # without a word; as with a ThreadPoolExecutor, the interpreter now waits for it
+    out = tmp_path / "done"
+    r = run_python("-c", EXIT_WAIT_SCRIPT, out)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert out.read_text() == "done" and (tmp_path / "done2").read_text() == "done"
+    assert "returned" in r.stdout.splitlines()
+    assert r.stdout.count("torn down") == 2, r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+    # a failure that nobody can ask for any more is said
+    r = run_python("-c", EXIT_WAIT_SCRIPT, "fail")
+    assert r.returncode == 0 and r.stdout.count("torn down") == 2, (r.stdout, r.stderr)
+    failed = [line for line in r.stderr.splitlines() if "failed at exit" in line]
+    assert len(failed) == 1 and failed[0].endswith(  # (the second run's path is "fail2")
+        "(started with engine.start()) failed at exit: ValueError: no disk"), r.stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
+def test_ctrl_c_while_waiting_at_exit_cancels_the_started_runs():
+    # issue 12: Ctrl-C during the exit wait cancels the runs (their resources are torn
+    # down); a second ends their wait for a body that never returns, so the process exits
+    p = Proc([sys.executable, "-c", EXIT_WAIT_SCRIPT, "stuck"])
+    try:
+        said = sorted(p.expect("^(started|returned)$") for _ in range(3))
+        assert said == ["returned", "started", "started"]
+        p.p.send_signal(signal.SIGINT)
+        p.expect("Ctrl-C: cancelling 2 run", stream="err")
+        assert p.p.poll() is None  # it waits for the stuck bodies (stop_grace=3600)
+        p.p.send_signal(signal.SIGINT)
+        assert p.wait(TIMEOUT) == 0
+        assert p.lines["out"].count("torn down") == 2, p.lines
+        assert any("abandoned" in line for line in p.lines["err"]), p.lines["err"]
+        assert not any("Traceback" in line for line in p.lines["err"]), p.lines["err"]
+    finally:
+        p.kill()
+
+
 def test_start_with_params():
     @cs.task
     def f(x):
@@ -6669,6 +6944,23 @@ def test_cancel_resolves_the_handle_when_a_sync_body_never_returns(grace):
         assert [f.status for f in rec.of(cs.RunFinished)] == ["Cancelled"]
         [fin] = rec.of(cs.TaskExecutionFinished)
         assert (fin.task_name, fin.status) == ("stuck", "Failed")
+    finally:
+        go.set()
+
+
+def test_two_cancels_in_quick_succession_are_two():
+    # issue 12 (two Ctrl-C at once): Task.cancel() twice before the task has run again
+    # delivers one CancelledError, so the second cancel() was lost and the run went on
+    # waiting for the stuck body
+    go = threading.Event()
+    stuck, began = stuck_task(go)
+    e = cs.Engine(stop_grace=None)
+    try:
+        h = e.start(stuck())
+        assert began.wait(TIMEOUT)
+        assert h.cancel() and h.cancel()
+        with pytest.raises(concurrent.futures.CancelledError):
+            h.result(TIMEOUT)
     finally:
         go.set()
 
@@ -8846,9 +9138,157 @@ def test_cs_run_uses_existing_handlers_instead_of_its_own(bare_logger, capfd):
 
 def test_cs_run_progress_shows_status_line(bare_logger, capfd):
     assert cs.run(hello_task(5), progress=True) == 5
-    # not a terminal: no redraws, the final line only
+    # not a terminal: no redraws, the final line only (issue 12: with the total)
     assert capfd.readouterr().err.splitlines()[-1] == (
-        "[cascade] done 1 | running 0 | blocked 0 | failed 0")
+        "[cascade] 1/1 (100%) | done 1 | running 0 | blocked 0 | failed 0")
+
+
+def test_cs_run_on_an_engine_of_yours_keeps_its_controls_and_leaves_it_open(bare_logger, capfd):
+    # issue 12: cs.run(flow, engine=e) was a TypeError, so the logged, progress-showing
+    # entry point could not use an engine that carries limits
+    peak = running = 0
+    lock = threading.Lock()
+
+    @cs.task
+    def work(i, db=cs.inject("db")):
+        nonlocal peak, running
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.01)
+        with lock:
+            running -= 1
+        return i + db
+
+    @cs.resource
+    def db():
+        yield 100
+
+    engine = cs.Engine()
+    engine.limit("task:work", 2)
+    engine.pause("task:hello_task")
+    other = engine.start(hello_task(7))  # another run of the engine meanwhile
+    assert cs.run(work.map(range(12)), engine=engine, resources=[db], progress=True) == list(
+        range(100, 112))
+    assert peak == 2
+    err = capfd.readouterr().err
+    assert " run " in err  # logged, as cs.run does
+    assert other.run_id not in err and "hello_task" not in err  # its own run only
+    assert err.splitlines()[-1].startswith("[cascade] 12/12 (100%) | done 12 |"), err
+    engine.resume("task:hello_task")
+    assert other.result(timeout=TIMEOUT) == 7
+    assert cs.run(work(1), engine=engine) == 101  # open still, db registered on it
+    with pytest.raises(TypeError, match=r"cs\.Engine\(system_resources=\.\.\.\)"):
+        cs.run(work(1), engine=engine, system_resources={"gpu": 1})
+    with pytest.raises(TypeError, match=r"connector"):
+        asyncio.run(cs.run_async(work(1), engine=engine, connector=cs.LocalBroker()))
+    with pytest.raises(TypeError, match="takes a cs.Engine"):
+        cs.run(work(1), engine="engine")
+    assert run_engine(engine, work(2)) == 102
+
+
+def test_a_failure_through_cs_run_is_chained_to_nothing(bare_logger):
+    # issue 12: every exception raised through cs.run() in a script was chained to an
+    # unrelated "RuntimeError: no running event loop" (During handling of the above ...)
+    @cs.task
+    def boom():
+        raise KeyError("k")
+
+    with pytest.raises(KeyError) as ei:
+        cs.run(boom())
+    assert ei.value.__context__ is None and ei.value.__cause__ is None
+
+    async def in_a_loop():  # (the helper-thread path too)
+        cs.run(boom())
+
+    with pytest.raises(KeyError) as ei:
+        asyncio.run(in_a_loop())
+    assert ei.value.__context__ is None and ei.value.__cause__ is None
+
+
+CTRL_C_SCRIPT = r"""
+import asyncio, time
+import cascade as cs
+
+@cs.resource
+def res():
+    yield 1
+    print("torn down", flush=True)
+
+@cs.task
+async def wait(i, r=cs.inject("res")):
+    print("waiting", flush=True)
+    await asyncio.sleep(3600)
+
+cs.run(wait.map(range(3)), resources=[res])
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
+def test_ctrl_c_in_a_cs_run_script_gives_a_short_traceback():
+    # issue 12: a Ctrl-C gave a long traceback through asyncio and cascade's internals
+    p = Proc([sys.executable, "-c", CTRL_C_SCRIPT])
+    try:
+        for _ in range(3):
+            p.expect("^waiting$")
+        p.p.send_signal(signal.SIGINT)
+        assert p.wait(TIMEOUT) != 0
+        assert p.lines["out"].count("torn down") == 1, p.lines
+        err = p.lines["err"]
+        tb = err[next(i for i, line in enumerate(err) if line.startswith("Traceback")):]
+        assert tb[-1] == "KeyboardInterrupt", err
+        # the user's line and cs.run's: nothing of asyncio, nothing chained
+        assert len(tb) <= 6 and not any("asyncio" in line for line in tb), tb
+        assert any("cancelled" in line for line in err), err
+    finally:
+        p.kill()
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_cs_run_progress_on_a_terminal_never_runs_into_log_lines(bare_logger, monkeypatch):
+    # issue 12: "... failed 015:24:58 INFO ...": the status line and the log lines ran
+    # together; each log line must start on a clean line, and the status line shows a
+    # total, a percentage and an ETA once the map's length is known
+    tty = FakeTTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+
+    @cs.task
+    def work(i):
+        time.sleep(0.02)
+        if i == 5:
+            raise ValueError("once")
+        return i
+
+    @cs.task
+    def count():
+        return 30
+
+    @cs.task
+    def upto(n):
+        return list(range(n))
+
+    engine = cs.Engine()
+    engine.limit("task:work", 2)
+    flow = work.map(upto(count())).with_retry(2)  # its length known at run time only
+    with pytest.raises(ValueError):
+        cs.run(flow, progress=True, engine=engine)
+    out = tty.getvalue()
+    logs = list(re.finditer(r"\d\d:\d\d:\d\d (INFO|WARNING|ERROR) ", out))
+    assert len(logs) >= 4, out
+    for m in logs:  # each log line starts at the start of a clean line
+        before = out[:m.start()]
+        assert before == "" or before.endswith("\n") or before.endswith("\r\x1b[2K"), (
+            repr(out[max(0, m.start() - 80):m.end()]))
+    status = re.findall(r"\[cascade\] ([^\r\n\x1b]*)", out)
+    assert any(re.fullmatch(r"\d+/32 \(\d+%\) ETA \d+s \| done \d+ .*", s)
+               for s in status), status
+    assert not any(re.match(r"\d+/\d+", s) for s in status[:1]), status  # not known at first
+    assert status[-1].startswith("32/32 (100%) | done 31 |"), status
+    assert out.endswith("\n")
 
 
 def test_engine_run_logs_nothing_above_debug(caplog):
