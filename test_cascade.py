@@ -6514,7 +6514,7 @@ def test_status_lists_a_started_run_at_once():
 # for them at exit. argv: a file to write when the run's body ends ("stuck": a body
 # that never returns, and a resource whose tear-down says so).
 EXIT_WAIT_SCRIPT = r"""
-import pathlib, sys, threading, time
+import os, pathlib, sys, threading, time
 import cascade as cs
 
 lock = threading.Lock()
@@ -6536,7 +6536,7 @@ def slow(path, r=cs.inject("res")):
         while True:
             time.sleep(0.05)
     time.sleep(0.5)
-    if path == "fail":
+    if os.path.basename(path) == "fail":
         raise ValueError("no disk")
     pathlib.Path(path).write_text("done")
     return 1
@@ -6559,7 +6559,7 @@ def test_the_interpreter_waits_at_exit_for_runs_started_with_start(tmp_path):
     assert r.stdout.count("torn down") == 2, r.stdout
     assert "Traceback" not in r.stderr, r.stderr
     # a failure that nobody can ask for any more is said
-    r = run_python("-c", EXIT_WAIT_SCRIPT, "fail")
+    r = run_python("-c", EXIT_WAIT_SCRIPT, tmp_path / "fail")  # (writes tmp_path/"fail2")
     assert r.returncode == 0 and r.stdout.count("torn down") == 2, (r.stdout, r.stderr)
     failed = [line for line in r.stderr.splitlines() if "failed at exit" in line]
     assert len(failed) == 1 and failed[0].endswith(  # (the second run's path is "fail2")
