@@ -1919,6 +1919,8 @@ def _flat(x):
 
 
 def _op(op, a, b):
+    if op == "sum2":
+        return _flat(a) + _flat(b)
     return a + b if op == "add" else a * b
 
 
@@ -1950,6 +1952,17 @@ def dag_sum(s):
 
 
 @cs.task
+def dag_sum2(a, b):
+    return _flat(a) + _flat(b)
+
+
+@cs.task
+async def dag_sum2_async(a, b):
+    await asyncio.sleep(0)
+    return _flat(a) + _flat(b)
+
+
+@cs.task
 async def dag_sum_async(s):
     await asyncio.sleep(0)
     return _flat(s)
@@ -1971,13 +1984,16 @@ DAG_TASKS = {
     ("mul", False): dag_mul, ("mul", True): dag_mul_async,
     ("sum", False): dag_sum, ("sum", True): dag_sum_async,
     ("mklist", False): dag_mklist, ("mklist", True): dag_mklist_async,
+    ("sum2", False): dag_sum2, ("sum2", True): dag_sum2_async,
 }
 
 
 @st.composite
 def dag_specs(draw):
-    """A random DAG as a list of node specs; each node refers only to earlier nodes."""
-    specs, kinds = [], []
+    """A random DAG as a list of node specs; each node refers only to earlier nodes. Maps
+    map over static lists, lists of lazy results (or of structures holding some), earlier
+    maps (pipelined when their length is known) and lists known only at run time."""
+    specs, kinds, lengths = [], [], []
     for _ in range(draw(st.integers(1, 8))):
         ints = [i for i, k in enumerate(kinds) if k == "int"]
         lists = [i for i, k in enumerate(kinds) if k == "list"]
@@ -2003,16 +2019,23 @@ def dag_specs(draw):
         if kind == "op":
             specs.append(("op", draw(st.sampled_from(["add", "mul"])), operand(), operand(), is_async))
             kinds.append("int")
+            lengths.append(None)
         elif kind == "sum":
             specs.append(("sum", struct(0), is_async))
             kinds.append("int")
+            lengths.append(None)
         elif kind == "mklist":
             specs.append(("mklist", operand(), draw(st.integers(0, 4)), is_async))
             kinds.append("list")
+            lengths.append(None)  # (known only at run time)
         else:
-            if lists and draw(st.booleans()):
+            pick = draw(st.integers(0, 2))
+            if lists and pick == 0:
                 source = ("lref", draw(st.sampled_from(lists)))
-                length = None
+                length = lengths[source[1]]
+            elif pick == 1:  # a list of lazy results (or of items holding some)
+                source = ("items", [struct(2) for _ in range(draw(st.integers(0, 4)))])
+                length = len(source[1])
             else:
                 values = draw(st.lists(st.integers(-3, 3), max_size=4))
                 source = ("static", values)
@@ -2026,9 +2049,10 @@ def dag_specs(draw):
                 second = ("zip_self",)
             else:
                 second = ("static", draw(st.lists(st.integers(-3, 3), min_size=length, max_size=length)))
-            op = draw(st.sampled_from(["add", "mul"]))
+            op = "sum2" if source[0] == "items" else draw(st.sampled_from(["add", "mul"]))
             specs.append(("map", op, source, second, draw(st.booleans()), is_async))
             kinds.append("list")
+            lengths.append(length)  # a map over a map: pipelined when known
     return specs
 
 
@@ -2072,7 +2096,10 @@ def _build(specs, values, task_mode):
                 values.append([resolve(a) + i for i in range(n)])
         else:
             _, op, source, second, keyword, is_async = spec
-            xs = resolve(source)
+            if source[0] == "items":
+                xs = [_materialize(x, resolve) for x in source[1]]
+            else:
+                xs = resolve(source)
             if second[0] == "unmapped":
                 ys_mapped, y = None, resolve(second[1])
             else:
