@@ -294,7 +294,9 @@ class Task:
         """One call per item: ``fetch.map(urls)`` or ``fetch.map(url=urls, timeout=
         cs.unmapped(5))``. Each mapped argument is an iterable, or a lazy result that
         yields one; they are zipped (equal lengths). The value is the list of results in
-        input order; an empty input gives ``[]``."""
+        input order; an empty input gives ``[]``. Over a map, or a list of lazy results,
+        of a length known when the graph is built, it runs item by item (item i starts
+        once item i of its inputs is done; see _plan_pipe)."""
         injects = self._bind(f"{self.name}.map()", args, kwargs)
         lengths = {}
         margs = tuple(self._map_arg(f"#{i}", a, lengths) for i, a in enumerate(args))
@@ -351,7 +353,8 @@ def task(fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None,
 
     Works on sync functions (run in a thread pool: they may block) and async functions
     (run on the event loop). ``name`` and ``tags`` are what control scopes match:
-    ``task:api_call``, ``tag:io``."""
+    ``task:api_call``, ``tag:io``. A body that returns a lazy result has that graph run
+    in the same run, and its value becomes the task's (recursion: see _Forward)."""
     if fn is None:
         return lambda f: Task(f, name=name, tags=tags)
     return Task(fn, name=name, tags=tags)
