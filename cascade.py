@@ -675,16 +675,25 @@ def _build_nodes(target, tallies, counts, known=None, reached=None):
                     continue
         if len(deps) > 1:
             deps = dict.fromkeys(deps)
+        if known is None:
+            for dep in deps:
+                d = nodes[dep]
+                if d.dependents:
+                    d.dependents.append(node)
+                else:  # exact size: most nodes have one dependent (append would make room for 4)
+                    d.dependents = [node]
+            node.pending = len(deps)
+            continue
         pending = 0
-        for dep in deps:
+        for dep in deps:  # a returned graph: some inputs may have settled already
             d = lookup[dep]
-            if known is not None and d.pending < 0:  # settled before this graph was made
+            if d.pending < 0:
                 if d.skip is not None and node.skip is None:
                     node.skip = _needs(d, d.skip)
                 continue
             if d.dependents:
                 d.dependents.append(node)
-            else:  # exact size: most nodes have one dependent (append would make room for 4)
+            else:
                 d.dependents = [node]
             pending += 1
         node.pending = pending
