@@ -2300,6 +2300,50 @@ def test_a_map_over_a_run_time_list_keeps_waiting_for_the_whole_list():
     assert log[:4] == ["mk", "inc", "inc", "inc"]
 
 
+def test_a_pipelined_map_keeps_limits_fifo_order_retries_and_many_held_items():
+    engine = cs.Engine()
+    engine.limit("task:src", 1)
+    engine.limit("task:dst", 1)
+    rec = Recorder(engine)
+    tries = collections.Counter()
+
+    @cs.task
+    async def src(i):
+        return i
+
+    @cs.task
+    async def dst(x):
+        tries[x] += 1
+        if x == 2 and tries[x] == 1:
+            raise ConnectionError("once")
+        return -x
+
+    # one at a time each: inner items end in input order, so outer items are ready,
+    # and start, in input order (FIFO); item 2 fails once and is retried
+    assert run_engine(engine, dst.map(src.map(range(6))).with_retry(2)) == [0, -1, -2, -3, -4, -5]
+    starts = [e.task_id for e in rec.of(cs.TaskExecutionStarted, task_name="dst")]
+    assert list(dict.fromkeys(starts)) == [f"dst-1[{i}]" for i in range(6)]
+    assert starts.count("dst-1[2]") == 2
+    # 1,200 items all ready before the outer map opens (its unmapped input needs them
+    # all): made a chunk at a time, in input order, with the right values
+    inner = src.map(range(1_200))
+    outer = dag_add.map(inner, cs.unmapped(dag_sum(inner)))
+    total = sum(range(1_200))
+    assert run_engine(cs.Engine(), outer) == [i + total for i in range(1_200)]
+
+
+def test_a_skipped_inner_map_skips_the_pipelined_map_over_it():
+    @cs.task
+    def inc(x):
+        return x + 1
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    with pytest.raises(cs.DependencyMissingError):
+        run_engine(engine, inc.map(inc.map(range(3)).run_if(False)))
+    assert [e.task_id for e in rec.of(cs.TaskSkipped)] == ["inc-1", "inc-2"]
+    assert not rec.of(cs.TaskExecutionStarted)
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(2, 5), stages=st.lists(st.tuples(st.sampled_from(["map", "zip", "kw"]),
                                                       st.booleans()), min_size=0, max_size=3),
