@@ -585,7 +585,7 @@ class _Node:
         self.cursor = 0         # a map's next item to expand
         self._id = None
         self.pipe = None        # a pipelined map's _Pipe (see _plan_pipe)
-        self.out = None         # a map feeding pipelined maps: per item, the _Item(s) it readies
+        self.out = None         # a map feeding pipelined maps: those maps' nodes
 
     @property
     def id(self):
@@ -714,17 +714,18 @@ def _needs(node, reason):
 # inner map, and every lazy result inside item i of each mapped list, is done (and the
 # outer map itself is "open": its whole inputs, i.e. unmapped lazy arguments, a run_if
 # condition and lazy constraint amounts, are done). Invariants:
-# - the map's node waits (``pending``) for its whole inputs only; each item waits in its
-#   own _Item, which stands among the dependents of the plain nodes it needs and in the
-#   ``out`` slot of the inner maps' nodes, per index;
-# - an _Item is readied (put in the run's ready queue) exactly once: when its last input
-#   settles; an inner item's completion readies out[i] and then clears it (None), so a
-#   later skip of the inner map reaches only the items it still holds;
-# - a unit is made once per item index (``_Pipe.made`` counts them): items ready before
-#   the map opens wait in ``_Pipe.held`` and are made, in input order, when it opens;
+# - the map's node waits (``pending``) for its whole inputs only; item i waits for
+#   ``_Pipe.waits[i]`` inputs: item i of each inner map (whose node lists the map in its
+#   ``out``) and each distinct lazy result inside item i of its lists (whose node has an
+#   _Item among its dependents, one per (node, item));
+# - waits[i] reaches 0 once, when item i's last input is done: its unit is made then (a
+#   fresh readiness stamp), or, if the map is not open yet, when it opens (``held``, made
+#   in input order with the map's stamp + index); ``_Pipe.made`` counts the units made;
 # - a skip reaching any item skips the whole map (its items not made yet never run; those
 #   made run to their end), as a skipped input skipped the whole map before pipelining;
 #   so ``left`` of a skipped map never reaches 0 and it settles once, skipped.
+# No object per item of a map over a map: a 1,000,000-item pipeline costs a list of
+# counts more than two maps.
 # Only inner maps made in the same graph build feed items (``out``): a map of a graph a
 # task returned that maps over a map of the running graph waits for it whole.
 
@@ -746,24 +747,24 @@ class _Pipe:
     """A pipelined map's item-wise state (see above). ``cols`` are its columns as
     ``(kind, value)``: 0 an unmapped value (resolved when the map opens), 1 a list (item
     i resolved when it is made), 2 an inner map's node (item i is its value[i])."""
-    __slots__ = ("n", "cols", "held", "open", "made")
+    __slots__ = ("n", "cols", "waits", "held", "open", "made")
 
-    def __init__(self, n, cols, held):
-        self.n, self.cols, self.held = n, cols, held
+    def __init__(self, n, cols, waits, held):
+        self.n, self.cols, self.waits, self.held = n, cols, waits, held
         self.open = False
         self.made = 0
 
 
 class _Item:
-    """Item ``index`` of a pipelined map, waiting for its own inputs: it is readied like a
-    node (see _Run._settle_node) and then makes the item's unit (_Run._item_ready)."""
+    """A lazy result inside item ``index`` of a pipelined map, among the dependents of its
+    node: readied like a node when that settles (see _Run._settle_node), it counts one
+    input of the item done (_Run._item_ready)."""
     __slots__ = ("node", "index", "pending", "skip", "seq")
     items = lazy = None  # as a node's, for the ready queue (_Run._pump)
 
-    def __init__(self, node, index, pending):
-        self.node, self.index, self.pending = node, index, pending
-        self.skip = None
-        self.seq = 0
+    def __init__(self, node, index):
+        self.node, self.index = node, index
+        self.pending, self.skip, self.seq = 1, None, 0
 
     def ready(self, run):
         return run._item_ready(self)
@@ -811,25 +812,22 @@ def _plan_pipe(node, nodes, n):
         if len(srcs) > 1:
             srcs = list(dict.fromkeys(srcs))
         plan.append(srcs)
-    held = []
+    held, waits = [], [len(inner)] * n
     for i, srcs in enumerate(plan):
-        if not srcs and not inner:
+        if srcs:
+            waits[i] += len(srcs)
+            for d in srcs:
+                item = _Item(node, i)
+                if d.dependents:
+                    d.dependents.append(item)
+                else:
+                    d.dependents = [item]
+        elif not inner:
             held.append(i)
-            continue
-        item = _Item(node, i, len(srcs) + len(inner))
-        for d in srcs:
-            if d.dependents:
-                d.dependents.append(item)
-            else:
-                d.dependents = [item]
-        for d in inner:
-            out = d.out
-            if out is None:
-                out = d.out = [None] * n
-            o = out[i]
-            out[i] = item if o is None else [*o, item] if type(o) is list else [o, item]
+    for d in inner:
+        d.out = [node] if d.out is None else [*d.out, node]
     node.pipe = _Pipe(n, ([c for c in cols[:len(lz.args)]],
-                          dict(zip(lz.kwargs, cols[len(lz.args):]))), held)
+                          dict(zip(lz.kwargs, cols[len(lz.args):]))), waits, held)
     return whole
 
 
@@ -4661,27 +4659,39 @@ class _Run:
     def _item_unit(self, node, j):
         pipe, nodes = node.pipe, self.nodes
         pos, kw = pipe.cols
-        args = tuple([v if k == 0 else _resolve(v[j], nodes) if k == 1 else v.value[j]
-                      for k, v in pos])
+        if not kw and len(pos) == 1 and pos[0][0] == 2:  # a map over a map
+            args = (pos[0][1].value[j],)
+        else:
+            args = tuple([v if k == 0 else _resolve(v[j], nodes) if k == 1 else v.value[j]
+                          for k, v in pos])
         kwargs = {name: v if k == 0 else _resolve(v[j], nodes) if k == 1 else v.value[j]
                   for name, (k, v) in kw.items()} if kw else _NO_KWARGS
         pipe.made += 1
         return _Unit(self, node, j, args, kwargs)
 
     def _item_ready(self, item):
-        """An _Item's inputs have all settled: make its unit (its map is open), keep it
-        for when the map opens, or skip the map (an input was skipped)."""
-        node = item.node
-        if item.skip is not None:
-            self._map_skipped(node, item.skip)
-        elif node.skip is None:
-            if not node.pipe.open:
-                node.pipe.held.append(item.index)
-            else:
-                u = self._item_unit(node, item.index)
-                u.seq = item.seq  # ready now: behind whatever became ready before
-                self._submit((u,))
+        """A lazy result inside an item of a pipelined map has settled (see _Item)."""
+        self._item_input(item.node, item.index, item.skip)
         return 1
+
+    def _item_input(self, node, j, skip=None):
+        """One input of item ``j`` of pipelined map ``node`` is done (or skipped): once
+        all are, its unit is made (the map is open) or kept for when the map opens."""
+        if node.skip is not None:
+            return
+        if skip is not None:
+            return self._map_skipped(node, skip)
+        pipe = node.pipe
+        waits = pipe.waits
+        waits[j] -= 1
+        if waits[j]:
+            return
+        if not pipe.open:
+            pipe.held.append(j)
+            return
+        u = self._item_unit(node, j)
+        u.seq = self._stamp()  # ready now: behind whatever became ready before
+        self._submit((u,))
 
     def _map_skipped(self, node, reason):
         """A skip reached an item of map ``node`` (an input of a pipelined map's item,
@@ -4706,37 +4716,15 @@ class _Run:
         self._settle_node(node, _needs(node, reason))
 
     def _item_out(self, node, j):
-        """Item ``j`` of map ``node`` is done: the _Items waiting for it are one closer."""
-        o = node.out[j]
-        if o is None:
-            return
-        node.out[j] = None
-        woke = False
-        for d in (o if type(o) is list else (o,)):
-            d.pending -= 1
-            if not d.pending:
-                d.seq = self._stamp()
-                self._ready.append(d)
-                woke = True
-        if woke:
-            self._pump()
+        """Item ``j`` of map ``node`` is done: an input of item ``j`` of each pipelined
+        map over it."""
+        for m in node.out:
+            self._item_input(m, j)
 
     def _skip_out(self, node, why):
-        """Map ``node`` is skipped: every _Item still waiting for one of its items gets
-        the skip (once all its other inputs settle, it skips its own map)."""
-        out = node.out
-        for j, o in enumerate(out):
-            if o is None:
-                continue
-            out[j] = None
-            for d in (o if type(o) is list else (o,)):
-                if d.skip is None:
-                    d.skip = why
-                d.pending -= 1
-                if not d.pending:
-                    d.seq = self._stamp()
-                    self._ready.append(d)
-        self._pump()
+        """Map ``node`` is skipped: so is each pipelined map over it."""
+        for m in node.out:
+            self._map_skipped(m, why)
 
     def _submit(self, units):
         if self.cp.enqueue(units, units[0].node.key):
