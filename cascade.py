@@ -314,7 +314,9 @@ class Task:
         """One call per item: ``fetch.map(urls)`` or ``fetch.map(url=urls, timeout=
         cs.unmapped(5))``. Each mapped argument is an iterable, or a lazy result that
         yields one; they are zipped (equal lengths). The value is the list of results in
-        input order; an empty input gives ``[]``."""
+        input order; an empty input gives ``[]``. Over a map, or a list of lazy results,
+        of a length known when the graph is built, it runs item by item (item i starts
+        once item i of its inputs is done; see _plan_pipe)."""
         injects = self._bind(f"{self.name}.map()", args, kwargs)
         lengths = {}
         margs = tuple(self._map_arg(f"#{i}", a, lengths) for i, a in enumerate(args))
@@ -371,7 +373,8 @@ def task(fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None,
 
     Works on sync functions (run in a thread pool: they may block) and async functions
     (run on the event loop). ``name`` and ``tags`` are what control scopes match:
-    ``task:api_call``, ``tag:io``."""
+    ``task:api_call``, ``tag:io``. A body that returns a lazy result has that graph run
+    in the same run, and its value becomes the task's (recursion: see _Forward)."""
     if fn is None:
         return lambda f: Task(f, name=name, tags=tags)
     return Task(fn, name=name, tags=tags)
@@ -600,9 +603,13 @@ def shell(command: Union[str, LazyResult], check: bool = True) -> LazyResult:
 # ===========================================================================
 
 class _Node:
-    """Per-run state of one LazyResult (a LazyResult may be run many times)."""
+    """Per-run state of one LazyResult (a LazyResult may be run many times).
+
+    ``pending`` counts the upstream nodes not settled yet; it is -1 once the node itself
+    has settled (done or skipped), which is how a graph returned by a task (see
+    _Run._graft) tells a finished node of the run from one still to come."""
     __slots__ = ("lazy", "k", "seq", "pending", "dependents", "value", "skip", "left",
-                 "key", "tally", "items", "cursor", "_id")
+                 "key", "tally", "items", "cursor", "_id", "pipe", "out")
 
     def __init__(self, lazy):
         self.lazy = lazy
@@ -618,6 +625,8 @@ class _Node:
         self.items = None       # a map's resolved columns while it is being expanded
         self.cursor = 0         # a map's next item to expand
         self._id = None
+        self.pipe = None        # a pipelined map's _Pipe (see _plan_pipe)
+        self.out = None         # a map feeding pipelined maps: those maps' nodes
 
     @property
     def id(self):
@@ -629,17 +638,18 @@ class _Node:
         return self._id
 
 
-def _build_graph(target, tallies):
+def _build_graph(target, tallies, counts):
     """Every node the target needs, with dependents, pending counts, ids and tallies
-    (``tallies``: task -> per-state counts, filled in); returns ``(nodes, roots,
-    special)``: roots are the nodes ready at once, special the nodes that are not a
-    plain call (params, env, gathers, calls that inject resources or ask for capacity).
+    (``tallies``: task -> per-state counts, filled in; ``counts``: task name -> calls
+    numbered so far, for ids); returns ``(nodes, roots, special)``: roots are the nodes
+    ready at once, special the nodes that are not a plain call (params, env, gathers,
+    maps, calls that inject resources or ask for capacity).
 
     The cyclic garbage collector is paused meanwhile: everything made here stays alive,
     so a collection could free nothing, and the collections that a large graph's
     allocations trigger would each walk every object made so far (at 100,000 nodes
     that doubled the cost of building)."""
-    return _without_gc(_build_nodes, target, tallies)
+    return _without_gc(_build_nodes, target, tallies, counts)
 
 
 def _without_gc(fn, *args):
@@ -654,19 +664,29 @@ def _without_gc(fn, *args):
         gc.enable()
 
 
-def _build_nodes(target, tallies):
+def _build_nodes(target, tallies, counts, known=None, reached=None):
+    """See _build_graph. With ``known`` (the nodes of a running graph, to which a task
+    returned ``target``: see _Run._graft), only the lazy results not in ``known`` get
+    nodes (returned); a node of ``known`` that has settled counts as a satisfied input
+    (a skipped one skips its new dependents), any other gets the new dependents; each
+    one reached is added to ``reached``."""
     nodes = {}
     stack = [target]
     pop, push = stack.pop, stack.extend
     while stack:
         lz = pop()
         if lz not in nodes:
+            if known is not None and lz in known:
+                reached.add(lz)
+                continue
             nodes[lz] = _Node(lz)
             if lz.deps:
                 push(lz.deps)
+    lookup = nodes if known is None else collections.ChainMap(nodes, known)
     # In creation order, so that ids (name-1, name-2, ...) and the order in which
-    # initially ready tasks are admitted follow the user's code.
-    counts = {}
+    # initially ready tasks are admitted follow the user's code (and an inner map's
+    # length is known before the maps over it are planned).
+    lengths = {}
     roots, special = [], []
     for node in sorted(nodes.values(), key=_node_order):
         lz = node.lazy
@@ -682,18 +702,201 @@ def _build_nodes(target, tallies):
             node.tally = t
         deps = lz.deps
         if not deps:
+            if type(lz) is MappedLazyResult:
+                lengths[lz] = _known_length(lz, lengths)
             roots.append(node)
             continue
+        if type(lz) is MappedLazyResult:
+            n = lengths[lz] = _known_length(lz, lengths)
+            whole = _plan_pipe(node, nodes, n) if n else None
+            if whole is not None:  # pipelined: it waits whole for these only
+                deps = whole
+                if not deps:
+                    roots.append(node)
+                    continue
         if len(deps) > 1:
             deps = dict.fromkeys(deps)
-        for dep in deps:
-            d = nodes[dep]
+        if known is None:
+            for dep in deps:
+                d = nodes[dep]
+                if d.dependents:
+                    d.dependents.append(node)
+                else:  # exact size: most nodes have one dependent (append would make room for 4)
+                    d.dependents = [node]
+            node.pending = len(deps)
+            continue
+        pending = 0
+        for dep in deps:  # a returned graph: some inputs may have settled already
+            d = lookup[dep]
+            if d.pending < 0:
+                if d.skip is not None and node.skip is None:
+                    node.skip = _needs(d, d.skip)
+                continue
             if d.dependents:
                 d.dependents.append(node)
-            else:  # exact size: most nodes have one dependent (append would make room for 4)
+            else:
                 d.dependents = [node]
-        node.pending = len(deps)
+            pending += 1
+        node.pending = pending
+        if not pending:
+            roots.append(node)
     return nodes, roots, special
+
+
+def _needs(node, reason):
+    """The skip reason that the dependents of ``node`` carry when it is skipped."""
+    return reason if reason.startswith("needs ") else \
+        f"needs {node.id}, which was skipped: {reason}"
+
+
+# -- pipelined maps --------------------------------------------------------------
+# A map over a map (or over a list of lazy results) whose length is known when the graph
+# is built runs item by item: item i of the outer map is ready as soon as item i of each
+# inner map, and every lazy result inside item i of each mapped list, is done (and the
+# outer map itself is "open": its whole inputs, i.e. unmapped lazy arguments, a run_if
+# condition and lazy constraint amounts, are done). Invariants:
+# - the map's node waits (``pending``) for its whole inputs only; item i waits for
+#   ``_Pipe.waits[i]`` inputs: item i of each inner map (whose node lists the map in its
+#   ``out``) and each distinct lazy result inside item i of its lists (whose node has an
+#   _Item among its dependents, one per (node, item));
+# - waits[i] reaches 0 once, when item i's last input is done: its unit is made then (a
+#   fresh readiness stamp), or, if the map is not open yet, when it opens (``held``, made
+#   in input order with the map's stamp + index); ``_Pipe.made`` counts the units made;
+# - a skip reaching any item skips the whole map (its items not made yet never run; those
+#   made run to their end), as a skipped input skipped the whole map before pipelining;
+#   so ``left`` of a skipped map never reaches 0 and it settles once, skipped.
+# No object per item of a map over a map: a 1,000,000-item pipeline costs a list of
+# counts more than two maps.
+# Only inner maps made in the same graph build feed items (``out``): a map of a graph a
+# task returned that maps over a map of the running graph waits for it whole.
+
+def _known_length(lz, lengths):
+    """The number of items of map ``lz`` if it is known without running anything (each
+    mapped argument is a list, or a map of known length, and they agree), else None."""
+    n = None
+    for mapped, v in (*lz.args, *lz.kwargs.values()):
+        if not mapped:
+            continue
+        m = len(v) if type(v) is list else lengths.get(v)
+        if m is None or (n is not None and m != n):
+            return None
+        n = m
+    return n or 0
+
+
+class _Pipe:
+    """A pipelined map's item-wise state (see above). ``cols`` are its columns as
+    ``(kind, value)``: 0 an unmapped value (resolved when the map opens), 1 a list (item
+    i resolved when it is made), 2 an inner map's node (item i is its value[i])."""
+    __slots__ = ("n", "cols", "waits", "held", "open", "made")
+
+    def __init__(self, n, cols, waits, held):
+        self.n, self.cols, self.waits, self.held = n, cols, waits, held
+        self.open = False
+        self.made = 0
+
+
+class _Item:
+    """A lazy result inside item ``index`` of a pipelined map, among the dependents of its
+    node: readied like a node when that settles (see _Run._settle_node), it counts one
+    input of the item done (_Run._item_ready)."""
+    __slots__ = ("node", "index", "pending", "skip", "seq")
+    items = lazy = None  # as a node's, for the ready queue (_Run._pump)
+
+    def __init__(self, node, index):
+        self.node, self.index = node, index
+        self.pending, self.skip, self.seq = 1, None, 0
+
+    def ready(self, run):
+        return run._item_ready(self)
+
+
+def _plan_pipe(node, nodes, n):
+    """Make map ``node`` (of ``n`` > 0 items, a known length) pipelined if one of its
+    mapped columns has lazy items or is an inner map of this build (``nodes``); returns
+    its whole inputs then (maybe empty), else None (it waits for every input, whole)."""
+    lz = node.lazy
+    whole, cols, item_wise = [], [], False
+    for mapped, v in (*lz.args, *lz.kwargs.values()):
+        if not mapped:
+            if type(v) not in _PLAIN:
+                _scan(v, whole)
+            cols.append((0, v))
+        elif type(v) is list:
+            cols.append((1, v))
+            item_wise = True  # (the map has lazy inputs: maybe in this list)
+        elif v in nodes:
+            cols.append((2, nodes[v]))
+            item_wise = True
+        else:
+            return None
+    if not item_wise:
+        return None
+    if isinstance(lz.condition, LazyResult):
+        whole.append(lz.condition)
+    for v in (lz.amounts or {}).values():
+        if isinstance(v, LazyResult):
+            whole.append(v)
+    inner = list(dict.fromkeys(v for kind, v in cols if kind == 2))  # item i of each
+    lists = [v for kind, v in cols if kind == 1]
+    plan, found = [], []
+    for i in range(n):
+        srcs = []  # the nodes item i needs whole: the lazy results inside it
+        for v in lists:
+            x = v[i]
+            if type(x) not in _PLAIN and _scan(x, found):
+                for f in found:
+                    if f not in nodes:  # of the running graph (a returned graph's map)
+                        return None
+                    srcs.append(nodes[f])
+                found.clear()
+        if len(srcs) > 1:
+            srcs = list(dict.fromkeys(srcs))
+        plan.append(srcs)
+    held, waits = [], [len(inner)] * n
+    for i, srcs in enumerate(plan):
+        if srcs:
+            waits[i] += len(srcs)
+            for d in srcs:
+                item = _Item(node, i)
+                if d.dependents:
+                    d.dependents.append(item)
+                else:
+                    d.dependents = [item]
+        elif not inner:
+            held.append(i)
+    for d in inner:
+        d.out = [node] if d.out is None else [*d.out, node]
+    node.pipe = _Pipe(n, ([c for c in cols[:len(lz.args)]],
+                          dict(zip(lz.kwargs, cols[len(lz.args):]))), waits, held)
+    return whole
+
+
+# -- graphs returned by tasks ------------------------------------------------------
+# A task whose body returns a lazy result has that graph run in the same run (see
+# _Run._returned_graph); its value becomes the task's value. Invariants:
+# - the body's unit ends as any other (done: its slot is free, its events say so); its
+#   node (or map item) is settled later, by a _Forward, when the returned graph's root is;
+# - a _Forward stands among the dependents of that root, and nowhere else;
+# - a returned graph's root that itself returns a graph hands its _Forward on to the new
+#   root (no chain of waiting parents), and the nodes of its own graph, all settled,
+#   leave the run's node table: tail recursion runs in constant memory and stack;
+# - nodes of a returned graph that a later returned graph reaches are kept (``_kept``).
+
+class _Forward:
+    """Settles ``node`` (item ``index`` of it, for a map's) with the value of ``root``,
+    the root of a graph that one of its bodies returned; ``fresh``: that graph's lazy
+    results that got nodes of their own, dropped from the run once it is done."""
+    __slots__ = ("node", "index", "root", "fresh", "pending", "skip", "seq")
+    items = lazy = None  # as a node's, for the ready queue (_Run._pump)
+
+    def __init__(self, node, index):
+        self.node, self.index = node, index
+        self.root = self.fresh = None
+        self.pending, self.skip, self.seq = 1, None, 0
+
+    def ready(self, run):
+        return run._forward_ready(self)
 
 
 _node_order = operator.attrgetter("lazy.order")
@@ -4141,6 +4344,8 @@ class _Run:
         self.error = None
         self.nodes = {}
         self.tallies = {}           # task -> [count per state] (see _Unit)
+        self._counts = {}           # task name -> its calls numbered so far (node ids)
+        self._kept = set()          # nodes of returned graphs that a later one shares
         self.keys = {}              # task, or (task, amounts) -> its interned _Key
         self.link = None            # its _RunLink, when the engine has a connector
         self._ready = collections.deque()   # nodes whose inputs are all done, FIFO
@@ -4248,7 +4453,7 @@ class _Run:
                 raise asyncio.CancelledError()
 
     def _prepare(self):
-        self.nodes, roots, special = _build_graph(self.target, self.tallies)
+        self.nodes, roots, special = _build_graph(self.target, self.tallies, self._counts)
         missing, known, needed = [], set(), set()
         caps = self.cp._caps
         for node in special:  # the plain calls need no check
@@ -4408,6 +4613,8 @@ class _Run:
         t = type(lz)
         if t is not LazyResult or node.skip is not None or lz.condition is not _MISSING:
             # everything but the common case (a plain call, ready to be admitted)
+            if lz is None:  # not a node: an _Item of a pipelined map, or a _Forward
+                return node.ready(self)
             if node.skip is not None:
                 self._skip(node, node.skip)
                 return 1
@@ -4462,6 +4669,8 @@ class _Run:
 
     def _expand_map(self, node, budget):
         """Resolve a map's columns once, then make its units a chunk at a time."""
+        if node.pipe is not None:
+            return self._open_pipe(node, budget)
         lz, nodes = node.lazy, self.nodes
         call = f"{lz.task.name}.map()"
         lengths = {}
@@ -4494,6 +4703,11 @@ class _Run:
 
     def _expand(self, node, budget):
         """Make and submit the next ``budget`` units of a map; returns how many."""
+        if node.pipe is not None:
+            return self._expand_held(node, budget)
+        if node.skip is not None:  # skipped meanwhile (see _map_skipped)
+            node.items = None
+            return 0
         pos, kw = node.items
         i = node.cursor
         end = min(len(node.value), i + budget)
@@ -4511,6 +4725,237 @@ class _Run:
             self._ready.appendleft(node)  # the rest next, before anything readied later
         self._submit(units)
         return end - i
+
+    # -- graphs returned by tasks (see _Forward) -----------------------------
+    def _returned_graph(self, u, lazy, t0):
+        """``u``'s body returned ``lazy``: the unit is done as any other (its slot goes
+        back: a recursion under a limit cannot deadlock on its own slots), and the graph
+        of ``lazy`` is added to the run; its root's value becomes the unit's. A graph
+        that cannot be added (a cycle, a missing param) fails the task."""
+        try:
+            fwd = self._graft(u, lazy) if not self.stopping else None
+            exc = None
+        except (TypeError, ValueError, CascadeError) as e:
+            fwd, exc = None, e
+            if not self.stopping:
+                self._fail(exc, u.id, u.key.name)
+        self.cp.release(u)
+        self._inflight -= 1
+        u.body = None
+        u.end(_DONE if exc is None else _FAILED)
+        rep = self.report
+        if exc is not None or rep.on_finish or rep.version != rep.bus.version:
+            rep.finished(u, time.perf_counter() - t0, exc)
+        if self.stopping:
+            return self._check_idle()
+        if fwd is not None and not fwd.pending:
+            fwd.seq = self._stamp()
+            self._ready.append(fwd)
+        self._pump()
+
+    def _graft(self, u, lazy):
+        """Add the graph of ``lazy`` to the run for unit ``u``; returns its _Forward."""
+        node = u.node
+        deps = node.dependents
+        if (u.index is None and len(deps) == 1 and type(deps[0]) is _Forward
+                and deps[0].root is node):
+            # ``node`` is itself a returned graph's root (tail call): its _Forward moves
+            # on to the new root, and its own graph, all settled now, can go.
+            fwd = deps[0]
+            node.dependents = ()
+            self._drop(fwd)
+        else:
+            fwd = _Forward(node, u.index)
+        waiting = {node.lazy, fwd.node.lazy}  # a graph that needs these never settles
+        if lazy in waiting:
+            raise ValueError(f"task {u.key.name!r} ({u.id}) returned a lazy result that is "
+                             "itself (or the call waiting for it): it would wait forever")
+        reached = set()
+        fresh, roots, special = _build_nodes(lazy, self.tallies, self._counts, self.nodes,
+                                             reached)
+        for lz in reached:
+            d = self.nodes[lz]
+            if d.pending >= 0 and any(_depends_on(lz, w) for w in waiting):
+                raise ValueError(f"task {u.key.name!r} ({u.id}) returned a graph that needs "
+                                 f"{d.id}, which waits for that task: it would wait forever")
+            self._kept.add(lz)
+        for n in special:
+            lz = n.lazy
+            t = type(lz)
+            if t is Param:
+                if lz.param in self.params:
+                    n.value = self.params[lz.param]
+                elif lz.default is not _MISSING:
+                    n.value = lz.default
+                else:
+                    raise ParamError(f"task {u.key.name!r} ({u.id}) returned a graph that "
+                                     f"needs param {lz.param!r}, which the run was not "
+                                     "given; pass it with run(target, params={...})")
+            elif t is Env:
+                n.value = os.environ.get(lz.var, lz.default)
+            else:
+                for r in (r for _, r in lz.injects if r not in self.engine._resources):
+                    raise ResourceError(f"resource {r!r} is injected but not registered; "
+                                        "pass it with engine.register(r) or "
+                                        "cs.run(..., resources=[r])")
+                for k, v in (lz.amounts or {}).items():
+                    if not isinstance(v, LazyResult):
+                        _check_amount(self.cp._caps, lz, k, v)
+        self.nodes.update(fresh)
+        root = fwd.root = self.nodes[lazy]
+        fwd.fresh = list(fresh)
+        if root.pending < 0:  # a node of the run that has settled: its value, now
+            fwd.pending, fwd.skip = 0, root.skip and _needs(root, root.skip)
+        else:
+            fwd.pending = 1
+            if root.dependents:
+                root.dependents.append(fwd)
+            else:
+                root.dependents = [fwd]
+        for n in roots:
+            n.seq = self._stamp()
+        self._ready.extend(roots)
+        return fwd
+
+    def _drop(self, fwd):
+        """The graph of ``fwd`` is done: its nodes leave the run (unless a later returned
+        graph shares them), so a long recursion keeps no node per level."""
+        nodes, kept = self.nodes, self._kept
+        for lz in fwd.fresh or ():
+            if lz not in kept:
+                del nodes[lz]
+        fwd.fresh = None
+
+    def _forward_ready(self, fwd):
+        """The root of a returned graph has settled: so does the unit that returned it
+        (the value of a plain call, or item ``index`` of a map)."""
+        root, node, j = fwd.root, fwd.node, fwd.index
+        self._drop(fwd)
+        fwd.root = None
+        if fwd.skip is not None:
+            why = fwd.skip  # ("needs <root>, which was skipped: ...")
+            if j is not None:
+                self._map_skipped(node, why)
+            elif node.skip is None:
+                node.skip = why  # (its unit was counted done: its body ran)
+                self._settle_node(node, why)
+        elif j is None:
+            node.value = root.value
+            self._settle_node(node, None)
+        else:
+            node.value[j] = root.value
+            node.left -= 1
+            if node.out is not None:
+                self._item_out(node, j)
+            if not node.left:
+                self._settle_node(node, None)
+        return 1
+
+    # -- pipelined maps (see _plan_pipe) -------------------------------------
+    def _open_pipe(self, node, budget):
+        """A pipelined map's whole inputs are done (and its run_if held): it opens. Its
+        items ready so far are made now, in input order, a chunk at a time."""
+        pipe, nodes = node.pipe, self.nodes
+        pos, kw = pipe.cols
+        pipe.cols = ([(k, _resolve(v, nodes) if k == 0 else v) for k, v in pos],
+                     {name: (k, _resolve(v, nodes) if k == 0 else v) for name, (k, v) in kw.items()})
+        node.value = [None] * pipe.n
+        node.left = pipe.n
+        node.tally[_PENDING] += pipe.n - 1  # the node is now n pending items
+        pipe.open = True
+        if not pipe.held:
+            return 1
+        pipe.held.sort()
+        node.items, node.cursor = pipe.held, 0
+        return self._expand_held(node, budget)
+
+    def _expand_held(self, node, budget):
+        """The next ``budget`` items of an opened pipelined map that were ready before
+        it opened (``node.items``: their indexes); their readiness is the map's (seq +
+        index, as a plain map's items)."""
+        held, i = node.items, node.cursor
+        if node.skip is not None:  # skipped meanwhile: the rest never run
+            node.items = None
+            return 0
+        end = min(len(held), i + budget)
+        units = [self._item_unit(node, j) for j in held[i:end]]
+        node.cursor = end
+        if end == len(held):
+            node.items = node.pipe.held = None
+        else:
+            self._ready.appendleft(node)  # the rest next, before anything readied later
+        self._submit(units)
+        return end - i
+
+    def _item_unit(self, node, j):
+        pipe, nodes = node.pipe, self.nodes
+        pos, kw = pipe.cols
+        if not kw and len(pos) == 1 and pos[0][0] == 2:  # a map over a map
+            args = (pos[0][1].value[j],)
+        else:
+            args = tuple([v if k == 0 else _resolve(v[j], nodes) if k == 1 else v.value[j]
+                          for k, v in pos])
+        kwargs = {name: v if k == 0 else _resolve(v[j], nodes) if k == 1 else v.value[j]
+                  for name, (k, v) in kw.items()} if kw else _NO_KWARGS
+        pipe.made += 1
+        return _Unit(self, node, j, args, kwargs)
+
+    def _item_ready(self, item):
+        """A lazy result inside an item of a pipelined map has settled (see _Item)."""
+        self._item_input(item.node, item.index, item.skip)
+        return 1
+
+    def _item_input(self, node, j, skip=None):
+        """One input of item ``j`` of pipelined map ``node`` is done (or skipped): once
+        all are, its unit is made (the map is open) or kept for when the map opens."""
+        if node.skip is not None:
+            return
+        if skip is not None:
+            return self._map_skipped(node, skip)
+        pipe = node.pipe
+        waits = pipe.waits
+        waits[j] -= 1
+        if waits[j]:
+            return
+        if not pipe.open:
+            pipe.held.append(j)
+            return
+        u = self._item_unit(node, j)
+        u.seq = self._stamp()  # ready now: behind whatever became ready before
+        self._submit((u,))
+
+    def _map_skipped(self, node, reason):
+        """A skip reached an item of map ``node`` (an input of a pipelined map's item,
+        or the graph an item returned): the whole map is skipped, as when a whole input
+        of it is; its items not made yet never run, those made run to their end."""
+        if node.skip is not None:
+            return
+        node.skip = reason
+        pipe = node.pipe
+        if pipe is None:  # a plain map, one of whose items returned a skipped graph
+            n = len(node.value) - node.cursor if node.items is not None else 0
+        elif not pipe.open:  # skipped as a whole when it is processed (_process)
+            return
+        else:
+            n = pipe.n - pipe.made  # >= 1: this item was not made
+        t = node.tally
+        t[_PENDING] -= n
+        t[_SKIPPED] += n
+        self.report.skipped(node, reason)
+        if node.out is not None:
+            self._skip_out(node, _needs(node, reason))
+        self._settle_node(node, _needs(node, reason))
+
+    def _item_out(self, node, j):
+        """Item ``j`` of map ``node`` is done: an input of item ``j`` of each pipelined
+        map over it."""
+        for m in node.out:
+            self._item_input(m, j)
+
+    def _skip_out(self, node, why):
+        """Map ``node`` is skipped: so is each pipelined map over it."""
+        for m in node.out:
+            self._map_skipped(m, why)
 
     def _submit(self, units):
         if self.cp.enqueue(units, units[0].node.key):
@@ -4532,12 +4977,14 @@ class _Run:
             t[_PENDING] -= 1
             t[_SKIPPED] += 1
             self.report.skipped(node, reason)
-        self._settle_node(node, reason if reason.startswith("needs ") else
-                          f"needs {node.id}, which was skipped: {reason}")
+        if node.out is not None:
+            self._skip_out(node, _needs(node, reason))
+        self._settle_node(node, _needs(node, reason))
 
     def _settle_node(self, node, skip):
         """``node`` is done (``skip`` None) or skipped (``skip``: the reason its
         dependents carry): the dependents that now have all their inputs are ready."""
+        node.pending = -1  # settled (see _Node)
         woke = False
         for d in node.dependents:
             if skip is not None and d.skip is None:
@@ -4785,6 +5232,8 @@ class _Run:
         if self._gone:  # an abandoned async body ended at last: only its slots go back
             return self.cp.release(u)
         if exc is None:
+            if isinstance(value, LazyResult):  # a graph to run for the value (rare)
+                return self._returned_graph(u, value, t0)
             outcome = _DONE
         else:
             retry = u.node.lazy.retry
@@ -4811,6 +5260,8 @@ class _Run:
             else:
                 node.value[u.index] = value
                 node.left -= 1
+                if node.out is not None:  # pipelined maps wait for this item
+                    self._item_out(node, u.index)
                 if not node.left:
                     self._settle_node(node, None)
         elif outcome == _RETRYING:

@@ -2093,6 +2093,8 @@ def _flat(x):
 
 
 def _op(op, a, b):
+    if op == "sum2":
+        return _flat(a) + _flat(b)
     return a + b if op == "add" else a * b
 
 
@@ -2124,6 +2126,17 @@ def dag_sum(s):
 
 
 @cs.task
+def dag_sum2(a, b):
+    return _flat(a) + _flat(b)
+
+
+@cs.task
+async def dag_sum2_async(a, b):
+    await asyncio.sleep(0)
+    return _flat(a) + _flat(b)
+
+
+@cs.task
 async def dag_sum_async(s):
     await asyncio.sleep(0)
     return _flat(s)
@@ -2145,13 +2158,16 @@ DAG_TASKS = {
     ("mul", False): dag_mul, ("mul", True): dag_mul_async,
     ("sum", False): dag_sum, ("sum", True): dag_sum_async,
     ("mklist", False): dag_mklist, ("mklist", True): dag_mklist_async,
+    ("sum2", False): dag_sum2, ("sum2", True): dag_sum2_async,
 }
 
 
 @st.composite
 def dag_specs(draw):
-    """A random DAG as a list of node specs; each node refers only to earlier nodes."""
-    specs, kinds = [], []
+    """A random DAG as a list of node specs; each node refers only to earlier nodes. Maps
+    map over static lists, lists of lazy results (or of structures holding some), earlier
+    maps (pipelined when their length is known) and lists known only at run time."""
+    specs, kinds, lengths = [], [], []
     for _ in range(draw(st.integers(1, 8))):
         ints = [i for i, k in enumerate(kinds) if k == "int"]
         lists = [i for i, k in enumerate(kinds) if k == "list"]
@@ -2177,16 +2193,23 @@ def dag_specs(draw):
         if kind == "op":
             specs.append(("op", draw(st.sampled_from(["add", "mul"])), operand(), operand(), is_async))
             kinds.append("int")
+            lengths.append(None)
         elif kind == "sum":
             specs.append(("sum", struct(0), is_async))
             kinds.append("int")
+            lengths.append(None)
         elif kind == "mklist":
             specs.append(("mklist", operand(), draw(st.integers(0, 4)), is_async))
             kinds.append("list")
+            lengths.append(None)  # (known only at run time)
         else:
-            if lists and draw(st.booleans()):
+            pick = draw(st.integers(0, 2))
+            if lists and pick == 0:
                 source = ("lref", draw(st.sampled_from(lists)))
-                length = None
+                length = lengths[source[1]]
+            elif pick == 1:  # a list of lazy results (or of items holding some)
+                source = ("items", [struct(2) for _ in range(draw(st.integers(0, 4)))])
+                length = len(source[1])
             else:
                 values = draw(st.lists(st.integers(-3, 3), max_size=4))
                 source = ("static", values)
@@ -2200,9 +2223,10 @@ def dag_specs(draw):
                 second = ("zip_self",)
             else:
                 second = ("static", draw(st.lists(st.integers(-3, 3), min_size=length, max_size=length)))
-            op = draw(st.sampled_from(["add", "mul"]))
+            op = "sum2" if source[0] == "items" else draw(st.sampled_from(["add", "mul"]))
             specs.append(("map", op, source, second, draw(st.booleans()), is_async))
             kinds.append("list")
+            lengths.append(length)  # a map over a map: pipelined when known
     return specs
 
 
@@ -2246,7 +2270,10 @@ def _build(specs, values, task_mode):
                 values.append([resolve(a) + i for i in range(n)])
         else:
             _, op, source, second, keyword, is_async = spec
-            xs = resolve(source)
+            if source[0] == "items":
+                xs = [_materialize(x, resolve) for x in source[1]]
+            else:
+                xs = resolve(source)
             if second[0] == "unmapped":
                 ys_mapped, y = None, resolve(second[1])
             else:
@@ -2268,6 +2295,399 @@ def test_random_dags_match_sequential_evaluation(specs):
     lazies = _build(specs, [], task_mode=True)
     got = run_engine(cs.Engine(), ident(lazies))
     assert got == expected
+
+
+# --- dataflow without hidden barriers: pipelined maps (issue 12) -------------
+
+def _gated_stages(n):
+    """(first, second, first_to_end): ``first(i)`` returns i; its item n-1 ends only once
+    an item of ``second`` (x -> 10 * x) has begun: with a barrier between the stages it
+    would wait for itself, and fail after TIMEOUT."""
+    began = threading.Event()
+
+    @cs.task(name="first")
+    async def first(i):
+        if i == n - 1:
+            deadline = time.monotonic() + TIMEOUT
+            while not began.is_set():
+                if time.monotonic() > deadline:
+                    raise AssertionError("no item of the second stage began before the "
+                                         "first stage's last item ended: a barrier")
+                await asyncio.sleep(0.001)
+        return i
+
+    @cs.task(name="second")
+    async def second(x, y=0):
+        began.set()
+        return 10 * sum(x) if isinstance(x, list) else 10 * x + y
+    return first, second
+
+
+@pytest.mark.parametrize("shape", ["map", "list", "mixed", "keyword", "nested"])
+def test_a_map_over_a_map_or_a_list_of_lazy_results_runs_item_by_item(shape):
+    n = 4
+    first, second = _gated_stages(n)
+    expected = [10 * i for i in range(n)]
+    if shape == "map":
+        outer = second.map(first.map(range(n)))
+    elif shape == "list":
+        outer = second.map([first(i) for i in range(n)])
+    elif shape == "keyword":
+        outer = second.map(x=first.map(range(n)))
+    elif shape == "mixed":  # a map zipped with a list of lazy results
+        outer = second.map(first.map(range(n)), [ident(j) for j in range(n)])
+        expected = [10 * i + i for i in range(n)]
+    else:  # items that hold lazy results inside
+        outer = second.map([[first(i), ident(1)] for i in range(n)])
+        expected = [10 * i + 10 for i in range(n)]
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    assert run_engine(engine, outer) == expected
+    evs = rec.snapshot()
+    first_ends = [i for i, e in enumerate(evs) if isinstance(e, cs.TaskExecutionFinished)
+                  and e.task_name == "first"]
+    second_starts = [i for i, e in enumerate(evs) if isinstance(e, cs.TaskExecutionStarted)
+                     and e.task_name == "second"]
+    assert min(second_starts) < max(first_ends)  # an outer item began before the inner end
+    # ids, one per item, as for any map
+    ids = sorted(e.task_id for e in evs if isinstance(e, cs.TaskExecutionFinished)
+                 and e.task_name == "second")
+    assert ids == sorted(f"second-1[{i}]" for i in range(n))
+    assert all(e.status == "Succeeded" for e in events_of(evs, cs.TaskExecutionFinished))
+
+
+def test_the_readme_steering_example_overlaps_its_two_stages():
+    # The README's flow: each size starts right after its own fetch, not after all of them.
+    started = []
+
+    @cs.task(name="fetch", tags=["io"])
+    async def fetch(i):
+        started.append(("fetch", i))
+        await asyncio.sleep(0)
+        return b"x" * i
+
+    @cs.task
+    def size(page):
+        started.append(("size", len(page)))
+        return len(page)
+
+    @cs.task
+    def total(sizes):
+        return sum(sizes)
+
+    engine = cs.Engine()
+    engine.limit("task:fetch", 1)  # one fetch at a time: sizes run in between
+    assert run_engine(engine, total(size.map(fetch.map(range(20))))) == 190
+    assert started.index(("size", 0)) < started.index(("fetch", 19))
+
+
+def test_an_unmapped_lazy_argument_of_a_pipelined_map_is_still_a_whole_dependency():
+    log = []
+    slow, gate, slow_started = held_task("slow", 100)
+
+    @cs.task
+    async def add(x, y):
+        log.append(("add", x))
+        return x + y
+
+    @cs.task
+    async def src(i):
+        log.append(("src", i))
+        return i
+
+    async def main():
+        engine = cs.Engine()
+        run = asyncio.ensure_future(engine.run(add.map(src.map(range(3)), cs.unmapped(slow()))))
+        await asyncio.wait_for(slow_started.wait(), TIMEOUT)
+        while len(log) < 3:
+            await asyncio.sleep(0.001)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert [k for k, _ in log] == ["src"] * 3  # no add before slow() is done
+        gate.set()
+        return await asyncio.wait_for(run, TIMEOUT)
+    assert asyncio.run(main()) == [100, 101, 102]
+
+
+def test_a_skipped_input_of_one_item_skips_the_pipelined_map_whose_started_items_finish():
+    log = []
+    go = threading.Event()
+
+    @cs.task
+    def src(i):
+        if i == 1:  # the skip is known only after item 0 of the outer map has run
+            go.wait(TIMEOUT)
+        return i
+
+    @cs.task
+    def outer(x):
+        log.append(x)
+        go.set()
+        return x
+
+    @cs.task
+    def total(xs):
+        return sum(xs)
+
+    flag = ident(False)
+    items = [src(0), ident(src(1)).run_if(flag)]
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    with pytest.raises(cs.DependencyMissingError) as ei:
+        run_engine(engine, total(outer.map(items)))
+    assert log == [0]  # item 0 ran before the skip was known, item 1 never
+    skipped = [e.task_name for e in rec.of(cs.TaskSkipped)]
+    assert skipped == ["ident", "outer", "total"]
+    assert "total" in str(ei.value)
+
+
+def test_a_failed_inner_item_fails_the_run_with_its_own_exception():
+    @cs.task
+    async def boom(i):
+        if i == 2:
+            raise KeyError("item 2")
+        return i
+
+    @cs.task
+    async def twice(x):
+        return 2 * x
+
+    with pytest.raises(KeyError):
+        run_engine(cs.Engine(), twice.map(twice.map(boom.map(range(4)))))
+
+
+def test_a_map_over_a_run_time_list_keeps_waiting_for_the_whole_list():
+    log = []
+
+    @cs.task
+    def mk(n):
+        log.append("mk")
+        return list(range(n))
+
+    @cs.task
+    def inc(x):
+        log.append("inc")
+        return x + 1
+
+    # the inner map's length is known only when mk() has run: no item-wise plan
+    assert run_engine(cs.Engine(), inc.map(inc.map(mk(3)))) == [2, 3, 4]
+    assert log[:4] == ["mk", "inc", "inc", "inc"]
+
+
+def test_a_pipelined_map_keeps_limits_fifo_order_retries_and_many_held_items():
+    engine = cs.Engine()
+    engine.limit("task:src", 1)
+    engine.limit("task:dst", 1)
+    rec = Recorder(engine)
+    tries = collections.Counter()
+
+    @cs.task
+    async def src(i):
+        return i
+
+    @cs.task
+    async def dst(x):
+        tries[x] += 1
+        if x == 2 and tries[x] == 1:
+            raise ConnectionError("once")
+        return -x
+
+    # one at a time each: inner items end in input order, so outer items are ready,
+    # and start, in input order (FIFO); item 2 fails once and is retried
+    assert run_engine(engine, dst.map(src.map(range(6))).with_retry(2)) == [0, -1, -2, -3, -4, -5]
+    starts = [e.task_id for e in rec.of(cs.TaskExecutionStarted, task_name="dst")]
+    assert list(dict.fromkeys(starts)) == [f"dst-1[{i}]" for i in range(6)]
+    assert starts.count("dst-1[2]") == 2
+    # 1,200 items all ready before the outer map opens (its unmapped input needs them
+    # all): made a chunk at a time, in input order, with the right values
+    inner = src.map(range(1_200))
+    outer = dag_add.map(inner, cs.unmapped(dag_sum(inner)))
+    total = sum(range(1_200))
+    assert run_engine(cs.Engine(), outer) == [i + total for i in range(1_200)]
+
+
+def test_a_skipped_inner_map_skips_the_pipelined_map_over_it():
+    @cs.task
+    def inc(x):
+        return x + 1
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    with pytest.raises(cs.DependencyMissingError):
+        run_engine(engine, inc.map(inc.map(range(3)).run_if(False)))
+    assert [e.task_id for e in rec.of(cs.TaskSkipped)] == ["inc-1", "inc-2"]
+    assert not rec.of(cs.TaskExecutionStarted)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(2, 5), stages=st.lists(st.tuples(st.sampled_from(["map", "zip", "kw"]),
+                                                      st.booleans()), min_size=0, max_size=3),
+       lazies=st.booleans())
+def test_property_random_chains_of_maps_over_maps_are_pipelined(n, stages, lazies):
+    # Stage 0 (a map, or a list of lazy results) holds its last item until an item of the
+    # last stage has begun: it can only end if the stages between are pipelined.
+    first, last = _gated_stages(n)
+    prev = [first(i) for i in range(n)] if lazies else first.map(range(n))
+    expected = list(range(n))
+    for kind, is_async in stages:
+        add = dag_add_async if is_async else dag_add
+        if kind == "map":
+            prev = add.map(prev, cs.unmapped(1))
+        elif kind == "zip":  # zipped with a list of lazy results
+            prev = add.map(prev, [ident(j) for j in range(n)])
+            expected = [x + j - 1 for j, x in enumerate(expected)]
+        else:
+            prev = add.map(a=prev, b=[1] * n)
+        expected = [x + 1 for x in expected]
+    assert run_engine(cs.Engine(), last.map(prev)) == [10 * x for x in expected]
+
+
+# --- graphs returned by tasks (issue 12) ---------------------------------------
+
+@cs.task
+def fact(n, acc=1):
+    return acc if n <= 1 else fact(n - 1, acc * n)
+
+
+@cs.task
+async def count_down(n, acc=0):
+    return acc if n == 0 else count_down(n - 1, acc + 1)
+
+
+@cs.task
+def fib(n):
+    return n if n < 2 else dag_add(fib(n - 1), fib(n - 2))
+
+
+def test_a_task_that_returns_a_lazy_result_has_its_value():
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    assert run_engine(engine, ident(fact(6))) == 720
+    # each nested call is a task like any other: its own id and events
+    ids = [e.task_id for e in rec.of(cs.TaskExecutionFinished, task_name="fact")]
+    assert ids == [f"fact-{k}" for k in range(1, 7)]
+    assert [e.status for e in rec.of(cs.TaskExecutionFinished)] == ["Succeeded"] * 7
+
+
+def test_recursion_runs_under_a_limit_of_one_the_parent_holds_no_slot():
+    engine = cs.Engine()
+    engine.limit("task:fib", 1)
+    engine.limit("task:fact", 1)
+    assert run_engine(engine, pair(fib(10), fact(20))) == (55, math.factorial(20))
+
+
+def test_status_counts_the_calls_of_a_returned_graph():
+    go = threading.Event()
+    seen = {}
+
+    @cs.task
+    def hold(n):
+        if n == 0:
+            go.wait(TIMEOUT)
+            return "end"
+        return hold(n - 1)
+
+    engine = cs.Engine()
+    handle = engine.start(hold(3))
+    try:
+        wait_for(lambda: engine.status()["tasks"].get("hold", {}).get("running") == 1
+                 and engine.status()["tasks"]["hold"].get("done") == 3)
+        seen = engine.status()["tasks"]["hold"]
+    finally:
+        go.set()
+    assert handle.result(TIMEOUT) == "end"
+    assert seen == {"done": 3, "running": 1}
+
+
+def test_tail_recursion_10000_deep_runs_without_growing_memory_per_level():
+    def peak(n):
+        engine = cs.Engine()
+        try:
+            tracemalloc.start()
+            try:
+                assert run_engine(engine, count_down(n)) == n
+                return tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+        finally:
+            engine.close()
+    assert sys.getrecursionlimit() < 10_000
+    small, big = peak(1_000), peak(10_000)
+    assert big < 3 * small, (small, big)
+
+
+def test_a_returned_map_gives_its_list_and_map_items_may_return_graphs():
+    @cs.task
+    def squares(n):
+        return dag_mul.map(range(n), range(n))
+
+    @cs.task
+    def fact_of(n):
+        return fact(n)
+    assert run_engine(cs.Engine(), squares(4)) == [0, 1, 4, 9]
+    assert run_engine(cs.Engine(), fact_of.map([1, 3, 5])) == [1, 6, 120]
+    # a pipelined map over items that returned graphs
+    assert run_engine(cs.Engine(), ident.map(fact_of.map([3, 4]))) == [6, 24]
+
+
+def test_a_failure_inside_a_returned_graph_fails_the_run_with_its_own_exception():
+    @cs.task
+    def bad(x):
+        raise ZeroDivisionError(x)
+
+    @cs.task
+    def parent():
+        return ident(bad(1))
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    with pytest.raises(ZeroDivisionError):
+        run_engine(engine, parent())
+    failed = rec.of(cs.TaskExecutionFinished, status="Failed")
+    assert [e.task_name for e in failed] == ["bad"]
+
+
+def test_a_skip_inside_a_returned_graph_skips_what_needs_the_task():
+    @cs.task
+    def parent():
+        return ident(1).run_if(False)
+    with pytest.raises(cs.DependencyMissingError):
+        run_engine(cs.Engine(), ident(parent()))
+
+
+def test_a_task_returning_a_lazy_result_that_waits_for_it_fails_instead_of_hanging():
+    holder = []
+
+    @cs.task
+    def me():
+        return holder[0]
+
+    @cs.task
+    def after(x):
+        return x
+    holder.append(me())
+    with pytest.raises(ValueError, match="wait forever"):
+        run_engine(cs.Engine(), holder[0])
+    holder[:] = []
+    first = me()
+    holder.append(after(first))
+    with pytest.raises(ValueError, match="wait forever"):
+        run_engine(cs.Engine(), holder[0])
+
+
+def test_a_returned_graph_may_share_a_finished_node_of_the_run():
+    calls = []
+
+    @cs.task
+    def base():
+        calls.append("base")
+        return 5
+
+    b = base()
+
+    @cs.task
+    def grow(x):
+        return dag_add(b, x)  # b is a node of the run that has finished: not run again
+    assert run_engine(cs.Engine(), grow(b)) == 10
+    assert calls == ["base"]
 
 
 # ===========================================================================

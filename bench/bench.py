@@ -23,12 +23,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # cascade.py lives in the repo root; works from any cwd
 perf = time.perf_counter
 FULL = dict(n=10_000, chain=2_000, io_n=500, io_sleep=0.010, io_limit=50, reps=5,
+            pipe_n=1_000, pipe_sleep=0.005, pipe_limit=50,
             scale=(1_000, 10_000, 100_000), samples=200, ttl_samples=60, ttl=0.02, timeout=180,
             big=1_000_000, big_limit=1_000, hold=0.1, status_samples=20, status_gap=0.1,
             names=2_000, storm_s=2.0, storm_topics=10, storm_rate=50_000, big_map=100_000, hogs=16, hog_samples=60, hog_ttl=0.05,
             burst=50_000,
             pool_n=200, pool_work=200_000, dask_n=40, dask_work=1_000_000)
 QUICK = dict(n=200, chain=100, io_n=100, io_sleep=0.001, io_limit=10, reps=1,
+             pipe_n=100, pipe_sleep=0.001, pipe_limit=10,
              scale=(50, 100, 200), samples=10, ttl_samples=5, ttl=0.02, timeout=30,
              big=2_000, big_limit=1_000, hold=0.02, status_samples=5, status_gap=0.005,
              names=100, storm_s=0.2, storm_topics=3, storm_rate=25_000, big_map=2_000, hogs=4, hog_samples=5, hog_ttl=0.02,
@@ -59,6 +61,7 @@ try:  # the same plain functions, as Cascade tasks
     total, total_sync = cs.task(name="total")(a_total), cs.task(name="total_sync")(s_total)
     io, probe = cs.task(name="io")(a_io), cs.task(name="probe")(a_probe)
     hold = cs.task(name="hold")(a_io)
+    stage1, stage2 = cs.task(name="stage1")(a_io), cs.task(name="stage2")(a_io)
     cpu = cs.task(name="cpu")(s_cpu)  # (sent as s_cpu, which the workers find by name)
     CASCADE_ERROR = None
 except Exception as exc:  # missing or broken: the floors and peers still run
@@ -114,6 +117,14 @@ def c_io(n, cfg):
     build = lambda: total([io(i, cfg["io_sleep"]) for i in range(n)])
     return _loop_run(_c_run(build, n * (n - 1) // 2, limit=("task:io", cfg["io_limit"])), cfg)
 
+def c_pipeline(n, cfg):  # W8: a map over a map, a limit per stage
+    _need_cascade()
+    d, engine = cfg["pipe_sleep"], cs.Engine()
+    engine.limit("task:stage1", cfg["pipe_limit"])
+    engine.limit("task:stage2", cfg["pipe_limit"])
+    build = lambda: stage2.map(stage1.map(range(n), cs.unmapped(d)), cs.unmapped(d))
+    return _loop_run(_c_run(build, list(range(n)), engine=engine), cfg)
+
 TELEMETRY_SEEN = []  # messages the W7 subscriber received, per run
 
 def c_telemetry(n, cfg):
@@ -161,6 +172,22 @@ async def _gather(n, reduce=True):
 
 def f_gather(n, cfg): return _loop_run(_gather(n), cfg)
 def f_gather_list(n, cfg): return _loop_run(_gather(n, reduce=False), cfg)
+
+async def _pipeline(n, d, limit):
+    first, second = asyncio.Semaphore(limit), asyncio.Semaphore(limit)
+    async def one(i):
+        async with first:
+            await a_io(i, d)
+        async with second:
+            return await a_io(i, d)
+    return await asyncio.gather(*[one(i) for i in range(n)])
+
+def f_pipeline(n, cfg):  # W8's floor: one coroutine per item through two semaphores
+    t0 = perf()
+    value = _loop_run(_pipeline(n, cfg["pipe_sleep"], cfg["pipe_limit"]), cfg)
+    dt = perf() - t0
+    assert value == list(range(n))
+    return dt
 
 def f_chain(n, cfg):
     async def main():
@@ -279,6 +306,7 @@ def p_dask(n, cfg):
     return dt
 
 RUNNERS = {f.__name__: f for f in (c_fanout, c_fanout_sync, c_map, c_chain, c_io, c_telemetry,
+                                   c_pipeline, f_pipeline,
                                    c_map_mqtt, c_map_mqtt_counts, f_gather,
                                    f_gather_list, f_chain, f_executor, f_semaphore, p_dask,
                                    p_graphlib_fanout, p_graphlib_chain, p_graphlib_map)}
@@ -1125,14 +1153,32 @@ def w7(cfg, args, errors):
     return [row]
 
 def w8(cfg, args, errors):
+    """A two-stage map over a map, each stage under its own limit: the ideal pipelined
+    time is n * d / limit for the stages' common rate plus d for the last item's second
+    stage (with a barrier between the stages it would be twice n * d / limit)."""
+    n, d, lim = cfg["pipe_n"], cfg["pipe_sleep"], cfg["pipe_limit"]
+    ideal = n * d / lim + d
+    best, rss = measure(n, ["c_pipeline", "f_pipeline"], cfg, args, errors)
+    cell = lambda k: best[k] if isinstance(best[k], str) else \
+        f"{best[k] / ideal:.2f}× ideal ({best[k] * 1e3:.0f} ms)"
+    ratio = best["c_pipeline"] / ideal if isinstance(best["c_pipeline"], float) else None
+    return [dict(workload=f"W8 two-stage map over a map ({n:,} items × 2 stages × "
+                          f"{d * 1e3:g} ms, limit {lim} per stage, ideal pipelined "
+                          f"{ideal * 1e3:.0f} ms, with a barrier {2 * n * d / lim * 1e3:.0f} ms)",
+                 cascade=cell("c_pipeline"), floor=cell("f_pipeline") + " (two semaphores)",
+                 ratio="—" if ratio is None else f"{ratio:.2f}×", target="≤ 1.2× ideal",
+                 met=verdict(ratio, 1.2), rss=fmt_mb(rss, ("c_pipeline", "f_pipeline")),
+                 raw=dict(n=n, best=best, ideal=ideal, rss=rss))]
+
+def w_import(cfg, args, errors):
     _need_cascade()
     extra, base = import_ms(1 if args.quick else 5)
     return [dict(workload="`import cascade` on top of `import asyncio` (-X importtime)",
                  cascade=f"{extra:.1f} ms", floor=f"{base:.1f} ms (asyncio itself)",
                  target="≤ 15 ms", met=verdict(extra, 15.0))]
 
-WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6, "W7": w7, "W9": w9,
-             "W10": w10, "W11": w11, "IMPORT": w8}
+WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6, "W7": w7, "W8": w8,
+             "W9": w9, "W10": w10, "W11": w11, "IMPORT": w_import}
 
 FOOTNOTE = """\
 Timed: building the work and running it to its value. Cascade: graph build +
@@ -1141,7 +1187,9 @@ floors: creating the coroutines / executor futures + `asyncio.gather` (W2: the `
 loop); Dask: dict-graph build + `dask.threaded.get(num_workers=64)` (its pool is cached between
 calls). Engines, pools and event loops are made outside the timed region; each measurement gets a
 fresh loop; implementations alternate within each repetition and the best repetition counts.
-W3 efficiency = ideal / wall. W6 times the control call (TTL: the expiry instant) to the probe
+W3 efficiency = ideal / wall. W8: wall / ideal, where ideal = n × d / limit + d (both stages at
+their limit's rate, the last item's second stage after it); its floor runs each item as one coroutine
+through two asyncio.Semaphores. W6 times the control call (TTL: the expiry instant) to the probe
 body's first line, both with perf_counter. Peak RSS: VmHWM of a fresh child process that runs the
 workload once{baseline}.
 The graphlib+asyncio runner (`run_graph` in bench.py: graphlib.TopologicalSorter + asyncio, no
