@@ -42,6 +42,7 @@ import logging
 import operator
 import os
 import queue
+import random
 import re
 import signal
 import socket
@@ -143,6 +144,8 @@ def _scan(value, found):
     if isinstance(value, LazyResult):
         found.append(value)
         return True
+    if t is Task or t is _BoundTask:
+        raise _task_not_called(value)
     hit = False
     if t is list or t is tuple:
         for v in value:
@@ -153,6 +156,30 @@ def _scan(value, found):
             if type(v) not in _PLAIN and _scan(v, found):
                 hit = True
     return hit
+
+
+def _task_not_called(task):
+    return TypeError(f"the task {task.name!r} itself was passed as an argument; call it to "
+                     f"pass its result: {task.name}(...) (or pass {task.name}.fn for the "
+                     "plain function)")
+
+
+_CONTAINERS = frozenset({list, tuple, dict})  # what _scan walks, so what _snapshot copies
+
+
+def _snapshot(value):
+    """``value`` with every exact list, tuple and dict inside copied (the containers
+    ``_scan`` walks; the values in them are shared): an argument is taken as it is when
+    the task is called, so a list changed afterwards (say, a lazy result appended to
+    it) changes nothing in the graph."""
+    t = type(value)
+    if t is list:
+        return [v if type(v) in _PLAIN else _snapshot(v) for v in value]
+    if t is tuple:
+        return tuple([v if type(v) in _PLAIN else _snapshot(v) for v in value])
+    if t is dict:
+        return {k: v if type(v) in _PLAIN else _snapshot(v) for k, v in value.items()}
+    return value
 
 
 def _resolve(value, nodes):
@@ -169,19 +196,6 @@ def _resolve(value, nodes):
     if t is dict:
         return {k: _resolve(v, nodes) for k, v in value.items()}
     return value
-
-
-def _depends_on(node, target):
-    """True when ``target`` is ``node`` or one of its ancestors."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n is target:
-            return True
-        if id(n) not in seen:
-            seen.add(id(n))
-            stack.extend(n.deps)
-    return False
 
 
 class _Inject:
@@ -261,6 +275,13 @@ class Task:
             fn = fn.fn
         if not callable(fn):
             raise TypeError(f"@cs.task needs a function, got {type(fn).__name__}")
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            kind = "an async generator" if inspect.isasyncgenfunction(fn) else "a generator"
+            raise TypeError(f"@cs.task on {getattr(fn, '__qualname__', fn)!r}: it is {kind} "
+                            "function, and a task's value is what its function returns; "
+                            "return a list instead of yielding items (or map a task over "
+                            "the items); for set-up/tear-down around a yield, use "
+                            "@cs.resource")
         if isinstance(tags, str):
             tags = (tags,)
         self.fn = fn
@@ -290,6 +311,13 @@ class Task:
             injects = ()
         return LazyResult(self, args, kwargs, injects)
 
+    def __get__(self, obj, objtype=None):
+        # A task defined in a class body is a method: ``obj.method(x)`` calls it with
+        # ``self`` bound, as a function would (its name, tags and scopes stay the task's).
+        if obj is None:
+            return self
+        return _BoundTask(self, obj)
+
     def map(self, *args: Any, **kwargs: Any) -> MappedLazyResult:
         """One call per item: ``fetch.map(urls)`` or ``fetch.map(url=urls, timeout=
         cs.unmapped(5))``. Each mapped argument is an iterable, or a lazy result that
@@ -309,6 +337,11 @@ class Task:
             return (False, value.value)
         if isinstance(value, LazyResult):
             return (True, value)
+        if type(value) is Task or type(value) is _BoundTask:
+            raise TypeError(f"{self.name}.map(): map argument {label} is the task "
+                            f"{value.name!r} itself; map over its results: "
+                            f"{self.name}.map({value.name}.map(...)) or a list of "
+                            f"{value.name}(...) calls")
         items = _map_items(f"{self.name}.map()", label, value)
         lengths[label] = len(items)
         return (True, items)
@@ -330,6 +363,29 @@ class Task:
         kind = "async" if self.is_async else "sync"
         tags = f" tags={','.join(self.tags)}" if self.tags else ""
         return f"<Task {self.name} {kind}{tags}>"
+
+
+class _BoundTask:
+    """A task got from an instance (``obj.method``, see ``Task.__get__``): calling it or
+    mapping it passes ``obj`` first, as a bound method does."""
+    __slots__ = ("task", "obj")
+
+    def __init__(self, task, obj):
+        self.task, self.obj = task, obj
+
+    @property
+    def name(self):
+        return self.task.name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> LazyResult:
+        return self.task(self.obj, *args, **kwargs)
+
+    def map(self, *args: Any, **kwargs: Any) -> MappedLazyResult:
+        """``Task.map`` with the instance passed to every call."""
+        return self.task.map(unmapped(self.obj), *args, **kwargs)
+
+    def __repr__(self):
+        return f"<bound {self.task!r} of {self.obj!r}>"
 
 
 def _map_items(call, label, value):
@@ -364,43 +420,74 @@ _NO_KWARGS = {}  # shared by every call without keyword arguments: never mutated
 class LazyResult:
     """A node of the graph: the future value of one task call. Nothing runs until
     ``run``. Passing it to another task makes an edge (also inside list, tuple or dict
-    arguments). Policies chain: ``fetch(u).with_retry(3).run_if(flag)``."""
+    arguments, which are copied when the task is called: changing such a list later
+    changes nothing). Policies chain: ``fetch(u).with_retry(3).run_if(flag)``; each
+    returns a new lazy result and leaves this one as it was."""
 
     __slots__ = ("task", "args", "kwargs", "injects", "deps", "lazy_args", "retry",
-                 "condition", "amounts", "order")
+                 "condition", "amounts", "guard", "order")
 
     def __init__(self, task, args=(), kwargs=None, injects=()):
         self.order = next(_creation)  # task ids in a run follow the order of creation
         self.task = task
-        self.args = args
-        self.kwargs = kwargs or _NO_KWARGS
         self.injects = injects       # ((parameter, resource name), ...) not passed explicitly
-        deps = None
+        deps = copy = None
         for a in args:
             if type(a) not in _PLAIN:
                 deps = deps or []
                 _scan(a, deps)
+                if type(a) in _CONTAINERS:
+                    copy = True
         if kwargs:
             for v in kwargs.values():
                 if type(v) not in _PLAIN:
                     deps = deps or []
                     _scan(v, deps)
+                    if type(v) in _CONTAINERS:
+                        copy = True
+        if copy:  # the containers as they are now (see _snapshot)
+            args = tuple([_snapshot(a) for a in args])
+            if kwargs:
+                kwargs = {k: _snapshot(v) for k, v in kwargs.items()}
+        self.args = args
+        self.kwargs = kwargs or _NO_KWARGS
         self.deps = deps or ()       # upstream nodes (may repeat)
         self.lazy_args = bool(deps)  # lazy values among the arguments
-        self.retry = None            # (max_attempts, delay, backoff)
+        self.retry = None            # (max_attempts, delay, backoff, on, jitter)
         self.condition = _MISSING
         self.amounts = None          # {capacity name: int or lazy}
+        self.guard = None            # (timeout seconds or None, return_exceptions)
 
     @property
     def name(self):
         return self.task.name
 
-    def with_retry(self, max_attempts: int = 3, delay: float = 0.0,
-                   backoff: float = 1.0) -> LazyResult:
+    def _copy(self):
+        """A new lazy result like this one, for a policy to change (policies never change
+        the lazy result they are called on). It is a node of its own: numbered now
+        (ids follow creation order), run on its own if both are in a run."""
+        new = object.__new__(type(self))
+        for cls in type(self).__mro__[:-1]:
+            for slot in cls.__slots__:
+                setattr(new, slot, getattr(self, slot))
+        new.order = next(_creation)
+        return new
+
+    def with_retry(self, max_attempts: int = 3, delay: float = 0.0, backoff: float = 1.0, *,
+                   on: Any = None, jitter: float = 0.0) -> LazyResult:
         """Retry on failure: ``max_attempts`` counts every attempt, the first included.
         Attempt k+1 starts ``delay * backoff**(k-1)`` seconds after attempt k failed; a
         task waiting out its delay holds no slot and is admitted again (a pause applies
-        to its next attempt)."""
+        to its next attempt).
+
+        ``on``: an exception class or a tuple of them; only a failure that is an instance
+        of one is retried, any other fails at once (default: every failure is retried).
+        ``jitter`` (0 to 1): each delay is multiplied by a factor drawn uniformly from
+        ``[1 - jitter, 1 + jitter]``, so that many retries spread out (0: exact delays).
+        The delay in ``TaskRetrying`` is the one drawn.
+
+        Returns a new lazy result (see ``_copy``); this one is left unchanged, so
+        ``x.with_retry(3)`` on a line of its own does nothing: use its value."""
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise ValueError(f"with_retry(max_attempts={max_attempts!r}): need an int >= 1 "
                              "(the total number of attempts, the first included)")
@@ -408,40 +495,95 @@ class LazyResult:
             raise ValueError(f"with_retry(delay={delay!r}): need a number of seconds >= 0")
         if not (isinstance(backoff, (int, float)) and backoff >= 1):
             raise ValueError(f"with_retry(backoff={backoff!r}): need a number >= 1")
-        self.retry = (max_attempts, float(delay), float(backoff))
-        return self
+        if on is not None:
+            classes = on if type(on) is tuple else (on,)
+            if not classes or not all(isinstance(c, type) and issubclass(c, BaseException)
+                                      for c in classes):
+                raise TypeError(f"with_retry(on={on!r}): need an exception class or a tuple "
+                                "of them, e.g. on=(ConnectionError, TimeoutError)")
+            on = classes
+        if not (_is_number(jitter) and 0 <= jitter <= 1):
+            raise ValueError(f"with_retry(jitter={jitter!r}): need a number from 0 to 1 (each "
+                             "delay is multiplied by a random factor in [1 - jitter, "
+                             "1 + jitter])")
+        new = self._copy()
+        new.retry = (max_attempts, float(delay), float(backoff), on, float(jitter))
+        return new
+
+    def with_timeout(self, seconds: float) -> LazyResult:
+        """Give each attempt ``seconds`` to finish; one that has not fails with the
+        builtin ``TimeoutError`` (naming the task and the timeout). With ``with_retry``
+        each attempt has its own deadline, and a timeout is a failure like any other
+        (``on=TimeoutError`` retries it); on a map it applies to each item. The clock
+        starts when the body begins (time spent waiting for admission does not count).
+
+        - An async body is cancelled at the deadline (an async body that catches the
+          cancellation and goes on fails when it returns).
+        - A sync body cannot be interrupted (Python cannot stop a thread): the attempt
+          fails at the deadline, and the body runs on in its thread, keeping that
+          thread and its concurrency slots and capacities until it returns (so a limit
+          is never exceeded: a retry of it waits for a slot like any other task). Its
+          value is then dropped. The run counts it among the bodies it waits for when
+          it ends (at most ``stop_grace``, see ``Engine``), so resources are not torn
+          down under it.
+        - On a remote executor (process pool, Dask) the attempt fails at the deadline
+          and its future is cancelled: a body that has not begun never will; one that
+          has runs on in its worker, and keeps its slots until it returns.
+
+        Returns a new lazy result; this one is left unchanged."""
+        if not (_is_number(seconds) and 0 < seconds < float("inf")):
+            raise ValueError(f"with_timeout(seconds={seconds!r}): need a number of seconds > 0")
+        new = self._copy()
+        new.guard = (float(seconds), bool(self.guard and self.guard[1]))
+        return new
+
+    def return_exceptions(self) -> LazyResult:
+        """Make a failure of this task (or of any item of this map) its value: the
+        exception object, once its retries are exhausted, instead of failing the run
+        (as ``asyncio.gather(..., return_exceptions=True)``). Dependents receive the
+        exception as the value; a map's list holds it at that item's place. The attempt
+        is still reported as failed (``TaskExecutionFinished`` status "Failed" with the
+        error, counted failed in ``status()``) and logged so, but the run goes on and may
+        succeed. Only what the body raises is caught: a skip stays a skip, and a graph
+        error (a map over a value that is not a list) still fails the run. Returns a new
+        lazy result; this one is left unchanged."""
+        new = self._copy()
+        new.guard = (self.guard[0] if self.guard else None, True)
+        return new
 
     def run_if(self, condition: Any) -> LazyResult:
         """Run only when ``condition`` (a value, a lazy result or a Param) is truthy;
-        otherwise the task is skipped, and so is everything that needs its value."""
+        otherwise the task is skipped, and so is everything that needs its value.
+        Returns a new lazy result; this one is left unchanged (so ``p`` and
+        ``p.run_if(c)`` in one run are two executions: ``p`` runs unconditionally)."""
+        new = self._copy()
         if isinstance(condition, LazyResult):
-            self._add_dep(condition, "run_if")
-        self.condition = condition
-        return self
+            new.deps = [*new.deps, condition]
+        new.condition = condition
+        return new
 
     def with_constraints(self, **amounts: Union[int, LazyResult]) -> LazyResult:
         """Hold ``amounts`` of the engine's named capacities while running, e.g.
         ``.with_constraints(gpu=1)`` with ``Engine(system_resources={"gpu": 2})``.
-        Amounts may be lazy. On a map it applies to each item."""
+        Amounts may be lazy. On a map it applies to each item. Returns a new lazy
+        result; this one is left unchanged."""
+        new = self._copy()
         for k, v in amounts.items():
             if isinstance(v, LazyResult):
-                self._add_dep(v, "with_constraints")
+                new.deps = [*new.deps, v]
             elif isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"with_constraints({k}={v!r}): need an int >= 0 or a lazy "
                                  "result")
-        self.amounts = dict(amounts)
-        return self
-
-    def _add_dep(self, dep, call):
-        if _depends_on(dep, self):
-            raise ValueError(f"{call}() on {self!r} would make a cycle: the value depends "
-                             "on this task itself")
-        self.deps = [*self.deps, dep]
+        new.amounts = dict(amounts)
+        return new
 
     def __repr__(self):
+        guard = self.guard or (None, False)
         extra = "".join([
             f" upstream={len(self.deps)}" if self.deps else "",
             f" retry={self.retry[0]}" if self.retry else "",
+            f" timeout={guard[0]:g}s" if guard[0] else "",
+            " return_exceptions" if guard[1] else "",
             " run_if" if self.condition is not _MISSING else "",
             f" constraints={self.amounts}" if self.amounts else "",
         ])
@@ -458,7 +600,9 @@ class MappedLazyResult(LazyResult):
     def __init__(self, task, margs, mkwargs, injects):
         super().__init__(task, tuple(v for _, v in margs),
                          {k: v for k, (_, v) in mkwargs.items()}, injects)
-        self.args, self.kwargs = margs, mkwargs
+        # the values as LazyResult took them (containers copied: see _snapshot)
+        self.args = tuple([(m, v) for (m, _), v in zip(margs, self.args)])
+        self.kwargs = {k: (mkwargs[k][0], v) for k, v in self.kwargs.items()}
 
 
 class Param(LazyResult):
@@ -4550,11 +4694,16 @@ class _Run:
         else:
             retry = u.node.lazy.retry
             outcome = (_RETRYING if retry and u.attempt < retry[0] and not self.stopping
-                       else _FAILED)
+                       and (retry[3] is None or isinstance(exc, retry[3])) else _FAILED)
+            caught = False
             if outcome == _FAILED and not self.stopping:
-                # Stop first: the slot this unit gives back must not start anybody
-                # (regression: a waiter was granted and began before the run failed).
-                self._fail(exc, u.id, u.key.name)
+                guard = u.node.lazy.guard
+                if guard and guard[1]:  # .return_exceptions(): the exception is its value
+                    caught = True
+                else:
+                    # Stop first: the slot this unit gives back must not start anybody
+                    # (regression: a waiter was granted and began before the run failed).
+                    self._fail(exc, u.id, u.key.name)
         self.cp.release(u)
         self._inflight -= 1
         u.body = None  # a finished asyncio task (and its coroutine) can go now
@@ -4575,8 +4724,10 @@ class _Run:
                 if not node.left:
                     self._settle_node(node, None)
         elif outcome == _RETRYING:
-            max_attempts, delay, backoff = u.node.lazy.retry
+            max_attempts, delay, backoff, _, jitter = u.node.lazy.retry
             wait = delay * backoff ** (u.attempt - 1)
+            if jitter:
+                wait *= random.uniform(1 - jitter, 1 + jitter)
             self.report.retrying(u, max_attempts, wait, exc)
             u.attempt += 1
             if wait > 0:
@@ -4585,7 +4736,23 @@ class _Run:
                 self._retry(u)
         else:
             self.report.finished(u, time.perf_counter() - t0, exc)
+            if caught and not self.stopping:
+                self._caught(u, exc)
             self._check_idle()
+
+    def _caught(self, u, exc):
+        """``.return_exceptions()``: the unit failed for good (reported failed), and its
+        exception is its value: settled as a success's value is (see the _DONE branch
+        of _body_finished, which this mirrors)."""
+        node = u.node
+        if u.index is None:
+            node.value = exc
+            self._settle_node(node, None)
+        else:
+            node.value[u.index] = exc
+            node.left -= 1
+            if not node.left:
+                self._settle_node(node, None)
 
     def _retry(self, u):
         self._timers.pop(u, None)
