@@ -414,6 +414,11 @@ def task(fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None,
 
 
 _creation = itertools.count()
+# The policies of a lazy result that change how its attempts run and end (with_retry,
+# with_timeout, return_exceptions); one field, None for a plain call.
+_Policy = collections.namedtuple("_Policy", "attempts delay backoff on jitter timeout catch")
+_NO_POLICY = _Policy(attempts=1, delay=0.0, backoff=1.0, on=None, jitter=0.0, timeout=None,
+                     catch=False)
 _NO_KWARGS = {}  # shared by every call without keyword arguments: never mutated
 
 
@@ -424,8 +429,8 @@ class LazyResult:
     changes nothing). Policies chain: ``fetch(u).with_retry(3).run_if(flag)``; each
     returns a new lazy result and leaves this one as it was."""
 
-    __slots__ = ("task", "args", "kwargs", "injects", "deps", "lazy_args", "retry",
-                 "condition", "amounts", "guard", "order")
+    __slots__ = ("task", "args", "kwargs", "injects", "deps", "lazy_args", "policy",
+                 "condition", "amounts", "order")
 
     def __init__(self, task, args=(), kwargs=None, injects=()):
         self.order = next(_creation)  # task ids in a run follow the order of creation
@@ -453,10 +458,9 @@ class LazyResult:
         self.kwargs = kwargs or _NO_KWARGS
         self.deps = deps or ()       # upstream nodes (may repeat)
         self.lazy_args = bool(deps)  # lazy values among the arguments
-        self.retry = None            # (max_attempts, delay, backoff, on, jitter)
+        self.policy = None           # a _Policy: retries, timeout, return_exceptions
         self.condition = _MISSING
         self.amounts = None          # {capacity name: int or lazy}
-        self.guard = None            # (timeout seconds or None, return_exceptions)
 
     @property
     def name(self):
@@ -507,7 +511,9 @@ class LazyResult:
                              "delay is multiplied by a random factor in [1 - jitter, "
                              "1 + jitter])")
         new = self._copy()
-        new.retry = (max_attempts, float(delay), float(backoff), on, float(jitter))
+        new.policy = (new.policy or _NO_POLICY)._replace(
+            attempts=max_attempts, delay=float(delay), backoff=float(backoff), on=on,
+            jitter=float(jitter))
         return new
 
     def with_timeout(self, seconds: float) -> LazyResult:
@@ -534,7 +540,7 @@ class LazyResult:
         if not (_is_number(seconds) and 0 < seconds < float("inf")):
             raise ValueError(f"with_timeout(seconds={seconds!r}): need a number of seconds > 0")
         new = self._copy()
-        new.guard = (float(seconds), bool(self.guard and self.guard[1]))
+        new.policy = (new.policy or _NO_POLICY)._replace(timeout=float(seconds))
         return new
 
     def return_exceptions(self) -> LazyResult:
@@ -548,7 +554,7 @@ class LazyResult:
         error (a map over a value that is not a list) still fails the run. Returns a new
         lazy result; this one is left unchanged."""
         new = self._copy()
-        new.guard = (self.guard[0] if self.guard else None, True)
+        new.policy = (new.policy or _NO_POLICY)._replace(catch=True)
         return new
 
     def run_if(self, condition: Any) -> LazyResult:
@@ -578,12 +584,12 @@ class LazyResult:
         return new
 
     def __repr__(self):
-        guard = self.guard or (None, False)
+        policy = self.policy or _NO_POLICY
         extra = "".join([
             f" upstream={len(self.deps)}" if self.deps else "",
-            f" retry={self.retry[0]}" if self.retry else "",
-            f" timeout={guard[0]:g}s" if guard[0] else "",
-            " return_exceptions" if guard[1] else "",
+            f" retry={policy.attempts}" if policy.attempts > 1 else "",
+            f" timeout={policy.timeout:g}s" if policy.timeout else "",
+            " return_exceptions" if policy.catch else "",
             " run_if" if self.condition is not _MISSING else "",
             f" constraints={self.amounts}" if self.amounts else "",
         ])
@@ -2112,6 +2118,16 @@ class _ControlPlane:
             granted = self._admit() if self._ready else None
         self._dispatch(granted)
 
+    def hand_over(self, u, to):
+        """``u``'s slots pass to ``to``, a stand-in counted as granted until it is
+        released (with_timeout: a sync body that runs on past its deadline keeps them
+        while ``u`` moves on; see _Run._overdue). ``u`` is released as usual after."""
+        with self.lock:
+            to.held, u.held = u.held, ()
+            self._holders.discard(u)
+            self._holders.add(to)
+            u.node.tally[_GRANTED] += 1
+
     def gate(self, u):
         """The start gate, called in the body's own thread right before the body begins.
         True: it begins (the unit is RUNNING). False: its run is stopping (the grant is
@@ -3507,6 +3523,40 @@ class _Unit:
         return f"<_Unit {self.id} {_STATE_NAMES[self.state]}>"
 
 
+class _Overdue(_Unit):
+    """The attempt of a sync unit whose body runs on past its timeout (see
+    ``_Run._overdue``): it holds that attempt's slots until the body returns, while the
+    unit itself has moved on (failed, or waits for its retry)."""
+    __slots__ = ("back",)
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.state = _RUNNING
+        self.back = False  # its body returned before its run abandoned it
+
+
+_IN_TIME, _RETURNED, _LATE = range(3)  # _Deadline.state
+
+
+class _Deadline:
+    """A sync body's timeout (see ``_Run._start_timed``). ``state`` moves once, under
+    the run's ``_late`` lock, from _IN_TIME to _RETURNED (the body returned first) or
+    to _LATE (the deadline came first: ``ghost`` holds the slots)."""
+    __slots__ = ("unit", "seconds", "t0", "handle", "state", "ghost")
+
+    def __init__(self, unit, seconds):
+        self.unit, self.seconds = unit, seconds
+        self.t0 = 0.0
+        self.handle = None  # the loop's timer, once armed
+        self.state = _IN_TIME
+        self.ghost = None
+
+
+def _timed_out(u, seconds):
+    return TimeoutError(f"task {u.key.name!r} ({u.id}) timed out: its attempt "
+                        f"{u.attempt} took more than with_timeout({seconds:g}) seconds")
+
+
 _STARTED, _REFUSED = object(), object()  # messages from worker threads
 
 
@@ -4516,6 +4566,8 @@ class _Run:
             values = self.resources.values
             for p, r in lz.injects:
                 kwargs[p] = values[r]
+        if lz.policy is not None and lz.policy.timeout is not None:  # not the common case
+            return self._start_timed(u, kwargs, lz.policy.timeout)
         try:
             if task.is_async:
                 if self._fuse_into is not None and self._fused is None:
@@ -4543,6 +4595,129 @@ class _Run:
             return
         u.body = f  # its future: cancelled if the run stops first
         f.add_done_callback(functools.partial(self._remote_done, u, t0))
+
+    # -- with_timeout ---------------------------------------------------------
+    def _start_timed(self, u, kwargs, seconds):
+        """``_start`` for a unit with a timeout (see ``LazyResult.with_timeout``). An
+        async body runs in a task of its own (no fusion) under ``_timed_async``. A sync
+        body gets a ``_Deadline``: whichever comes first, its return or the deadline,
+        decides (under ``_late``); at the deadline the attempt fails while the body's
+        slots pass to an ``_Overdue`` stand-in that gives them back when it returns."""
+        task = u.node.lazy.task
+        try:
+            if task.is_async:
+                u.body = self._new_task(self._async_body(
+                    u, functools.partial(self._timed_async, u, task.fn, seconds), u.args, kwargs))
+                return
+            d = _Deadline(u, seconds)
+            if self._threaded:
+                self._to_thread(self._sync_timed, d, task.fn, u.args, kwargs)
+                return
+            if not self.cp.gate(u):  # a remote body: as in _start
+                return self._gate_refused(u)
+            d.t0 = self._body_started(u)
+            f = self._remote.submit(u, self._wire[task], u.args, kwargs)
+        except Exception as exc:  # could not even start the body: the task fails
+            self._body_finished(u, None, exc, time.perf_counter())
+            return
+        u.body = f
+        d.handle = self.loop.call_later(seconds, self._overdue, d)
+        f.add_done_callback(functools.partial(self._remote_timed_done, d))
+
+    async def _timed_async(self, u, fn, seconds, /, *args, **kwargs):
+        """An async body under a deadline: at the deadline its task is cancelled, and
+        the cancellation becomes the attempt's TimeoutError (a cancellation of the run
+        meanwhile stays a cancellation)."""
+        task = asyncio.current_task()
+        fired = []
+        h = self.loop.call_later(seconds, lambda: fired.append(task.cancel()))
+        try:
+            return await fn(*args, **kwargs)
+        except asyncio.CancelledError:
+            if not fired or self.stopping:
+                raise
+            if hasattr(task, "uncancel"):  # 3.11+: the task is not being cancelled any more
+                task.uncancel()
+            raise _timed_out(u, seconds) from None
+        finally:
+            h.cancel()
+
+    def _sync_timed(self, d, fn, args, kwargs):
+        # _sync_body (in a worker thread) with a deadline, armed on the loop once the
+        # body has begun.
+        u = d.unit
+        if not self.cp.gate(u):
+            return self._post(u, _REFUSED, None, 0.0)
+        t0 = d.t0 = time.perf_counter()
+        self._post(u, _STARTED, None, t0)
+        try:
+            self.loop.call_soon_threadsafe(self._arm, d)
+        except RuntimeError:  # its loop is gone
+            pass
+        try:
+            value, exc = fn(*args, **kwargs), None
+        except BaseException as e:
+            value, exc = None, e
+        return self._timed_returned(d, value, exc)
+
+    def _remote_timed_done(self, d, f):
+        # _remote_done for a body with a deadline.
+        try:
+            value, exc = f.result(), None
+        except BaseException as e:
+            value, exc = None, self._remote.explain(e, d.unit)
+        self._timed_returned(d, value, exc)
+
+    def _arm(self, d):
+        with self._late:
+            if d.state == _IN_TIME:
+                left = d.seconds - (time.perf_counter() - d.t0)
+                d.handle = self.loop.call_later(max(left, 0.0), self._overdue, d)
+
+    def _overdue(self, d):
+        """On the loop, at the deadline of a sync body still running: the attempt fails
+        with TimeoutError now; its slots pass to an _Overdue stand-in, counted in flight
+        until the body returns (so the run's end waits for it, up to stop_grace)."""
+        u = d.unit
+        with self._late:  # against _timed_returned and _abandon
+            if d.state != _IN_TIME or self._settled:
+                return
+            d.state = _LATE
+            d.ghost = _Overdue(self, u.node, u.index, (), _NO_KWARGS)
+            d.ghost.attempt = u.attempt
+            self.cp.hand_over(u, d.ghost)
+        self._inflight += 1
+        if self._remote is not None and not u.node.lazy.task.is_async and u.body is not None:
+            self._remote.cancel([u.body])  # not begun: never will; begun: runs on
+        self._body_finished(u, None, _timed_out(u, d.seconds), d.t0)
+
+    def _timed_returned(self, d, value, exc):
+        """The body of ``d`` returned (any thread): reported as usual if in time;
+        after its deadline only its stand-in's slots go back."""
+        with self._late:
+            state = d.state
+            if state == _IN_TIME:
+                d.state = _RETURNED
+                handle = d.handle
+            else:
+                gone = self._settled
+                if not gone:
+                    d.ghost.back = True  # (read by _abandon)
+        if state == _IN_TIME:
+            if handle is not None:
+                try:
+                    self.loop.call_soon_threadsafe(handle.cancel)
+                except RuntimeError:
+                    pass
+            return self._returned(d.unit, value, exc, d.t0)
+        ghost = d.ghost
+        _log.debug("task %r (%s) of run %s returned %.3gs after its timeout; its slots are "
+                   "free", ghost.key.name, ghost.id, self.run_id,
+                   time.perf_counter() - d.t0 - d.seconds)
+        self.cp.release(ghost)  # from this thread (see _returned)
+        if gone:
+            return _LEAVE  # (_abandon counted its thread as abandoned)
+        self._post(ghost, _REFUSED, None, 0.0)  # the loop: one body fewer in flight
 
     async def _async_body(self, u, fn, args, kwargs):
         """Run an async body in its asyncio task; then, after a success, the next async
@@ -4678,7 +4853,8 @@ class _Run:
         return time.perf_counter()
 
     def _gate_refused(self, u):
-        """A granted unit did not start: its run is stopping, or a pause came first."""
+        """A granted unit did not start: its run is stopping, or a pause came first (or
+        the body of an _Overdue stand-in came back: one body fewer in flight)."""
         self._inflight -= 1
         if u.state == _WAITING and not u.reported:
             self.report.blocked(u)
@@ -4692,13 +4868,12 @@ class _Run:
         if exc is None:
             outcome = _DONE
         else:
-            retry = u.node.lazy.retry
-            outcome = (_RETRYING if retry and u.attempt < retry[0] and not self.stopping
-                       and (retry[3] is None or isinstance(exc, retry[3])) else _FAILED)
+            policy = u.node.lazy.policy
+            outcome = (_RETRYING if policy and u.attempt < policy.attempts and not self.stopping
+                       and (policy.on is None or isinstance(exc, policy.on)) else _FAILED)
             caught = False
             if outcome == _FAILED and not self.stopping:
-                guard = u.node.lazy.guard
-                if guard and guard[1]:  # .return_exceptions(): the exception is its value
+                if policy and policy.catch:  # .return_exceptions(): the exception is its value
                     caught = True
                 else:
                     # Stop first: the slot this unit gives back must not start anybody
@@ -4724,11 +4899,11 @@ class _Run:
                 if not node.left:
                     self._settle_node(node, None)
         elif outcome == _RETRYING:
-            max_attempts, delay, backoff, _, jitter = u.node.lazy.retry
-            wait = delay * backoff ** (u.attempt - 1)
-            if jitter:
-                wait *= random.uniform(1 - jitter, 1 + jitter)
-            self.report.retrying(u, max_attempts, wait, exc)
+            policy = u.node.lazy.policy
+            wait = policy.delay * policy.backoff ** (u.attempt - 1)
+            if policy.jitter:
+                wait *= random.uniform(1 - policy.jitter, 1 + policy.jitter)
+            self.report.retrying(u, policy.attempts, wait, exc)
             u.attempt += 1
             if wait > 0:
                 self._timers[u] = self.loop.call_later(wait, self._retry, u)
@@ -4846,6 +5021,14 @@ class _Run:
                 self.cp.drop_grant(u)
                 continue
             if u.state != _RUNNING:
+                continue
+            if type(u) is _Overdue:  # timed out, reported then; it returns on its own
+                if not u.back:
+                    lost += isinstance(self._pool, _Workers)
+                    _log.warning("task %r (%s) of run %s timed out and its body has not "
+                                 "returned within stop_grace=%ss of the run stopping; it "
+                                 "is abandoned and keeps its slots until it returns",
+                                 u.key.name, u.id, self.run_id, self.engine._stop_grace)
                 continue
             task = u.node.lazy.task
             where = ("as an asyncio task" if task.is_async else

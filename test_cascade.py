@@ -2105,6 +2105,164 @@ def test_return_exceptions_after_retries_are_exhausted():
         run_engine(engine, always())
 
 
+# --- policies: with_timeout -------------------------------------------------
+
+def test_with_timeout_cancels_an_async_body_and_fails_with_the_builtin_timeout_error():
+    seen = []
+
+    @cs.task
+    async def hang():
+        try:
+            await asyncio.sleep(TIMEOUT)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+        return "never"
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    with pytest.raises(TimeoutError) as ei:
+        run_engine(engine, hang().with_timeout(0.05))
+    assert type(ei.value) is TimeoutError
+    assert "'hang' (hang-1) timed out" in str(ei.value) and "with_timeout(0.05)" in str(ei.value)
+    assert seen == ["cancelled"]
+    (finished,) = rec.of(cs.TaskExecutionFinished)
+    assert finished.status == "Failed" and type(finished.error) is TimeoutError
+    assert rec.events[-1].status == "Failed"
+
+
+def test_with_timeout_gives_each_attempt_its_own_deadline():
+    attempts = []
+
+    @cs.task
+    async def slow_once():
+        attempts.append(1)
+        if len(attempts) == 1:
+            await asyncio.sleep(TIMEOUT)
+        await asyncio.sleep(0.01)
+        return len(attempts)
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    lazy = slow_once().with_timeout(0.2).with_retry(2, on=TimeoutError)
+    assert run_engine(engine, lazy) == 2
+    (retrying,) = rec.of(cs.TaskRetrying)
+    assert type(retrying.error) is TimeoutError and retrying.attempt == 1
+    # a timeout that is not in `on` is not retried
+    attempts.clear()
+    with pytest.raises(TimeoutError):
+        run_engine(engine, slow_once().with_timeout(0.05).with_retry(2, on=ConnectionError))
+    assert attempts == [1]
+
+
+def test_with_timeout_applies_to_each_item_of_a_map():
+    @cs.task
+    async def item(i):
+        await asyncio.sleep(TIMEOUT if i == 1 else 0)
+        return i
+
+    values = cs.run(item.map(range(4)).with_timeout(0.1).return_exceptions())
+    assert values[0] == 0 and values[2:] == [2, 3] and type(values[1]) is TimeoutError
+    assert "(item-1[1])" in str(values[1])
+
+
+def test_a_sync_body_past_its_timeout_fails_at_once_and_keeps_its_slot_until_it_returns():
+    release = threading.Event()
+    calls = []
+
+    @cs.task
+    def work(i):
+        calls.append(i)
+        if i == 0:
+            release.wait(TIMEOUT)
+        return i
+
+    engine = cs.Engine(system_resources={"slot": 1})
+    rec = Recorder(engine)
+    first = work(0).with_constraints(slot=1).with_timeout(0.05).return_exceptions()
+    handle = engine.start([first, work(1).with_constraints(slot=1)])
+    try:
+        wait_for(lambda: rec.of(cs.TaskExecutionFinished, task_id="work-1"))
+        (failed,) = rec.of(cs.TaskExecutionFinished, task_id="work-1")
+        assert failed.status == "Failed" and type(failed.error) is TimeoutError
+        time.sleep(0.05)
+        # the body runs on in its thread and holds the only slot: work(1) waits
+        assert calls == [0]
+        assert engine.status()["capacities"]["slot"]["in_use"] == 1
+        assert not handle.done()
+    finally:
+        release.set()
+    value, second = handle.result(timeout=TIMEOUT)
+    assert type(value) is TimeoutError and second == 1   # the late value is dropped
+    assert calls == [0, 1]
+    assert engine.status()["capacities"]["slot"]["in_use"] == 0
+    assert [e.task_id for e in rec.of(cs.TaskExecutionFinished)] == ["work-1", "work-2"]
+    assert rec.events[-1].status == "Succeeded"
+
+
+def test_a_sync_retry_after_a_timeout_needs_a_slot_of_its_own():
+    release = threading.Event()
+    attempts = []
+    gauge = Gauge()
+
+    @cs.task
+    def work():
+        attempts.append(1)
+        with gauge("work"):
+            if len(attempts) == 1:
+                release.wait(TIMEOUT)
+        return len(attempts)
+
+    engine = cs.Engine(system_resources={"slot": 2})
+    rec = Recorder(engine)
+    try:
+        # two slots: the retry runs beside the first attempt, which still holds one
+        lazy = work().with_constraints(slot=1).with_timeout(0.05).with_retry(2)
+        handle = engine.start(lazy)
+        assert handle.result(timeout=TIMEOUT) == 2
+        assert gauge.peak["work"] == 2
+        (retrying,) = rec.of(cs.TaskRetrying)
+        assert type(retrying.error) is TimeoutError
+    finally:
+        release.set()
+    wait_for(lambda: engine.status()["capacities"]["slot"]["in_use"] == 0)
+
+
+def test_a_run_waits_for_a_timed_out_sync_body_then_abandons_it_after_stop_grace(caplog):
+    release = threading.Event()
+    torn = []
+
+    @cs.resource
+    def res():
+        yield "r"
+        torn.append(release.is_set())
+
+    @cs.task
+    def stuck(r=cs.inject("res")):
+        release.wait(TIMEOUT)
+        return r
+
+    engine = cs.Engine(system_resources={"slot": 1}, stop_grace=0.2)
+    engine.register(res)
+    try:
+        with caplog.at_level(logging.WARNING, logger="cascade"):
+            value = run_engine(engine, stuck().with_constraints(slot=1).with_timeout(0.05)
+                               .return_exceptions())
+        assert type(value) is TimeoutError
+        assert torn == [False]   # torn down after stop_grace, the body still running
+        assert "timed out and its body has not returned within stop_grace" in caplog.text
+        assert engine.status()["capacities"]["slot"]["in_use"] == 1   # still held
+    finally:
+        release.set()
+    wait_for(lambda: engine.status()["capacities"]["slot"]["in_use"] == 0)
+
+
+@pytest.mark.parametrize("bad", [0, -1, "1", True, float("nan"), float("inf"), None])
+def test_with_timeout_rejects_a_bad_number_of_seconds(bad):
+    with pytest.raises(ValueError, match=r"with_timeout\(seconds=.*need a number of seconds > 0"):
+        ident(1).with_timeout(bad)
+
+
 # --- shell ------------------------------------------------------------------
 
 def test_shell_returns_stdout():
@@ -5525,6 +5683,27 @@ def test_every_call_and_every_retry_runs_on_a_remote_executor(remote, rx_dir):
     assert _marks(d, "start") == 40
     assert run_engine(e, rx_flaky(d, 2).with_retry(3)) == 3
     assert _marks(d, "attempt") == 3
+
+
+def test_with_timeout_on_a_remote_executor_fails_the_attempt_at_the_deadline(remote, rx_dir):
+    kind, ex = remote
+    d = rx_dir
+    e = cs.Engine(executor=ex, window=1)
+    rec = Recorder(e)
+    timed = rx_work(d, 0, hold=True).with_timeout(0.3).return_exceptions()
+    handle = e.start([timed, rx_work(d, 1)])
+    try:
+        wait_for(lambda: rec.of(cs.TaskExecutionFinished, task_id="rx_work-1"))
+        (failed,) = rec.of(cs.TaskExecutionFinished, task_id="rx_work-1")
+        assert failed.status == "Failed" and type(failed.error) is TimeoutError
+        if kind == "process pool":  # (a Dask future is cancelled even while it runs)
+            time.sleep(0.1)
+            # the body runs on in its worker and keeps the window's only slot
+            assert _marks(d, "start") == 1 and not handle.done()
+    finally:
+        _release(d)
+    value, one = handle.result(timeout=TIMEOUT)
+    assert type(value) is TimeoutError and one == 1
 
 
 @pytest.mark.parametrize("window", [None, 3])
