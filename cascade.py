@@ -407,7 +407,13 @@ def task(fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None,
 
     Works on sync functions (run in a thread pool: they may block) and async functions
     (run on the event loop). ``name`` and ``tags`` are what control scopes match:
-    ``task:api_call``, ``tag:io``."""
+    ``task:api_call``, ``tag:io``. In a class body it makes a method: ``obj.method(x)``
+    passes ``obj`` as ``self`` (the instance is then an argument like any other: a
+    process pool or Dask must pickle it). A generator or async generator function is
+    refused with ``TypeError`` (a task's value is what it returns).
+
+    Passing a task itself where its result is meant (``size(fetch)``, also inside a
+    list or dict, or to ``map``) raises ``TypeError`` when the graph is built."""
     if fn is None:
         return lambda f: Task(f, name=name, tags=tags)
     return Task(fn, name=name, tags=tags)
@@ -532,9 +538,11 @@ class LazyResult:
           value is then dropped. The run counts it among the bodies it waits for when
           it ends (at most ``stop_grace``, see ``Engine``), so resources are not torn
           down under it.
-        - On a remote executor (process pool, Dask) the attempt fails at the deadline
-          and its future is cancelled: a body that has not begun never will; one that
-          has runs on in its worker, and keeps its slots until it returns.
+        - On a remote executor (process pool, Dask) the clock starts when the body is
+          handed over; at the deadline the attempt fails and its future is cancelled:
+          a body that has not begun never will; on a process pool one that has runs on
+          in its worker and keeps its slots until it returns (Dask cancels it where it
+          runs, and its slots go back when Dask reports the cancellation).
 
         Returns a new lazy result; this one is left unchanged."""
         if not (_is_number(seconds) and 0 < seconds < float("inf")):
