@@ -1067,6 +1067,38 @@ def test_list_and_dict_arguments_are_taken_as_they_are_when_the_task_is_called()
     assert cs.run(mapped) == [11, 21]
 
 
+_nested = st.recursive(
+    st.integers() | st.text(max_size=3),
+    lambda inner: (st.lists(inner, max_size=3) | st.tuples(inner, inner)
+                   | st.dictionaries(st.text(max_size=2), inner, max_size=3)),
+    max_leaves=12)
+
+
+def _mutate(value, lazy):
+    """Append ``lazy`` to every list and add it to every dict inside ``value``."""
+    if type(value) is list:
+        for v in list(value):
+            _mutate(v, lazy)
+        value.append(lazy)
+    elif type(value) is tuple:
+        for v in value:
+            _mutate(v, lazy)
+    elif type(value) is dict:
+        for v in list(value.values()):
+            _mutate(v, lazy)
+        value["added later"] = lazy
+
+
+@settings(max_examples=40, deadline=None)
+@given(value=_nested)
+def test_arguments_reach_the_body_as_they_were_when_the_task_was_called(value):
+    import copy
+    expected = copy.deepcopy(value)
+    lazy = ident(value)
+    _mutate(value, ident(1))
+    assert cs.run(lazy, log_level="ERROR") == expected
+
+
 # --- map --------------------------------------------------------------------
 
 def test_map_static_keyword_and_positional():
