@@ -570,6 +570,8 @@ class LazyResult:
         otherwise the task is skipped, and so is everything that needs its value.
         Returns a new lazy result; this one is left unchanged (so ``p`` and
         ``p.run_if(c)`` in one run are two executions: ``p`` runs unconditionally)."""
+        if type(condition) is Task or type(condition) is _BoundTask:  # always truthy
+            raise _task_not_called(condition)
         new = self._copy()
         if isinstance(condition, LazyResult):
             new.deps = [*new.deps, condition]

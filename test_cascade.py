@@ -1034,6 +1034,8 @@ def test_passing_a_task_instead_of_calling_it_raises_when_the_graph_is_built():
         size.map([_fetch_one, _fetch_one])
     with pytest.raises(TypeError, match="itself was passed"):
         size.map(page=[_fetch_one])
+    with pytest.raises(TypeError, match=r"call it to pass its result: _fetch_one\(\.\.\.\)"):
+        size("x").run_if(_fetch_one)   # (a task is always truthy)
 
 
 def test_list_and_dict_arguments_are_taken_as_they_are_when_the_task_is_called():
