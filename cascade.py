@@ -43,6 +43,7 @@ import math
 import operator
 import os
 import queue
+import random
 import re
 import signal
 import socket
@@ -163,6 +164,8 @@ def _scan(value, found):
     if isinstance(value, LazyResult):
         found.append(value)
         return True
+    if t is Task or t is _BoundTask:
+        raise _task_not_called(value)
     hit = False
     if t is list or t is tuple:
         for v in value:
@@ -173,6 +176,30 @@ def _scan(value, found):
             if type(v) not in _PLAIN and _scan(v, found):
                 hit = True
     return hit
+
+
+def _task_not_called(task):
+    return TypeError(f"the task {task.name!r} itself was passed as an argument; call it to "
+                     f"pass its result: {task.name}(...) (or pass {task.name}.fn for the "
+                     "plain function)")
+
+
+_CONTAINERS = frozenset({list, tuple, dict})  # what _scan walks, so what _snapshot copies
+
+
+def _snapshot(value):
+    """``value`` with every exact list, tuple and dict inside copied (the containers
+    ``_scan`` walks; the values in them are shared): an argument is taken as it is when
+    the task is called, so a list changed afterwards (say, a lazy result appended to
+    it) changes nothing in the graph."""
+    t = type(value)
+    if t is list:
+        return [v if type(v) in _PLAIN else _snapshot(v) for v in value]
+    if t is tuple:
+        return tuple([v if type(v) in _PLAIN else _snapshot(v) for v in value])
+    if t is dict:
+        return {k: v if type(v) in _PLAIN else _snapshot(v) for k, v in value.items()}
+    return value
 
 
 def _resolve(value, nodes):
@@ -281,6 +308,13 @@ class Task:
             fn = fn.fn
         if not callable(fn):
             raise TypeError(f"@cs.task needs a function, got {type(fn).__name__}")
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            kind = "an async generator" if inspect.isasyncgenfunction(fn) else "a generator"
+            raise TypeError(f"@cs.task on {getattr(fn, '__qualname__', fn)!r}: it is {kind} "
+                            "function, and a task's value is what its function returns; "
+                            "return a list instead of yielding items (or map a task over "
+                            "the items); for set-up/tear-down around a yield, use "
+                            "@cs.resource")
         if isinstance(tags, str):
             tags = (tags,)
         self.fn = fn
@@ -310,6 +344,13 @@ class Task:
             injects = ()
         return LazyResult(self, args, kwargs, injects)
 
+    def __get__(self, obj, objtype=None):
+        # A task defined in a class body is a method: ``obj.method(x)`` calls it with
+        # ``self`` bound, as a function would (its name, tags and scopes stay the task's).
+        if obj is None:
+            return self
+        return _BoundTask(self, obj)
+
     def map(self, *args: Any, **kwargs: Any) -> MappedLazyResult:
         """One call per item: ``fetch.map(urls)`` or ``fetch.map(url=urls, timeout=
         cs.unmapped(5))``. Each mapped argument is an iterable, or a lazy result that
@@ -331,6 +372,11 @@ class Task:
             return (False, value.value)
         if isinstance(value, LazyResult):
             return (True, value)
+        if type(value) is Task or type(value) is _BoundTask:
+            raise TypeError(f"{self.name}.map(): map argument {label} is the task "
+                            f"{value.name!r} itself; map over its results: "
+                            f"{self.name}.map({value.name}.map(...)) or a list of "
+                            f"{value.name}(...) calls")
         items = _map_items(f"{self.name}.map()", label, value)
         lengths[label] = len(items)
         return (True, items)
@@ -354,6 +400,29 @@ class Task:
         return f"<Task {self.name} {kind}{tags}>"
 
 
+class _BoundTask:
+    """A task got from an instance (``obj.method``, see ``Task.__get__``): calling it or
+    mapping it passes ``obj`` first, as a bound method does."""
+    __slots__ = ("task", "obj")
+
+    def __init__(self, task, obj):
+        self.task, self.obj = task, obj
+
+    @property
+    def name(self):
+        return self.task.name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> LazyResult:
+        return self.task(self.obj, *args, **kwargs)
+
+    def map(self, *args: Any, **kwargs: Any) -> MappedLazyResult:
+        """``Task.map`` with the instance passed to every call."""
+        return self.task.map(unmapped(self.obj), *args, **kwargs)
+
+    def __repr__(self):
+        return f"<bound {self.task!r} of {self.obj!r}>"
+
+
 def _map_items(call, label, value):
     if isinstance(value, (str, bytes, bytearray, dict)):
         raise TypeError(f"{call}: map argument {label} is a {type(value).__name__}; wrap it "
@@ -374,43 +443,65 @@ def task(fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None,
     Works on sync functions (run in a thread pool: they may block) and async functions
     (run on the event loop). ``name`` and ``tags`` are what control scopes match:
     ``task:api_call``, ``tag:io``. A body that returns a lazy result has that graph run
-    in the same run, and its value becomes the task's (recursion: see _Forward)."""
+    in the same run, and its value becomes the task's (recursion: see _Forward). In a
+    class body it makes a method: ``obj.method(x)`` passes ``obj`` as ``self`` (the
+    instance is then an argument like any other: a process pool or Dask must pickle
+    it). A generator or async generator function is refused with ``TypeError`` (a
+    task's value is what it returns).
+
+    Passing a task itself where its result is meant (``size(fetch)``, also inside a
+    list or dict, or to ``map``) raises ``TypeError`` when the graph is built."""
     if fn is None:
         return lambda f: Task(f, name=name, tags=tags)
     return Task(fn, name=name, tags=tags)
 
 
 _creation = itertools.count()
+# The policies of a lazy result that change how its attempts run and end (with_retry,
+# with_timeout, return_exceptions); one field, None for a plain call.
+_Policy = collections.namedtuple("_Policy", "attempts delay backoff on jitter timeout catch")
+_NO_POLICY = _Policy(attempts=1, delay=0.0, backoff=1.0, on=None, jitter=0.0, timeout=None,
+                     catch=False)
 _NO_KWARGS = {}  # shared by every call without keyword arguments: never mutated
 
 
 class LazyResult:
     """A node of the graph: the future value of one task call. Nothing runs until
     ``run``. Passing it to another task makes an edge (also inside list, tuple or dict
-    arguments). Policies chain: ``fetch(u).with_retry(3).run_if(flag)``."""
+    arguments, which are copied when the task is called: changing such a list later
+    changes nothing). Policies chain: ``fetch(u).with_retry(3).run_if(flag)``; each
+    returns a new lazy result and leaves this one as it was."""
 
-    __slots__ = ("task", "args", "kwargs", "injects", "deps", "lazy_args", "retry",
+    __slots__ = ("task", "args", "kwargs", "injects", "deps", "lazy_args", "policy",
                  "condition", "amounts", "order")
 
     def __init__(self, task, args=(), kwargs=None, injects=()):
         self.order = next(_creation)  # task ids in a run follow the order of creation
         self.task = task
-        self.args = args
-        self.kwargs = kwargs or _NO_KWARGS
         self.injects = injects       # ((parameter, resource name), ...) not passed explicitly
-        deps = None
+        deps = copy = None
         for a in args:
             if type(a) not in _PLAIN:
                 deps = deps or []
                 _scan(a, deps)
+                if type(a) in _CONTAINERS:
+                    copy = True
         if kwargs:
             for v in kwargs.values():
                 if type(v) not in _PLAIN:
                     deps = deps or []
                     _scan(v, deps)
+                    if type(v) in _CONTAINERS:
+                        copy = True
+        if copy:  # the containers as they are now (see _snapshot)
+            args = tuple([_snapshot(a) for a in args])
+            if kwargs:
+                kwargs = {k: _snapshot(v) for k, v in kwargs.items()}
+        self.args = args
+        self.kwargs = kwargs or _NO_KWARGS
         self.deps = deps or ()       # upstream nodes (may repeat)
         self.lazy_args = bool(deps)  # lazy values among the arguments
-        self.retry = None            # (max_attempts, delay, backoff)
+        self.policy = None           # a _Policy: retries, timeout, return_exceptions
         self.condition = _MISSING
         self.amounts = None          # {capacity name: int or lazy}
 
@@ -418,12 +509,32 @@ class LazyResult:
     def name(self):
         return self.task.name
 
-    def with_retry(self, max_attempts: int = 3, delay: float = 0.0,
-                   backoff: float = 1.0) -> LazyResult:
+    def _copy(self):
+        """A new lazy result like this one, for a policy to change (policies never change
+        the lazy result they are called on). It is a node of its own: numbered now
+        (ids follow creation order), run on its own if both are in a run."""
+        new = object.__new__(type(self))
+        for cls in type(self).__mro__[:-1]:
+            for slot in cls.__slots__:
+                setattr(new, slot, getattr(self, slot))
+        new.order = next(_creation)
+        return new
+
+    def with_retry(self, max_attempts: int = 3, delay: float = 0.0, backoff: float = 1.0, *,
+                   on: Any = None, jitter: float = 0.0) -> LazyResult:
         """Retry on failure: ``max_attempts`` counts every attempt, the first included.
         Attempt k+1 starts ``delay * backoff**(k-1)`` seconds after attempt k failed; a
         task waiting out its delay holds no slot and is admitted again (a pause applies
-        to its next attempt)."""
+        to its next attempt).
+
+        ``on``: an exception class or a tuple of them; only a failure that is an instance
+        of one is retried, any other fails at once (default: every failure is retried).
+        ``jitter`` (0 to 1): each delay is multiplied by a factor drawn uniformly from
+        ``[1 - jitter, 1 + jitter]``, so that many retries spread out (0: exact delays).
+        The delay in ``TaskRetrying`` is the one drawn.
+
+        Returns a new lazy result (see ``_copy``); this one is left unchanged, so
+        ``x.with_retry(3)`` on a line of its own does nothing: use its value."""
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise ValueError(f"with_retry(max_attempts={max_attempts!r}): need an int >= 1 "
                              "(the total number of attempts, the first included)")
@@ -431,40 +542,101 @@ class LazyResult:
             raise ValueError(f"with_retry(delay={delay!r}): need a number of seconds >= 0")
         if not (isinstance(backoff, (int, float)) and backoff >= 1):
             raise ValueError(f"with_retry(backoff={backoff!r}): need a number >= 1")
-        self.retry = (max_attempts, float(delay), float(backoff))
-        return self
+        if on is not None:
+            classes = on if type(on) is tuple else (on,)
+            if not classes or not all(isinstance(c, type) and issubclass(c, BaseException)
+                                      for c in classes):
+                raise TypeError(f"with_retry(on={on!r}): need an exception class or a tuple "
+                                "of them, e.g. on=(ConnectionError, TimeoutError)")
+            on = classes
+        if not (_is_number(jitter) and 0 <= jitter <= 1):
+            raise ValueError(f"with_retry(jitter={jitter!r}): need a number from 0 to 1 (each "
+                             "delay is multiplied by a random factor in [1 - jitter, "
+                             "1 + jitter])")
+        new = self._copy()
+        new.policy = (new.policy or _NO_POLICY)._replace(
+            attempts=max_attempts, delay=float(delay), backoff=float(backoff), on=on,
+            jitter=float(jitter))
+        return new
+
+    def with_timeout(self, seconds: float) -> LazyResult:
+        """Give each attempt ``seconds`` to finish; one that has not fails with the
+        builtin ``TimeoutError`` (naming the task and the timeout). With ``with_retry``
+        each attempt has its own deadline, and a timeout is a failure like any other
+        (``on=TimeoutError`` retries it); on a map it applies to each item. The clock
+        starts when the body begins (time spent waiting for admission does not count).
+
+        - An async body is cancelled at the deadline (an async body that catches the
+          cancellation and goes on fails when it returns).
+        - A sync body cannot be interrupted (Python cannot stop a thread): the attempt
+          fails at the deadline, and the body runs on in its thread, keeping that
+          thread and its concurrency slots and capacities until it returns (so a limit
+          is never exceeded: a retry of it waits for a slot like any other task). Its
+          value is then dropped. The run counts it among the bodies it waits for when
+          it ends (at most ``stop_grace``, see ``Engine``), so resources are not torn
+          down under it.
+        - On a remote executor (process pool, Dask) the clock starts when the body is
+          handed over; at the deadline the attempt fails and its future is cancelled:
+          a body that has not begun never will; on a process pool one that has runs on
+          in its worker and keeps its slots until it returns (Dask cancels it where it
+          runs, and its slots go back when Dask reports the cancellation).
+
+        Returns a new lazy result; this one is left unchanged."""
+        if not (_is_number(seconds) and 0 < seconds < float("inf")):
+            raise ValueError(f"with_timeout(seconds={seconds!r}): need a number of seconds > 0")
+        new = self._copy()
+        new.policy = (new.policy or _NO_POLICY)._replace(timeout=float(seconds))
+        return new
+
+    def return_exceptions(self) -> LazyResult:
+        """Make a failure of this task (or of any item of this map) its value: the
+        exception object, once its retries are exhausted, instead of failing the run
+        (as ``asyncio.gather(..., return_exceptions=True)``). Dependents receive the
+        exception as the value; a map's list holds it at that item's place. The attempt
+        is still reported as failed (``TaskExecutionFinished`` status "Failed" with the
+        error, counted failed in ``status()``) and logged so, but the run goes on and may
+        succeed. Only what the body raises is caught: a skip stays a skip, and a graph
+        error (a map over a value that is not a list) still fails the run. Returns a new
+        lazy result; this one is left unchanged."""
+        new = self._copy()
+        new.policy = (new.policy or _NO_POLICY)._replace(catch=True)
+        return new
 
     def run_if(self, condition: Any) -> LazyResult:
         """Run only when ``condition`` (a value, a lazy result or a Param) is truthy;
-        otherwise the task is skipped, and so is everything that needs its value."""
+        otherwise the task is skipped, and so is everything that needs its value.
+        Returns a new lazy result; this one is left unchanged (so ``p`` and
+        ``p.run_if(c)`` in one run are two executions: ``p`` runs unconditionally)."""
+        if type(condition) is Task or type(condition) is _BoundTask:  # always truthy
+            raise _task_not_called(condition)
+        new = self._copy()
         if isinstance(condition, LazyResult):
-            self._add_dep(condition, "run_if")
-        self.condition = condition
-        return self
+            new.deps = [*new.deps, condition]
+        new.condition = condition
+        return new
 
     def with_constraints(self, **amounts: Union[int, LazyResult]) -> LazyResult:
         """Hold ``amounts`` of the engine's named capacities while running, e.g.
         ``.with_constraints(gpu=1)`` with ``Engine(system_resources={"gpu": 2})``.
-        Amounts may be lazy. On a map it applies to each item."""
+        Amounts may be lazy. On a map it applies to each item. Returns a new lazy
+        result; this one is left unchanged."""
+        new = self._copy()
         for k, v in amounts.items():
             if isinstance(v, LazyResult):
-                self._add_dep(v, "with_constraints")
+                new.deps = [*new.deps, v]
             elif isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"with_constraints({k}={v!r}): need an int >= 0 or a lazy "
                                  "result")
-        self.amounts = dict(amounts)
-        return self
-
-    def _add_dep(self, dep, call):
-        if _depends_on(dep, self):
-            raise ValueError(f"{call}() on {self!r} would make a cycle: the value depends "
-                             "on this task itself")
-        self.deps = [*self.deps, dep]
+        new.amounts = dict(amounts)
+        return new
 
     def __repr__(self):
+        policy = self.policy or _NO_POLICY
         extra = "".join([
             f" upstream={len(self.deps)}" if self.deps else "",
-            f" retry={self.retry[0]}" if self.retry else "",
+            f" retry={policy.attempts}" if policy.attempts > 1 else "",
+            f" timeout={policy.timeout:g}s" if policy.timeout else "",
+            " return_exceptions" if policy.catch else "",
             " run_if" if self.condition is not _MISSING else "",
             f" constraints={self.amounts}" if self.amounts else "",
         ])
@@ -481,7 +653,9 @@ class MappedLazyResult(LazyResult):
     def __init__(self, task, margs, mkwargs, injects):
         super().__init__(task, tuple(v for _, v in margs),
                          {k: v for k, (_, v) in mkwargs.items()}, injects)
-        self.args, self.kwargs = margs, mkwargs
+        # the values as LazyResult took them (containers copied: see _snapshot)
+        self.args = tuple([(m, v) for (m, _), v in zip(margs, self.args)])
+        self.kwargs = {k: (mkwargs[k][0], v) for k, v in self.kwargs.items()}
 
 
 class Param(LazyResult):
@@ -2305,6 +2479,16 @@ class _ControlPlane:
             granted = self._admit() if self._ready else None
         self._dispatch(granted)
 
+    def hand_over(self, u, to):
+        """``u``'s slots pass to ``to``, a stand-in counted as granted until it is
+        released (with_timeout: a sync body that runs on past its deadline keeps them
+        while ``u`` moves on; see _Run._overdue). ``u`` is released as usual after."""
+        with self.lock:
+            to.held, u.held = u.held, ()
+            self._holders.discard(u)
+            self._holders.add(to)
+            u.node.tally[_GRANTED] += 1
+
     def gate(self, u):
         """The start gate, called in the body's own thread right before the body begins.
         True: it begins (the unit is RUNNING). False: its run is stopping (the grant is
@@ -3707,6 +3891,40 @@ class _Unit:
         return f"<_Unit {self.id} {_STATE_NAMES[self.state]}>"
 
 
+class _Overdue(_Unit):
+    """The attempt of a sync unit whose body runs on past its timeout (see
+    ``_Run._overdue``): it holds that attempt's slots until the body returns, while the
+    unit itself has moved on (failed, or waits for its retry)."""
+    __slots__ = ("back",)
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.state = _RUNNING
+        self.back = False  # its body returned before its run abandoned it
+
+
+_IN_TIME, _RETURNED, _LATE = range(3)  # _Deadline.state
+
+
+class _Deadline:
+    """A sync body's timeout (see ``_Run._start_timed``). ``state`` moves once, under
+    the run's ``_late`` lock, from _IN_TIME to _RETURNED (the body returned first) or
+    to _LATE (the deadline came first: ``ghost`` holds the slots)."""
+    __slots__ = ("unit", "seconds", "t0", "handle", "state", "ghost")
+
+    def __init__(self, unit, seconds):
+        self.unit, self.seconds = unit, seconds
+        self.t0 = 0.0
+        self.handle = None  # the loop's timer, once armed
+        self.state = _IN_TIME
+        self.ghost = None
+
+
+def _timed_out(u, seconds):
+    return TimeoutError(f"task {u.key.name!r} ({u.id}) timed out: its attempt "
+                        f"{u.attempt} took more than with_timeout({seconds:g}) seconds")
+
+
 _STARTED, _REFUSED = object(), object()  # messages from worker threads
 
 
@@ -4839,16 +5057,8 @@ class _Run:
             elif node.skip is None:
                 node.skip = why  # (its unit was counted done: its body ran)
                 self._settle_node(node, why)
-        elif j is None:
-            node.value = root.value
-            self._settle_node(node, None)
         else:
-            node.value[j] = root.value
-            node.left -= 1
-            if node.out is not None:
-                self._item_out(node, j)
-            if not node.left:
-                self._settle_node(node, None)
+            self._settle_value(node, j, root.value)
         return 1
 
     # -- pipelined maps (see _plan_pipe) -------------------------------------
@@ -5053,11 +5263,16 @@ class _Run:
             if self.resources.homes and not task.is_async:
                 home = self.resources.home_of(lz)
                 if home is not None:  # a same_thread resource's thread (see resource())
+                    call = self.resources.threads[home].call
                     try:
-                        return self.resources.threads[home].call(
-                            self._sync_body, u, task.fn, u.args, kwargs)
+                        if lz.policy is not None and lz.policy.timeout is not None:
+                            return call(self._sync_timed, _Deadline(u, lz.policy.timeout),
+                                        task.fn, u.args, kwargs)
+                        return call(self._sync_body, u, task.fn, u.args, kwargs)
                     except Exception as exc:
                         return self._body_finished(u, None, exc, time.perf_counter())
+        if lz.policy is not None and lz.policy.timeout is not None:  # not the common case
+            return self._start_timed(u, kwargs, lz.policy.timeout)
         try:
             if task.is_async:
                 if self._fuse_into is not None and self._fused is None:
@@ -5085,6 +5300,129 @@ class _Run:
             return
         u.body = f  # its future: cancelled if the run stops first
         f.add_done_callback(functools.partial(self._remote_done, u, t0))
+
+    # -- with_timeout ---------------------------------------------------------
+    def _start_timed(self, u, kwargs, seconds):
+        """``_start`` for a unit with a timeout (see ``LazyResult.with_timeout``). An
+        async body runs in a task of its own (no fusion) under ``_timed_async``. A sync
+        body gets a ``_Deadline``: whichever comes first, its return or the deadline,
+        decides (under ``_late``); at the deadline the attempt fails while the body's
+        slots pass to an ``_Overdue`` stand-in that gives them back when it returns."""
+        task = u.node.lazy.task
+        try:
+            if task.is_async:
+                u.body = self._new_task(self._async_body(
+                    u, functools.partial(self._timed_async, u, task.fn, seconds), u.args, kwargs))
+                return
+            d = _Deadline(u, seconds)
+            if self._threaded:
+                self._to_thread(self._sync_timed, d, task.fn, u.args, kwargs)
+                return
+            if not self.cp.gate(u):  # a remote body: as in _start
+                return self._gate_refused(u)
+            d.t0 = self._body_started(u)
+            f = self._remote.submit(u, self._wire[task], u.args, kwargs)
+        except Exception as exc:  # could not even start the body: the task fails
+            self._body_finished(u, None, exc, time.perf_counter())
+            return
+        u.body = f
+        d.handle = self.loop.call_later(seconds, self._overdue, d)
+        f.add_done_callback(functools.partial(self._remote_timed_done, d))
+
+    async def _timed_async(self, u, fn, seconds, /, *args, **kwargs):
+        """An async body under a deadline: at the deadline its task is cancelled, and
+        the cancellation becomes the attempt's TimeoutError (a cancellation of the run
+        meanwhile stays a cancellation)."""
+        task = asyncio.current_task()
+        fired = []
+        h = self.loop.call_later(seconds, lambda: fired.append(task.cancel()))
+        try:
+            return await fn(*args, **kwargs)
+        except asyncio.CancelledError:
+            if not fired or self.stopping:
+                raise
+            if hasattr(task, "uncancel"):  # 3.11+: the task is not being cancelled any more
+                task.uncancel()
+            raise _timed_out(u, seconds) from None
+        finally:
+            h.cancel()
+
+    def _sync_timed(self, d, fn, args, kwargs):
+        # _sync_body (in a worker thread) with a deadline, armed on the loop once the
+        # body has begun.
+        u = d.unit
+        if not self.cp.gate(u):
+            return self._post(u, _REFUSED, None, 0.0)
+        t0 = d.t0 = time.perf_counter()
+        self._post(u, _STARTED, None, t0)
+        try:
+            self.loop.call_soon_threadsafe(self._arm, d)
+        except RuntimeError:  # its loop is gone
+            pass
+        try:
+            value, exc = fn(*args, **kwargs), None
+        except BaseException as e:
+            value, exc = None, e
+        return self._timed_returned(d, value, exc)
+
+    def _remote_timed_done(self, d, f):
+        # _remote_done for a body with a deadline.
+        try:
+            value, exc = f.result(), None
+        except BaseException as e:
+            value, exc = None, self._remote.explain(e, d.unit)
+        self._timed_returned(d, value, exc)
+
+    def _arm(self, d):
+        with self._late:
+            if d.state == _IN_TIME:
+                left = d.seconds - (time.perf_counter() - d.t0)
+                d.handle = self.loop.call_later(max(left, 0.0), self._overdue, d)
+
+    def _overdue(self, d):
+        """On the loop, at the deadline of a sync body still running: the attempt fails
+        with TimeoutError now; its slots pass to an _Overdue stand-in, counted in flight
+        until the body returns (so the run's end waits for it, up to stop_grace)."""
+        u = d.unit
+        with self._late:  # against _timed_returned and _abandon
+            if d.state != _IN_TIME or self._settled:
+                return
+            d.state = _LATE
+            d.ghost = _Overdue(self, u.node, u.index, (), _NO_KWARGS)
+            d.ghost.attempt = u.attempt
+            self.cp.hand_over(u, d.ghost)
+        self._inflight += 1
+        if self._remote is not None and not u.node.lazy.task.is_async and u.body is not None:
+            self._remote.cancel([u.body])  # not begun: never will; begun: runs on
+        self._body_finished(u, None, _timed_out(u, d.seconds), d.t0)
+
+    def _timed_returned(self, d, value, exc):
+        """The body of ``d`` returned (any thread): reported as usual if in time;
+        after its deadline only its stand-in's slots go back."""
+        with self._late:
+            state = d.state
+            if state == _IN_TIME:
+                d.state = _RETURNED
+                handle = d.handle
+            else:
+                gone = self._settled
+                if not gone:
+                    d.ghost.back = True  # (read by _abandon)
+        if state == _IN_TIME:
+            if handle is not None:
+                try:
+                    self.loop.call_soon_threadsafe(handle.cancel)
+                except RuntimeError:
+                    pass
+            return self._returned(d.unit, value, exc, d.t0)
+        ghost = d.ghost
+        _log.debug("task %r (%s) of run %s returned %.3gs after its timeout; its slots are "
+                   "free", ghost.key.name, ghost.id, self.run_id,
+                   time.perf_counter() - d.t0 - d.seconds)
+        self.cp.release(ghost)  # from this thread (see _returned)
+        if gone:
+            return _LEAVE  # (_abandon counted its thread as abandoned)
+        self._post(ghost, _REFUSED, None, 0.0)  # the loop: one body fewer in flight
 
     async def _async_body(self, u, fn, args, kwargs):
         """Run an async body in its asyncio task; then, after a success, the next async
@@ -5220,7 +5558,8 @@ class _Run:
         return time.perf_counter()
 
     def _gate_refused(self, u):
-        """A granted unit did not start: its run is stopping, or a pause came first."""
+        """A granted unit did not start: its run is stopping, or a pause came first (or
+        the body of an _Overdue stand-in came back: one body fewer in flight)."""
         self._inflight -= 1
         if u.state == _WAITING and not u.reported:
             self.report.blocked(u)
@@ -5236,13 +5575,17 @@ class _Run:
                 return self._returned_graph(u, value, t0)
             outcome = _DONE
         else:
-            retry = u.node.lazy.retry
-            outcome = (_RETRYING if retry and u.attempt < retry[0] and not self.stopping
-                       else _FAILED)
+            policy = u.node.lazy.policy
+            outcome = (_RETRYING if policy and u.attempt < policy.attempts and not self.stopping
+                       and (policy.on is None or isinstance(exc, policy.on)) else _FAILED)
+            caught = False
             if outcome == _FAILED and not self.stopping:
-                # Stop first: the slot this unit gives back must not start anybody
-                # (regression: a waiter was granted and began before the run failed).
-                self._fail(exc, u.id, u.key.name)
+                if policy and policy.catch:  # .return_exceptions(): the exception is its value
+                    caught = True
+                else:
+                    # Stop first: the slot this unit gives back must not start anybody
+                    # (regression: a waiter was granted and began before the run failed).
+                    self._fail(exc, u.id, u.key.name)
         self.cp.release(u)
         self._inflight -= 1
         u.body = None  # a finished asyncio task (and its coroutine) can go now
@@ -5253,21 +5596,13 @@ class _Run:
                 rep.finished(u, time.perf_counter() - t0, None)
             if self.stopping:
                 return self._check_idle()
-            node = u.node
-            if u.index is None:
-                node.value = value
-                self._settle_node(node, None)
-            else:
-                node.value[u.index] = value
-                node.left -= 1
-                if node.out is not None:  # pipelined maps wait for this item
-                    self._item_out(node, u.index)
-                if not node.left:
-                    self._settle_node(node, None)
+            self._settle_value(u.node, u.index, value)
         elif outcome == _RETRYING:
-            max_attempts, delay, backoff = u.node.lazy.retry
-            wait = delay * backoff ** (u.attempt - 1)
-            self.report.retrying(u, max_attempts, wait, exc)
+            policy = u.node.lazy.policy
+            wait = policy.delay * policy.backoff ** (u.attempt - 1)
+            if policy.jitter:
+                wait *= random.uniform(1 - policy.jitter, 1 + policy.jitter)
+            self.report.retrying(u, policy.attempts, wait, exc)
             u.attempt += 1
             if wait > 0:
                 self._timers[u] = self.loop.call_later(wait, self._retry, u)
@@ -5275,7 +5610,25 @@ class _Run:
                 self._retry(u)
         else:
             self.report.finished(u, time.perf_counter() - t0, exc)
+            if caught and not self.stopping:
+                # .return_exceptions(): failed for good (and reported so), its exception
+                # is its value
+                self._settle_value(u.node, u.index, exc)
             self._check_idle()
+
+    def _settle_value(self, node, index, value):
+        """``value`` is the value of ``node`` (a plain call: ``index`` None) or of its
+        item ``index`` (a map's); the node settles once its last item has."""
+        if index is None:
+            node.value = value
+            self._settle_node(node, None)
+        else:
+            node.value[index] = value
+            node.left -= 1
+            if node.out is not None:  # pipelined maps wait for this item
+                self._item_out(node, index)
+            if not node.left:
+                self._settle_node(node, None)
 
     def _retry(self, u):
         self._timers.pop(u, None)
@@ -5373,6 +5726,14 @@ class _Run:
                 self.cp.drop_grant(u)
                 continue
             if u.state != _RUNNING:
+                continue
+            if type(u) is _Overdue:  # timed out, reported then; it returns on its own
+                if not u.back:
+                    lost += isinstance(self._pool, _Workers)
+                    _log.warning("task %r (%s) of run %s timed out and its body has not "
+                                 "returned within stop_grace=%ss of the run stopping; it "
+                                 "is abandoned and keeps its slots until it returns",
+                                 u.key.name, u.id, self.run_id, self.engine._stop_grace)
                 continue
             task = u.node.lazy.task
             where = ("as an asyncio task" if task.is_async else

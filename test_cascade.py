@@ -962,6 +962,146 @@ def test_lazy_values_nested_in_list_tuple_dict_arguments():
     assert type(items[1]) is tuple and type(mapping["b"][1]) is tuple and type(extra) is tuple
 
 
+@pytest.mark.parametrize("kind", ["generator", "async generator"])
+def test_task_on_a_generator_function_raises_at_decoration_naming_the_fix(kind):
+    if kind == "generator":
+        def pages(n):
+            yield from range(n)
+    else:
+        async def pages(n):
+            for i in range(n):
+                yield i
+    with pytest.raises(TypeError, match=f"it is an? {kind} function") as ei:
+        cs.task(pages)
+    assert "return a list" in str(ei.value) and "@cs.resource" in str(ei.value)
+    with pytest.raises(TypeError, match="generator"):
+        cs.task(name="pages")(pages)
+
+
+class _Scaler:
+    """A class whose task is a method (see test_task_defined_in_a_class_is_a_method)."""
+
+    def __init__(self, k):
+        self.k = k
+
+    @cs.task(tags=["scale"])
+    def scale(self, x):
+        return self, self.k * x
+
+    @cs.task
+    async def shift(self, x, by=1):
+        return self.k + x + by
+
+
+def test_task_defined_in_a_class_is_a_method():
+    a, b = _Scaler(10), _Scaler(100)
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    lazy = a.scale(3)
+    assert isinstance(lazy, cs.LazyResult) and lazy.name == "scale"
+    (who, value), shifted, items = run_engine(
+        engine, [lazy, b.shift(2, by=5), b.scale.map([1, 2])])
+    assert who is a and value == 30     # the instance itself reaches the body as self
+    assert shifted == 107
+    assert [(w is b, v) for w, v in items] == [(True, 100), (True, 200)]
+    assert {e.task_name for e in rec.of(cs.TaskExecutionFinished)} == {"scale", "shift"}
+    assert isinstance(_Scaler.scale, cs.Task) and _Scaler.scale.tags == ("scale",)
+    assert cs.run(_Scaler.scale(a, 4))[1] == 40  # through the class: self passed explicitly
+
+
+@cs.task
+def _fetch_one(url):
+    return url
+
+
+def test_passing_a_task_instead_of_calling_it_raises_when_the_graph_is_built():
+    @cs.task
+    def size(page):
+        return len(page)
+
+    for build in (lambda: size(_fetch_one), lambda: size(page=_fetch_one),
+                  lambda: size([_fetch_one("a"), _fetch_one]),
+                  lambda: size({"k": (_fetch_one,)}),
+                  lambda: size(_Scaler(1).scale)):
+        with pytest.raises(TypeError, match=r"itself was passed as an argument; call it") as ei:
+            build()
+        assert "(...)" in str(ei.value)
+    with pytest.raises(TypeError, match=r"_fetch_one\(\.\.\.\)"):
+        size(_fetch_one)
+    with pytest.raises(TypeError, match=r"size\.map\(\): map argument #0 is the task "
+                                        r"'_fetch_one' itself"):
+        size.map(_fetch_one)
+    with pytest.raises(TypeError, match="itself was passed"):
+        size.map([_fetch_one, _fetch_one])
+    with pytest.raises(TypeError, match="itself was passed"):
+        size.map(page=[_fetch_one])
+    with pytest.raises(TypeError, match=r"call it to pass its result: _fetch_one\(\.\.\.\)"):
+        size("x").run_if(_fetch_one)   # (a task is always truthy)
+
+
+def test_list_and_dict_arguments_are_taken_as_they_are_when_the_task_is_called():
+    @cs.task
+    def one():
+        return 1
+
+    @cs.task
+    def show(items, mapping, nested):
+        return items, mapping, nested
+
+    items, mapping, inner = [0], {"a": 0}, [0]
+    lazy = show(items, mapping=mapping, nested=(inner, {"i": inner}))
+    items.append(one())          # a lazy result added after the call: not part of it
+    mapping["b"] = one()
+    inner.append(2)
+    assert cs.run(lazy) == ([0], {"a": 0}, ([0], {"i": [0]}))
+
+    with_lazy = [one()]
+    lazy = show(with_lazy, {}, ())
+    with_lazy.append(one())      # (this one was never in the graph: not run, not resolved)
+    assert cs.run(lazy) == ([1], {}, ())
+
+    @cs.task
+    def add(x, extra):
+        return x + sum(extra)
+
+    extra = [1]
+    mapped = add.map([10, 20], cs.unmapped(extra))
+    extra.append(one())
+    assert cs.run(mapped) == [11, 21]
+
+
+_nested = st.recursive(
+    st.integers() | st.text(max_size=3),
+    lambda inner: (st.lists(inner, max_size=3) | st.tuples(inner, inner)
+                   | st.dictionaries(st.text(max_size=2), inner, max_size=3)),
+    max_leaves=12)
+
+
+def _mutate(value, lazy):
+    """Append ``lazy`` to every list and add it to every dict inside ``value``."""
+    if type(value) is list:
+        for v in list(value):
+            _mutate(v, lazy)
+        value.append(lazy)
+    elif type(value) is tuple:
+        for v in value:
+            _mutate(v, lazy)
+    elif type(value) is dict:
+        for v in list(value.values()):
+            _mutate(v, lazy)
+        value["added later"] = lazy
+
+
+@settings(max_examples=40, deadline=None)
+@given(value=_nested)
+def test_arguments_reach_the_body_as_they_were_when_the_task_was_called(value):
+    import copy
+    expected = copy.deepcopy(value)
+    lazy = ident(value)
+    _mutate(value, ident(1))
+    assert cs.run(lazy, log_level="ERROR") == expected
+
+
 # --- map --------------------------------------------------------------------
 
 def test_map_static_keyword_and_positional():
@@ -1974,6 +2114,347 @@ def test_constraints_with_param_amount():
         run_engine(engine, target, params={"g": 2})
     assert calls == ["f"]
     assert engine.status()["capacities"] == {"gpu": {"total": 1, "in_use": 0}}
+
+
+# --- policies: new lazy results, retry on/jitter, return_exceptions ----------
+
+def test_policies_return_a_new_lazy_result_and_leave_the_original_unchanged():
+    calls = []
+    f = recorded(calls, "f", returns="ran")
+
+    @cs.task
+    def amount():
+        return 1
+
+    p = f()
+    before = repr(p)
+    q = p.run_if(False)
+    copies = [q, p.with_retry(3), p.with_constraints(gpu=1),
+              p.with_constraints(gpu=amount()), p.with_timeout(5), p.return_exceptions()]
+    assert all(c is not p and isinstance(c, cs.LazyResult) for c in copies)
+    assert repr(p) == before == "<LazyResult f>"
+    engine = cs.Engine(system_resources={"gpu": 1})
+    rec = Recorder(engine)
+    assert run_engine(engine, p) == "ran"  # p is not conditional
+    with pytest.raises(cs.DependencyMissingError):
+        run_engine(engine, pair(p, q))       # p runs, q (a node of its own) is skipped
+    assert calls == ["f", "f"]
+    assert [e.task_id for e in rec.of(cs.TaskSkipped)] == ["f-2", "pair-1"]
+    # both in one run: two executions of the body, numbered in creation order
+    calls.clear()
+    rec.clear()
+    assert run_engine(engine, [p.with_retry(2), p]) == ["ran", "ran"]
+    assert calls == ["f", "f"]
+    assert sorted(e.task_id for e in rec.of(cs.TaskExecutionStarted)) == ["f-1", "f-2"]
+    # a chain: every step a new lazy result, the last one has every policy
+    chained = p.with_retry(2).with_timeout(1).return_exceptions().run_if(True)
+    assert repr(chained) == "<LazyResult f retry=2 timeout=1s return_exceptions run_if>"
+    assert repr(p) == before
+
+
+def test_with_retry_on_retries_only_the_listed_exception_types():
+    attempts = []
+
+    @cs.task
+    def flaky(kind):
+        attempts.append(kind)
+        if len(attempts) < 3:
+            raise kind("no")
+        return "ok"
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    assert run_engine(engine, flaky(ConnectionResetError).with_retry(
+        5, on=(TimeoutError, ConnectionError))) == "ok"   # a subclass counts
+    assert len(attempts) == 3 and len(rec.of(cs.TaskRetrying)) == 2
+    attempts.clear()
+    rec.clear()
+    with pytest.raises(KeyError):
+        run_engine(engine, flaky(KeyError).with_retry(5, on=ConnectionError))
+    assert attempts == [KeyError]       # not listed: fails at once
+    assert rec.of(cs.TaskRetrying) == []
+    assert [e.status for e in rec.of(cs.TaskExecutionFinished)] == ["Failed"]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(jitter=st.floats(0, 1), delay=st.floats(0.0001, 0.002), backoff=st.floats(1, 2))
+def test_with_retry_jitter_keeps_each_delay_within_its_band(jitter, delay, backoff):
+    attempts = []
+
+    @cs.task
+    async def flaky():
+        attempts.append(1)
+        if len(attempts) < 4:
+            raise OSError("again")
+        return len(attempts)
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    lazy = flaky().with_retry(4, delay=delay, backoff=backoff, jitter=jitter)
+    assert run_engine(engine, lazy) == 4
+    waits = [e.delay for e in rec.of(cs.TaskRetrying)]
+    for k, wait in enumerate(waits):
+        base = delay * backoff ** k
+        assert base * (1 - jitter) - 1e-12 <= wait <= base * (1 + jitter) + 1e-12
+
+
+def test_with_retry_jitter_draws_different_delays():
+    attempts = []
+
+    @cs.task
+    def flaky():
+        attempts.append(1)
+        if len(attempts) < 6:
+            raise OSError("again")
+        return "ok"
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    assert run_engine(engine, flaky().with_retry(6, delay=0.001, jitter=0.5)) == "ok"
+    waits = [e.delay for e in rec.of(cs.TaskRetrying)]
+    assert len(waits) == 5 and len(set(waits)) > 1
+    assert all(0.0005 <= w <= 0.0015 for w in waits)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"on": ValueError()}, TypeError, "exception class or a tuple"),
+    ({"on": ()}, TypeError, "exception class or a tuple"),
+    ({"on": (ValueError, int)}, TypeError, "exception class or a tuple"),
+    ({"on": [ValueError]}, TypeError, "exception class or a tuple"),
+    ({"jitter": 1.5}, ValueError, "from 0 to 1"),
+    ({"jitter": -0.1}, ValueError, "from 0 to 1"),
+    ({"jitter": "0.5"}, ValueError, "from 0 to 1"),
+    ({"jitter": float("nan")}, ValueError, "from 0 to 1"),
+])
+def test_with_retry_rejects_bad_on_and_jitter(kwargs, error, match):
+    with pytest.raises(error, match=match) as ei:
+        ident(1).with_retry(3, **kwargs)
+    assert f"with_retry({next(iter(kwargs))}=" in str(ei.value)
+
+
+def test_return_exceptions_makes_a_failure_the_value_and_the_run_goes_on():
+    @cs.task
+    def page(i):
+        if i == 2:
+            raise ValueError(f"page {i} is broken")
+        return i * 10
+
+    @cs.task
+    async def boom():
+        raise ConnectionError("down")
+
+    @cs.task
+    def describe(pages, single):
+        return [type(p).__name__ for p in pages], type(single).__name__
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    pages = page.map(range(5)).return_exceptions()
+    single = boom().return_exceptions()
+    result = run_engine(engine, [pages, single, describe(pages, single)])
+    values, exc, described = result
+    assert values[:2] == [0, 10] and values[3:] == [30, 40]
+    assert type(values[2]) is ValueError and str(values[2]) == "page 2 is broken"
+    assert type(exc) is ConnectionError
+    assert described == (["int", "int", "ValueError", "int", "int"], "ConnectionError")
+    failed = rec.of(cs.TaskExecutionFinished, status="Failed")
+    assert sorted(e.task_id for e in failed) == ["boom-1", "page-1[2]"]
+    assert failed[0].error is not None
+    assert rec.events[-1].status == "Succeeded"
+
+
+def test_return_exceptions_on_an_inner_map_feeds_the_pipelined_map_over_it():
+    # (found merging: a caught failure of an inner item did not ready the outer item,
+    # so the map over the map waited for ever)
+    @cs.task
+    async def inner(i):
+        if i == 1:
+            raise ValueError(f"bad {i}")
+        return i
+
+    @cs.task
+    async def outer(x):
+        return type(x).__name__ if isinstance(x, Exception) else x * 10
+
+    out = outer.map(inner.map(range(3)).return_exceptions())
+    assert run_engine(cs.Engine(), out) == [0, "ValueError", 20]
+
+
+def test_return_exceptions_after_retries_are_exhausted():
+    attempts = []
+
+    @cs.task
+    def always():
+        attempts.append(1)
+        raise OSError(len(attempts))
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    value = run_engine(engine, always().with_retry(3).return_exceptions())
+    assert type(value) is OSError and value.args == (3,)
+    assert len(attempts) == 3 and len(rec.of(cs.TaskRetrying)) == 2
+    # the original is unchanged: it still fails the run
+    attempts.clear()
+    with pytest.raises(OSError):
+        run_engine(engine, always())
+
+
+# --- policies: with_timeout -------------------------------------------------
+
+def test_with_timeout_cancels_an_async_body_and_fails_with_the_builtin_timeout_error():
+    seen = []
+
+    @cs.task
+    async def hang():
+        try:
+            await asyncio.sleep(TIMEOUT)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+        return "never"
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    with pytest.raises(TimeoutError) as ei:
+        run_engine(engine, hang().with_timeout(0.05))
+    assert type(ei.value) is TimeoutError
+    assert "'hang' (hang-1) timed out" in str(ei.value) and "with_timeout(0.05)" in str(ei.value)
+    assert seen == ["cancelled"]
+    (finished,) = rec.of(cs.TaskExecutionFinished)
+    assert finished.status == "Failed" and type(finished.error) is TimeoutError
+    assert rec.events[-1].status == "Failed"
+
+
+def test_with_timeout_gives_each_attempt_its_own_deadline():
+    attempts = []
+
+    @cs.task
+    async def slow_once():
+        attempts.append(1)
+        if len(attempts) == 1:
+            await asyncio.sleep(TIMEOUT)
+        await asyncio.sleep(0.01)
+        return len(attempts)
+
+    engine = cs.Engine()
+    rec = Recorder(engine)
+    lazy = slow_once().with_timeout(0.2).with_retry(2, on=TimeoutError)
+    assert run_engine(engine, lazy) == 2
+    (retrying,) = rec.of(cs.TaskRetrying)
+    assert type(retrying.error) is TimeoutError and retrying.attempt == 1
+    # a timeout that is not in `on` is not retried
+    attempts.clear()
+    with pytest.raises(TimeoutError):
+        run_engine(engine, slow_once().with_timeout(0.05).with_retry(2, on=ConnectionError))
+    assert attempts == [1]
+
+
+def test_with_timeout_applies_to_each_item_of_a_map():
+    @cs.task
+    async def item(i):
+        await asyncio.sleep(TIMEOUT if i == 1 else 0)
+        return i
+
+    values = cs.run(item.map(range(4)).with_timeout(0.1).return_exceptions())
+    assert values[0] == 0 and values[2:] == [2, 3] and type(values[1]) is TimeoutError
+    assert "(item-1[1])" in str(values[1])
+
+
+def test_a_sync_body_past_its_timeout_fails_at_once_and_keeps_its_slot_until_it_returns():
+    release = threading.Event()
+    calls = []
+
+    @cs.task
+    def work(i):
+        calls.append(i)
+        if i == 0:
+            release.wait(TIMEOUT)
+        return i
+
+    engine = cs.Engine(system_resources={"slot": 1})
+    rec = Recorder(engine)
+    first = work(0).with_constraints(slot=1).with_timeout(0.05).return_exceptions()
+    handle = engine.start([first, work(1).with_constraints(slot=1)])
+    try:
+        wait_for(lambda: rec.of(cs.TaskExecutionFinished, task_id="work-1"))
+        (failed,) = rec.of(cs.TaskExecutionFinished, task_id="work-1")
+        assert failed.status == "Failed" and type(failed.error) is TimeoutError
+        time.sleep(0.05)
+        # the body runs on in its thread and holds the only slot: work(1) waits
+        assert calls == [0]
+        assert engine.status()["capacities"]["slot"]["in_use"] == 1
+        assert not handle.done()
+    finally:
+        release.set()
+    value, second = handle.result(timeout=TIMEOUT)
+    assert type(value) is TimeoutError and second == 1   # the late value is dropped
+    assert calls == [0, 1]
+    assert engine.status()["capacities"]["slot"]["in_use"] == 0
+    assert [e.task_id for e in rec.of(cs.TaskExecutionFinished)] == ["work-1", "work-2"]
+    assert rec.events[-1].status == "Succeeded"
+
+
+def test_a_sync_retry_after_a_timeout_needs_a_slot_of_its_own():
+    release = threading.Event()
+    attempts = []
+    gauge = Gauge()
+
+    @cs.task
+    def work():
+        attempts.append(1)
+        with gauge("work"):
+            if len(attempts) == 1:
+                release.wait(TIMEOUT)
+        return len(attempts)
+
+    engine = cs.Engine(system_resources={"slot": 2})
+    rec = Recorder(engine)
+    try:
+        # two slots: the retry runs beside the first attempt, which still holds one
+        lazy = work().with_constraints(slot=1).with_timeout(0.05).with_retry(2)
+        handle = engine.start(lazy)
+        assert handle.result(timeout=TIMEOUT) == 2
+        assert gauge.peak["work"] == 2
+        (retrying,) = rec.of(cs.TaskRetrying)
+        assert type(retrying.error) is TimeoutError
+    finally:
+        release.set()
+    wait_for(lambda: engine.status()["capacities"]["slot"]["in_use"] == 0)
+
+
+def test_a_run_waits_for_a_timed_out_sync_body_then_abandons_it_after_stop_grace(caplog):
+    release = threading.Event()
+    torn = []
+
+    @cs.resource
+    def res():
+        yield "r"
+        torn.append(release.is_set())
+
+    @cs.task
+    def stuck(r=cs.inject("res")):
+        release.wait(TIMEOUT)
+        return r
+
+    engine = cs.Engine(system_resources={"slot": 1}, stop_grace=0.2)
+    engine.register(res)
+    try:
+        with caplog.at_level(logging.WARNING, logger="cascade"):
+            value = run_engine(engine, stuck().with_constraints(slot=1).with_timeout(0.05)
+                               .return_exceptions())
+        assert type(value) is TimeoutError
+        assert torn == [False]   # torn down after stop_grace, the body still running
+        assert "timed out and its body has not returned within stop_grace" in caplog.text
+        assert engine.status()["capacities"]["slot"]["in_use"] == 1   # still held
+    finally:
+        release.set()
+    wait_for(lambda: engine.status()["capacities"]["slot"]["in_use"] == 0)
+
+
+@pytest.mark.parametrize("bad", [0, -1, "1", True, float("nan"), float("inf"), None])
+def test_with_timeout_rejects_a_bad_number_of_seconds(bad):
+    with pytest.raises(ValueError, match=r"with_timeout\(seconds=.*need a number of seconds > 0"):
+        ident(1).with_timeout(bad)
 
 
 # --- shell ------------------------------------------------------------------
@@ -6089,6 +6570,27 @@ def test_every_call_and_every_retry_runs_on_a_remote_executor(remote, rx_dir):
     assert _marks(d, "start") == 40
     assert run_engine(e, rx_flaky(d, 2).with_retry(3)) == 3
     assert _marks(d, "attempt") == 3
+
+
+def test_with_timeout_on_a_remote_executor_fails_the_attempt_at_the_deadline(remote, rx_dir):
+    kind, ex = remote
+    d = rx_dir
+    e = cs.Engine(executor=ex, window=1)
+    rec = Recorder(e)
+    timed = rx_work(d, 0, hold=True).with_timeout(0.3).return_exceptions()
+    handle = e.start([timed, rx_work(d, 1)])
+    try:
+        wait_for(lambda: rec.of(cs.TaskExecutionFinished, task_id="rx_work-1"))
+        (failed,) = rec.of(cs.TaskExecutionFinished, task_id="rx_work-1")
+        assert failed.status == "Failed" and type(failed.error) is TimeoutError
+        if kind == "process pool":  # (a Dask future is cancelled even while it runs)
+            time.sleep(0.1)
+            # the body runs on in its worker and keeps the window's only slot
+            assert _marks(d, "start") == 1 and not handle.done()
+    finally:
+        _release(d)
+    value, one = handle.result(timeout=TIMEOUT)
+    assert type(value) is TimeoutError and one == 1
 
 
 @pytest.mark.parametrize("window", [None, 3])
