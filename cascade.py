@@ -2031,9 +2031,9 @@ class _ControlPlane:
             if changed:
                 self._install(key, now_c)
             granted = self._admit() if self._ready else None
-        self._dispatch(granted)
-        if changed:
+        if changed:  # (the event first, then the starts it allows: see remove)
             self._notify(True, now_c)
+        self._dispatch(granted)
         return before
 
     def _install(self, key, c):  # lock held: make c the control in force of its key
@@ -2111,9 +2111,12 @@ class _ControlPlane:
                     self._install(key, now_c)
                     events.append((True, now_c))
             granted = self._admit() if events and self._ready else None
-        self._dispatch(granted)
+        # The event first, then the starts it allows: a subscriber sees the control go
+        # before any task it held starts (regression: a run that the expiry of its pause
+        # let through ended before ConstraintRemoved was emitted).
         for applied, c in events:
             self._notify(applied, c)
+        self._dispatch(granted)
         return removed
 
     def _index(self, key, add):  # lock held: the scope index that _matching reads

@@ -4219,6 +4219,39 @@ def test_a_retained_drain_holds_an_engine_that_starts_later_over_the_broker():
 
 # --- ttl --------------------------------------------------------------------
 
+@pytest.mark.parametrize("lift", ["ttl", "resume", "raise limit"])
+def test_the_event_of_a_lifted_control_comes_before_the_starts_it_allows(lift):
+    # regression: the starts were dispatched first, so a run that the expiry of its pause
+    # let through could end before ConstraintRemoved was emitted (flaky test of the TTL)
+    e = cs.Engine()
+    order = []
+
+    def slow_subscriber(ev):  # (slow: any start dispatched before it would come first)
+        time.sleep(0.2)
+        order.append(type(ev).__name__)
+    e.subscribe(cs.TaskExecutionStarted, lambda ev: order.append("started"))
+
+    @cs.task
+    async def t():
+        return 1
+
+    if lift == "raise limit":
+        e.limit("task:t", 0)
+    else:
+        e.pause("task:t", ttl=0.3 if lift == "ttl" else None)
+    e.subscribe(cs.ConstraintRemoved, slow_subscriber)
+    e.subscribe(cs.ConstraintApplied, slow_subscriber)
+    h = e.start(t())
+    wait_for(lambda: e.status()["tasks"].get("t") == {"blocked": 1})
+    if lift == "resume":
+        e.resume("task:t")
+    elif lift == "raise limit":
+        e.limit("task:t", 1)
+    assert h.result(TIMEOUT) == 1
+    wait_for(lambda: "started" in order)
+    assert order[0] in ("ConstraintRemoved", "ConstraintApplied") and order[1] == "started", order
+
+
 def test_pause_with_ttl_lifts_itself():
     e = cs.Engine()
     started = []
