@@ -5005,7 +5005,10 @@ def test_status_shows_usage_against_limits_and_what_blocked_tasks_wait_on():
         pass
 
     h = e.start([io_task.map(range(3)), later().with_constraints(gpu=1)])
-    wait_for(lambda: len(e.status()["blocked"]) == 2)
+    # (and both granted bodies begun in their threads: "granted" until then, which made
+    # this test fail now and then)
+    wait_for(lambda: len(e.status()["blocked"]) == 2
+             and e.status()["tasks"]["io_task"].get("running") == 2)
     s = e.status()
     conc = next(r for r in s["scopes"] if r["type"] == "concurrency")
     assert (conc["scope"], conc["limit"], conc["in_use"]) == ("tag:io", 2, 2)
