@@ -7292,7 +7292,9 @@ class _LogEvents:
         t = type(e)
         lvl, msg = logging.DEBUG, None
         if t is RunStarted:
-            lvl, msg = logging.INFO, f"run {e.run_id} started: {', '.join(e.target_tasks)}"
+            names = collections.Counter(e.target_tasks)  # (1,000 calls: "save (1000 calls)")
+            lvl, msg = logging.INFO, f"run {e.run_id} started: " + ", ".join(
+                n if k == 1 else f"{n} ({k} calls)" for n, k in names.items())
         elif t is RunFinished:
             lvl = logging.INFO if e.status == "Succeeded" else logging.ERROR
             msg = f"run {e.run_id} {e.status.lower()} in {e.duration:.3f}s" + (

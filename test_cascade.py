@@ -10019,6 +10019,12 @@ def test_cs_run_logs_blocking_once_per_task_name_and_reason(bare_logger, capfd):
     assert "hello_task-" in blocked[1] and "pause on task:hello_task" in blocked[1]
 
 
+def test_cs_run_names_a_list_of_many_calls_once_with_their_count(bare_logger, capfd):
+    assert cs.run([hello_task(i) for i in range(20)] + [ident(1)]) == [*range(20), 1]
+    first = capfd.readouterr().err.splitlines()[0]
+    assert first.endswith(" started: hello_task (20 calls), ident"), first
+
+
 def test_cs_run_logs_human_lines_to_stderr(bare_logger, capfd):
     assert cs.run(hello_task(1)) == 1
     lines = capfd.readouterr().err.splitlines()
