@@ -303,9 +303,15 @@ class Task:
     ``task.fn`` is the plain function."""
 
     def __init__(self, fn: Callable[..., Any], *, name: Optional[str] = None,
-                 tags: Iterable[str] = ()) -> None:
+                 tags: Iterable[str] = (), cost: Any = 1) -> None:
         if isinstance(fn, Task):
             fn = fn.fn
+        if not (type(cost) is int and cost == 1) and not callable(cost) and (  # (1: the default)
+                isinstance(cost, bool) or not isinstance(cost, int) or not 0 <= cost <= _MAX_COUNT):
+            raise TypeError(f"@cs.task(cost={cost!r:.80}): need an int from 0 to {_MAX_COUNT} "
+                            "(the rate-limit tokens one start takes), or a function of the "
+                            "task's arguments that returns one")
+        self.cost = cost
         if not callable(fn):
             raise TypeError(f"@cs.task needs a function, got {type(fn).__name__}")
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
@@ -437,7 +443,7 @@ def _map_items(call, label, value):
 
 
 def task(fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None,
-         tags: Iterable[str] = ()) -> Any:
+         tags: Iterable[str] = (), cost: Any = 1) -> Any:
     """Decorator: ``@cs.task`` or ``@cs.task(name="api_call", tags=["io"])``.
 
     Works on sync functions (run in a thread pool: they may block) and async functions
@@ -450,10 +456,17 @@ def task(fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None,
     task's value is what it returns).
 
     Passing a task itself where its result is meant (``size(fetch)``, also inside a
-    list or dict, or to ``map``) raises ``TypeError`` when the graph is built."""
+    list or dict, or to ``map``) raises ``TypeError`` when the graph is built.
+
+    ``cost``: the tokens one start takes from each rate limit that matches it (1 by
+    default; 0 takes none), or a function called with the task's arguments (those of
+    the call, or of the map item) that returns that number: ``cost=lambda prompt:
+    len(prompt) // 4`` makes "90,000 tokens a minute" a rate limit. Concurrency limits
+    count starts, not cost. A start that costs more than a matching rate limit's burst
+    could never start: it fails the run with ``ConstraintError`` instead of waiting."""
     if fn is None:
-        return lambda f: Task(f, name=name, tags=tags)
-    return Task(fn, name=name, tags=tags)
+        return lambda f: Task(f, name=name, tags=tags, cost=cost)
+    return Task(fn, name=name, tags=tags, cost=cost)
 
 
 _creation = itertools.count()
@@ -1094,16 +1107,19 @@ class _Key:
     per run (one object per task, or per task and capacity amounts), so a key compares
     and hashes by identity. The control plane caches on it what it needs (``needs``,
     ``takes``, as of constraint generation ``gen``)."""
-    __slots__ = ("name", "tags", "run_id", "amounts", "window", "since", "gen", "needs",
-                 "takes")
+    __slots__ = ("name", "tags", "run_id", "amounts", "window", "since", "cost", "costed",
+                 "gen", "needs", "takes")
 
-    def __init__(self, name, tags, run_id, amounts=(), window=None, since=math.inf):
+    def __init__(self, name, tags, run_id, amounts=(), window=None, since=math.inf, cost=1,
+                 costed=False):
         self.name = name          # the task's name: task:<name>
         self.tags = tags          # the task's tags: tag:<tag>
         self.run_id = run_id      # run:<run_id>
         self.amounts = amounts    # ((capacity, n), ...) of with_constraints, n > 0
         self.window = window      # the engine's _Window: a sync task on a remote executor
         self.since = since        # when its run started (monotonic): drains after it hold
+        self.cost = cost          # the tokens a start takes from each rate limit (weighted)
+        self.costed = costed      # its task's cost is a function: each unit has its own key
         self.gen = -1
         self.needs = self.takes = ()
 
@@ -1200,8 +1216,8 @@ def _check_int(value, what, low, high=_MAX_COUNT):
 # unit needing n be granted now?), take(u, n) (reserve at grant), may_begin(u, n) and
 # begin(u, n) (the start gate: may a granted unit's body begin now, and it does),
 # give_back(u, n, began) (release; `began` is False for a grant that never started),
-# update(params, now) (the control was replaced in place), retry_at(now) (when it may
-# admit by itself; None: only on events), why(n) (the reason a waiter gives) and
+# update(params, now) (the control was replaced in place), retry_at(now, n) (when it may
+# give n by itself; None: only on events), why(n) (the reason a waiter gives) and
 # usage(now) (its status fields). `fifo`: whether a waiter held back on it holds it back
 # for later waiters (no queue jumping); `gate`: whether the start gate re-checks it right
 # before a body begins (for the start gate's fast path: none active, no lock needed);
@@ -1211,6 +1227,7 @@ class _State:
     __slots__ = ()
     fifo, gate, takes, capacity = True, False, True, False
     since = None  # a drain's: the runs that started before it are exempt (see _needs)
+    weighted = False  # a start takes its task's cost of it, not 1 (rate limits)
 
     def may_begin(self, u, n):
         return True
@@ -1224,7 +1241,7 @@ class _State:
     def update(self, params, now):
         pass
 
-    def retry_at(self, now):
+    def retry_at(self, now, n):
         return None
 
     def usage(self, now):
@@ -1388,7 +1405,7 @@ class _Bucket(_State):
     start takes a token from every window at grant (so each window's bound holds: starts
     <= burst + rate * elapsed); a grant that never started gets them back. One window
     is the common case; ``["60/m", "10000/d"]`` makes two (see _check_rate_limit)."""
-    __slots__ = ("scope", "label", "windows", "stamp")
+    __slots__ = ("scope", "label", "windows", "stamp", "weighted")
 
     def __init__(self, scope, params, now):
         self.scope, self.stamp, self.windows = scope, now, ()
@@ -1431,10 +1448,11 @@ class _Bucket(_State):
             windows.append([_parse_rate(rate), burst, min(old.get(unit, burst), burst), unit])
         self.windows = windows
         self.label = params["rate"]  # as given: "10/s", 0.5, ["60/m", "10000/d"]
+        self.weighted = params.get("weighted", True)  # a start takes its task's cost
 
-    def retry_at(self, now):
-        # when every window has a token again (each refills on its own)
-        return now + max(max(0.0, 1 - w[2]) / w[0] for w in self.windows)
+    def retry_at(self, now, n):
+        # when every window has n tokens again (each refills on its own)
+        return now + max(max(0.0, n - w[2]) / w[0] for w in self.windows)
 
     def why(self, n):
         rates = self.label if type(self.label) is list else [self.label]
@@ -1481,6 +1499,11 @@ def _check_rate_limit(raw):
     windows allow). A list of one rate is that rate."""
     if "rate" not in raw:
         raise ConstraintError("a rate_limit constraint needs params {'rate': '10/s'}")
+    weighted = raw.get("weighted", True)
+    if weighted is not True and weighted is not False:
+        raise ConstraintError(f"weighted must be true or false, got {weighted!r:.80}")
+    # (left out when true, the default: a start takes its task's cost; false: 1 a start)
+    extra = {} if weighted else {"weighted": False}
     rate, burst = raw["rate"], raw.get("burst")
     if type(rate) in (list, tuple) and len(rate) == 1:
         rate = rate[0]
@@ -1488,7 +1511,8 @@ def _check_rate_limit(raw):
             burst = burst[0]
     if type(rate) not in (list, tuple):
         _parse_rate(rate)
-        return {"rate": rate, "burst": 1 if burst is None else _check_int(burst, "burst", 1)}
+        return {"rate": rate, "burst": 1 if burst is None else _check_int(burst, "burst", 1),
+                **extra}
     if not 1 < len(rate) <= _MAX_WINDOWS:
         raise ConstraintError(f"a rate_limit takes one rate or a list of 2 to {_MAX_WINDOWS} "
                               f"windows ('60/m', '10000/d'), got {len(rate)}")
@@ -1506,7 +1530,7 @@ def _check_rate_limit(raw):
     elif type(burst) not in (list, tuple) or len(burst) != len(rate):
         raise ConstraintError(f"burst {burst!r:.80} must be a list of one int per rate window "
                               f"({len(rate)}), or left out")
-    return {"rate": list(rate), "burst": [_check_int(b, "burst", 1) for b in burst]}
+    return {"rate": list(rate), "burst": [_check_int(b, "burst", 1) for b in burst], **extra}
 
 
 class _ControlType:
@@ -1536,9 +1560,11 @@ _CONTROL_TYPES = {t.name: t for t in (
                  lambda p: f"limit {p['limit']}", lambda p: f"limit {p['limit']}",
                  lambda row: f"{row['in_use']}/{row['limit']} in use", _Limiter.control,
                  adopts_running=True),
-    _ControlType("rate_limit", ("rate", "burst"), _check_rate_limit,
-                 lambda p: f"rate {_plus(p['rate'])} burst {_plus(p['burst'])}",
-                 lambda p: f"{_plus(p['rate'])} burst {_plus(p['burst'])}",
+    _ControlType("rate_limit", ("rate", "burst", "weighted"), _check_rate_limit,
+                 lambda p: (f"rate {_plus(p['rate'])} burst {_plus(p['burst'])}"
+                            f"{'' if p.get('weighted', True) else ' unweighted'}"),
+                 lambda p: (f"{_plus(p['rate'])} burst {_plus(p['burst'])}"
+                            f"{'' if p.get('weighted', True) else ' unweighted'}"),
                  lambda row: (f"{_plus(row['rate'])} burst {_plus(row['burst'])} "
                               f"tokens {_plus(row['tokens'])}"),
                  _Bucket),
@@ -2189,7 +2215,9 @@ class _ControlPlane:
         take nothing). Cached on the key until the constraints change."""
         if key.gen != self._gen:
             states = self._states
-            needs = [(st, 1) for st in map(states.__getitem__, self._matching(key))
+            cost = key.cost
+            needs = [(st, cost if st.weighted else 1)
+                     for st in map(states.__getitem__, self._matching(key))
                      if st.since is None or st.since <= key.since]  # (drains: see _Drain)
             needs += [(self._caps[k], n) for k, n in key.amounts]
             if key.window is not None:
@@ -2198,6 +2226,23 @@ class _ControlPlane:
             key.takes = [pair for pair in needs if pair[0].takes]
             key.gen = self._gen
         return key.needs
+
+    def over_burst(self, key):
+        """Why a start of ``key`` could never be admitted (its cost is above the burst of
+        a rate limit that matches it), or None."""
+        if key.cost <= 1:
+            return None
+        with self.lock:
+            for st, n in self._needs(key):
+                if st.weighted:
+                    for rate, w in zip(st.label if type(st.label) is list else [st.label],
+                                       st.windows):
+                        if w[1] < n:
+                            return (f"task {key.name!r} costs {n} tokens a start, more than "
+                                    f"the burst {w[1]} of rate_limit on {st.scope} ({rate}): "
+                                    f"it could never start; give that rate limit a burst of "
+                                    f"at least {n}")
+        return None
 
     def _queue(self, key, loop=None):
         q = self._queues.get(key)
@@ -2400,7 +2445,7 @@ class _ControlPlane:
                 if n == 1:
                     full.append(st)
                 if st not in self._wakes:  # event-driven: wake when it may admit by itself
-                    when = st.retry_at(now)
+                    when = st.retry_at(now, n)
                     if when is not None:
                         self._wakes[st] = self.clock.call_at(
                             when, functools.partial(self._refilled, st))
@@ -3509,10 +3554,10 @@ class Controller:
         return await self._publish(Constraint.make(scope, "concurrency", {"limit": n}, ttl=ttl))
 
     async def rate_limit(self, scope: str, rate: Union[str, float, list], *,
-                         burst: Union[int, list, None] = None,
+                         burst: Union[int, list, None] = None, weighted: bool = True,
                          ttl: Optional[float] = None) -> Constraint:
-        return await self._publish(Constraint.make(scope, "rate_limit",
-                                                   {"rate": rate, "burst": burst}, ttl=ttl))
+        return await self._publish(Constraint.make(
+            scope, "rate_limit", {"rate": rate, "burst": burst, "weighted": weighted}, ttl=ttl))
 
     async def clear(self, scope: str, type: Optional[str] = None) -> None:
         type = _check_type(type, "clear") if type else None
@@ -3892,6 +3937,20 @@ class _Unit:
 
     def __repr__(self):
         return f"<_Unit {self.id} {_STATE_NAMES[self.state]}>"
+
+
+class _Weighted(_Unit):
+    """A unit of a task whose cost is a function of its arguments (see ``task``): its
+    admission key is its own, the key of its cost (see _Run._submit_weighted)."""
+    __slots__ = ("key",)
+
+    @classmethod
+    def of(cls, u, key):
+        w = cls.__new__(cls)
+        for slot in _Unit.__slots__:
+            setattr(w, slot, getattr(u, slot))
+        w.key = key
+        return w
 
 
 class _Overdue(_Unit):
@@ -4875,9 +4934,12 @@ class _Run:
         capacity amounts (amounts of 0 take nothing and are left out)."""
         task = lz.task
         window = None if task.is_async else self._window
+        cost = task.cost
+        costed = callable(cost)  # (then each unit gets a key of its cost: _costed)
+        cost = 1 if costed else cost
         if not lz.amounts:
             key = self.keys[task] = _Key(task.name, task.tags, self.run_id, (), window,
-                                         self.since)
+                                         self.since, cost, costed)
             return key
         amounts = tuple(sorted(
             (k, n) for k, v in lz.amounts.items()
@@ -4885,7 +4947,7 @@ class _Run:
         key = self.keys.get((task, amounts))
         if key is None:
             key = self.keys[(task, amounts)] = _Key(task.name, task.tags, self.run_id, amounts,
-                                                    window, self.since)
+                                                    window, self.since, cost, costed)
         return key
 
     def _expand_map(self, node, budget):
@@ -5171,13 +5233,61 @@ class _Run:
             self._map_skipped(m, why)
 
     def _submit(self, units):
-        if self.cp.enqueue(units, units[0].node.key):
+        key = units[0].node.key
+        if key.cost != 1 or key.costed:  # weighted starts (not the common case)
+            return self._submit_weighted(units)
+        if self.cp.enqueue(units, key):
             for u in units:
                 self._launch(u)
             return
         for u in units:
             if u.state == _WAITING and not u.reported:
                 self.report.blocked(u)
+
+    def _submit_weighted(self, units):
+        """``_submit`` for a task with a cost (see ``task``): a cost that is a function
+        is worked out for each unit once (a retry keeps it), and each unit waits with the
+        key of its cost (FIFO across them holds: admission looks at the oldest head
+        first). A cost above a matching rate limit's burst fails the run at once."""
+        groups = []  # runs of units with one key, in order (so FIFO order holds)
+        for u in units:
+            key = u.key
+            if key.costed:  # a fresh unit (nothing else holds it yet): one with its own key
+                try:
+                    key = self._cost_key(u)
+                except Exception as exc:
+                    return self._fail(exc, u.id, u.node.lazy.name)
+                u = _Weighted.of(u, key)
+            if groups and groups[-1][0] is key:
+                groups[-1][1].append(u)
+            else:
+                groups.append((key, [u]))
+        for key, group in groups:
+            why = self.cp.over_burst(key)
+            if why is not None:
+                return self._fail(ConstraintError(why), group[0].id, key.name)
+            if self.cp.enqueue(group, key):
+                for u in group:
+                    self._launch(u)
+                continue
+            for u in group:
+                if u.state == _WAITING and not u.reported:
+                    self.report.blocked(u)
+
+    def _cost_key(self, u):
+        """The admission key of unit ``u`` of a task whose cost is a function of its
+        arguments: its node's key, with the cost of this call."""
+        base = u.node.key
+        lz = u.node.lazy
+        cost = lz.task.cost(*u.args, **u.kwargs)
+        if isinstance(cost, bool) or not isinstance(cost, int) or not 0 <= cost <= _MAX_COUNT:
+            raise ConstraintError(f"the cost function of task {lz.name!r} returned {cost!r:.80} "
+                                  f"for {u.id}; it must return an int from 0 to {_MAX_COUNT}")
+        key = self.keys.get((base, cost))
+        if key is None:
+            key = self.keys[(base, cost)] = _Key(base.name, base.tags, self.run_id, base.amounts,
+                                                 base.window, base.since, cost)
+        return key
 
     def _complete(self, node, value):
         node.value = value
@@ -6219,14 +6329,17 @@ class Engine:
         return c
 
     def rate_limit(self, scope: str, rate: Union[str, float, list], *,
-                   burst: Union[int, list, None] = None,
+                   burst: Union[int, list, None] = None, weighted: bool = True,
                    ttl: Optional[float] = None) -> Constraint:
         """At most ``burst + rate * elapsed`` starts of tasks matched by ``scope``;
         ``rate`` is "N/s", "N/m", "N/h", "N/d" or a number per second; burst defaults
         to 1. Several windows, each bound holding: ``rate=["60/m", "10000/d"]`` with
         ``burst`` a list (one per window), by default 1 for the first and each further
-        window's count (10000): a quota of 10,000 a day, at 1 a second at most."""
-        c = Constraint.make(scope, "rate_limit", {"rate": rate, "burst": burst}, ttl=ttl)
+        window's count (10000): a quota of 10,000 a day, at 1 a second at most. A start
+        takes its task's cost in tokens (``@cs.task(cost=...)``, 1 by default), or 1
+        whatever the cost with ``weighted=False`` (requests, beside a tokens limit)."""
+        c = Constraint.make(scope, "rate_limit", {"rate": rate, "burst": burst,
+                                                  "weighted": weighted}, ttl=ttl)
         self._cp.apply(c)
         return c
 
@@ -7714,10 +7827,13 @@ def _cli_parser():
     v.add_argument("--burst", type=int, nargs="+",
                    help="starts allowed at once, one per window (default 1; with several "
                         "windows 1 for the first, each other window's count for it)")
+    v.add_argument("--unweighted", action="store_true",
+                   help="each start takes 1 token, whatever its task's cost (requests, "
+                        "beside a limit on tokens)")
     v.set_defaults(publish=lambda ctl, a: ctl.rate_limit(
         a.scope, a.rate[0] if len(a.rate) == 1 else a.rate,
         burst=a.burst[0] if a.burst and len(a.burst) == 1 and len(a.rate) == 1 else a.burst,
-        ttl=a.ttl))
+        weighted=not a.unweighted, ttl=a.ttl))
     v = verb("clear", "remove the controls of SCOPE (all types, or --type)")
     v.add_argument("scope", help=scope_help)
     v.add_argument("--type", choices=[*_TYPES, *_TYPE_ALIASES],

@@ -4099,6 +4099,168 @@ def test_property_every_rate_window_bounds_the_starts(windows, n):
             assert k <= b + c / per[u] * (t - t0) + 1e-6, (k, t - t0, u, c, b)
 
 
+# --- weighted starts: cost ---------------------------------------------------
+
+def test_a_start_takes_its_cost_in_tokens_from_each_rate_window():
+    # "90,000 tokens a minute", scaled down: a 300-token budget refilled at 1000/s
+    e = cs.Engine()
+    e.rate_limit("tag:llm", ["1000/s", "3000/m"], burst=[300, 600])
+    starts = []
+
+    @cs.task(tags=["llm"], cost=lambda prompt: len(prompt))
+    async def ask(prompt):
+        starts.append((time.monotonic(), len(prompt)))
+        return len(prompt)
+
+    prompts = ["x" * n for n in (200, 100, 150, 50, 250, 120, 80)]
+    t0 = time.monotonic()
+    assert run_engine(e, ask.map(prompts)) == [len(p) for p in prompts]
+    assert [c for _, c in starts] == [len(p) for p in prompts]  # FIFO: input order
+    spent = 0
+    for t, c in starts:
+        spent += c
+        assert spent <= 300 + 1000 * (t - t0) + 1e-6, (spent, t - t0)
+        assert spent <= 600 + 50 * (t - t0) + 1e-6, (spent, t - t0)
+
+
+def test_an_unweighted_rate_limit_counts_requests_beside_a_weighted_one_counting_tokens():
+    e = cs.Engine()
+    tokens = e.rate_limit("tag:llm", "1000/s", burst=1000)
+    requests = e.rate_limit("task:complete", "1/h", burst=3, weighted=False)
+    assert requests.params == {"rate": "1/h", "burst": 3, "weighted": False}
+    assert tokens.params == {"rate": "1000/s", "burst": 1000}
+    assert "unweighted" in repr(requests)
+    started = []
+
+    @cs.task(name="complete", tags=["llm"], cost=lambda n: n)
+    async def complete(n):
+        started.append(n)
+
+    h = e.start(complete.map([100, 200, 300, 50]))
+    wait_for(lambda: len(started) == 3 and len(e.status()["blocked"]) == 1)
+    assert started == [100, 200, 300]  # three requests, 600 of 1000 tokens
+    rows = {r["scope"]: r for r in e.status()["scopes"] if r["type"] == "rate_limit"}
+    assert rows["task:complete"]["tokens"] < 1 and 399 < rows["tag:llm"]["tokens"] < 1000
+    assert e.status()["blocked"][0]["waits_on"] == "rate_limit on task:complete (1/h)"
+    e.clear("task:complete")
+    h.result(TIMEOUT)
+    with pytest.raises(cs.ConstraintError, match="weighted must be true or false"):
+        cs.Constraint.from_dict({"scope": "global", "type": "rate_limit",
+                                 "params": {"rate": "1/s", "weighted": "no"}})
+
+
+def test_a_costly_start_holds_back_cheaper_later_ones():
+    # FIFO across costs: the 10-token item waits for its tokens, and the 1-token items
+    # after it do not jump ahead although their token is there
+    e = cs.Engine()
+    e.rate_limit("task:w", "20/s", burst=10)
+    order = []
+
+    @cs.task(name="w", cost=lambda n: n)
+    async def w(n):
+        order.append(n)
+
+    run_engine(e, w.map([10, 10, 1, 1, 2]))
+    assert order == [10, 10, 1, 1, 2]
+
+
+def test_cost_zero_passes_a_spent_rate_limit_and_concurrency_counts_starts_not_cost():
+    e = cs.Engine()
+    e.rate_limit("tag:t", "1/h")  # one token, then an hour
+    e.limit("tag:t", 1)
+    g = Gauge()
+
+    @cs.task(tags=["t"], cost=0)
+    async def free(i):
+        with g("t"):
+            await asyncio.sleep(0.001)
+        return i
+
+    assert run_engine(e, free.map(range(5))) == list(range(5))
+    assert g.peak["t"] == 1
+    (row,) = [r for r in e.status()["scopes"] if r["type"] == "rate_limit"]
+    assert row["tokens"] == 1  # untouched
+
+
+def test_a_cost_above_the_burst_fails_the_run_instead_of_waiting_for_ever():
+    e = cs.Engine()
+    e.rate_limit("tag:llm", ["100/s", "1000/h"], burst=[50, 1000])
+    ran = []
+
+    @cs.task(tags=["llm"], cost=80)
+    async def big():
+        ran.append(1)
+
+    @cs.task(tags=["llm"], cost=lambda n: n)
+    async def per_item(n):
+        ran.append(n)
+
+    with pytest.raises(cs.ConstraintError, match=r"costs 80 tokens a start, more than the "
+                       r"burst 50 of rate_limit on tag:llm \(100/s\).*burst of at least 80"):
+        run_engine(e, big())
+    with pytest.raises(cs.ConstraintError, match="costs 60 tokens"):
+        run_engine(e, per_item.map([10, 60, 5]))
+    assert ran in ([], [10])  # nothing after the costly item (fail-fast may stop 10 too)
+
+
+@pytest.mark.parametrize("cost, error", [(-1, TypeError), (1.5, TypeError), ("3", TypeError),
+                                          (True, TypeError), (10**10, TypeError)])
+def test_a_bad_cost_is_refused_at_decoration(cost, error):
+    with pytest.raises(error, match="cost"):
+        cs.task(cost=cost)(lambda x: x)
+
+
+def test_a_cost_function_that_returns_no_count_fails_the_run_naming_it():
+    @cs.task(cost=lambda x: "lots")
+    async def t(x):
+        return x
+
+    e = cs.Engine()
+    e.rate_limit("global", "10/s")
+    with pytest.raises(cs.ConstraintError, match=r"cost function of task 't' returned 'lots' "
+                                                 r"for t-1\[0\]"):
+        run_engine(e, t.map([1]))
+
+
+def test_a_weighted_retry_waits_for_its_tokens_again():
+    e = cs.Engine()
+    e.rate_limit("task:r", "1000/s", burst=5)
+    attempts = []
+
+    @cs.task(name="r", cost=lambda n: n)
+    async def r(n):
+        attempts.append(n)
+        if len(attempts) < 3:
+            raise ConnectionError("again")
+        return n
+
+    assert run_engine(e, r(5).with_retry(3)) == 5
+    assert attempts == [5, 5, 5]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(costs=st.lists(st.integers(0, 40), min_size=1, max_size=12),
+       rate=st.integers(200, 2000), burst=st.integers(40, 80))
+def test_property_weighted_starts_stay_within_each_windows_bound(costs, rate, burst):
+    e = cs.Engine()
+    e.rate_limit("tag:w", [f"{rate}/s", "6000/m"], burst=[burst, 120])
+    starts = []
+
+    @cs.task(tags=["w"], cost=lambda c: c)
+    async def w(c):
+        starts.append((time.monotonic(), c))
+        return c
+
+    t0 = time.monotonic()
+    assert run_engine(e, w.map(costs)) == costs
+    assert [c for _, c in starts] == costs
+    spent = 0
+    for t, c in starts:
+        spent += c
+        assert spent <= burst + rate * (t - t0) + 1e-6
+        assert spent <= 120 + 100 * (t - t0) + 1e-6
+
+
 # --- drain ------------------------------------------------------------------
 
 def test_drain_lets_started_runs_finish_and_holds_runs_started_later():
@@ -10365,6 +10527,8 @@ def test_cli_rate_with_several_windows_reaches_an_engine_as_one_quota(paho, brok
         assert c["params"] == {"rate": ["60/m", "10000/d"], "burst": [1, 10000]}
         out = stdout_of(cli("rate", scope, "5/s", "100/h", "--burst", 2, 50))
         assert f"rate 5/s + 100/h burst 2 + 50 on {scope}" in out
+        out = stdout_of(cli("rate", scope, "60/m", "--burst", 60, "--unweighted"))
+        assert f"rate 60/m burst 60 unweighted on {scope}" in out
         for bad in (["rate", scope, "1/s", "2/s"], ["rate", scope, "1/s", "1/m", "--burst", 3]):
             r = cli(*bad)
             assert r.returncode == 1 and r.stderr.startswith("cascade: "), (bad, r.stderr)
