@@ -58,7 +58,7 @@ __version__ = "0.2.0.dev0"
 __all__ = [
     # errors
     "CascadeError", "ConstraintError", "ParamError", "ResourceError",
-    "DependencyMissingError", "NotKeptError", "ShellError",
+    "DependencyMissingError", "NotKeptError", "ShellError", "Backoff",
     # authoring
     "task", "Task", "LazyResult", "MappedLazyResult", "unmapped", "Param", "Env",
     "resource", "Resource", "inject", "shell",
@@ -113,6 +113,29 @@ class ShellError(CascadeError, subprocess.CalledProcessError):
     def __str__(self):
         tail = _tail(self.stderr)
         return f"{super().__str__()} Its stderr ends: {tail}" if tail else super().__str__()
+
+
+class Backoff(CascadeError):
+    """Raised by a task body to say "too many requests: back off" (an HTTP 429 with its
+    Retry-After). The engine pauses ``scope`` (default: the task's own, ``task:<name>``)
+    for ``retry_after`` seconds (keeping a longer pause already there), and the task is
+    retried once the pause lifts, holding no slot and no token meanwhile. It is not a
+    failure: it takes none of the task's retry attempts. Every task of the scope waits
+    too, which is the point: one 429 holds back the calls that would get one as well."""
+
+    def __init__(self, retry_after: float, scope: Optional[str] = None) -> None:
+        if (isinstance(retry_after, bool) or not isinstance(retry_after, (int, float))
+                or not 0 < retry_after <= 1e10):
+            raise TypeError(f"cs.Backoff(retry_after={retry_after!r:.80}): need a positive "
+                            "number of seconds (a Retry-After header: float(value))")
+        if scope is not None:
+            _check_scope(scope)
+        super().__init__(retry_after, scope)
+        self.retry_after, self.scope = float(retry_after), scope
+
+    def __str__(self):
+        where = f" on {self.scope}" if self.scope else ""
+        return f"back off{where} for {self.retry_after:g}s"
 
 
 def _tail(text, lines=10, chars=1000):
@@ -5687,6 +5710,8 @@ class _Run:
             if isinstance(value, LazyResult):  # a graph to run for the value (rare)
                 return self._returned_graph(u, value, t0)
             outcome = _DONE
+        elif isinstance(exc, Backoff) and not self.stopping:  # not a failure (rare)
+            return self._backoff(u, exc)
         else:
             policy = u.node.lazy.policy
             outcome = (_RETRYING if policy and u.attempt < policy.attempts and not self.stopping
@@ -5742,6 +5767,25 @@ class _Run:
                 self._item_out(node, index)
             if not node.left:
                 self._settle_node(node, None)
+
+    def _backoff(self, u, exc):
+        """``u``'s body raised cs.Backoff: pause its scope (first, so the slot given back
+        here starts none of its tasks), then queue the unit again at once: the pause
+        holds it, and it takes no attempt. A Backoff that names no valid pause fails the
+        task as any error would."""
+        scope = exc.scope or f"task:{u.key.name}"
+        try:
+            self.engine._backoff(scope, exc.retry_after)
+        except CascadeError as bad:
+            bad.__cause__ = exc
+            return self._body_finished(u, None, bad, time.perf_counter())
+        self.cp.release(u)
+        self._inflight -= 1
+        u.body = None
+        u.end(_RETRYING)
+        policy = u.node.lazy.policy
+        self.report.retrying(u, policy.attempts if policy else 1, exc.retry_after, exc)
+        self._retry(u)
 
     def _retry(self, u):
         self._timers.pop(u, None)
@@ -6298,6 +6342,18 @@ class Engine:
         """Stop tasks matched by ``scope`` from starting until ``resume`` (or the ttl).
         Tasks already running finish; unmatched tasks keep running."""
         c = Constraint.make(scope, "pause", ttl=ttl)
+        self._cp.apply(c)
+        return c
+
+    def _backoff(self, scope, seconds):
+        """A task raised cs.Backoff: pause ``scope`` for ``seconds`` (this engine's own
+        layer), unless a pause of that scope already lasts as long or longer."""
+        now = time.time()
+        for c in self._cp.active():
+            if (c.scope, c.type, c.origin) == (scope, "pause", "local") and (
+                    c.expires_at is None or c.expires_at >= now + seconds):
+                return c
+        c = Constraint.make(scope, "pause", ttl=seconds)
         self._cp.apply(c)
         return c
 

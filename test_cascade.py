@@ -4261,6 +4261,101 @@ def test_property_weighted_starts_stay_within_each_windows_bound(costs, rate, bu
         assert spent <= 120 + 100 * (t - t0) + 1e-6
 
 
+# --- Backoff: a body says "429, retry after" -----------------------------------
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+def test_a_backoff_pauses_the_tasks_scope_and_retries_it_after_taking_no_attempt(kind):
+    e = cs.Engine()
+    rec = Recorder(e)
+    calls = []
+
+    def body(i):
+        calls.append((i, time.monotonic()))
+        if i == 0 and len(calls) == 1:
+            raise cs.Backoff(0.3)
+        return i
+
+    async def abody(i):
+        return body(i)
+
+    api = cs.task(name="api")(abody if kind == "async" else body)
+    e.limit("task:api", 1)  # one at a time: the others are waiting when the 429 comes
+    assert run_engine(e, api.map(range(3))) == [0, 1, 2]  # no with_retry: not an attempt
+    first = calls[0][1]
+    assert sorted(i for i, _ in calls) == [0, 0, 1, 2]
+    # the pause held the scope: every later start came once it lifted
+    assert all(t - first >= 0.29 for _, t in calls[1:]), calls
+    (retry,) = rec.of(cs.TaskRetrying)
+    assert (retry.task_id, retry.attempt, retry.delay) == ("api-1[0]", 1, 0.3)
+    assert isinstance(retry.error, cs.Backoff) and str(retry.error) == "back off for 0.3s"
+    assert [(ev.constraint.scope, ev.constraint.type) for ev in
+            rec.of(cs.ConstraintApplied)] == [("task:api", "concurrency"), ("task:api", "pause")]
+    assert not rec.of(cs.TaskExecutionFinished) or all(
+        ev.status == "Succeeded" for ev in rec.of(cs.TaskExecutionFinished))
+
+
+def test_a_backoff_may_name_a_wider_scope_and_never_shortens_a_longer_pause():
+    e = cs.Engine()
+    tries = []
+
+    @cs.task(name="search", tags=["api"])
+    async def search(q):
+        tries.append(q)
+        if len(tries) == 1:
+            raise cs.Backoff(retry_after=30, scope="tag:api")
+        return q
+
+    @cs.task(name="lookup", tags=["api"])
+    async def lookup(q):
+        return q
+
+    h = e.start([search("a"), lookup("b")])
+    wait_for(lambda: e.status()["tasks"].get("search") == {"blocked": 1})
+    (pause,) = e.constraints
+    assert (pause.scope, pause.type) == ("tag:api", "pause") and 29 < pause.expires_in() <= 30
+
+    @cs.task(name="probe")  # not in tag:api: it runs, and backs off for a shorter time
+    async def probe():
+        tries.append("probe")
+        if tries.count("probe") == 1:
+            raise cs.Backoff(retry_after=5, scope="tag:api")
+        return "probed"
+    assert e.start(probe()).result(TIMEOUT) == "probed"
+    assert e.constraints == [pause]  # the longer pause stays as it was
+    e.resume("tag:api")
+    assert h.result(TIMEOUT) == ["a", "b"]
+
+
+def test_a_bad_backoff_fails_the_task_naming_the_fix():
+    @cs.task
+    async def t():
+        raise cs.Backoff(retry_after=-1)
+
+    with pytest.raises(TypeError, match=r"need a positive number of seconds"):
+        run_engine(cs.Engine(), t())
+    with pytest.raises(cs.ConstraintError):
+        cs.Backoff(1, scope="nope")
+
+
+# Module level on purpose: a process pool's worker finds it by name.
+@cs.task
+def pool_backoff_once(marker):
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise cs.Backoff(0.1)  # (pickled back to the engine: its retry_after and scope too)
+    return "second"
+
+
+def test_a_backoff_from_a_process_pool_body_pauses_and_retries(process_pool, tmp_path):
+    e = cs.Engine(executor=process_pool)
+    rec = Recorder(e)
+    assert run_engine(e, pool_backoff_once(str(tmp_path / "once"))) == "second"
+    assert [ev.constraint.scope for ev in rec.of(cs.ConstraintApplied)] == [
+        "task:pool_backoff_once"]
+    (retry,) = rec.of(cs.TaskRetrying)
+    assert isinstance(retry.error, cs.Backoff) and retry.delay == 0.1
+
+
 # --- drain ------------------------------------------------------------------
 
 def test_drain_lets_started_runs_finish_and_holds_runs_started_later():
