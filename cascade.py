@@ -5255,10 +5255,13 @@ class _Run:
         for m in node.out:
             self._map_skipped(m, why)
 
-    def _submit(self, units):
-        key = units[0].node.key
-        if key.cost != 1 or key.costed:  # weighted starts (not the common case)
-            return self._submit_weighted(units)
+    def _submit(self, units, key=None):
+        """Units (of one node, in order) wait for admission, or start at once. ``key``:
+        the admission key they share, when it is not their node's (weighted starts)."""
+        if key is None:
+            key = units[0].node.key
+            if key.cost != 1 or key.costed:  # weighted starts (not the common case)
+                return self._submit_weighted(units)
         if self.cp.enqueue(units, key):
             for u in units:
                 self._launch(u)
@@ -5289,13 +5292,7 @@ class _Run:
             why = self.cp.over_burst(key)
             if why is not None:
                 return self._fail(ConstraintError(why), group[0].id, key.name)
-            if self.cp.enqueue(group, key):
-                for u in group:
-                    self._launch(u)
-                continue
-            for u in group:
-                if u.state == _WAITING and not u.reported:
-                    self.report.blocked(u)
+            self._submit(group, key)
 
     def _cost_key(self, u):
         """The admission key of unit ``u`` of a task whose cost is a function of its
