@@ -1422,6 +1422,59 @@ class _Window(_Limiter):
         return f"<_Window {self.executor} {self.borrowed}/{self.total}>"
 
 
+class _Adaptive(_Limiter):
+    """An adaptive concurrency limit (AIMD, as TCP's congestion window): a limit whose
+    ``total`` follows the outcomes of the bodies it admits. Each listed error (``on``,
+    by class name, subclasses too) or body slower than ``latency`` seconds multiplies it
+    by ``factor`` (rounded down, never below ``min``); ``total`` clean bodies in a row
+    since the last change add one (never above ``max``). Other failures change nothing.
+    Lowering never evicts, raising admits at once, as for any limit.
+    invariant: min <= total <= max."""
+    __slots__ = ("low", "high", "factor", "latency", "on", "clean")
+
+    def __init__(self, scope, params, now):
+        super().__init__(scope, params.get("limit", params["max"]))
+        self.clean = 0
+        self.update(params, now)
+
+    def update(self, params, now):
+        self.low, self.high = params["min"], params["max"]
+        self.factor, self.latency = params["factor"], params["latency"]
+        self.on = frozenset(params["on"])
+        self.total = min(self.high, max(self.low, params.get("limit", self.total)))
+
+    def observe(self, exc, seconds):
+        """A body it admitted ended; returns the new total if it changed, else None."""
+        if (exc is not None and self.on and
+                any(c.__name__ in self.on for c in type(exc).__mro__)) or (
+                exc is None and self.latency is not None and seconds > self.latency):
+            self.clean = 0
+            new = max(self.low, int(self.total * self.factor))
+        elif exc is None:
+            self.clean += 1
+            if self.clean < self.total or self.total >= self.high:
+                return None
+            self.clean = 0
+            new = self.total + 1
+        else:
+            return None
+        if new == self.total:
+            return None
+        self.total = new
+        return new
+
+    def why(self, n):
+        return (f"adaptive limit on {self.name} (now {self.total} of {self.low}-{self.high}, "
+                f"{self.borrowed} running)")
+
+    def usage(self, now):
+        return {"limit": self.total, "in_use": self.borrowed, "min": self.low,
+                "max": self.high}
+
+    def __repr__(self):
+        return f"<_Adaptive {self.name} {self.borrowed}/{self.total} [{self.low}, {self.high}]>"
+
+
 class _Bucket(_State):
     """Token buckets, one a window: ``"60/m"`` gives 60/60 tokens a second, at most its
     burst. Each starts full, so with burst 1 starts are evenly spaced (as in Celery). A
@@ -1514,6 +1567,51 @@ def _check_concurrency(raw):
     return {"limit": _check_int(raw["limit"], "limit", 0)}
 
 
+def _check_adaptive(raw):
+    low = _check_int(raw.get("min", 1), "min", 1)
+    if "max" not in raw:
+        raise ConstraintError("an adaptive constraint needs params {'max': n} (and 'min', "
+                              "'factor', 'latency', 'on', 'limit' if you like)")
+    high = _check_int(raw["max"], "max", low)
+    factor = raw.get("factor", 0.5)
+    if not _is_number(factor) or not 0 < factor < 1:
+        raise ConstraintError(f"factor must be a number between 0 and 1 (the multiplier on "
+                              f"each error), got {factor!r:.80}")
+    latency = raw.get("latency")
+    if latency is not None and (not _is_number(latency) or not 0 < latency <= _MAX_SECONDS):
+        raise ConstraintError(f"latency must be a positive number of seconds or null, got "
+                              f"{latency!r:.80}")
+    on = raw.get("on", [])
+    if (not isinstance(on, list) or len(on) > 32
+            or not all(isinstance(n, str) and n.isidentifier() for n in on)):
+        raise ConstraintError(f"on must be a list of exception class names "
+                              f"(['ConnectionError']), got {on!r:.80}")
+    out = {"min": low, "max": high, "factor": float(factor),
+           "latency": None if latency is None else float(latency), "on": list(on)}
+    if "limit" in raw:  # where it starts (default max); events carry the current one
+        out["limit"] = _check_int(raw["limit"], "limit", low, high)
+    return out
+
+
+def _adapt_params(low, high, on, latency, factor, limit):
+    """The params of an adaptive control from ``adapt()``'s arguments: ``on`` as names."""
+    if isinstance(on, (type, str)):
+        on = (on,)
+    names = []
+    for x in on:
+        if isinstance(x, type) and issubclass(x, BaseException):
+            names.append(x.__name__)
+        elif isinstance(x, str):
+            names.append(x)
+        else:
+            raise ConstraintError(f"adapt(on=...): need exception classes (or their names), "
+                                  f"got {x!r:.80}")
+    params = {"min": low, "max": high, "on": names, "latency": latency, "factor": factor}
+    if limit is not None:
+        params["limit"] = limit
+    return params
+
+
 def _check_rate_limit(raw):
     """One rate (``"10/s"``; burst an int, 1 by default) or several windows, each bound
     holding (``["60/m", "10000/d"]``; burst a list, one per window). With several, the
@@ -1583,6 +1681,12 @@ _CONTROL_TYPES = {t.name: t for t in (
                  lambda p: f"limit {p['limit']}", lambda p: f"limit {p['limit']}",
                  lambda row: f"{row['in_use']}/{row['limit']} in use", _Limiter.control,
                  adopts_running=True),
+    _ControlType("adaptive", ("min", "max", "factor", "latency", "on", "limit"),
+                 _check_adaptive,
+                 lambda p: f"adaptive limit {p['min']}-{p['max']}",
+                 lambda p: f"adaptive {p['min']}-{p['max']}",
+                 lambda row: f"{row['in_use']}/{row['limit']} in use ({row['min']}-{row['max']})",
+                 _Adaptive, adopts_running=True),
     _ControlType("rate_limit", ("rate", "burst", "weighted"), _check_rate_limit,
                  lambda p: (f"rate {_plus(p['rate'])} burst {_plus(p['burst'])}"
                             f"{'' if p.get('weighted', True) else ' unweighted'}"),
@@ -2035,6 +2139,7 @@ class _ControlPlane:
         self._gen = 0                    # bumped when constraints change
         self._gates = 0                  # active constraints the start gate re-checks
         self._npause = 0                 # of which pauses
+        self._adaptive = 0               # active adaptive limits (they observe outcomes)
         self._seq = itertools.count(1)
         self._ttl = {}                   # ((scope, type), origin) -> clock entry of its expiry
         self._wakes = {}                 # state -> clock entry of its next refill
@@ -2097,6 +2202,7 @@ class _ControlPlane:
             self._index(key, True)
             self._gates += st.gate
             self._npause += st.__class__ is _Pause
+            self._adaptive += st.__class__ is _Adaptive
             if ctype.adopts_running:
                 # A new limit counts what already runs in its scope, so that at no
                 # instant more run than the limit (lowering never evicts).
@@ -2124,8 +2230,9 @@ class _ControlPlane:
         self._failing.discard(st)
         self._gates -= st.gate
         self._npause -= st.__class__ is _Pause
-        if st.__class__ is _Limiter:
+        if isinstance(st, _Limiter):
             st.active = False
+        self._adaptive -= st.__class__ is _Adaptive
         self._cancel_wake(st)
         parking = self._parked.pop(st, None)
         if parking is not None:  # everything it held back is looked at again
@@ -2517,6 +2624,26 @@ class _ControlPlane:
                 self._wake(st)
         u.held = ()
         self._holders.discard(u)
+
+    def observe(self, u, exc, seconds):
+        """A body of ``u`` ended (``exc``: its error, or None), after ``seconds``: the
+        adaptive limits it holds learn from it; each change is a ConstraintApplied event
+        (its params carry the new ``limit``) and may admit waiters."""
+        changed = []
+        with self.lock:
+            for st, _ in u.held:
+                if st.__class__ is _Adaptive and st.active:
+                    new = st.observe(exc, seconds)
+                    if new is not None:
+                        c = self.constraints.get((st.name, "adaptive"))
+                        if c is not None:
+                            changed.append(dataclasses.replace(
+                                c, params={**c.params, "limit": new}))
+                        self._wake(st)
+            granted = self._admit() if changed and self._ready else None
+        for c in changed:
+            self._notify(True, c)
+        self._dispatch(granted)
 
     def release(self, u):
         """The unit's body finished, or its grant is dropped before it began (state
@@ -3566,6 +3693,12 @@ class Controller:
 
     async def resume(self, scope: str = "global") -> None:
         await self._clear(scope, ("pause",), f"the resume of {scope}")
+
+    async def adapt(self, scope: str, *, min: int = 1, max: int, on: Any = (),
+                    latency: Optional[float] = None, factor: float = 0.5,
+                    limit: Optional[int] = None, ttl: Optional[float] = None) -> Constraint:
+        return await self._publish(Constraint.make(
+            scope, "adaptive", _adapt_params(min, max, on, latency, factor, limit), ttl=ttl))
 
     async def drain(self, scope: str = "global", *, ttl: Optional[float] = None) -> Constraint:
         return await self._publish(Constraint.make(scope, "drain", ttl=ttl))
@@ -5721,6 +5854,8 @@ class _Run:
                     # Stop first: the slot this unit gives back must not start anybody
                     # (regression: a waiter was granted and began before the run failed).
                     self._fail(exc, u.id, u.key.name)
+        if self.cp._adaptive and u.held:  # adaptive limits learn from it (rare)
+            self.cp.observe(u, exc, time.perf_counter() - t0)
         self.cp.release(u)
         self._inflight -= 1
         u.body = None  # a finished asyncio task (and its coroutine) can go now
@@ -6339,6 +6474,21 @@ class Engine:
         """Stop tasks matched by ``scope`` from starting until ``resume`` (or the ttl).
         Tasks already running finish; unmatched tasks keep running."""
         c = Constraint.make(scope, "pause", ttl=ttl)
+        self._cp.apply(c)
+        return c
+
+    def adapt(self, scope: str, *, min: int = 1, max: int, on: Any = (),
+              latency: Optional[float] = None, factor: float = 0.5,
+              limit: Optional[int] = None, ttl: Optional[float] = None) -> Constraint:
+        """An adaptive concurrency limit on ``scope`` that follows the downstream
+        service (AIMD): it starts at ``limit`` (default ``max``); each error of a type in
+        ``on`` (classes or their names; subclasses count), or body slower than
+        ``latency`` seconds, multiplies it by ``factor`` (never below ``min``); as many
+        clean bodies in a row as the limit adds one (never above ``max``). Each change
+        is a ``ConstraintApplied`` event whose params carry the new ``limit``, and shows
+        in ``status()``. It holds beside an ordinary ``limit`` on the same tasks."""
+        c = Constraint.make(scope, "adaptive", _adapt_params(min, max, on, latency, factor,
+                                                             limit), ttl=ttl)
         self._cp.apply(c)
         return c
 
@@ -7887,6 +8037,19 @@ def _cli_parser():
         a.scope, a.rate[0] if len(a.rate) == 1 else a.rate,
         burst=a.burst[0] if a.burst and len(a.burst) == 1 and len(a.rate) == 1 else a.burst,
         weighted=not a.unweighted, ttl=a.ttl))
+    v = verb("adapt", "an adaptive limit on SCOPE: cut by --factor on each --on error or "
+                      "body slower than --latency, one more after a clean window (AIMD)",
+             (mqtt, ttl))
+    v.add_argument("scope", help=scope_help)
+    v.add_argument("--min", type=int, default=1, help="never below (default 1)")
+    v.add_argument("--max", type=int, required=True, help="never above; where it starts")
+    v.add_argument("--on", action="append", default=[], metavar="ERROR",
+                   help="an exception class name that cuts it (ConnectionError); repeat")
+    v.add_argument("--latency", type=float, help="seconds: a slower body cuts it too")
+    v.add_argument("--factor", type=float, default=0.5, help="the cut (default 0.5)")
+    v.set_defaults(publish=lambda ctl, a: ctl.adapt(
+        a.scope, min=a.min, max=a.max, on=a.on, latency=a.latency, factor=a.factor,
+        ttl=a.ttl))
     v = verb("clear", "remove the controls of SCOPE (all types, or --type)")
     v.add_argument("scope", help=scope_help)
     v.add_argument("--type", choices=[*_TYPES, *_TYPE_ALIASES],

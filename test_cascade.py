@@ -4261,6 +4261,122 @@ def test_property_weighted_starts_stay_within_each_windows_bound(costs, rate, bu
         assert spent <= 120 + 100 * (t - t0) + 1e-6
 
 
+# --- adaptive limits (AIMD) --------------------------------------------------
+
+def _aimd(outcomes, low, high, start, factor=0.5):
+    """The limits an adaptive control goes through for these outcomes ('ok', 'err',
+    'other'), one after another: the model the engine must follow."""
+    total, clean, seen = start, 0, []
+    for o in outcomes:
+        if o == "err":
+            clean, new = 0, max(low, int(total * factor))
+        elif o == "ok":
+            clean += 1
+            if clean < total or total >= high:
+                continue
+            clean, new = 0, total + 1
+        else:
+            continue
+        if new != total:
+            total = new
+            seen.append(total)
+    return seen
+
+
+def _run_outcomes(outcomes, low, high, start, latency=None):
+    e = cs.Engine()
+    e.limit("task:call", 1)  # one at a time: outcomes arrive in order
+    c = e.adapt("task:call", min=low, max=high, on=(ConnectionError,), limit=start,
+                latency=latency)
+    assert (c.type, c.params["min"], c.params["max"]) == ("adaptive", low, high)
+    limits = []
+    e.subscribe(cs.ConstraintApplied, lambda ev: limits.append(ev.constraint.params["limit"])
+                if ev.constraint.type == "adaptive" else None)
+    g = Gauge()
+
+    @cs.task(name="call")
+    async def call(o):
+        with g("call"):
+            if o == "err":
+                raise ConnectionError("refused")  # a listed error: cuts the limit
+            if o == "other":
+                raise KeyError("not listed")      # changes nothing
+            if o == "slow":
+                await asyncio.sleep(latency * 2)
+        return o
+
+    out = run_engine(e, call.map(outcomes).return_exceptions())
+    assert len(out) == len(outcomes)
+    return e, limits  # (subscribed after adapt(): only the changes)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(outcomes=st.lists(st.sampled_from(["ok", "ok", "ok", "err", "other"]), max_size=40),
+       low=st.integers(1, 3), span=st.integers(0, 6), start_at=st.integers(0, 6))
+def test_property_an_adaptive_limit_follows_aimd_and_stays_within_its_bounds(
+        outcomes, low, span, start_at):
+    high = low + span
+    start = min(high, low + start_at)
+    e, limits = _run_outcomes(outcomes, low, high, start)
+    assert limits == _aimd(outcomes, low, high, start)
+    assert all(low <= n <= high for n in limits)
+    (row,) = [r for r in e.status()["scopes"] if r["type"] == "adaptive"]
+    assert row["limit"] == (limits or [start])[-1] and (row["min"], row["max"]) == (low, high)
+
+
+def test_a_body_slower_than_the_latency_target_cuts_an_adaptive_limit():
+    _, limits = _run_outcomes(["slow", "ok", "slow"], 1, 8, 8, latency=0.05)
+    assert limits == [4, 2]
+
+
+def test_an_adaptive_limit_holds_concurrency_at_its_current_value():
+    e = cs.Engine()
+    e.adapt("tag:api", min=1, max=3, on=ConnectionError, limit=2)
+    g = Gauge()
+
+    @cs.task(tags=["api"])
+    async def hit(i):
+        with g("api"):
+            await asyncio.sleep(0.01)
+        return i
+
+    assert run_engine(e, hit.map(range(12))) == list(range(12))
+    assert 1 < g.peak["api"] <= 3
+    assert "adaptive limit 1-3 on tag:api" in repr(e.constraints[0])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(min=5, max=2), "max must be an int from 5"),
+    (dict(max=4, factor=1), "factor"),
+    (dict(max=4, factor=0), "factor"),
+    (dict(max=4, latency=-1), "latency"),
+    (dict(max=4, on=(42,)), "exception classes"),
+    (dict(max=4, limit=9), "limit must be an int from 1 to 4"),
+])
+def test_bad_adaptive_limits_are_refused_naming_the_fix(kwargs, match):
+    with pytest.raises(cs.ConstraintError, match=match):
+        cs.Engine().adapt("task:x", **kwargs)
+
+
+def test_an_adaptive_limit_travels_over_the_broker():
+    broker = cs.LocalBroker()
+
+    async def main():
+        ctl = cs.Controller(broker)
+        c = await ctl.adapt("task:a", max=6, on=["TimeoutError"], latency=2.0)
+        assert c.params == {"min": 1, "max": 6, "factor": 0.5, "latency": 2.0,
+                            "on": ["TimeoutError"]}
+        e = cs.Engine(connector=broker)
+
+        @cs.task(name="a")
+        async def a():
+            return e.status()["scopes"]
+        (row,) = [r for r in await e.run(a()) if r["type"] == "adaptive"]
+        assert (row["limit"], row["in_use"], row["origin"]) == (6, 1, "broker")
+        await ctl.clear("task:a")
+    asyncio.run(main())
+
+
 # --- Backoff: a body says "429, retry after" -----------------------------------
 
 @pytest.mark.parametrize("kind", ["async", "sync"])
@@ -10628,6 +10744,22 @@ def test_cli_rate_with_several_windows_reaches_an_engine_as_one_quota(paho, brok
             r = cli(*bad)
             assert r.returncode == 1 and r.stderr.startswith("cascade: "), (bad, r.stderr)
             assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    finally:
+        sweep(u)
+
+
+def test_cli_adapt(paho, broker):
+    u = broker
+    scope = f"task:ad_{u}"
+    try:
+        out = stdout_of(cli("adapt", scope, "--max", 20, "--on", "ConnectionError",
+                            "--on", "TimeoutError", "--latency", 2))
+        assert f"adaptive limit 1-20 on {scope}" in out
+        (c,) = [c for c in json.loads(stdout_of(cli("status", "--json")))["in_force"]
+                if c["scope"] == scope]
+        assert c["params"]["on"] == ["ConnectionError", "TimeoutError"]
+        r = cli("adapt", scope, "--min", 5, "--max", 2)
+        assert r.returncode == 1 and r.stderr.startswith("cascade: "), r.stderr
     finally:
         sweep(u)
 
