@@ -326,7 +326,7 @@ class Task:
     ``task.fn`` is the plain function."""
 
     def __init__(self, fn: Callable[..., Any], *, name: Optional[str] = None,
-                 tags: Iterable[str] = (), cost: Any = 1) -> None:
+                 tags: Iterable[str] = (), cost: Any = 1, priority: float = 0) -> None:
         if isinstance(fn, Task):
             fn = fn.fn
         if not (type(cost) is int and cost == 1) and not callable(cost) and (  # (1: the default)
@@ -335,6 +335,7 @@ class Task:
                             "(the rate-limit tokens one start takes), or a function of the "
                             "task's arguments that returns one")
         self.cost = cost
+        self.priority = priority and _check_priority(priority, "@cs.task(priority=...)")
         if not callable(fn):
             raise TypeError(f"@cs.task needs a function, got {type(fn).__name__}")
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
@@ -466,7 +467,7 @@ def _map_items(call, label, value):
 
 
 def task(fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None,
-         tags: Iterable[str] = (), cost: Any = 1) -> Any:
+         tags: Iterable[str] = (), cost: Any = 1, priority: float = 0) -> Any:
     """Decorator: ``@cs.task`` or ``@cs.task(name="api_call", tags=["io"])``.
 
     Works on sync functions (run in a thread pool: they may block) and async functions
@@ -486,18 +487,31 @@ def task(fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None,
     the call, or of the map item) that returns that number: ``cost=lambda prompt:
     len(prompt) // 4`` makes "90,000 tokens a minute" a rate limit. Concurrency limits
     count starts, not cost. A start that costs more than a matching rate limit's burst
-    could never start: it fails the run with ``ConstraintError`` instead of waiting."""
+    could never start: it fails the run with ``ConstraintError`` instead of waiting.
+
+    ``priority``: seconds of head start where its calls wait for admission (see
+    ``LazyResult.with_priority``)."""
     if fn is None:
-        return lambda f: Task(f, name=name, tags=tags, cost=cost)
-    return Task(fn, name=name, tags=tags, cost=cost)
+        return lambda f: Task(f, name=name, tags=tags, cost=cost, priority=priority)
+    return Task(fn, name=name, tags=tags, cost=cost, priority=priority)
 
 
 _creation = itertools.count()
 # The policies of a lazy result that change how its attempts run and end (with_retry,
 # with_timeout, return_exceptions); one field, None for a plain call.
-_Policy = collections.namedtuple("_Policy", "attempts delay backoff on jitter timeout catch")
+_Policy = collections.namedtuple("_Policy",
+                                 "attempts delay backoff on jitter timeout catch priority")
 _NO_POLICY = _Policy(attempts=1, delay=0.0, backoff=1.0, on=None, jitter=0.0, timeout=None,
-                     catch=False)
+                     catch=False, priority=None)
+_MAX_PRIORITY = 1e7  # seconds (about 116 days): a priority is an offset on readiness time
+
+
+def _check_priority(p, call):
+    if (isinstance(p, bool) or not isinstance(p, (int, float))
+            or not -_MAX_PRIORITY <= p <= _MAX_PRIORITY):
+        raise ValueError(f"{call}: priority must be a number of seconds from "
+                         f"{-_MAX_PRIORITY:.0e} to {_MAX_PRIORITY:.0e}, got {p!r:.80}")
+    return float(p)
 _NO_KWARGS = {}  # shared by every call without keyword arguments: never mutated
 
 
@@ -636,6 +650,17 @@ class LazyResult:
         lazy result; this one is left unchanged."""
         new = self._copy()
         new.policy = (new.policy or _NO_POLICY)._replace(catch=True)
+        return new
+
+    def with_priority(self, priority: float) -> LazyResult:
+        """Admission order where this call waits: it is admitted as if it had become
+        ready ``priority`` seconds earlier (so 60 goes ahead of calls that became ready
+        up to a minute after it; negative numbers go behind). Low priorities age and are
+        never starved; equal ones stay first-in-first-out. Over the task's own
+        ``@cs.task(priority=...)``. Returns a new lazy result."""
+        new = self._copy()
+        new.policy = (new.policy or _NO_POLICY)._replace(
+            priority=_check_priority(priority, "with_priority()"))
         return new
 
     def run_if(self, condition: Any) -> LazyResult:
@@ -900,7 +925,7 @@ def _build_nodes(target, tallies, counts, known=None, reached=None):
     roots, special = [], []
     for node in sorted(nodes.values(), key=_node_order):
         lz = node.lazy
-        if type(lz) is not LazyResult or lz.injects or lz.amounts:
+        if type(lz) is not LazyResult or lz.injects or lz.amounts or lz.policy is not None:
             special.append(node)
         task = lz.task
         if task is not None:
@@ -2140,7 +2165,6 @@ class _ControlPlane:
         self._gates = 0                  # active constraints the start gate re-checks
         self._npause = 0                 # of which pauses
         self._adaptive = 0               # active adaptive limits (they observe outcomes)
-        self._seq = itertools.count(1)
         self._ttl = {}                   # ((scope, type), origin) -> clock entry of its expiry
         self._wakes = {}                 # state -> clock entry of its next refill
         self._failing = set()            # states whose code raised: removed soon
@@ -2148,9 +2172,11 @@ class _ControlPlane:
         self.clock = _Clock()
 
     def stamp(self):
-        """The readiness stamp: the order in which things became ready, engine-wide.
-        A map's items are stamp + index, so they keep input order."""
-        return next(self._seq) << 32
+        """The readiness stamp: when things became ready (monotonic nanoseconds, shifted
+        to leave room for a map's items, stamp + index, which keep input order), so a
+        priority is an offset in time (see _Run._prioritized). Equal stamps are FIFO
+        by the order they were queued in."""
+        return time.monotonic_ns() << 20
 
     # -- constraints --------------------------------------------------------
     # Two layers (SPEC 5): for each (scope, type) the engine's own control ("local",
@@ -4780,6 +4806,7 @@ class _Run:
         self.error = None
         self.nodes = {}
         self.tallies = {}           # task -> [count per state] (see _Unit)
+        self._prio = {}             # node or task -> its priority offset (see _prioritized)
         self._counts = {}           # task name -> its calls numbered so far (node ids)
         self._kept = set()          # nodes of returned graphs that a later one shares
         self.keys = {}              # task, or (task, amounts) -> its interned _Key
@@ -4910,8 +4937,9 @@ class _Run:
                 for k, v in (lz.amounts or {}).items():
                     if not isinstance(v, LazyResult):
                         _check_amount(caps, lz, k, v)
+        self._note_priorities(special)
         for node in roots:
-            node.seq = self._stamp()
+            node.seq = self._stamp() if not self._prio else self._prioritized(node)
         self._ready.extend(roots)
         if missing:
             names = ", ".join(repr(m) for m in sorted(set(missing)))
@@ -5251,8 +5279,9 @@ class _Run:
                 root.dependents.append(fwd)
             else:
                 root.dependents = [fwd]
+        self._note_priorities(special)
         for n in roots:
-            n.seq = self._stamp()
+            n.seq = self._stamp() if not self._prio else self._prioritized(n)
         self._ready.extend(roots)
         return fwd
 
@@ -5352,7 +5381,8 @@ class _Run:
             pipe.held.append(j)
             return
         u = self._item_unit(node, j)
-        u.seq = self._stamp()  # ready now: behind whatever became ready before
+        # ready now: behind whatever became ready before (less its priority)
+        u.seq = self._stamp() if not self._prio else self._prioritized(node)
         self._submit((u,))
 
     def _map_skipped(self, node, reason):
@@ -5467,7 +5497,8 @@ class _Run:
                 d.skip = skip
             d.pending -= 1
             if not d.pending:
-                d.seq = self._stamp()  # ready now, even if processed a chunk later
+                # ready now, even if processed a chunk later (less its priority)
+                d.seq = self._stamp() if not self._prio else self._prioritized(d)
                 self._ready.append(d)
                 woke = True
         if node.lazy is self.target and not self._wake.done():
@@ -5919,10 +5950,36 @@ class _Run:
         self.report.retrying(u, policy.attempts if policy else 1, exc.retry_after, exc)
         self._retry(u)
 
+    def _note_priorities(self, special):
+        """Priorities of the graph just built (``special``: its nodes with a policy,
+        among others; the tasks with a priority of their own are in the tallies): the
+        readiness stamp of such a node is offset by it (see LazyResult.with_priority).
+        ``_prio`` stays empty, and costs nothing, in a run without priorities."""
+        for n in special:
+            policy = n.lazy.policy
+            if policy is not None and policy.priority is not None:
+                self._prio[n] = int(policy.priority * 1e9) << 20
+        for task in self.tallies:
+            if task.priority and task not in self._prio:
+                self._prio[task] = int(task.priority * 1e9) << 20
+
+    def _prioritized(self, obj):
+        """Now as a readiness stamp, less the priority of ``obj`` (a node, or what
+        stands for one of its items, which has its ``node``)."""
+        node = obj if type(obj) is _Node else obj.node
+        prio = self._prio
+        off = prio.get(node)
+        if off is None:
+            lz = node.lazy
+            off = 0 if lz.policy is not None and lz.policy.priority is not None else \
+                prio.get(lz.task, 0)
+        return self._stamp() - off
+
     def _retry(self, u):
         self._timers.pop(u, None)
         if not self.stopping:
-            u.seq = self._stamp()  # ready again now: behind who waits already
+            # ready again now: behind who waits already (less its priority)
+            u.seq = self._stamp() if not self._prio else self._prioritized(u.node)
             self._submit((u,))
 
     def close(self):

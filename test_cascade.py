@@ -4099,6 +4099,74 @@ def test_property_every_rate_window_bounds_the_starts(windows, n):
             assert k <= b + c / per[u] * (t - t0) + 1e-6, (k, t - t0, u, c, b)
 
 
+# --- priorities ---------------------------------------------------------------
+
+@cs.task(name="blocker", tags=["one"])
+async def _blocker(seconds):
+    await asyncio.sleep(seconds)
+
+
+def _admission_order(make_calls, blocker_s=0.05):
+    """Run the calls ``make_calls()`` makes (lazy results of task ``w``) under limit 1
+    behind a blocker that holds the slot first (made first: ids and the first admission
+    follow creation order); returns the order their bodies began in."""
+    e = cs.Engine()
+    e.limit("tag:one", 1)
+    first = _blocker(blocker_s)
+    run_engine(e, [first, *make_calls()])
+    return _W_ORDER.pop()
+
+
+_W_ORDER = [[]]
+
+
+@cs.task(name="w", tags=["one"])
+async def _w(x):
+    _W_ORDER[-1].append(x)
+    return x
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(prios=st.lists(st.sampled_from([None, -5, 0, 10, 60]), min_size=1, max_size=12))
+def test_property_waiters_ready_together_start_by_priority_then_in_order(prios):
+    _W_ORDER.append([])
+    got = _admission_order(lambda: [_w(i) if p is None else _w(i).with_priority(p)
+                                    for i, p in enumerate(prios)])
+    want = sorted(range(len(prios)), key=lambda i: -(prios[i] or 0))  # stable: FIFO
+    assert got == want
+
+
+def test_a_low_priority_ages_and_is_not_starved():
+    # low becomes ready at once; the priority-0.2 call only ~0.4 s later, so it is as if
+    # ready at 0.2 s: behind low. The priority-1 call, ready then too, goes first.
+    _W_ORDER.append([])
+
+    @cs.task
+    async def later(v):
+        await asyncio.sleep(0.4)
+        return v
+
+    order = _admission_order(lambda: [_w("low"), _w(later("p0.2")).with_priority(0.2),
+                                      _w(later("p1")).with_priority(1.0)], blocker_s=0.8)
+    assert order == ["p1", "low", "p0.2"]
+
+
+def test_a_tasks_own_priority_and_with_priority_over_it():
+    _W_ORDER.append([])
+    urgent = cs.task(name="urgent", tags=["one"], priority=30)(_w.fn)
+    assert _admission_order(lambda: [
+        _w("plain"), urgent("urgent"), urgent("demoted").with_priority(-1),
+        _w.map(["m0", "m1"]).with_priority(40)]) == ["m0", "m1", "urgent", "plain", "demoted"]
+
+
+@pytest.mark.parametrize("p", [True, "high", float("nan"), 1e8, -1e8])
+def test_a_bad_priority_is_refused_naming_the_range(p):
+    with pytest.raises(ValueError, match="priority must be a number of seconds"):
+        _w(1).with_priority(p)
+    with pytest.raises(ValueError, match="priority must be a number of seconds"):
+        cs.task(priority=p)(lambda: 1)
+
+
 # --- weighted starts: cost ---------------------------------------------------
 
 def test_a_start_takes_its_cost_in_tokens_from_each_rate_window():
