@@ -4596,6 +4596,7 @@ class _Run:
         self._remote = engine._remote
         self._window = engine._window
         self._wire = {}
+        self._checks = set()        # _graft_when_sendable tasks still checking
         self._threaded = self._remote is None
         self._to_thread = pool.call if isinstance(pool, _Workers) else pool.submit
 
@@ -4717,7 +4718,7 @@ class _Run:
             stack.extend(r for _, r in registered[name].injects)
         self.resources.place(special, seen)
 
-    async def _check_remote(self):
+    async def _check_remote(self, tasks=None):
         """Before any body on a remote executor: size the window afresh (a Dask cluster's
         threads, unless ``Engine(window=)`` fixed it), and choose what is sent for each
         distinct sync task of the graph (see _Remote.wires): the first way that pickles
@@ -4725,13 +4726,16 @@ class _Run:
         the executor as it was. Raises CascadeError naming each task that cannot be
         sent, and the fix. (Regression: a lambda task broke the user's process pool for
         good; on Dask a task defined under `if __name__ == "__main__":` killed the
-        workers that loaded it, and the run never ended.)"""
+        workers that loaded it, and the run never ended.) With ``tasks``: only those
+        (the new sync tasks of a graph a task returned, see _returned_graph)."""
         remote = self._remote
-        tasks = [t for t in self.tallies if not t.is_async]
+        first = tasks is None
+        if first:
+            tasks = [t for t in self.tallies if not t.is_async]
         if not tasks:
             return
         waits = []
-        if remote.sized and self.engine._window_size is None:
+        if first and remote.sized and self.engine._window_size is None:
             sizing = self.loop.run_in_executor(self.engine._threads(), remote.slots)
             sizing.add_done_callback(_retrieved)
             waits.append(sizing)
@@ -4950,8 +4954,12 @@ class _Run:
         back: a recursion under a limit cannot deadlock on its own slots), and the graph
         of ``lazy`` is added to the run; its root's value becomes the unit's. A graph
         that cannot be added (a cycle, a missing param) fails the task."""
+        # On a remote executor, sync tasks that no body of the run has been sent for
+        # yet are checked first, as at the run's start (regression: KeyError on the
+        # first body of such a task).
+        unsent = self._unsent(lazy) if self._remote is not None and not self.stopping else ()
         try:
-            fwd = self._graft(u, lazy) if not self.stopping else None
+            fwd = self._graft(u, lazy) if not self.stopping and not unsent else None
             exc = None
         except (TypeError, ValueError, CascadeError) as e:
             fwd, exc = None, e
@@ -4966,7 +4974,46 @@ class _Run:
             rep.finished(u, time.perf_counter() - t0, exc)
         if self.stopping:
             return self._check_idle()
+        if unsent:
+            check = self.loop.create_task(self._graft_when_sendable(u, lazy, unsent))
+            self._checks.add(check)
+            check.add_done_callback(self._checks.discard)
+            return
         if fwd is not None and not fwd.pending:
+            fwd.seq = self._stamp()
+            self._ready.append(fwd)
+        self._pump()
+
+    def _unsent(self, lazy):
+        """The sync tasks of the graph of ``lazy`` (of its lazy results that are not
+        nodes of the run yet) that the run has not chosen what to send for (_wire)."""
+        nodes, wire = self.nodes, self._wire
+        found, seen, stack = set(), set(), [lazy]
+        while stack:
+            lz = stack.pop()
+            if lz in seen or lz in nodes:
+                continue
+            seen.add(lz)
+            task = lz.task
+            if task is not None and not task.is_async and task not in wire:
+                found.add(task)
+            stack.extend(lz.deps)
+        return list(found)
+
+    async def _graft_when_sendable(self, u, lazy, tasks):
+        """_returned_graph's graft, once ``tasks`` are checked (see _check_remote); a
+        task that cannot be sent fails the task that returned the graph. The node of
+        ``u`` stays unsettled meanwhile, so the run waits for this."""
+        try:
+            await self._check_remote(tasks)
+            if self.stopping:
+                return
+            fwd = self._graft(u, lazy)
+        except (TypeError, ValueError, CascadeError) as e:
+            if not self.stopping:
+                self._fail(e, u.id, u.key.name)
+            return
+        if not fwd.pending:
             fwd.seq = self._stamp()
             self._ready.append(fwd)
         self._pump()
@@ -5666,6 +5713,8 @@ class _Run:
             h.cancel()
         self._timers.clear()
         self.resources.cancel_setups()
+        for check in list(self._checks):
+            check.cancel()
         handed = []  # remote futures: cancelled together (Dask: one message)
         for u in self.cp.holders_of(self):
             if u.state == _RUNNING and u.body is not None:

@@ -6791,6 +6791,31 @@ def test_lambda_nested_and_main_script_tasks_are_sent_by_value_to_dask(dask_clie
     assert dask_client.submit(abs, -3, pure=False).result(TIMEOUT) == 3
 
 
+@cs.task
+def rx_returns_square(x):
+    return rx_square_task(x)  # a returned graph of a sync task the run has not sent yet
+
+
+@cs.task
+async def rx_returns_lambda(x):
+    return rx_lambda(x)
+
+
+def test_a_returned_graph_may_use_sync_tasks_new_to_the_run_on_a_remote_executor(
+        remote, rx_dir):
+    # regression: the run chose what to send for the tasks of its graph at its start only,
+    # so the first body of a task that only a returned graph used failed with KeyError
+    kind, ex = remote
+    e = cs.Engine(executor=ex)
+    assert run_engine(e, ident.map(rx_returns_square.map([2, 3]))) == [4, 9]
+    if kind == "process pool":  # checked as at a run's start: the pool stays usable
+        with pytest.raises(cs.CascadeError, match="task 'rx_lambda' cannot be sent"):
+            run_engine(e, [rx_returns_lambda(1), rx_work(rx_dir, 0)])
+        assert ex.submit(abs, -3).result(TIMEOUT) == 3
+    else:  # Dask sends it by value
+        assert run_engine(e, rx_returns_lambda(1)) == 2
+
+
 def test_arguments_that_cannot_be_pickled_fail_their_task_on_a_remote_executor(remote):
     e = cs.Engine(executor=remote[1])
     rec = Recorder(e)
