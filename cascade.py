@@ -4564,6 +4564,7 @@ class _Run:
         self.tallies = {}           # task -> [count per state] (see _Unit)
         self._counts = {}           # task name -> its calls numbered so far (node ids)
         self._kept = set()          # nodes of returned graphs that a later one shares
+        self.returning = 0          # returned graphs not settled yet (live _Forwards)
         self.keys = {}              # task, or (task, amounts) -> its interned _Key
         self.link = None            # its _RunLink, when the engine has a connector
         self._ready = collections.deque()   # nodes whose inputs are all done, FIFO
@@ -5080,6 +5081,8 @@ class _Run:
         for n in roots:
             n.seq = self._stamp()
         self._ready.extend(roots)
+        if fwd.node is node:  # a new one (not one handed on by a tail call)
+            self.returning += 1
         return fwd
 
     def _drop(self, fwd):
@@ -5095,6 +5098,7 @@ class _Run:
         """The root of a returned graph has settled: so does the unit that returned it
         (the value of a plain call, or item ``index`` of a map)."""
         root, node, j = fwd.root, fwd.node, fwd.index
+        self.returning -= 1
         self._drop(fwd)
         fwd.root = None
         if fwd.skip is not None:
@@ -7458,9 +7462,11 @@ class _Progress:
 
     def total(self):
         """(finished, total) task executions of the run, once every map of it knows its
-        length (a map over a lazy result learns it when that value arrives); else None."""
+        length (a map over a lazy result learns it when that value arrives) and no graph
+        that a task returned is still running (it may add tasks: a recursion one a
+        level); else None."""
         run = self.run
-        if run is None or not run.nodes:
+        if run is None or not run.nodes or run.returning:
             return None
         if self.maps is None:
             self.maps = [n for n in run.nodes.values() if isinstance(n.lazy, MappedLazyResult)]

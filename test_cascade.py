@@ -10238,6 +10238,35 @@ def test_cs_run_progress_on_a_terminal_never_runs_into_log_lines(bare_logger, mo
     assert out.endswith("\n")
 
 
+@cs.task
+async def prog_upto(n):
+    await asyncio.sleep(0.01)
+    return list(range(n))
+
+
+@cs.task
+async def prog_returns_map(n):
+    await asyncio.sleep(0.01 * n)
+    return ident.map(prog_upto(n))  # a map whose length is known when prog_upto is done
+
+
+def test_cs_run_progress_shows_no_total_while_a_returned_graph_may_add_tasks(
+        bare_logger, monkeypatch):
+    # regression: a map of a graph returned later was left out of "every map knows its
+    # length", and each level of a recursion added a task: the line showed totals that
+    # were not (3/9, then 5/11; 1/2, 2/3, ... with an ETA) before the real one
+    tty = FakeTTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+    flow = [ident.map(prog_returns_map.map([2, 3])), count_down(4)]
+    assert cs.run(flow, progress=True, log_level="WARNING") == [[[0, 1], [0, 1, 2]], 4]
+    status = re.findall(r"\[cascade\] ([^\r\n\x1b]*)", tty.getvalue())
+    totals = {m.group(1) for s in status for m in [re.match(r"\d+/(\d+) ", s)] if m}
+    # 2 + (1 + 2) + (1 + 3) prog_returns_map, prog_upto, ident items; 2 outer idents;
+    # count_down 5 levels
+    assert totals == {"16"}, status
+    assert status[-1].startswith("16/16 (100%)"), status
+
+
 def test_engine_run_logs_nothing_above_debug(caplog):
     caplog.set_level(logging.DEBUG)
 
