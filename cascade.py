@@ -4705,6 +4705,12 @@ class _Run:
         if unknown:
             raise ParamError(f"unknown params {sorted(unknown)}: the graph has "
                              f"{sorted(known) or 'no params'}")
+        self._place(special, needed)
+
+    def _place(self, special, needed):
+        """Check that the resources ``needed`` by the nodes ``special`` (and those they
+        inject) are registered, and find where each lives (see _Resources.place): at
+        run start, and for each graph a task returns."""
         registered = self.engine._resources
         stack, seen = list(needed), set()
         while stack:
@@ -5045,6 +5051,7 @@ class _Run:
                 raise ValueError(f"task {u.key.name!r} ({u.id}) returned a graph that needs "
                                  f"{d.id}, which waits for that task: it would wait forever")
             self._kept.add(lz)
+        needed = set()
         for n in special:
             lz = n.lazy
             t = type(lz)
@@ -5060,13 +5067,12 @@ class _Run:
             elif t is Env:
                 n.value = os.environ.get(lz.var, lz.default)
             else:
-                for r in (r for _, r in lz.injects if r not in self.engine._resources):
-                    raise ResourceError(f"resource {r!r} is injected but not registered; "
-                                        "pass it with engine.register(r) or "
-                                        "cs.run(..., resources=[r])")
+                needed.update(r for _, r in lz.injects)
                 for k, v in (lz.amounts or {}).items():
                     if not isinstance(v, LazyResult):
                         _check_amount(self.cp._caps, lz, k, v)
+        if needed:  # (regression: a same_thread resource it alone needed was not placed)
+            self._place(special, needed)
         self.nodes.update(fresh)
         root = fwd.root = self.nodes[lazy]
         fwd.fresh = list(fresh)

@@ -1658,6 +1658,64 @@ def test_a_same_thread_resource_makes_a_sqlite3_connection_work(tmp_path):
             assert not t.is_alive(), t
 
 
+def test_a_same_thread_resource_that_only_a_returned_graph_needs_lives_on_its_thread():
+    # regression: resources were placed at run start only, so one that only a graph
+    # returned by a task injected was set up and used on the pool's threads (sqlite3:
+    # "SQLite objects created in a thread can only be used in that same thread"), and a
+    # resource injected by such a resource, unregistered, failed with a bare KeyError
+    import sqlite3
+    threads = collections.defaultdict(set)
+
+    @cs.resource(same_thread=True)
+    def db():
+        threads["set-up"].add(threading.get_ident())
+        conn = sqlite3.connect(":memory:")
+        conn.execute("CREATE TABLE t (x INT)")
+        yield conn
+        threads["tear-down"].add(threading.get_ident())
+        conn.close()
+
+    @cs.task
+    def save(x, db=cs.inject("db")):
+        threads["save"].add(threading.get_ident())
+        db.execute("INSERT INTO t VALUES (?)", (x,))
+        return db.execute("SELECT count(*) FROM t").fetchone()[0]
+
+    @cs.task
+    def plan(n):
+        return save.map(range(n))
+
+    assert run_engine(cs.Engine(resources=[db]), plan(3)) == [1, 2, 3]
+    one = threads["set-up"]
+    assert len(one) == 1 and threads["save"] == one and threads["tear-down"] == one
+
+    @cs.task
+    async def save_async(x, db=cs.inject("db")):
+        return x
+
+    @cs.task
+    def plan_async(n):
+        return save_async(n)
+
+    with pytest.raises(cs.ResourceError, match="async task 'save_async' injects same_thread"):
+        run_engine(cs.Engine(resources=[db]), plan_async(1))
+
+    @cs.resource
+    def needs_missing(m=cs.inject("missing")):
+        yield m
+
+    @cs.task
+    def use(x, r=cs.inject("needs_missing")):
+        return x
+
+    @cs.task
+    def plan_missing(n):
+        return use(n)
+
+    with pytest.raises(cs.ResourceError, match="resource 'missing' is injected but not"):
+        run_engine(cs.Engine(resources=[needs_missing]), plan_missing(1))
+
+
 def test_a_same_thread_resource_is_torn_down_on_its_thread_after_a_failure():
     import sqlite3
     seen = []
