@@ -306,6 +306,10 @@ class Task:
                  tags: Iterable[str] = ()) -> None:
         if isinstance(fn, Task):
             fn = fn.fn
+        if isinstance(fn, (staticmethod, classmethod)):  # (a staticmethod is callable)
+            kind = type(fn).__name__
+            raise TypeError(f"@cs.task on a {kind}: put @{kind} above @cs.task (the task "
+                            f"then makes the function, and @{kind} the method)")
         if not callable(fn):
             raise TypeError(f"@cs.task needs a function, got {type(fn).__name__}")
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):

@@ -1009,6 +1009,28 @@ def test_task_defined_in_a_class_is_a_method():
     assert cs.run(_Scaler.scale(a, 4))[1] == 40  # through the class: self passed explicitly
 
 
+def test_task_on_a_staticmethod_or_classmethod_says_to_put_it_under_them():
+    # regression: @cs.task over @staticmethod was taken (a staticmethod is callable since
+    # 3.10) and bound the instance as a method: obj.f(1) raised "f(): too many positional
+    # arguments"; over @classmethod it said "needs a function" without the fix
+    for kind in (staticmethod, classmethod):
+        with pytest.raises(TypeError, match=f"put @{kind.__name__} above @cs.task"):
+            cs.task(kind(lambda x: x))
+
+    class K:
+        @staticmethod
+        @cs.task
+        def s(x):
+            return x + 1
+
+        @classmethod
+        @cs.task
+        def c(cls, x):
+            return cls, x
+
+    assert cs.run([K().s(1), K.s(2), K().c(3)]) == [2, 3, (K, 3)]
+
+
 @cs.task
 def _fetch_one(url):
     return url
