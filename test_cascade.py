@@ -3251,6 +3251,139 @@ def test_a_returned_graph_may_share_a_finished_node_of_the_run():
     assert calls == ["base"]
 
 
+# --- pipelined maps x policies x returned graphs (review of issue 12) -------------
+
+_mix_calls = collections.Counter()
+_mix_lock = threading.Lock()
+_mix_running = [0, 0]  # async mix_inc bodies running now, most at once
+
+
+def _mix_count(name):
+    with _mix_lock:
+        _mix_calls[name] += 1
+
+
+def _mix_val(x):
+    return x if isinstance(x, int) else 1000  # an exception (return_exceptions) counts so
+
+
+@cs.task
+async def mix_inc(x):
+    _mix_count("inc")
+    _mix_running[0] += 1
+    _mix_running[1] = max(_mix_running)
+    await asyncio.sleep(0)
+    _mix_running[0] -= 1
+    return _mix_val(x) + 1
+
+
+@cs.task
+def mix_inc_sync(x):
+    _mix_count("inc_sync")
+    return _mix_val(x) + 1
+
+
+@cs.task
+def mix_boom(x):
+    _mix_count("boom")
+    if _mix_val(x) % 3 == 0:
+        raise ValueError(x)
+    return _mix_val(x) + 2
+
+
+@cs.task
+async def mix_via(x):
+    _mix_count("via")
+    return mix_inc(x)  # a returned graph
+
+
+@cs.task
+def mix_down(x, k):
+    _mix_count("down")
+    return _mix_val(x) if k == 0 else mix_down(_mix_val(x) + 1, k - 1)  # a tail call
+
+
+@cs.task
+def mix_truth(v):
+    _mix_count("truth")
+    return v
+
+
+def _mix_stages(n, ops):
+    """Random stages (each over an earlier one) and what sequential evaluation gives:
+    [(lazy, values or None when skipped, body calls)]."""
+    stages = [(list(range(n)), list(range(n)), collections.Counter())]
+    for src, kind, opt in ops:
+        lz, vals, _ = stages[src % len(stages)]
+        calls = collections.Counter()
+        plus = None if vals is None else [_mix_val(v) + 1 for v in vals]
+        if kind == "map":  # a map over a map (pipelined) or over a list of lazy results
+            new, new_vals = (mix_inc if opt % 2 else mix_inc_sync).map(lz), plus
+            calls["inc" if opt % 2 else "inc_sync"] += n
+        elif kind == "list" and type(lz) is list:  # a list of lazy results
+            new, new_vals = [mix_inc(x) for x in lz], plus
+            calls["inc"] += n
+        elif kind == "boom":  # failures become values
+            new = mix_boom.map(lz).return_exceptions()
+            if opt % 2:
+                new = new.with_retry(2)
+            new_vals = None if vals is None else [
+                "E" if _mix_val(v) % 3 == 0 else _mix_val(v) + 2 for v in vals]
+            calls["boom"] += n + (opt % 2) * sum(v == "E" for v in new_vals or ())
+        elif kind == "via":  # each item returns a graph
+            new, new_vals = mix_via.map(lz), plus
+            calls.update(via=n, inc=n)
+        elif kind == "down":  # each item a tail recursion opt % 3 deep
+            new = mix_down.map(lz, cs.unmapped(opt % 3))
+            new_vals = None if vals is None else [_mix_val(v) + opt % 3 for v in vals]
+            calls["down"] += n * (opt % 3 + 1)
+        elif kind == "cond":  # run_if on the map, static or lazy
+            flag = bool(opt % 2)
+            new = mix_inc.map(lz).run_if(mix_truth(flag) if opt >= 2 else flag)
+            new_vals = plus if flag else None
+            calls["truth"] += opt >= 2
+            calls["inc"] += n if flag else 0
+        elif kind == "itemskip" and type(lz) is list:  # one item's input is skipped
+            new = mix_inc.map([mix_inc(x).run_if(False) if i == opt % n else x
+                               for i, x in enumerate(lz)])
+            new_vals = None
+        else:
+            continue
+        stages.append((new, None if vals is None else new_vals, calls))
+    return stages[1:]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 4),
+       ops=st.lists(st.tuples(st.integers(0, 10),
+                              st.sampled_from(["map", "list", "boom", "via", "down", "cond",
+                                               "itemskip"]),
+                              st.integers(0, 5)), max_size=6),
+       limit=st.sampled_from([None, 1, 2]))
+def test_property_pipelined_maps_policies_and_returned_graphs_evaluate_as_sequentially(
+        n, ops, limit):
+    # Random DAGs mixing maps over maps and over lists of lazy results, return_exceptions
+    # (with retries), run_if (static and lazy), items that return graphs and tail
+    # recursions give what sequential evaluation gives, run each body exactly as often,
+    # keep a limit, and end; a skip anywhere skips what needs it.
+    stages = _mix_stages(n, ops)
+    live = [s for s in stages if s[1] is not None]
+    engine = cs.Engine()
+    if limit:
+        engine.limit("task:mix_inc", limit)
+    _mix_calls.clear()
+    _mix_running[:] = [0, 0]
+    if live:
+        got = run_engine(engine, [s[0] for s in live])
+        assert [["E" if isinstance(v, ValueError) else v for v in g] for g in got] == [
+            s[1] for s in live]
+        assert +_mix_calls == +sum((s[2] for s in live), collections.Counter())
+        assert _mix_running[1] <= (limit or n * len(stages))
+    if len(live) < len(stages):
+        with pytest.raises(cs.DependencyMissingError):
+            run_engine(engine, [s[0] for s in stages])
+
+
 # ===========================================================================
 # Control plane: scopes, constraints, limiters, the admission routine
 # ===========================================================================
