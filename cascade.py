@@ -5792,7 +5792,11 @@ class _Run:
                 continue
             if type(u) is _Overdue:  # timed out, reported then; it returns on its own
                 if not u.back:
-                    lost += isinstance(self._pool, _Workers)
+                    home = self.resources.home_of(u.node.lazy) if self.resources.homes else None
+                    if home is not None:  # on a same_thread resource's thread (regression:
+                        self.resources.stuck.add(home)  # its tear-down was queued behind
+                    else:  # the body, whose thread then left: the run never ended)
+                        lost += isinstance(self._pool, _Workers)
                     _log.warning("task %r (%s) of run %s timed out and its body has not "
                                  "returned within stop_grace=%ss of the run stopping; it "
                                  "is abandoned and keeps its slots until it returns",
@@ -5984,7 +5988,12 @@ class RunHandle:
                                    "lives on; use `await handle` instead")
         try:
             return self._future.result(timeout)
-        except concurrent.futures.TimeoutError:
+        except concurrent.futures.TimeoutError as exc:
+            f = self._future
+            if f.done() and not f.cancelled() and f.exception() is exc:
+                # The run's own error (with_timeout's TimeoutError is this class from
+                # 3.11 on; regression: it was reported as "still running after Nones").
+                raise
             # the builtin on every version (they are one class only from 3.11 on)
             raise TimeoutError(f"run {self.run_id} still running after {timeout}s") from None
 

@@ -1798,6 +1798,35 @@ def test_a_body_abandoned_on_a_same_thread_resources_thread_leaves_it_up(caplog)
         release.set()
 
 
+def test_a_timed_out_body_abandoned_on_a_same_thread_resources_thread_leaves_it_up(caplog):
+    # regression: a sync body past its timeout that the run then abandoned was counted
+    # as a thread of the engine's pool, so the resource's tear-down was queued on its
+    # thread behind the body, and that thread ended when the body returned: the run
+    # never ended
+    release = threading.Event()
+    seen = []
+
+    @cs.resource(same_thread=True)
+    def db():
+        yield 1
+        seen.append("down")
+
+    @cs.task
+    def stuck(db=cs.inject("db")):
+        release.wait(TIMEOUT)
+
+    engine = cs.Engine(resources=[db], stop_grace=0.1)
+    try:
+        handle = engine.start(stuck().with_timeout(0.05))
+        with pytest.raises(TimeoutError, match="timed out: its attempt 1"):
+            handle.result(TIMEOUT)
+        assert "resource 'db' is not torn down" in caplog.text
+        assert seen == []
+    finally:
+        release.set()
+    assert run_engine(engine, ident(5)) == 5  # the pool is as it was
+
+
 def test_same_thread_resources_that_cannot_work_fail_at_decoration_or_run_start():
     @cs.resource(same_thread=True)
     def a():
@@ -7706,6 +7735,24 @@ engine.start(slow(sys.argv[1]))
 engine.start(slow(sys.argv[1] + "2") if sys.argv[1] != "stuck" else slow("stuck"))
 say("returned")
 """
+
+
+def test_handle_result_raises_a_runs_with_timeout_error_as_it_is():
+    # regression: from 3.11 on concurrent.futures.TimeoutError is the builtin, so the
+    # TimeoutError of a task's with_timeout was taken for the wait's own and reported as
+    # "run ... still running after Nones"
+    @cs.task
+    async def slow():
+        await asyncio.sleep(TIMEOUT)
+
+    engine = cs.Engine()
+    handle = engine.start(slow().with_timeout(0.05))
+    for timeout in (None, TIMEOUT):
+        with pytest.raises(TimeoutError, match="timed out: its attempt 1"):
+            handle.result(timeout)
+    with pytest.raises(TimeoutError, match="still running after 0.01s"):
+        engine.start(slow()).result(0.01)
+    engine.close()
 
 
 def test_the_interpreter_waits_at_exit_for_runs_started_with_start(tmp_path):
