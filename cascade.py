@@ -1061,6 +1061,23 @@ def _plan_pipe(node, nodes, n):
 #   leave the run's node table: tail recursion runs in constant memory and stack;
 # - nodes of a returned graph that a later returned graph reaches are kept (``_kept``).
 
+def _downstream(node):
+    """The ids of the nodes that cannot settle before ``node`` has: its dependents, the
+    pipelined maps over it, and the calls waiting for a graph one of those returned
+    (regression: a returned graph that needed a node waiting for it only that way was
+    taken, and the run waited forever)."""
+    seen, stack = {id(node)}, [node]
+    while stack:
+        n = stack.pop()
+        for d in (*n.dependents, *(n.out or ())):
+            if type(d) is _Item or type(d) is _Forward:
+                d = d.node
+            if id(d) not in seen:
+                seen.add(id(d))
+                stack.append(d)
+    return seen
+
+
 class _Forward:
     """Settles ``node`` (item ``index`` of it, for a map's) with the value of ``root``,
     the root of a graph that one of its bodies returned; ``fresh``: that graph's lazy
@@ -5049,9 +5066,11 @@ class _Run:
         reached = set()
         fresh, roots, special = _build_nodes(lazy, self.tallies, self._counts, self.nodes,
                                              reached)
+        later = None  # the nodes that settle only after fwd.node does (found when needed)
         for lz in reached:
             d = self.nodes[lz]
-            if d.pending >= 0 and any(_depends_on(lz, w) for w in waiting):
+            if d.pending >= 0 and (any(_depends_on(lz, w) for w in waiting) or id(d) in (
+                    later if later is not None else (later := _downstream(fwd.node)))):
                 raise ValueError(f"task {u.key.name!r} ({u.id}) returned a graph that needs "
                                  f"{d.id}, which waits for that task: it would wait forever")
             self._kept.add(lz)

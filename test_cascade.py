@@ -3263,6 +3263,27 @@ def test_a_task_returning_a_lazy_result_that_waits_for_it_fails_instead_of_hangi
         run_engine(cs.Engine(), holder[0])
 
 
+def test_a_returned_graph_that_needs_what_waits_for_it_through_another_graph_fails():
+    # regression: only a node that waited for the returning call itself (through its
+    # arguments) was refused; one that waited for it through a returned graph (b needs
+    # a, whose returned graph holds inner) was taken, and the run waited forever
+    shared = {}
+
+    @cs.task
+    def inner(x):
+        return ident(shared["b"])
+
+    @cs.task
+    def outer(x):
+        return ident(inner(x))  # inner is not the root: a's value waits for it all the same
+
+    a = outer(1)
+    shared["b"] = b = ident(a)
+    with pytest.raises(ValueError, match=r"task 'inner' \(inner-1\) returned a graph that "
+                                         r"needs ident-1, which waits for that task"):
+        run_engine(cs.Engine(), b)
+
+
 def test_a_returned_graph_may_share_a_finished_node_of_the_run():
     calls = []
 
