@@ -329,6 +329,10 @@ class Task:
                  tags: Iterable[str] = (), cost: Any = 1, priority: float = 0) -> None:
         if isinstance(fn, Task):
             fn = fn.fn
+        if isinstance(fn, (staticmethod, classmethod)):  # (a staticmethod is callable)
+            kind = type(fn).__name__
+            raise TypeError(f"@cs.task on a {kind}: put @{kind} above @cs.task (the task "
+                            f"then makes the function, and @{kind} the method)")
         if not (type(cost) is int and cost == 1) and not callable(cost) and (  # (1: the default)
                 isinstance(cost, bool) or not isinstance(cost, int) or not 0 <= cost <= _MAX_COUNT):
             raise TypeError(f"@cs.task(cost={cost!r:.80}): need an int from 0 to {_MAX_COUNT} "
@@ -1117,6 +1121,23 @@ def _plan_pipe(node, nodes, n):
 #   root (no chain of waiting parents), and the nodes of its own graph, all settled,
 #   leave the run's node table: tail recursion runs in constant memory and stack;
 # - nodes of a returned graph that a later returned graph reaches are kept (``_kept``).
+
+def _downstream(node):
+    """The ids of the nodes that cannot settle before ``node`` has: its dependents, the
+    pipelined maps over it, and the calls waiting for a graph one of those returned
+    (regression: a returned graph that needed a node waiting for it only that way was
+    taken, and the run waited forever)."""
+    seen, stack = {id(node)}, [node]
+    while stack:
+        n = stack.pop()
+        for d in (*n.dependents, *(n.out or ())):
+            if type(d) is _Item or type(d) is _Forward:
+                d = d.node
+            if id(d) not in seen:
+                seen.add(id(d))
+                stack.append(d)
+    return seen
+
 
 class _Forward:
     """Settles ``node`` (item ``index`` of it, for a map's) with the value of ``root``,
@@ -4809,6 +4830,7 @@ class _Run:
         self._prio = {}             # node or task -> its priority offset (see _prioritized)
         self._counts = {}           # task name -> its calls numbered so far (node ids)
         self._kept = set()          # nodes of returned graphs that a later one shares
+        self.returning = 0          # returned graphs not settled yet (live _Forwards)
         self.keys = {}              # task, or (task, amounts) -> its interned _Key
         self.link = None            # its _RunLink, when the engine has a connector
         self._ready = collections.deque()   # nodes whose inputs are all done, FIFO
@@ -4841,6 +4863,7 @@ class _Run:
         self._remote = engine._remote
         self._window = engine._window
         self._wire = {}
+        self._checks = set()        # _graft_when_sendable tasks still checking
         self._threaded = self._remote is None
         self._to_thread = pool.call if isinstance(pool, _Workers) else pool.submit
 
@@ -4949,6 +4972,12 @@ class _Run:
         if unknown:
             raise ParamError(f"unknown params {sorted(unknown)}: the graph has "
                              f"{sorted(known) or 'no params'}")
+        self._place(special, needed)
+
+    def _place(self, special, needed):
+        """Check that the resources ``needed`` by the nodes ``special`` (and those they
+        inject) are registered, and find where each lives (see _Resources.place): at
+        run start, and for each graph a task returns."""
         registered = self.engine._resources
         stack, seen = list(needed), set()
         while stack:
@@ -4963,7 +4992,7 @@ class _Run:
             stack.extend(r for _, r in registered[name].injects)
         self.resources.place(special, seen)
 
-    async def _check_remote(self):
+    async def _check_remote(self, tasks=None):
         """Before any body on a remote executor: size the window afresh (a Dask cluster's
         threads, unless ``Engine(window=)`` fixed it), and choose what is sent for each
         distinct sync task of the graph (see _Remote.wires): the first way that pickles
@@ -4971,13 +5000,16 @@ class _Run:
         the executor as it was. Raises CascadeError naming each task that cannot be
         sent, and the fix. (Regression: a lambda task broke the user's process pool for
         good; on Dask a task defined under `if __name__ == "__main__":` killed the
-        workers that loaded it, and the run never ended.)"""
+        workers that loaded it, and the run never ended.) With ``tasks``: only those
+        (the new sync tasks of a graph a task returned, see _returned_graph)."""
         remote = self._remote
-        tasks = [t for t in self.tallies if not t.is_async]
+        first = tasks is None
+        if first:
+            tasks = [t for t in self.tallies if not t.is_async]
         if not tasks:
             return
         waits = []
-        if remote.sized and self.engine._window_size is None:
+        if first and remote.sized and self.engine._window_size is None:
             sizing = self.loop.run_in_executor(self.engine._threads(), remote.slots)
             sizing.add_done_callback(_retrieved)
             waits.append(sizing)
@@ -5199,8 +5231,12 @@ class _Run:
         back: a recursion under a limit cannot deadlock on its own slots), and the graph
         of ``lazy`` is added to the run; its root's value becomes the unit's. A graph
         that cannot be added (a cycle, a missing param) fails the task."""
+        # On a remote executor, sync tasks that no body of the run has been sent for
+        # yet are checked first, as at the run's start (regression: KeyError on the
+        # first body of such a task).
+        unsent = self._unsent(lazy) if self._remote is not None and not self.stopping else ()
         try:
-            fwd = self._graft(u, lazy) if not self.stopping else None
+            fwd = self._graft(u, lazy) if not self.stopping and not unsent else None
             exc = None
         except (TypeError, ValueError, CascadeError) as e:
             fwd, exc = None, e
@@ -5215,7 +5251,46 @@ class _Run:
             rep.finished(u, time.perf_counter() - t0, exc)
         if self.stopping:
             return self._check_idle()
+        if unsent:
+            check = self.loop.create_task(self._graft_when_sendable(u, lazy, unsent))
+            self._checks.add(check)
+            check.add_done_callback(self._checks.discard)
+            return
         if fwd is not None and not fwd.pending:
+            fwd.seq = self._stamp()
+            self._ready.append(fwd)
+        self._pump()
+
+    def _unsent(self, lazy):
+        """The sync tasks of the graph of ``lazy`` (of its lazy results that are not
+        nodes of the run yet) that the run has not chosen what to send for (_wire)."""
+        nodes, wire = self.nodes, self._wire
+        found, seen, stack = set(), set(), [lazy]
+        while stack:
+            lz = stack.pop()
+            if lz in seen or lz in nodes:
+                continue
+            seen.add(lz)
+            task = lz.task
+            if task is not None and not task.is_async and task not in wire:
+                found.add(task)
+            stack.extend(lz.deps)
+        return list(found)
+
+    async def _graft_when_sendable(self, u, lazy, tasks):
+        """_returned_graph's graft, once ``tasks`` are checked (see _check_remote); a
+        task that cannot be sent fails the task that returned the graph. The node of
+        ``u`` stays unsettled meanwhile, so the run waits for this."""
+        try:
+            await self._check_remote(tasks)
+            if self.stopping:
+                return
+            fwd = self._graft(u, lazy)
+        except (TypeError, ValueError, CascadeError) as e:
+            if not self.stopping:
+                self._fail(e, u.id, u.key.name)
+            return
+        if not fwd.pending:
             fwd.seq = self._stamp()
             self._ready.append(fwd)
         self._pump()
@@ -5240,12 +5315,15 @@ class _Run:
         reached = set()
         fresh, roots, special = _build_nodes(lazy, self.tallies, self._counts, self.nodes,
                                              reached)
+        later = None  # the nodes that settle only after fwd.node does (found when needed)
         for lz in reached:
             d = self.nodes[lz]
-            if d.pending >= 0 and any(_depends_on(lz, w) for w in waiting):
+            if d.pending >= 0 and (any(_depends_on(lz, w) for w in waiting) or id(d) in (
+                    later if later is not None else (later := _downstream(fwd.node)))):
                 raise ValueError(f"task {u.key.name!r} ({u.id}) returned a graph that needs "
                                  f"{d.id}, which waits for that task: it would wait forever")
             self._kept.add(lz)
+        needed = set()
         for n in special:
             lz = n.lazy
             t = type(lz)
@@ -5261,13 +5339,12 @@ class _Run:
             elif t is Env:
                 n.value = os.environ.get(lz.var, lz.default)
             else:
-                for r in (r for _, r in lz.injects if r not in self.engine._resources):
-                    raise ResourceError(f"resource {r!r} is injected but not registered; "
-                                        "pass it with engine.register(r) or "
-                                        "cs.run(..., resources=[r])")
+                needed.update(r for _, r in lz.injects)
                 for k, v in (lz.amounts or {}).items():
                     if not isinstance(v, LazyResult):
                         _check_amount(self.cp._caps, lz, k, v)
+        if needed:  # (regression: a same_thread resource it alone needed was not placed)
+            self._place(special, needed)
         self.nodes.update(fresh)
         root = fwd.root = self.nodes[lazy]
         fwd.fresh = list(fresh)
@@ -5283,6 +5360,8 @@ class _Run:
         for n in roots:
             n.seq = self._stamp() if not self._prio else self._prioritized(n)
         self._ready.extend(roots)
+        if fwd.node is node:  # a new one (not one handed on by a tail call)
+            self.returning += 1
         return fwd
 
     def _drop(self, fwd):
@@ -5298,6 +5377,7 @@ class _Run:
         """The root of a returned graph has settled: so does the unit that returned it
         (the value of a plain call, or item ``index`` of a map)."""
         root, node, j = fwd.root, fwd.node, fwd.index
+        self.returning -= 1
         self._drop(fwd)
         fwd.root = None
         if fwd.skip is not None:
@@ -6012,6 +6092,8 @@ class _Run:
             h.cancel()
         self._timers.clear()
         self.resources.cancel_setups()
+        for check in list(self._checks):
+            check.cancel()
         handed = []  # remote futures: cancelled together (Dask: one message)
         for u in self.cp.holders_of(self):
             if u.state == _RUNNING and u.body is not None:
@@ -6075,7 +6157,11 @@ class _Run:
                 continue
             if type(u) is _Overdue:  # timed out, reported then; it returns on its own
                 if not u.back:
-                    lost += isinstance(self._pool, _Workers)
+                    home = self.resources.home_of(u.node.lazy) if self.resources.homes else None
+                    if home is not None:  # on a same_thread resource's thread (regression:
+                        self.resources.stuck.add(home)  # its tear-down was queued behind
+                    else:  # the body, whose thread then left: the run never ended)
+                        lost += isinstance(self._pool, _Workers)
                     _log.warning("task %r (%s) of run %s timed out and its body has not "
                                  "returned within stop_grace=%ss of the run stopping; it "
                                  "is abandoned and keeps its slots until it returns",
@@ -6267,7 +6353,12 @@ class RunHandle:
                                    "lives on; use `await handle` instead")
         try:
             return self._future.result(timeout)
-        except concurrent.futures.TimeoutError:
+        except concurrent.futures.TimeoutError as exc:
+            f = self._future
+            if f.done() and not f.cancelled() and f.exception() is exc:
+                # The run's own error (with_timeout's TimeoutError is this class from
+                # 3.11 on; regression: it was reported as "still running after Nones").
+                raise
             # the builtin on every version (they are one class only from 3.11 on)
             raise TimeoutError(f"run {self.run_id} still running after {timeout}s") from None
 
@@ -7787,9 +7878,11 @@ class _Progress:
 
     def total(self):
         """(finished, total) task executions of the run, once every map of it knows its
-        length (a map over a lazy result learns it when that value arrives); else None."""
+        length (a map over a lazy result learns it when that value arrives) and no graph
+        that a task returned is still running (it may add tasks: a recursion one a
+        level); else None."""
         run = self.run
-        if run is None or not run.nodes:
+        if run is None or not run.nodes or run.returning:
             return None
         if self.maps is None:
             self.maps = [n for n in run.nodes.values() if isinstance(n.lazy, MappedLazyResult)]

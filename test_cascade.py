@@ -1009,6 +1009,28 @@ def test_task_defined_in_a_class_is_a_method():
     assert cs.run(_Scaler.scale(a, 4))[1] == 40  # through the class: self passed explicitly
 
 
+def test_task_on_a_staticmethod_or_classmethod_says_to_put_it_under_them():
+    # regression: @cs.task over @staticmethod was taken (a staticmethod is callable since
+    # 3.10) and bound the instance as a method: obj.f(1) raised "f(): too many positional
+    # arguments"; over @classmethod it said "needs a function" without the fix
+    for kind in (staticmethod, classmethod):
+        with pytest.raises(TypeError, match=f"put @{kind.__name__} above @cs.task"):
+            cs.task(kind(lambda x: x))
+
+    class K:
+        @staticmethod
+        @cs.task
+        def s(x):
+            return x + 1
+
+        @classmethod
+        @cs.task
+        def c(cls, x):
+            return cls, x
+
+    assert cs.run([K().s(1), K.s(2), K().c(3)]) == [2, 3, (K, 3)]
+
+
 @cs.task
 def _fetch_one(url):
     return url
@@ -1658,6 +1680,64 @@ def test_a_same_thread_resource_makes_a_sqlite3_connection_work(tmp_path):
             assert not t.is_alive(), t
 
 
+def test_a_same_thread_resource_that_only_a_returned_graph_needs_lives_on_its_thread():
+    # regression: resources were placed at run start only, so one that only a graph
+    # returned by a task injected was set up and used on the pool's threads (sqlite3:
+    # "SQLite objects created in a thread can only be used in that same thread"), and a
+    # resource injected by such a resource, unregistered, failed with a bare KeyError
+    import sqlite3
+    threads = collections.defaultdict(set)
+
+    @cs.resource(same_thread=True)
+    def db():
+        threads["set-up"].add(threading.get_ident())
+        conn = sqlite3.connect(":memory:")
+        conn.execute("CREATE TABLE t (x INT)")
+        yield conn
+        threads["tear-down"].add(threading.get_ident())
+        conn.close()
+
+    @cs.task
+    def save(x, db=cs.inject("db")):
+        threads["save"].add(threading.get_ident())
+        db.execute("INSERT INTO t VALUES (?)", (x,))
+        return db.execute("SELECT count(*) FROM t").fetchone()[0]
+
+    @cs.task
+    def plan(n):
+        return save.map(range(n))
+
+    assert run_engine(cs.Engine(resources=[db]), plan(3)) == [1, 2, 3]
+    one = threads["set-up"]
+    assert len(one) == 1 and threads["save"] == one and threads["tear-down"] == one
+
+    @cs.task
+    async def save_async(x, db=cs.inject("db")):
+        return x
+
+    @cs.task
+    def plan_async(n):
+        return save_async(n)
+
+    with pytest.raises(cs.ResourceError, match="async task 'save_async' injects same_thread"):
+        run_engine(cs.Engine(resources=[db]), plan_async(1))
+
+    @cs.resource
+    def needs_missing(m=cs.inject("missing")):
+        yield m
+
+    @cs.task
+    def use(x, r=cs.inject("needs_missing")):
+        return x
+
+    @cs.task
+    def plan_missing(n):
+        return use(n)
+
+    with pytest.raises(cs.ResourceError, match="resource 'missing' is injected but not"):
+        run_engine(cs.Engine(resources=[needs_missing]), plan_missing(1))
+
+
 def test_a_same_thread_resource_is_torn_down_on_its_thread_after_a_failure():
     import sqlite3
     seen = []
@@ -1716,6 +1796,35 @@ def test_a_body_abandoned_on_a_same_thread_resources_thread_leaves_it_up(caplog)
         assert run_engine(engine, ident(5)) == 5  # the pool is as it was
     finally:
         release.set()
+
+
+def test_a_timed_out_body_abandoned_on_a_same_thread_resources_thread_leaves_it_up(caplog):
+    # regression: a sync body past its timeout that the run then abandoned was counted
+    # as a thread of the engine's pool, so the resource's tear-down was queued on its
+    # thread behind the body, and that thread ended when the body returned: the run
+    # never ended
+    release = threading.Event()
+    seen = []
+
+    @cs.resource(same_thread=True)
+    def db():
+        yield 1
+        seen.append("down")
+
+    @cs.task
+    def stuck(db=cs.inject("db")):
+        release.wait(TIMEOUT)
+
+    engine = cs.Engine(resources=[db], stop_grace=0.1)
+    try:
+        handle = engine.start(stuck().with_timeout(0.05))
+        with pytest.raises(TimeoutError, match="timed out: its attempt 1"):
+            handle.result(TIMEOUT)
+        assert "resource 'db' is not torn down" in caplog.text
+        assert seen == []
+    finally:
+        release.set()
+    assert run_engine(engine, ident(5)) == 5  # the pool is as it was
 
 
 def test_same_thread_resources_that_cannot_work_fail_at_decoration_or_run_start():
@@ -3154,6 +3263,27 @@ def test_a_task_returning_a_lazy_result_that_waits_for_it_fails_instead_of_hangi
         run_engine(cs.Engine(), holder[0])
 
 
+def test_a_returned_graph_that_needs_what_waits_for_it_through_another_graph_fails():
+    # regression: only a node that waited for the returning call itself (through its
+    # arguments) was refused; one that waited for it through a returned graph (b needs
+    # a, whose returned graph holds inner) was taken, and the run waited forever
+    shared = {}
+
+    @cs.task
+    def inner(x):
+        return ident(shared["b"])
+
+    @cs.task
+    def outer(x):
+        return ident(inner(x))  # inner is not the root: a's value waits for it all the same
+
+    a = outer(1)
+    shared["b"] = b = ident(a)
+    with pytest.raises(ValueError, match=r"task 'inner' \(inner-1\) returned a graph that "
+                                         r"needs ident-1, which waits for that task"):
+        run_engine(cs.Engine(), b)
+
+
 def test_a_returned_graph_may_share_a_finished_node_of_the_run():
     calls = []
 
@@ -3169,6 +3299,139 @@ def test_a_returned_graph_may_share_a_finished_node_of_the_run():
         return dag_add(b, x)  # b is a node of the run that has finished: not run again
     assert run_engine(cs.Engine(), grow(b)) == 10
     assert calls == ["base"]
+
+
+# --- pipelined maps x policies x returned graphs (review of issue 12) -------------
+
+_mix_calls = collections.Counter()
+_mix_lock = threading.Lock()
+_mix_running = [0, 0]  # async mix_inc bodies running now, most at once
+
+
+def _mix_count(name):
+    with _mix_lock:
+        _mix_calls[name] += 1
+
+
+def _mix_val(x):
+    return x if isinstance(x, int) else 1000  # an exception (return_exceptions) counts so
+
+
+@cs.task
+async def mix_inc(x):
+    _mix_count("inc")
+    _mix_running[0] += 1
+    _mix_running[1] = max(_mix_running)
+    await asyncio.sleep(0)
+    _mix_running[0] -= 1
+    return _mix_val(x) + 1
+
+
+@cs.task
+def mix_inc_sync(x):
+    _mix_count("inc_sync")
+    return _mix_val(x) + 1
+
+
+@cs.task
+def mix_boom(x):
+    _mix_count("boom")
+    if _mix_val(x) % 3 == 0:
+        raise ValueError(x)
+    return _mix_val(x) + 2
+
+
+@cs.task
+async def mix_via(x):
+    _mix_count("via")
+    return mix_inc(x)  # a returned graph
+
+
+@cs.task
+def mix_down(x, k):
+    _mix_count("down")
+    return _mix_val(x) if k == 0 else mix_down(_mix_val(x) + 1, k - 1)  # a tail call
+
+
+@cs.task
+def mix_truth(v):
+    _mix_count("truth")
+    return v
+
+
+def _mix_stages(n, ops):
+    """Random stages (each over an earlier one) and what sequential evaluation gives:
+    [(lazy, values or None when skipped, body calls)]."""
+    stages = [(list(range(n)), list(range(n)), collections.Counter())]
+    for src, kind, opt in ops:
+        lz, vals, _ = stages[src % len(stages)]
+        calls = collections.Counter()
+        plus = None if vals is None else [_mix_val(v) + 1 for v in vals]
+        if kind == "map":  # a map over a map (pipelined) or over a list of lazy results
+            new, new_vals = (mix_inc if opt % 2 else mix_inc_sync).map(lz), plus
+            calls["inc" if opt % 2 else "inc_sync"] += n
+        elif kind == "list" and type(lz) is list:  # a list of lazy results
+            new, new_vals = [mix_inc(x) for x in lz], plus
+            calls["inc"] += n
+        elif kind == "boom":  # failures become values
+            new = mix_boom.map(lz).return_exceptions()
+            if opt % 2:
+                new = new.with_retry(2)
+            new_vals = None if vals is None else [
+                "E" if _mix_val(v) % 3 == 0 else _mix_val(v) + 2 for v in vals]
+            calls["boom"] += n + (opt % 2) * sum(v == "E" for v in new_vals or ())
+        elif kind == "via":  # each item returns a graph
+            new, new_vals = mix_via.map(lz), plus
+            calls.update(via=n, inc=n)
+        elif kind == "down":  # each item a tail recursion opt % 3 deep
+            new = mix_down.map(lz, cs.unmapped(opt % 3))
+            new_vals = None if vals is None else [_mix_val(v) + opt % 3 for v in vals]
+            calls["down"] += n * (opt % 3 + 1)
+        elif kind == "cond":  # run_if on the map, static or lazy
+            flag = bool(opt % 2)
+            new = mix_inc.map(lz).run_if(mix_truth(flag) if opt >= 2 else flag)
+            new_vals = plus if flag else None
+            calls["truth"] += opt >= 2
+            calls["inc"] += n if flag else 0
+        elif kind == "itemskip" and type(lz) is list:  # one item's input is skipped
+            new = mix_inc.map([mix_inc(x).run_if(False) if i == opt % n else x
+                               for i, x in enumerate(lz)])
+            new_vals = None
+        else:
+            continue
+        stages.append((new, None if vals is None else new_vals, calls))
+    return stages[1:]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 4),
+       ops=st.lists(st.tuples(st.integers(0, 10),
+                              st.sampled_from(["map", "list", "boom", "via", "down", "cond",
+                                               "itemskip"]),
+                              st.integers(0, 5)), max_size=6),
+       limit=st.sampled_from([None, 1, 2]))
+def test_property_pipelined_maps_policies_and_returned_graphs_evaluate_as_sequentially(
+        n, ops, limit):
+    # Random DAGs mixing maps over maps and over lists of lazy results, return_exceptions
+    # (with retries), run_if (static and lazy), items that return graphs and tail
+    # recursions give what sequential evaluation gives, run each body exactly as often,
+    # keep a limit, and end; a skip anywhere skips what needs it.
+    stages = _mix_stages(n, ops)
+    live = [s for s in stages if s[1] is not None]
+    engine = cs.Engine()
+    if limit:
+        engine.limit("task:mix_inc", limit)
+    _mix_calls.clear()
+    _mix_running[:] = [0, 0]
+    if live:
+        got = run_engine(engine, [s[0] for s in live])
+        assert [["E" if isinstance(v, ValueError) else v for v in g] for g in got] == [
+            s[1] for s in live]
+        assert +_mix_calls == +sum((s[2] for s in live), collections.Counter())
+        assert _mix_running[1] <= (limit or n * len(stages))
+    if len(live) < len(stages):
+        with pytest.raises(cs.DependencyMissingError):
+            run_engine(engine, [s[0] for s in stages])
 
 
 # ===========================================================================
@@ -7268,6 +7531,31 @@ def test_lambda_nested_and_main_script_tasks_are_sent_by_value_to_dask(dask_clie
     assert dask_client.submit(abs, -3, pure=False).result(TIMEOUT) == 3
 
 
+@cs.task
+def rx_returns_square(x):
+    return rx_square_task(x)  # a returned graph of a sync task the run has not sent yet
+
+
+@cs.task
+async def rx_returns_lambda(x):
+    return rx_lambda(x)
+
+
+def test_a_returned_graph_may_use_sync_tasks_new_to_the_run_on_a_remote_executor(
+        remote, rx_dir):
+    # regression: the run chose what to send for the tasks of its graph at its start only,
+    # so the first body of a task that only a returned graph used failed with KeyError
+    kind, ex = remote
+    e = cs.Engine(executor=ex)
+    assert run_engine(e, ident.map(rx_returns_square.map([2, 3]))) == [4, 9]
+    if kind == "process pool":  # checked as at a run's start: the pool stays usable
+        with pytest.raises(cs.CascadeError, match="task 'rx_lambda' cannot be sent"):
+            run_engine(e, [rx_returns_lambda(1), rx_work(rx_dir, 0)])
+        assert ex.submit(abs, -3).result(TIMEOUT) == 3
+    else:  # Dask sends it by value
+        assert run_engine(e, rx_returns_lambda(1)) == 2
+
+
 def test_arguments_that_cannot_be_pickled_fail_their_task_on_a_remote_executor(remote):
     e = cs.Engine(executor=remote[1])
     rec = Recorder(e)
@@ -7945,6 +8233,24 @@ engine.start(slow(sys.argv[1]))
 engine.start(slow(sys.argv[1] + "2") if sys.argv[1] != "stuck" else slow("stuck"))
 say("returned")
 """
+
+
+def test_handle_result_raises_a_runs_with_timeout_error_as_it_is():
+    # regression: from 3.11 on concurrent.futures.TimeoutError is the builtin, so the
+    # TimeoutError of a task's with_timeout was taken for the wait's own and reported as
+    # "run ... still running after Nones"
+    @cs.task
+    async def slow():
+        await asyncio.sleep(TIMEOUT)
+
+    engine = cs.Engine()
+    handle = engine.start(slow().with_timeout(0.05))
+    for timeout in (None, TIMEOUT):
+        with pytest.raises(TimeoutError, match="timed out: its attempt 1"):
+            handle.result(timeout)
+    with pytest.raises(TimeoutError, match="still running after 0.01s"):
+        engine.start(slow()).result(0.01)
+    engine.close()
 
 
 def test_the_interpreter_waits_at_exit_for_runs_started_with_start(tmp_path):
@@ -10694,6 +11000,35 @@ def test_cs_run_progress_on_a_terminal_never_runs_into_log_lines(bare_logger, mo
     assert not any(re.match(r"\d+/\d+", s) for s in status[:1]), status  # not known at first
     assert status[-1].startswith("32/32 (100%) | done 31 |"), status
     assert out.endswith("\n")
+
+
+@cs.task
+async def prog_upto(n):
+    await asyncio.sleep(0.01)
+    return list(range(n))
+
+
+@cs.task
+async def prog_returns_map(n):
+    await asyncio.sleep(0.01 * n)
+    return ident.map(prog_upto(n))  # a map whose length is known when prog_upto is done
+
+
+def test_cs_run_progress_shows_no_total_while_a_returned_graph_may_add_tasks(
+        bare_logger, monkeypatch):
+    # regression: a map of a graph returned later was left out of "every map knows its
+    # length", and each level of a recursion added a task: the line showed totals that
+    # were not (3/9, then 5/11; 1/2, 2/3, ... with an ETA) before the real one
+    tty = FakeTTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+    flow = [ident.map(prog_returns_map.map([2, 3])), count_down(4)]
+    assert cs.run(flow, progress=True, log_level="WARNING") == [[[0, 1], [0, 1, 2]], 4]
+    status = re.findall(r"\[cascade\] ([^\r\n\x1b]*)", tty.getvalue())
+    totals = {m.group(1) for s in status for m in [re.match(r"\d+/(\d+) ", s)] if m}
+    # 2 + (1 + 2) + (1 + 3) prog_returns_map, prog_upto, ident items; 2 outer idents;
+    # count_down 5 levels
+    assert totals == {"16"}, status
+    assert status[-1].startswith("16/16 (100%)"), status
 
 
 def test_engine_run_logs_nothing_above_debug(caplog):
