@@ -4938,8 +4938,10 @@ class _Run:
             if cancelled:
                 raise asyncio.CancelledError()
 
-    def _prepare(self):
-        self.nodes, roots, special = _build_graph(self.target, self.tallies, self._counts)
+    def _specials(self, special):
+        """The nodes of a graph just built that are not plain calls (see _build_nodes):
+        params and env get their values, static capacity amounts are checked. Returns
+        (the params missing, the params the graph has, the resources it injects)."""
         missing, known, needed = [], set(), set()
         caps = self.cp._caps
         for node in special:  # the plain calls need no check
@@ -4960,6 +4962,11 @@ class _Run:
                 for k, v in (lz.amounts or {}).items():
                     if not isinstance(v, LazyResult):
                         _check_amount(caps, lz, k, v)
+        return missing, known, needed
+
+    def _prepare(self):
+        self.nodes, roots, special = _build_graph(self.target, self.tallies, self._counts)
+        missing, known, needed = self._specials(special)
         self._note_priorities(special)
         for node in roots:
             node.seq = self._stamp() if not self._prio else self._prioritized(node)
@@ -5323,26 +5330,11 @@ class _Run:
                 raise ValueError(f"task {u.key.name!r} ({u.id}) returned a graph that needs "
                                  f"{d.id}, which waits for that task: it would wait forever")
             self._kept.add(lz)
-        needed = set()
-        for n in special:
-            lz = n.lazy
-            t = type(lz)
-            if t is Param:
-                if lz.param in self.params:
-                    n.value = self.params[lz.param]
-                elif lz.default is not _MISSING:
-                    n.value = lz.default
-                else:
-                    raise ParamError(f"task {u.key.name!r} ({u.id}) returned a graph that "
-                                     f"needs param {lz.param!r}, which the run was not "
-                                     "given; pass it with run(target, params={...})")
-            elif t is Env:
-                n.value = os.environ.get(lz.var, lz.default)
-            else:
-                needed.update(r for _, r in lz.injects)
-                for k, v in (lz.amounts or {}).items():
-                    if not isinstance(v, LazyResult):
-                        _check_amount(self.cp._caps, lz, k, v)
+        missing, _, needed = self._specials(special)
+        if missing:
+            raise ParamError(f"task {u.key.name!r} ({u.id}) returned a graph that needs "
+                             f"param {missing[0]!r}, which the run was not given; pass it "
+                             "with run(target, params={...})")
         if needed:  # (regression: a same_thread resource it alone needed was not placed)
             self._place(special, needed)
         self.nodes.update(fresh)
