@@ -501,8 +501,9 @@ def task(fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None,
 
 
 _creation = itertools.count()
-# The policies of a lazy result that change how its attempts run and end (with_retry,
-# with_timeout, return_exceptions); one field, None for a plain call.
+# The policies of a lazy result that change how its attempts wait, run and end
+# (with_retry, with_timeout, return_exceptions, with_priority); one field, None for a
+# plain call.
 _Policy = collections.namedtuple("_Policy",
                                  "attempts delay backoff on jitter timeout catch priority")
 _NO_POLICY = _Policy(attempts=1, delay=0.0, backoff=1.0, on=None, jitter=0.0, timeout=None,
@@ -516,6 +517,8 @@ def _check_priority(p, call):
         raise ValueError(f"{call}: priority must be a number of seconds from "
                          f"{-_MAX_PRIORITY:.0e} to {_MAX_PRIORITY:.0e}, got {p!r:.80}")
     return float(p)
+
+
 _NO_KWARGS = {}  # shared by every call without keyword arguments: never mutated
 
 
@@ -702,6 +705,7 @@ class LazyResult:
             f" retry={policy.attempts}" if policy.attempts > 1 else "",
             f" timeout={policy.timeout:g}s" if policy.timeout else "",
             " return_exceptions" if policy.catch else "",
+            f" priority={policy.priority:g}" if policy.priority is not None else "",
             " run_if" if self.condition is not _MISSING else "",
             f" constraints={self.amounts}" if self.amounts else "",
         ])
@@ -6039,13 +6043,8 @@ class _Run:
         """Now as a readiness stamp, less the priority of ``obj`` (a node, or what
         stands for one of its items, which has its ``node``)."""
         node = obj if type(obj) is _Node else obj.node
-        prio = self._prio
-        off = prio.get(node)
-        if off is None:
-            lz = node.lazy
-            off = 0 if lz.policy is not None and lz.policy.priority is not None else \
-                prio.get(lz.task, 0)
-        return self._stamp() - off
+        off = self._prio.get(node)  # (its with_priority, else its task's, else none)
+        return self._stamp() - (self._prio.get(node.lazy.task, 0) if off is None else off)
 
     def _retry(self, u):
         self._timers.pop(u, None)
