@@ -313,6 +313,53 @@ def _by_name(task):
     return obj is task
 
 
+def _key_getters(task, keys):
+    """``@cs.task(keys={"customer": "customer_id"})``: ((key name, getter), ...), where
+    getter(args, kwargs) is the key's value for a call: the named argument (its default
+    if not passed), or what a function of the task's arguments returns."""
+    call = f"@cs.task(keys=...) on {task.name!r}"
+    if not isinstance(keys, dict) or len(keys) > 8:
+        raise TypeError(f"{call}: need a dict of up to 8 keys, {{key name: argument name or "
+                        f"function of the arguments}}, got {keys!r:.80}")
+    params = task._sig.parameters
+    getters = []
+    for kname, how in keys.items():
+        _check_name(kname, f"{call}: key name", TypeError)
+        if "=" in kname:
+            raise TypeError(f"{call}: key name {kname!r} must not contain '=' (scopes read "
+                            "'key:<name>=<value>')")
+        if callable(how):
+            getters.append((kname, lambda args, kwargs, f=how: f(*args, **kwargs)))
+            continue
+        p = params.get(how) if isinstance(how, str) else None
+        if p is None or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise TypeError(f"{call}: key {kname!r} = {how!r:.80}: need the name of one of "
+                            f"the parameters {list(params)} of {task.name!r}, or a "
+                            "function of its arguments")
+        i = list(params).index(how) if p.kind is not p.KEYWORD_ONLY else math.inf
+        getters.append((kname, lambda args, kwargs, name=how, i=i, d=p.default:
+                        kwargs[name] if name in kwargs else args[i] if i < len(args) else d))
+    return tuple(getters)
+
+
+def _key_values(task, args, kwargs):
+    """The key values of a call of ``task`` (see _key_getters), as strings."""
+    out = {}
+    for kname, get in task.keys:
+        try:
+            v = get(args, kwargs)
+        except Exception as exc:
+            raise ValueError(f"the key function of {kname!r} of task {task.name!r} raised "
+                             f"{exc!r:.200}") from exc
+        v = v if type(v) is str else str(v)
+        if len(v) > 200:
+            raise ValueError(f"key {kname!r} of task {task.name!r} is {v[:40]!r}... "
+                             f"({len(v)} characters); a key value must be at most 200 "
+                             "(return a short id)")
+        out[kname] = v
+    return out
+
+
 def _rebuild_task(fn, name, tags):
     # Unpickling a Task its name does not find (see Task.__reduce__).
     return Task(fn, name=name, tags=tags)
@@ -326,7 +373,8 @@ class Task:
     ``task.fn`` is the plain function."""
 
     def __init__(self, fn: Callable[..., Any], *, name: Optional[str] = None,
-                 tags: Iterable[str] = (), cost: Any = 1, priority: float = 0) -> None:
+                 tags: Iterable[str] = (), cost: Any = 1, priority: float = 0,
+                 keys: Optional[dict] = None) -> None:
         if isinstance(fn, Task):
             fn = fn.fn
         if isinstance(fn, (staticmethod, classmethod)):  # (a staticmethod is callable)
@@ -363,6 +411,7 @@ class Task:
         self._arity = (len(self._sig.parameters)
                        if all(p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty
                               for p in ps) else -1)
+        self.keys = _key_getters(self, keys) if keys else ()
 
     def _bind(self, call, args, kwargs):
         try:
@@ -471,7 +520,8 @@ def _map_items(call, label, value):
 
 
 def task(fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None,
-         tags: Iterable[str] = (), cost: Any = 1, priority: float = 0) -> Any:
+         tags: Iterable[str] = (), cost: Any = 1, priority: float = 0,
+         keys: Optional[dict] = None) -> Any:
     """Decorator: ``@cs.task`` or ``@cs.task(name="api_call", tags=["io"])``.
 
     Works on sync functions (run in a thread pool: they may block) and async functions
@@ -494,10 +544,18 @@ def task(fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None,
     could never start: it fails the run with ``ConstraintError`` instead of waiting.
 
     ``priority``: seconds of head start where its calls wait for admission (see
-    ``LazyResult.with_priority``)."""
+    ``LazyResult.with_priority``).
+
+    ``keys``: values a call is known by, for per-key limits, fair sharing and scopes:
+    ``keys={"customer": "customer_id"}`` (a parameter's name) or a function of the
+    task's arguments (``{"customer": lambda order: order.customer}``). Each value is
+    made a string; ``key:customer=acme`` scopes the calls with that value (globs on
+    the value), and ``engine.limit(scope, 2, per="customer")`` limits each value on
+    its own."""
+    kw = dict(name=name, tags=tags, cost=cost, priority=priority, keys=keys)
     if fn is None:
-        return lambda f: Task(f, name=name, tags=tags, cost=cost, priority=priority)
-    return Task(fn, name=name, tags=tags, cost=cost, priority=priority)
+        return lambda f: Task(f, **kw)
+    return Task(fn, **kw)
 
 
 _creation = itertools.count()
@@ -1180,11 +1238,11 @@ class _Key:
     per run (one object per task, or per task and capacity amounts), so a key compares
     and hashes by identity. The control plane caches on it what it needs (``needs``,
     ``takes``, as of constraint generation ``gen``)."""
-    __slots__ = ("name", "tags", "run_id", "amounts", "window", "since", "cost", "costed",
-                 "gen", "needs", "takes")
+    __slots__ = ("name", "tags", "run_id", "amounts", "window", "since", "cost", "per_unit",
+                 "values", "base", "gen", "needs", "takes", "mgen", "matched")
 
     def __init__(self, name, tags, run_id, amounts=(), window=None, since=math.inf, cost=1,
-                 costed=False):
+                 per_unit=False, values=None, base=None):
         self.name = name          # the task's name: task:<name>
         self.tags = tags          # the task's tags: tag:<tag>
         self.run_id = run_id      # run:<run_id>
@@ -1192,13 +1250,20 @@ class _Key:
         self.window = window      # the engine's _Window: a sync task on a remote executor
         self.since = since        # when its run started (monotonic): drains after it hold
         self.cost = cost          # the tokens a start takes from each rate limit (weighted)
-        self.costed = costed      # its task's cost is a function: each unit has its own key
-        self.gen = -1
-        self.needs = self.takes = ()
+        # its task's cost is a function, or it has keys: each unit gets the key of its
+        # cost and key values (see _Run._unit_key)
+        self.per_unit = per_unit
+        self.values = values      # {key name: value} of a keyed call (see task(keys=))
+        # the node's key this one is made from (_Run._unit_key): it matches the same
+        # controls, bar those of 'key:' scopes and per-key parts (see _ControlPlane._needs)
+        self.base = base
+        self.gen = self.mgen = -1
+        self.needs = self.takes = self.matched = ()
 
     def __repr__(self):
         return (f"<_Key {self.name} run={self.run_id}"
                 f"{' ' + str(self.amounts) if self.amounts else ''}"
+                f"{' ' + ' '.join(_keynames(self)) if self.values else ''}"
                 f"{' window' if self.window is not None else ''}>")
 
 
@@ -1211,7 +1276,14 @@ _SCOPE_KINDS = {
     "tag": (lambda key, project: key.tags, "'tag:<tag>'"),
     "run": (lambda key, project: (key.run_id,), "'run:<run_id>'"),
     "project": (lambda key, project: (project,), "'project:<id>'"),
+    "key": (lambda key, project: _keynames(key),
+            "'key:<name>=<value>' (globs on the value: 'key:customer=a*')"),
 }
+
+
+def _keynames(key):
+    """The names a keyed call has for 'key:' scopes: ``customer=acme``."""
+    return [f"{k}={v}" for k, v in key.values.items()] if key.values else ()
 _GLOB = re.compile(r"[*?\[]")  # a pattern without these matches its own name only
 
 
@@ -1223,6 +1295,9 @@ def _check_scope(scope):
         forms = ", ".join(form for _, form in _SCOPE_KINDS.values())
         raise ConstraintError(f"scope {scope!r} is not valid; use 'global', {forms}")
     _check_name(name, f"the name in scope {scope!r}", ConstraintError)
+    if kind == "key" and ("=" not in name or not name.partition("=")[0]):
+        raise ConstraintError(f"scope {scope!r} is not valid; use 'key:<name>=<value>' "
+                              "('key:customer=acme'; globs on the value: 'key:customer=a*')")
     return scope
 
 
@@ -1297,10 +1372,17 @@ def _check_int(value, what, low, high=_MAX_COUNT):
 # `takes`: whether a grant reserves something of it. _State has the defaults.
 
 class _State:
-    __slots__ = ()
+    __slots__ = ("active",)  # (set False when its control is removed; limits read it)
     fifo, gate, takes, capacity = True, False, True, False
     since = None  # a drain's: the runs that started before it are exempt (see _needs)
     weighted = False  # a start takes its task's cost of it, not 1 (rate limits)
+    keyed = False  # a per-key control: a unit needs the part of its key value (part())
+    fair = None    # a fair limit's key name: its FIFO orders waiters by order()
+    owner = None   # a per-key control's part: the _PerKey it belongs to
+
+    def parts(self):
+        """The states admission consults for this control (a per-key one: its parts)."""
+        return (self,)
 
     def may_begin(self, u, n):
         return True
@@ -1361,6 +1443,9 @@ class _Drain(_Pause):
         return f"<_Drain {self.scope}>"
 
 
+_NONE = frozenset()
+
+
 class _Limiter(_State):
     """Resizable capacity with trio's CapacityLimiter semantics: ``total`` slots of which
     ``borrowed`` are held. Shrinking never evicts; growing admits from spare capacity.
@@ -1372,25 +1457,61 @@ class _Limiter(_State):
     (a sync body queued in a busy pool) waits again rather than begin beside too many.
     invariant: running <= borrowed."""
     __slots__ = ("name", "total", "borrowed", "capacity", "running", "adopted", "maybe",
-                 "active")
+                 "fair", "weights", "vtime", "finish", "prune_at", "serial")
     gate = True  # (capacities are never applied, so never counted as gated)
 
     def __init__(self, name, total, capacity=False):
         self.name, self.total, self.borrowed, self.capacity = name, total, 0, capacity
         self.running = 0
-        self.adopted = set()  # holders that were running when it was set: counted
-        self.maybe = set()    # holders that were granted when it was set: not yet counted
+        # (sets made when first needed: a per-key limit makes a limiter per value)
+        self.adopted = _NONE  # holders that were running when it was set: counted
+        self.maybe = _NONE    # holders that were granted when it was set: not yet counted
         self.active = True    # False once its control is removed: it gates nothing
+        self.fair = None      # fair sharing across the values of this key (see order)
 
     @classmethod
     def control(cls, scope, params, now):
-        return cls(scope, params["limit"])
+        st = cls(scope, params["limit"])
+        st.update(params, now)
+        return st
 
     def can_take(self, n, now):
         return self.borrowed + n <= self.total
 
     def take(self, u, n):
         self.borrowed += n
+        if self.fair is not None:
+            self.served(u.key, n)
+
+    # Fair sharing (``fair="customer"``): start-time fair queueing. Each value of the
+    # key has a virtual finish time, advanced by 1/weight for each grant; a waiter's
+    # place in this limit's FIFO is its value's tag, max(vtime, finish), then, among
+    # equal tags, values not served since (or never) first, then the one served longest
+    # ago, then readiness (order). A value with many waiters is pushed back by each
+    # grant; one that comes back idle takes the current vtime, so it waits at most one
+    # round: round robin across values, ``weights`` grants each per round. Values whose
+    # finish is behind vtime are forgotten (they are equivalent to absent): memory is
+    # O(busy values).
+    def order(self, key, head):
+        """The place in this limit's FIFO of a queue whose head became ready at
+        ``head``: (tag, when its value was last served, head)."""
+        f = self.finish.get(key.values.get(self.fair) if key.values else None)
+        if f is not None and f[0] > self.vtime:
+            return (f[0], f[1], head)
+        return (self.vtime, -1, head)
+
+    def served(self, key, n):
+        v = key.values.get(self.fair) if key.values else None
+        finish = self.finish
+        f = finish.get(v)
+        t = f[0] if f is not None and f[0] > self.vtime else self.vtime
+        self.vtime = t
+        self.serial += 1
+        finish[v] = (t + n / self.weights.get(v, 1), self.serial)
+        if len(finish) > self.prune_at:
+            for v in [v for v, f in finish.items() if f[0] <= t]:
+                del finish[v]
+            self.prune_at = 2 * len(finish) + 64
 
     def adopt(self, u):
         """A new limit takes a unit that already holds a grant: a running one counts as
@@ -1399,8 +1520,12 @@ class _Limiter(_State):
         self.borrowed += 1
         if u.state == _RUNNING:
             self.running += 1
+            if self.adopted is _NONE:
+                self.adopted = set()
             self.adopted.add(u)
         else:
+            if self.maybe is _NONE:
+                self.maybe = set()
             self.maybe.add(u)
 
     def may_begin(self, u, n):
@@ -1412,7 +1537,8 @@ class _Limiter(_State):
 
     def begin(self, u, n):
         if not self.capacity:
-            self.maybe.discard(u)
+            if self.maybe:
+                self.maybe.discard(u)
             self.running += n
 
     def began_unlocked(self, u, n):
@@ -1420,6 +1546,8 @@ class _Limiter(_State):
         if u in self.maybe:
             self.maybe.discard(u)
             self.running += n
+            if self.adopted is _NONE:
+                self.adopted = set()
             self.adopted.add(u)
 
     def give_back(self, u, n, began):
@@ -1433,16 +1561,29 @@ class _Limiter(_State):
             self.running -= n
 
     def update(self, params, now):
+        """Returns True when waiters' order changed (fair sharing set or lifted)."""
         self.total = params["limit"]
+        fair = params.get("fair")
+        if fair is None:
+            self.weights = None
+        else:
+            self.weights = params.get("weights") or {}
+            if fair != self.fair:
+                self.vtime, self.finish, self.prune_at, self.serial = 0.0, {}, 64, 0
+        changed, self.fair = fair != self.fair, fair
+        return changed
 
     def why(self, n):
         if self.capacity:
             return (f"capacity {self.name} (needs {n}, {self.total - self.borrowed} of "
                     f"{self.total} free)")
-        return f"concurrency on {self.name} (limit {self.total}, {self.borrowed} running)"
+        return (f"concurrency on {self.name} (limit {self.total}, {self.borrowed} running"
+                f"{', fair by ' + self.fair if self.fair else ''})")
 
     def usage(self, now):
-        return {"limit": self.total, "in_use": self.borrowed}
+        if self.fair is None:
+            return {"limit": self.total, "in_use": self.borrowed}
+        return {"limit": self.total, "in_use": self.borrowed, "fair": self.fair}
 
     def __repr__(self):
         return f"<_Limiter {self.name} {self.borrowed}/{self.total}>"
@@ -1598,6 +1739,106 @@ class _Bucket(_State):
                                        for w in self.windows) + ">"
 
 
+class _KeyLimiter(_Limiter):
+    """The concurrency limit of one value of a per-key limit (see _PerKey); ``name`` is
+    the control's scope."""
+    __slots__ = ("owner", "value")
+
+    def idle(self, now):
+        return not self.borrowed
+
+    def why(self, n):
+        return (f"concurrency on {self.name} for {self.owner.per}={self.value} (limit "
+                f"{self.total}, {self.borrowed} running)")
+
+    def __repr__(self):
+        return f"<_KeyLimiter {self.name} {self.owner.per}={self.value} {self.borrowed}/{self.total}>"
+
+
+class _KeyBucket(_Bucket):
+    """The token buckets of one value of a per-key rate limit (see _PerKey)."""
+    __slots__ = ("owner", "value")
+
+    def idle(self, now):  # full again: a fresh one would be the same
+        self.refill(now)
+        return all(w[2] >= w[1] for w in self.windows)
+
+    def why(self, n):
+        return super().why(n).replace(" (", f" for {self.owner.per}={self.value} (", 1)
+
+
+class _PerKey(_State):
+    """A per-key control (``limit(scope, 2, per="customer")``): a concurrency limit
+    (``kind`` "concurrency") or rate limit ("rate_limit") for each distinct value of the
+    key ``per``, ``overrides`` giving some values their own. A unit needs the part of
+    its key's value (``part``, cached in its key's needs), never this object itself; a
+    task without the key ``per`` is not limited by it.
+
+    Parts are made when first needed and forgotten when idle (nothing held, nothing
+    parked on them, a bucket full again), by ``_ControlPlane._sweep`` once ``live``
+    has doubled, so 100,000 customers over a run leave only the busy ones behind.
+    invariant: at most one part per value is in use (every lookup goes through live,
+    and a sweep invalidates the parts cached in keys' needs)."""
+    __slots__ = ("scope", "kind", "per", "params", "live", "sweep_at", "gate")
+    keyed = True
+
+    def __init__(self, scope, params, now, kind):
+        self.scope, self.kind = scope, kind
+        self.gate = kind == "concurrency"  # its parts are re-checked at the start gate
+        self.live = {}      # value -> its part
+        self.sweep_at = 64  # sweep idle parts when live grows beyond this
+        self.active = True
+        self.update(params, now)
+
+    def _params(self, v):
+        p = self.params
+        o = p["overrides"].get(v)
+        if self.kind == "concurrency":
+            return {"limit": p["limit"] if o is None else o}
+        if o is None:
+            return p
+        return {**o, "weighted": p.get("weighted", True)}
+
+    def part(self, key):
+        """The state of ``key``'s value of the key (None: it has no such key)."""
+        v = key.values.get(self.per) if key.values else None
+        if v is None:
+            return None
+        st = self.live.get(v)
+        if st is None:
+            if self.kind == "concurrency":
+                o = self.params["overrides"].get(v)
+                st = _KeyLimiter(self.scope, self.params["limit"] if o is None else o)
+            else:
+                st = _KeyBucket(self.scope, self._params(v), time.monotonic())
+            st.owner, st.value = self, v
+            self.live[v] = st
+        return st
+
+    def parts(self):
+        return list(self.live.values())
+
+    def update(self, params, now):
+        self.per, self.params = params["per"], params
+        for v, st in list(self.live.items()):
+            st.update(self._params(v), now)
+
+    def usage(self, now):
+        parts = list(self.live.items())
+        out = {"per": self.per, "keys": len(parts)}
+        if self.kind == "concurrency":
+            busiest = sorted(((st.borrowed, v) for v, st in parts if st.borrowed),
+                             reverse=True)
+            out.update(limit=self.params["limit"], in_use=sum(n for n, _ in busiest),
+                       busiest={v: n for n, v in busiest[:5]})
+        else:
+            out.update(rate=self.params["rate"], burst=self.params["burst"])
+        return out
+
+    def __repr__(self):
+        return f"<_PerKey {self.kind} on {self.scope} per {self.per}: {len(self.live)} live>"
+
+
 def _rate_unit(rate):
     """The window a rate is counted over, by its unit: ``"60/m"`` -> "m"; a plain
     number is per second."""
@@ -1611,10 +1852,77 @@ def _plus(x):
 
 
 # -- control types: one entry each ------------------------------------------------
+_MAX_KEYED = 1000  # overrides or weights of one control (values named one by one)
+
+
+def _check_key_name(name, what):
+    if not isinstance(name, str) or not name or "=" in name or _BAD_NAME.search(name):
+        raise ConstraintError(f"{what} must be the name of a key tasks declare "
+                              f"(@cs.task(keys={{'customer': ...}}): 'customer'), got "
+                              f"{name!r:.80}")
+    return name
+
+
+def _check_by_value(raw, what, check):
+    """``overrides`` / ``weights``: {key value: setting} (values as strings)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or len(raw) > _MAX_KEYED:
+        raise ConstraintError(f"{what} must be an object of up to {_MAX_KEYED} key values, "
+                              f"{{'acme': ...}}, got {raw!r:.80}")
+    out = {}
+    for v, x in raw.items():
+        if isinstance(v, bool) or not isinstance(v, (str, int)) or len(str(v)) > 200:
+            raise ConstraintError(f"{what}: {v!r:.80} is not a key value (a string)")
+        out[str(v)] = check(x, f"{what}[{str(v)!r}]")
+    return out
+
+
+def _check_weight(w, what):
+    if not _is_number(w) or not 0 < w <= 1e6:
+        raise ConstraintError(f"{what} must be a positive number (grants per round), "
+                              f"got {w!r:.80}")
+    return w
+
+
 def _check_concurrency(raw):
     if "limit" not in raw:
         raise ConstraintError("a concurrency constraint needs params {'limit': n}")
-    return {"limit": _check_int(raw["limit"], "limit", 0)}
+    out = {"limit": _check_int(raw["limit"], "limit", 0)}
+    fair, weights = raw.get("fair"), raw.get("weights")
+    if fair is not None:
+        out["fair"] = _check_key_name(fair, "fair")
+        if weights:
+            out["weights"] = _check_by_value(weights, "weights", _check_weight)
+    elif weights:
+        raise ConstraintError("weights need fair='<key name>' (they weigh its values)")
+    return out
+
+
+def _check_keyed_concurrency(raw):
+    if "limit" not in raw or "per" not in raw:
+        raise ConstraintError("a keyed_concurrency constraint needs params {'limit': n, "
+                              "'per': '<key name>'} (and 'overrides': {value: n})")
+    return {"limit": _check_int(raw["limit"], "limit", 0),
+            "per": _check_key_name(raw["per"], "per"),
+            "overrides": _check_by_value(raw.get("overrides"), "overrides",
+                                         lambda n, what: _check_int(n, what, 0))}
+
+
+def _check_keyed_rate_limit(raw):
+    if "per" not in raw:
+        raise ConstraintError("a keyed_rate_limit constraint needs params {'rate': '10/s', "
+                              "'per': '<key name>'} (and 'overrides': {value: rate})")
+    out = _check_rate_limit({k: v for k, v in raw.items() if k not in ("per", "overrides")})
+
+    def override(x, what):
+        try:
+            return _check_rate_limit(x if isinstance(x, dict) else {"rate": x})
+        except ConstraintError as exc:
+            raise ConstraintError(f"{what}: {exc}") from None
+    out["per"] = _check_key_name(raw["per"], "per")
+    out["overrides"] = _check_by_value(raw.get("overrides"), "overrides", override)
+    return out
 
 
 def _check_adaptive(raw):
@@ -1704,6 +2012,22 @@ def _check_rate_limit(raw):
     return {"rate": list(rate), "burst": [_check_int(b, "burst", 1) for b in burst], **extra}
 
 
+def _fair(p):
+    if "fair" not in p:
+        return ""
+    w = p.get("weights")
+    return f" fair by {p['fair']}" + (f" weights {w}" if w else "")
+
+
+def _overrides(p):
+    o = p.get("overrides")
+    if not o:
+        return ""
+    shown = ", ".join(f"{v}: {_plus(x['rate']) if isinstance(x, dict) else x}"
+                      for v, x in itertools.islice(o.items(), 3))
+    return f" ({shown}{', ...' if len(o) > 3 else ''})"
+
+
 class _ControlType:
     """Everything about one type of control: its name on the wire and in topics, its
     params (``check`` validates raw params and returns the
@@ -1727,10 +2051,17 @@ _CONTROL_TYPES = {t.name: t for t in (
                  lambda row: f"{row['matching_running']} still running", _Pause),
     _ControlType("drain", (), lambda raw: {}, lambda p: "drain", lambda p: "",
                  lambda row: f"{row['matching_running']} still running", _Drain),
-    _ControlType("concurrency", ("limit",), _check_concurrency,
-                 lambda p: f"limit {p['limit']}", lambda p: f"limit {p['limit']}",
+    _ControlType("concurrency", ("limit", "fair", "weights"), _check_concurrency,
+                 lambda p: f"limit {p['limit']}{_fair(p)}",
+                 lambda p: f"limit {p['limit']}{_fair(p)}",
                  lambda row: f"{row['in_use']}/{row['limit']} in use", _Limiter.control,
                  adopts_running=True),
+    _ControlType("keyed_concurrency", ("limit", "per", "overrides"), _check_keyed_concurrency,
+                 lambda p: f"limit {p['limit']} per {p['per']}{_overrides(p)}",
+                 lambda p: f"limit {p['limit']} per {p['per']}{_overrides(p)}",
+                 lambda row: (f"{row['in_use']} in use over {row['keys']} {row['per']} "
+                              f"values (limit {row['limit']} each)"),
+                 functools.partial(_PerKey, kind="concurrency"), adopts_running=True),
     _ControlType("adaptive", ("min", "max", "factor", "latency", "on", "limit"),
                  _check_adaptive,
                  lambda p: f"adaptive limit {p['min']}-{p['max']}",
@@ -1745,6 +2076,14 @@ _CONTROL_TYPES = {t.name: t for t in (
                  lambda row: (f"{_plus(row['rate'])} burst {_plus(row['burst'])} "
                               f"tokens {_plus(row['tokens'])}"),
                  _Bucket),
+    _ControlType("keyed_rate_limit", ("rate", "burst", "weighted", "per", "overrides"),
+                 _check_keyed_rate_limit,
+                 lambda p: f"rate {_plus(p['rate'])} burst {_plus(p['burst'])} per {p['per']}"
+                           f"{_overrides(p)}",
+                 lambda p: f"{_plus(p['rate'])} burst {_plus(p['burst'])} per {p['per']}"
+                           f"{_overrides(p)}",
+                 lambda row: f"{_plus(row['rate'])} per {row['per']}, {row['keys']} values busy",
+                 functools.partial(_PerKey, kind="rate_limit")),
 )}
 _TYPES = tuple(_CONTROL_TYPES)
 _TYPE_RANK = {t: i for i, t in enumerate(_TYPES)}
@@ -1846,6 +2185,39 @@ class Constraint:
     def __repr__(self):
         return (f"<Constraint {self.describe()} id={self.id}"
                 f"{' from the broker' if self.origin == 'broker' else ''}>")
+
+
+def _limit_control(scope, n, per, overrides, fair, weights, ttl):
+    """The constraint of ``limit()`` (the engine's and the Controller's): an ordinary
+    concurrency limit (``fair=`` shares it across a key's values), or one per value of
+    key ``per`` (type keyed_concurrency, beside an ordinary limit of the scope)."""
+    if per is not None:
+        if fair is not None or weights:
+            raise ConstraintError("limit(per=...) takes no fair=/weights=: each value has "
+                                  "its own limit already; to share one limit fairly, set "
+                                  "fair= on a limit without per=")
+        return Constraint.make(scope, "keyed_concurrency",
+                               {"limit": n, "per": per, "overrides": overrides}, ttl=ttl)
+    if overrides:
+        raise ConstraintError("overrides= needs per='<key name>' (the key whose values "
+                              "they name)")
+    params = {"limit": n}
+    if fair is not None or weights:
+        params.update(fair=fair, weights=weights)
+    return Constraint.make(scope, "concurrency", params, ttl=ttl)
+
+
+def _rate_control(scope, rate, burst, weighted, per, overrides, ttl):
+    """The constraint of ``rate_limit()``: ordinary, or per value of key ``per`` (type
+    keyed_rate_limit, beside an ordinary rate limit of the scope)."""
+    params = {"rate": rate, "burst": burst, "weighted": weighted}
+    if per is None:
+        if overrides:
+            raise ConstraintError("overrides= needs per='<key name>' (the key whose values "
+                                  "they name)")
+        return Constraint.make(scope, "rate_limit", params, ttl=ttl)
+    return Constraint.make(scope, "keyed_rate_limit",
+                           {**params, "per": per, "overrides": overrides}, ttl=ttl)
 
 
 def _what(c):
@@ -2190,6 +2562,9 @@ class _ControlPlane:
         self._gates = 0                  # active constraints the start gate re-checks
         self._npause = 0                 # of which pauses
         self._adaptive = 0               # active adaptive limits (they observe outcomes)
+        self._keyscopes = 0              # active controls of 'key:' scopes
+        self._keyed = []                 # active per-key controls (_PerKey)
+        self._sweep_due = False          # one has doubled its parts: _sweep before a pass
         self._ttl = {}                   # ((scope, type), origin) -> clock entry of its expiry
         self._wakes = {}                 # state -> clock entry of its next refill
         self._failing = set()            # states whose code raised: removed soon
@@ -2254,22 +2629,28 @@ class _ControlPlane:
             self._gates += st.gate
             self._npause += st.__class__ is _Pause
             self._adaptive += st.__class__ is _Adaptive
+            if st.keyed:
+                self._keyed.append(st)
             if ctype.adopts_running:
                 # A new limit counts what already runs in its scope, so that at no
                 # instant more run than the limit (lowering never evicts).
                 for u in self._holders:
                     if self._matches(c.scope, u.key):
-                        st.adopt(u)
-                        u.held = [*u.held, (st, 1)]
+                        part = st.part(u.key) if st.keyed else st
+                        if part is not None:
+                            part.adopt(u)
+                            u.held = [*u.held, (part, 1)]
             # the queues it matches are looked at again: it may hold them back first
             # (a pause), and their reasons change
             for q in self._queues.values():
                 if q.waiters and self._matches(c.scope, q.key):
                     self._pend(q)
         else:
-            st.update(c.params, now)
-            self._cancel_wake(st)  # due at the old rate (regression: lost wake-up)
-            self._wake(st)         # it may admit more now
+            if st.update(c.params, now):  # waiters' order changed (fair): park afresh
+                self._repend(st)
+            for part in st.parts():
+                self._cancel_wake(part)  # due at the old rate (regression: lost wake-up)
+                self._wake(part)         # it may admit more now
         self._gen += 1
 
     def _uninstall(self, key):  # lock held: nothing is in force for key any more
@@ -2281,16 +2662,23 @@ class _ControlPlane:
         self._failing.discard(st)
         self._gates -= st.gate
         self._npause -= st.__class__ is _Pause
-        if isinstance(st, _Limiter):
-            st.active = False
         self._adaptive -= st.__class__ is _Adaptive
-        self._cancel_wake(st)
+        if st.keyed:
+            self._keyed.remove(st)
+        st.active = False  # (a limit's: it gates nothing any more)
+        for part in st.parts():
+            part.active = False
+            self._failing.discard(part)
+            self._cancel_wake(part)
+            self._repend(part)
+        self._gen += 1
+
+    def _repend(self, st):  # lock held: everything parked on st is looked at again
         parking = self._parked.pop(st, None)
-        if parking is not None:  # everything it held back is looked at again
+        if parking is not None:
             for e in parking.heap:
                 if e[2] is not None:
                     self._pend(e[2])
-        self._gen += 1
 
     def remove(self, scope, kind=None, only=None, origin="local"):
         """Remove ``origin``'s control of (scope, kind), or of every type of scope;
@@ -2329,6 +2717,8 @@ class _ControlPlane:
     def _index(self, key, add):  # lock held: the scope index that _matching reads
         scope = key[0]
         kind, _, pat = scope.partition(":")
+        if kind == "key":
+            self._keyscopes += 1 if add else -1
         if add:
             self._order[key] = next(self._tie)
         else:
@@ -2395,11 +2785,27 @@ class _ControlPlane:
         matching states then capacities; ``takes``, the ones a grant reserves (pauses
         take nothing). Cached on the key until the constraints change."""
         if key.gen != self._gen:
-            states = self._states
             cost = key.cost
-            needs = [(st, cost if st.weighted else 1)
-                     for st in map(states.__getitem__, self._matching(key))
-                     if st.since is None or st.since <= key.since]  # (drains: see _Drain)
+            needs = []
+            base = key.base
+            if base is not None and not self._keyscopes:
+                # a keyed or costed call: the controls of its node's key (cached there)
+                if base.mgen != self._gen:
+                    base.matched = list(map(self._states.__getitem__, self._matching(base)))
+                    base.mgen = self._gen
+                matched = base.matched
+            else:
+                matched = map(self._states.__getitem__, self._matching(key))
+            for st in matched:
+                if st.since is not None and st.since > key.since:
+                    continue  # (drains: see _Drain)
+                if st.keyed:  # a per-key control: the part of the key's value, if any
+                    if len(st.live) > st.sweep_at:
+                        self._sweep_due = True
+                    st = st.part(key)
+                    if st is None:
+                        continue
+                needs.append((st, cost if st.weighted else 1))
             needs += [(self._caps[k], n) for k, n in key.amounts]
             if key.window is not None:
                 needs.append((key.window, 1))
@@ -2478,8 +2884,13 @@ class _ControlPlane:
         if q.entries:
             left = q.left = [*q.left] if q.left else []
             for e in q.entries:
-                e[3].drop(e)
-                left.append(e[3].state)
+                parking = e[3]
+                parking.drop(e)
+                left.append(parking.state)
+                if (parking.state.owner is not None and parking.dropped == len(parking.heap)
+                        and self._parked.get(parking.state) is parking):
+                    # an empty parking of a per-key part: gone, so the part may be swept
+                    del self._parked[parking.state]
             q.entries = ()
 
     def _park(self, q, states):  # lock held: q's head is held back on each of states
@@ -2490,7 +2901,8 @@ class _ControlPlane:
             parking = parked.get(st)
             if parking is None:
                 parking = parked[st] = _Parking(st)
-            e = [head, next(self._tie), q, parking]
+            e = [head if st.fair is None else st.order(q.key, head), next(self._tie), q,
+                 parking]
             heapq.heappush(parking.heap, e)
             entries.append(e)
 
@@ -2513,31 +2925,79 @@ class _ControlPlane:
                 self._holders.update(units)
                 _Unit.grant_all(units)
                 return True
-            q = self._queue(key, units[0].run.loop)
-            _Unit.wait_all(units)
-            w = q.waiters
-            if not w or w[-1].seq < units[0].seq:
-                w.extend(units)
-            else:  # ready earlier than some already waiting (a chunk later, or a retry)
-                for u in units:
-                    _insort(w, u)
-            self._waiting += len(units)
-            if q.entries and w[0].seq < units[0].seq:
-                # Queued behind a head that is parked: nothing can start until a state
-                # that holds it back changes, and every change wakes it.
-                return False
-            if not q.entries and q.pending is None and not self._ready:
-                # A new queue, and no pass to wait for: if it is held back, park it at
-                # once (the common case under a busy limit: a pass would find the same).
-                self._needs(key)
-                held = self._held_back(q, time.monotonic())
-                if held:
-                    self._park(q, held)
-                    return False
-            self._pend(q)
-            granted = self._admit()
+            granted = []
+            if self._wait(units, key, granted):
+                granted += self._admit()
         self._dispatch(granted)
         return False
+
+    def enqueue_many(self, groups):
+        """``enqueue`` for the units of one node with several keys (keyed or costed
+        calls): ``groups`` is [(key, its units)], under one lock and one pass."""
+        with self.lock:
+            if not self._states and not self._waiting and not any(
+                    key.amounts or key.window is not None for key, _ in groups):
+                for _, units in groups:
+                    self._holders.update(units)
+                    _Unit.grant_all(units)
+                return True
+            admit, granted = False, []
+            # Groups in readiness order, none interleaved with another (the common
+            # case: a customer each): each may be granted as it is queued, FIFO intact.
+            runs = granted if all(a[1][-1].seq < b[1][0].seq
+                                  for a, b in zip(groups, groups[1:])) else None
+            for key, units in groups:
+                admit |= self._wait(units, key, runs)
+            if admit:
+                granted += self._admit()
+        self._dispatch(granted)
+        return False
+
+    def _wait(self, units, key, granted):
+        """(lock held) ``units`` wait; those that may start at once are granted (added
+        to ``granted``; None: not here, units of other keys are waiting to be queued
+        too). True if a pass must look at their queue."""
+        if self._sweep_due:
+            self._sweep()
+        q = self._queue(key, units[0].run.loop)
+        _Unit.wait_all(units)
+        w = q.waiters
+        if not w or w[-1].seq < units[0].seq:
+            w.extend(units)
+        else:  # ready earlier than some already waiting (a chunk later, or a retry)
+            for u in units:
+                _insort(w, u)
+        self._waiting += len(units)
+        if q.entries and w[0].seq < units[0].seq:
+            # Queued behind a head that is parked: nothing can start until a state
+            # that holds it back changes, and every change wakes it.
+            return False
+        if not q.entries and q.pending is None and not self._ready:
+            # A new queue, and no pass to wait for: grant what may start, park the rest
+            # at once (what a pass would do; the common case under a busy limit).
+            if not key.amounts and granted is not None:
+                self._grant(q, None, time.monotonic(), granted)
+                return False
+            self._needs(key)
+            held = self._held_back(q, time.monotonic())
+            if held:
+                self._park(q, held)
+                return False
+        self._pend(q)
+        return True
+
+    def _sweep(self, everything=False):  # lock held, before a pass (or all is idle):
+        # per-key controls forget their idle parts, once they have doubled since the last
+        # sweep (amortised O(1) a part)
+        self._sweep_due = False
+        now = time.monotonic()
+        for st in self._keyed:
+            if len(st.live) > st.sweep_at or everything and st.live:
+                busy = (self._parked, self._wakes, self._failing)
+                st.live = {v: p for v, p in st.live.items()
+                           if not p.idle(now) or any(p in b for b in busy)}
+                st.sweep_at = 2 * len(st.live) + 64
+                self._gen += 1  # (no key's needs keeps a forgotten part)
 
     def _admit(self):
         """THE admission routine (call with the lock held); returns granted units.
@@ -2550,6 +3010,8 @@ class _ControlPlane:
         granted = []
         ready, queues = self._ready, self._queues
         now = time.monotonic()
+        if self._sweep_due:
+            self._sweep()
         while ready:
             e = heapq.heappop(ready)
             q = e[2]
@@ -2561,30 +3023,7 @@ class _ControlPlane:
             if waiters:
                 while ready and ready[0][2] is None:
                     heapq.heappop(ready)
-                bound = ready[0][0] if ready else None
-                self._needs(q.key)
-                takes = q.key.takes
-                while True:
-                    held = self._held_back(q, now)
-                    if held:
-                        self._park(q, held)
-                        break
-                    u = waiters.popleft()
-                    self._waiting -= 1
-                    if takes:
-                        u.held = hold = list(u.held)
-                        for st, n in takes:
-                            st.take(u, n)
-                            hold.append((st, n))
-                    u.grant()
-                    self._holders.add(u)
-                    granted.append(u)
-                    if not waiters:
-                        self._forget(q)
-                        break
-                    if bound is not None and waiters[0].seq > bound:
-                        self._pend(q)  # another queue's head became ready first
-                        break
+                self._grant(q, ready[0][0] if ready else None, now, granted)
             elif queues.get(q.key) is q:
                 self._forget(q)
             if q.pending is None and (q.left or q.key.amounts):
@@ -2597,6 +3036,35 @@ class _ControlPlane:
                         self._wake(st, q)
                 q.left = ()
         return granted
+
+    def _grant(self, q, bound, now, granted):
+        """Grant from ``q`` (it has waiters, and is neither pending nor parked) while its
+        head is not held back and not younger than ``bound`` (the next pending head);
+        then it is parked, pending again, or forgotten (no waiters left)."""
+        waiters = q.waiters
+        self._needs(q.key)
+        takes = q.key.takes
+        while True:
+            held = self._held_back(q, now)
+            if held:
+                self._park(q, held)
+                return
+            u = waiters.popleft()
+            self._waiting -= 1
+            if takes:
+                u.held = hold = list(u.held)
+                for st, n in takes:
+                    st.take(u, n)
+                    hold.append((st, n))
+            u.grant()
+            self._holders.add(u)
+            granted.append(u)
+            if not waiters:
+                self._forget(q)
+                return
+            if bound is not None and waiters[0].seq > bound:
+                self._pend(q)  # another queue's head became ready first
+                return
 
     def _held_back(self, q, now):
         """The states that hold the head of ``q`` back (empty: it may start): its pauses
@@ -2619,7 +3087,8 @@ class _ControlPlane:
                     continue
                 parking = parked.get(st)
                 top = parking.top() if parking is not None else None
-                if top is None or top[0] >= head or top[2] is q:
+                if top is None or top[2] is q or top[0] >= (
+                        head if st.fair is None else st.order(q.key, head)):
                     if not (st.capacity and self._bigger_waits(st, q, n, head, now)):
                         continue
             else:
@@ -2640,6 +3109,7 @@ class _ControlPlane:
         return paused or held or ()
 
     def _broken(self, st, exc):  # lock held: a state's code raised
+        st = st.owner or st  # (a per-key part: its control)
         for key, s in self._states.items():
             if s is st:
                 _log.error("constraint %s on %s failed (%r) and is removed", key[1], key[0],
@@ -2709,6 +3179,8 @@ class _ControlPlane:
         with self.lock:
             if u.held:
                 self._give_back(u, u.state == _RUNNING)
+                if self._keyed and not self._holders and not self._waiting:
+                    self._sweep(everything=True)  # idle: per-key state keeps nothing idle
             else:  # nothing to give back (the common case without constraints)
                 self._holders.discard(u)
             u.node.tally[_GRANTED] -= 1
@@ -3757,14 +4229,19 @@ class Controller:
     async def undrain(self, scope: str = "global") -> None:
         await self._clear(scope, ("drain",), f"the undrain of {scope}")
 
-    async def limit(self, scope: str, n: int, *, ttl: Optional[float] = None) -> Constraint:
-        return await self._publish(Constraint.make(scope, "concurrency", {"limit": n}, ttl=ttl))
+    async def limit(self, scope: str, n: int, *, per: Optional[str] = None,
+                    overrides: Optional[dict] = None, fair: Optional[str] = None,
+                    weights: Optional[dict] = None,
+                    ttl: Optional[float] = None) -> Constraint:
+        return await self._publish(_limit_control(scope, n, per, overrides, fair, weights,
+                                                  ttl))
 
     async def rate_limit(self, scope: str, rate: Union[str, float, list], *,
                          burst: Union[int, list, None] = None, weighted: bool = True,
+                         per: Optional[str] = None, overrides: Optional[dict] = None,
                          ttl: Optional[float] = None) -> Constraint:
-        return await self._publish(Constraint.make(
-            scope, "rate_limit", {"rate": rate, "burst": burst, "weighted": weighted}, ttl=ttl))
+        return await self._publish(_rate_control(scope, rate, burst, weighted, per,
+                                                 overrides, ttl))
 
     async def clear(self, scope: str, type: Optional[str] = None) -> None:
         type = _check_type(type, "clear") if type else None
@@ -4152,10 +4629,11 @@ class _Weighted(_Unit):
     __slots__ = ("key",)
 
     @classmethod
-    def of(cls, u, key):
+    def of(cls, u, key):  # (a fresh unit: what _Unit.__init__ sets, and its key)
         w = cls.__new__(cls)
-        for slot in _Unit.__slots__:
-            setattr(w, slot, getattr(u, slot))
+        w.run, w.node, w.index, w.args, w.kwargs = u.run, u.node, u.index, u.args, u.kwargs
+        w.attempt, w.seq, w.state, w.held = u.attempt, u.seq, u.state, u.held
+        w.reported, w.body = u.reported, u.body
         w.key = key
         return w
 
@@ -5162,11 +5640,12 @@ class _Run:
         task = lz.task
         window = None if task.is_async else self._window
         cost = task.cost
-        costed = callable(cost)  # (then each unit gets a key of its cost: _costed)
+        costed = callable(cost)
         cost = 1 if costed else cost
+        per_unit = costed or bool(task.keys)  # (then each unit gets a key: _unit_key)
         if not lz.amounts:
             key = self.keys[task] = _Key(task.name, task.tags, self.run_id, (), window,
-                                         self.since, cost, costed)
+                                         self.since, cost, per_unit)
             return key
         amounts = tuple(sorted(
             (k, n) for k, v in lz.amounts.items()
@@ -5174,7 +5653,7 @@ class _Run:
         key = self.keys.get((task, amounts))
         if key is None:
             key = self.keys[(task, amounts)] = _Key(task.name, task.tags, self.run_id, amounts,
-                                                    window, self.since, cost, costed)
+                                                    window, self.since, cost, per_unit)
         return key
 
     def _expand_map(self, node, budget):
@@ -5499,7 +5978,7 @@ class _Run:
         the admission key they share, when it is not their node's (weighted starts)."""
         if key is None:
             key = units[0].node.key
-            if key.cost != 1 or key.costed:  # weighted starts (not the common case)
+            if key.cost != 1 or key.per_unit:  # weighted or keyed (not the common case)
                 return self._submit_weighted(units)
         if self.cp.enqueue(units, key):
             for u in units:
@@ -5510,42 +5989,64 @@ class _Run:
                 self.report.blocked(u)
 
     def _submit_weighted(self, units):
-        """``_submit`` for a task with a cost (see ``task``): a cost that is a function
-        is worked out for each unit once (a retry keeps it), and each unit waits with the
-        key of its cost (FIFO across them holds: admission looks at the oldest head
-        first). A cost above a matching rate limit's burst fails the run at once."""
-        groups = []  # runs of units with one key, in order (so FIFO order holds)
+        """``_submit`` for a task with a cost or keys (see ``task``): a cost that is a
+        function, and key values, are worked out for each unit once (a retry keeps
+        them), and each unit waits with the key of its cost and key values (FIFO across
+        them holds: admission looks at the oldest head first), all under one lock. A
+        cost above a matching rate limit's burst fails the run at once."""
+        groups = {}  # key -> its units, in order (so FIFO order holds)
+        made = {}    # (cost, key values...) -> the key made for them in this batch
         for u in units:
             key = u.key
-            if key.costed:  # a fresh unit (nothing else holds it yet): one with its own key
+            if key.per_unit:  # a fresh unit (nothing else holds it yet): one with its own key
                 try:
-                    key = self._cost_key(u)
+                    key = self._unit_key(u, made)
                 except Exception as exc:
                     return self._fail(exc, u.id, u.node.lazy.name)
                 u = _Weighted.of(u, key)
-            if groups and groups[-1][0] is key:
-                groups[-1][1].append(u)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [u]
+                if key.cost > 1:
+                    why = self.cp.over_burst(key)
+                    if why is not None:
+                        return self._fail(ConstraintError(why), u.id, key.name)
             else:
-                groups.append((key, [u]))
-        for key, group in groups:
-            why = self.cp.over_burst(key)
-            if why is not None:
-                return self._fail(ConstraintError(why), group[0].id, key.name)
-            self._submit(group, key)
+                group.append(u)
+        if len(groups) == 1:
+            key, group = groups.popitem()
+            return self._submit(group, key)
+        if self.cp.enqueue_many(list(groups.items())):
+            for group in groups.values():
+                for u in group:
+                    self._launch(u)
+            return
+        for group in groups.values():
+            for u in group:
+                if u.state == _WAITING and not u.reported:
+                    self.report.blocked(u)
 
-    def _cost_key(self, u):
+    def _unit_key(self, u, made):
         """The admission key of unit ``u`` of a task whose cost is a function of its
-        arguments: its node's key, with the cost of this call."""
+        arguments, or that has keys: its node's key, with the cost and key values of this
+        call. Shared by the units of one batch (``made``); units of another batch with
+        the same values get a key of their own (FIFO holds across keys), so a key lives
+        only as long as its units: 100,000 customers over a run leave none behind."""
         base = u.node.key
-        lz = u.node.lazy
-        cost = lz.task.cost(*u.args, **u.kwargs)
-        if isinstance(cost, bool) or not isinstance(cost, int) or not 0 <= cost <= _MAX_COUNT:
-            raise ConstraintError(f"the cost function of task {lz.name!r} returned {cost!r:.80} "
-                                  f"for {u.id}; it must return an int from 0 to {_MAX_COUNT}")
-        key = self.keys.get((base, cost))
+        task = u.node.lazy.task
+        cost = base.cost
+        if callable(task.cost):
+            cost = task.cost(*u.args, **u.kwargs)
+            if isinstance(cost, bool) or not isinstance(cost, int) or not 0 <= cost <= _MAX_COUNT:
+                raise ConstraintError(f"the cost function of task {task.name!r} returned "
+                                      f"{cost!r:.80} for {u.id}; it must return an int from 0 "
+                                      f"to {_MAX_COUNT}")
+        values = _key_values(task, u.args, u.kwargs) if task.keys else None
+        ident = (cost, *values.values()) if values else cost
+        key = made.get(ident)
         if key is None:
-            key = self.keys[(base, cost)] = _Key(base.name, base.tags, self.run_id, base.amounts,
-                                                 base.window, base.since, cost)
+            key = made[ident] = _Key(base.name, base.tags, self.run_id, base.amounts,
+                                     base.window, base.since, cost, False, values, base)
         return key
 
     def _complete(self, node, value):
@@ -6663,15 +7164,27 @@ class Engine:
         removed = self._cp.remove(_check_scope(scope), "drain")
         return removed[0] if removed else None
 
-    def limit(self, scope: str, n: int, *, ttl: Optional[float] = None) -> Constraint:
+    def limit(self, scope: str, n: int, *, per: Optional[str] = None,
+              overrides: Optional[dict] = None, fair: Optional[str] = None,
+              weights: Optional[dict] = None, ttl: Optional[float] = None) -> Constraint:
         """At most ``n`` tasks matched by ``scope`` run at once. Raising it starts
-        waiters at once; lowering it never stops running tasks; 0 holds every start."""
-        c = Constraint.make(scope, "concurrency", {"limit": n}, ttl=ttl)
+        waiters at once; lowering it never stops running tasks; 0 holds every start.
+
+        ``per="customer"``: at most ``n`` for each value of that key (tasks declare keys:
+        ``@cs.task(keys=...)``), ``overrides={"acme": 10}`` giving some values their
+        own; it is a control of its own type (keyed_concurrency), so it holds beside an
+        ordinary limit of the same scope. Tasks without the key are not limited by it.
+
+        ``fair="customer"``: the limit admits its waiters round robin across that key's
+        values (``weights={"acme": 3}``: three grants per round), so one customer's
+        backlog does not hold back another's next task."""
+        c = _limit_control(scope, n, per, overrides, fair, weights, ttl)
         self._cp.apply(c)
         return c
 
     def rate_limit(self, scope: str, rate: Union[str, float, list], *,
                    burst: Union[int, list, None] = None, weighted: bool = True,
+                   per: Optional[str] = None, overrides: Optional[dict] = None,
                    ttl: Optional[float] = None) -> Constraint:
         """At most ``burst + rate * elapsed`` starts of tasks matched by ``scope``;
         ``rate`` is "N/s", "N/m", "N/h", "N/d" or a number per second; burst defaults
@@ -6679,9 +7192,11 @@ class Engine:
         ``burst`` a list (one per window), by default 1 for the first and each further
         window's count (10000): a quota of 10,000 a day, at 1 a second at most. A start
         takes its task's cost in tokens (``@cs.task(cost=...)``, 1 by default), or 1
-        whatever the cost with ``weighted=False`` (requests, beside a tokens limit)."""
-        c = Constraint.make(scope, "rate_limit", {"rate": rate, "burst": burst,
-                                                  "weighted": weighted}, ttl=ttl)
+        whatever the cost with ``weighted=False`` (requests, beside a tokens limit).
+
+        ``per="customer"``: this rate for each value of that key, ``overrides=
+        {"acme": "100/s"}`` giving some values their own (type keyed_rate_limit)."""
+        c = _rate_control(scope, rate, burst, weighted, per, overrides, ttl)
         self._cp.apply(c)
         return c
 
@@ -8144,8 +8659,8 @@ def _cli_parser():
 
     def verb(name, help, parents=(mqtt,)):
         return sub.add_parser(name, help=help, description=help, parents=list(parents))
-    scope_help = ("global, task:NAME (globs: task:fetch_*), tag:TAG, run:RUN_ID or "
-                  "project:ID")
+    scope_help = ("global, task:NAME (globs: task:fetch_*), tag:TAG, run:RUN_ID, "
+                  "project:ID or key:NAME=VALUE (a task's key: key:customer=acme)")
     # A control verb: its arguments, and `publish`, the Controller call it makes.
     v = verb("pause", "stop new starts of tasks in SCOPE (running ones finish)", (mqtt, ttl))
     v.add_argument("scope", help=scope_help)
@@ -8158,13 +8673,27 @@ def _cli_parser():
     v.set_defaults(publish=lambda ctl, a: ctl.drain(a.scope, ttl=a.ttl))
     v = verb("undrain", "lift the drain of SCOPE: the runs it held go on")
     v.add_argument("scope", help=scope_help)
-    v = verb("limit", "run at most N tasks of SCOPE at once (0 holds all)", (mqtt, ttl))
+    per = argparse.ArgumentParser(add_help=False)
+    g = per.add_argument_group("per key (tasks declare keys: @cs.task(keys={'customer': ...}))")
+    g.add_argument("--per", metavar="KEY", help="the control holds for each value of KEY on "
+                                               "its own (beside a plain one of SCOPE)")
+    g.add_argument("--override", action="append", default=[], metavar="VALUE=SETTING",
+                   type=_value_setting, help="with --per: VALUE's own setting (acme=10, or "
+                                             "acme=100/m for rate); repeat")
+    v = verb("limit", "run at most N tasks of SCOPE at once (0 holds all)", (mqtt, ttl, per))
     v.add_argument("scope", help=scope_help)
     v.add_argument("n", type=int, help="how many may run at once (0 holds every start)")
-    v.set_defaults(publish=lambda ctl, a: ctl.limit(a.scope, a.n, ttl=a.ttl))
+    v.add_argument("--fair", metavar="KEY", help="admit waiters round robin across the values "
+                                                 "of KEY (one tenant's backlog does not hold "
+                                                 "back another's)")
+    v.add_argument("--weight", action="append", default=[], metavar="VALUE=W",
+                   type=_value_setting, help="with --fair: VALUE gets W grants a round; repeat")
+    v.set_defaults(publish=lambda ctl, a: ctl.limit(
+        a.scope, a.n, per=a.per, overrides=_settings(a.override, int, "--override"),
+        fair=a.fair, weights=_settings(a.weight, float, "--weight"), ttl=a.ttl))
     v = verb("rate", "start at most RATE tasks of SCOPE (10/s, 30/m, 2/h, 500/d, or per "
                      "second); several RATEs are windows that each hold (60/m 10000/d)",
-             (mqtt, ttl))
+             (mqtt, ttl, per))
     v.add_argument("scope", help=scope_help)
     v.add_argument("rate", nargs="+", help="10/s, 30/m, 2/h, 500/d, or a number per second; "
                                            "one per window")
@@ -8177,7 +8706,8 @@ def _cli_parser():
     v.set_defaults(publish=lambda ctl, a: ctl.rate_limit(
         a.scope, a.rate[0] if len(a.rate) == 1 else a.rate,
         burst=a.burst[0] if a.burst and len(a.burst) == 1 and len(a.rate) == 1 else a.burst,
-        weighted=not a.unweighted, ttl=a.ttl))
+        weighted=not a.unweighted, per=a.per, overrides=_settings(a.override, str, "--override"),
+        ttl=a.ttl))
     v = verb("adapt", "an adaptive limit on SCOPE: cut by --factor on each --on error or "
                       "body slower than --latency, one more after a clean window (AIMD)",
              (mqtt, ttl))
@@ -8288,6 +8818,29 @@ def _mqtt_client(args):
         raise _CliError(f"the MQTT broker at {args.host}:{port} refused the connection: "
                         f"{hint}")
     return client
+
+
+def _value_setting(text):
+    """``--override acme=10``: (value, setting as text)."""
+    import argparse
+    value, sep, setting = text.rpartition("=")
+    if not sep or not value or not setting:
+        raise argparse.ArgumentTypeError(f"{text!r}: use VALUE=SETTING (acme=10)")
+    return value, setting
+
+
+def _settings(pairs, kind, flag):
+    """{value: setting} of repeated ``--override``/``--weight`` (None if none)."""
+    if not pairs:
+        return None
+    out = {}
+    for value, setting in pairs:
+        try:
+            out[value] = kind(setting)
+        except ValueError:
+            raise ConstraintError(f"{flag} {value}={setting}: {setting!r} is not "
+                                  f"{'an int' if kind is int else 'a number'}") from None
+    return out
 
 
 async def _cli_verb(args, client):

@@ -4921,6 +4921,398 @@ def test_a_retained_drain_holds_an_engine_that_starts_later_over_the_broker():
     assert asyncio.run(main()) == "done"
 
 
+# --- keys, per-key limits, fair sharing ---------------------------------------
+
+def test_a_task_declares_keys_by_argument_or_function_and_key_scopes_select_them():
+    e = cs.Engine()
+    ran = []
+
+    @cs.task(name="sync_acct", keys={"customer": "customer_id",
+                                          "tier": lambda customer_id, plan="free": plan})
+    async def sync_acct(customer_id, plan="free"):
+        ran.append((customer_id, plan))
+        return customer_id
+
+    e.pause("key:customer=ac*")  # globs on the value
+    e.pause("key:tier=gold")
+    h = e.start([sync_acct("acme"), sync_acct(customer_id="acorn"), sync_acct("bob"),
+                 sync_acct("carl", plan="gold"), sync_acct(7)])
+    end = time.monotonic() + TIMEOUT
+    while len(ran) < 2:
+        assert time.monotonic() < end, ran
+        time.sleep(0.005)
+    time.sleep(0.05)
+    assert sorted(ran, key=str) == [("bob", "free"), (7, "free")]
+    blocked = {b["waits_on"] for b in e.status()["blocked"]}
+    assert blocked == {"pause on key:customer=ac*", "pause on key:tier=gold"}
+    e.resume("key:customer=ac*")
+    e.resume("key:tier=gold")
+    assert h.result(TIMEOUT) == ["acme", "acorn", "bob", "carl", 7]
+
+
+@pytest.mark.parametrize("keys, match", [
+    ({"customer": "nope"}, "need the name of one of the parameters"),
+    ({"cu=st": "c"}, "must not contain '='"),
+    ({"a b": "c"}, "without '/', '\\+', '#', whitespace"),
+    (["c"], "need a dict of up to 8 keys"),
+    ({"customer": "args"}, "need the name of one of the parameters"),
+])
+def test_bad_keys_are_refused_at_the_decorator_naming_the_fix(keys, match):
+    with pytest.raises(TypeError, match=match):
+        cs.task(keys=keys)(lambda c, *args: c)
+
+
+def test_a_key_value_too_long_or_a_failing_key_function_fails_its_call_naming_the_fix():
+    @cs.task(keys={"customer": "c"})
+    def f(c):
+        return c
+    with pytest.raises(ValueError, match="at most 200 .*return a short id"):
+        cs.run(f("x" * 300), log_level="CRITICAL")
+
+    @cs.task(keys={"customer": lambda c: c["id"]})
+    def g(c):
+        return c
+    with pytest.raises(ValueError, match="the key function of 'customer' of task 'g' raised "
+                                         "KeyError"):
+        cs.run(g({}), log_level="CRITICAL")
+
+
+@pytest.mark.parametrize("scope", ["key:customer", "key:=acme", "key:"])
+def test_a_key_scope_needs_a_name_and_a_value(scope):
+    with pytest.raises(cs.ConstraintError):
+        cs.Engine().pause(scope)
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+def test_a_per_key_limit_holds_for_each_value_with_overrides_beside_an_ordinary_limit(kind):
+    e = cs.Engine(max_workers=16)
+    g = Gauge()
+    per = e.limit("task:sync", 2, per="customer", overrides={"acme": 3})
+    plain = e.limit("task:sync", 5)
+    assert (per.type, plain.type) == ("keyed_concurrency", "concurrency")
+    assert {c.type for c in e.constraints} == {"keyed_concurrency", "concurrency"}
+
+    if kind == "async":
+        @cs.task(name="sync", keys={"customer": "c"})
+        async def sync(c, i):
+            with g(c, "all"):
+                await asyncio.sleep(0.01)
+            return i
+    else:
+        @cs.task(name="sync", keys={"customer": "c"})
+        def sync(c, i):
+            with g(c, "all"):
+                time.sleep(0.01)
+            return i
+
+    @cs.task(name="sync")  # the same task name, no keys: the per-key limit skips it
+    def nokey(i):
+        with g("nokey", "all"):
+            time.sleep(0.01)
+        return i
+
+    items = ["acme"] * 12 + ["bob"] * 8 + ["carl"] * 8
+    random.Random(5).shuffle(items)
+    out = run_engine(e, [sync.map(items, list(range(len(items)))), nokey.map(range(6))])
+    assert out == [list(range(len(items))), list(range(6))]
+    assert g.peak["acme"] <= 3 and g.peak["bob"] <= 2 and g.peak["carl"] <= 2, g.peak
+    assert g.peak["all"] <= 5, g.peak
+    assert g.peak["nokey"] >= 2  # not held to a per-customer limit of 2... or 1
+
+
+def test_a_per_key_limit_counts_what_already_runs_and_a_lowered_override_never_evicts():
+    e = cs.Engine(max_workers=8)
+    g = Gauge()
+    go = threading.Event()
+
+    @cs.task(name="job", keys={"customer": "c"})
+    def job(c, i):
+        with g(c):
+            go.wait(TIMEOUT)
+        return i
+
+    h = e.start(job.map(["acme"] * 6, range(6)))
+    end = time.monotonic() + TIMEOUT
+    while g.now.get("acme", 0) < 6:
+        assert time.monotonic() < end, g.now
+        time.sleep(0.005)
+    e.limit("task:job", 2, per="customer")  # six run: none evicted, none more starts
+    row = [r for r in e.status()["scopes"] if r["type"] == "keyed_concurrency"][0]
+    assert (row["in_use"], row["busiest"], row["per"]) == (6, {"acme": 6}, "customer")
+    go.set()
+    assert h.result(TIMEOUT) == list(range(6))
+    g.peak.clear()
+    go.clear()
+    h = e.start(job.map(["acme"] * 6, range(6)))
+    time.sleep(0.2)
+    assert g.now.get("acme") == 2
+    go.set()
+    assert h.result(TIMEOUT) == list(range(6))
+
+
+def test_idle_per_key_state_is_forgotten_so_many_keys_leave_nothing_behind():
+    e = cs.Engine()
+    per = e.limit("task:k", 2, per="customer")
+    rate = e.rate_limit("task:k", "1000000/s", burst=5, per="customer")
+
+    @cs.task(name="k", keys={"customer": "c"})
+    async def k(c):
+        return 1
+
+    @cs.task
+    def count(xs):
+        return len(xs)
+    assert run_engine(e, count(k.map([f"c{i}" for i in range(5000)]))) == 5000
+    for c in (per, rate):
+        st = e._cp._states[(c.scope, c.type)]
+        assert len(st.live) <= 300, (c.type, len(st.live))  # not 5000: swept as they idle
+    assert len(e._cp._parked) == 0
+
+
+def test_a_per_key_bucket_is_kept_until_full_again_so_its_rate_holds_across_runs():
+    e = cs.Engine()
+    e.rate_limit("task:call", "2/s", per="customer")
+    starts = []
+
+    @cs.task(name="call", keys={"customer": "c"})
+    async def call(c):
+        starts.append((c, time.monotonic()))
+
+    t0 = time.monotonic()
+    run_engine(e, call("acme"))
+    # 1,000 other customers come and go (sweeps run), then acme again: its bucket is
+    # still empty, so this start waits ~0.5 s for its token instead of starting at once
+    run_engine(e, call.map([f"o{i}" for i in range(1000)]))
+    run_engine(e, call("acme"))
+    acme = [t for c, t in starts if c == "acme"]
+    assert acme[1] - acme[0] >= 0.45, acme
+
+
+def test_a_per_key_rate_limit_spaces_each_value_on_its_own():
+    e = cs.Engine()
+    e.rate_limit("task:call", "20/s", per="customer", overrides={"fast": "1000/s"})
+    starts = collections.defaultdict(list)
+
+    @cs.task(name="call", keys={"customer": "c"})
+    async def call(c):
+        starts[c].append(time.monotonic())
+
+    t0 = time.monotonic()
+    run_engine(e, call.map(["a", "b", "fast"] * 6))
+    for c in ("a", "b"):
+        for k, t in enumerate(starts[c], start=1):
+            assert k <= 1 + 20 * (t - t0) + 1e-6, (c, k, t - t0)
+    assert starts["a"][-1] - t0 >= 0.2  # five waits of 1/20 s each
+    assert starts["fast"][-1] - t0 < starts["a"][-1] - t0  # its own, faster bucket
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda e: e.limit("task:x", 2, per="cu=st"), "must be the name of a key"),
+    (lambda e: e.limit("task:x", 2, per="customer", overrides={"acme": -1}),
+     r"overrides\['acme'\] must be an int"),
+    (lambda e: e.limit("task:x", 2, per="customer", overrides=[1]), "must be an object"),
+    (lambda e: e.limit("task:x", 2, overrides={"acme": 3}), "overrides= needs per="),
+    (lambda e: e.limit("task:x", 2, per="customer", fair="customer"), "takes no fair="),
+    (lambda e: e.limit("task:x", 2, weights={"acme": 3}), "weights need fair="),
+    (lambda e: e.limit("task:x", 2, fair="customer", weights={"acme": 0}),
+     "must be a positive number"),
+    (lambda e: e.rate_limit("task:x", "1/s", per="customer", overrides={"acme": "fast"}),
+     r"overrides\['acme'\]: rate 'fast' is not valid"),
+    (lambda e: e.rate_limit("task:x", "1/s", overrides={"acme": "2/s"}), "needs per="),
+])
+def test_bad_per_key_and_fair_limits_are_refused_naming_the_fix(call, match):
+    e = cs.Engine()
+    with pytest.raises(cs.ConstraintError, match=match):
+        call(e)
+    assert e.constraints == []
+
+
+def test_a_bad_keyed_control_from_the_broker_is_rejected_and_changes_nothing():
+    broker = cs.LocalBroker()
+    e = cs.Engine(connector=broker)
+    rec = Recorder(e)
+    e.limit("task:x", 3, per="customer")
+
+    async def main():
+        await e.run(_noop_task())
+        await broker.publish("cascade/constraints/task/x/keyed_concurrency",
+                             {"scope": "task:x", "type": "keyed_concurrency",
+                              "params": {"limit": 2, "per": "customer", "overrides": {"a": "x"}}},
+                             retain=True)
+        await asyncio.sleep(0.05)
+    asyncio.run(main())
+    assert [c.params["limit"] for c in e.constraints] == [3]
+    (rej,) = rec.of(cs.ConstraintRejected)
+    assert "overrides" in rej.reason
+
+
+@cs.task(name="noop_t")
+async def _noop_task():
+    return None
+
+
+def test_a_keyed_limit_travels_over_the_broker_and_shows_in_status_and_presence():
+    broker = cs.LocalBroker()
+
+    async def main():
+        ctl = cs.Controller(broker)
+        c = await ctl.limit("task:s", 1, per="customer", overrides={"vip": 2})
+        assert c.type == "keyed_concurrency"
+        r = await ctl.rate_limit("task:s", "100/s", per="customer")
+        assert r.type == "keyed_rate_limit"
+        f = await ctl.limit("task:s", 4, fair="customer", weights={"vip": 2})
+        assert f.params == {"limit": 4, "fair": "customer", "weights": {"vip": 2}}
+        e = cs.Engine(connector=broker)
+
+        @cs.task(name="s", keys={"customer": "c"})
+        async def s(c):
+            return {(r["type"], r["scope"]): r for r in e.status()["scopes"]}
+        rows = await e.run(s("vip"))
+        assert rows["keyed_concurrency", "task:s"]["busiest"] == {"vip": 1}
+        assert rows["concurrency", "task:s"]["fair"] == "customer"
+        assert rows["keyed_rate_limit", "task:s"]["per"] == "customer"
+        assert "limit 1 per customer (vip: 2) on task:s" in repr(e)
+        assert {c.type for c in await ctl.status()} == {
+            "keyed_concurrency", "keyed_rate_limit", "concurrency"}
+        await ctl.clear("task:s")
+    asyncio.run(main())
+
+
+def _grant_order(limit_kw, items, blocker_s=0.05):
+    """Begin order of ``items`` (customers) of task fair_w under ``limit(tag:one, 1,
+    **limit_kw)``, all queued behind a blocker that holds the slot."""
+    e = cs.Engine()
+    e.limit("tag:one", 1, **limit_kw)
+    order = []
+
+    @cs.task(name="fair_w", tags=["one"], keys={"customer": "c"})
+    async def w(c, i):
+        order.append(c)
+
+    run_engine(e, [_blocker(blocker_s), w.map(items, range(len(items)))])
+    return order
+
+
+def test_a_fair_limit_admits_round_robin_across_key_values():
+    items = ["a"] * 6 + ["b"] * 2 + ["c"]
+    assert _grant_order({}, items) == items  # FIFO without fair
+    assert _grant_order({"fair": "customer"}, items) == [
+        "a", "b", "c", "a", "b", "a", "a", "a", "a"]
+    # weight 2: two grants a round (round 1: a b c a; round 2: b a a; then a a)
+    assert _grant_order({"fair": "customer", "weights": {"a": 2}}, items) == [
+        "a", "b", "c", "a", "b", "a", "a", "a", "a"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(items=st.lists(st.sampled_from("abcd"), min_size=2, max_size=30))
+def test_property_with_fair_no_value_waits_a_round_while_another_is_admitted_twice(items):
+    order = _grant_order({"fair": "customer"}, items)
+    assert sorted(order) == sorted(items)
+    left = collections.Counter(items)
+    last = {}  # value -> position of its last grant
+    for pos, v in enumerate(order):
+        if v in last:
+            # between v's previous grant and this one, every other value that still
+            # had waiters then was granted once
+            for o, n in left.items():
+                if o != v and n and last.get(o, -1) < last[v]:
+                    raise AssertionError((order, v, o, pos))
+        last[v] = pos
+        left[v] -= 1
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(items=st.lists(st.tuples(st.sampled_from("abc"), st.booleans()), min_size=1, max_size=40),
+       script=st.lists(st.tuples(st.sampled_from(["per", "plain", "override", "clear_per",
+                                                  "clear_plain", "fair"]),
+                                 st.integers(1, 4)), max_size=10),
+       threads=st.integers(1, 3))
+def test_property_per_key_and_plain_limits_hold_at_every_instant_under_random_scripts(
+        items, script, threads):
+    # Each body checks, under one lock with the script, that no more run than the limits
+    # in force allow (a lowered limit may still have its old holders: allowed until they
+    # drain, as in test_property_concurrency_respects_the_limit_in_force_at_admission).
+    e = cs.Engine(max_workers=16)
+    lock = threading.Lock()
+    allowed = {"per": 2, "plain": 4, "acme_over": 2}
+    prev = {"per": 2, "plain": 4}
+    running = collections.Counter()
+    violations = []
+    e.limit("task:pk", 2, per="customer")
+    e.limit("task:pk", 4)
+    ran = collections.Counter()
+
+    def check(c):
+        with lock:
+            running[c] += 1
+            running["all"] += 1
+            cap = max(allowed["per"], prev["per"]) if c != "a" else max(
+                allowed["acme_over"], allowed["per"], prev["per"], prev.get("a", 0))
+            if allowed["per"] is not None and running[c] > cap:
+                violations.append((c, dict(running), dict(allowed)))
+            if allowed["plain"] is not None and running["all"] > max(allowed["plain"],
+                                                                     prev["plain"]):
+                violations.append(("all", dict(running), dict(allowed)))
+
+    def leave(c):
+        with lock:
+            running[c] -= 1
+            running["all"] -= 1
+            ran[c] += 1
+
+    @cs.task(name="pk", keys={"customer": "c"})
+    def pk_sync(c, i):
+        check(c)
+        time.sleep(0.002)
+        leave(c)
+        return i
+
+    @cs.task(name="pk", keys={"customer": "c"})
+    async def pk_async(c, i):
+        check(c)
+        await asyncio.sleep(0.002)
+        leave(c)
+        return i
+
+    calls = [(pk_async if a else pk_sync)(c, i) for i, (c, a) in enumerate(items)]
+    h = e.start(calls)
+
+    def operator(part):
+        rnd = random.Random(part)
+        for verb, n in script[part::threads]:
+            time.sleep(rnd.random() * 0.004)
+            with lock:
+                prev["per"] = max(prev["per"], max(running[c] for c in "abc"))
+                prev["plain"] = max(prev["plain"], running["all"])
+                if verb == "per":
+                    allowed["per"] = n
+                    e.limit("task:pk", n, per="customer", overrides={"a": allowed["acme_over"]})
+                elif verb == "override":
+                    allowed["acme_over"] = n
+                    e.limit("task:pk", allowed["per"] or 2, per="customer", overrides={"a": n})
+                    allowed["per"] = allowed["per"] or 2
+                elif verb == "plain":
+                    allowed["plain"] = n
+                    e.limit("task:pk", n)
+                elif verb == "fair":
+                    allowed["plain"] = n
+                    e.limit("task:pk", n, fair="customer")
+                elif verb == "clear_per":
+                    allowed["per"] = None
+                    e.clear("task:pk", "keyed_concurrency")
+                else:
+                    allowed["plain"] = None
+                    e.clear("task:pk", "concurrency")
+    ops = [threading.Thread(target=operator, args=(i,)) for i in range(threads)]
+    for t in ops:
+        t.start()
+    for t in ops:
+        t.join(TIMEOUT)
+    assert h.result(TIMEOUT) == list(range(len(items)))
+    assert violations == []
+    assert sum(ran.values()) == len(items)  # each ran exactly once
+
+
 # --- ttl --------------------------------------------------------------------
 
 @pytest.mark.parametrize("lift", ["ttl", "resume", "raise limit"])

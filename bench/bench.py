@@ -28,14 +28,14 @@ FULL = dict(n=10_000, chain=2_000, io_n=500, io_sleep=0.010, io_limit=50, reps=5
             big=1_000_000, big_limit=1_000, hold=0.1, status_samples=20, status_gap=0.1,
             names=2_000, storm_s=2.0, storm_topics=10, storm_rate=50_000, big_map=100_000, hogs=16, hog_samples=60, hog_ttl=0.05,
             burst=50_000,
-            pool_n=200, pool_work=200_000, dask_n=40, dask_work=1_000_000)
+            pool_n=200, pool_work=200_000, dask_n=40, dask_work=1_000_000, keys=10_000)
 QUICK = dict(n=200, chain=100, io_n=100, io_sleep=0.001, io_limit=10, reps=1,
              pipe_n=100, pipe_sleep=0.001, pipe_limit=10,
              scale=(50, 100, 200), samples=10, ttl_samples=5, ttl=0.02, timeout=30,
              big=2_000, big_limit=1_000, hold=0.02, status_samples=5, status_gap=0.005,
              names=100, storm_s=0.2, storm_topics=3, storm_rate=25_000, big_map=2_000, hogs=4, hog_samples=5, hog_ttl=0.02,
              burst=2_000,
-             pool_n=8, pool_work=1_000, dask_n=4, dask_work=1_000)
+             pool_n=8, pool_work=1_000, dask_n=4, dask_work=1_000, keys=500)
 SKIP_DASK = "skipped: pip install -r bench/requirements.txt"
 
 # ---------------------------------------------------------------- task bodies
@@ -570,6 +570,34 @@ def c_names_limited(n, cfg):
     return c_names(n, cfg, ("global", 4))
 
 RUNNERS.update(c_names=c_names, c_names_limited=c_names_limited)
+
+# ---------------------------------------------------------------- W12: per-key limits
+KEYED_LEFT = []  # per-key states an engine still holds after each W12 keyed run
+
+def _c_keyed(n, cfg, per):
+    """W4's async map, each item a customer of its own (n distinct key values), under
+    limit(task, 2, per="customer"); or (per False) the same task without keys under an
+    ordinary limit(task, 2): the admission of a per-key limit against a plain one."""
+    _need_cascade()
+    if per:
+        t = cs.task(name="keyed", keys={"customer": "i"})(a_noop)
+        engine = cs.Engine()
+        engine.limit("task:keyed", 2, per="customer")
+    else:
+        t = cs.task(name="keyed")(a_noop)
+        engine = cs.Engine()
+        engine.limit("task:keyed", 2)
+    items = [f"c{i}" for i in range(n)]
+    live = engine._cp._keyed  # (read after the run: _c_run closes the engine, untimed)
+    dt = _loop_run(_c_run(lambda: t.map(items), items, engine=engine), cfg)
+    if per:
+        KEYED_LEFT.append(sum(len(st.live) for st in live))
+    return dt
+
+def c_keyed(n, cfg): return _c_keyed(n, cfg, True)
+def c_unkeyed(n, cfg): return _c_keyed(n, cfg, False)
+
+RUNNERS.update(c_keyed=c_keyed, c_unkeyed=c_unkeyed)
 
 def c_storm(cfg):
     """Concurrency controls for cfg["storm_topics"] scopes from another thread
@@ -1170,6 +1198,21 @@ def w8(cfg, args, errors):
                  met=verdict(ratio, 1.2), rss=fmt_mb(rss, ("c_pipeline", "f_pipeline")),
                  raw=dict(n=n, best=best, ideal=ideal, rss=rss))]
 
+def w12(cfg, args, errors):
+    n = cfg["keys"]
+    KEYED_LEFT.clear()
+    best = best_of(cfg["reps"], ["c_keyed", "c_unkeyed"], n, cfg, errors)
+    rows = [ratio_row(f"W12 admission under a per-key limit, {n:,} distinct key values "
+                      f"(an async map, limit 2 per customer)", n, best, {}, "c_keyed",
+                      "c_unkeyed", 1.5, "plain limit 2")]
+    left = max(KEYED_LEFT) if KEYED_LEFT else None
+    rows.append(dict(workload=f"W12 per-key state left after that run ({n:,} values came "
+                              "and went)",
+                     cascade="—" if left is None else f"{left} values",
+                     floor="", target="0 values", met="—" if left is None else
+                     ("yes" if left == 0 else "**no**"), rss=""))
+    return rows
+
 def w_import(cfg, args, errors):
     _need_cascade()
     extra, base = import_ms(1 if args.quick else 5)
@@ -1178,7 +1221,7 @@ def w_import(cfg, args, errors):
                  target="≤ 15 ms", met=verdict(extra, 15.0))]
 
 WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6, "W7": w7, "W8": w8,
-             "W9": w9, "W10": w10, "W11": w11, "IMPORT": w_import}
+             "W9": w9, "W10": w10, "W11": w11, "W12": w12, "IMPORT": w_import}
 
 FOOTNOTE = """\
 Timed: building the work and running it to its value. Cascade: graph build +
