@@ -4921,6 +4921,147 @@ def test_a_retained_drain_holds_an_engine_that_starts_later_over_the_broker():
     assert asyncio.run(main()) == "done"
 
 
+# --- resume with a ramp -------------------------------------------------------
+
+def test_resume_with_a_ramp_starts_the_backlog_at_its_pace_and_the_ramp_lifts_itself():
+    e = cs.Engine()
+    rec = Recorder(e)
+    starts = []
+
+    @cs.task(name="call")
+    def call(i):
+        starts.append(time.monotonic())
+        return i
+
+    user = e.rate_limit("task:call", "1000/s", burst=1000)  # the user's own: it stays
+    pause = e.pause("task:call")
+    n = 10
+    h = e.start(call.map(range(n)))
+    wait_for(lambda: e.status()["tasks"].get("call") == {"blocked": n})
+    t0 = time.monotonic()
+    assert e.resume("task:call", ramp="20/s") == pause  # returns the pause it lifted
+    assert h.result(TIMEOUT) == list(range(n))
+    # a token bucket of 20/s, burst 1: at most 1 + 20 * elapsed starts, so the last of
+    # ten starts at least 9/20 s after the resume (a slower machine only adds to it)
+    assert starts[-1] - t0 >= 0.9 * (n - 1) / 20, [round(s - t0, 3) for s in starts]
+    wait_for(lambda: rec.of(cs.ConstraintRemoved) and
+             rec.of(cs.ConstraintRemoved)[-1].constraint.type == "ramp")
+    changes = [(type(ev).__name__, ev.constraint.type) for ev in rec.events
+               if isinstance(ev, (cs.ConstraintApplied, cs.ConstraintRemoved))]
+    # the ramp is in force before the pause goes (no instant has neither), and goes by
+    # itself once the backlog is through
+    assert changes == [("ConstraintApplied", "rate_limit"), ("ConstraintApplied", "pause"),
+                       ("ConstraintApplied", "ramp"), ("ConstraintRemoved", "pause"),
+                       ("ConstraintRemoved", "ramp")], changes
+    ramp = rec.of(cs.ConstraintRemoved)[-1].constraint
+    assert (ramp.scope, ramp.params, ramp.origin) == ("task:call", {"rate": "20/s"}, "local")
+    assert e.constraints == [user]
+    assert [s["type"] for s in e.status()["scopes"]] == ["rate_limit"]
+    assert e.start(call.map(range(3))).result(TIMEOUT) == [0, 1, 2]
+
+
+def test_a_ramp_shows_in_status_with_its_backlog_and_clear_lifts_it_early():
+    e = cs.Engine()
+
+    @cs.task(name="slow_api")
+    async def slow_api(i):
+        return i
+
+    e.pause("task:slow_api")
+    h = e.start(slow_api.map(range(3)))
+    wait_for(lambda: e.status()["tasks"].get("slow_api") == {"blocked": 3})
+    e.resume("task:slow_api", ramp="1/m")  # one starts now, the next in a minute
+    wait_for(lambda: e.status()["tasks"].get("slow_api") == {"blocked": 2, "done": 1})
+    (row,) = e.status()["scopes"]
+    assert (row["type"], row["scope"], row["rate"], row["waiting"]) == (
+        "ramp", "task:slow_api", "1/m", 2)
+    assert "burst" not in row and 0 <= row["tokens"] < 1
+    assert {b["waits_on"] for b in e.status()["blocked"]} == {"ramp on task:slow_api (1/m)"}
+    assert "ramp         task:slow_api" in str(e.status()) and "2 waiting" in str(e.status())
+    (c,) = e.constraints
+    assert (c.type, c.describe()) == ("ramp", "ramp 1/m on task:slow_api")
+    assert e.clear("task:slow_api", "ramp") == [c]
+    assert h.result(TIMEOUT) == [0, 1, 2]
+
+
+def test_a_ramp_with_no_backlog_lifts_itself_at_once():
+    e = cs.Engine()
+    rec = Recorder(e)
+    assert e.resume("task:idle", ramp="1/h") is None  # nothing paused, nothing waiting
+    wait_for(lambda: rec.of(cs.ConstraintRemoved))
+    assert [(type(ev).__name__, ev.constraint.type) for ev in rec.events] == [
+        ("ConstraintApplied", "ramp"), ("ConstraintRemoved", "ramp")]
+    assert e.constraints == []
+
+    @cs.task(name="idle")
+    async def idle(i):
+        return i
+    assert e.start(idle.map(range(5))).result(TIMEOUT) == list(range(5))  # not at 1/h
+
+
+def test_a_ramp_lifts_itself_when_its_backlog_goes_without_starting():
+    # the backlog can also go by a run that stops: the ramp's periodic look finds none
+    e = cs.Engine()
+    rec = Recorder(e)
+
+    @cs.task(name="held")
+    async def held(i):
+        return i
+
+    e.pause("task:held")
+    h = e.start(held.map(range(3)))
+    wait_for(lambda: e.status()["tasks"].get("held") == {"blocked": 3})
+    e.limit("task:held", 0)  # the backlog waits on, after the resume
+    e.resume("task:held", ramp="5/s")
+    time.sleep(0.2)
+    assert [c.type for c in e.constraints] == ["concurrency", "ramp"]
+    h.cancel()
+    wait_for(lambda: [c.type for c in e.constraints] == ["concurrency"])
+    assert rec.of(cs.ConstraintRemoved)[-1].constraint.type == "ramp"
+
+
+@pytest.mark.parametrize("ramp, why", [
+    ("fast", "rate 'fast' is not valid"), (0, "rate 0 is not valid"),
+    (["1/s", "60/m"], "one rate"), (True, "rate True is not valid")])
+def test_a_bad_ramp_is_refused_and_the_pause_stays(ramp, why):
+    e = cs.Engine()
+    pause = e.pause("task:t")
+    with pytest.raises(cs.ConstraintError, match=re.escape(why)):
+        e.resume("task:t", ramp=ramp)
+    assert e.constraints == [pause]
+    with pytest.raises(cs.ConstraintError, match="unknown params"):
+        cs.Constraint.make("task:t", "ramp", {"rate": "1/s", "burst": 5})
+    with pytest.raises(cs.ConstraintError, match="needs params"):
+        cs.Constraint.make("task:t", "ramp")
+
+
+@pytest.mark.parametrize("params, why", [
+    ({"rate": "fast"}, "rate 'fast' is not valid"), ({}, "needs params"),
+    ({"rate": "1/s", "burst": 3}, "unknown params"), ({"rate": ["1/s", "9/m"]}, "one rate")])
+def test_a_bad_ramp_message_is_rejected_once_and_the_engine_carries_on(params, why, caplog):
+    broker = cs.LocalBroker()
+    e = cs.Engine(connector=broker)
+    rejected = []
+    e.subscribe(cs.ConstraintRejected, rejected.append)
+    topic = "cascade/constraints/task/t/ramp"
+
+    @cs.task(name="t")
+    async def t():
+        return "ran"
+
+    async def main():
+        await broker.publish(topic, {"id": "x", "scope": "task:t", "type": "ramp",
+                                     "params": params, "expires_at": None}, retain=True)
+        with caplog.at_level(logging.WARNING, logger="cascade"):
+            return await e.run(t())
+    assert asyncio.run(main()) == "ran"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING
+                and "rejected control message" in r.getMessage()]
+    assert len(warnings) == 1 and len(rejected) == 1
+    assert rejected[0].topic == topic and why in rejected[0].reason
+    assert e.constraints == []
+
+
 # --- ttl --------------------------------------------------------------------
 
 @pytest.mark.parametrize("lift", ["ttl", "resume", "raise limit"])
