@@ -9585,6 +9585,72 @@ async def test_garbage_and_oversize_control_messages_are_rejected_and_the_engine
         close_client(ctl_client)
 
 
+@async_test
+async def test_a_controller_resume_with_a_ramp_paces_each_engine_and_each_lifts_its_own(
+        paho, broker):
+    u = broker
+    name = f"l_{u}_call"
+    scope = f"task:{name}"
+    ctl_client, client, late_client = mqtt_client(), mqtt_client(), mqtt_client()
+    ctl = cs.Controller(cs.MqttConnector(ctl_client))
+    starts = []
+    engines = []
+
+    @cs.task(name=name)
+    async def call(i):
+        starts.append(time.monotonic())
+        return i
+
+    async def until_blocked(engine, n):
+        end = time.monotonic() + TIMEOUT
+        while engine.status()["tasks"].get(name) != {"blocked": n}:
+            assert time.monotonic() < end, engine.status()
+            await asyncio.sleep(0.005)
+
+    def ramp_removed(items):
+        return [e for e in events_of(items, cs.ConstraintRemoved) if e.constraint.type == "ramp"]
+
+    try:
+        engine = cs.Engine(connector=cs.MqttConnector(client))
+        engines.append(engine)
+        log = Recorder(engine)
+        await ctl.pause(scope)
+        await ctl.rate_limit(scope, "1000/s", burst=1000)  # the user's own: it stays
+        n = 8
+        run = asyncio.ensure_future(engine.run(call.map(range(n))))
+        await until_blocked(engine, n)
+        t0 = time.monotonic()
+        ramp = await ctl.resume(scope, ramp="20/s")
+        assert (ramp.type, ramp.scope, ramp.params) == ("ramp", scope, {"rate": "20/s"})
+        # the retained ramp is bounded: a margin plus the fleet's backlog at the rate
+        assert cs.Controller.RAMP_MARGIN - 5 <= ramp.expires_in() <= cs.Controller.RAMP_TTL
+        assert await asyncio.wait_for(run, TIMEOUT) == list(range(n))
+        assert starts[-1] - t0 >= 0.9 * (n - 1) / 20, [round(s - t0, 3) for s in starts]
+        (gone,) = await log.until(ramp_removed, "the engine lifted its ramp")
+        assert (gone.constraint.id, gone.constraint.origin) == (ramp.id, "broker")
+        assert controls_of(engine, u) == {(scope, "rate_limit"): {"rate": "1000/s",
+                                                                  "burst": 1000}}
+        # the broker still holds the ramp (until its ttl); an engine that joins later
+        # applies it and, with no backlog of its own, drops it
+        assert {(c.scope, c.type) for c in await ctl.status() if u in c.scope} == {
+            (scope, "ramp"), (scope, "rate_limit")}
+        late = cs.Engine(connector=cs.MqttConnector(late_client))
+        engines.append(late)
+        late_log = Recorder(late)
+        assert await asyncio.wait_for(late.run(call.map(range(3))), TIMEOUT) == [0, 1, 2]
+        await late_log.until(ramp_removed, "the late engine lifted its ramp")
+        assert controls_of(late, u) == {(scope, "rate_limit"): {"rate": "1000/s",
+                                                                "burst": 1000}}
+        with pytest.raises(cs.ConstraintError, match="rate 'fast' is not valid"):
+            await ctl.resume(scope, ramp="fast")
+    finally:
+        await ctl.clear(scope)
+        for engine in engines:
+            engine.close()
+        for c in (client, late_client, ctl_client):
+            close_client(c)
+
+
 def watched_client(port):
     """(client, next_event): a paho client of ``port``, and ``next_event(want)``, which
     blocks until it has (re)connected ("connect") or lost its connection ("disconnect")."""
@@ -11305,6 +11371,30 @@ def test_cli_adapt(paho, broker):
         assert c["params"]["on"] == ["ConnectionError", "TimeoutError"]
         r = cli("adapt", scope, "--min", 5, "--max", 2)
         assert r.returncode == 1 and r.stderr.startswith("cascade: "), r.stderr
+    finally:
+        sweep(u)
+
+
+def test_cli_resume_with_a_ramp(paho, broker):
+    u = broker
+    scope = f"task:r_{u}"
+    try:
+        stdout_of(cli("pause", scope))
+        out = stdout_of(cli("resume", scope, "--ramp", "10/s", "--ttl", 30)).strip()
+        assert re.fullmatch(rf"resumed {scope} through ramp 10/s on {scope} \(\d+\.\ds left\)",
+                            out), out
+        (c,) = [c for c in json.loads(stdout_of(cli("status", "--json")))["in_force"]
+                if c["scope"] == scope]
+        assert (c["type"], c["params"]) == ("ramp", {"rate": "10/s"})
+        assert 0 < c["expires_at"] - time.time() <= 30
+        row = [r for r in stdout_of(cli("status")).splitlines() if scope in r]
+        assert len(row) == 1 and row[0].split()[:4] == ["ramp", scope, "ramp", "10/s"], row
+        r = cli("resume", scope, "--ramp", "fast")
+        assert r.returncode == 1 and r.stderr.startswith("cascade: "), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "'fast'" in r.stderr, r.stderr
+        r = cli("resume", scope, "--ttl", 30)  # a ttl bounds a ramp only
+        assert r.returncode == 2 and "give --ramp RATE too" in r.stderr, r.stderr
+        assert "cleared ramp on " + scope in stdout_of(cli("clear", scope, "--type", "ramp"))
     finally:
         sweep(u)
 
