@@ -1858,10 +1858,12 @@ def _check_type(type, call):
 
 @dataclasses.dataclass(frozen=True)
 class Constraint:
-    """One control: ``type`` is ``"pause"``, ``"concurrency"`` (params ``{"limit": n}``)
-    or ``"rate_limit"`` (params ``{"rate": "10/s", "burst": n}``); ``scope`` says which
-    tasks it governs; ``expires_at`` is Unix time in seconds, or None. At most one
-    constraint per (scope, type) is active: a new one replaces the old."""
+    """One control: ``type`` is ``"pause"``, ``"concurrency"`` (params ``{"limit": n}``),
+    ``"rate_limit"`` (params ``{"rate": "10/s", "burst": n}``), ``"ramp"`` (params
+    ``{"rate": "10/s"}``: see ``Engine.resume``) or another of the control types (see the
+    README's control plane); ``scope`` says which tasks it governs; ``expires_at`` is
+    Unix time in seconds, or None. At most one constraint per (scope, type) is active: a
+    new one replaces the old."""
 
     id: str
     scope: str
