@@ -5046,8 +5046,8 @@ def test_the_broker_s_ramp_expires_after_a_ttl_from_the_engines_backlog(presence
         assert want - 5 < ramp.expires_in() <= want
         assert (await ctl.resume("task:sync_crm", ramp="2/s", ttl=7)).expires_in() <= 7
         await ctl.clear("task:sync_crm")
-        return h
-    assert asyncio.run(main()).result(TIMEOUT) == list(range(40))
+        return await asyncio.wait_for(h, TIMEOUT)  # (the run lives on this loop)
+    assert asyncio.run(main()) == list(range(40))
     e.close()
 
 
