@@ -1643,7 +1643,7 @@ class _Ramp(_Bucket):
 
     def waiting(self):  # cp's lock held: the backlog, the units it matches that wait
         cp = self.cp
-        return sum(len(q.waiters) for q in list(cp._queues.values())
+        return sum(len(q.waiters) for q in cp._queues.values()
                    if q.waiters and cp._matches(self.scope, q.key))
 
     def _check(self):  # on the clock thread
@@ -1659,6 +1659,9 @@ class _Ramp(_Bucket):
             gone = sorted(cp._layers[key].values(), key=lambda c: c is cp.constraints[key])
         for c in gone:
             cp.remove(self.scope, "ramp", only=c, origin=c.origin)
+        with cp.lock:  # a ramp that replaced it in place meanwhile is looked at afresh
+            if cp._states.get(key) is self and not self.soon:
+                self._check_soon()
 
     def why(self, n):
         return f"ramp on {self.scope} ({self.label})"
@@ -3873,12 +3876,14 @@ class Controller:
             engines = []
         if not engines:
             return self.RAMP_TTL
-        waiting = 0  # tasks waiting, every scope: a bound of the ramp's backlog
-        for e in engines:
-            for r in e.get("runs") if isinstance(e.get("runs"), list) else ():
-                n = r.get("counts", {}).get("blocked", 0) if isinstance(r, dict) and \
-                    isinstance(r.get("counts"), dict) else 0
-                waiting += n if _is_number(n) and n > 0 else 0
+        waiting = 0  # tasks waiting, of every scope: a bound of the ramp's backlog
+        for e in engines:  # (records come off the wire: anything may be missing)
+            runs = e.get("runs")
+            for r in runs if isinstance(runs, list) else ():
+                counts = r.get("counts") if isinstance(r, dict) else None
+                n = counts.get("blocked") if isinstance(counts, dict) else None
+                if _is_number(n) and n > 0:
+                    waiting += n
         return min(_MAX_SECONDS, self.RAMP_MARGIN + 2 * waiting / per_s)
 
     async def adapt(self, scope: str, *, min: int = 1, max: int, on: Any = (),
