@@ -1839,6 +1839,85 @@ class _PerKey(_State):
         return f"<_PerKey {self.kind} on {self.scope} per {self.per}: {len(self.live)} live>"
 
 
+class _Ramp(_Bucket):
+    """An active ramp (``resume(scope, ramp="10/s")``): a temporary rate limit that lifts
+    itself once its backlog has gone through, i.e. when no unit it matches waits in the
+    control plane any more (paused, drained or held back by anything). One rate, burst
+    1, a token a start whatever its task's cost (so a costed task is never over its
+    burst). Its own type, so it sits beside a user's rate_limit of the same scope and
+    never touches it.
+
+    Watched, never polled on the hot path: the control plane hands it to ``watch`` when
+    it is put in force, and then it looks at its backlog on the clock thread at once (an
+    engine with no backlog drops it at once), right after each start it grants
+    (coalesced), and every CHECK_EVERY seconds while a backlog is left (it can also go
+    without a start: a run that stops). The removal is the clock's, outside the lock,
+    with ``only=`` the very constraint, as an expiry's: a newer ramp that replaced it
+    stays. The check costs O(waiting queues), so at most once per start and per
+    second."""
+    __slots__ = ("cp", "tick", "soon")
+    CHECK_EVERY = 1.0
+
+    def __init__(self, scope, params, now):
+        self.cp = self.tick = None
+        self.soon = False  # a check is due at once
+        super().__init__(scope, params, now)
+
+    def update(self, params, now):
+        super().update({"rate": params["rate"], "burst": 1, "weighted": False}, now)
+
+    def take(self, u, n):
+        for w in self.windows:
+            w[2] -= n
+        if not self.soon and self.cp is not None:
+            self._check_soon()
+
+    def watch(self, cp):  # cp's lock held: it is in force now
+        self.cp = cp
+        self._check_soon()
+
+    def _check_soon(self):  # cp's lock held
+        self.soon = True
+        if self.tick is not None:
+            self.cp.clock.cancel(self.tick)
+        self.tick = self.cp.clock.call_at(0, self._check)
+
+    def waiting(self):  # cp's lock held: the backlog, the units it matches that wait
+        cp = self.cp
+        return sum(len(q.waiters) for q in cp._queues.values()
+                   if q.waiters and cp._matches(self.scope, q.key))
+
+    def _check(self):  # on the clock thread
+        cp, key = self.cp, (self.scope, "ramp")
+        with cp.lock:
+            self.soon, self.tick = False, None
+            if cp._states.get(key) is not self:  # lifted or failed meanwhile
+                return
+            if self.waiting():
+                self.tick = cp.clock.call_at(time.monotonic() + self.CHECK_EVERY, self._check)
+                return
+            # both layers' ramps go (the one in force last: one ConstraintRemoved)
+            gone = sorted(cp._layers[key].values(), key=lambda c: c is cp.constraints[key])
+        for c in gone:
+            cp.remove(self.scope, "ramp", only=c, origin=c.origin)
+        with cp.lock:  # a ramp that replaced it in place meanwhile is looked at afresh
+            if cp._states.get(key) is self and not self.soon:
+                self._check_soon()
+
+    def why(self, n):
+        return f"ramp on {self.scope} ({self.label})"
+
+    def usage(self, now):
+        use = super().usage(now)
+        del use["burst"]
+        use["waiting"] = self.waiting() if self.cp is not None else 0
+        return use
+
+    def __repr__(self):
+        w = self.windows[0]
+        return f"<_Ramp {self.scope} {w[0]:g}/s tokens={w[2]:.2f}>"
+
+
 def _rate_unit(rate):
     """The window a rate is counted over, by its unit: ``"60/m"`` -> "m"; a plain
     number is per second."""
@@ -2028,6 +2107,19 @@ def _overrides(p):
     return f" ({shown}{', ...' if len(o) > 3 else ''})"
 
 
+def _check_ramp(raw):
+    """A ramp's params: one rate, as a rate_limit's (burst 1, a token a start)."""
+    if "rate" not in raw:
+        raise ConstraintError("a ramp constraint needs params {'rate': '10/s'} (the pace at "
+                              "which a resumed backlog starts)")
+    rate = raw["rate"]
+    if type(rate) in (list, tuple):
+        raise ConstraintError(f"a ramp takes one rate ('10/s'), got {rate!r:.80}; for "
+                              "several windows, use rate_limit")
+    _parse_rate(rate)
+    return {"rate": rate}
+
+
 class _ControlType:
     """Everything about one type of control: its name on the wire and in topics, its
     params (``check`` validates raw params and returns the
@@ -2084,6 +2176,11 @@ _CONTROL_TYPES = {t.name: t for t in (
                            f"{_overrides(p)}",
                  lambda row: f"{_plus(row['rate'])} per {row['per']}, {row['keys']} values busy",
                  functools.partial(_PerKey, kind="rate_limit")),
+    _ControlType("ramp", ("rate",), _check_ramp,
+                 lambda p: f"ramp {p['rate']}", lambda p: f"ramp {p['rate']}",
+                 lambda row: (f"{row['rate']} tokens {row['tokens']}, "
+                              f"{row['waiting']} waiting"),
+                 _Ramp),
 )}
 _TYPES = tuple(_CONTROL_TYPES)
 _TYPE_RANK = {t: i for i, t in enumerate(_TYPES)}
@@ -2103,10 +2200,12 @@ def _check_type(type, call):
 
 @dataclasses.dataclass(frozen=True)
 class Constraint:
-    """One control: ``type`` is ``"pause"``, ``"concurrency"`` (params ``{"limit": n}``)
-    or ``"rate_limit"`` (params ``{"rate": "10/s", "burst": n}``); ``scope`` says which
-    tasks it governs; ``expires_at`` is Unix time in seconds, or None. At most one
-    constraint per (scope, type) is active: a new one replaces the old."""
+    """One control: ``type`` is ``"pause"``, ``"concurrency"`` (params ``{"limit": n}``),
+    ``"rate_limit"`` (params ``{"rate": "10/s", "burst": n}``), ``"ramp"`` (params
+    ``{"rate": "10/s"}``: see ``Engine.resume``) or another of the control types (see the
+    README's control plane); ``scope`` says which tasks it governs; ``expires_at`` is
+    Unix time in seconds, or None. At most one constraint per (scope, type) is active: a
+    new one replaces the old."""
 
     id: str
     scope: str
@@ -2631,6 +2730,8 @@ class _ControlPlane:
             self._adaptive += st.__class__ is _Adaptive
             if st.keyed:
                 self._keyed.append(st)
+            if st.__class__ is _Ramp:  # it lifts itself once its backlog is through
+                st.watch(self)
             if ctype.adopts_running:
                 # A new limit counts what already runs in its scope, so that at no
                 # instant more run than the limit (lowering never evicts).
@@ -2959,6 +3060,30 @@ class _ControlPlane:
         too). True if a pass must look at their queue."""
         if self._sweep_due:
             self._sweep()
+        if (granted is not None and not self._ready and not key.amounts
+                and key not in self._queues):
+            # No queue of this key and no pass to wait for: what may start now starts
+            # without being queued (as _grant would; a customer's first call under a
+            # per-key limit, a chunk under a limit with room); the rest wait as usual.
+            needs, takes, now = self._needs(key), key.takes, time.monotonic()
+            k = 0
+            for u in units:
+                if not self._free(needs, key, u.seq, now):
+                    break
+                if takes:
+                    u.held = hold = list(u.held)
+                    for st, n in takes:
+                        st.take(u, n)
+                        hold.append((st, n))
+                k += 1
+            if k:
+                done = units if k == len(units) else units[:k]
+                _Unit.grant_all(done)
+                self._holders.update(done)
+                granted.extend(done)
+                if done is units:
+                    return False
+                units = units[k:]
         q = self._queue(key, units[0].run.loop)
         _Unit.wait_all(units)
         w = q.waiters
@@ -2984,6 +3109,26 @@ class _ControlPlane:
                 self._park(q, held)
                 return False
         self._pend(q)
+        return True
+
+    def _free(self, needs, key, head, now):
+        """(lock held) May a unit of ``key`` that became ready at ``head`` start now, with
+        no queue of its key: every state it needs can give, and none has an older waiter
+        parked on it (what _held_back finds empty). A state that raises: no (the queued
+        path then finds it, and fails the control)."""
+        parked = self._parked
+        try:
+            for st, n in needs:
+                if st in self._failing or not st.can_take(n, now):
+                    return False
+                if st.fifo:
+                    parking = parked.get(st)
+                    top = parking.top() if parking is not None else None
+                    if top is not None and top[0] < (
+                            head if st.fair is None else st.order(key, head)):
+                        return False
+        except Exception:
+            return False
         return True
 
     def _sweep(self, everything=False):  # lock held, before a pass (or all is idle):
@@ -3018,9 +3163,7 @@ class _ControlPlane:
             if q is None:
                 continue
             q.pending = None
-            waiters = q.waiters
-            held = ()
-            if waiters:
+            if q.waiters:
                 while ready and ready[0][2] is None:
                     heapq.heappop(ready)
                 self._grant(q, ready[0][0] if ready else None, now, granted)
@@ -4214,8 +4357,48 @@ class Controller:
     async def pause(self, scope: str = "global", *, ttl: Optional[float] = None) -> Constraint:
         return await self._publish(Constraint.make(scope, "pause", ttl=ttl))
 
-    async def resume(self, scope: str = "global") -> None:
+    # The broker's ramp is bounded (a retained message must not outlive its use): by
+    # this when the engines' backlog cannot be read (no presence records), else by
+    # RAMP_MARGIN seconds plus twice the time the fleet's waiting tasks take at the rate.
+    RAMP_TTL = 3600.0
+    RAMP_MARGIN = 60.0
+
+    async def resume(self, scope: str = "global", *, ramp: Union[str, float, None] = None,
+                     ttl: Optional[float] = None) -> Optional[Constraint]:
+        """Clear the pause of ``scope`` on the broker. With ``ramp`` (``"10/s"``), first
+        publish a retained ``ramp`` control on the scope (and read it back), then clear
+        the pause: each engine starts its backlog at that pace and lifts its own
+        application of the ramp once its backlog has gone through (an engine that
+        applies it with no backlog, one that joins later, drops it at once). The
+        retained message itself expires after ``ttl`` seconds, by default RAMP_MARGIN
+        plus twice the time the engines' waiting tasks (from their presence records)
+        take at that rate, or RAMP_TTL if there are none to read. Returns the ramp
+        published, or None."""
+        c = None
+        if ramp is not None:
+            Constraint.make(scope, "ramp", {"rate": ramp}, ttl=ttl)  # bad input: nothing sent
+            if ttl is None:
+                ttl = await self._ramp_ttl(_parse_rate(ramp))
+            c = await self._publish(Constraint.make(scope, "ramp", {"rate": ramp}, ttl=ttl))
         await self._clear(scope, ("pause",), f"the resume of {scope}")
+        return c
+
+    async def _ramp_ttl(self, per_s):
+        try:
+            engines = [e for e in await self.engines() if not e["lost"]]
+        except (PermissionError, TimeoutError):
+            engines = []
+        if not engines:
+            return self.RAMP_TTL
+        waiting = 0  # tasks waiting, of every scope: a bound of the ramp's backlog
+        for e in engines:  # (records come off the wire: anything may be missing)
+            runs = e.get("runs")
+            for r in runs if isinstance(runs, list) else ():
+                counts = r.get("counts") if isinstance(r, dict) else None
+                n = counts.get("blocked") if isinstance(counts, dict) else None
+                if _is_number(n) and n > 0:
+                    waiting += n
+        return min(_MAX_SECONDS, self.RAMP_MARGIN + 2 * waiting / per_s)
 
     async def adapt(self, scope: str, *, min: int = 1, max: int, on: Any = (),
                     latency: Optional[float] = None, factor: float = 0.5,
@@ -7144,10 +7327,22 @@ class Engine:
         self._cp.apply(c)
         return c
 
-    def resume(self, scope: str = "global") -> Optional[Constraint]:
+    def resume(self, scope: str = "global", *,
+               ramp: Union[str, float, None] = None) -> Optional[Constraint]:
         """Lift the pause of exactly this scope (other scopes' pauses and any limits
-        stay). Returns the removed constraint, or None."""
-        removed = self._cp.remove(_check_scope(scope), "pause")
+        stay). Returns the removed pause, or None.
+
+        With ``ramp`` (a rate, as rate_limit's: ``"10/s"``), the backlog does not start
+        all at once: a ``ramp`` control on the scope (a rate limit of that rate, burst
+        1) is put in force first, then the pause goes, so no instant has neither. The
+        ramp lifts itself (a ConstraintRemoved event) once no task it matches waits any
+        more; new work that comes later is not slowed. It is a type of its own: a
+        rate_limit on the same scope holds beside it and stays. ``clear(scope, "ramp")``
+        lifts it early; status() shows it, with the backlog still waiting."""
+        scope = _check_scope(scope)
+        if ramp is not None:
+            self._cp.apply(Constraint.make(scope, "ramp", {"rate": ramp}))
+        removed = self._cp.remove(scope, "pause")
         return removed[0] if removed else None
 
     def drain(self, scope: str = "global", *, ttl: Optional[float] = None) -> Constraint:
@@ -8621,6 +8816,7 @@ examples:
   cascade demo                          see the control plane at work (no broker needed)
   cascade pause task:api_call --ttl 60  no new api_call starts for a minute
   cascade resume task:api_call
+  cascade resume task:api_call --ramp 10/s   ... the waiting calls start 10 a second
   cascade limit tag:io 5                at most 5 io tasks at once
   cascade rate task:fetch 10/s --burst 5
   cascade rate tag:openai 60/m 10000/d  windows that each hold: a daily quota too
@@ -8665,8 +8861,15 @@ def _cli_parser():
     v = verb("pause", "stop new starts of tasks in SCOPE (running ones finish)", (mqtt, ttl))
     v.add_argument("scope", help=scope_help)
     v.set_defaults(publish=lambda ctl, a: ctl.pause(a.scope, ttl=a.ttl))
-    v = verb("resume", "lift the pause of SCOPE")
+    v = verb("resume", "lift the pause of SCOPE; with --ramp, through a temporary rate "
+                       "limit that lifts itself once the backlog has started")
     v.add_argument("scope", help=scope_help)
+    v.add_argument("--ramp", metavar="RATE",
+                   help="start the waiting tasks at this pace (10/s, 30/m, or per second), "
+                        "not all at once; each engine lifts it once its backlog is through")
+    v.add_argument("--ttl", type=float,
+                   help="with --ramp: seconds the broker keeps the ramp at most (default: "
+                        "from the engines' backlog, or an hour)")
     v = verb("drain", "for maintenance: runs already started finish; runs started later "
                       "hold at their first task in SCOPE until undrain", (mqtt, ttl))
     v.add_argument("scope", help=scope_help)
@@ -8852,8 +9055,8 @@ async def _cli_verb(args, client):
         c = await publish(ctl, args)
         return f"{c.describe()}, held by the broker"
     if v == "resume":
-        await ctl.resume(args.scope)
-        return f"resumed {args.scope}"
+        c = await ctl.resume(args.scope, ramp=args.ramp, ttl=args.ttl)
+        return f"resumed {args.scope}" + ("" if c is None else f" through {c.describe()}")
     if v == "undrain":
         await ctl.undrain(args.scope)
         return f"undrained {args.scope}"
@@ -9048,6 +9251,8 @@ def main(argv: Optional[list] = None) -> int:
         _check_prefix(args.prefix, "--prefix")
         if args.verb == "watch":
             args.topic = _watch_topic(args)
+        if args.verb == "resume" and args.ttl is not None and args.ramp is None:
+            raise ValueError("--ttl bounds the ramp of a resume: give --ramp RATE too")
     except ValueError as exc:
         parser.error(str(exc))
     try:

@@ -5078,7 +5078,6 @@ def test_a_per_key_bucket_is_kept_until_full_again_so_its_rate_holds_across_runs
     async def call(c):
         starts.append((c, time.monotonic()))
 
-    t0 = time.monotonic()
     run_engine(e, call("acme"))
     # 1,000 other customers come and go (sweeps run), then acme again: its bucket is
     # still empty, so this start waits ~0.5 s for its token instead of starting at once
@@ -5311,6 +5310,176 @@ def test_property_per_key_and_plain_limits_hold_at_every_instant_under_random_sc
     assert h.result(TIMEOUT) == list(range(len(items)))
     assert violations == []
     assert sum(ran.values()) == len(items)  # each ran exactly once
+# --- resume with a ramp -------------------------------------------------------
+
+def test_resume_with_a_ramp_starts_the_backlog_at_its_pace_and_the_ramp_lifts_itself():
+    e = cs.Engine()
+    rec = Recorder(e)
+    starts = []
+
+    @cs.task(name="call")
+    def call(i):
+        starts.append(time.monotonic())
+        return i
+
+    user = e.rate_limit("task:call", "1000/s", burst=1000)  # the user's own: it stays
+    pause = e.pause("task:call")
+    n = 10
+    h = e.start(call.map(range(n)))
+    wait_for(lambda: e.status()["tasks"].get("call") == {"blocked": n})
+    t0 = time.monotonic()
+    assert e.resume("task:call", ramp="20/s") == pause  # returns the pause it lifted
+    assert h.result(TIMEOUT) == list(range(n))
+    # a token bucket of 20/s, burst 1: at most 1 + 20 * elapsed starts, so the last of
+    # ten starts at least 9/20 s after the resume (a slower machine only adds to it)
+    assert starts[-1] - t0 >= 0.9 * (n - 1) / 20, [round(s - t0, 3) for s in starts]
+    wait_for(lambda: rec.of(cs.ConstraintRemoved) and
+             rec.of(cs.ConstraintRemoved)[-1].constraint.type == "ramp")
+    changes = [(type(ev).__name__, ev.constraint.type) for ev in rec.events
+               if isinstance(ev, (cs.ConstraintApplied, cs.ConstraintRemoved))]
+    # the ramp is in force before the pause goes (no instant has neither), and goes by
+    # itself once the backlog is through
+    assert changes == [("ConstraintApplied", "rate_limit"), ("ConstraintApplied", "pause"),
+                       ("ConstraintApplied", "ramp"), ("ConstraintRemoved", "pause"),
+                       ("ConstraintRemoved", "ramp")], changes
+    ramp = rec.of(cs.ConstraintRemoved)[-1].constraint
+    assert (ramp.scope, ramp.params, ramp.origin) == ("task:call", {"rate": "20/s"}, "local")
+    assert e.constraints == [user]
+    assert [s["type"] for s in e.status()["scopes"]] == ["rate_limit"]
+    assert e.start(call.map(range(3))).result(TIMEOUT) == [0, 1, 2]
+
+
+def test_a_ramp_shows_in_status_with_its_backlog_and_clear_lifts_it_early():
+    e = cs.Engine()
+
+    @cs.task(name="slow_api")
+    async def slow_api(i):
+        return i
+
+    e.pause("task:slow_api")
+    h = e.start(slow_api.map(range(3)))
+    wait_for(lambda: e.status()["tasks"].get("slow_api") == {"blocked": 3})
+    e.resume("task:slow_api", ramp="1/m")  # one starts now, the next in a minute
+    wait_for(lambda: e.status()["tasks"].get("slow_api") == {"blocked": 2, "done": 1})
+    (row,) = e.status()["scopes"]
+    assert (row["type"], row["scope"], row["rate"], row["waiting"]) == (
+        "ramp", "task:slow_api", "1/m", 2)
+    assert "burst" not in row and 0 <= row["tokens"] < 1
+    assert {b["waits_on"] for b in e.status()["blocked"]} == {"ramp on task:slow_api (1/m)"}
+    assert re.search(r"ramp +task:slow_api +1/m tokens [\d.]+, 2 waiting", str(e.status()))
+    (c,) = e.constraints
+    assert (c.type, c.describe()) == ("ramp", "ramp 1/m on task:slow_api")
+    assert e.clear("task:slow_api", "ramp") == [c]
+    assert h.result(TIMEOUT) == [0, 1, 2]
+
+
+def test_a_ramp_with_no_backlog_lifts_itself_at_once():
+    e = cs.Engine()
+    rec = Recorder(e)
+    assert e.resume("task:idle", ramp="1/h") is None  # nothing paused, nothing waiting
+    wait_for(lambda: rec.of(cs.ConstraintRemoved))
+    assert [(type(ev).__name__, ev.constraint.type) for ev in rec.events] == [
+        ("ConstraintApplied", "ramp"), ("ConstraintRemoved", "ramp")]
+    assert e.constraints == []
+
+    @cs.task(name="idle")
+    async def idle(i):
+        return i
+    assert e.start(idle.map(range(5))).result(TIMEOUT) == list(range(5))  # not at 1/h
+
+
+def test_a_ramp_lifts_itself_when_its_backlog_goes_without_starting():
+    # the backlog can also go by a run that stops: the ramp's periodic look finds none
+    e = cs.Engine()
+    rec = Recorder(e)
+
+    @cs.task(name="held")
+    async def held(i):
+        return i
+
+    e.pause("task:held")
+    h = e.start(held.map(range(3)))
+    wait_for(lambda: e.status()["tasks"].get("held") == {"blocked": 3})
+    e.limit("task:held", 0)  # the backlog waits on, after the resume
+    e.resume("task:held", ramp="5/s")
+    time.sleep(0.2)
+    assert [c.type for c in e.constraints] == ["concurrency", "ramp"]
+    h.cancel()
+    wait_for(lambda: [c.type for c in e.constraints] == ["concurrency"])
+    assert rec.of(cs.ConstraintRemoved)[-1].constraint.type == "ramp"
+
+
+@pytest.mark.parametrize("presence", [5.0, None])
+def test_the_broker_s_ramp_expires_after_a_ttl_from_the_engines_backlog(presence):
+    broker = cs.LocalBroker()
+    e = cs.Engine(connector=broker, presence=presence)
+
+    @cs.task(name="sync_crm")
+    async def sync_crm(i):
+        return i
+
+    async def main():
+        ctl = cs.Controller(broker)
+        await ctl.pause("task:sync_crm")
+        h = e.start(sync_crm.map(range(40)))
+        end = time.monotonic() + TIMEOUT
+        while presence and [r["counts"] for x in await ctl.engines() for r in x["runs"]] != [
+                {"blocked": 40}] or not presence and e.status()["tasks"].get("sync_crm") != {
+                "blocked": 40}:
+            assert time.monotonic() < end
+            await asyncio.sleep(0.01)
+        ramp = await ctl.resume("task:sync_crm", ramp="2/s")
+        # 60 s, plus twice the 20 s that 40 waiting tasks take at 2/s; an hour when no
+        # engine says what waits
+        want = 60 + 2 * 40 / 2 if presence else cs.Controller.RAMP_TTL
+        assert want - 5 < ramp.expires_in() <= want
+        assert (await ctl.resume("task:sync_crm", ramp="2/s", ttl=7)).expires_in() <= 7
+        await ctl.clear("task:sync_crm")
+        return await asyncio.wait_for(h, TIMEOUT)  # (the run lives on this loop)
+    assert asyncio.run(main()) == list(range(40))
+    e.close()
+
+
+@pytest.mark.parametrize("ramp, why", [
+    ("fast", "rate 'fast' is not valid"), (0, "rate 0 is not valid"),
+    (["1/s", "60/m"], "one rate"), (True, "rate True is not valid")])
+def test_a_bad_ramp_is_refused_and_the_pause_stays(ramp, why):
+    e = cs.Engine()
+    pause = e.pause("task:t")
+    with pytest.raises(cs.ConstraintError, match=re.escape(why)):
+        e.resume("task:t", ramp=ramp)
+    assert e.constraints == [pause]
+    with pytest.raises(cs.ConstraintError, match="unknown params"):
+        cs.Constraint.make("task:t", "ramp", {"rate": "1/s", "burst": 5})
+    with pytest.raises(cs.ConstraintError, match="needs params"):
+        cs.Constraint.make("task:t", "ramp")
+
+
+@pytest.mark.parametrize("params, why", [
+    ({"rate": "fast"}, "rate 'fast' is not valid"), ({}, "needs params"),
+    ({"rate": "1/s", "burst": 3}, "unknown params"), ({"rate": ["1/s", "9/m"]}, "one rate")])
+def test_a_bad_ramp_message_is_rejected_once_and_the_engine_carries_on(params, why, caplog):
+    broker = cs.LocalBroker()
+    e = cs.Engine(connector=broker)
+    rejected = []
+    e.subscribe(cs.ConstraintRejected, rejected.append)
+    topic = "cascade/constraints/task/t/ramp"
+
+    @cs.task(name="t")
+    async def t():
+        return "ran"
+
+    async def main():
+        await broker.publish(topic, {"id": "x", "scope": "task:t", "type": "ramp",
+                                     "params": params, "expires_at": None}, retain=True)
+        with caplog.at_level(logging.WARNING, logger="cascade"):
+            return await e.run(t())
+    assert asyncio.run(main()) == "ran"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING
+                and "rejected control message" in r.getMessage()]
+    assert len(warnings) == 1 and len(rejected) == 1
+    assert rejected[0].topic == topic and why in rejected[0].reason
+    assert e.constraints == []
 
 
 # --- ttl --------------------------------------------------------------------
@@ -9836,6 +10005,73 @@ async def test_garbage_and_oversize_control_messages_are_rejected_and_the_engine
         close_client(ctl_client)
 
 
+@async_test
+async def test_a_controller_resume_with_a_ramp_paces_each_engine_and_each_lifts_its_own(
+        paho, broker):
+    u = broker
+    name = f"l_{u}_call"
+    scope = f"task:{name}"
+    ctl_client, client, late_client = mqtt_client(), mqtt_client(), mqtt_client()
+    ctl = cs.Controller(cs.MqttConnector(ctl_client))
+    starts = []
+    engines = []
+
+    @cs.task(name=name)
+    async def call(i):
+        starts.append(time.monotonic())
+        return i
+
+    async def until_blocked(engine, n):
+        end = time.monotonic() + TIMEOUT
+        while engine.status()["tasks"].get(name) != {"blocked": n}:
+            assert time.monotonic() < end, engine.status()
+            await asyncio.sleep(0.005)
+
+    def ramp_removed(items):
+        return [e for e in events_of(items, cs.ConstraintRemoved) if e.constraint.type == "ramp"]
+
+    try:
+        engine = cs.Engine(connector=cs.MqttConnector(client))
+        engines.append(engine)
+        log = Recorder(engine)
+        await ctl.pause(scope)
+        await ctl.rate_limit(scope, "1000/s", burst=1000)  # the user's own: it stays
+        n = 8
+        run = asyncio.ensure_future(engine.run(call.map(range(n))))
+        await until_blocked(engine, n)
+        t0 = time.monotonic()
+        ramp = await ctl.resume(scope, ramp="20/s")
+        assert (ramp.type, ramp.scope, ramp.params) == ("ramp", scope, {"rate": "20/s"})
+        # the retained ramp is bounded: a margin plus the fleet's backlog at the rate (other
+        # engines on the shared broker count too), or RAMP_TTL with no presence records
+        assert ramp.expires_in() >= cs.Controller.RAMP_MARGIN - 5
+        assert await asyncio.wait_for(run, TIMEOUT) == list(range(n))
+        assert starts[-1] - t0 >= 0.9 * (n - 1) / 20, [round(s - t0, 3) for s in starts]
+        (gone,) = await log.until(ramp_removed, "the engine lifted its ramp")
+        assert (gone.constraint.id, gone.constraint.origin) == (ramp.id, "broker")
+        assert controls_of(engine, u) == {(scope, "rate_limit"): {"rate": "1000/s",
+                                                                  "burst": 1000}}
+        # the broker still holds the ramp (until its ttl); an engine that joins later
+        # applies it and, with no backlog of its own, drops it
+        assert {(c.scope, c.type) for c in await ctl.status() if u in c.scope} == {
+            (scope, "ramp"), (scope, "rate_limit")}
+        late = cs.Engine(connector=cs.MqttConnector(late_client))
+        engines.append(late)
+        late_log = Recorder(late)
+        assert await asyncio.wait_for(late.run(call.map(range(3))), TIMEOUT) == [0, 1, 2]
+        await late_log.until(ramp_removed, "the late engine lifted its ramp")
+        assert controls_of(late, u) == {(scope, "rate_limit"): {"rate": "1000/s",
+                                                                "burst": 1000}}
+        with pytest.raises(cs.ConstraintError, match="rate 'fast' is not valid"):
+            await ctl.resume(scope, ramp="fast")
+    finally:
+        await ctl.clear(scope)
+        for engine in engines:
+            engine.close()
+        for c in (client, late_client, ctl_client):
+            close_client(c)
+
+
 def watched_client(port):
     """(client, next_event): a paho client of ``port``, and ``next_event(want)``, which
     blocks until it has (re)connected ("connect") or lost its connection ("disconnect")."""
@@ -11556,6 +11792,30 @@ def test_cli_adapt(paho, broker):
         assert c["params"]["on"] == ["ConnectionError", "TimeoutError"]
         r = cli("adapt", scope, "--min", 5, "--max", 2)
         assert r.returncode == 1 and r.stderr.startswith("cascade: "), r.stderr
+    finally:
+        sweep(u)
+
+
+def test_cli_resume_with_a_ramp(paho, broker):
+    u = broker
+    scope = f"task:r_{u}"
+    try:
+        stdout_of(cli("pause", scope))
+        out = stdout_of(cli("resume", scope, "--ramp", "10/s", "--ttl", 30)).strip()
+        assert re.fullmatch(rf"resumed {scope} through ramp 10/s on {scope} \(\d+\.\ds left\)",
+                            out), out
+        (c,) = [c for c in json.loads(stdout_of(cli("status", "--json")))["in_force"]
+                if c["scope"] == scope]
+        assert (c["type"], c["params"]) == ("ramp", {"rate": "10/s"})
+        assert 0 < c["expires_at"] - time.time() <= 30
+        row = [r for r in stdout_of(cli("status")).splitlines() if scope in r]
+        assert len(row) == 1 and row[0].split()[:4] == ["ramp", scope, "ramp", "10/s"], row
+        r = cli("resume", scope, "--ramp", "fast")
+        assert r.returncode == 1 and r.stderr.startswith("cascade: "), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "'fast'" in r.stderr, r.stderr
+        r = cli("resume", scope, "--ttl", 30)  # a ttl bounds a ramp only
+        assert r.returncode == 2 and "give --ramp RATE too" in r.stderr, r.stderr
+        assert "cleared ramp on " + scope in stdout_of(cli("clear", scope, "--type", "ramp"))
     finally:
         sweep(u)
 
