@@ -2744,8 +2744,8 @@ class _ControlPlane:
         given back, the unit is DROPPED), or a pause that matches it arrived after the
         grant (the grant is given back and the unit waits again at its old place)."""
         with self.lock:
-            if u.run.stopping:
-                self._give_back(u, False)
+            if u.run.stopping or (u.run._cut and u in u.run._cut):  # (or cancelled:
+                self._give_back(u, False)                             # see _Run.cancel)
                 u.drop()
             elif self._gates and self._gated(u):
                 self._give_back(u, False)
@@ -2799,6 +2799,29 @@ class _ControlPlane:
                     q.left = ()
             granted = self._admit() if self._ready else None
         self._dispatch(granted)
+
+    def pull(self, run, match):
+        """(engine.cancel, on ``run``'s loop) Take every waiting unit of ``run`` whose
+        admission key ``match`` accepts out of its queue; each is SKIPPED. Returns them."""
+        pulled = []
+        with self.lock:
+            for key, q in list(self._queues.items()):
+                if key.run_id == run.run_id and q.waiters and match(key):
+                    for u in q.waiters:
+                        u.cut()
+                    pulled.extend(q.waiters)
+                    self._waiting -= len(q.waiters)
+                    q.waiters.clear()
+                    if q.pending is not None:
+                        q.pending[2] = q.pending = None
+                    self._unpark(q)
+                    self._forget(q)
+                    for st in q.left:  # what it held back by FIFO may go on
+                        self._wake(st)
+                    q.left = ()
+            granted = self._admit() if pulled and self._ready else None
+        self._dispatch(granted)
+        return pulled
 
     def holders_of(self, run):
         """The units of ``run`` holding a grant (to cancel its running bodies)."""
@@ -4065,6 +4088,7 @@ class _Unit:
                              |   +--(a late pause at the gate: wait())--+            |
                              +--(after the retry delay: wait_all())------------------+
         WAITING or GRANTED --(the run stops: drop())--> DROPPED
+        WAITING, DROPPED, RETRYING or a body's end --(engine.cancel: see _Run.cancel)--> SKIPPED
 
     Each transition also moves the unit between the cells of its task's tally in the
     run, so status costs what it shows. Every cell has one writer side, so no cell is
@@ -4132,6 +4156,12 @@ class _Unit:
         t[self.state] -= 1
         t[_DROPPED] += 1
         self.state = _DROPPED
+
+    def cut(self):  # lock held, loop thread: WAITING | DROPPED -> SKIPPED (engine.cancel)
+        t = self.node.tally
+        t[self.state] -= 1
+        t[_SKIPPED] += 1
+        self.state = _SKIPPED
 
     # Derived, not stored: a map of 100,000 items makes 100,000 units.
     @property
@@ -4850,6 +4880,8 @@ class _Run:
         self._gone = False
         self._stopped_at = None
         self._timers = {}           # unit -> the handle of its retry delay
+        self._cut = {}              # units engine.cancel cut while granted or running
+        self._cut_gate = False      # ... and it holds a count of cp._gates for them
         self._inbox = collections.deque()
         self._drain_pending = False
         self._stamp = engine._cp.stamp
@@ -4925,6 +4957,9 @@ class _Run:
             # resources up, no RunFinished, and the run listed as active).
             self._stop()
             cancelled = await self._wait_for_bodies()
+            if self._cut_gate:  # cut units the run never heard of again (abandoned)
+                self._cut.clear()
+                self._cut_end(None)
             cancelled |= await _to_the_end(self.resources.tear_down())
             escaped = self.resources.escaped
             if escaped is not None:
@@ -5934,7 +5969,11 @@ class _Run:
         """A granted unit did not start: its run is stopping, or a pause came first (or
         the body of an _Overdue stand-in came back: one body fewer in flight)."""
         self._inflight -= 1
-        if u.state == _WAITING and not u.reported:
+        if self._cut and u in self._cut:  # cancelled: DROPPED at the gate -> SKIPPED
+            with self.cp.lock:
+                u.cut()
+            self._cut_end(u)
+        elif u.state == _WAITING and not u.reported:
             self.report.blocked(u)
         self._check_idle()
 
@@ -5943,6 +5982,8 @@ class _Run:
         the unit: done, a retry, or a failure that fails the run."""
         if self._gone:  # an abandoned async body ended at last: only its slots go back
             return self.cp.release(u)
+        if self._cut and u in self._cut:  # cancelled meanwhile: its result is dropped
+            return self._cut_finished(u)
         if exc is None:
             if isinstance(value, LazyResult):  # a graph to run for the value (rare)
                 return self._returned_graph(u, value, t0)
@@ -6181,6 +6222,101 @@ class _Run:
         self._inflight = 0
         if self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
+
+    # -- engine.cancel ---------------------------------------------------------
+    def cancel(self, scope):
+        """On the loop: cancel (engine.cancel) every task of this run matched by ``scope``
+        that has not finished; each ends SKIPPED with reason ``cancelled: <scope>`` and its
+        skip propagates as usual. Returns how many units it cut: each waiting, granted,
+        running or retrying unit, each item of a map not made yet, and each call not
+        processed yet (its inputs are not all done: it is skipped when they are, it never
+        runs). A granted unit is refused at the start gate (a count of ``cp._gates`` sends
+        every body through it meanwhile); a running async body's asyncio task is
+        cancelled; a remote body's future is cancelled (one that has begun runs on); a
+        sync body runs to its end. Their results are dropped (_cut_finished)."""
+        if self.stopping or not self.nodes:
+            return 0
+        cp, project = self.cp, self.cp.project
+        reason = f"cancelled: {scope}"
+        memo = {}
+
+        def hit(task):
+            m = memo.get(task)
+            if m is None:
+                m = memo[task] = _scope_matches(
+                    scope, self.keys.get(task) or _Key(task.name, task.tags, self.run_id), project)
+            return m
+        pulled = cp.pull(self, lambda key: _scope_matches(scope, key, project))
+        with cp.lock:  # marked before the lock goes: the gate sees them
+            held = [u for u in cp._holders if u.run is self and type(u) is not _Overdue
+                    and u not in self._cut and hit(u.node.lazy.task)]
+            if held:
+                self._cut.update(dict.fromkeys(held))
+                if not self._cut_gate:
+                    self._cut_gate = True
+                    cp._gates += 1
+        retrying = [u for u in self._timers if hit(u.node.lazy.task)]
+        for u in retrying:
+            self._timers.pop(u).cancel()
+            t = u.node.tally
+            t[_RETRYING] -= 1
+            t[_SKIPPED] += 1
+            u.state = _SKIPPED
+        handed = []
+        for u in held:
+            if u.state == _RUNNING and u.body is not None:
+                if self._remote is not None and not u.node.lazy.task.is_async:
+                    handed.append(u.body)
+                else:
+                    u.body.cancel()  # (a granted one's task: refused at its gate)
+        if handed:
+            try:
+                self._remote.cancel(handed)  # not begun: never will; begun: runs on
+            except Exception:
+                _log.warning("run %s could not cancel %d futures on the %s", self.run_id,
+                             len(handed), self._remote.name, exc_info=True)
+        count = len(pulled) + len(held) + len(retrying)
+        cut = {u.node for u in (*pulled, *held, *retrying)}
+        for node in list(self.nodes.values()):
+            lz = node.lazy
+            task = lz.task
+            if task is None or node.pending < 0 or node.skip is not None or not hit(task):
+                continue
+            if node.key is None:  # not processed yet: skipped when it is (_process)
+                node.skip = reason
+                count += 1
+            elif type(lz) is MappedLazyResult:
+                pipe = node.pipe
+                n = (pipe.n - pipe.made if pipe is not None else
+                     len(node.value) - node.cursor if node.items is not None else 0)
+                if n or node in cut:  # (else all its items ran: it waits for their graphs)
+                    count += n
+                    self._map_skipped(node, reason)
+            elif node in cut:  # (else its body ran: it waits for the graph it returned)
+                node.skip = reason
+                self.report.skipped(node, reason)
+                self._settle_node(node, _needs(node, reason))
+        if count:
+            self._pump()  # the nodes marked to skip that are ready already
+        return count
+
+    def _cut_finished(self, u):
+        """The body of a unit cut by ``cancel`` ended (returned, raised, was cancelled,
+        or could not start): its slots go back, its result is dropped, it is SKIPPED."""
+        self.cp.release(u)
+        self._inflight -= 1
+        u.body = None
+        u.end(_SKIPPED)
+        self._cut_end(u)
+        self._check_idle()
+
+    def _cut_end(self, u):
+        """A cut unit is settled; the last one gives back the gate count it held."""
+        self._cut.pop(u, None)
+        if not self._cut and self._cut_gate:
+            with self.cp.lock:
+                self._cut_gate = False
+                self.cp._gates -= 1
 
     # -- status -------------------------------------------------------------
     def counts(self):
@@ -6662,6 +6798,40 @@ class Engine:
         removed constraint, or None."""
         removed = self._cp.remove(_check_scope(scope), "drain")
         return removed[0] if removed else None
+
+    def cancel(self, scope: str) -> int:
+        """Cancel, once, every task matched by ``scope`` that has not finished, in every
+        active run of this engine: each ends skipped with reason ``cancelled: <scope>``
+        (a ``TaskSkipped`` event), and its dependents are skipped as for any skip. Waiting
+        tasks never start; a running async body is cancelled; a running sync body runs to
+        its end and its result is dropped (on a process pool or Dask, a body not begun yet
+        is cancelled); a pending retry does not happen; calls whose inputs are not done
+        yet are skipped when they are. Nothing stays in force: tasks of runs started
+        later, and of graphs returned later, run as usual. Returns how many tasks (a
+        map's items each) were cancelled. From any thread; from a run's own loop it
+        acts at once, from elsewhere it waits for each run's loop to act."""
+        scope = _check_scope(scope)
+        total, waits = 0, []
+        me = threading.get_ident()
+        for run in list(self._runs.values()):
+            if run.thread == me:
+                total += run.cancel(scope)
+                continue
+            f = concurrent.futures.Future()
+
+            def act(run=run, f=f):
+                try:
+                    f.set_result(run.cancel(scope))
+                except BaseException as exc:
+                    f.set_exception(exc)
+            try:
+                run.loop.call_soon_threadsafe(act)
+            except RuntimeError:  # its loop has closed: nothing left to cancel
+                continue
+            waits.append(f)
+        for f in waits:
+            total += f.result()
+        return total
 
     def limit(self, scope: str, n: int, *, ttl: Optional[float] = None) -> Constraint:
         """At most ``n`` tasks matched by ``scope`` run at once. Raising it starts

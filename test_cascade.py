@@ -4868,6 +4868,187 @@ def test_a_drain_holds_only_the_tasks_of_its_scope_in_later_runs():
     assert h.result(TIMEOUT) == [2, 3]
 
 
+
+# --- cancel (a one-shot operator verb) ----------------------------------------
+
+def test_cancel_skips_waiting_and_running_units_and_what_needs_them():
+    e = cs.Engine()
+    rec = Recorder(e)
+    go = threading.Event()
+    ran = []
+
+    @cs.task(name="work")
+    def work(i):
+        ran.append(i)
+        go.wait(TIMEOUT)
+        return i
+
+    @cs.task(name="total")
+    def total(xs):
+        return sum(xs)
+
+    @cs.task(name="free")
+    def free():
+        return "free"
+
+    e.limit("task:work", 1)
+    h = e.start([total(work.map(range(4))), free()])
+    wait_for(lambda: e.status()["tasks"].get("work") == {"running": 1, "blocked": 3})
+    assert e.cancel("task:work") == 4
+    # the running sync body runs on; the waiting items are skipped at once
+    assert e.status()["tasks"]["work"] == {"running": 1, "skipped": 3}
+    assert e.status()["tasks"]["total"] == {"skipped": 1}
+    go.set()
+    with pytest.raises(cs.DependencyMissingError, match="cancelled: task:work"):
+        h.result(TIMEOUT)
+    assert ran == [0]  # the waiting items never began
+    assert [(ev.task_id, ev.reason) for ev in rec.of(cs.TaskSkipped)] == [
+        ("work-1", "cancelled: task:work"),
+        ("total-1", "needs work-1, which was skipped: cancelled: task:work")]
+    assert not rec.of(cs.TaskExecutionFinished, status="Failed")
+    assert [ev.task_name for ev in rec.of(cs.TaskExecutionFinished)] == ["free"]  # its result dropped
+    assert e.cancel("task:work") == 0  # nothing left to cancel: one-shot
+
+
+@async_test
+async def test_cancel_cancels_running_async_bodies_and_drops_the_result_of_sync_ones():
+    e = cs.Engine()
+    rec = Recorder(e)
+    go = threading.Event()
+    cancelled, began = [], threading.Event()
+
+    @cs.task(name="fetch", tags=["cut"])
+    async def fetch():
+        try:
+            await asyncio.sleep(3 * TIMEOUT)
+        except asyncio.CancelledError:
+            cancelled.append("fetch")
+            raise
+
+    @cs.task(name="crunch", tags=["cut"])
+    def crunch():
+        began.set()
+        go.wait(TIMEOUT)
+        return 1
+
+    @cs.task(name="after")
+    def after(x):
+        return x
+
+    @cs.task(name="keep")
+    async def keep():
+        return "kept"
+
+    run = asyncio.ensure_future(e.run([fetch(), after(crunch()), keep()]))
+    while e.status()["tasks"].get("fetch") != {"running": 1} or not began.is_set():
+        await asyncio.sleep(0.01)
+    assert e.cancel("tag:cut") == 2  # from the run's own loop: at once
+    assert e.status()["tasks"]["after"] == {"skipped": 1}
+    await asyncio.sleep(0.05)
+    assert cancelled == ["fetch"]
+    assert e.status()["tasks"]["fetch"] == {"skipped": 1}
+    assert e.status()["tasks"]["crunch"] == {"running": 1}  # a sync body runs to its end
+    go.set()
+    with pytest.raises(cs.DependencyMissingError, match="cancelled: tag:cut"):
+        await run
+    assert sorted((ev.task_id, ev.reason) for ev in rec.of(cs.TaskSkipped)) == [
+        ("after-1", "needs crunch-1, which was skipped: cancelled: tag:cut"),
+        ("crunch-1", "cancelled: tag:cut"), ("fetch-1", "cancelled: tag:cut")]
+    assert [ev.task_name for ev in rec.of(cs.TaskExecutionFinished)] == ["keep"]
+
+
+def test_cancel_skips_calls_whose_inputs_are_not_done_yet_and_pending_retries():
+    e = cs.Engine()
+    rec = Recorder(e)
+    go = threading.Event()
+    ran, tries = [], []
+
+    @cs.task(name="upstream")
+    def upstream():
+        go.wait(TIMEOUT)
+        return 1
+
+    @cs.task(name="later")
+    def later(x):
+        ran.append(x)
+        return x
+
+    @cs.task(name="flaky")
+    def flaky():
+        tries.append(1)
+        raise ValueError("try again")
+
+    h = e.start([later(upstream()), flaky().with_retry(3, delay=3 * TIMEOUT)])
+    wait_for(lambda: e.status()["tasks"].get("flaky") == {"retrying": 1})
+    assert e.cancel("task:later") == 1
+    assert e.cancel("task:flaky") == 1  # its retry never happens: the run need not wait
+    go.set()
+    with pytest.raises(cs.DependencyMissingError):
+        h.result(TIMEOUT)
+    assert ran == [] and tries == [1]
+    assert sorted((ev.task_id, ev.reason) for ev in rec.of(cs.TaskSkipped)) == [
+        ("flaky-1", "cancelled: task:flaky"), ("later-1", "cancelled: task:later")]
+
+
+def test_cancel_reaches_the_tasks_of_a_returned_graph_and_not_later_runs():
+    e = cs.Engine()
+    go = threading.Event()
+    ran = []
+
+    @cs.task(name="inner")
+    def inner(i):
+        ran.append(i)
+        go.wait(TIMEOUT)
+        return i
+
+    @cs.task(name="outer")
+    def outer():
+        return inner.map(range(3))
+
+    e.limit("task:inner", 1)
+    h = e.start(outer())
+    wait_for(lambda: e.status()["tasks"].get("inner") == {"running": 1, "blocked": 2})
+    assert e.cancel("task:inner") == 3
+    go.set()
+    with pytest.raises(cs.DependencyMissingError, match="cancelled: task:inner"):
+        h.result(TIMEOUT)
+    assert ran == [0]
+    # one-shot: nothing stays in force, a later run of the same tasks runs as usual
+    assert e.start(outer()).result(TIMEOUT) == [0, 1, 2]
+    assert e.cancel("global") == 0
+
+
+def test_cancel_of_every_task_ends_the_run_and_matches_only_its_scope():
+    e = cs.Engine()
+    go = threading.Event()
+
+    @cs.task(name="a")
+    def a(i):
+        go.wait(TIMEOUT)
+        return i
+
+    @cs.task(name="b")
+    async def b(x):
+        return x
+
+    e.pause("task:a")
+    one, two = e.start(b(a(1))), e.start(b(a(2)))
+    wait_for(lambda: e.status()["tasks"].get("a") == {"blocked": 2})
+    assert e.cancel(f"run:{one.run_id}") == 2  # a-1 and b-1 of that run only
+    with pytest.raises(cs.DependencyMissingError, match=f"cancelled: run:{one.run_id}"):
+        one.result(TIMEOUT)  # nothing of it ran: it ends at once, paused or not
+    assert not two.done()
+    e.resume("task:a")
+    go.set()
+    assert two.result(TIMEOUT) == 2
+
+
+def test_cancel_rejects_a_bad_scope_and_changes_nothing():
+    e = cs.Engine()
+    with pytest.raises(cs.ConstraintError, match="scope 'nope' is not valid"):
+        e.cancel("nope")
+    assert e.cancel("task:x") == 0  # no run: nothing to cancel
+
 def test_a_drained_waiter_holds_no_capacity_back_from_others():
     # A drained request for 2 GPUs is older than a request for 1 that fits: like a paused
     # waiter, it holds nothing back (regression: only pauses were exempt from capacity
