@@ -1952,6 +1952,37 @@ def _read_control(topic, payload, prefix=_PREFIX):
         return key, _MISSING, _error_text(str(exc), "message")
 
 
+# One-shot commands (not retained): Controller.cancel publishes {"scope", "id"} on
+# <prefix>/commands/cancel; each engine's loop subscription that hears it cancels the
+# runs on its loop (engine.cancel) and answers {"engine_id", "cancelled"} on
+# <prefix>/acks/<id>/<engine id>/<its loop subscription's token>.
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _cancel_topic(prefix):
+    return f"{prefix}/commands/cancel"
+
+
+def _read_cancel(payload):
+    """What an engine makes of a message on the cancel topic: ``(scope, id, None)``,
+    or, rejected, ``(None, None, reason)``."""
+    if not isinstance(payload, dict):
+        return None, None, ("payload over 64 KiB" if isinstance(payload, (str, bytes, bytearray))
+                            and len(payload) > _MAX_PAYLOAD else "payload is not a JSON object")
+    extra = sorted(map(str, set(payload) - {"scope", "id"}))
+    if extra:
+        return None, None, _error_text(f"unknown fields {extra}: a cancel has 'scope' and "
+                                       "'id'", "message")
+    cid = payload.get("id")
+    if not isinstance(cid, str) or not _ID.fullmatch(cid):
+        return None, None, _error_text(f"id {cid!r} is not 1 to 64 of A-Z a-z 0-9 _ -",
+                                       "message")
+    try:
+        return _check_scope(payload.get("scope")), cid, None
+    except ConstraintError as exc:
+        return None, None, _error_text(str(exc), "message")
+
+
 class _FastSwitch:
     """Who needs the GIL handed over quickly now: while anyone does, the interpreter's
     switch interval is FAST instead of its own (5 ms by default), and it is put back when
@@ -3779,6 +3810,46 @@ class Controller:
 
     async def undrain(self, scope: str = "global") -> None:
         await self._clear(scope, ("drain",), f"the undrain of {scope}")
+
+    async def cancel(self, scope: str, *, timeout: Optional[float] = None) -> dict:
+        """Cancel, once, the tasks matched by ``scope`` that have not finished, on every
+        engine on the broker (see Engine.cancel): a one-shot command, not retained, so
+        engines that join later and runs started later are not affected. Returns
+        ``{engine id: tasks cancelled}`` of the engines that answered: it waits until
+        every engine whose presence record shows active runs has answered, then a
+        moment (0.25 s) for engines without a presence record, or at most ``timeout``
+        seconds (default: the Controller's). An engine answers from each event loop it
+        runs on (the counts are summed); empty: no engine heard it (none runs, or it
+        cannot read ``<prefix>/commands/cancel`` or write ``<prefix>/acks/#``)."""
+        scope = _check_scope(scope)
+        timeout = self.timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        busy = {r.get("engine_id") for r in await self.engines(timeout)
+                if not r["lost"] and r.get("runs")}
+        conn = await self._conn()
+        cid = os.urandom(8).hex()
+        acks, counts = f"{self.prefix}/acks/{cid}/#", {}
+        heard = asyncio.Event()
+
+        def collect(topic, payload):
+            if isinstance(payload, dict) and isinstance(payload.get("engine_id"), str) \
+                    and type(payload.get("cancelled")) is int:
+                counts.setdefault(payload["engine_id"], {})[topic] = payload["cancelled"]
+                heard.set()
+        await conn.subscribe(acks, collect)
+        try:
+            await conn.publish(_cancel_topic(self.prefix), {"scope": scope, "id": cid}, qos=1)
+            while not busy <= counts.keys() and loop.time() < deadline:
+                heard.clear()
+                try:
+                    await asyncio.wait_for(heard.wait(), deadline - loop.time())
+                except asyncio.TimeoutError:
+                    break
+            await asyncio.sleep(max(0.0, min(0.25, deadline - loop.time())))
+        finally:
+            await _maybe(conn, "unsubscribe", acks, collect)
+        return {e: sum(by.values()) for e, by in sorted(counts.items())}
 
     async def limit(self, scope: str, n: int, *, ttl: Optional[float] = None) -> Constraint:
         return await self._publish(Constraint.make(scope, "concurrency", {"limit": n}, ttl=ttl))
@@ -7118,6 +7189,7 @@ class _Link:
             await conn.subscribe(f"{self.prefix}/constraints/#", sub.on_message)
             if not sub.subscribed:
                 await conn.subscribe(sub.marker_filter, sub.on_marker)
+                await conn.subscribe(_cancel_topic(self.prefix), sub.on_cancel)
                 sub.subscribed = True
         marker = f"{sub.marker_filter[:-2]}/{next(sub.count)}"
         synced = sub.markers[marker] = loop.create_future()
@@ -7234,6 +7306,31 @@ class _Link:
         self.engine._bus.emit(ConstraintRejected(run_id, topic, reason))
         return None if key is None else (key, _MISSING)
 
+    def cancel(self, sub, topic, payload):
+        """A cancel command heard on ``sub``'s loop: cancel the matching tasks of the
+        runs on that loop (see Engine.cancel) and answer how many on the ack topic. A bad
+        command: one warning and a ConstraintRejected event, nothing else."""
+        scope, cid, reason = _read_cancel(payload)
+        if reason is not None:
+            _log.warning("rejected cancel command on %s: %s", _printable(topic),
+                         _printable(reason))
+            self.engine._bus.emit(ConstraintRejected("", topic, reason))
+            return
+        e, me = self.engine, threading.get_ident()
+        n = 0
+        for run in list(e._runs.values()):
+            if run.thread == me:  # (the runs on other loops: their own subscriptions)
+                try:
+                    n += run.cancel(scope)
+                except Exception:
+                    _log.exception("cancel of %s in run %s failed", scope, run.run_id)
+        token = sub.marker_filter.rsplit("/", 2)[-2]
+        _log.info("cancel of %s (id %s) from the broker: %d tasks cancelled", scope, cid, n)
+        sub.loop.create_task(self.connector.publish(
+            f"{self.prefix}/acks/{cid}/{e.id}/{token}",
+            {"engine_id": e.id, "scope": scope, "cancelled": n}, qos=1)).add_done_callback(
+                _quiet_future)
+
     def apply(self, key, c):
         """Set a checked control as the broker's layer of its key (``c``), or clear the
         broker's layer (None); the engine's own controls are never touched. (Loops of
@@ -7299,7 +7396,8 @@ class _Link:
     async def _leave(self, sub):
         """Unsubscribe ``sub`` (its loop has closed, or the engine is closing)."""
         for topic, callback in ((f"{self.prefix}/constraints/#", sub.on_message),
-                                (sub.marker_filter, sub.on_marker)):
+                                (sub.marker_filter, sub.on_marker),
+                                (_cancel_topic(self.prefix), sub.on_cancel)):
             try:
                 await asyncio.wait_for(_maybe(self.connector, "unsubscribe", topic, callback),
                                        self.FLUSH_TIMEOUT)
@@ -7649,6 +7747,9 @@ class _LoopSubscription:
         if self.runs > 0:
             self.link._keep(self, full=True)
         self.poke.set()
+
+    def on_cancel(self, topic, payload):  # on the loop: a one-shot cancel command
+        self.link.cancel(self, topic, payload)
 
     def on_marker(self, topic, payload):
         fut = self.markers.get(topic)
@@ -8326,6 +8427,13 @@ def _cli_parser():
                       "hold at their first task in SCOPE until undrain", (mqtt, ttl))
     v.add_argument("scope", help=scope_help)
     v.set_defaults(publish=lambda ctl, a: ctl.drain(a.scope, ttl=a.ttl))
+    v = verb("cancel", "cancel, once, the tasks in SCOPE that have not finished, on every "
+                       "engine: they end skipped ('cancelled: SCOPE'), and what needs them "
+                       "too; running async bodies are cancelled, sync ones finish and their "
+                       "result is dropped. Not retained: later runs are not affected. "
+                       "Prints how many tasks each engine cancelled; exits 1 if no engine "
+                       "answered within --timeout")
+    v.add_argument("scope", help=scope_help)
     v = verb("undrain", "lift the drain of SCOPE: the runs it held go on")
     v.add_argument("scope", help=scope_help)
     v = verb("limit", "run at most N tasks of SCOPE at once (0 holds all)", (mqtt, ttl))
@@ -8471,6 +8579,18 @@ async def _cli_verb(args, client):
     if v == "resume":
         await ctl.resume(args.scope)
         return f"resumed {args.scope}"
+    if v == "cancel":
+        counts = await ctl.cancel(args.scope)
+        if not counts:
+            raise _CliError(f"no engine answered the cancel of {args.scope} within "
+                            f"{args.timeout:g}s: none is running under prefix "
+                            f"{args.prefix!r}, or they may not read {args.prefix}/commands/"
+                            f"cancel or write {args.prefix}/acks/# (check the broker's ACL)")
+        n = sum(counts.values())
+        lines = [f"cancelled {n} task{'s' * (n != 1)} of {args.scope} on {len(counts)} "
+                 f"engine{'s' * (len(counts) != 1)}"]
+        lines += [f"  {_printable(e)}: {k}" for e, k in counts.items()]
+        return "\n".join(lines)
     if v == "undrain":
         await ctl.undrain(args.scope)
         return f"undrained {args.scope}"

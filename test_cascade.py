@@ -10336,6 +10336,87 @@ async def ctl_client_clear(client, prefix):
         await conn.publish(topic, "", qos=1, retain=True)
 
 
+@async_test
+async def test_controller_cancel_reaches_every_engine_over_mqtt_and_counts_each(paho, prefix):
+    u = prefix.rsplit("/", 1)[1]
+    clients = [mqtt_client() for _ in range(3)]
+    engines = [cs.Engine(connector=cs.MqttConnector(c, prefix=prefix)) for c in clients[:2]]
+    recs = [Recorder(e) for e in engines]
+    go = threading.Event()
+    name = f"c_{u}"
+
+    @cs.task(name=name)
+    def work(i):
+        go.wait(TIMEOUT)
+        return i
+
+    ctl = cs.Controller(cs.MqttConnector(clients[2], prefix=prefix))
+    try:
+        for e in engines:
+            e.limit(f"task:{name}", 1)
+        handles = [e.start(work.map(range(3))) for e in engines]
+        for e in engines:
+            while e.status()["tasks"].get(name) != {"running": 1, "blocked": 2}:
+                await asyncio.sleep(0.01)
+        await until_engines(ctl, lambda r: len(r) == 2 and all(x["runs"] for x in r),
+                            "both engines with their runs")
+        assert await ctl.cancel(f"task:{name}") == {engines[0].id: 3, engines[1].id: 3}
+        for e in engines:  # the running body runs on; its result will be dropped
+            assert e.status()["tasks"][name] == {"running": 1, "skipped": 2}
+        go.set()
+        for h in handles:
+            with pytest.raises(cs.DependencyMissingError, match=f"cancelled: task:{name}"):
+                await asyncio.to_thread(h.result, TIMEOUT)
+        for rec in recs:
+            assert [(ev.task_id, ev.reason) for ev in rec.of(cs.TaskSkipped)] == [
+                (f"{name}-1", f"cancelled: task:{name}")]
+        # a bad command: one warning and a ConstraintRejected event on each engine,
+        # nothing else (no answer either)
+        conn = ctl.connector
+        topic = f"{prefix}/commands/cancel"
+        for bad in ({"scope": "nope", "id": "x1"}, {"scope": "global", "id": "a/b"},
+                    {"scope": "global", "id": "x2", "ttl": 1}, "not json"):
+            await conn.publish(topic, bad, qos=1)
+        for rec in recs:
+            while len(rec.of(cs.ConstraintRejected)) < 4:
+                await asyncio.sleep(0.01)
+            reasons = [ev.reason for ev in rec.of(cs.ConstraintRejected)]
+            assert [ev.topic for ev in rec.of(cs.ConstraintRejected)] == [topic] * 4
+            assert "scope 'nope' is not valid" in reasons[0]
+            assert "id 'a/b'" in reasons[1] and "unknown fields ['ttl']" in reasons[2]
+            assert reasons[3] == "payload is not a JSON object"
+        # the CLI: how many each engine cancelled (one-shot: a later run is not affected)
+        go.clear()
+        h = engines[0].start(work.map(range(2)))
+        while engines[0].status()["tasks"].get(name) != {"running": 1, "blocked": 1}:
+            await asyncio.sleep(0.01)
+        await until_engines(ctl, lambda r: any(x["runs"] for x in r), "the run")
+        out = stdout_of(await asyncio.to_thread(cli, "cancel", f"task:{name}", "--prefix", prefix))
+        assert out.splitlines()[0] == f"cancelled 2 tasks of task:{name} on 2 engines", out
+        assert f"  {engines[0].id}: 2" in out and f"  {engines[1].id}: 0" in out
+        go.set()
+        with pytest.raises(cs.DependencyMissingError):
+            await asyncio.to_thread(h.result, TIMEOUT)
+        assert await engines[0].start(work.map(range(2))) == [0, 1]
+    finally:
+        go.set()
+        for e in engines:
+            e.close()
+        await ctl_client_clear(clients[2], prefix)
+        for c in clients:
+            close_client(c)
+
+
+def test_cli_cancel_says_when_no_engine_answered_and_exits_1(paho, broker):
+    r = cli("cancel", "task:x", "--prefix", f"cascade-test/{broker}/none", "--timeout", "0.5")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.stderr.startswith("cascade: no engine answered the cancel of task:x within 0.5s")
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    r = cli("cancel", "bad-scope", "--prefix", f"cascade-test/{broker}/none")
+    assert r.returncode == 1 and "scope 'bad-scope' is not valid" in r.stderr, r.stderr
+
+
+
 # --- telemetry --------------------------------------------------------------
 
 async def local_telemetry_engine():
@@ -11247,7 +11328,7 @@ def test_import_does_not_configure_logging():
 # CLI: cascade pause|resume|limit|rate|clear|status|watch|demo
 # ===========================================================================
 
-VERBS = ("pause", "resume", "limit", "rate", "clear", "status", "watch", "demo")
+VERBS = ("pause", "resume", "limit", "rate", "clear", "cancel", "status", "watch", "demo")
 
 
 def test_cli_help_is_enough_on_its_own(capsys):
@@ -11258,6 +11339,7 @@ def test_cli_help_is_enough_on_its_own(capsys):
     options = {"pause": ["scope", "--ttl"], "resume": ["scope"], "limit": ["scope", "n", "--ttl"],
                "rate": ["scope", "rate", "--burst", "--ttl", "10/s"], "clear": ["scope", "--type",
                "pause", "concurrency", "rate_limit"], "status": ["time left"],
+               "cancel": ["scope", "skipped", "--timeout"],
                "watch": ["--json", "--count", "--topic"], "demo": ["--tasks"]}
     for verb in VERBS:
         with pytest.raises(SystemExit) as exit:
