@@ -4929,6 +4929,7 @@ class _Run:
         self.run_id = run_id
         self.since = math.inf       # when its first task could start (set in execute)
         self.stopping = False
+        self.prepared = False       # its graph is built (see Engine._prepared)
         self.error = None
         self.nodes = {}
         self.tallies = {}           # task -> [count per state] (see _Unit)
@@ -4998,6 +4999,8 @@ class _Run:
             if self.engine._closed:
                 raise CascadeError("this engine is closed; make a new cs.Engine() to run")
             self._prepare()
+            for scope in self.engine._prepared(self):  # cancels from before its graph
+                self.cancel(scope)
             if self.link is not None:
                 await self.link.open()
             if self._remote is not None:
@@ -5036,6 +5039,7 @@ class _Run:
             if escaped is not None:
                 status, error = "Failed", escaped
             self.engine._runs.pop(self.run_id, None)
+            self.engine._early.pop(self.run_id, None)
             if self.engine._closed and not self.engine._runs:
                 self.engine._let_go()  # close() left it to the last run
             if cancelled and status != "Failed":
@@ -6810,6 +6814,8 @@ class Engine:
         self._pool_lock = threading.Lock()
         self._runs = {}
         self._started = {}  # run id -> RunHandle of engine.start, until the run ends
+        self._cancel_lock = threading.Lock()
+        self._early = {}    # run id -> scopes cancelled before its graph was built
         self._closed = False
         # this engine's name on the broker: host-pid and a random part (see _Presence)
         self.id = f"{_source()}-{os.urandom(3).hex()}"
@@ -6880,11 +6886,19 @@ class Engine:
         yet are skipped when they are. Nothing stays in force: tasks of runs started
         later, and of graphs returned later, run as usual. Returns how many tasks (a
         map's items each) were cancelled. From any thread; from a run's own loop it
-        acts at once, from elsewhere it waits for each run's loop to act."""
+        acts at once, from elsewhere it waits for each run's loop to act. A run that
+        ``start()`` listed but whose loop has not begun it yet is cancelled as it begins
+        (its tasks are not counted here)."""
         scope = _check_scope(scope)
         total, waits = 0, []
         me = threading.get_ident()
-        for run in list(self._runs.values()):
+        with self._cancel_lock:  # (against _prepared)
+            runs = [r for r in list(self._runs.values()) if r.prepared]
+            for run_id in {*self._started, *self._runs}:
+                r = self._runs.get(run_id)
+                if r is None or not r.prepared:  # not begun: cancelled when it is
+                    self._early.setdefault(run_id, []).append(scope)
+        for run in runs:
             if run.thread == me:
                 total += run.cancel(scope)
                 continue
@@ -7036,7 +7050,15 @@ class Engine:
     def _listed(self, handle):
         """status() lists a started run at once, before its loop has begun it."""
         self._started[handle.run_id] = handle
-        handle._future.add_done_callback(lambda _: self._started.pop(handle.run_id, None))
+        handle._future.add_done_callback(lambda _: (self._started.pop(handle.run_id, None),
+                                                    self._early.pop(handle.run_id, None)))
+
+    def _prepared(self, run):
+        """``run`` has built its graph: from now engine.cancel acts on it; returns the
+        scopes cancelled before (applied by the run at once)."""
+        with self._cancel_lock:
+            run.prepared = True
+            return self._early.pop(run.run_id, ())
 
     def _threads(self):
         with self._pool_lock:
