@@ -7599,6 +7599,26 @@ def test_with_timeout_on_a_remote_executor_fails_the_attempt_at_the_deadline(rem
     assert type(value) is TimeoutError and one == 1
 
 
+def test_cancel_on_a_remote_executor_cancels_futures_not_begun_and_drops_results(remote, rx_dir):
+    kind, ex = remote
+    d = rx_dir
+    e = cs.Engine(executor=ex, window=4)  # two slots: two bodies run, two wait their turn
+    rec = Recorder(e)
+    handle = e.start(rx_work.map(cs.unmapped(d), range(4), hold=cs.unmapped(True)))
+    try:
+        wait_for(lambda: _marks(d, "start") == 2 and e.status()["tasks"].get("rx_work") == {
+            "submitted": 4})
+        assert e.cancel("task:rx_work") == 4
+    finally:
+        _release(d)
+    with pytest.raises(cs.DependencyMissingError, match="cancelled: task:rx_work"):
+        handle.result(TIMEOUT)
+    assert 2 <= _marks(d, "start") <= 4  # (a future the executor had begun runs on)
+    assert not rec.of(cs.TaskExecutionFinished)  # every result dropped
+    assert [ev.reason for ev in rec.of(cs.TaskSkipped)] == ["cancelled: task:rx_work"]
+    assert run_engine(e, rx_work(d, 7)) == 7  # the window's slots all came back
+
+
 @pytest.mark.parametrize("window", [None, 3])
 def test_after_pause_returns_at_most_the_windows_queued_bodies_start_on_a_remote_executor(
         remote, window, rx_dir):
