@@ -2833,7 +2833,10 @@ class _ControlPlane:
 
     def pull(self, run, match):
         """(engine.cancel, on ``run``'s loop) Take every waiting unit of ``run`` whose
-        admission key ``match`` accepts out of its queue; each is SKIPPED. Returns them."""
+        admission key ``match`` accepts out of its queue (each is SKIPPED), and mark its
+        units that hold a grant and match in ``run._cut`` (the gate refuses those not
+        begun), both under one hold of the lock, so that no unit slips between a queue
+        and a grant unseen. Returns (pulled, marked)."""
         pulled = []
         with self.lock:
             for key, q in list(self._queues.items()):
@@ -2850,9 +2853,17 @@ class _ControlPlane:
                     for st in q.left:  # what it held back by FIFO may go on
                         self._wake(st)
                     q.left = ()
+            cut = run._cut
+            held = [u for u in self._holders if u.run is run and type(u) is not _Overdue
+                    and u not in cut and match(u.key)]
+            if held:
+                cut.update(dict.fromkeys(held))
+                if not run._cut_gate:  # every body passes the locked gate meanwhile
+                    run._cut_gate = True
+                    self._gates += 1
             granted = self._admit() if pulled and self._ready else None
         self._dispatch(granted)
-        return pulled
+        return pulled, held
 
     def holders_of(self, run):
         """The units of ``run`` holding a grant (to cancel its running bodies)."""
@@ -6321,15 +6332,7 @@ class _Run:
                 m = memo[task] = _scope_matches(
                     scope, self.keys.get(task) or _Key(task.name, task.tags, self.run_id), project)
             return m
-        pulled = cp.pull(self, lambda key: _scope_matches(scope, key, project))
-        with cp.lock:  # marked before the lock goes: the gate sees them
-            held = [u for u in cp._holders if u.run is self and type(u) is not _Overdue
-                    and u not in self._cut and hit(u.node.lazy.task)]
-            if held:
-                self._cut.update(dict.fromkeys(held))
-                if not self._cut_gate:
-                    self._cut_gate = True
-                    cp._gates += 1
+        pulled, held = cp.pull(self, lambda key: _scope_matches(scope, key, project))
         retrying = [u for u in self._timers if hit(u.node.lazy.task)]
         for u in retrying:
             self._timers.pop(u).cancel()

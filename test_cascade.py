@@ -9380,10 +9380,11 @@ def test_a_loops_subscription_outlives_its_runs_and_goes_with_its_loop_or_engine
         await asyncio.sleep(0.01)
         assert [(c.scope, c.origin) for c in e.constraints] == [("task:between", "broker")]
     asyncio.run(three_runs())
-    assert calls == [("sub", "constraints"), ("sub", "sync")]  # once for the three runs
+    subs = [("sub", "constraints"), ("sub", "sync"), ("sub", "commands")]
+    unsubs = [("unsub", "constraints"), ("unsub", "sync"), ("unsub", "commands")]
+    assert calls == subs  # once for the three runs
     asyncio.run(three_runs())  # a new loop: the closed one's subscriptions go
-    assert calls[2:] == [("sub", "constraints"), ("sub", "sync"),
-                         ("unsub", "constraints"), ("unsub", "sync")]
+    assert calls[3:] == subs + unsubs
 
     async def close_on_the_loop():
         assert await e.run(ident(9)) == 9
@@ -9391,7 +9392,7 @@ def test_a_loops_subscription_outlives_its_runs_and_goes_with_its_loop_or_engine
         await asyncio.sleep(0.05)
     del calls[:]
     asyncio.run(close_on_the_loop())
-    assert calls[-2:] == [("unsub", "constraints"), ("unsub", "sync")]
+    assert calls[-3:] == unsubs
     asyncio.run(ctl.clear("task:between"))
 
 
