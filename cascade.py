@@ -6374,8 +6374,8 @@ class _Run:
                 node.skip = reason
                 self.report.skipped(node, reason)
                 self._settle_node(node, _needs(node, reason))
-        if count:
-            self._pump()  # the nodes marked to skip that are ready already
+        # (no pump here: a node marked that is ready already has a pump coming, and one
+        # cancelled before the run's sync with the broker must not start anything)
         return count
 
     def _cut_finished(self, u):

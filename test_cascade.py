@@ -5043,6 +5043,56 @@ def test_cancel_of_every_task_ends_the_run_and_matches_only_its_scope():
     assert two.result(TIMEOUT) == 2
 
 
+def test_cancel_skips_a_pipelined_maps_items_not_made_yet_while_its_input_runs_on():
+    e = cs.Engine()
+    rec = Recorder(e)
+    go = threading.Event()
+    ran = []
+
+    @cs.task(name="first")
+    def first(i):
+        if i == 0:
+            go.wait(TIMEOUT)
+        return i
+
+    @cs.task(name="second")
+    def second(x):
+        ran.append(x)
+        return x
+
+    e.limit("task:first", 1)
+    h = e.start(second.map(first.map(range(4))))
+    wait_for(lambda: e.status()["tasks"].get("first") == {"running": 1, "blocked": 3})
+    assert e.cancel("task:second") == 4  # its 4 items, none made yet
+    go.set()
+    with pytest.raises(cs.DependencyMissingError, match="cancelled: task:second"):
+        h.result(TIMEOUT)
+    assert ran == []
+    assert [(ev.task_id, ev.reason) for ev in rec.of(cs.TaskSkipped)] == [
+        ("second-1", "cancelled: task:second")]
+    # (first, not in the scope, was not cancelled: the run ended once its target, the
+    # map over it, was skipped, as for any skip)
+
+
+def test_cancel_before_the_runs_loop_began_it_skips_its_tasks_as_it_begins():
+    e = cs.Engine()
+    ran = []
+
+    @cs.task(name="early")
+    async def early():
+        ran.append(1)
+        return 1
+
+    async def main():
+        h = e.start(early())  # on this loop, which has not run it yet
+        assert e.cancel("task:early") == 0  # (not counted: nothing is built yet)
+        with pytest.raises(cs.DependencyMissingError, match="cancelled: task:early"):
+            await h
+        assert await e.start(early()) == 1  # one-shot
+    asyncio.run(main())
+    assert ran == [1]
+
+
 def test_cancel_rejects_a_bad_scope_and_changes_nothing():
     e = cs.Engine()
     with pytest.raises(cs.ConstraintError, match="scope 'nope' is not valid"):
