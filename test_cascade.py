@@ -7192,6 +7192,34 @@ async def test_controller_verbs_are_coroutines_and_status_returns_the_retained_c
 
 
 @async_test
+async def test_controller_cancel_over_a_local_broker_counts_each_engine_and_publishes_nothing_retained():
+    broker, u = cs.LocalBroker(), uid()
+    engines = [cs.Engine(connector=broker) for _ in range(2)]
+    work, gate, started = held_task(f"k_{u}", 1)
+    ctl = cs.Controller(broker, timeout=TIMEOUT)
+    try:
+        assert await ctl.cancel(f"task:k_{u}", timeout=0.3) == {}  # nobody has heard it
+        h = engines[0].start([work(), work()])
+        await asyncio.wait_for(started.wait(), TIMEOUT)
+        engines[1].start(work())  # (its run holds too: the cancel reaches it as well)
+        while sum(e.status()["tasks"].get(f"k_{u}", {}).get("running", 0)
+                  for e in engines) < 3:
+            await asyncio.sleep(0.01)
+        got = await ctl.cancel(f"task:k_{u}")
+        assert got == {engines[0].id: 2, engines[1].id: 1}
+        with pytest.raises(cs.DependencyMissingError, match=f"cancelled: task:k_{u}"):
+            await h
+        for tree in ("commands", "acks"):  # a one-shot command: nothing retained
+            assert await retained_on(broker, f"cascade/{tree}/#") == {}
+        with pytest.raises(cs.ConstraintError):
+            await ctl.cancel("bad scope")
+    finally:
+        gate.set()
+        for e in engines:
+            e.close()
+
+
+@async_test
 async def test_controller_status_is_what_engines_apply_and_retained_shows_expired_and_rejected():
     # regression (issue 10): status() listed expired controls among those in force, and
     # silently left out messages every engine rejects (a payload for another topic)
