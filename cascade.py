@@ -412,6 +412,14 @@ class Task:
                        if all(p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty
                               for p in ps) else -1)
         self.keys = _key_getters(self, keys) if keys else ()
+        # one key, an argument's: read it inline (see _Run._unit_key)
+        self._key_arg = (next(iter(keys.items())) if keys and len(keys) == 1
+                         and isinstance(next(iter(keys.values())), str) else None)
+        if self._key_arg is not None:
+            kname, name = self._key_arg
+            p = self._sig.parameters[name]
+            self._key_arg = (kname, name, math.inf if p.kind is p.KEYWORD_ONLY else
+                             list(self._sig.parameters).index(name), p.default)
 
     def _bind(self, call, args, kwargs):
         try:
@@ -2423,6 +2431,37 @@ def _read_control(topic, payload, prefix=_PREFIX):
         return key, _MISSING, _error_text(str(exc), "message")
 
 
+# One-shot commands (not retained): Controller.cancel publishes {"scope", "id"} on
+# <prefix>/commands/cancel; each engine's loop subscription that hears it cancels the
+# runs on its loop (engine.cancel) and answers {"engine_id", "cancelled"} on
+# <prefix>/acks/<id>/<engine id>/<its loop subscription's token>.
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _cancel_topic(prefix):
+    return f"{prefix}/commands/cancel"
+
+
+def _read_cancel(payload):
+    """What an engine makes of a message on the cancel topic: ``(scope, id, None)``,
+    or, rejected, ``(None, None, reason)``."""
+    if not isinstance(payload, dict):
+        return None, None, ("payload over 64 KiB" if isinstance(payload, (str, bytes, bytearray))
+                            and len(payload) > _MAX_PAYLOAD else "payload is not a JSON object")
+    extra = sorted(map(str, set(payload) - {"scope", "id"}))
+    if extra:
+        return None, None, _error_text(f"unknown fields {extra}: a cancel has 'scope' and "
+                                       "'id'", "message")
+    cid = payload.get("id")
+    if not isinstance(cid, str) or not _ID.fullmatch(cid):
+        return None, None, _error_text(f"id {cid!r} is not 1 to 64 of A-Z a-z 0-9 _ -",
+                                       "message")
+    try:
+        return _check_scope(payload.get("scope")), cid, None
+    except ConstraintError as exc:
+        return None, None, _error_text(str(exc), "message")
+
+
 class _FastSwitch:
     """Who needs the GIL handed over quickly now: while anyone does, the interpreter's
     switch interval is FAST instead of its own (5 ms by default), and it is put back when
@@ -3359,8 +3398,8 @@ class _ControlPlane:
         given back, the unit is DROPPED), or a pause that matches it arrived after the
         grant (the grant is given back and the unit waits again at its old place)."""
         with self.lock:
-            if u.run.stopping:
-                self._give_back(u, False)
+            if u.run.stopping or (u.run._cut and u in u.run._cut):  # (or cancelled:
+                self._give_back(u, False)                             # see _Run.cancel)
                 u.drop()
             elif self._gates and self._gated(u):
                 self._give_back(u, False)
@@ -3414,6 +3453,40 @@ class _ControlPlane:
                     q.left = ()
             granted = self._admit() if self._ready else None
         self._dispatch(granted)
+
+    def pull(self, run, match):
+        """(engine.cancel, on ``run``'s loop) Take every waiting unit of ``run`` whose
+        admission key ``match`` accepts out of its queue (each is SKIPPED), and mark its
+        units that hold a grant and match in ``run._cut`` (the gate refuses those not
+        begun), both under one hold of the lock, so that no unit slips between a queue
+        and a grant unseen. Returns (pulled, marked)."""
+        pulled = []
+        with self.lock:
+            for key, q in list(self._queues.items()):
+                if key.run_id == run.run_id and q.waiters and match(key):
+                    for u in q.waiters:
+                        u.cut()
+                    pulled.extend(q.waiters)
+                    self._waiting -= len(q.waiters)
+                    q.waiters.clear()
+                    if q.pending is not None:
+                        q.pending[2] = q.pending = None
+                    self._unpark(q)
+                    self._forget(q)
+                    for st in q.left:  # what it held back by FIFO may go on
+                        self._wake(st)
+                    q.left = ()
+            cut = run._cut
+            held = [u for u in self._holders if u.run is run and type(u) is not _Overdue
+                    and u not in cut and match(u.key)]
+            if held:
+                cut.update(dict.fromkeys(held))
+                if not run._cut_gate:  # every body passes the locked gate meanwhile
+                    run._cut_gate = True
+                    self._gates += 1
+            granted = self._admit() if pulled and self._ready else None
+        self._dispatch(granted)
+        return pulled, held
 
     def holders_of(self, run):
         """The units of ``run`` holding a grant (to cancel its running bodies)."""
@@ -4412,6 +4485,46 @@ class Controller:
     async def undrain(self, scope: str = "global") -> None:
         await self._clear(scope, ("drain",), f"the undrain of {scope}")
 
+    async def cancel(self, scope: str, *, timeout: Optional[float] = None) -> dict:
+        """Cancel, once, the tasks matched by ``scope`` that have not finished, on every
+        engine on the broker (see Engine.cancel): a one-shot command, not retained, so
+        engines that join later and runs started later are not affected. Returns
+        ``{engine id: tasks cancelled}`` of the engines that answered: it waits until
+        every engine whose presence record shows active runs has answered, then a
+        moment (0.25 s) for engines without a presence record, or at most ``timeout``
+        seconds (default: the Controller's). An engine answers from each event loop it
+        runs on (the counts are summed); empty: no engine heard it (none runs, or it
+        cannot read ``<prefix>/commands/cancel`` or write ``<prefix>/acks/#``)."""
+        scope = _check_scope(scope)
+        timeout = self.timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        busy = {r.get("engine_id") for r in await self.engines(timeout)
+                if not r["lost"] and r.get("runs")}
+        conn = await self._conn()
+        cid = os.urandom(8).hex()
+        acks, counts = f"{self.prefix}/acks/{cid}/#", {}
+        heard = asyncio.Event()
+
+        def collect(topic, payload):
+            if isinstance(payload, dict) and isinstance(payload.get("engine_id"), str) \
+                    and type(payload.get("cancelled")) is int:
+                counts.setdefault(payload["engine_id"], {})[topic] = payload["cancelled"]
+                heard.set()
+        await conn.subscribe(acks, collect)
+        try:
+            await conn.publish(_cancel_topic(self.prefix), {"scope": scope, "id": cid}, qos=1)
+            while not busy <= counts.keys() and loop.time() < deadline:
+                heard.clear()
+                try:
+                    await asyncio.wait_for(heard.wait(), deadline - loop.time())
+                except asyncio.TimeoutError:
+                    break
+            await asyncio.sleep(max(0.0, min(0.25, deadline - loop.time())))
+        finally:
+            await _maybe(conn, "unsubscribe", acks, collect)
+        return {e: sum(by.values()) for e, by in sorted(counts.items())}
+
     async def limit(self, scope: str, n: int, *, per: Optional[str] = None,
                     overrides: Optional[dict] = None, fair: Optional[str] = None,
                     weights: Optional[dict] = None,
@@ -4725,6 +4838,7 @@ class _Unit:
                              |   +--(a late pause at the gate: wait())--+            |
                              +--(after the retry delay: wait_all())------------------+
         WAITING or GRANTED --(the run stops: drop())--> DROPPED
+        WAITING, DROPPED, RETRYING or a body's end --(engine.cancel: see _Run.cancel)--> SKIPPED
 
     Each transition also moves the unit between the cells of its task's tally in the
     run, so status costs what it shows. Every cell has one writer side, so no cell is
@@ -4792,6 +4906,12 @@ class _Unit:
         t[self.state] -= 1
         t[_DROPPED] += 1
         self.state = _DROPPED
+
+    def cut(self):  # lock held, loop thread: WAITING | DROPPED -> SKIPPED (engine.cancel)
+        t = self.node.tally
+        t[self.state] -= 1
+        t[_SKIPPED] += 1
+        self.state = _SKIPPED
 
     # Derived, not stored: a map of 100,000 items makes 100,000 units.
     @property
@@ -5489,6 +5609,7 @@ class _Run:
         self.run_id = run_id
         self.since = math.inf       # when its first task could start (set in execute)
         self.stopping = False
+        self.prepared = False       # its graph is built (see Engine._prepared)
         self.error = None
         self.nodes = {}
         self.tallies = {}           # task -> [count per state] (see _Unit)
@@ -5511,6 +5632,11 @@ class _Run:
         self._gone = False
         self._stopped_at = None
         self._timers = {}           # unit -> the handle of its retry delay
+        self._cut = {}              # units engine.cancel cut while granted or running
+        self._cut_gate = False      # ... and it holds a count of cp._gates for them
+        # cancels of 'key:' scopes: (scope, reason, the keyed nodes then unfinished),
+        # whose calls are matched as their key values become known (_key_cut)
+        self._key_cuts = []
         self._inbox = collections.deque()
         self._drain_pending = False
         self._stamp = engine._cp.stamp
@@ -5556,6 +5682,8 @@ class _Run:
             if self.engine._closed:
                 raise CascadeError("this engine is closed; make a new cs.Engine() to run")
             self._prepare()
+            for scope in self.engine._prepared(self):  # cancels from before its graph
+                self.cancel(scope)
             if self.link is not None:
                 await self.link.open()
             if self._remote is not None:
@@ -5586,11 +5714,15 @@ class _Run:
             # resources up, no RunFinished, and the run listed as active).
             self._stop()
             cancelled = await self._wait_for_bodies()
+            if self._cut_gate:  # cut units the run never heard of again (abandoned)
+                self._cut.clear()
+                self._cut_end(None)
             cancelled |= await _to_the_end(self.resources.tear_down())
             escaped = self.resources.escaped
             if escaped is not None:
                 status, error = "Failed", escaped
             self.engine._runs.pop(self.run_id, None)
+            self.engine._early.pop(self.run_id, None)
             if self.engine._closed and not self.engine._runs:
                 self.engine._let_go()  # close() left it to the last run
             if cancelled and status != "Failed":
@@ -6186,6 +6318,8 @@ class _Run:
                     key = self._unit_key(u, made)
                 except Exception as exc:
                     return self._fail(exc, u.id, u.node.lazy.name)
+                if self._key_cuts and self._key_cut(u, key):
+                    continue
                 u = _Weighted.of(u, key)
             group = groups.get(key)
             if group is None:
@@ -6196,9 +6330,11 @@ class _Run:
                         return self._fail(ConstraintError(why), u.id, key.name)
             else:
                 group.append(u)
-        if len(groups) == 1:
-            key, group = groups.popitem()
-            return self._submit(group, key)
+        if len(groups) <= 1:
+            if groups:
+                key, group = groups.popitem()
+                self._submit(group, key)
+            return
         if self.cp.enqueue_many(list(groups.items())):
             for group in groups.values():
                 for u in group:
@@ -6224,8 +6360,17 @@ class _Run:
                 raise ConstraintError(f"the cost function of task {task.name!r} returned "
                                       f"{cost!r:.80} for {u.id}; it must return an int from 0 "
                                       f"to {_MAX_COUNT}")
-        values = _key_values(task, u.args, u.kwargs) if task.keys else None
-        ident = (cost, *values.values()) if values else cost
+        ka = task._key_arg
+        if ka is not None:  # (the common case: one key, an argument)
+            kname, name, i, d = ka
+            args, kwargs = u.args, u.kwargs
+            v = kwargs[name] if name in kwargs else args[i] if i < len(args) else d
+            v = v if type(v) is str else str(v)
+            values = {kname: v} if len(v) <= 200 else _key_values(task, args, kwargs)
+            ident = (cost, v)
+        else:
+            values = _key_values(task, u.args, u.kwargs) if task.keys else None
+            ident = (cost, *values.values()) if values else cost
         key = made.get(ident)
         if key is None:
             key = made[ident] = _Key(base.name, base.tags, self.run_id, base.amounts,
@@ -6618,7 +6763,11 @@ class _Run:
         """A granted unit did not start: its run is stopping, or a pause came first (or
         the body of an _Overdue stand-in came back: one body fewer in flight)."""
         self._inflight -= 1
-        if u.state == _WAITING and not u.reported:
+        if self._cut and u in self._cut:  # cancelled: DROPPED at the gate -> SKIPPED
+            with self.cp.lock:
+                u.cut()
+            self._cut_end(u)
+        elif u.state == _WAITING and not u.reported:
             self.report.blocked(u)
         self._check_idle()
 
@@ -6627,6 +6776,8 @@ class _Run:
         the unit: done, a retry, or a failure that fails the run."""
         if self._gone:  # an abandoned async body ended at last: only its slots go back
             return self.cp.release(u)
+        if self._cut and u in self._cut:  # cancelled meanwhile: its result is dropped
+            return self._cut_finished(u)
         if exc is None:
             if isinstance(value, LazyResult):  # a graph to run for the value (rare)
                 return self._returned_graph(u, value, t0)
@@ -6865,6 +7016,119 @@ class _Run:
         self._inflight = 0
         if self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
+
+    # -- engine.cancel ---------------------------------------------------------
+    def cancel(self, scope):
+        """On the loop: cancel (engine.cancel) every task of this run matched by ``scope``
+        that has not finished; each ends SKIPPED with reason ``cancelled: <scope>`` and its
+        skip propagates as usual. Returns how many units it cut: each waiting, granted,
+        running or retrying unit, each item of a map not made yet, and each call not
+        processed yet (its inputs are not all done: it is skipped when they are, it never
+        runs). A granted unit is refused at the start gate (a count of ``cp._gates`` sends
+        every body through it meanwhile); a running async body's asyncio task is
+        cancelled; a remote body's future is cancelled (one that has begun runs on); a
+        sync body runs to its end. Their results are dropped (_cut_finished)."""
+        if self.stopping or not self.nodes:
+            return 0
+        cp, project = self.cp, self.cp.project
+        reason = f"cancelled: {scope}"
+        memo = {}
+
+        def hit(task):
+            m = memo.get(task)
+            if m is None:
+                m = memo[task] = _scope_matches(
+                    scope, self.keys.get(task) or _Key(task.name, task.tags, self.run_id), project)
+            return m
+        pulled, held = cp.pull(self, lambda key: _scope_matches(scope, key, project))
+        retrying = [u for u in self._timers if hit(u.node.lazy.task)]
+        for u in retrying:
+            self._timers.pop(u).cancel()
+            t = u.node.tally
+            t[_RETRYING] -= 1
+            t[_SKIPPED] += 1
+            u.state = _SKIPPED
+        handed = []
+        for u in held:
+            if u.state == _RUNNING and u.body is not None:
+                if self._remote is not None and not u.node.lazy.task.is_async:
+                    handed.append(u.body)
+                else:
+                    u.body.cancel()  # (a granted one's task: refused at its gate)
+        if handed:
+            try:
+                self._remote.cancel(handed)  # not begun: never will; begun: runs on
+            except Exception:
+                _log.warning("run %s could not cancel %d futures on the %s", self.run_id,
+                             len(handed), self._remote.name, exc_info=True)
+        count = len(pulled) + len(held) + len(retrying)
+        cut = {u.node for u in (*pulled, *held, *retrying)}
+        for node in list(self.nodes.values()):
+            lz = node.lazy
+            task = lz.task
+            if task is None or node.pending < 0 or node.skip is not None or not (
+                    node in cut or hit(task)):  # (a 'key:' scope hits units, not tasks)
+                continue
+            if node.key is None:  # not processed yet: skipped when it is (_process)
+                node.skip = reason
+                count += 1
+            elif type(lz) is MappedLazyResult:
+                pipe = node.pipe
+                n = (pipe.n - pipe.made if pipe is not None else
+                     len(node.value) - node.cursor if node.items is not None else 0)
+                if n or node in cut:  # (else all its items ran: it waits for their graphs)
+                    count += n
+                    self._map_skipped(node, reason)
+            elif node in cut:  # (else its body ran: it waits for the graph it returned)
+                node.skip = reason
+                self.report.skipped(node, reason)
+                self._settle_node(node, _needs(node, reason))
+        if scope.startswith("key:"):
+            # a call's key values are known once its unit is made: the keyed calls not
+            # made yet are matched then (_key_cut)
+            nodes = {n for n in self.nodes.values() if n.lazy.task is not None
+                     and n.lazy.task.keys and n.pending >= 0 and n.skip is None}
+            if nodes:
+                self._key_cuts.append((scope, reason, nodes))
+        # (no pump here: a node marked that is ready already has a pump coming, and one
+        # cancelled before the run's sync with the broker must not start anything)
+        return count
+
+    def _key_cut(self, u, key):
+        """A fresh unit of a keyed task, whose key values are known now: if a cancel of a
+        'key:' scope came while its node was unfinished and matches it, it ends SKIPPED
+        instead of waiting (its node is skipped as cancel skips a node it cut)."""
+        for scope, reason, nodes in self._key_cuts:
+            node = u.node
+            if node in nodes and _scope_matches(scope, key, self.cp.project):
+                u.cut()
+                if node.skip is None:
+                    if type(node.lazy) is MappedLazyResult:
+                        self._map_skipped(node, reason)
+                    else:
+                        node.skip = reason
+                        self.report.skipped(node, reason)
+                        self._settle_node(node, _needs(node, reason))
+                return True
+        return False
+
+    def _cut_finished(self, u):
+        """The body of a unit cut by ``cancel`` ended (returned, raised, was cancelled,
+        or could not start): its slots go back, its result is dropped, it is SKIPPED."""
+        self.cp.release(u)
+        self._inflight -= 1
+        u.body = None
+        u.end(_SKIPPED)
+        self._cut_end(u)
+        self._check_idle()
+
+    def _cut_end(self, u):
+        """A cut unit is settled; the last one gives back the gate count it held."""
+        self._cut.pop(u, None)
+        if not self._cut and self._cut_gate:
+            with self.cp.lock:
+                self._cut_gate = False
+                self.cp._gates -= 1
 
     # -- status -------------------------------------------------------------
     def counts(self):
@@ -7287,6 +7551,8 @@ class Engine:
         self._pool_lock = threading.Lock()
         self._runs = {}
         self._started = {}  # run id -> RunHandle of engine.start, until the run ends
+        self._cancel_lock = threading.Lock()
+        self._early = {}    # run id -> scopes cancelled before its graph was built
         self._closed = False
         # this engine's name on the broker: host-pid and a random part (see _Presence)
         self.id = f"{_source()}-{os.urandom(3).hex()}"
@@ -7358,6 +7624,48 @@ class Engine:
         removed constraint, or None."""
         removed = self._cp.remove(_check_scope(scope), "drain")
         return removed[0] if removed else None
+
+    def cancel(self, scope: str) -> int:
+        """Cancel, once, every task matched by ``scope`` that has not finished, in every
+        active run of this engine: each ends skipped with reason ``cancelled: <scope>``
+        (a ``TaskSkipped`` event), and its dependents are skipped as for any skip. Waiting
+        tasks never start; a running async body is cancelled; a running sync body runs to
+        its end and its result is dropped (on a process pool or Dask, a body not begun yet
+        is cancelled); a pending retry does not happen; calls whose inputs are not done
+        yet are skipped when they are. Nothing stays in force: tasks of runs started
+        later, and of graphs returned later, run as usual. Returns how many tasks (a
+        map's items each) were cancelled. From any thread; from a run's own loop it
+        acts at once, from elsewhere it waits for each run's loop to act. A run that
+        ``start()`` listed but whose loop has not begun it yet is cancelled as it begins
+        (its tasks are not counted here)."""
+        scope = _check_scope(scope)
+        total, waits = 0, []
+        me = threading.get_ident()
+        with self._cancel_lock:  # (against _prepared)
+            runs = [r for r in list(self._runs.values()) if r.prepared]
+            for run_id in {*self._started, *self._runs}:
+                r = self._runs.get(run_id)
+                if r is None or not r.prepared:  # not begun: cancelled when it is
+                    self._early.setdefault(run_id, []).append(scope)
+        for run in runs:
+            if run.thread == me:
+                total += run.cancel(scope)
+                continue
+            f = concurrent.futures.Future()
+
+            def act(run=run, f=f):
+                try:
+                    f.set_result(run.cancel(scope))
+                except BaseException as exc:
+                    f.set_exception(exc)
+            try:
+                run.loop.call_soon_threadsafe(act)
+            except RuntimeError:  # its loop has closed: nothing left to cancel
+                continue
+            waits.append(f)
+        for f in waits:
+            total += f.result()
+        return total
 
     def limit(self, scope: str, n: int, *, per: Optional[str] = None,
               overrides: Optional[dict] = None, fair: Optional[str] = None,
@@ -7505,7 +7813,15 @@ class Engine:
     def _listed(self, handle):
         """status() lists a started run at once, before its loop has begun it."""
         self._started[handle.run_id] = handle
-        handle._future.add_done_callback(lambda _: self._started.pop(handle.run_id, None))
+        handle._future.add_done_callback(lambda _: (self._started.pop(handle.run_id, None),
+                                                    self._early.pop(handle.run_id, None)))
+
+    def _prepared(self, run):
+        """``run`` has built its graph: from now engine.cancel acts on it; returns the
+        scopes cancelled before (applied by the run at once)."""
+        with self._cancel_lock:
+            run.prepared = True
+            return self._early.pop(run.run_id, ())
 
     def _threads(self):
         with self._pool_lock:
@@ -7658,6 +7974,7 @@ class _Link:
             await conn.subscribe(f"{self.prefix}/constraints/#", sub.on_message)
             if not sub.subscribed:
                 await conn.subscribe(sub.marker_filter, sub.on_marker)
+                await conn.subscribe(_cancel_topic(self.prefix), sub.on_cancel)
                 sub.subscribed = True
         marker = f"{sub.marker_filter[:-2]}/{next(sub.count)}"
         synced = sub.markers[marker] = loop.create_future()
@@ -7774,6 +8091,31 @@ class _Link:
         self.engine._bus.emit(ConstraintRejected(run_id, topic, reason))
         return None if key is None else (key, _MISSING)
 
+    def cancel(self, sub, topic, payload):
+        """A cancel command heard on ``sub``'s loop: cancel the matching tasks of the
+        runs on that loop (see Engine.cancel) and answer how many on the ack topic. A bad
+        command: one warning and a ConstraintRejected event, nothing else."""
+        scope, cid, reason = _read_cancel(payload)
+        if reason is not None:
+            _log.warning("rejected cancel command on %s: %s", _printable(topic),
+                         _printable(reason))
+            self.engine._bus.emit(ConstraintRejected("", topic, reason))
+            return
+        e, me = self.engine, threading.get_ident()
+        n = 0
+        for run in list(e._runs.values()):
+            if run.thread == me:  # (the runs on other loops: their own subscriptions)
+                try:
+                    n += run.cancel(scope)
+                except Exception:
+                    _log.exception("cancel of %s in run %s failed", scope, run.run_id)
+        token = sub.marker_filter.rsplit("/", 2)[-2]
+        _log.info("cancel of %s (id %s) from the broker: %d tasks cancelled", scope, cid, n)
+        sub.loop.create_task(self.connector.publish(
+            f"{self.prefix}/acks/{cid}/{e.id}/{token}",
+            {"engine_id": e.id, "scope": scope, "cancelled": n}, qos=1)).add_done_callback(
+                _quiet_future)
+
     def apply(self, key, c):
         """Set a checked control as the broker's layer of its key (``c``), or clear the
         broker's layer (None); the engine's own controls are never touched. (Loops of
@@ -7839,7 +8181,8 @@ class _Link:
     async def _leave(self, sub):
         """Unsubscribe ``sub`` (its loop has closed, or the engine is closing)."""
         for topic, callback in ((f"{self.prefix}/constraints/#", sub.on_message),
-                                (sub.marker_filter, sub.on_marker)):
+                                (sub.marker_filter, sub.on_marker),
+                                (_cancel_topic(self.prefix), sub.on_cancel)):
             try:
                 await asyncio.wait_for(_maybe(self.connector, "unsubscribe", topic, callback),
                                        self.FLUSH_TIMEOUT)
@@ -8189,6 +8532,9 @@ class _LoopSubscription:
         if self.runs > 0:
             self.link._keep(self, full=True)
         self.poke.set()
+
+    def on_cancel(self, topic, payload):  # on the loop: a one-shot cancel command
+        self.link.cancel(self, topic, payload)
 
     def on_marker(self, topic, payload):
         fut = self.markers.get(topic)
@@ -8874,6 +9220,13 @@ def _cli_parser():
                       "hold at their first task in SCOPE until undrain", (mqtt, ttl))
     v.add_argument("scope", help=scope_help)
     v.set_defaults(publish=lambda ctl, a: ctl.drain(a.scope, ttl=a.ttl))
+    v = verb("cancel", "cancel, once, the tasks in SCOPE that have not finished, on every "
+                       "engine: they end skipped ('cancelled: SCOPE'), and what needs them "
+                       "too; running async bodies are cancelled, sync ones finish and their "
+                       "result is dropped. Not retained: later runs are not affected. "
+                       "Prints how many tasks each engine cancelled; exits 1 if no engine "
+                       "answered within --timeout")
+    v.add_argument("scope", help=scope_help)
     v = verb("undrain", "lift the drain of SCOPE: the runs it held go on")
     v.add_argument("scope", help=scope_help)
     per = argparse.ArgumentParser(add_help=False)
@@ -9057,6 +9410,18 @@ async def _cli_verb(args, client):
     if v == "resume":
         c = await ctl.resume(args.scope, ramp=args.ramp, ttl=args.ttl)
         return f"resumed {args.scope}" + ("" if c is None else f" through {c.describe()}")
+    if v == "cancel":
+        counts = await ctl.cancel(args.scope)
+        if not counts:
+            raise _CliError(f"no engine answered the cancel of {args.scope} within "
+                            f"{args.timeout:g}s: none is running under prefix "
+                            f"{args.prefix!r}, or they may not read {args.prefix}/commands/"
+                            f"cancel or write {args.prefix}/acks/# (check the broker's ACL)")
+        n = sum(counts.values())
+        lines = [f"cancelled {n} task{'s' * (n != 1)} of {args.scope} on {len(counts)} "
+                 f"engine{'s' * (len(counts) != 1)}"]
+        lines += [f"  {_printable(e)}: {k}" for e, k in counts.items()]
+        return "\n".join(lines)
     if v == "undrain":
         await ctl.undrain(args.scope)
         return f"undrained {args.scope}"

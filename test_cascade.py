@@ -4868,6 +4868,378 @@ def test_a_drain_holds_only_the_tasks_of_its_scope_in_later_runs():
     assert h.result(TIMEOUT) == [2, 3]
 
 
+
+# --- cancel (a one-shot operator verb) ----------------------------------------
+
+def test_cancel_skips_waiting_and_running_units_and_what_needs_them():
+    e = cs.Engine()
+    rec = Recorder(e)
+    go = threading.Event()
+    ran = []
+
+    @cs.task(name="work")
+    def work(i):
+        ran.append(i)
+        go.wait(TIMEOUT)
+        return i
+
+    @cs.task(name="total")
+    def total(xs):
+        return sum(xs)
+
+    @cs.task(name="free")
+    def free():
+        return "free"
+
+    e.limit("task:work", 1)
+    h = e.start([total(work.map(range(4))), free()])
+    wait_for(lambda: e.status()["tasks"].get("work") == {"running": 1, "blocked": 3})
+    assert e.cancel("task:work") == 4
+    # the running sync body runs on; the waiting items are skipped at once
+    assert e.status()["tasks"]["work"] == {"running": 1, "skipped": 3}
+    assert e.status()["tasks"]["total"] == {"skipped": 1}
+    go.set()
+    with pytest.raises(cs.DependencyMissingError, match="cancelled: task:work"):
+        h.result(TIMEOUT)
+    assert ran == [0]  # the waiting items never began
+    assert [(ev.task_id, ev.reason) for ev in rec.of(cs.TaskSkipped)] == [
+        ("work-1", "cancelled: task:work"),
+        ("total-1", "needs work-1, which was skipped: cancelled: task:work")]
+    assert not rec.of(cs.TaskExecutionFinished, status="Failed")
+    assert [ev.task_name for ev in rec.of(cs.TaskExecutionFinished)] == ["free"]  # its result dropped
+    assert e.cancel("task:work") == 0  # nothing left to cancel: one-shot
+
+
+@async_test
+async def test_cancel_cancels_running_async_bodies_and_drops_the_result_of_sync_ones():
+    e = cs.Engine()
+    rec = Recorder(e)
+    go = threading.Event()
+    cancelled, began = [], threading.Event()
+
+    @cs.task(name="fetch", tags=["cut"])
+    async def fetch():
+        try:
+            await asyncio.sleep(3 * TIMEOUT)
+        except asyncio.CancelledError:
+            cancelled.append("fetch")
+            raise
+
+    @cs.task(name="crunch", tags=["cut"])
+    def crunch():
+        began.set()
+        go.wait(TIMEOUT)
+        return 1
+
+    @cs.task(name="after")
+    def after(x):
+        return x
+
+    @cs.task(name="keep")
+    async def keep():
+        return "kept"
+
+    run = asyncio.ensure_future(e.run([fetch(), after(crunch()), keep()]))
+    while e.status()["tasks"].get("fetch") != {"running": 1} or not began.is_set():
+        await asyncio.sleep(0.01)
+    assert e.cancel("tag:cut") == 2  # from the run's own loop: at once
+    assert e.status()["tasks"]["after"] == {"skipped": 1}
+    await asyncio.sleep(0.05)
+    assert cancelled == ["fetch"]
+    assert e.status()["tasks"]["fetch"] == {"skipped": 1}
+    assert e.status()["tasks"]["crunch"] == {"running": 1}  # a sync body runs to its end
+    go.set()
+    with pytest.raises(cs.DependencyMissingError, match="cancelled: tag:cut"):
+        await run
+    assert sorted((ev.task_id, ev.reason) for ev in rec.of(cs.TaskSkipped)) == [
+        ("after-1", "needs crunch-1, which was skipped: cancelled: tag:cut"),
+        ("crunch-1", "cancelled: tag:cut"), ("fetch-1", "cancelled: tag:cut")]
+    assert [ev.task_name for ev in rec.of(cs.TaskExecutionFinished)] == ["keep"]
+
+
+def test_cancel_skips_calls_whose_inputs_are_not_done_yet_and_pending_retries():
+    e = cs.Engine()
+    rec = Recorder(e)
+    go = threading.Event()
+    ran, tries = [], []
+
+    @cs.task(name="upstream")
+    def upstream():
+        go.wait(TIMEOUT)
+        return 1
+
+    @cs.task(name="later")
+    def later(x):
+        ran.append(x)
+        return x
+
+    @cs.task(name="flaky")
+    def flaky():
+        tries.append(1)
+        raise ValueError("try again")
+
+    h = e.start([later(upstream()), flaky().with_retry(3, delay=3 * TIMEOUT)])
+    wait_for(lambda: e.status()["tasks"].get("flaky") == {"retrying": 1})
+    assert e.cancel("task:later") == 1
+    assert e.cancel("task:flaky") == 1  # its retry never happens: the run need not wait
+    go.set()
+    with pytest.raises(cs.DependencyMissingError):
+        h.result(TIMEOUT)
+    assert ran == [] and tries == [1]
+    assert sorted((ev.task_id, ev.reason) for ev in rec.of(cs.TaskSkipped)) == [
+        ("flaky-1", "cancelled: task:flaky"), ("later-1", "cancelled: task:later")]
+
+
+def test_cancel_reaches_the_tasks_of_a_returned_graph_and_not_later_runs():
+    e = cs.Engine()
+    go = threading.Event()
+    ran = []
+
+    @cs.task(name="inner")
+    def inner(i):
+        ran.append(i)
+        go.wait(TIMEOUT)
+        return i
+
+    @cs.task(name="outer")
+    def outer():
+        return inner.map(range(3))
+
+    e.limit("task:inner", 1)
+    h = e.start(outer())
+    wait_for(lambda: e.status()["tasks"].get("inner") == {"running": 1, "blocked": 2})
+    assert e.cancel("task:inner") == 3
+    go.set()
+    with pytest.raises(cs.DependencyMissingError, match="cancelled: task:inner"):
+        h.result(TIMEOUT)
+    assert ran == [0]
+    # one-shot: nothing stays in force, a later run of the same tasks runs as usual
+    assert e.start(outer()).result(TIMEOUT) == [0, 1, 2]
+    assert e.cancel("global") == 0
+
+
+def test_cancel_of_a_key_scope_cuts_the_calls_with_that_value_as_their_values_become_known():
+    # a 'key:' scope matches calls, not tasks: the waiting ones now, the ones not made
+    # yet (a call whose input is not done) once their key values are known
+    e = cs.Engine()
+    ran = []
+    gate = threading.Event()
+
+    @cs.task
+    def slow(x):
+        gate.wait(TIMEOUT)
+        return x
+
+    @cs.task(keys={"customer": "c"})
+    async def job(c, i):
+        ran.append((c, i))
+        await asyncio.sleep(0.01)
+        return i
+
+    e.limit("task:job", 2)
+    items = ["acme", "bob"] * 10
+    h = e.start([job.map(items, list(range(20))), job(slow("acme"), 99),
+                 job(slow("bob"), 98)])
+    end = time.monotonic() + TIMEOUT
+    while len(ran) < 2:
+        assert time.monotonic() < end
+        time.sleep(0.005)
+    assert e.cancel("key:customer=acme") >= 1
+    gate.set()
+    with pytest.raises(cs.DependencyMissingError, match="cancelled: key:customer=acme"):
+        h.result(TIMEOUT)
+    after = ran[2:]
+    assert ("acme", 99) not in ran and ("bob", 98) in ran
+    assert all(c == "bob" for c, _ in after[2:]), ran  # (two may have been granted)
+
+
+def test_cancel_of_every_task_ends_the_run_and_matches_only_its_scope():
+    e = cs.Engine()
+    go = threading.Event()
+
+    @cs.task(name="a")
+    def a(i):
+        go.wait(TIMEOUT)
+        return i
+
+    @cs.task(name="b")
+    async def b(x):
+        return x
+
+    e.pause("task:a")
+    one, two = e.start(b(a(1))), e.start(b(a(2)))
+    wait_for(lambda: e.status()["tasks"].get("a") == {"blocked": 2})
+    assert e.cancel(f"run:{one.run_id}") == 2  # a-1 and b-1 of that run only
+    with pytest.raises(cs.DependencyMissingError, match=f"cancelled: run:{one.run_id}"):
+        one.result(TIMEOUT)  # nothing of it ran: it ends at once, paused or not
+    assert not two.done()
+    e.resume("task:a")
+    go.set()
+    assert two.result(TIMEOUT) == 2
+
+
+def test_cancel_skips_a_pipelined_maps_items_not_made_yet_while_its_input_runs_on():
+    e = cs.Engine()
+    rec = Recorder(e)
+    go = threading.Event()
+    ran = []
+
+    @cs.task(name="first")
+    def first(i):
+        if i == 0:
+            go.wait(TIMEOUT)
+        return i
+
+    @cs.task(name="second")
+    def second(x):
+        ran.append(x)
+        return x
+
+    e.limit("task:first", 1)
+    h = e.start(second.map(first.map(range(4))))
+    wait_for(lambda: e.status()["tasks"].get("first") == {"running": 1, "blocked": 3})
+    assert e.cancel("task:second") == 4  # its 4 items, none made yet
+    go.set()
+    with pytest.raises(cs.DependencyMissingError, match="cancelled: task:second"):
+        h.result(TIMEOUT)
+    assert ran == []
+    assert [(ev.task_id, ev.reason) for ev in rec.of(cs.TaskSkipped)] == [
+        ("second-1", "cancelled: task:second")]
+    # (first, not in the scope, was not cancelled: the run ended once its target, the
+    # map over it, was skipped, as for any skip)
+
+
+def test_cancel_before_the_runs_loop_began_it_skips_its_tasks_as_it_begins():
+    e = cs.Engine()
+    ran = []
+
+    @cs.task(name="early")
+    async def early():
+        ran.append(1)
+        return 1
+
+    async def main():
+        h = e.start(early())  # on this loop, which has not run it yet
+        assert e.cancel("task:early") == 0  # (not counted: nothing is built yet)
+        with pytest.raises(cs.DependencyMissingError, match="cancelled: task:early"):
+            await h
+        assert await e.start(early()) == 1  # one-shot
+    asyncio.run(main())
+    assert ran == [1]
+
+
+def test_cancel_rejects_a_bad_scope_and_changes_nothing():
+    e = cs.Engine()
+    with pytest.raises(cs.ConstraintError, match="scope 'nope' is not valid"):
+        e.cancel("nope")
+    assert e.cancel("task:x") == 0  # no run: nothing to cancel
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 2**32 - 1))
+def test_a_cancel_at_a_random_point_of_a_random_dag_skips_what_had_not_finished(seed):
+    # Property: random DAGs of sync and async calls and maps (some under a limit, some
+    # retried), a cancel from another thread at a random point: each task ends once,
+    # done (every item) or skipped; a body runs once at most (once more if retried);
+    # what needs a skipped task is skipped; no task of the scope completes after the
+    # cancel returned (it would be one the cancel missed); the run ends.
+    r = random.Random(seed)
+    e = cs.Engine()
+    n = r.randint(2, 10)
+    ran = collections.Counter()
+    lock = threading.Lock()
+    after = []  # set once the cancel has returned
+    done_after = []
+    tags, size, flaky = {}, {}, {}
+
+    def make(i):
+        name = f"n{i}"
+        tags[name] = r.choice("xy")
+        pause = r.choice([0, 0.001, 0.003])
+        fails = flaky[name] = r.random() < 0.2  # the first attempt of each item fails
+
+        def note(j):
+            with lock:
+                ran[name, j] += 1
+                return fails and ran[name, j] == 1
+        if r.random() < 0.5:
+            async def body(j, *deps):
+                again = note(j)
+                await asyncio.sleep(pause)
+                if again:
+                    raise ValueError("once")
+                return i
+        else:
+            def body(j, *deps):
+                again = note(j)
+                time.sleep(pause)
+                if again:
+                    raise ValueError("once")
+                return i
+        return cs.task(body, name=name, tags=[tags[name]])
+
+    tasks = [make(i) for i in range(n)]
+    deps = {i: r.sample(range(i), r.randint(0, min(i, 2))) for i in range(n)}
+    nodes = []
+    for i in range(n):
+        name, args = f"n{i}", [nodes[d] for d in deps[i]]
+        if r.random() < 0.3:
+            size[name] = 3
+            lz = tasks[i].map(range(3), *[cs.unmapped(a) for a in args])
+        else:
+            size[name] = 1
+            lz = tasks[i](0, *args)
+        if flaky[name]:
+            lz = lz.with_retry(2, delay=r.choice([0, 0.002]))
+        nodes.append(lz)
+    if r.random() < 0.5:
+        e.limit("tag:y", 1)  # so that some wait in the queues
+    scope = r.choice(["tag:x", "tag:y", "global", f"task:n{r.randrange(n)}", "task:n*"])
+    rec = Recorder(e)
+
+    def completed(ev):
+        if after:
+            done_after.append(ev.task_name)
+    e.subscribe(cs.TaskExecutionFinished, completed)
+    k = r.randint(0, n)
+    h = e.start(nodes)
+    wait_for(lambda: len(ran) >= k or h.done())
+    cut = e.cancel(scope)
+    after.append(True)
+    try:
+        h.result(TIMEOUT)
+        ended_skipped = False
+    except cs.DependencyMissingError:
+        ended_skipped = True
+    events = rec.of(cs.TaskExecutionFinished)
+    finished = collections.Counter(ev.task_name for ev in events if ev.status == "Succeeded")
+    ids = [ev.task_id for ev in events if ev.status == "Succeeded"]
+    skipped = {ev.task_name: ev.reason for ev in rec.of(cs.TaskSkipped)}
+    assert not [ev for ev in events if ev.status != "Succeeded"]  # (a retried attempt: none)
+    assert len(ids) == len(set(ids))  # each call or item completes once at most
+    assert all(c <= 1 + flaky[name] for (name, _), c in ran.items()), ran
+    for i in range(n):
+        name = f"n{i}"
+        assert (name in skipped) != (finished[name] == size[name]), (name, finished, skipped)
+        matched = fnmatch.fnmatchcase(name, scope[5:]) if scope.startswith("task:") else (
+            scope == "global" or tags[name] == scope[4:])
+        up = [f"n{d}" for d in deps[i] if f"n{d}" in skipped]
+        if name in skipped:
+            assert up or matched, (name, skipped[name])
+            if not up:
+                assert skipped[name] == f"cancelled: {scope}"
+        else:
+            assert not up
+        if matched:
+            assert name not in done_after, (name, done_after)  # the cancel missed it
+    assert ended_skipped == bool(skipped)
+    cancelled = [name for name, why in skipped.items() if why.startswith("cancelled")]
+    # each call or item not done counts once (a map not begun yet: once); a cancel
+    # before the run's loop began the run (k == 0) is not counted
+    assert len(cancelled) <= cut <= sum(size[x] for x in cancelled) or (k == 0 and cut == 0), (
+        cut, cancelled)
+    e.close()
+
 def test_a_drained_waiter_holds_no_capacity_back_from_others():
     # A drained request for 2 GPUs is older than a request for 1 that fits: like a paused
     # waiter, it holds nothing back (regression: only pauses were exempt from capacity
@@ -7437,6 +7809,34 @@ async def test_controller_verbs_are_coroutines_and_status_returns_the_retained_c
 
 
 @async_test
+async def test_controller_cancel_over_a_local_broker_counts_each_engine_and_publishes_nothing_retained():
+    broker, u = cs.LocalBroker(), uid()
+    engines = [cs.Engine(connector=broker) for _ in range(2)]
+    work, gate, started = held_task(f"k_{u}", 1)
+    ctl = cs.Controller(broker, timeout=TIMEOUT)
+    try:
+        assert await ctl.cancel(f"task:k_{u}", timeout=0.3) == {}  # nobody has heard it
+        h = engines[0].start([work(), work()])
+        await asyncio.wait_for(started.wait(), TIMEOUT)
+        engines[1].start(work())  # (its run holds too: the cancel reaches it as well)
+        while sum(e.status()["tasks"].get(f"k_{u}", {}).get("running", 0)
+                  for e in engines) < 3:
+            await asyncio.sleep(0.01)
+        got = await ctl.cancel(f"task:k_{u}")
+        assert got == {engines[0].id: 2, engines[1].id: 1}
+        with pytest.raises(cs.DependencyMissingError, match=f"cancelled: task:k_{u}"):
+            await h
+        for tree in ("commands", "acks"):  # a one-shot command: nothing retained
+            assert await retained_on(broker, f"cascade/{tree}/#") == {}
+        with pytest.raises(cs.ConstraintError):
+            await ctl.cancel("bad scope")
+    finally:
+        gate.set()
+        for e in engines:
+            e.close()
+
+
+@async_test
 async def test_controller_status_is_what_engines_apply_and_retained_shows_expired_and_rejected():
     # regression (issue 10): status() listed expired controls among those in force, and
     # silently left out messages every engine rejects (a payload for another topic)
@@ -7892,6 +8292,26 @@ def test_with_timeout_on_a_remote_executor_fails_the_attempt_at_the_deadline(rem
         _release(d)
     value, one = handle.result(timeout=TIMEOUT)
     assert type(value) is TimeoutError and one == 1
+
+
+def test_cancel_on_a_remote_executor_cancels_futures_not_begun_and_drops_results(remote, rx_dir):
+    kind, ex = remote
+    d = rx_dir
+    e = cs.Engine(executor=ex, window=4)  # two slots: two bodies run, two wait their turn
+    rec = Recorder(e)
+    handle = e.start(rx_work.map(cs.unmapped(d), range(4), hold=cs.unmapped(True)))
+    try:
+        wait_for(lambda: _marks(d, "start") == 2 and e.status()["tasks"].get("rx_work") == {
+            "submitted": 4})
+        assert e.cancel("task:rx_work") == 4
+    finally:
+        _release(d)
+    with pytest.raises(cs.DependencyMissingError, match="cancelled: task:rx_work"):
+        handle.result(TIMEOUT)
+    assert 2 <= _marks(d, "start") <= 4  # (a future the executor had begun runs on)
+    assert not rec.of(cs.TaskExecutionFinished)  # every result dropped
+    assert [ev.reason for ev in rec.of(cs.TaskSkipped)] == ["cancelled: task:rx_work"]
+    assert run_engine(e, rx_work(d, 7)) == 7  # the window's slots all came back
 
 
 @pytest.mark.parametrize("window", [None, 3])
@@ -9655,10 +10075,11 @@ def test_a_loops_subscription_outlives_its_runs_and_goes_with_its_loop_or_engine
         await asyncio.sleep(0.01)
         assert [(c.scope, c.origin) for c in e.constraints] == [("task:between", "broker")]
     asyncio.run(three_runs())
-    assert calls == [("sub", "constraints"), ("sub", "sync")]  # once for the three runs
+    subs = [("sub", "constraints"), ("sub", "sync"), ("sub", "commands")]
+    unsubs = [("unsub", "constraints"), ("unsub", "sync"), ("unsub", "commands")]
+    assert calls == subs  # once for the three runs
     asyncio.run(three_runs())  # a new loop: the closed one's subscriptions go
-    assert calls[2:] == [("sub", "constraints"), ("sub", "sync"),
-                         ("unsub", "constraints"), ("unsub", "sync")]
+    assert calls[3:] == subs + unsubs
 
     async def close_on_the_loop():
         assert await e.run(ident(9)) == 9
@@ -9666,7 +10087,7 @@ def test_a_loops_subscription_outlives_its_runs_and_goes_with_its_loop_or_engine
         await asyncio.sleep(0.05)
     del calls[:]
     asyncio.run(close_on_the_loop())
-    assert calls[-2:] == [("unsub", "constraints"), ("unsub", "sync")]
+    assert calls[-3:] == unsubs
     asyncio.run(ctl.clear("task:between"))
 
 
@@ -10783,6 +11204,87 @@ async def ctl_client_clear(client, prefix):
         await conn.publish(topic, "", qos=1, retain=True)
 
 
+@async_test
+async def test_controller_cancel_reaches_every_engine_over_mqtt_and_counts_each(paho, prefix):
+    u = prefix.rsplit("/", 1)[1]
+    clients = [mqtt_client() for _ in range(3)]
+    engines = [cs.Engine(connector=cs.MqttConnector(c, prefix=prefix)) for c in clients[:2]]
+    recs = [Recorder(e) for e in engines]
+    go = threading.Event()
+    name = f"c_{u}"
+
+    @cs.task(name=name)
+    def work(i):
+        go.wait(TIMEOUT)
+        return i
+
+    ctl = cs.Controller(cs.MqttConnector(clients[2], prefix=prefix))
+    try:
+        for e in engines:
+            e.limit(f"task:{name}", 1)
+        handles = [e.start(work.map(range(3))) for e in engines]
+        for e in engines:
+            while e.status()["tasks"].get(name) != {"running": 1, "blocked": 2}:
+                await asyncio.sleep(0.01)
+        await until_engines(ctl, lambda r: len(r) == 2 and all(x["runs"] for x in r),
+                            "both engines with their runs")
+        assert await ctl.cancel(f"task:{name}") == {engines[0].id: 3, engines[1].id: 3}
+        for e in engines:  # the running body runs on; its result will be dropped
+            assert e.status()["tasks"][name] == {"running": 1, "skipped": 2}
+        go.set()
+        for h in handles:
+            with pytest.raises(cs.DependencyMissingError, match=f"cancelled: task:{name}"):
+                await asyncio.to_thread(h.result, TIMEOUT)
+        for rec in recs:
+            assert [(ev.task_id, ev.reason) for ev in rec.of(cs.TaskSkipped)] == [
+                (f"{name}-1", f"cancelled: task:{name}")]
+        # a bad command: one warning and a ConstraintRejected event on each engine,
+        # nothing else (no answer either)
+        conn = ctl.connector
+        topic = f"{prefix}/commands/cancel"
+        for bad in ({"scope": "nope", "id": "x1"}, {"scope": "global", "id": "a/b"},
+                    {"scope": "global", "id": "x2", "ttl": 1}, "not json"):
+            await conn.publish(topic, bad, qos=1)
+        for rec in recs:
+            while len(rec.of(cs.ConstraintRejected)) < 4:
+                await asyncio.sleep(0.01)
+            reasons = [ev.reason for ev in rec.of(cs.ConstraintRejected)]
+            assert [ev.topic for ev in rec.of(cs.ConstraintRejected)] == [topic] * 4
+            assert "scope 'nope' is not valid" in reasons[0]
+            assert "id 'a/b'" in reasons[1] and "unknown fields ['ttl']" in reasons[2]
+            assert reasons[3] == "payload is not a JSON object"
+        # the CLI: how many each engine cancelled (one-shot: a later run is not affected)
+        go.clear()
+        h = engines[0].start(work.map(range(2)))
+        while engines[0].status()["tasks"].get(name) != {"running": 1, "blocked": 1}:
+            await asyncio.sleep(0.01)
+        await until_engines(ctl, lambda r: any(x["runs"] for x in r), "the run")
+        out = stdout_of(await asyncio.to_thread(cli, "cancel", f"task:{name}", "--prefix", prefix))
+        assert out.splitlines()[0] == f"cancelled 2 tasks of task:{name} on 2 engines", out
+        assert f"  {engines[0].id}: 2" in out and f"  {engines[1].id}: 0" in out
+        go.set()
+        with pytest.raises(cs.DependencyMissingError):
+            await asyncio.to_thread(h.result, TIMEOUT)
+        assert await engines[0].start(work.map(range(2))) == [0, 1]
+    finally:
+        go.set()
+        for e in engines:
+            e.close()
+        await ctl_client_clear(clients[2], prefix)
+        for c in clients:
+            close_client(c)
+
+
+def test_cli_cancel_says_when_no_engine_answered_and_exits_1(paho, broker):
+    r = cli("cancel", "task:x", "--prefix", f"cascade-test/{broker}/none", "--timeout", "0.5")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.stderr.startswith("cascade: no engine answered the cancel of task:x within 0.5s")
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    r = cli("cancel", "bad-scope", "--prefix", f"cascade-test/{broker}/none")
+    assert r.returncode == 1 and "scope 'bad-scope' is not valid" in r.stderr, r.stderr
+
+
+
 # --- telemetry --------------------------------------------------------------
 
 async def local_telemetry_engine():
@@ -11694,7 +12196,7 @@ def test_import_does_not_configure_logging():
 # CLI: cascade pause|resume|limit|rate|clear|status|watch|demo
 # ===========================================================================
 
-VERBS = ("pause", "resume", "limit", "rate", "clear", "status", "watch", "demo")
+VERBS = ("pause", "resume", "limit", "rate", "clear", "cancel", "status", "watch", "demo")
 
 
 def test_cli_help_is_enough_on_its_own(capsys):
@@ -11705,6 +12207,7 @@ def test_cli_help_is_enough_on_its_own(capsys):
     options = {"pause": ["scope", "--ttl"], "resume": ["scope"], "limit": ["scope", "n", "--ttl"],
                "rate": ["scope", "rate", "--burst", "--ttl", "10/s"], "clear": ["scope", "--type",
                "pause", "concurrency", "rate_limit"], "status": ["time left"],
+               "cancel": ["scope", "skipped", "--timeout"],
                "watch": ["--json", "--count", "--topic"], "demo": ["--tasks"]}
     for verb in VERBS:
         with pytest.raises(SystemExit) as exit:
