@@ -9164,6 +9164,10 @@ examples:
   cascade resume task:api_call
   cascade resume task:api_call --ramp 10/s   ... the waiting calls start 10 a second
   cascade limit tag:io 5                at most 5 io tasks at once
+  cascade limit task:sync 2 --per customer --override acme=10
+                                        ... 2 at once for each customer (10 for acme)
+  cascade limit task:sync 10 --fair customer   round robin across customers
+  cascade cancel tag:reports            once: tasks not finished end skipped
   cascade rate task:fetch 10/s --burst 5
   cascade rate tag:openai 60/m 10000/d  windows that each hold: a daily quota too
   cascade drain global                  before maintenance: new runs hold, started ones finish
@@ -9246,7 +9250,7 @@ def _cli_parser():
                    type=_value_setting, help="with --fair: VALUE gets W grants a round; repeat")
     v.set_defaults(publish=lambda ctl, a: ctl.limit(
         a.scope, a.n, per=a.per, overrides=_settings(a.override, int, "--override"),
-        fair=a.fair, weights=_settings(a.weight, float, "--weight"), ttl=a.ttl))
+        fair=a.fair, weights=_settings(a.weight, _number, "--weight"), ttl=a.ttl))
     v = verb("rate", "start at most RATE tasks of SCOPE (10/s, 30/m, 2/h, 500/d, or per "
                      "second); several RATEs are windows that each hold (60/m 10000/d)",
              (mqtt, ttl, per))
@@ -9383,6 +9387,11 @@ def _value_setting(text):
     if not sep or not value or not setting:
         raise argparse.ArgumentTypeError(f"{text!r}: use VALUE=SETTING (acme=10)")
     return value, setting
+
+
+def _number(text):
+    x = float(text)
+    return int(x) if x.is_integer() and abs(x) < 1e15 else x
 
 
 def _settings(pairs, kind, flag):

@@ -12283,6 +12283,35 @@ def test_cli_rate_with_several_windows_reaches_an_engine_as_one_quota(paho, brok
         sweep(u)
 
 
+def test_cli_limit_and_rate_per_key_and_fair(paho, broker):
+    u = broker
+    scope = f"task:pk_{u}"
+    try:
+        out = stdout_of(cli("limit", scope, 2, "--per", "customer", "--override", "acme=10"))
+        assert f"limit 2 per customer (acme: 10) on {scope}" in out
+        out = stdout_of(cli("rate", scope, "30/m", "--per", "customer", "--override",
+                            "acme=300/m"))
+        assert f"rate 30/m burst 1 per customer (acme: 300/m) on {scope}" in out
+        out = stdout_of(cli("limit", scope, 10, "--fair", "customer", "--weight", "acme=3"))
+        assert f"limit 10 fair by customer weights {{'acme': 3}} on {scope}" in out
+        found = {c["type"]: c["params"] for c in json.loads(stdout_of(cli(
+            "status", "--json")))["in_force"] if c["scope"] == scope}
+        assert found == {
+            "keyed_concurrency": {"limit": 2, "per": "customer", "overrides": {"acme": 10}},
+            "keyed_rate_limit": {"rate": "30/m", "burst": 1, "per": "customer",
+                                 "overrides": {"acme": {"rate": "300/m", "burst": 1}}},
+            "concurrency": {"limit": 10, "fair": "customer", "weights": {"acme": 3}}}
+        for bad in (["limit", scope, 2, "--per", "customer", "--override", "acme=x"],
+                    ["limit", scope, 2, "--weight", "acme=3"],
+                    ["rate", scope, "1/s", "--override", "acme=2/s"]):
+            r = cli(*bad)
+            assert r.returncode == 1 and r.stderr.startswith("cascade: "), (bad, r.stderr)
+        r = cli("limit", scope, 2, "--override", "acme")
+        assert r.returncode == 2 and "use VALUE=SETTING" in r.stderr
+    finally:
+        sweep(u)
+
+
 def test_cli_adapt(paho, broker):
     u = broker
     scope = f"task:ad_{u}"
