@@ -2757,8 +2757,15 @@ class _ControlPlane:
     def _install(self, key, c):  # lock held: make c the control in force of its key
         ctype = _CONTROL_TYPES[c.type]
         now = time.monotonic()
-        if self._states.get(key) in self._failing:  # (review) the other layer's control
-            self._uninstall(key)                     # gets a state of its own
+        st = self._states.get(key)
+        if st in self._failing:  # (review) the other layer's control
+            self._uninstall(key)  # gets a state of its own
+        elif st is not None and st.keyed and st.per != c.params["per"]:
+            # per another key: its parts count by the old key's values, so it is a new
+            # control, which counts what already runs afresh (regression: limit 1 per
+            # region, set over limit 1 per customer, let a sixth body start in a region
+            # where five ran)
+            self._uninstall(key)
         self.constraints[key] = c
         st = self._states.get(key)
         if st is None:

@@ -5422,6 +5422,34 @@ def test_a_per_key_limit_counts_what_already_runs_and_a_lowered_override_never_e
     assert h.result(TIMEOUT) == list(range(6))
 
 
+def test_a_per_key_limit_set_per_another_key_counts_what_already_runs_afresh():
+    # regression: replacing limit 1 per customer by limit 1 per region kept the parts
+    # counted by customer, so a sixth body started in a region where five ran
+    e = cs.Engine(max_workers=8)
+    g = Gauge()
+    go = threading.Event()
+
+    @cs.task(name="job", keys={"customer": "c", "region": "r"})
+    def job(c, r):
+        with g(r):
+            go.wait(TIMEOUT)
+        return c
+
+    e.limit("task:job", 1, per="customer")
+    h = e.start(job.map(["a", "b", "c", "d", "e"], ["eu"] * 5))
+    wait_for(lambda: g.now.get("eu", 0) == 5)
+    e.limit("task:job", 1, per="region")  # five run in eu: none more may start there
+    h2 = e.start(job.map(["f", "eu"], ["eu", "us"]))  # ("eu" as a customer: no mix-up)
+    wait_for(lambda: g.now.get("us", 0) == 1)
+    time.sleep(0.1)
+    assert g.now["eu"] == 5
+    row = [r for r in e.status()["scopes"] if r["type"] == "keyed_concurrency"][0]
+    assert (row["per"], row["busiest"]) == ("region", {"eu": 5, "us": 1})
+    go.set()
+    assert (h.result(TIMEOUT), h2.result(TIMEOUT)) == (list("abcde"), ["f", "eu"])
+    assert g.peak["eu"] == 5
+
+
 def test_idle_per_key_state_is_forgotten_so_many_keys_leave_nothing_behind():
     e = cs.Engine()
     per = e.limit("task:k", 2, per="customer")
