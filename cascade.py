@@ -7048,7 +7048,9 @@ class _Run:
                     scope, self.keys.get(task) or _Key(task.name, task.tags, self.run_id), project)
             return m
         pulled, held = cp.pull(self, lambda key: _scope_matches(scope, key, project))
-        retrying = [u for u in self._timers if hit(u.node.lazy.task)]
+        # (by its unit's key: a keyed call's has its key values; regression: a 'key:'
+        # scope missed the retrying calls, which then ran again)
+        retrying = [u for u in self._timers if _scope_matches(scope, u.key, project)]
         for u in retrying:
             self._timers.pop(u).cancel()
             t = u.node.tally

@@ -5053,6 +5053,29 @@ def test_cancel_of_a_key_scope_cuts_the_calls_with_that_value_as_their_values_be
     assert all(c == "bob" for c, _ in after[2:]), ran  # (two may have been granted)
 
 
+def test_cancel_of_a_key_scope_cuts_a_retrying_call_with_that_value():
+    # regression: a retrying unit was matched by its task, which has no key values, so
+    # the cancel missed it and it ran again
+    e = cs.Engine()
+    rec = Recorder(e)
+    tries = []
+
+    @cs.task(name="flaky_k", keys={"customer": "c"})
+    def flaky(c):
+        tries.append(c)
+        raise ValueError("try again")
+
+    h = e.start(flaky("acme").with_retry(3, delay=0.3))
+    wait_for(lambda: e.status()["tasks"].get("flaky_k") == {"retrying": 1})
+    assert e.cancel("key:customer=bob") == 0
+    assert e.cancel("key:customer=acme") == 1
+    with pytest.raises(cs.DependencyMissingError, match="cancelled: key:customer=acme"):
+        h.result(TIMEOUT)
+    time.sleep(0.5)  # (its retry was due after 0.3 s)
+    assert tries == ["acme"]
+    assert [ev.reason for ev in rec.of(cs.TaskSkipped)] == ["cancelled: key:customer=acme"]
+
+
 def test_cancel_of_every_task_ends_the_run_and_matches_only_its_scope():
     e = cs.Engine()
     go = threading.Event()
