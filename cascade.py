@@ -4951,13 +4951,17 @@ class _Weighted(_Unit):
 class _Overdue(_Unit):
     """The attempt of a sync unit whose body runs on past its timeout (see
     ``_Run._overdue``): it holds that attempt's slots until the body returns, while the
-    unit itself has moved on (failed, or waits for its retry)."""
-    __slots__ = ("back",)
+    unit itself has moved on (failed, or waits for its retry). Its admission key is the
+    unit's (a keyed call's has its key values), so that a limit set meanwhile counts
+    it where it counts the unit (regression: a per-key limit set while a keyed body ran
+    on past its timeout let a second body of that value start beside it)."""
+    __slots__ = ("back", "key")
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, run, node, index, args, kwargs, key):
+        super().__init__(run, node, index, args, kwargs)
         self.state = _RUNNING
         self.back = False  # its body returned before its run abandoned it
+        self.key = key
 
 
 _IN_TIME, _RETURNED, _LATE = range(3)  # _Deadline.state
@@ -6597,7 +6601,7 @@ class _Run:
             if d.state != _IN_TIME or self._settled:
                 return
             d.state = _LATE
-            d.ghost = _Overdue(self, u.node, u.index, (), _NO_KWARGS)
+            d.ghost = _Overdue(self, u.node, u.index, (), _NO_KWARGS, u.key)
             d.ghost.attempt = u.attempt
             self.cp.hand_over(u, d.ghost)
         self._inflight += 1

@@ -5473,6 +5473,38 @@ def test_a_per_key_limit_set_per_another_key_counts_what_already_runs_afresh():
     assert g.peak["eu"] == 5
 
 
+@pytest.mark.parametrize("limit", [
+    lambda e: e.limit("task:slowk", 1, per="customer"),
+    lambda e: e.limit("key:customer=acme", 1),
+])
+def test_a_keyed_limit_counts_a_keyed_body_running_on_past_its_timeout(limit):
+    # regression: its stand-in had the task's key, without key values, so a per-key or
+    # 'key:' limit set meanwhile did not count it and a second acme body began
+    e = cs.Engine(max_workers=8)
+    g = Gauge()
+    go = threading.Event()
+
+    @cs.task(name="slowk", keys={"customer": "c"})
+    def slow(c, i):
+        with g(c):
+            go.wait(TIMEOUT)
+        return i
+
+    rec = Recorder(e)
+    first = e.start(slow("acme", 0).with_timeout(0.05).return_exceptions())
+    wait_for(lambda: rec.of(cs.TaskExecutionFinished))
+    assert g.now == {"acme": 1}  # its body runs on
+    limit(e)
+    h = e.start([slow("acme", 1), slow("bob", 2)])
+    wait_for(lambda: g.now.get("bob") == 1)
+    time.sleep(0.1)
+    assert g.now["acme"] == 1
+    go.set()
+    assert type(first.result(TIMEOUT)) is TimeoutError
+    assert h.result(TIMEOUT) == [1, 2]
+    assert g.peak["acme"] == 1
+
+
 def test_idle_per_key_state_is_forgotten_so_many_keys_leave_nothing_behind():
     e = cs.Engine()
     per = e.limit("task:k", 2, per="customer")
