@@ -2707,6 +2707,7 @@ class _ControlPlane:
         self._wakes = {}                 # state -> clock entry of its next refill
         self._failing = set()            # states whose code raised: removed soon
         self._full = []                  # of the last _held_back: states without room
+        self._refair = []                # fair limits to wake at the end of a pass (_grant)
         self.clock = _Clock()
 
     def stamp(self):
@@ -3203,7 +3204,14 @@ class _ControlPlane:
         now = time.monotonic()
         if self._sweep_due:
             self._sweep()
-        while ready:
+        while True:
+            if not ready:
+                if not self._refair:
+                    break
+                for st in self._refair:  # (queues parked by _grant on room: see there)
+                    self._wake(st)
+                self._refair.clear()
+                continue
             e = heapq.heappop(ready)
             q = e[2]
             if q is None:
@@ -3233,6 +3241,7 @@ class _ControlPlane:
         waiters = q.waiters
         self._needs(q.key)
         takes = q.key.takes
+        fair = None
         while True:
             held = self._held_back(q, now)
             if held:
@@ -3251,9 +3260,21 @@ class _ControlPlane:
             if not waiters:
                 self._forget(q)
                 return
-            if bound is not None and waiters[0].seq > bound:
-                self._pend(q)  # another queue's head became ready first
-                return
+            if bound is not None:
+                if waiters[0].seq > bound:
+                    self._pend(q)  # another queue's head became ready first
+                    return
+                if fair is None:
+                    fair = [st for st, _ in takes if st.fair is not None]
+                if fair:
+                    # Another queue is pending, maybe of another value whose turn of a
+                    # fair limit comes first: q waits its turn on the fair limits, looked
+                    # at again at the end of the pass (regression: after a resume, one
+                    # value's older backlog took every slot of the limit while another
+                    # value's waiter, pending in the same pass, waited)
+                    self._park(q, fair)
+                    self._refair.extend(fair)
+                    return
 
     def _held_back(self, q, now):
         """The states that hold the head of ``q`` back (empty: it may start): its pauses

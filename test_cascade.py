@@ -5660,7 +5660,40 @@ def test_a_fair_limit_admits_round_robin_across_key_values():
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(items=st.lists(st.sampled_from("abcd"), min_size=2, max_size=30))
 def test_property_with_fair_no_value_waits_a_round_while_another_is_admitted_twice(items):
-    order = _grant_order({"fair": "customer"}, items)
+    _assert_fair_rounds(_grant_order({"fair": "customer"}, items), items)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(items=st.lists(st.sampled_from("abcd"), min_size=2, max_size=24),
+       limit=st.integers(1, 3), how=st.sampled_from(["resume", "set"]))
+def test_property_fair_rounds_hold_for_a_backlog_that_becomes_pending_at_once(items, limit, how):
+    # regression: after a resume (or a fair limit set over a backlog), every queue was
+    # pending in one pass, looked at oldest head first, so one value's older backlog
+    # took every slot while another value's waiter waited (a, a, b with limit 2)
+    e = cs.Engine()
+    order = []
+
+    @cs.task(name="fair_p", keys={"customer": "c"})
+    async def w(c, i):
+        order.append(c)
+        await asyncio.sleep(0.002)
+
+    if how == "resume":
+        e.limit("task:fair_p", limit, fair="customer")
+        e.pause("task:fair_p")
+    else:
+        e.limit("task:fair_p", 0)
+    h = e.start(w.map(items, range(len(items))))
+    wait_for(lambda: e.status()["tasks"].get("fair_p") == {"blocked": len(items)})
+    if how == "resume":
+        e.resume("task:fair_p")
+    else:  # the limit raised and made fair over its backlog
+        e.limit("task:fair_p", limit, fair="customer")
+    h.result(TIMEOUT)
+    _assert_fair_rounds(order, items)
+
+
+def _assert_fair_rounds(order, items):
     assert sorted(order) == sorted(items)
     left = collections.Counter(items)
     last = {}  # value -> position of its last grant
