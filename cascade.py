@@ -3548,7 +3548,8 @@ class _ControlPlane:
     def snapshot(self, tallies):
         """Usage of every active constraint and capacity, and the first waiting units,
         for ``Engine.status``. ``tallies``: [(key, tally)] of the active runs' tasks, for
-        how many matching tasks hold a grant (cost: tasks x their matches)."""
+        how many matching tasks hold a grant (cost: tasks x their matches; a 'key:'
+        scope matches calls, not tasks: the holders of a grant, times those scopes)."""
         now = time.time()
         mono = time.monotonic()
         with self.lock:
@@ -3557,6 +3558,13 @@ class _ControlPlane:
                 if t[_GRANTED]:
                     for sk in self._matching(key):
                         running[sk] += t[_GRANTED]
+            if self._keyscopes:  # (regression: they showed 0 running)
+                keyed = [sk for sk in self.constraints if sk[0].startswith("key:")]
+                for u in self._holders:
+                    if u.key.values:
+                        for sk in keyed:
+                            if self._matches(sk[0], u.key):
+                                running[sk] += 1
             rows = []
             for (scope, kind), c in self.constraints.items():
                 own = self._layers[(scope, kind)].get("local")

@@ -5345,6 +5345,32 @@ def test_a_task_declares_keys_by_argument_or_function_and_key_scopes_select_them
     assert h.result(TIMEOUT) == ["acme", "acorn", "bob", "carl", 7]
 
 
+def test_status_counts_the_running_calls_a_key_scope_matches():
+    # regression: matching_running was counted by task, which has no key values, so a
+    # pause of 'key:customer=acme' showed "0 still running" while two acme calls ran
+    e = cs.Engine(max_workers=4)
+    g = Gauge()
+    go = threading.Event()
+
+    @cs.task(name="sk", keys={"customer": "c"})
+    def sk(c, i):
+        with g(c):
+            go.wait(TIMEOUT)
+        return i
+
+    h = e.start(sk.map(["acme", "acme", "bob"], range(3)))
+    wait_for(lambda: g.now.get("acme") == 2 and g.now.get("bob") == 1)
+    e.pause("key:customer=acme")
+    e.limit("key:customer=b*", 3)
+    rows = {r["scope"]: r for r in e.status()["scopes"]}
+    assert rows["key:customer=acme"]["matching_running"] == 2
+    assert rows["key:customer=b*"]["matching_running"] == 1
+    go.set()
+    e.resume("key:customer=acme")
+    assert h.result(TIMEOUT) == [0, 1, 2]
+    assert [r["matching_running"] for r in e.status()["scopes"]] == [0]
+
+
 @pytest.mark.parametrize("keys, match", [
     ({"customer": "nope"}, "need the name of one of the parameters"),
     ({"cu=st": "c"}, "must not contain '='"),
