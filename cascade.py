@@ -1494,17 +1494,20 @@ class _Limiter(_State):
     # Fair sharing (``fair="customer"``): start-time fair queueing. Each value of the
     # key has a virtual finish time, advanced by 1/weight for each grant; a waiter's
     # place in this limit's FIFO is its value's tag, max(vtime, finish), then, among
-    # equal tags, values not served since (or never) first, then the one served longest
-    # ago, then readiness (order). A value with many waiters is pushed back by each
-    # grant; one that comes back idle takes the current vtime, so it waits at most one
-    # round: round robin across values, ``weights`` grants each per round. Values whose
-    # finish is behind vtime are forgotten (they are equivalent to absent): memory is
-    # O(busy values).
+    # equal tags, values whose finish is behind vtime (or never served) first, then the
+    # one served longest ago, then readiness (order). A value with many waiters is
+    # pushed back by each grant; one that comes back idle takes the current vtime, so it
+    # waits at most one round: round robin across values, ``weights`` grants each per
+    # round. Values whose finish is behind vtime are forgotten (they are equivalent to
+    # absent): memory is O(busy values). A value's place never moves back as time goes
+    # on, so the tag a queue was parked with is never after that of a later queue of
+    # its value: FIFO within a value holds (regression: a finish equal to vtime read as
+    # behind it put a value's new queue before its own older one).
     def order(self, key, head):
         """The place in this limit's FIFO of a queue whose head became ready at
         ``head``: (tag, when its value was last served, head)."""
         f = self.finish.get(key.values.get(self.fair) if key.values else None)
-        if f is not None and f[0] > self.vtime:
+        if f is not None and f[0] >= self.vtime:
             return (f[0], f[1], head)
         return (self.vtime, -1, head)
 
@@ -1517,7 +1520,7 @@ class _Limiter(_State):
         self.serial += 1
         finish[v] = (t + n / self.weights.get(v, 1), self.serial)
         if len(finish) > self.prune_at:
-            for v in [v for v, f in finish.items() if f[0] <= t]:
+            for v in [v for v, f in finish.items() if f[0] < t]:
                 del finish[v]
             self.prune_at = 2 * len(finish) + 64
 

@@ -5719,6 +5719,48 @@ def test_property_fair_rounds_hold_for_a_backlog_that_becomes_pending_at_once(it
     _assert_fair_rounds(order, items)
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_fair_limit_grants_each_value_in_readiness_order(monkeypatch, seed):
+    # regression: a value whose finish had just become equal to the limit's virtual
+    # time read as "not served since", so a later batch's queue of that value (its own
+    # admission key) went before the older one still waiting: FIFO within a value broke
+    granted = collections.defaultdict(list)  # (node, customer) -> seqs, in grant order
+    grant, grant_all = cs._Unit.grant, cs._Unit.grant_all
+
+    def note(u):  # (under the control-plane lock, where grants happen)
+        granted[u.node.id, u.key.values and u.key.values["customer"]].append(u.seq)
+
+    def one(u):
+        note(u)
+        grant(u)
+
+    def many(units):
+        for u in units:
+            note(u)
+        grant_all(units)
+
+    monkeypatch.setattr(cs._Unit, "grant", one)
+    monkeypatch.setattr(cs._Unit, "grant_all", staticmethod(many))
+    e = cs.Engine(max_workers=8)
+    e.limit("task:fifo_f", 3, per="customer")
+    e.limit("task:fifo_f", 4, fair="customer")
+
+    @cs.task(name="fifo_f", keys={"customer": "c"})
+    async def fa(c, i):
+        await asyncio.sleep(0)
+
+    @cs.task(name="fifo_f", keys={"customer": "c"})
+    def fs(c, i):
+        return i
+
+    rnd = random.Random(seed)
+    items = [rnd.choice("abc") for _ in range(2000)]
+    run_engine(e, [fa.map(items, range(2000)), fs.map(items, range(2000))])
+    assert sum(map(len, granted.values())) == 4000
+    for k, seqs in granted.items():
+        assert seqs == sorted(seqs), k
+
+
 def _assert_fair_rounds(order, items):
     assert sorted(order) == sorted(items)
     left = collections.Counter(items)
