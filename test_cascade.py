@@ -5866,6 +5866,93 @@ def test_property_per_key_and_plain_limits_hold_at_every_instant_under_random_sc
     assert h.result(TIMEOUT) == list(range(len(items)))
     assert violations == []
     assert sum(ran.values()) == len(items)  # each ran exactly once
+def _per_key_books(e):
+    """(under the control-plane lock) What is wrong in the books of the per-key limits
+    in force: every holder of a grant that one matches holds exactly the part of its
+    value (one part per value: none forgotten while held, none of another key), and
+    each part counts exactly its holders."""
+    cp, wrong = e._cp, []
+    held = collections.Counter(st for u in cp._holders for st, _ in u.held)
+    for (scope, kind), st in cp._states.items():
+        if kind != "keyed_concurrency":
+            continue
+        for v, part in st.live.items():
+            if part.borrowed != held[part]:
+                wrong.append(("count", v, part.borrowed, held[part]))
+        for u in cp._holders:
+            mine = [p for p, _ in u.held if p.owner is st]
+            v = (u.key.values or {}).get(st.per)
+            if v is not None and cs._scope_matches(scope, u.key, cp.project):
+                if mine != [st.live.get(v)]:
+                    wrong.append(("part", u.id, st.per, v, mine))
+            elif mine:
+                wrong.append(("stray", u.id, mine))
+    return wrong
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@given(script=st.lists(st.tuples(st.sampled_from(["customer", "region", "override", "clear",
+                                                  "fair", "plain_clear", "key_limit"]),
+                                 st.integers(0, 3)), min_size=1, max_size=12),
+       threads=st.integers(1, 2), seed=st.integers(0, 9))
+def test_property_per_key_books_hold_while_controls_change_from_threads(script, threads, seed):
+    # each body, as it begins, checks the books of the per-key limits under the
+    # control-plane lock, while operators replace them (another key, lowered and
+    # raised overrides), clear and re-add them from threads (regression: one set per
+    # another key kept the old key's parts, so holders held another value's part)
+    e = cs.Engine(max_workers=8)
+    wrong = []
+    e.limit("task:bk", 2, per="customer")
+
+    def check():
+        with e._cp.lock:
+            wrong.extend(_per_key_books(e))
+
+    @cs.task(name="bk", keys={"customer": "c", "region": "r"})
+    def bk_sync(c, r, i):
+        check()
+        time.sleep(0.001)
+        return i
+
+    @cs.task(name="bk", keys={"customer": "c", "region": "r"})
+    async def bk_async(c, r, i):
+        check()
+        await asyncio.sleep(0.001)
+        return i
+
+    rnd = random.Random(seed)
+    calls = [(bk_async if rnd.random() < 0.5 else bk_sync)(f"c{rnd.randrange(4)}",
+                                                           f"r{rnd.randrange(2)}", i)
+             for i in range(60)]
+    h = e.start(calls)
+
+    def operator(part):
+        pace = random.Random(part)
+        for verb, n in script[part::threads]:
+            time.sleep(pace.random() * 0.004)
+            if verb in ("customer", "region"):
+                e.limit("task:bk", n + 1, per=verb)
+            elif verb == "override":
+                e.limit("task:bk", 2, per="customer", overrides={"c1": n})
+            elif verb == "clear":
+                e.clear("task:bk", "keyed_concurrency")
+            elif verb == "fair":
+                e.limit("task:bk", n + 2, fair="customer")
+            elif verb == "plain_clear":
+                e.clear("task:bk", "concurrency")
+            else:
+                e.limit("key:region=r1", n + 1, per="customer")
+    ops = [threading.Thread(target=operator, args=(i,)) for i in range(threads)]
+    for t in ops:
+        t.start()
+    for t in ops:
+        t.join(TIMEOUT)
+    e.limit("task:bk", 4, per="customer")  # (an override of 0 may hold some: lifted)
+    assert h.result(TIMEOUT) == list(range(60))
+    check()
+    assert wrong == []
+
+
 # --- resume with a ramp -------------------------------------------------------
 
 def test_resume_with_a_ramp_starts_the_backlog_at_its_pace_and_the_ramp_lifts_itself():
