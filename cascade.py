@@ -2570,9 +2570,11 @@ class _Clock:
                         delay = heap[0][0] - now if heap else self._linger - now
                         if delay <= 0:
                             entry = heapq.heappop(heap)
+                            fn, entry[2] = entry[2], None  # (fired: dropped from _urgent)
+                            if fn is None:  # cancelled just now (cancel takes no lock;
+                                continue    # regression: "timer callback failed")
                             if entry[3]:
                                 self._linger = now + self.LEAD
-                            fn, entry[2] = entry[2], None  # (fired: dropped from _urgent)
                             break
                         if near:  # wake to turn it off
                             if now < self._linger:

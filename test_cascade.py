@@ -6249,6 +6249,36 @@ def test_a_ttl_beyond_the_platform_timeout_does_not_kill_the_clock():
     assert [c.scope for c in e.constraints] == ["task:far"]
 
 
+def test_a_timer_cancelled_as_it_falls_due_is_not_called_and_logs_nothing(monkeypatch, caplog):
+    # regression: cancel() takes no lock, so a timer cancelled (from another thread)
+    # between the clock's look at its heap and its pop came out as None, and calling
+    # it logged "timer callback failed" with a TypeError
+    clock = cs._Clock()
+    fired, later, armed = [], threading.Event(), [True]
+
+    def target():
+        fired.append(1)
+
+    class Time:  # the clock thread's first reading of the time cancels the timer
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def monotonic(self):
+            if threading.current_thread().name == "cascade-clock" and armed:
+                for entry in list(clock._heap):
+                    if entry[2] is target:
+                        armed.clear()
+                        clock.cancel(entry)
+            return time.monotonic()
+
+    monkeypatch.setattr(cs, "time", Time())
+    with caplog.at_level(logging.ERROR):
+        clock.call_at(0, target)
+        clock.call_at(0.05, later.set)  # (queued behind it: the clock went past it)
+        assert later.wait(TIMEOUT)
+    assert not armed and fired == [] and not caplog.records, caplog.text
+
+
 def test_replacing_a_ttl_constraint_keeps_the_new_one_when_the_old_ttl_fires():
     e = cs.Engine()
     e.pause("task:x", ttl=0.1)
