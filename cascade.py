@@ -1494,17 +1494,20 @@ class _Limiter(_State):
     # Fair sharing (``fair="customer"``): start-time fair queueing. Each value of the
     # key has a virtual finish time, advanced by 1/weight for each grant; a waiter's
     # place in this limit's FIFO is its value's tag, max(vtime, finish), then, among
-    # equal tags, values not served since (or never) first, then the one served longest
-    # ago, then readiness (order). A value with many waiters is pushed back by each
-    # grant; one that comes back idle takes the current vtime, so it waits at most one
-    # round: round robin across values, ``weights`` grants each per round. Values whose
-    # finish is behind vtime are forgotten (they are equivalent to absent): memory is
-    # O(busy values).
+    # equal tags, values whose finish is behind vtime (or never served) first, then the
+    # one served longest ago, then readiness (order). A value with many waiters is
+    # pushed back by each grant; one that comes back idle takes the current vtime, so it
+    # waits at most one round: round robin across values, ``weights`` grants each per
+    # round. Values whose finish is behind vtime are forgotten (they are equivalent to
+    # absent): memory is O(busy values). A value's place never moves back as time goes
+    # on, so the tag a queue was parked with is never after that of a later queue of
+    # its value: FIFO within a value holds (regression: a finish equal to vtime read as
+    # behind it put a value's new queue before its own older one).
     def order(self, key, head):
         """The place in this limit's FIFO of a queue whose head became ready at
         ``head``: (tag, when its value was last served, head)."""
         f = self.finish.get(key.values.get(self.fair) if key.values else None)
-        if f is not None and f[0] > self.vtime:
+        if f is not None and f[0] >= self.vtime:
             return (f[0], f[1], head)
         return (self.vtime, -1, head)
 
@@ -1517,7 +1520,7 @@ class _Limiter(_State):
         self.serial += 1
         finish[v] = (t + n / self.weights.get(v, 1), self.serial)
         if len(finish) > self.prune_at:
-            for v in [v for v, f in finish.items() if f[0] <= t]:
+            for v in [v for v, f in finish.items() if f[0] < t]:
                 del finish[v]
             self.prune_at = 2 * len(finish) + 64
 
@@ -2567,9 +2570,11 @@ class _Clock:
                         delay = heap[0][0] - now if heap else self._linger - now
                         if delay <= 0:
                             entry = heapq.heappop(heap)
+                            fn, entry[2] = entry[2], None  # (fired: dropped from _urgent)
+                            if fn is None:  # cancelled just now (cancel takes no lock;
+                                continue    # regression: "timer callback failed")
                             if entry[3]:
                                 self._linger = now + self.LEAD
-                            fn, entry[2] = entry[2], None  # (fired: dropped from _urgent)
                             break
                         if near:  # wake to turn it off
                             if now < self._linger:
@@ -2707,6 +2712,7 @@ class _ControlPlane:
         self._wakes = {}                 # state -> clock entry of its next refill
         self._failing = set()            # states whose code raised: removed soon
         self._full = []                  # of the last _held_back: states without room
+        self._refair = []                # fair limits to wake at the end of a pass (_grant)
         self.clock = _Clock()
 
     def stamp(self):
@@ -2757,8 +2763,15 @@ class _ControlPlane:
     def _install(self, key, c):  # lock held: make c the control in force of its key
         ctype = _CONTROL_TYPES[c.type]
         now = time.monotonic()
-        if self._states.get(key) in self._failing:  # (review) the other layer's control
-            self._uninstall(key)                     # gets a state of its own
+        st = self._states.get(key)
+        if st in self._failing:  # (review) the other layer's control
+            self._uninstall(key)  # gets a state of its own
+        elif st is not None and st.keyed and st.per != c.params["per"]:
+            # per another key: its parts count by the old key's values, so it is a new
+            # control, which counts what already runs afresh (regression: limit 1 per
+            # region, set over limit 1 per customer, let a sixth body start in a region
+            # where five ran)
+            self._uninstall(key)
         self.constraints[key] = c
         st = self._states.get(key)
         if st is None:
@@ -3196,7 +3209,14 @@ class _ControlPlane:
         now = time.monotonic()
         if self._sweep_due:
             self._sweep()
-        while ready:
+        while True:
+            if not ready:
+                if not self._refair:
+                    break
+                for st in self._refair:  # (queues parked by _grant on room: see there)
+                    self._wake(st)
+                self._refair.clear()
+                continue
             e = heapq.heappop(ready)
             q = e[2]
             if q is None:
@@ -3226,6 +3246,7 @@ class _ControlPlane:
         waiters = q.waiters
         self._needs(q.key)
         takes = q.key.takes
+        fair = None
         while True:
             held = self._held_back(q, now)
             if held:
@@ -3244,9 +3265,21 @@ class _ControlPlane:
             if not waiters:
                 self._forget(q)
                 return
-            if bound is not None and waiters[0].seq > bound:
-                self._pend(q)  # another queue's head became ready first
-                return
+            if bound is not None:
+                if waiters[0].seq > bound:
+                    self._pend(q)  # another queue's head became ready first
+                    return
+                if fair is None:
+                    fair = [st for st, _ in takes if st.fair is not None]
+                if fair:
+                    # Another queue is pending, maybe of another value whose turn of a
+                    # fair limit comes first: q waits its turn on the fair limits, looked
+                    # at again at the end of the pass (regression: after a resume, one
+                    # value's older backlog took every slot of the limit while another
+                    # value's waiter, pending in the same pass, waited)
+                    self._park(q, fair)
+                    self._refair.extend(fair)
+                    return
 
     def _held_back(self, q, now):
         """The states that hold the head of ``q`` back (empty: it may start): its pauses
@@ -3520,7 +3553,8 @@ class _ControlPlane:
     def snapshot(self, tallies):
         """Usage of every active constraint and capacity, and the first waiting units,
         for ``Engine.status``. ``tallies``: [(key, tally)] of the active runs' tasks, for
-        how many matching tasks hold a grant (cost: tasks x their matches)."""
+        how many matching tasks hold a grant (cost: tasks x their matches; a 'key:'
+        scope matches calls, not tasks: the holders of a grant, times those scopes)."""
         now = time.time()
         mono = time.monotonic()
         with self.lock:
@@ -3529,6 +3563,13 @@ class _ControlPlane:
                 if t[_GRANTED]:
                     for sk in self._matching(key):
                         running[sk] += t[_GRANTED]
+            if self._keyscopes:  # (regression: they showed 0 running)
+                keyed = [sk for sk in self.constraints if sk[0].startswith("key:")]
+                for u in self._holders:
+                    if u.key.values:
+                        for sk in keyed:
+                            if self._matches(sk[0], u.key):
+                                running[sk] += 1
             rows = []
             for (scope, kind), c in self.constraints.items():
                 own = self._layers[(scope, kind)].get("local")
@@ -4944,13 +4985,17 @@ class _Weighted(_Unit):
 class _Overdue(_Unit):
     """The attempt of a sync unit whose body runs on past its timeout (see
     ``_Run._overdue``): it holds that attempt's slots until the body returns, while the
-    unit itself has moved on (failed, or waits for its retry)."""
-    __slots__ = ("back",)
+    unit itself has moved on (failed, or waits for its retry). Its admission key is the
+    unit's (a keyed call's has its key values), so that a limit set meanwhile counts
+    it where it counts the unit (regression: a per-key limit set while a keyed body ran
+    on past its timeout let a second body of that value start beside it)."""
+    __slots__ = ("back", "key")
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, run, node, index, args, kwargs, key):
+        super().__init__(run, node, index, args, kwargs)
         self.state = _RUNNING
         self.back = False  # its body returned before its run abandoned it
+        self.key = key
 
 
 _IN_TIME, _RETURNED, _LATE = range(3)  # _Deadline.state
@@ -6590,7 +6635,7 @@ class _Run:
             if d.state != _IN_TIME or self._settled:
                 return
             d.state = _LATE
-            d.ghost = _Overdue(self, u.node, u.index, (), _NO_KWARGS)
+            d.ghost = _Overdue(self, u.node, u.index, (), _NO_KWARGS, u.key)
             d.ghost.attempt = u.attempt
             self.cp.hand_over(u, d.ghost)
         self._inflight += 1
@@ -7041,7 +7086,9 @@ class _Run:
                     scope, self.keys.get(task) or _Key(task.name, task.tags, self.run_id), project)
             return m
         pulled, held = cp.pull(self, lambda key: _scope_matches(scope, key, project))
-        retrying = [u for u in self._timers if hit(u.node.lazy.task)]
+        # (by its unit's key: a keyed call's has its key values; regression: a 'key:'
+        # scope missed the retrying calls, which then ran again)
+        retrying = [u for u in self._timers if _scope_matches(scope, u.key, project)]
         for u in retrying:
             self._timers.pop(u).cancel()
             t = u.node.tally

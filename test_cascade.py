@@ -5053,6 +5053,29 @@ def test_cancel_of_a_key_scope_cuts_the_calls_with_that_value_as_their_values_be
     assert all(c == "bob" for c, _ in after[2:]), ran  # (two may have been granted)
 
 
+def test_cancel_of_a_key_scope_cuts_a_retrying_call_with_that_value():
+    # regression: a retrying unit was matched by its task, which has no key values, so
+    # the cancel missed it and it ran again
+    e = cs.Engine()
+    rec = Recorder(e)
+    tries = []
+
+    @cs.task(name="flaky_k", keys={"customer": "c"})
+    def flaky(c):
+        tries.append(c)
+        raise ValueError("try again")
+
+    h = e.start(flaky("acme").with_retry(3, delay=0.3))
+    wait_for(lambda: e.status()["tasks"].get("flaky_k") == {"retrying": 1})
+    assert e.cancel("key:customer=bob") == 0
+    assert e.cancel("key:customer=acme") == 1
+    with pytest.raises(cs.DependencyMissingError, match="cancelled: key:customer=acme"):
+        h.result(TIMEOUT)
+    time.sleep(0.5)  # (its retry was due after 0.3 s)
+    assert tries == ["acme"]
+    assert [ev.reason for ev in rec.of(cs.TaskSkipped)] == ["cancelled: key:customer=acme"]
+
+
 def test_cancel_of_every_task_ends_the_run_and_matches_only_its_scope():
     e = cs.Engine()
     go = threading.Event()
@@ -5322,6 +5345,32 @@ def test_a_task_declares_keys_by_argument_or_function_and_key_scopes_select_them
     assert h.result(TIMEOUT) == ["acme", "acorn", "bob", "carl", 7]
 
 
+def test_status_counts_the_running_calls_a_key_scope_matches():
+    # regression: matching_running was counted by task, which has no key values, so a
+    # pause of 'key:customer=acme' showed "0 still running" while two acme calls ran
+    e = cs.Engine(max_workers=4)
+    g = Gauge()
+    go = threading.Event()
+
+    @cs.task(name="sk", keys={"customer": "c"})
+    def sk(c, i):
+        with g(c):
+            go.wait(TIMEOUT)
+        return i
+
+    h = e.start(sk.map(["acme", "acme", "bob"], range(3)))
+    wait_for(lambda: g.now.get("acme") == 2 and g.now.get("bob") == 1)
+    e.pause("key:customer=acme")
+    e.limit("key:customer=b*", 3)
+    rows = {r["scope"]: r for r in e.status()["scopes"]}
+    assert rows["key:customer=acme"]["matching_running"] == 2
+    assert rows["key:customer=b*"]["matching_running"] == 1
+    go.set()
+    e.resume("key:customer=acme")
+    assert h.result(TIMEOUT) == [0, 1, 2]
+    assert [r["matching_running"] for r in e.status()["scopes"]] == [0]
+
+
 @pytest.mark.parametrize("keys, match", [
     ({"customer": "nope"}, "need the name of one of the parameters"),
     ({"cu=st": "c"}, "must not contain '='"),
@@ -5420,6 +5469,66 @@ def test_a_per_key_limit_counts_what_already_runs_and_a_lowered_override_never_e
     assert g.now.get("acme") == 2
     go.set()
     assert h.result(TIMEOUT) == list(range(6))
+
+
+def test_a_per_key_limit_set_per_another_key_counts_what_already_runs_afresh():
+    # regression: replacing limit 1 per customer by limit 1 per region kept the parts
+    # counted by customer, so a sixth body started in a region where five ran
+    e = cs.Engine(max_workers=8)
+    g = Gauge()
+    go = threading.Event()
+
+    @cs.task(name="job", keys={"customer": "c", "region": "r"})
+    def job(c, r):
+        with g(r):
+            go.wait(TIMEOUT)
+        return c
+
+    e.limit("task:job", 1, per="customer")
+    h = e.start(job.map(["a", "b", "c", "d", "e"], ["eu"] * 5))
+    wait_for(lambda: g.now.get("eu", 0) == 5)
+    e.limit("task:job", 1, per="region")  # five run in eu: none more may start there
+    h2 = e.start(job.map(["f", "eu"], ["eu", "us"]))  # ("eu" as a customer: no mix-up)
+    wait_for(lambda: g.now.get("us", 0) == 1)
+    time.sleep(0.1)
+    assert g.now["eu"] == 5
+    row = [r for r in e.status()["scopes"] if r["type"] == "keyed_concurrency"][0]
+    assert (row["per"], row["busiest"]) == ("region", {"eu": 5, "us": 1})
+    go.set()
+    assert (h.result(TIMEOUT), h2.result(TIMEOUT)) == (list("abcde"), ["f", "eu"])
+    assert g.peak["eu"] == 5
+
+
+@pytest.mark.parametrize("limit", [
+    lambda e: e.limit("task:slowk", 1, per="customer"),
+    lambda e: e.limit("key:customer=acme", 1),
+])
+def test_a_keyed_limit_counts_a_keyed_body_running_on_past_its_timeout(limit):
+    # regression: its stand-in had the task's key, without key values, so a per-key or
+    # 'key:' limit set meanwhile did not count it and a second acme body began
+    e = cs.Engine(max_workers=8)
+    g = Gauge()
+    go = threading.Event()
+
+    @cs.task(name="slowk", keys={"customer": "c"})
+    def slow(c, i):
+        with g(c):
+            go.wait(TIMEOUT)
+        return i
+
+    rec = Recorder(e)
+    first = e.start(slow("acme", 0).with_timeout(0.05).return_exceptions())
+    wait_for(lambda: rec.of(cs.TaskExecutionFinished))
+    assert g.now == {"acme": 1}  # its body runs on
+    limit(e)
+    h = e.start([slow("acme", 1), slow("bob", 2)])
+    wait_for(lambda: g.now.get("bob") == 1)
+    time.sleep(0.1)
+    assert g.now["acme"] == 1
+    go.set()
+    assert type(first.result(TIMEOUT)) is TimeoutError
+    assert h.result(TIMEOUT) == [1, 2]
+    assert g.peak["acme"] == 1
 
 
 def test_idle_per_key_state_is_forgotten_so_many_keys_leave_nothing_behind():
@@ -5577,7 +5686,82 @@ def test_a_fair_limit_admits_round_robin_across_key_values():
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(items=st.lists(st.sampled_from("abcd"), min_size=2, max_size=30))
 def test_property_with_fair_no_value_waits_a_round_while_another_is_admitted_twice(items):
-    order = _grant_order({"fair": "customer"}, items)
+    _assert_fair_rounds(_grant_order({"fair": "customer"}, items), items)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(items=st.lists(st.sampled_from("abcd"), min_size=2, max_size=24),
+       limit=st.integers(1, 3), how=st.sampled_from(["resume", "set"]))
+def test_property_fair_rounds_hold_for_a_backlog_that_becomes_pending_at_once(items, limit, how):
+    # regression: after a resume (or a fair limit set over a backlog), every queue was
+    # pending in one pass, looked at oldest head first, so one value's older backlog
+    # took every slot while another value's waiter waited (a, a, b with limit 2)
+    e = cs.Engine()
+    order = []
+
+    @cs.task(name="fair_p", keys={"customer": "c"})
+    async def w(c, i):
+        order.append(c)
+        await asyncio.sleep(0.002)
+
+    if how == "resume":
+        e.limit("task:fair_p", limit, fair="customer")
+        e.pause("task:fair_p")
+    else:
+        e.limit("task:fair_p", 0)
+    h = e.start(w.map(items, range(len(items))))
+    wait_for(lambda: e.status()["tasks"].get("fair_p") == {"blocked": len(items)})
+    if how == "resume":
+        e.resume("task:fair_p")
+    else:  # the limit raised and made fair over its backlog
+        e.limit("task:fair_p", limit, fair="customer")
+    h.result(TIMEOUT)
+    _assert_fair_rounds(order, items)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_fair_limit_grants_each_value_in_readiness_order(monkeypatch, seed):
+    # regression: a value whose finish had just become equal to the limit's virtual
+    # time read as "not served since", so a later batch's queue of that value (its own
+    # admission key) went before the older one still waiting: FIFO within a value broke
+    granted = collections.defaultdict(list)  # (node, customer) -> seqs, in grant order
+    grant, grant_all = cs._Unit.grant, cs._Unit.grant_all
+
+    def note(u):  # (under the control-plane lock, where grants happen)
+        granted[u.node.id, u.key.values and u.key.values["customer"]].append(u.seq)
+
+    def one(u):
+        note(u)
+        grant(u)
+
+    def many(units):
+        for u in units:
+            note(u)
+        grant_all(units)
+
+    monkeypatch.setattr(cs._Unit, "grant", one)
+    monkeypatch.setattr(cs._Unit, "grant_all", staticmethod(many))
+    e = cs.Engine(max_workers=8)
+    e.limit("task:fifo_f", 3, per="customer")
+    e.limit("task:fifo_f", 4, fair="customer")
+
+    @cs.task(name="fifo_f", keys={"customer": "c"})
+    async def fa(c, i):
+        await asyncio.sleep(0)
+
+    @cs.task(name="fifo_f", keys={"customer": "c"})
+    def fs(c, i):
+        return i
+
+    rnd = random.Random(seed)
+    items = [rnd.choice("abc") for _ in range(2000)]
+    run_engine(e, [fa.map(items, range(2000)), fs.map(items, range(2000))])
+    assert sum(map(len, granted.values())) == 4000
+    for k, seqs in granted.items():
+        assert seqs == sorted(seqs), k
+
+
+def _assert_fair_rounds(order, items):
     assert sorted(order) == sorted(items)
     left = collections.Counter(items)
     last = {}  # value -> position of its last grant
@@ -5682,6 +5866,93 @@ def test_property_per_key_and_plain_limits_hold_at_every_instant_under_random_sc
     assert h.result(TIMEOUT) == list(range(len(items)))
     assert violations == []
     assert sum(ran.values()) == len(items)  # each ran exactly once
+def _per_key_books(e):
+    """(under the control-plane lock) What is wrong in the books of the per-key limits
+    in force: every holder of a grant that one matches holds exactly the part of its
+    value (one part per value: none forgotten while held, none of another key), and
+    each part counts exactly its holders."""
+    cp, wrong = e._cp, []
+    held = collections.Counter(st for u in cp._holders for st, _ in u.held)
+    for (scope, kind), st in cp._states.items():
+        if kind != "keyed_concurrency":
+            continue
+        for v, part in st.live.items():
+            if part.borrowed != held[part]:
+                wrong.append(("count", v, part.borrowed, held[part]))
+        for u in cp._holders:
+            mine = [p for p, _ in u.held if p.owner is st]
+            v = (u.key.values or {}).get(st.per)
+            if v is not None and cs._scope_matches(scope, u.key, cp.project):
+                if mine != [st.live.get(v)]:
+                    wrong.append(("part", u.id, st.per, v, mine))
+            elif mine:
+                wrong.append(("stray", u.id, mine))
+    return wrong
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@given(script=st.lists(st.tuples(st.sampled_from(["customer", "region", "override", "clear",
+                                                  "fair", "plain_clear", "key_limit"]),
+                                 st.integers(0, 3)), min_size=1, max_size=12),
+       threads=st.integers(1, 2), seed=st.integers(0, 9))
+def test_property_per_key_books_hold_while_controls_change_from_threads(script, threads, seed):
+    # each body, as it begins, checks the books of the per-key limits under the
+    # control-plane lock, while operators replace them (another key, lowered and
+    # raised overrides), clear and re-add them from threads (regression: one set per
+    # another key kept the old key's parts, so holders held another value's part)
+    e = cs.Engine(max_workers=8)
+    wrong = []
+    e.limit("task:bk", 2, per="customer")
+
+    def check():
+        with e._cp.lock:
+            wrong.extend(_per_key_books(e))
+
+    @cs.task(name="bk", keys={"customer": "c", "region": "r"})
+    def bk_sync(c, r, i):
+        check()
+        time.sleep(0.001)
+        return i
+
+    @cs.task(name="bk", keys={"customer": "c", "region": "r"})
+    async def bk_async(c, r, i):
+        check()
+        await asyncio.sleep(0.001)
+        return i
+
+    rnd = random.Random(seed)
+    calls = [(bk_async if rnd.random() < 0.5 else bk_sync)(f"c{rnd.randrange(4)}",
+                                                           f"r{rnd.randrange(2)}", i)
+             for i in range(60)]
+    h = e.start(calls)
+
+    def operator(part):
+        pace = random.Random(part)
+        for verb, n in script[part::threads]:
+            time.sleep(pace.random() * 0.004)
+            if verb in ("customer", "region"):
+                e.limit("task:bk", n + 1, per=verb)
+            elif verb == "override":
+                e.limit("task:bk", 2, per="customer", overrides={"c1": n})
+            elif verb == "clear":
+                e.clear("task:bk", "keyed_concurrency")
+            elif verb == "fair":
+                e.limit("task:bk", n + 2, fair="customer")
+            elif verb == "plain_clear":
+                e.clear("task:bk", "concurrency")
+            else:
+                e.limit("key:region=r1", n + 1, per="customer")
+    ops = [threading.Thread(target=operator, args=(i,)) for i in range(threads)]
+    for t in ops:
+        t.start()
+    for t in ops:
+        t.join(TIMEOUT)
+    e.limit("task:bk", 4, per="customer")  # (an override of 0 may hold some: lifted)
+    assert h.result(TIMEOUT) == list(range(60))
+    check()
+    assert wrong == []
+
+
 # --- resume with a ramp -------------------------------------------------------
 
 def test_resume_with_a_ramp_starts_the_backlog_at_its_pace_and_the_ramp_lifts_itself():
@@ -5976,6 +6247,36 @@ def test_a_ttl_beyond_the_platform_timeout_does_not_kill_the_clock():
 
     assert e.start(b()).result(TIMEOUT) == "ran"
     assert [c.scope for c in e.constraints] == ["task:far"]
+
+
+def test_a_timer_cancelled_as_it_falls_due_is_not_called_and_logs_nothing(monkeypatch, caplog):
+    # regression: cancel() takes no lock, so a timer cancelled (from another thread)
+    # between the clock's look at its heap and its pop came out as None, and calling
+    # it logged "timer callback failed" with a TypeError
+    clock = cs._Clock()
+    fired, later, armed = [], threading.Event(), [True]
+
+    def target():
+        fired.append(1)
+
+    class Time:  # the clock thread's first reading of the time cancels the timer
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def monotonic(self):
+            if threading.current_thread().name == "cascade-clock" and armed:
+                for entry in list(clock._heap):
+                    if entry[2] is target:
+                        armed.clear()
+                        clock.cancel(entry)
+            return time.monotonic()
+
+    monkeypatch.setattr(cs, "time", Time())
+    with caplog.at_level(logging.ERROR):
+        clock.call_at(0, target)
+        clock.call_at(0.05, later.set)  # (queued behind it: the clock went past it)
+        assert later.wait(TIMEOUT)
+    assert not armed and fired == [] and not caplog.records, caplog.text
 
 
 def test_replacing_a_ttl_constraint_keeps_the_new_one_when_the_old_ttl_fires():
