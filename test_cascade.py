@@ -5872,19 +5872,19 @@ def _per_key_books(e):
     value (one part per value: none forgotten while held, none of another key), and
     each part counts exactly its holders."""
     cp, wrong = e._cp, []
-    held = collections.Counter(st for u in cp._holders for st, _ in u.held)
-    for (scope, kind), st in cp._states.items():
+    held = collections.Counter(s for u in cp._holders for s, _ in u.held)
+    for (scope, kind), pk in cp._states.items():
         if kind != "keyed_concurrency":
             continue
-        for v, part in st.live.items():
+        for v, part in pk.live.items():
             if part.borrowed != held[part]:
                 wrong.append(("count", v, part.borrowed, held[part]))
         for u in cp._holders:
-            mine = [p for p, _ in u.held if p.owner is st]
-            v = (u.key.values or {}).get(st.per)
+            mine = [p for p, _ in u.held if p.owner is pk]
+            v = (u.key.values or {}).get(pk.per)
             if v is not None and cs._scope_matches(scope, u.key, cp.project):
-                if mine != [st.live.get(v)]:
-                    wrong.append(("part", u.id, st.per, v, mine))
+                if mine != [pk.live.get(v)]:
+                    wrong.append(("part", u.id, pk.per, v, mine))
             elif mine:
                 wrong.append(("stray", u.id, mine))
     return wrong
