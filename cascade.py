@@ -4756,8 +4756,13 @@ def _args_hash(args, kwargs):
         _canon(args, out)
         if kwargs:
             _canon(dict(kwargs), out)
-    from hashlib import blake2b  # (not at module import: see the header)
-    return blake2b(b"".join(out), digest_size=16).hexdigest()
+    global _blake2b
+    if _blake2b is None:  # imported on first use, not with the module (see the header)
+        from hashlib import blake2b as _blake2b
+    return _blake2b(b"".join(out), digest_size=16).hexdigest()
+
+
+_blake2b = None
 
 
 def _check_store(store, what="store"):
@@ -5185,14 +5190,8 @@ class _Stored:
         return None
 
     def put(self, key, value, ttl):
+        """Write soon: the writes of a loop iteration go to the store together."""
         if self.off:
-            return
-        if self.inline:
-            try:
-                self.store.put_many([(key, value, ttl)]) if self.put_many is not None \
-                    else self.store.put(key, value, ttl)
-            except Exception as exc:
-                self.failed(exc, "put")
             return
         if not self.puts:
             self.run.loop.call_soon(self._write)
@@ -5200,7 +5199,14 @@ class _Stored:
 
     def _write(self):
         items, self.puts = self.puts, []
-        if items and not self.off:
+        if not items or self.off:
+            return
+        if self.inline:
+            try:
+                self._sync_put(items)
+            except Exception as exc:
+                self.failed(exc, "put")
+        else:
             t = self.run.loop.create_task(self._put(items))
             self.writing.add(t)
             t.add_done_callback(self.writing.discard)
