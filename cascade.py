@@ -9611,6 +9611,8 @@ class _LogEvents:
                                          f"retrying in {e.delay:g}s")
         elif t is TaskSkipped:
             lvl, msg = logging.INFO, f"{e.task_id} skipped: {_printable(e.reason)}"
+        elif t is TaskCached:  # (DEBUG: a re-run of 10,000 is one story)
+            msg = f"{e.task_id} taken from the store ({e.source})"
         elif t is TaskBlocked:
             # one line per task name and reason in a run, not per item (a 2,000-item
             # map under a limit logged 1,997 lines); status() has the count
@@ -9658,7 +9660,7 @@ class _Progress:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.lock = threading.RLock()
         self.shown = False      # a status line without its newline is on the terminal
-        self.done = self.failed = self.skipped = self.retrying = 0
+        self.done = self.failed = self.skipped = self.retrying = self.cached = 0
         self.running, self.blocked = set(), set()
         self.last = 0.0
         self.timer = None
@@ -9687,6 +9689,8 @@ class _Progress:
             self.blocked.add(e.task_id)
         elif t is TaskSkipped:
             self.skipped += 1
+        elif t is TaskCached:
+            self.cached += 1
         elif t is RunStarted:
             self.run = self.engine._runs.get(e.run_id)
             self.t0 = time.monotonic()
@@ -9741,6 +9745,7 @@ class _Progress:
         return (f"{head}done {self.done} | running {len(self.running)} | blocked "
                 f"{len(self.blocked)} | failed {self.failed}"
                 + (f" | skipped {self.skipped}" if self.skipped else "")
+                + (f" | cached {self.cached}" if self.cached else "")
                 + (f" | retries {self.retrying}" if self.retrying else ""))
 
     def draw(self, end=""):

@@ -8453,6 +8453,18 @@ def test_cached_is_a_state_in_status_and_telemetry(tmp_path):
     engine.close()
 
 
+def test_progress_line_counts_cached(tmp_path):
+    sq, _ = counted_task()
+    engine = cs.Engine(store=cs.SqliteStore(tmp_path / "s.db"))
+    cs.run(sq.map(range(4)), engine=engine, run_id="p", log_level="WARNING")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        cs.run(sq.map(range(4)), engine=engine, run_id="p", log_level="WARNING",
+               progress=True)
+    assert "4/4 (100%)" in err.getvalue() and "cached 4" in err.getvalue(), err.getvalue()
+    engine.close()
+
+
 def test_sqlite_store_api(tmp_path, caplog):
     path = tmp_path / "api.db"
     s = cs.SqliteStore(path)
