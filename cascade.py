@@ -6971,7 +6971,12 @@ class _Run:
                     return self._fail(exc, u.id, u.node.lazy.name)
                 if self._key_cuts and self._key_cut(u, key):
                     continue
-                u = _Weighted.of(u, key)
+                w = _Weighted.of(u, key)
+                if self._skeys:  # its store keys (see _look_up) go with it
+                    ks = self._skeys.pop(u, None)
+                    if ks is not None:
+                        self._skeys[w] = ks
+                u = w
             group = groups.get(key)
             if group is None:
                 groups[key] = [u]

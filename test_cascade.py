@@ -8117,6 +8117,27 @@ def test_with_cache_hits_and_misses(tmp_path):
     engine.close()
 
 
+def test_checkpoints_of_tasks_with_keys_and_costs(tmp_path):
+    # (regression: the unit that ran was the weighted copy made at admission, whose
+    # store keys were never found, so nothing was recorded)
+    calls = []
+
+    @cs.task(keys={"customer": "c"}, cost=lambda c, n: n)
+    def bill(c, n):
+        calls.append(c)
+        return n
+
+    engine = cs.Engine(store=cs.SqliteStore(tmp_path / "s.db"))
+    flow = bill.map(["a", "b", "a"], [1, 2, 3])
+    assert run_engine_id(engine, flow, "k") == [1, 2, 3]
+    assert run_engine_id(engine, flow, "k") == [1, 2, 3]
+    assert sorted(calls) == ["a", "a", "b"]
+    assert run_engine(engine, bill("z", 1).with_cache()) == 1
+    assert run_engine(engine, bill("z", 1).with_cache()) == 1
+    assert calls.count("z") == 1
+    engine.close()
+
+
 def test_with_cache_ttl_expires(tmp_path):
     sq, calls = counted_task()
     engine = cs.Engine(store=cs.SqliteStore(tmp_path / "s.db"))
