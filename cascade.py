@@ -6282,6 +6282,7 @@ class _Run:
         self._durable = durable
         self._skeys = {}            # unit -> [(store key, ttl, source)] written on success
         self._lookups = set()       # lookups under way (async and worker-thread stores)
+        self._looking = set()       # ... the units they are for (engine.cancel cuts them)
         self._unhashed = set()      # task names warned about: arguments with no stable hash
 
     # -- entry point --------------------------------------------------------
@@ -7067,12 +7068,35 @@ class _Run:
             return self._submit_found(units)
         if st.inline:
             return self._looked(units, want, st.get_now(keys))
+        self._looking.update(units)
         t = self.loop.create_task(self._look_up_later(units, want, keys))
         self._lookups.add(t)
         t.add_done_callback(self._lookups.discard)
 
     async def _look_up_later(self, units, want, keys):
-        self._looked(units, want, await self._stored.get(keys))
+        values = await self._stored.get(keys)
+        self._looking.difference_update(units)
+        if self.stopping:
+            return
+        cut = [u for u in units if u.node.skip is not None]
+        if cut:  # cancelled meanwhile (see cancel): they never run
+            for u in cut:
+                t = u.node.tally
+                t[_PENDING] -= 1
+                t[_SKIPPED] += 1
+                u.state = _SKIPPED
+            units = [u for u in units if u.node.skip is None]
+            if values is not None:
+                i, kept = 0, []
+                for u, ks in want:
+                    if u.node.skip is None:
+                        kept.extend(values[i:i + len(ks)])
+                    i += len(ks)
+                values = kept
+            want = [(u, ks) for u, ks in want if u.node.skip is None]
+            if not units:
+                return
+        self._looked(units, want, values)
 
     def _looked(self, units, want, values):
         """The store's ``values`` for the keys of ``want`` (None: the store failed)."""
@@ -7829,6 +7853,10 @@ class _Run:
                              len(handed), self._remote.name, exc_info=True)
         count = len(pulled) + len(held) + len(retrying)
         cut = {u.node for u in (*pulled, *held, *retrying)}
+        if self._looking:  # units a store is being asked about (see _look_up)
+            looking = [u for u in self._looking if hit(u.node.lazy.task)]
+            count += len(looking)
+            cut.update(u.node for u in looking)
         for node in list(self.nodes.values()):
             lz = node.lazy
             task = lz.task

@@ -8061,6 +8061,21 @@ def run_engine_id(engine, target, run_id):
     return asyncio.run(main())
 
 
+def test_notebook_cell_rerun_on_the_notebook_loop_skips_finished_work(tmp_path):
+    # as in Jupyter: a loop runs in this thread, each cell starts the run on it and awaits
+    sq, calls = counted_task()
+    engine = cs.Engine(store=cs.SqliteStore(tmp_path / "s.db"))
+
+    @async_test
+    async def notebook():
+        first = await engine.start(ident(sq.map(range(6))), run_id="cell")
+        again = await engine.start(ident(sq.map(range(6))), run_id="cell")  # the cell again
+        return first, again
+    assert notebook() == ([i * i for i in range(6)],) * 2
+    assert sorted(calls) == list(range(6))
+    engine.close()
+
+
 def test_checkpoint_of_a_changed_graph_is_not_reused(tmp_path):
     sq, calls = counted_task()
     other, other_calls = counted_task("other")
@@ -8438,6 +8453,43 @@ def test_failing_store_never_fails_the_run(store, caplog):
     engine.close()
     if hasattr(s, "gate"):
         s.gate.set()
+
+
+def test_cancel_while_a_store_is_asked_cuts_the_units():
+    sq, calls = counted_task()
+
+    class SlowStore:
+        def __init__(self):
+            self.asked, self.gate = asyncio.Event(), asyncio.Event()
+
+        async def get_many(self, keys):
+            self.asked.set()
+            await self.gate.wait()
+            return [cs.MISS] * len(keys)
+
+        async def get(self, key):
+            return cs.MISS
+
+        async def put(self, key, value, ttl=None):
+            pass
+
+    @async_test
+    async def main():
+        store = SlowStore()
+        engine = cs.Engine(store=store)
+        skipped = []
+        engine.subscribe(cs.TaskSkipped, skipped.append)
+        run = asyncio.ensure_future(engine.run(ident([sq(1), sq.map([2, 3])]), run_id="c"))
+        await store.asked.wait()
+        await asyncio.sleep(0.05)  # both calls are being looked up
+        assert engine.cancel("task:sq") == 3
+        store.gate.set()
+        with pytest.raises(cs.DependencyMissingError):
+            await run
+        engine.close()
+        return {e.task_id for e in skipped}
+    assert main() >= {"sq-1", "sq-2"}
+    assert calls == []
 
 
 def test_failing_store_fails_a_strict_run():
