@@ -5228,7 +5228,8 @@ class _Stored:
         try:
             if self.writing:
                 await asyncio.wait(list(self.writing))
-            if not self.off and self.inline and callable(getattr(self.store, "flush", None)):
+            store = self.store
+            if not self.off and self.inline and (store._queue or store._writing):
                 await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
                     None, self.store.flush, self.timeout), self.timeout + 1)
         except Exception as exc:
