@@ -6284,6 +6284,7 @@ class _Run:
         self._skeys = {}            # unit -> [(store key, ttl, source)] written on success
         self._lookups = set()       # lookups under way (async and worker-thread stores)
         self._looking = set()       # ... the units they are for (engine.cancel cuts them)
+        self._ahead = {}            # (map node, index) -> (keys, values) read ahead
         self._unhashed = set()      # task names warned about: arguments with no stable hash
 
     # -- entry point --------------------------------------------------------
@@ -7011,43 +7012,45 @@ class _Run:
             return self._submit_weighted(units)
         return self._submit(units, key)
 
-    def _store_keys(self, u):
-        """The store keys of unit ``u``, ``[(key, ttl, source)]``, most specific first:
+    def _store_keys(self, node, index, args, kwargs):
+        """The store keys of item ``index`` of ``node`` (None: the call), called with
+        ``args`` and ``kwargs``: ``[(key, ttl, source)]``, most specific first:
         its with_cache key (task name, version, argument hash or the user's key), and in
         a checkpointed run its checkpoint key (run id, its id in the graph -- ``name-k``,
         the k-th call of its task in creation order, with ``[index]`` for a map's item --
         and the argument hash, so that a changed graph never reads another's value)."""
-        lz = u.node.lazy
+        lz = node.lazy
         policy = lz.policy
         cache = None if policy is None else policy.cache
+        uid = node.id if index is None else f"{node.id}[{index}]"
         out = []
         h = None
         if cache is not None:
             k = cache.key
             if k is None:
                 try:
-                    k = h = _args_hash(u.args, u.kwargs)
+                    k = h = _args_hash(args, kwargs)
                 except TypeError as exc:
-                    raise TypeError(f"with_cache() of {u.id}: {exc}; pass key=, a function of "
+                    raise TypeError(f"with_cache() of {uid}: {exc}; pass key=, a function of "
                                     "the arguments that returns a str for them") from None
             elif callable(k):
-                k = k(*u.args, **u.kwargs)
+                k = k(*args, **kwargs)
                 if not isinstance(k, str):
-                    raise TypeError(f"with_cache(key=...) of {u.id} returned {k!r:.80}; it "
+                    raise TypeError(f"with_cache(key=...) of {uid} returned {k!r:.80}; it "
                                     "must return a str")
             out.append((f"cache:{lz.task.name}:{cache.version}:{k}", cache.ttl, "cache"))
         if self._durable:
             if h is None:
                 try:
-                    h = _args_hash(u.args, u.kwargs)
+                    h = _args_hash(args, kwargs)
                 except TypeError as exc:
                     name = lz.task.name
                     if name not in self._unhashed:
                         self._unhashed.add(name)
                         _log.warning("run %s: %s is not checkpointed: %s (it runs again on a "
-                                     "re-run)", self.run_id, u.id, exc)
+                                     "re-run)", self.run_id, uid, exc)
                     return out
-            out.append((f"run:{self.run_id}:{u.id}:{h}", None, "checkpoint"))
+            out.append((f"run:{self.run_id}:{uid}:{h}", None, "checkpoint"))
         return out
 
     def _look_up(self, units):
@@ -7055,24 +7058,72 @@ class _Run:
         at once (``TaskCached``); the others go on to admission. An inline store answers
         now; any other from a task of the loop (the units wait meanwhile)."""
         st = self._stored
-        want, keys = [], []
+        want, keys, known = [], [], []
         if not st.off:
+            ahead = self._ahead
             for u in units:
+                if ahead:
+                    got = ahead.pop((u.node, u.index), None)
+                    if got is not None:  # its keys and values were read ahead (_read_ahead)
+                        known.append((u, *got))
+                        continue
                 try:
-                    ks = self._store_keys(u)
+                    ks = self._store_keys(u.node, u.index, u.args, u.kwargs)
                 except Exception as exc:
                     return self._fail(exc, u.id, u.node.lazy.name)
                 if ks:
                     want.append((u, ks))
                     keys.extend([k for k, _, _ in ks])
-        if not want:
+        if not want and not known:
             return self._submit_found(units)
         if st.inline:
-            return self._looked(units, want, st.get_now(keys))
+            extra = self._read_ahead(units[-1].node) if keys and len(units) < 32 else ()
+            if extra:
+                keys.extend([k for _, ks in extra for k, _, _ in ks])
+            values = st.get_now(keys) if keys else []
+            if values is None:  # the store failed (and is off)
+                return self._looked(units, want, None)
+            if extra:
+                i = len(values) - sum(len(ks) for _, ks in extra)
+                for ident, ks in extra:
+                    self._ahead[ident] = (ks, values[i:i + len(ks)])
+                    i += len(ks)
+                del values[len(values) - sum(len(ks) for _, ks in extra):]
+            for u, ks, got in known:
+                want.append((u, ks))
+                values.extend(got)
+            return self._looked(units, want, values)
         self._looking.update(units)
         t = self.loop.create_task(self._look_up_later(units, want, keys))
         self._lookups.add(t)
         t.add_done_callback(self._lookups.discard)
+
+    def _read_ahead(self, node):
+        """With an inline store, the next items of map ``node`` (not made yet) and their
+        keys, ``[((node, index), keys)]``, read in the same query as the items looked up
+        now: async bodies that finish make a map's next items one or two at a time (see
+        _take_next), and a query for each would cost more than the rest of the task."""
+        if type(node.lazy) is not MappedLazyResult or node.items is None or \
+                node.pipe is not None or node.skip is not None:
+            return ()
+        pos, kw = node.items
+        simple = not kw and len(pos) == 1 and pos[0][0]
+        out = []
+        for j in range(node.cursor, min(len(node.value), node.cursor + 256)):
+            if (node, j) in self._ahead:
+                continue
+            if simple:
+                args, kwargs = (pos[0][1][j],), _NO_KWARGS
+            else:
+                args = tuple([v[j] if m else v for m, v in pos])
+                kwargs = {k: (v[j] if m else v) for k, (m, v) in kw.items()}
+            try:
+                ks = self._store_keys(node, j, args, kwargs)
+            except Exception:  # (it fails when its unit is made)
+                break
+            if ks:
+                out.append(((node, j), ks))
+        return out
 
     async def _look_up_later(self, units, want, keys):
         values = await self._stored.get(keys)

@@ -8076,6 +8076,26 @@ def test_notebook_cell_rerun_on_the_notebook_loop_skips_finished_work(tmp_path):
     engine.close()
 
 
+def test_checkpointed_long_async_map_reads_ahead_right(tmp_path):
+    # async bodies fused: the map's items are made one or two at a time, and the store is
+    # read ahead for the next ones; half of them were recorded by the first run
+    calls = []
+
+    @cs.task(name="asq")
+    async def asq(x):
+        calls.append(x)
+        return x * x
+
+    engine = cs.Engine(store=cs.SqliteStore(tmp_path / "s.db"))
+    assert run_engine_id(engine, asq.map(range(600)), "ra") == [x * x for x in range(600)]
+    # the same node (asq-1), longer, with every 7th argument changed
+    values = [j + 10_000 if j % 7 == 0 else j for j in range(900)]
+    assert run_engine_id(engine, asq.map(values), "ra") == [v * v for v in values]
+    assert sorted(calls[600:]) == sorted(v for j, v in enumerate(values)
+                                         if j % 7 == 0 or j >= 600)
+    engine.close()
+
+
 def test_checkpoint_of_a_changed_graph_is_not_reused(tmp_path):
     sq, calls = counted_task()
     other, other_calls = counted_task("other")
