@@ -8286,7 +8286,7 @@ def crash_and_rerun(kind, where, tmp_path, committed):
     least 10, run it again with the same id; check the re-run ran only what had not
     finished (what the store did not hold), and of the bodies begun before the kill at
     most those in flight."""
-    n = 40
+    n = 60
     log = tmp_path / f"{kind}.log"
     p = subprocess.Popen([sys.executable, "-c", CRASH_SCRIPT, kind, str(where), str(log),
                           str(n)], env=subprocess_env(), cwd=ROOT,
@@ -8311,7 +8311,9 @@ def crash_and_rerun(kind, where, tmp_path, committed):
     in_flight = started1 - ended1  # begun, not ended at the kill
     unrecorded = len(ended1) - done  # ended, their checkpoint not committed yet at the kill
     assert len(again) <= len(in_flight) + max(unrecorded, 0), (again, in_flight, unrecorded)
-    assert len(in_flight) <= 2 and unrecorded <= 2  # (limit 2: at most 2 bodies at a time)
+    # (limit 2: at most 2 bodies at a time; a record is committed milliseconds after its
+    # body ends, while the next ends 25 ms later on average)
+    assert len(in_flight) <= 2 and unrecorded <= 4, (in_flight, unrecorded)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="sends SIGKILL")
