@@ -5181,7 +5181,13 @@ class _Stored:
         """The values for ``keys`` (None: the store failed or took too long)."""
         try:
             aw = self._aget_all(keys) if self.aget else self._on_thread(self._sync_get, keys)
-            return await asyncio.wait_for(aw, self.timeout)
+            values = await asyncio.wait_for(aw, self.timeout)
+            if not self.aget and values and inspect.isawaitable(values[0]):
+                for v in values:
+                    getattr(v, "close", lambda: None)()
+                raise TypeError("its get returned an awaitable: make get (and get_many) "
+                                "'async def', so that it is awaited")
+            return values
         except asyncio.TimeoutError as exc:
             self.failed(TimeoutError(f"no answer within {self.timeout:g}s") if not str(exc)
                         else exc, "get")

@@ -8461,7 +8461,18 @@ class AsyncHangingStore:
         await asyncio.sleep(3600)
 
 
-@pytest.mark.parametrize("store", [RaisingStore, HangingStore, AsyncHangingStore])
+class AwaitableReturningStore:
+    """get is a plain function that returns a coroutine (not ``async def``)."""
+
+    def get(self, key):
+        return asyncio.sleep(0, cs.MISS)
+
+    def put(self, key, value, ttl=None):
+        pass
+
+
+@pytest.mark.parametrize("store", [RaisingStore, HangingStore, AsyncHangingStore,
+                                   AwaitableReturningStore])
 def test_failing_store_never_fails_the_run(store, caplog):
     sq, calls = counted_task()
     s = store()
