@@ -64,11 +64,13 @@ __all__ = [
     "resource", "Resource", "inject", "shell",
     # control plane
     "Constraint",
+    # stores
+    "SqliteStore", "RedisStore", "MISS",
     # pub/sub
     "LocalBroker", "MqttConnector", "Controller",
     # engine and events
     "Engine", "RunHandle", "Event", "RunStarted", "RunFinished", "TaskExecutionStarted",
-    "TaskExecutionFinished", "TaskSkipped", "TaskRetrying", "TaskBlocked",
+    "TaskExecutionFinished", "TaskSkipped", "TaskCached", "TaskRetrying", "TaskBlocked",
     "ResourceAcquired", "ResourceReleased", "ConstraintApplied", "ConstraintRemoved",
     "ConstraintRejected",
     # running
@@ -571,9 +573,11 @@ _creation = itertools.count()
 # (with_retry, with_timeout, return_exceptions, with_priority); one field, None for a
 # plain call.
 _Policy = collections.namedtuple("_Policy",
-                                 "attempts delay backoff on jitter timeout catch priority")
+                                 "attempts delay backoff on jitter timeout catch priority cache")
 _NO_POLICY = _Policy(attempts=1, delay=0.0, backoff=1.0, on=None, jitter=0.0, timeout=None,
-                     catch=False, priority=None)
+                     catch=False, priority=None, cache=None)
+# with_cache: (key: None | str | function, ttl: None | seconds, version: str)
+_Cache = collections.namedtuple("_Cache", "key ttl version")
 _MAX_PRIORITY = 1e7  # seconds (about 116 days): a priority is an offset on readiness time
 
 
@@ -736,6 +740,41 @@ class LazyResult:
             priority=_check_priority(priority, "with_priority()"))
         return new
 
+    def with_cache(self, key: Union[str, Callable[..., Any], None] = None,
+                   ttl: Optional[float] = None, version: Union[str, int] = "") -> LazyResult:
+        """Keep this call's value (each item's, on a map) in the run's store (see
+        ``Engine(store=...)``) and reuse it across runs and processes: a hit returns the
+        stored value without running the body, reported as ``TaskCached`` and counted
+        "cached" in ``status()``. A miss runs the body and stores what it returns (a
+        failure is never stored; nor is a value the store cannot hold, with a warning).
+
+        The key is the task's name, ``version`` (change it when the body changes what it
+        returns) and, by default, a hash of the call's arguments: str, bytes, numbers,
+        None, lists, tuples, dicts, sets, dataclasses of them, and any object that can be
+        pickled (by its pickle: its class and attributes); arguments that cannot be
+        pickled (a lock, a generator) fail the task with a TypeError that says to pass
+        ``key``. ``key``: a function called with the call's arguments (each item's, on a
+        map) that returns the part of the key that stands for them (a str), or a str for
+        a plain call. ``ttl``: seconds a stored value is good for (None: for ever).
+        Injected resources are not arguments and are not part of the key.
+
+        Returns a new lazy result; this one is left unchanged."""
+        if key is not None and not callable(key) and not isinstance(key, str):
+            raise TypeError(f"with_cache(key={key!r}): need a str, or a function of the "
+                            "call's arguments that returns one")
+        if isinstance(key, str) and type(self) is MappedLazyResult:
+            raise TypeError(f"with_cache(key={key!r}) on a map: every item would share one "
+                            "key; pass a function of the item's arguments, e.g. "
+                            "key=lambda url: url")
+        if ttl is not None and not (_is_number(ttl) and 0 < ttl < float("inf")):
+            raise ValueError(f"with_cache(ttl={ttl!r}): need seconds > 0, or None (for ever)")
+        if isinstance(version, bool) or not isinstance(version, (str, int)):
+            raise TypeError(f"with_cache(version={version!r}): need a str or an int")
+        new = self._copy()
+        new.policy = (new.policy or _NO_POLICY)._replace(
+            cache=_Cache(key, None if ttl is None else float(ttl), str(version)))
+        return new
+
     def run_if(self, condition: Any) -> LazyResult:
         """Run only when ``condition`` (a value, a lazy result or a Param) is truthy;
         otherwise the task is skipped, and so is everything that needs its value.
@@ -772,6 +811,7 @@ class LazyResult:
             f" timeout={policy.timeout:g}s" if policy.timeout else "",
             " return_exceptions" if policy.catch else "",
             f" priority={policy.priority:g}" if policy.priority is not None else "",
+            " cached" if policy.cache is not None else "",
             " run_if" if self.condition is not _MISSING else "",
             f" constraints={self.amounts}" if self.amounts else "",
         ])
@@ -2358,7 +2398,7 @@ def _quiet_future(fut):
 _TELEMETRY_V = "1.2"
 _TELEMETRY_MODES = ("all", "counts", "runs", "off")  # Engine(telemetry=...)
 # The states a map's items are counted in (telemetry="counts"), in this order
-_COUNTED = ("BLOCKED", "RUNNING", "RETRYING", "COMPLETED", "FAILED")
+_COUNTED = ("BLOCKED", "RUNNING", "RETRYING", "COMPLETED", "FAILED", "CACHED")
 
 
 def _check_prefix(prefix, what="prefix"):
@@ -4679,6 +4719,575 @@ class Controller:
         return f"<Controller {self.connector!r}>"
 
 # ===========================================================================
+# Stores: durable runs (checkpoints) and caching
+# ===========================================================================
+
+class _Miss:
+    __slots__ = ()
+
+    def __repr__(self):
+        return "cs.MISS"
+
+    def __reduce__(self):
+        return "MISS"
+
+
+MISS = _Miss()  # what a store's get returns for a key it does not hold (None is a value)
+
+
+def _canon(value, out, depth=0):
+    """Append to ``out`` a byte encoding of ``value`` that is the same in every process
+    for equal values (unlike pickle or hash() of a set of str, which follow the per-process
+    hash seed): the basis of the argument hash of a checkpoint or cache key. Plain values,
+    containers of them (dicts and sets in a sorted order), dataclasses, and any other
+    object by its pickle (a class instance pickles as its class and attributes). What
+    cannot be pickled (a lock, a generator, a lambda) raises TypeError."""
+    t = type(value)
+    if t is str:
+        out.append(b"s%d:" % len(value) + value.encode("utf-8", "surrogatepass"))
+    elif t is int or t is bool or t is float or value is None:
+        out.append(b"%s:%s;" % (t.__name__.encode(), repr(value).encode()))
+    elif t is bytes:
+        out.append(b"b%d:" % len(value) + value)
+    elif depth > 50:
+        raise TypeError("arguments nested more than 50 deep")
+    elif t is list or t is tuple:
+        out.append(b"L(" if t is list else b"T(")
+        for v in value:
+            _canon(v, out, depth + 1)
+        out.append(b")")
+    elif t is dict:
+        items = []
+        for k, v in value.items():
+            ko, vo = [], []
+            _canon(k, ko, depth + 1)
+            _canon(v, vo, depth + 1)
+            items.append((b"".join(ko), b"".join(vo)))
+        out.append(b"D(" + b"".join(k + v for k, v in sorted(items)) + b")")
+    elif t is set or t is frozenset:
+        parts = []
+        for v in value:
+            o = []
+            _canon(v, o, depth + 1)
+            parts.append(b"".join(o))
+        out.append(b"S(" + b"".join(sorted(parts)) + b")")
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out.append(f"C{t.__module__}.{t.__qualname__}(".encode())
+        for f in dataclasses.fields(value):
+            out.append(f.name.encode() + b"=")
+            _canon(getattr(value, f.name), out, depth + 1)
+        out.append(b")")
+    else:
+        import pickle
+        try:
+            out.append(b"P" + pickle.dumps(value, protocol=4))
+        except Exception as exc:
+            raise TypeError(f"{type(value).__name__} object cannot be hashed for a store key "
+                            f"(it cannot be pickled: {exc})") from None
+
+
+def _args_hash(args, kwargs):
+    """A stable hash (hex) of a call's bound arguments: see _canon."""
+    out = []
+    if len(args) == 1 and not kwargs and type(args[0]) in (int, str):  # the common case
+        a = args[0]
+        out.append(b"s%d:" % len(a) + a.encode("utf-8", "surrogatepass") if type(a) is str
+                   else b"int:%d;" % a)
+    else:
+        _canon(args, out)
+        if kwargs:
+            _canon(dict(kwargs), out)
+    global _blake2b
+    if _blake2b is None:  # imported on first use, not with the module (see the header)
+        from hashlib import blake2b as _blake2b
+    return _blake2b(b"".join(out), digest_size=16).hexdigest()
+
+
+_blake2b = None
+
+
+def _check_store(store, what="store"):
+    if store is None:
+        return None
+    if not (callable(getattr(store, "get", None)) and callable(getattr(store, "put", None))):
+        raise TypeError(f"{what}={store!r}: need an object with get(key) -> value or cs.MISS "
+                        "and put(key, value, ttl=None) (sync or async), such as "
+                        "cs.SqliteStore(path) or cs.RedisStore(client)")
+    return store
+
+
+class SqliteStore:
+    """A store in a local SQLite file (the standard library's sqlite3, in WAL mode with
+    synchronous=NORMAL), for checkpointed runs and ``with_cache``. Values are pickled: a
+    local file is trusted (never point it at a file others can write). Values that cannot
+    be pickled are not stored (one warning per type): their tasks run again next time.
+
+    Reads happen on the caller's thread, each thread with its own connection; writes are
+    queued and committed in batches by a writer thread (reads in this process see queued
+    writes at once), and a run waits for its writes at its end. A process killed before a
+    batch is committed loses it: those tasks run again (at-least-once). Expired entries
+    (``ttl``) read as a miss. Several processes may share the file.
+
+    ``timeout``: seconds a call may wait for the file's lock; ``strict=True``: a failing
+    store fails the run instead of being turned off for it with a warning."""
+
+    _inline = True  # a run calls it on its loop thread (its calls are local and quick)
+
+    def __init__(self, path: Union[str, os.PathLike], *, timeout: float = 5.0,
+                 strict: bool = False) -> None:
+        if not (_is_number(timeout) and timeout > 0):
+            raise ValueError(f"SqliteStore(timeout={timeout!r}): need seconds > 0")
+        self.path = os.fspath(path)
+        self.timeout, self.strict = float(timeout), bool(strict)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
+        self._queue = {}      # key -> (blob, expires): queued writes, read before the file
+        self._writing = {}    # the batch being committed (read too, until it is)
+        self._writer = None
+        self._warned = set()
+        self._error = None    # the writer's last error, raised by the next flush
+        self._conn()          # the file can be opened and has its table: say so now
+
+    def _conn(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            import sqlite3
+            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("CREATE TABLE IF NOT EXISTS cascade_store (key TEXT PRIMARY KEY, "
+                         "value BLOB NOT NULL, expires REAL)")
+            self._local.conn = conn
+        return conn
+
+    def _found(self, row):
+        import pickle
+        blob, expires = row
+        if expires is not None and expires <= time.time():
+            return MISS
+        return pickle.loads(blob)
+
+    def get(self, key: str) -> Any:
+        row = self._queue.get(key) or self._writing.get(key)
+        if row is None:
+            row = self._conn().execute("SELECT value, expires FROM cascade_store WHERE key = ?",
+                                       (key,)).fetchone()
+            if row is None:
+                return MISS
+        return self._found(row)
+
+    def get_many(self, keys: list) -> list:
+        found = {}
+        rest = []
+        for k in keys:
+            row = self._queue.get(k) or self._writing.get(k)
+            if row is None:
+                rest.append(k)
+            else:
+                found[k] = row
+        conn = self._conn()
+        for i in range(0, len(rest), 500):
+            part = rest[i:i + 500]
+            found.update((k, (v, e)) for k, v, e in conn.execute(
+                "SELECT key, value, expires FROM cascade_store WHERE key IN "
+                f"({','.join('?' * len(part))})", part))
+        return [MISS if row is None else self._found(row)
+                for row in map(found.get, keys)]
+
+    def put(self, key: str, value: Any, ttl: Optional[float] = None) -> None:
+        self.put_many([(key, value, ttl)])
+
+    def put_many(self, items: list) -> None:
+        import pickle
+        rows = []
+        now = None
+        for key, value, ttl in items:
+            try:
+                blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as exc:
+                self._warn_once(type(value), f"SqliteStore: a {type(value).__name__} value "
+                                f"cannot be pickled ({exc}); such values are not stored "
+                                "(their tasks run again next time)")
+                continue
+            if ttl is not None:
+                now = now or time.time()
+            rows.append((key, (blob, None if ttl is None else now + ttl)))
+        if not rows:
+            return
+        with self._lock:
+            self._queue.update(rows)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write, daemon=True,
+                                                name="cascade-sqlite-writer")
+                self._writer.start()
+            else:
+                self._done.notify_all()
+
+    def _warn_once(self, what, message):
+        if what not in self._warned:
+            self._warned.add(what)
+            _log.warning("%s", message)
+
+    def _write(self):
+        """The writer thread: commits what is queued, a batch per transaction; leaves
+        after a second with nothing to write (the next put starts another)."""
+        conn = None
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._done.wait(1.0)
+                    if not self._queue:
+                        self._writer = None
+                        self._done.notify_all()
+                        break
+                self._writing, self._queue = self._queue, {}
+                batch = self._writing
+            try:
+                if conn is None:
+                    conn = self._conn()
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany("INSERT OR REPLACE INTO cascade_store VALUES (?, ?, ?)",
+                                 [(k, b, e) for k, (b, e) in batch.items()])
+                conn.execute("COMMIT")
+            except Exception as exc:
+                self._error = exc
+                try:
+                    conn.execute("ROLLBACK")
+                except Exception:
+                    pass
+            with self._lock:
+                self._writing = {}
+                self._done.notify_all()
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def flush(self, timeout: Optional[float] = None) -> None:
+        """Wait until every write made so far is committed (raises what committing
+        raised, or TimeoutError after ``timeout`` seconds)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._queue or self._writing:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"SqliteStore({self.path!r}): writes not committed "
+                                       f"within {timeout}s")
+                self._done.wait(left)
+            exc, self._error = self._error, None
+        if exc is not None:
+            raise exc
+
+    def __repr__(self):
+        return f"<SqliteStore {self.path!r} {len(self._queue) + len(self._writing)} queued>"
+
+
+class RedisStore:
+    """A store in Redis, on a redis-py client you made (``redis.Redis(...)`` or
+    ``redis.asyncio.Redis(...)``; cascade never imports redis itself). Keys are
+    ``<prefix>:<key>``; a ``ttl`` becomes the key's expiry.
+
+    Values: with ``secret`` (bytes), any picklable value, pickled and signed with
+    HMAC-SHA256 over key and value; a value whose signature does not verify (tampered,
+    or written with another secret) is never unpickled: it reads as a miss, with one
+    warning. Without a secret only JSON values are stored, and only those that read back
+    equal (so not tuples or sets): any other value is not stored (one warning per type),
+    and its task runs again next time; a pickled value is then never read.
+
+    ``timeout``: seconds a run gives each call; ``strict=True``: a failing store fails the
+    run instead of being turned off for it with a warning."""
+
+    def __init__(self, client: Any, *, secret: Optional[bytes] = None, prefix: str = "cascade",
+                 timeout: float = 5.0, strict: bool = False) -> None:
+        if not callable(getattr(client, "execute_command", None)) or not callable(
+                getattr(client, "mget", None)):
+            raise TypeError(f"RedisStore(client={client!r}): need a redis-py client, e.g. "
+                            "redis.Redis(host='localhost') or redis.asyncio.Redis(...)")
+        if secret is not None and (not isinstance(secret, bytes) or len(secret) < 16):
+            raise TypeError("RedisStore(secret=...): need bytes, at least 16 of them (e.g. "
+                            "os.urandom(32), kept where every process can read it)")
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"RedisStore(prefix={prefix!r}): need a non-empty str")
+        if not (_is_number(timeout) and timeout > 0):
+            raise ValueError(f"RedisStore(timeout={timeout!r}): need seconds > 0")
+        self.client, self.prefix = client, prefix
+        self._secret = secret
+        self.timeout, self.strict = float(timeout), bool(strict)
+        self._warned = set()
+        if inspect.iscoroutinefunction(client.execute_command):
+            self.get, self.get_many = self._aget, self._aget_many
+            self.put, self.put_many = self._aput, self._aput_many
+
+    def _sign(self, key, blob):
+        import hashlib
+        import hmac
+        return hmac.new(self._secret, key.encode() + b"\0" + blob, hashlib.sha256).digest()
+
+    def _encode(self, key, value):
+        if self._secret is not None:
+            import pickle
+            try:
+                blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as exc:
+                return self._warn_once(type(value), f"RedisStore: a {type(value).__name__} "
+                                       f"value cannot be pickled ({exc}); not stored")
+            return b"p" + self._sign(key, blob) + blob
+        try:
+            text = json.dumps(value, allow_nan=False)
+            same = json.loads(text) == value and _json_exact(value)
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            return self._warn_once(type(value), f"RedisStore: a {type(value).__name__} value "
+                                   "is not JSON that reads back equal; without a secret only "
+                                   "such values are stored (pass secret= to store pickles)")
+        return b"j" + text.encode()
+
+    def _decode(self, key, raw):
+        if raw is None:
+            return MISS
+        raw = bytes(raw) if not isinstance(raw, bytes) else raw
+        if raw[:1] == b"j":
+            return json.loads(raw[1:])
+        if raw[:1] == b"p" and self._secret is not None:
+            sig, blob = raw[1:33], raw[33:]
+            import hmac
+            if hmac.compare_digest(sig, self._sign(key, blob)):
+                import pickle
+                return pickle.loads(blob)
+            self._warn_once("signature", f"RedisStore: the value under {key!r} has a bad "
+                            "signature (tampered, or written with another secret): not "
+                            "unpickled, read as a miss (later ones are not logged)")
+            return MISS
+        self._warn_once("unsigned", f"RedisStore: the value under {key!r} is a pickle and "
+                        "this store has no secret to verify it: read as a miss")
+        return MISS
+
+    def _warn_once(self, what, message):
+        if what not in self._warned:
+            self._warned.add(what)
+            _log.warning("%s", message)
+
+    def _full(self, key):
+        return f"{self.prefix}:{key}"
+
+    def _pipeline(self, items):
+        pipe = self.client.pipeline(transaction=False)
+        n = 0
+        for key, value, ttl in items:
+            full = self._full(key)
+            data = self._encode(full, value)
+            if data is not None:
+                pipe.set(full, data, px=None if ttl is None else max(1, int(ttl * 1000)))
+                n += 1
+        return pipe if n else None
+
+    def get(self, key: str) -> Any:
+        full = self._full(key)
+        return self._decode(full, self.client.get(full))
+
+    def get_many(self, keys: list) -> list:
+        full = [self._full(k) for k in keys]
+        return [self._decode(k, v) for k, v in zip(full, self.client.mget(full))]
+
+    def put(self, key: str, value: Any, ttl: Optional[float] = None) -> None:
+        self.put_many([(key, value, ttl)])
+
+    def put_many(self, items: list) -> None:
+        pipe = self._pipeline(items)
+        if pipe is not None:
+            pipe.execute()
+
+    async def _aget(self, key):
+        full = self._full(key)
+        return self._decode(full, await self.client.get(full))
+
+    async def _aget_many(self, keys):
+        full = [self._full(k) for k in keys]
+        return [self._decode(k, v) for k, v in zip(full, await self.client.mget(full))]
+
+    async def _aput(self, key, value, ttl=None):
+        await self._aput_many([(key, value, ttl)])
+
+    async def _aput_many(self, items):
+        pipe = self._pipeline(items)
+        if pipe is not None:
+            await pipe.execute()
+
+    def __repr__(self):
+        return f"<RedisStore prefix={self.prefix!r} {'signed pickles' if self._secret else 'json'}>"
+
+
+def _json_exact(value):
+    """JSON reads back ``value`` as it was: no tuples (lists come back), no non-str keys."""
+    t = type(value)
+    if t is list:
+        return all(map(_json_exact, value))
+    if t is dict:
+        return all(type(k) is str and _json_exact(v) for k, v in value.items())
+    return t in (str, int, float, bool) or value is None
+
+
+class _Stored:
+    """A run's use of its store: lookups before admission, writes after success. A store
+    that raises or takes longer than its ``timeout`` turns off for the rest of the run
+    with one warning (its tasks simply run), or fails the run if it is ``strict``. Our
+    SqliteStore is called on the loop (quick, local calls bounded by its lock timeout);
+    any other sync store on worker threads with a bound, an async one under wait_for."""
+
+    def __init__(self, run, store):
+        self.run, self.store = run, store
+        self.strict = bool(getattr(store, "strict", False))
+        t = getattr(store, "timeout", 5.0)
+        self.timeout = float(t) if _is_number(t) and t > 0 else 5.0
+        self.inline = bool(getattr(type(store), "_inline", False))
+        self.off = False
+        self.error = None       # a strict store's failure
+        get_many = getattr(store, "get_many", None)
+        put_many = getattr(store, "put_many", None)
+        self.get_many = get_many if callable(get_many) else None
+        self.put_many = put_many if callable(put_many) else None
+        self.aget = inspect.iscoroutinefunction(self.get_many or store.get)
+        self.aput = inspect.iscoroutinefunction(self.put_many or store.put)
+        self.threads = None
+        self.puts = []          # (key, value, ttl) not handed to the store yet
+        self.writing = set()    # asyncio tasks of writes under way
+        self.warned = set()
+
+    def failed(self, exc, what):
+        """The store failed: turn it off for this run (one warning), or fail the run."""
+        if self.off:
+            return
+        self.off = True
+        self.puts.clear()
+        if self.strict:
+            err = self.error = CascadeError(f"the store {self.store!r} failed ({what}): "
+                               f"{type(exc).__name__}: {exc}")
+            err.__cause__ = exc
+            run = self.run
+            if run.error is None:
+                run.error = err
+            return run._stop()
+        _log.warning("run %s: the store %r failed (%s: %s: %s); the run goes on without it "
+                     "(strict=True on the store fails the run instead)", self.run.run_id,
+                     self.store, what, type(exc).__name__, _printable(exc))
+
+    def _sync_get(self, keys):
+        if self.get_many is not None:
+            values = self.get_many(keys)
+        else:
+            values = [self.store.get(k) for k in keys]
+        if len(values) != len(keys):
+            raise TypeError(f"get_many returned {len(values)} values for {len(keys)} keys")
+        return values
+
+    async def _aget_all(self, keys):
+        if self.get_many is not None:
+            values = await self.get_many(keys)
+        else:
+            values = [await self.store.get(k) for k in keys]
+        if len(values) != len(keys):
+            raise TypeError(f"get_many returned {len(values)} values for {len(keys)} keys")
+        return values
+
+    def _sync_put(self, items):
+        if self.put_many is not None:
+            self.put_many(items)
+        else:
+            for k, v, ttl in items:
+                self.store.put(k, v, ttl)
+
+    async def _aput_all(self, items):
+        if self.put_many is not None:
+            await self.put_many(items)
+        else:
+            for k, v, ttl in items:
+                await self.store.put(k, v, ttl)
+
+    def _on_thread(self, fn, arg):
+        if self.threads is None:
+            self.threads = _Workers(4, prefix="cascade-store")
+        return asyncio.wrap_future(self.threads.submit(fn, arg))
+
+    def get_now(self, keys):
+        """An inline store's values for ``keys`` (None: the store failed)."""
+        try:
+            return self._sync_get(keys)
+        except Exception as exc:
+            self.failed(exc, "get")
+            return None
+
+    async def get(self, keys):
+        """The values for ``keys`` (None: the store failed or took too long)."""
+        try:
+            aw = self._aget_all(keys) if self.aget else self._on_thread(self._sync_get, keys)
+            values = await asyncio.wait_for(aw, self.timeout)
+            if not self.aget and values and inspect.isawaitable(values[0]):
+                for v in values:
+                    getattr(v, "close", lambda: None)()
+                raise TypeError("its get returned an awaitable: make get (and get_many) "
+                                "'async def', so that it is awaited")
+            return values
+        except asyncio.TimeoutError as exc:
+            self.failed(TimeoutError(f"no answer within {self.timeout:g}s") if not str(exc)
+                        else exc, "get")
+        except Exception as exc:
+            self.failed(exc, "get")
+        return None
+
+    def put(self, key, value, ttl):
+        """Write soon: the writes of a loop iteration go to the store together."""
+        if self.off:
+            return
+        if not self.puts:
+            self.run.loop.call_soon(self._write)
+        self.puts.append((key, value, ttl))
+
+    def _write(self):
+        items, self.puts = self.puts, []
+        if not items or self.off:
+            return
+        if self.inline:
+            try:
+                self._sync_put(items)
+            except Exception as exc:
+                self.failed(exc, "put")
+        else:
+            t = self.run.loop.create_task(self._put(items))
+            self.writing.add(t)
+            t.add_done_callback(self.writing.discard)
+
+    async def _put(self, items):
+        try:
+            aw = self._aput_all(items) if self.aput else self._on_thread(self._sync_put, items)
+            await asyncio.wait_for(aw, self.timeout)
+        except asyncio.TimeoutError:
+            self.failed(TimeoutError(f"no answer within {self.timeout:g}s"), "put")
+        except Exception as exc:
+            self.failed(exc, "put")
+
+    async def close(self):
+        """At the run's end: the writes handed over are done, and an inline store's
+        committed (or the store is off). Returns the error of a strict store that failed
+        meanwhile (its run fails with it), else None."""
+        self._write()
+        try:
+            if self.writing:
+                await asyncio.wait(list(self.writing))
+            store = self.store
+            if not self.off and self.inline and (store._queue or store._writing):
+                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
+                    None, self.store.flush, self.timeout), self.timeout + 1)
+        except Exception as exc:
+            self.failed(exc, "flush")
+        finally:
+            if self.threads is not None:
+                self.threads.shutdown(wait=False)
+        return self.error
+
+
+# ===========================================================================
 # Engine: events, the per-run scheduler, handles, the Engine
 # ===========================================================================
 
@@ -4742,6 +5351,16 @@ class TaskSkipped(Event):
     task_id: str
     task_name: str
     reason: str
+
+
+@_event
+class TaskCached(Event):
+    """A task execution (a call, or a map's item) took its value from the store without
+    running its body: ``source`` is "cache" (``with_cache``) or "checkpoint" (it finished
+    in an earlier run with this run's id)."""
+    task_id: str
+    task_name: str
+    source: str
 
 
 @_event
@@ -4853,9 +5472,9 @@ class _TaskFailures(Event):
 
 # Unit states, which are also the cells of a run's per-task tally (see _Unit).
 (_PENDING, _WAITING, _GRANTED, _RUNNING, _RETRYING, _DONE, _FAILED, _DROPPED,
- _SKIPPED) = range(9)
+ _SKIPPED, _CACHED) = range(10)
 _STATE_NAMES = ("pending", "blocked", "granted", "running", "retrying", "done", "failed",
-                "dropped", "skipped")
+                "dropped", "skipped", "cached")
 
 
 def _tally_counts(t):
@@ -5462,6 +6081,12 @@ class _Reporter:
         if self.tele is not None:
             self.tele(u.node, u.index, "RETRYING", None, exc)
 
+    def cached(self, u, source):
+        if self.bus.wants(TaskCached):
+            self._emit(TaskCached(self.run.run_id, u.id, u.node.key.name, source))
+        if self.tele is not None:
+            self.tele(u.node, u.index, "CACHED", None, None)
+
     def skipped(self, node, reason):
         self._emit(TaskSkipped(self.run.run_id, node.id, node.lazy.task.name, reason))
         if self.tele is not None:
@@ -5646,7 +6271,7 @@ class _Run:
 
     PUMP_CHUNK = 512
 
-    def __init__(self, engine, target, params, run_id):
+    def __init__(self, engine, target, params, run_id, store=None, durable=False):
         self.engine = engine
         self.cp = engine._cp
         self.target = target
@@ -5702,6 +6327,16 @@ class _Run:
         self._checks = set()        # _graft_when_sendable tasks still checking
         self._threaded = self._remote is None
         self._to_thread = pool.call if isinstance(pool, _Workers) else pool.submit
+        # Its store (see _Stored): None unless the run is checkpointed (``durable``: it
+        # was given an id) or has calls with_cache (see _prepare), so a run without one
+        # pays one check per batch of units (_submit) and one per success.
+        self._stored = None if store is None else _Stored(self, store)
+        self._durable = durable
+        self._skeys = {}            # unit -> [(store key, ttl, source)] written on success
+        self._lookups = set()       # lookups under way (async and worker-thread stores)
+        self._looking = set()       # ... the units they are for (engine.cancel cuts them)
+        self._ahead = {}            # (map node, index) -> (keys, values) read ahead
+        self._unhashed = set()      # task names warned about: arguments with no stable hash
 
     # -- entry point --------------------------------------------------------
     async def execute(self):
@@ -5763,6 +6398,18 @@ class _Run:
                 self._cut.clear()
                 self._cut_end(None)
             cancelled |= await _to_the_end(self.resources.tear_down())
+            store_error = None
+            if self._stored is not None:  # its writes are done before the run ends
+                for t in self._lookups:
+                    t.cancel()
+                closing = asyncio.ensure_future(self._stored.close())
+                cancelled |= await _to_the_end(closing)
+                if closing.done() and not closing.cancelled():
+                    store_error = closing.result()
+                if store_error is not None and (status != "Failed" or error is store_error):
+                    status, error = "Failed", store_error
+                else:
+                    store_error = None
             escaped = self.resources.escaped
             if escaped is not None:
                 status, error = "Failed", escaped
@@ -5777,6 +6424,8 @@ class _Run:
                 cancelled |= await _to_the_end(self.link.close())
             if escaped is not None:
                 raise escaped
+            if store_error is not None and store_error is not self.error:
+                raise store_error  # (a strict store that failed at the end)
             if cancelled:
                 raise asyncio.CancelledError()
 
@@ -5808,6 +6457,14 @@ class _Run:
 
     def _prepare(self):
         self.nodes, roots, special = _build_graph(self.target, self.tallies, self._counts)
+        cached = [n for n in special if n.lazy.policy is not None
+                  and n.lazy.policy.cache is not None]
+        if cached and self._stored is None:
+            raise CascadeError(f"{cached[0].id} is with_cache() but the run has no store; "
+                               "pass one: cs.Engine(store=cs.SqliteStore('cache.db')) or "
+                               "cs.run(..., store=...)")
+        if not cached and not self._durable:
+            self._stored = None  # nothing to look up or write: free
         missing, known, needed = self._specials(special)
         self._note_priorities(special)
         for node in roots:
@@ -6335,8 +6992,11 @@ class _Run:
 
     def _submit(self, units, key=None):
         """Units (of one node, in order) wait for admission, or start at once. ``key``:
-        the admission key they share, when it is not their node's (weighted starts)."""
+        the admission key they share, when it is not their node's (weighted starts).
+        Fresh units of a run with a store are looked up in it first (_look_up)."""
         if key is None:
+            if self._stored is not None and units[0].state == _PENDING:
+                return self._look_up(units)
             key = units[0].node.key
             if key.cost != 1 or key.per_unit:  # weighted or keyed (not the common case)
                 return self._submit_weighted(units)
@@ -6365,7 +7025,12 @@ class _Run:
                     return self._fail(exc, u.id, u.node.lazy.name)
                 if self._key_cuts and self._key_cut(u, key):
                     continue
-                u = _Weighted.of(u, key)
+                w = _Weighted.of(u, key)
+                if self._skeys:  # its store keys (see _look_up) go with it
+                    ks = self._skeys.pop(u, None)
+                    if ks is not None:
+                        self._skeys[w] = ks
+                u = w
             group = groups.get(key)
             if group is None:
                 groups[key] = [u]
@@ -6389,6 +7054,187 @@ class _Run:
             for u in group:
                 if u.state == _WAITING and not u.reported:
                     self.report.blocked(u)
+
+    # -- stores: checkpoints and with_cache (see _Stored) ---------------------
+    def _submit_found(self, units):
+        """``_submit`` for fresh units once looked up (their misses)."""
+        key = units[0].node.key
+        if key.cost != 1 or key.per_unit:
+            return self._submit_weighted(units)
+        return self._submit(units, key)
+
+    def _store_keys(self, node, index, args, kwargs):
+        """The store keys of item ``index`` of ``node`` (None: the call), called with
+        ``args`` and ``kwargs``: ``[(key, ttl, source)]``, most specific first:
+        its with_cache key (task name, version, argument hash or the user's key), and in
+        a checkpointed run its checkpoint key (run id, its id in the graph -- ``name-k``,
+        the k-th call of its task in creation order, with ``[index]`` for a map's item --
+        and the argument hash, so that a changed graph never reads another's value)."""
+        lz = node.lazy
+        policy = lz.policy
+        cache = None if policy is None else policy.cache
+        uid = node.id if index is None else f"{node.id}[{index}]"
+        out = []
+        h = None
+        if cache is not None:
+            k = cache.key
+            if k is None:
+                try:
+                    k = h = _args_hash(args, kwargs)
+                except TypeError as exc:
+                    raise TypeError(f"with_cache() of {uid}: {exc}; pass key=, a function of "
+                                    "the arguments that returns a str for them") from None
+            elif callable(k):
+                k = k(*args, **kwargs)
+                if not isinstance(k, str):
+                    raise TypeError(f"with_cache(key=...) of {uid} returned {k!r:.80}; it "
+                                    "must return a str")
+            out.append((f"cache:{lz.task.name}:{cache.version}:{k}", cache.ttl, "cache"))
+        if self._durable:
+            if h is None:
+                try:
+                    h = _args_hash(args, kwargs)
+                except TypeError as exc:
+                    name = lz.task.name
+                    if name not in self._unhashed:
+                        self._unhashed.add(name)
+                        _log.warning("run %s: %s is not checkpointed: %s (it runs again on a "
+                                     "re-run)", self.run_id, uid, exc)
+                    return out
+            out.append((f"run:{self.run_id}:{uid}:{h}", None, "checkpoint"))
+        return out
+
+    def _look_up(self, units):
+        """Fresh units of a run with a store: those whose value the store holds are done
+        at once (``TaskCached``); the others go on to admission. An inline store answers
+        now; any other from a task of the loop (the units wait meanwhile)."""
+        st = self._stored
+        want, keys, known = [], [], []
+        if not st.off:
+            ahead = self._ahead
+            for u in units:
+                if ahead:
+                    got = ahead.pop((u.node, u.index), None)
+                    if got is not None:  # its keys and values were read ahead (_read_ahead)
+                        known.append((u, *got))
+                        continue
+                try:
+                    ks = self._store_keys(u.node, u.index, u.args, u.kwargs)
+                except Exception as exc:
+                    return self._fail(exc, u.id, u.node.lazy.name)
+                if ks:
+                    want.append((u, ks))
+                    keys.extend([k for k, _, _ in ks])
+        if not want and not known:
+            return self._submit_found(units)
+        if st.inline:
+            extra = self._read_ahead(units[-1].node) if keys and len(units) < 32 else ()
+            if extra:
+                keys.extend([k for _, ks in extra for k, _, _ in ks])
+            values = st.get_now(keys) if keys else []
+            if values is None:  # the store failed (and is off)
+                return self._looked(units, want, None)
+            if extra:
+                i = len(values) - sum(len(ks) for _, ks in extra)
+                for ident, ks in extra:
+                    self._ahead[ident] = (ks, values[i:i + len(ks)])
+                    i += len(ks)
+                del values[len(values) - sum(len(ks) for _, ks in extra):]
+            for u, ks, got in known:
+                want.append((u, ks))
+                values.extend(got)
+            return self._looked(units, want, values)
+        self._looking.update(units)
+        t = self.loop.create_task(self._look_up_later(units, want, keys))
+        self._lookups.add(t)
+        t.add_done_callback(self._lookups.discard)
+
+    def _read_ahead(self, node):
+        """With an inline store, the next items of map ``node`` (not made yet) and their
+        keys, ``[((node, index), keys)]``, read in the same query as the items looked up
+        now: async bodies that finish make a map's next items one or two at a time (see
+        _take_next), and a query for each would cost more than the rest of the task."""
+        if type(node.lazy) is not MappedLazyResult or node.items is None or \
+                node.pipe is not None or node.skip is not None:
+            return ()
+        pos, kw = node.items
+        simple = not kw and len(pos) == 1 and pos[0][0]
+        out = []
+        for j in range(node.cursor, min(len(node.value), node.cursor + 256)):
+            if (node, j) in self._ahead:
+                continue
+            if simple:
+                args, kwargs = (pos[0][1][j],), _NO_KWARGS
+            else:
+                args = tuple([v[j] if m else v for m, v in pos])
+                kwargs = {k: (v[j] if m else v) for k, (m, v) in kw.items()}
+            try:
+                ks = self._store_keys(node, j, args, kwargs)
+            except Exception:  # (it fails when its unit is made)
+                break
+            if ks:
+                out.append(((node, j), ks))
+        return out
+
+    async def _look_up_later(self, units, want, keys):
+        values = await self._stored.get(keys)
+        self._looking.difference_update(units)
+        if self.stopping:
+            return
+        cut = [u for u in units if u.node.skip is not None]
+        if cut:  # cancelled meanwhile (see cancel): they never run
+            for u in cut:
+                t = u.node.tally
+                t[_PENDING] -= 1
+                t[_SKIPPED] += 1
+                u.state = _SKIPPED
+            units = [u for u in units if u.node.skip is None]
+            if values is not None:
+                i, kept = 0, []
+                for u, ks in want:
+                    if u.node.skip is None:
+                        kept.extend(values[i:i + len(ks)])
+                    i += len(ks)
+                values = kept
+            want = [(u, ks) for u, ks in want if u.node.skip is None]
+            if not units:
+                return
+        self._looked(units, want, values)
+
+    def _looked(self, units, want, values):
+        """The store's ``values`` for the keys of ``want`` (None: the store failed)."""
+        if self.stopping:
+            return
+        hits = {}
+        if values is not None:
+            i = 0
+            for u, ks in want:
+                for (_, _, source), v in zip(ks, values[i:i + len(ks)]):
+                    if v is not MISS:
+                        hits[u] = (v, source)
+                        break
+                else:
+                    self._skeys[u] = ks
+                i += len(ks)
+        misses = [u for u in units if u not in hits] if hits else units
+        if misses:
+            self._submit_found(misses)
+        for u, (value, source) in hits.items():
+            if self.stopping:
+                return
+            t = u.node.tally
+            t[_PENDING] -= 1
+            t[_CACHED] += 1
+            u.state = _CACHED
+            self.report.cached(u, source)
+            self._settle_value(u.node, u.index, value)
+
+    def _record(self, u, value):
+        """``u`` succeeded: its value goes to the store under its keys."""
+        ks = self._skeys.pop(u, None)
+        if ks is not None:
+            for k, ttl, _ in ks:
+                self._stored.put(k, value, ttl)
 
     def _unit_key(self, u, made):
         """The admission key of unit ``u`` of a task whose cost is a function of its
@@ -6848,6 +7694,8 @@ class _Run:
         u.body = None  # a finished asyncio task (and its coroutine) can go now
         u.end(outcome)
         if outcome == _DONE:
+            if self._stored is not None:  # (a failing run too keeps what finished)
+                self._record(u, value)
             rep = self.report
             if rep.on_finish or rep.version != rep.bus.version:
                 rep.finished(u, time.perf_counter() - t0, None)
@@ -7110,6 +7958,10 @@ class _Run:
                              len(handed), self._remote.name, exc_info=True)
         count = len(pulled) + len(held) + len(retrying)
         cut = {u.node for u in (*pulled, *held, *retrying)}
+        if self._looking:  # units a store is being asked about (see _look_up)
+            looking = [u for u in self._looking if hit(u.node.lazy.task)]
+            count += len(looking)
+            cut.update(u.node for u in looking)
         for node in list(self.nodes.values()):
             lz = node.lazy
             task = lz.task
@@ -7533,7 +8385,13 @@ class Engine:
 
     With a ``connector``, the engine also keeps a retained presence record on the broker
     (``presence_topic``), refreshed at least every ``presence`` seconds (None: none), so
-    ``Controller.engines()`` and ``cascade status`` show it and what it enforces."""
+    ``Controller.engines()`` and ``cascade status`` show it and what it enforces.
+
+    With a ``store`` (``cs.SqliteStore(path)``, ``cs.RedisStore(client)`` or any object
+    with ``get(key)`` -> value or ``cs.MISS`` and ``put(key, value, ttl=None)``, sync or
+    async, and optionally ``get_many(keys)``/``put_many([(key, value, ttl)])``), a run
+    given a ``run_id`` is checkpointed (a re-run with that id skips what finished), and
+    calls ``with_cache`` reuse stored values; see README "Durable runs and caching"."""
 
     def __init__(self, *, system_resources: Optional[dict] = None,
                  resources: Iterable[Resource] = (), connector: Any = None,
@@ -7541,8 +8399,9 @@ class Engine:
                  window: Optional[int] = None, stop_grace: Optional[float] = 10.0,
                  org: Optional[str] = None, project: Optional[str] = None,
                  telemetry: str = "all", telemetry_errors: str = "message",
-                 presence: Optional[float] = 5.0) -> None:
+                 presence: Optional[float] = 5.0, store: Any = None) -> None:
         caps = dict(system_resources or {})
+        self._store = _check_store(store)
         if telemetry not in _TELEMETRY_MODES:
             raise ValueError(f"telemetry={telemetry!r}: use 'all' (every task's every state), "
                              "'counts' (a map's items as counts per state), 'runs' (each "
@@ -7808,32 +8667,49 @@ class Engine:
 
     # -- running --------------------------------------------------------------
     async def run(self, target: Any, params: Optional[dict] = None, *,
-                  run_id: Optional[str] = None) -> Any:
+                  run_id: Optional[str] = None, store: Any = None) -> Any:
         """Run ``target`` (a lazy result, or a list/tuple/dict of them) and return its
         value. On the first task failure the run fails fast and the task's exception is
         raised unchanged. Logs nothing above DEBUG; subscribe to events instead.
         ``run_id`` names the run (``run:<run_id>`` scopes, telemetry topics); by default
-        a new one. It must be a valid topic level, and not the id of an active run."""
-        if run_id is None:
-            run_id = _new_run_id()
-        else:  # (regression: a '/' in it broke the run's telemetry topic)
-            _check_name(run_id, "run_id")
-            if run_id in self._runs:
-                raise ValueError(f"run_id {run_id!r} is the id of a run still active on this "
-                                 "engine; give each concurrent run its own id")
-        return await _Run(self, _as_target(target), params, run_id).execute()
+        a new one. It must be a valid topic level, and not the id of an active run.
+        With a store (``store``, else the engine's), a run given a ``run_id`` is
+        checkpointed: each task execution that succeeds is recorded, and a later run
+        with the same id and graph takes those values instead of running them again."""
+        durable = run_id is not None
+        run_id = self._check_run_id(run_id)
+        return await self._run(target, params, run_id, store, durable)
 
-    def start(self, target: Any, params: Optional[dict] = None) -> RunHandle:
+    def _check_run_id(self, run_id):
+        if run_id is None:
+            return _new_run_id()
+        # (regression: a '/' in it broke the run's telemetry topic)
+        _check_name(run_id, "run_id")
+        if run_id in self._runs or run_id in self._started:
+            raise ValueError(f"run_id {run_id!r} is the id of a run still active on this "
+                             "engine; give each concurrent run its own id")
+        return run_id
+
+    async def _run(self, target, params, run_id, store, durable):
+        store = _check_store(store) or self._store
+        return await _Run(self, _as_target(target), params, run_id, store,
+                          durable and store is not None).execute()
+
+    def start(self, target: Any, params: Optional[dict] = None, *,
+              run_id: Optional[str] = None, store: Any = None) -> RunHandle:
         """Start a run in the background and return its ``RunHandle`` at once.
 
         Where an event loop is running in this thread (a notebook), the run lives on it:
         later cells can steer it and ``await handle``. Elsewhere it runs on a new loop in a
         helper thread, and ``handle.result()`` waits for it; the interpreter waits for
         such a run at exit, as for a ThreadPoolExecutor's work (Ctrl-C then cancels it:
-        see _wait_at_exit). ``status()`` lists the run from the moment this returns."""
+        see _wait_at_exit). ``status()`` lists the run from the moment this returns.
+        ``run_id`` and ``store``: as for ``run`` (a run id makes a checkpointed run)."""
         target = _as_target(target)
-        run_id = _new_run_id()
-        coro = _contained(self.run(target, params, run_id=run_id))
+        durable = run_id is not None
+        run_id = self._check_run_id(run_id)
+        _check_store(store)
+        coro = _contained(self._run(target, params, run_id, store, durable))
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -8873,6 +9749,8 @@ class _LogEvents:
                                          f"retrying in {e.delay:g}s")
         elif t is TaskSkipped:
             lvl, msg = logging.INFO, f"{e.task_id} skipped: {_printable(e.reason)}"
+        elif t is TaskCached:  # (DEBUG: a re-run of 10,000 is one story)
+            msg = f"{e.task_id} taken from the store ({e.source})"
         elif t is TaskBlocked:
             # one line per task name and reason in a run, not per item (a 2,000-item
             # map under a limit logged 1,997 lines); status() has the count
@@ -8920,7 +9798,7 @@ class _Progress:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.lock = threading.RLock()
         self.shown = False      # a status line without its newline is on the terminal
-        self.done = self.failed = self.skipped = self.retrying = 0
+        self.done = self.failed = self.skipped = self.retrying = self.cached = 0
         self.running, self.blocked = set(), set()
         self.last = 0.0
         self.timer = None
@@ -8949,6 +9827,8 @@ class _Progress:
             self.blocked.add(e.task_id)
         elif t is TaskSkipped:
             self.skipped += 1
+        elif t is TaskCached:
+            self.cached += 1
         elif t is RunStarted:
             self.run = self.engine._runs.get(e.run_id)
             self.t0 = time.monotonic()
@@ -8987,7 +9867,7 @@ class _Progress:
         total = finished = 0
         for t in list(run.tallies.values()):  # (dropped ones too: a failed run's total stays)
             total += sum(t) - t[_RUNNING]  # (the GRANTED cell counts running units too)
-            finished += t[_DONE] + t[_FAILED] + t[_SKIPPED]
+            finished += t[_DONE] + t[_FAILED] + t[_SKIPPED] + t[_CACHED]
         return (finished, total) if total else None
 
     def line(self, end=""):
@@ -9003,6 +9883,7 @@ class _Progress:
         return (f"{head}done {self.done} | running {len(self.running)} | blocked "
                 f"{len(self.blocked)} | failed {self.failed}"
                 + (f" | skipped {self.skipped}" if self.skipped else "")
+                + (f" | cached {self.cached}" if self.cached else "")
                 + (f" | retries {self.retrying}" if self.retrying else ""))
 
     def draw(self, end=""):
@@ -9057,13 +9938,15 @@ async def run_async(target: Any, params: Optional[dict] = None, *,
                     system_resources: Optional[dict] = None, resources: Iterable[Resource] = (),
                     connector: Any = None, log_level: Union[str, int] = "INFO",
                     log_format: str = "human", progress: bool = False,
-                    engine: Optional[Engine] = None) -> Any:
+                    engine: Optional[Engine] = None, store: Any = None,
+                    run_id: Optional[str] = None) -> Any:
     """The async twin of ``run``: ``await cs.run_async(target)``."""
     if log_format not in ("human", "json"):
         raise ValueError(f"log_format={log_format!r}: use 'human' or 'json'")
     level = logging.getLevelName(log_level.upper()) if isinstance(log_level, str) else log_level
     if not isinstance(level, int):
         raise ValueError(f"log_level={log_level!r} is not a logging level name")
+    _check_store(store)
     own = engine is None
     if own:
         engine = Engine(system_resources=system_resources, resources=resources,
@@ -9071,7 +9954,13 @@ async def run_async(target: Any, params: Optional[dict] = None, *,
     else:
         _check_engine_options(engine, system_resources, connector, resources)
     handler = None
-    run_id = _new_run_id()
+    durable = run_id is not None
+    try:
+        run_id = engine._check_run_id(run_id)
+    except ValueError:
+        if own:
+            engine.close()
+        raise
     show = _Progress(engine, run_id) if progress else None
     if not _log.handlers:
         handler = _LogHandler(sys.stderr, show)
@@ -9086,7 +9975,7 @@ async def run_async(target: Any, params: Optional[dict] = None, *,
     if show is not None:
         unsubs.append(engine.subscribe(Event, show))
     try:
-        return await engine.run(target, params, run_id=run_id)
+        return await engine._run(target, params, run_id, store, durable)
     finally:
         for u in unsubs:
             u()
@@ -9115,7 +10004,8 @@ def _check_engine_options(engine, system_resources, connector, resources):
 def run(target: Any, params: Optional[dict] = None, *, system_resources: Optional[dict] = None,
         resources: Iterable[Resource] = (), connector: Any = None,
         log_level: Union[str, int] = "INFO", log_format: str = "human",
-        progress: bool = False, engine: Optional[Engine] = None) -> Any:
+        progress: bool = False, engine: Optional[Engine] = None, store: Any = None,
+        run_id: Optional[str] = None) -> Any:
     """Run ``target`` and return its value: on a new default engine, closed after the
     run, or on ``engine`` (left open: its limits, pauses and resources apply; options
     that belong to the engine, ``system_resources`` and ``connector``, are a TypeError
@@ -9127,11 +10017,16 @@ def run(target: Any, params: Optional[dict] = None, *, system_resources: Optiona
     line. Works in a notebook too: where an event loop already runs in this thread, the
     run happens on a helper thread (``await cs.run_async(...)`` is the async twin).
 
+    ``store`` (over the engine's own) and ``run_id``: a run with both is checkpointed, so
+    running it again with that id after a crash or a failure skips what finished; calls
+    ``with_cache`` need a store (see ``Engine``).
+
     A failure raises the task's own exception, chained to nothing of the engine's. Ctrl-C
     cancels the run (see _run_interruptibly) and raises ``KeyboardInterrupt`` from here."""
     coro = run_async(target, params, system_resources=system_resources,
                      resources=resources, connector=connector, log_level=log_level,
-                     log_format=log_format, progress=progress, engine=engine)
+                     log_format=log_format, progress=progress, engine=engine, store=store,
+                     run_id=run_id)
     try:
         asyncio.get_running_loop()
         in_loop = True

@@ -597,6 +597,36 @@ def c_unkeyed(n, cfg): return _c_keyed(n, cfg, False, False)
 RUNNERS.update(c_keyed=c_keyed, c_keyed_room=c_keyed_room, c_keyed_plain=c_keyed_plain,
                c_unkeyed=c_unkeyed)
 
+# ---------------------------------------------------------------- W13: stores
+def _c_stored(n, cfg, run_id=None, cached=False, warm=False):
+    """W4's async map on an engine with a fresh SqliteStore (in a temporary directory):
+    checkpointed (``run_id``) or ``with_cache``; ``warm``: run it once untimed first, so
+    the timed run takes every value from the store. The run's end waits for its writes."""
+    _need_cascade()
+    with tempfile.TemporaryDirectory() as d:
+        engine = cs.Engine(store=cs.SqliteStore(os.path.join(d, "w13.db")))
+        make = (lambda: noop.map(range(n)).with_cache()) if cached else (lambda: noop.map(range(n)))
+
+        async def go():
+            t0 = perf()
+            value = await cs.run_async(make(), engine=engine, log_level="WARNING", run_id=run_id)
+            dt = perf() - t0
+            assert value == list(range(n))
+            return dt
+        try:
+            if warm:
+                _loop_run(go(), cfg)
+            return _loop_run(go(), cfg)
+        finally:
+            engine.close()
+
+def c_checkpointed(n, cfg): return _c_stored(n, cfg, run_id="w13")
+def c_cache_miss(n, cfg): return _c_stored(n, cfg, cached=True)
+def c_cache_hit(n, cfg): return _c_stored(n, cfg, cached=True, warm=True)
+def c_checkpoint_rerun(n, cfg): return _c_stored(n, cfg, run_id="w13", warm=True)
+RUNNERS.update(c_checkpointed=c_checkpointed, c_cache_miss=c_cache_miss,
+               c_cache_hit=c_cache_hit, c_checkpoint_rerun=c_checkpoint_rerun)
+
 def c_storm(cfg):
     """Concurrency controls for cfg["storm_topics"] scopes from another thread
     through a LocalBroker, for cfg["storm_s"] s, while the engine's loop runs a task. Each
@@ -1219,6 +1249,37 @@ def w12(cfg, args, errors):
                      ("yes" if left == 0 else "**no**"), rss=""))
     return rows
 
+def w13(cfg, args, errors):
+    n = cfg["n"]
+    names = ["c_map", "c_checkpointed", "c_cache_miss", "c_cache_hit", "c_checkpoint_rerun"]
+    best = best_of(cfg["reps"], names, n, cfg, errors)
+    plain = best["c_map"]
+
+    def over(k):  # µs a task more than W4's plain map
+        return (best[k] - plain) / n * 1e6 if isinstance(best[k], float) and \
+            isinstance(plain, float) else None
+
+    def per(k):
+        return best[k] / n * 1e6 if isinstance(best[k], float) else None
+    cell = lambda v, k: best[k] if v is None and isinstance(best[k], str) else \
+        "—" if v is None else f"{v:.1f}"
+    rows = []
+    for k, label, v, limit in (
+            ("c_checkpointed", "overhead a task of a checkpointed run (get-miss + put, "
+             "batched commits) over the plain map", over("c_checkpointed"), 20.0),
+            ("c_cache_miss", "overhead a task of with_cache, every call a miss (get + put)",
+             over("c_cache_miss"), None),
+            ("c_cache_hit", "a cache hit: a task of a run whose every value is in the store "
+             "(whole run / n)", per("c_cache_hit"), 10.0),
+            ("c_checkpoint_rerun", "a checkpointed re-run that finds everything done "
+             "(whole run / n)", per("c_checkpoint_rerun"), None)):
+        rows.append(dict(workload=f"W13 SqliteStore, async map (n={n:,}): {label}",
+                         cascade=cell(v, k), floor=fmt_us(plain, n) + " (the plain map)",
+                         target="—" if limit is None else f"≤ {limit:g} µs",
+                         met="—" if limit is None else verdict(v, limit), rss="",
+                         raw=dict(n=n, best=best)))
+    return rows
+
 def w_import(cfg, args, errors):
     _need_cascade()
     extra, base = import_ms(1 if args.quick else 5)
@@ -1227,7 +1288,7 @@ def w_import(cfg, args, errors):
                  target="≤ 15 ms", met=verdict(extra, 15.0))]
 
 WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6, "W7": w7, "W8": w8,
-             "W9": w9, "W10": w10, "W11": w11, "W12": w12, "IMPORT": w_import}
+             "W9": w9, "W10": w10, "W11": w11, "W12": w12, "W13": w13, "IMPORT": w_import}
 
 FOOTNOTE = """\
 Timed: building the work and running it to its value. Cascade: graph build +
