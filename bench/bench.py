@@ -597,14 +597,14 @@ def c_unkeyed(n, cfg): return _c_keyed(n, cfg, False, False)
 RUNNERS.update(c_keyed=c_keyed, c_keyed_room=c_keyed_room, c_keyed_plain=c_keyed_plain,
                c_unkeyed=c_unkeyed)
 
-# ---------------------------------------------------------------- W13: stores
+# ---------------------------------------------------------------- W14: stores
 def _c_stored(n, cfg, run_id=None, cached=False, warm=False):
     """W4's async map on an engine with a fresh SqliteStore (in a temporary directory):
     checkpointed (``run_id``) or ``with_cache``; ``warm``: run it once untimed first, so
     the timed run takes every value from the store. The run's end waits for its writes."""
     _need_cascade()
     with tempfile.TemporaryDirectory() as d:
-        engine = cs.Engine(store=cs.SqliteStore(os.path.join(d, "w13.db")))
+        engine = cs.Engine(store=cs.SqliteStore(os.path.join(d, "w14.db")))
         make = (lambda: noop.map(range(n)).with_cache()) if cached else (lambda: noop.map(range(n)))
 
         async def go():
@@ -620,10 +620,10 @@ def _c_stored(n, cfg, run_id=None, cached=False, warm=False):
         finally:
             engine.close()
 
-def c_checkpointed(n, cfg): return _c_stored(n, cfg, run_id="w13")
+def c_checkpointed(n, cfg): return _c_stored(n, cfg, run_id="w14")
 def c_cache_miss(n, cfg): return _c_stored(n, cfg, cached=True)
 def c_cache_hit(n, cfg): return _c_stored(n, cfg, cached=True, warm=True)
-def c_checkpoint_rerun(n, cfg): return _c_stored(n, cfg, run_id="w13", warm=True)
+def c_checkpoint_rerun(n, cfg): return _c_stored(n, cfg, run_id="w14", warm=True)
 RUNNERS.update(c_checkpointed=c_checkpointed, c_cache_miss=c_cache_miss,
                c_cache_hit=c_cache_hit, c_checkpoint_rerun=c_checkpoint_rerun)
 
@@ -1249,7 +1249,7 @@ def w12(cfg, args, errors):
                      ("yes" if left == 0 else "**no**"), rss=""))
     return rows
 
-def w13(cfg, args, errors):
+def w14(cfg, args, errors):
     n = cfg["n"]
     names = ["c_map", "c_checkpointed", "c_cache_miss", "c_cache_hit", "c_checkpoint_rerun"]
     best = best_of(cfg["reps"], names, n, cfg, errors)
@@ -1273,7 +1273,7 @@ def w13(cfg, args, errors):
              "(whole run / n)", per("c_cache_hit"), 10.0),
             ("c_checkpoint_rerun", "a checkpointed re-run that finds everything done "
              "(whole run / n)", per("c_checkpoint_rerun"), None)):
-        rows.append(dict(workload=f"W13 SqliteStore, async map (n={n:,}): {label}",
+        rows.append(dict(workload=f"W14 SqliteStore, async map (n={n:,}): {label}",
                          cascade=cell(v, k), floor=fmt_us(plain, n) + " (the plain map)",
                          target="—" if limit is None else f"≤ {limit:g} µs",
                          met="—" if limit is None else verdict(v, limit), rss="",
@@ -1288,7 +1288,7 @@ def w_import(cfg, args, errors):
                  target="≤ 15 ms", met=verdict(extra, 15.0))]
 
 WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6, "W7": w7, "W8": w8,
-             "W9": w9, "W10": w10, "W11": w11, "W12": w12, "W13": w13, "IMPORT": w_import}
+             "W9": w9, "W10": w10, "W11": w11, "W12": w12, "W14": w14, "IMPORT": w_import}
 
 FOOTNOTE = """\
 Timed: building the work and running it to its value. Cascade: graph build +
