@@ -5048,20 +5048,28 @@ class RedisStore:
         if raw is None:
             return MISS
         raw = bytes(raw) if not isinstance(raw, bytes) else raw
-        if raw[:1] == b"j":
-            return json.loads(raw[1:])
-        if raw[:1] == b"p" and self._secret is not None:
-            sig, blob = raw[1:33], raw[33:]
-            import hmac
-            if hmac.compare_digest(sig, self._sign(key, blob)):
-                import pickle
-                return pickle.loads(blob)
+        if self._secret is not None:  # only a value this secret signed is read
+            if raw[:1] == b"p":
+                sig, blob = raw[1:33], raw[33:]
+                import hmac
+                if hmac.compare_digest(sig, self._sign(key, blob)):
+                    import pickle
+                    return pickle.loads(blob)
             self._warn_once("signature", f"RedisStore: the value under {key!r} has a bad "
-                            "signature (tampered, or written with another secret): not "
-                            "unpickled, read as a miss (later ones are not logged)")
+                            "signature (tampered, unsigned, or written with another secret): "
+                            "not read, a miss (later ones are not logged)")
             return MISS
-        self._warn_once("unsigned", f"RedisStore: the value under {key!r} is a pickle and "
-                        "this store has no secret to verify it: read as a miss")
+        if raw[:1] == b"j":
+            try:
+                return json.loads(raw[1:])
+            except ValueError:  # (UnicodeDecodeError too)
+                self._warn_once("json", f"RedisStore: the value under {key!r} is not valid "
+                                "JSON (truncated or tampered): a miss (later ones are not "
+                                "logged)")
+                return MISS
+        self._warn_once("unsigned", f"RedisStore: the value under {key!r} is not a JSON "
+                        "value of this store (a pickle, and this store has no secret to "
+                        "verify it, or foreign): not read, a miss")
         return MISS
 
     def _warn_once(self, what, message):

@@ -8691,6 +8691,41 @@ def test_redis_store_tampered_value_runs_the_body(redis_client, caplog):
     engine.close()
 
 
+def test_redis_store_with_secret_reads_no_unsigned_value(redis_client, caplog):
+    # a JSON value planted where a signed pickle was (no signature at all) is not trusted
+    client, prefix = redis_client
+    sq, calls = counted_task()
+    engine = cs.Engine(store=cs.RedisStore(client, secret=b"s" * 32, prefix=prefix))
+    assert run_engine(engine, sq(5).with_cache()) == 25
+    (key,) = client.scan_iter(match=f"{prefix}:cache:*")
+    client.set(key, b"j666")
+    with caplog.at_level(logging.WARNING, logger=cs.__name__):
+        assert run_engine(engine, sq(5).with_cache()) == 25
+    assert calls == [5, 5]
+    assert len([r for r in caplog.records if "bad signature" in r.getMessage()]) == 1
+    engine.close()
+
+
+def test_redis_store_truncated_json_value_is_a_miss(redis_client, caplog):
+    # a value cut short is one miss with one warning, not a store failure for the run:
+    # the other values are still read and written
+    client, prefix = redis_client
+    sq, calls = counted_task()
+    engine = cs.Engine(store=cs.RedisStore(client, prefix=prefix))
+    assert run_engine(engine, sq.map([1, 2, 3]).with_cache()) == [1, 4, 9]
+    key = next(k for k in client.scan_iter(match=f"{prefix}:cache:*")
+               if client.get(k) == b"j4")
+    client.set(key, b'j{"a": 1')
+    with caplog.at_level(logging.WARNING, logger=cs.__name__):
+        assert run_engine(engine, sq.map([1, 2, 3, 4]).with_cache()) == [1, 4, 9, 16]
+    assert sorted(calls) == [1, 2, 2, 3, 4]
+    assert not [r for r in caplog.records if "failed" in r.getMessage()]
+    assert len([r for r in caplog.records if "not valid JSON" in r.getMessage()]) == 1
+    assert run_engine(engine, sq.map([1, 2, 3, 4]).with_cache()) == [1, 4, 9, 16]
+    assert len(calls) == 5  # the miss and the new item were stored
+    engine.close()
+
+
 def test_redis_store_without_secret_stores_json_only(redis_client, caplog):
     client, prefix = redis_client
     store = cs.RedisStore(client, prefix=prefix)
