@@ -4745,7 +4745,9 @@ def _canon(value, out, depth=0):
     t = type(value)
     if t is str:
         out.append(b"s%d:" % len(value) + value.encode("utf-8", "surrogatepass"))
-    elif t is int or t is bool or t is float or value is None:
+    elif t is int:  # in hex: a decimal str of an int over 4300 digits raises ValueError
+        out.append(b"int:%x;" % value)
+    elif t is bool or t is float or value is None:
         out.append(b"%s:%s;" % (t.__name__.encode(), repr(value).encode()))
     elif t is bytes:
         out.append(b"b%d:" % len(value) + value)
@@ -4792,7 +4794,7 @@ def _args_hash(args, kwargs):
     if len(args) == 1 and not kwargs and type(args[0]) in (int, str):  # the common case
         a = args[0]
         out.append(b"s%d:" % len(a) + a.encode("utf-8", "surrogatepass") if type(a) is str
-                   else b"int:%d;" % a)
+                   else b"int:%x;" % a)
     else:
         _canon(args, out)
         if kwargs:

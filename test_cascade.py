@@ -8410,6 +8410,26 @@ def test_checkpoint_of_a_changed_graph_is_not_reused(tmp_path):
     assert sorted(other_calls) == [1, 2, 3]
 
 
+def test_checkpointed_task_of_a_huge_int_is_recorded(tmp_path):
+    # an int of more than 4300 digits has no decimal str (ValueError): its hash must not
+    # fail the run
+    calls = []
+
+    @cs.task
+    def mod7(n, pair=(0,)):
+        calls.append(n)
+        return (n + pair[0]) % 7
+
+    store = cs.SqliteStore(tmp_path / "s.db")
+    big = 10 ** 5000
+    for _ in range(2):  # the one-argument fast path, and ints in a tuple
+        assert cs.run(mod7(big), store=store, run_id="h", log_level="WARNING") == big % 7
+        assert cs.run(mod7(1, pair=(big,)), store=store, run_id="h2",
+                      log_level="WARNING") == (big + 1) % 7
+    assert len(calls) == 2
+    assert cs._args_hash((big,), {}) != cs._args_hash((big + 1,), {})
+
+
 def test_checkpointed_run_that_failed_reruns_only_what_did_not_finish(tmp_path):
     tries = []
 
