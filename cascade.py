@@ -402,6 +402,9 @@ class Task:
         if isinstance(tags, str):
             tags = (tags,)
         self.fn = fn
+        # its function's place, in the argument hash of its store keys (see _store_keys)
+        self._where = (f"{getattr(fn, '__module__', None)}."
+                       f"{getattr(fn, '__qualname__', None)}\0").encode("utf-8", "surrogatepass")
         self.name = _check_name(fn.__name__ if name is None else name, "task name")
         self.tags = tuple(_check_name(t, "tag") for t in tags)
         functools.update_wrapper(self, fn)
@@ -4788,9 +4791,11 @@ def _canon(value, out, depth=0):
                             f"(it cannot be pickled: {exc})") from None
 
 
-def _args_hash(args, kwargs):
-    """A stable hash (hex) of a call's bound arguments: see _canon."""
-    out = []
+def _args_hash(args, kwargs, where=b""):
+    """A stable hash (hex) of a call's bound arguments (and ``where``: the bytes of the
+    task's module and qualified name, so that two functions of the same task name never
+    share a value): see _canon."""
+    out = [where]
     if len(args) == 1 and not kwargs and type(args[0]) in (int, str):  # the common case
         a = args[0]
         out.append(b"s%d:" % len(a) + a.encode("utf-8", "surrogatepass") if type(a) is str
@@ -7090,7 +7095,7 @@ class _Run:
             k = cache.key
             if k is None:
                 try:
-                    k = h = _args_hash(args, kwargs)
+                    k = h = _args_hash(args, kwargs, lz.task._where)
                 except TypeError as exc:
                     raise TypeError(f"with_cache() of {uid}: {exc}; pass key=, a function of "
                                     "the arguments that returns a str for them") from None
@@ -7103,7 +7108,7 @@ class _Run:
         if self._durable:
             if h is None:
                 try:
-                    h = _args_hash(args, kwargs)
+                    h = _args_hash(args, kwargs, lz.task._where)
                 except TypeError as exc:
                     name = lz.task.name
                     if name not in self._unhashed:

@@ -8430,6 +8430,28 @@ def test_checkpointed_task_of_a_huge_int_is_recorded(tmp_path):
     assert cs._args_hash((big,), {}) != cs._args_hash((big + 1,), {})
 
 
+def _load_a(x):
+    return ("a", x)
+
+
+def _load_b(x):
+    return ("b", x)
+
+
+def test_two_functions_of_one_task_name_never_share_a_stored_value(tmp_path):
+    # two modules' `load` (here: two functions given the same name) are different tasks:
+    # neither with_cache nor a checkpoint may hand one's value to the other
+    load_a = cs.task(name="load")(_load_a)
+    load_b = cs.task(name="load")(_load_b)
+    store = cs.SqliteStore(tmp_path / "s.db")
+    run = functools.partial(cs.run, store=store, log_level="WARNING")
+    assert run(load_a(1).with_cache()) == ("a", 1)
+    assert run(load_b(1).with_cache()) == ("b", 1)
+    # the same run id, the graph changed: load-1 is now the other function
+    assert run([load_a(2), load_b(2)], run_id="n") == [("a", 2), ("b", 2)]
+    assert run([load_b(2), load_a(2)], run_id="n") == [("b", 2), ("a", 2)]
+
+
 def test_checkpointed_run_that_failed_reruns_only_what_did_not_finish(tmp_path):
     tries = []
 
