@@ -5291,7 +5291,9 @@ class _Stored:
             if self.writing:
                 await asyncio.wait(list(self.writing))
             store = self.store
-            if not self.off and self.inline and (store._queue or store._writing):
+            # (a batch that failed to commit before now has left its error there)
+            if not self.off and self.inline and (store._queue or store._writing
+                                                 or store._error is not None):
                 await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
                     None, self.store.flush, self.timeout), self.timeout + 1)
         except Exception as exc:
@@ -6422,7 +6424,13 @@ class _Run:
                 if closing.done() and not closing.cancelled():
                     store_error = closing.result()
                 if store_error is not None and (status != "Failed" or error is store_error):
+                    # raised below if the run had succeeded (found only at the end, it
+                    # is self.error too, but nothing raises it); else what is raised
+                    # already (this error, an earlier one, a cancel) goes on
+                    succeeded = status == "Succeeded"
                     status, error = "Failed", store_error
+                    if not succeeded:
+                        store_error = None
                 else:
                     store_error = None
             escaped = self.resources.escaped
@@ -6439,7 +6447,7 @@ class _Run:
                 cancelled |= await _to_the_end(self.link.close())
             if escaped is not None:
                 raise escaped
-            if store_error is not None and store_error is not self.error:
+            if store_error is not None:
                 raise store_error  # (a strict store that failed at the end)
             if cancelled:
                 raise asyncio.CancelledError()

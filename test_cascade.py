@@ -8912,6 +8912,33 @@ def test_failing_store_fails_a_strict_run():
     engine.close()
 
 
+def test_sqlite_write_that_failed_before_the_run_ended_fails_a_strict_run(tmp_path):
+    # the writer thread's commit failed (the file locked by another connection) while
+    # the run still had work to do: the run's end must see it, not the next run's
+    import sqlite3
+    path = tmp_path / "s.db"
+    store = cs.SqliteStore(path, timeout=0.2, strict=True)
+    lock = sqlite3.connect(path, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # (WAL: reads go on, writes wait, then fail)
+
+    @cs.task
+    def later(x):
+        end = time.monotonic() + TIMEOUT
+        while store._error is None and time.monotonic() < end:
+            time.sleep(0.01)
+        return x
+
+    sq, calls = counted_task()
+    try:
+        with pytest.raises(cs.CascadeError, match="failed"):
+            cs.run(later(sq(3).with_cache()), store=store, log_level="CRITICAL")
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert cs.run(sq(4).with_cache(), store=store, log_level="WARNING") == 16  # not failed
+    store.flush()
+
+
 def test_cached_is_a_state_in_status_and_telemetry(tmp_path):
     sq, _ = counted_task()
     broker = cs.LocalBroker()
