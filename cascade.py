@@ -5252,8 +5252,16 @@ class _Stored:
         return None
 
     def put(self, key, value, ttl):
-        """Write soon: the writes of a loop iteration go to the store together."""
+        """Write soon: the writes of a loop iteration go to the store together; an
+        inline store's at once (SqliteStore pickles then: a later body may change a
+        value it was given, which must not change what was recorded)."""
         if self.off:
+            return
+        if self.inline:
+            try:
+                self._sync_put(((key, value, ttl),))
+            except Exception as exc:
+                self.failed(exc, "put")
             return
         if not self.puts:
             self.run.loop.call_soon(self._write)

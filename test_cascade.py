@@ -8452,6 +8452,33 @@ def test_two_functions_of_one_task_name_never_share_a_stored_value(tmp_path):
     assert run([load_b(2), load_a(2)], run_id="n") == [("b", 2), ("a", 2)]
 
 
+def test_checkpoint_records_the_value_returned_not_one_changed_later(tmp_path):
+    # a downstream body changes the list it was given: the checkpoint of the task that
+    # returned it holds it as returned, so the re-run gives the same result
+    @cs.task
+    def make(i):
+        return [i]
+
+    @cs.task
+    def grow(x):
+        x.append(99)
+        return len(x)
+
+    @cs.task
+    async def agrow(x):
+        x.append(99)
+        return len(x)
+
+    store = cs.SqliteStore(tmp_path / "s.db")
+    for body in (grow, agrow):
+        flow = body.map(make.map(range(50)))
+        for _ in range(2):
+            assert cs.run(flow, store=store, run_id=body.name,
+                          log_level="WARNING") == [2] * 50
+    assert store.get_many([f"run:grow:make-1[{i}]:{cs._args_hash((i,), {}, make._where)}"
+                           for i in range(3)]) == [[0], [1], [2]]
+
+
 def test_checkpointed_run_that_failed_reruns_only_what_did_not_finish(tmp_path):
     tries = []
 
