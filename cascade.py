@@ -4870,11 +4870,10 @@ class SqliteStore:
         return conn
 
     def _found(self, row):
-        import pickle
         blob, expires = row
         if expires is not None and expires <= time.time():
             return MISS
-        return pickle.loads(blob)
+        return _unpickle(blob, self)
 
     def get(self, key: str) -> Any:
         row = self._queue.get(key) or self._writing.get(key)
@@ -5060,8 +5059,7 @@ class RedisStore:
                 sig, blob = raw[1:33], raw[33:]
                 import hmac
                 if hmac.compare_digest(sig, self._sign(key, blob)):
-                    import pickle
-                    return pickle.loads(blob)
+                    return _unpickle(blob, self)
             self._warn_once("signature", f"RedisStore: the value under {key!r} has a bad "
                             "signature (tampered, unsigned, or written with another secret): "
                             "not read, a miss (later ones are not logged)")
@@ -5132,6 +5130,20 @@ class RedisStore:
 
     def __repr__(self):
         return f"<RedisStore prefix={self.prefix!r} {'signed pickles' if self._secret else 'json'}>"
+
+
+def _unpickle(blob, store):
+    """A stored value (a trusted pickle), or MISS with one warning a store when it cannot
+    be loaded (its class was renamed or moved, or its module is not importable here): a
+    value the code no longer reads is not a failure of the store."""
+    import pickle
+    try:
+        return pickle.loads(blob)
+    except Exception as exc:
+        store._warn_once("unpickle", f"{type(store).__name__}: a stored value cannot be "
+                         f"loaded ({type(exc).__name__}: {_printable(exc)}): a miss, its task "
+                         "runs (later ones are not logged)")
+        return MISS
 
 
 def _json_exact(value):
