@@ -5200,11 +5200,19 @@ class _Stored:
                      "(strict=True on the store fails the run instead)", self.run.run_id,
                      self.store, what, type(exc).__name__, _printable(exc))
 
-    def _sync_get(self, keys):
+    def _sync_get(self, keys, began=None):
+        """(``began``: for a store thread, ``[monotonic time]`` of the store call under
+        way, kept up to date: see _bounded.)"""
+        if began is None:
+            began = [0.0]
         if self.get_many is not None:
+            began[0] = time.monotonic()
             values = self.get_many(keys)
         else:
-            values = [self.store.get(k) for k in keys]
+            values = []
+            for k in keys:
+                began[0] = time.monotonic()
+                values.append(self.store.get(k))
         if len(values) != len(keys):
             raise TypeError(f"get_many returned {len(values)} values for {len(keys)} keys")
         return values
@@ -5218,11 +5226,15 @@ class _Stored:
             raise TypeError(f"get_many returned {len(values)} values for {len(keys)} keys")
         return values
 
-    def _sync_put(self, items):
+    def _sync_put(self, items, began=None):
+        if began is None:
+            began = [0.0]
         if self.put_many is not None:
+            began[0] = time.monotonic()
             self.put_many(items)
         else:
             for k, v, ttl in items:
+                began[0] = time.monotonic()
                 self.store.put(k, v, ttl)
 
     async def _aput_all(self, items):
@@ -5232,10 +5244,25 @@ class _Stored:
             for k, v, ttl in items:
                 await self.store.put(k, v, ttl)
 
-    def _on_thread(self, fn, arg):
+    async def _on_thread(self, fn, arg):
+        """``fn(arg, began)`` on a store thread; TimeoutError once one store call of it
+        has run for longer than the timeout. The time it waits for a thread does not
+        count (calls queued behind each other were taken for a hung store), nor does a
+        call after the one before it (a batch of many puts, each quick); if the store
+        is turned off meanwhile (another call failed), it is not waited for."""
         if self.threads is None:
             self.threads = _Workers(4, prefix="cascade-store")
-        return asyncio.wrap_future(self.threads.submit(fn, arg))
+        began = [None]
+        fut = asyncio.wrap_future(self.threads.submit(fn, arg, began))
+        while True:
+            at = began[0]
+            left = self.timeout if at is None else at + self.timeout - time.monotonic()
+            if left <= 0 or (self.off and at is None):
+                fut.cancel()  # (not begun: never will)
+                raise asyncio.TimeoutError()
+            done, _ = await asyncio.wait((fut,), timeout=left)
+            if done:
+                return fut.result()
 
     def get_now(self, keys):
         """An inline store's values for ``keys`` (None: the store failed)."""
@@ -5248,8 +5275,10 @@ class _Stored:
     async def get(self, keys):
         """The values for ``keys`` (None: the store failed or took too long)."""
         try:
-            aw = self._aget_all(keys) if self.aget else self._on_thread(self._sync_get, keys)
-            values = await asyncio.wait_for(aw, self.timeout)
+            if self.aget:
+                values = await asyncio.wait_for(self._aget_all(keys), self.timeout)
+            else:
+                values = await self._on_thread(self._sync_get, keys)
             if not self.aget and values and inspect.isawaitable(values[0]):
                 for v in values:
                     getattr(v, "close", lambda: None)()
@@ -5279,24 +5308,29 @@ class _Stored:
             self.run.loop.call_soon(self._write)
         self.puts.append((key, value, ttl))
 
+    WRITERS = 3  # writes under way at once; those made meanwhile wait and go together
+
     def _write(self):
+        if len(self.writing) >= self.WRITERS:
+            return  # (_wrote sends them: a store far away gets few large batches)
         items, self.puts = self.puts, []
         if not items or self.off:
             return
-        if self.inline:
-            try:
-                self._sync_put(items)
-            except Exception as exc:
-                self.failed(exc, "put")
-        else:
-            t = self.run.loop.create_task(self._put(items))
-            self.writing.add(t)
-            t.add_done_callback(self.writing.discard)
+        t = self.run.loop.create_task(self._put(items))
+        self.writing.add(t)
+        t.add_done_callback(self._wrote)
+
+    def _wrote(self, t):
+        self.writing.discard(t)
+        if self.puts:
+            self._write()
 
     async def _put(self, items):
         try:
-            aw = self._aput_all(items) if self.aput else self._on_thread(self._sync_put, items)
-            await asyncio.wait_for(aw, self.timeout)
+            if self.aput:
+                await asyncio.wait_for(self._aput_all(items), self.timeout)
+            else:
+                await self._on_thread(self._sync_put, items)
         except asyncio.TimeoutError:
             self.failed(TimeoutError(f"no answer within {self.timeout:g}s"), "put")
         except Exception as exc:
@@ -5308,7 +5342,7 @@ class _Stored:
         meanwhile (its run fails with it), else None."""
         self._write()
         try:
-            if self.writing:
+            while self.writing:  # (a write's end sends those made meanwhile)
                 await asyncio.wait(list(self.writing))
             store = self.store
             # (a batch that failed to commit before now has left its error there)

@@ -8993,6 +8993,39 @@ def test_stored_value_that_cannot_be_unpickled_is_a_miss(tmp_path, caplog, monke
     engine.close()
 
 
+def test_slow_sync_store_is_not_taken_for_a_hung_one():
+    # each write takes 50 ms (a store far away) and a run makes writes faster than that:
+    # they wait for each other, and that wait must not count against the store's timeout
+    # (it did: writes queued for its threads timed out, and the store was turned off)
+    class Slow:
+        timeout = 1.0
+        strict = True
+
+        def __init__(self):
+            self.data, self.calls = {}, 0
+
+        def get(self, key):
+            return self.data.get(key, cs.MISS)
+
+        def put(self, key, value, ttl=None):
+            self.put_many([(key, value, ttl)])
+
+        def put_many(self, items):
+            self.calls += 1
+            time.sleep(0.05)
+            self.data.update((k, v) for k, v, _ in items)
+
+    @cs.task
+    async def item(x):
+        await asyncio.sleep(0.001 * (x % 7))
+        return x
+
+    store = Slow()
+    assert cs.run(item.map(range(6000)), store=store, run_id="far",
+                  log_level="WARNING") == list(range(6000))
+    assert len(store.data) == 6000
+
+
 def test_cached_is_a_state_in_status_and_telemetry(tmp_path):
     sq, _ = counted_task()
     broker = cs.LocalBroker()
