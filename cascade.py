@@ -4778,9 +4778,13 @@ def _canon(value, out, depth=0):
         out.append(b"S(" + b"".join(sorted(parts)) + b")")
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         out.append(f"C{t.__module__}.{t.__qualname__}(".encode())
-        for f in dataclasses.fields(value):
-            out.append(f.name.encode() + b"=")
-            _canon(getattr(value, f.name), out, depth + 1)
+        names = [f.name for f in dataclasses.fields(value)]
+        extra = getattr(value, "__dict__", None)
+        if extra is not None and len(extra) > len(names):  # attributes set besides its fields
+            names += sorted(set(extra) - set(names))
+        for name in names:
+            out.append(b"s%d:" % len(name) + name.encode("utf-8", "surrogatepass") + b"=")
+            _canon(getattr(value, name), out, depth + 1)
         out.append(b")")
     else:
         import pickle

@@ -8479,6 +8479,21 @@ def test_checkpoint_records_the_value_returned_not_one_changed_later(tmp_path):
                            for i in range(3)]) == [[0], [1], [2]]
 
 
+@dataclasses.dataclass
+class _Query:
+    sql: str
+
+
+def test_argument_hash_of_a_dataclass_covers_attributes_besides_its_fields():
+    # q.limit set after it was made is part of the argument: two limits, two hashes
+    a, b = _Query("select 1"), _Query("select 1")
+    assert cs._args_hash((a,), {}) == cs._args_hash((b,), {})
+    a.limit, b.limit = 10, 20
+    assert cs._args_hash((a,), {}) != cs._args_hash((b,), {})
+    b.limit = 10
+    assert cs._args_hash((a,), {}) == cs._args_hash((b,), {})
+
+
 def test_checkpointed_run_that_failed_reruns_only_what_did_not_finish(tmp_path):
     tries = []
 
