@@ -4784,7 +4784,11 @@ def _canon(value, out, depth=0):
             names += sorted(set(extra) - set(names))
         for name in names:
             out.append(b"s%d:" % len(name) + name.encode("utf-8", "surrogatepass") + b"=")
-            _canon(getattr(value, name), out, depth + 1)
+            v = getattr(value, name, _MISSING)
+            if v is _MISSING:  # a field(init=False) not set
+                out.append(b"unset;")
+            else:
+                _canon(v, out, depth + 1)
         out.append(b")")
     else:
         import pickle

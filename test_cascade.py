@@ -8493,6 +8493,15 @@ def test_argument_hash_of_a_dataclass_covers_attributes_besides_its_fields():
     b.limit = 10
     assert cs._args_hash((a,), {}) == cs._args_hash((b,), {})
 
+    @dataclasses.dataclass
+    class Late:
+        a: int
+        b: int = dataclasses.field(init=False)
+    late = Late(1)  # b not set: hashed, not an AttributeError that failed the run
+    assert cs._args_hash((late,), {}) != cs._args_hash((Late(2),), {})
+    late.b = 0
+    assert cs._args_hash((late,), {}) != cs._args_hash((Late(1),), {})
+
 
 def test_checkpointed_run_that_failed_reruns_only_what_did_not_finish(tmp_path):
     tries = []
