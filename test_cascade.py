@@ -8377,6 +8377,38 @@ def test_notebook_cell_rerun_on_the_notebook_loop_skips_finished_work(tmp_path):
     engine.close()
 
 
+def test_notebook_cell_run_twice_in_a_real_kernel_skips_finished_work(tmp_path):
+    # a real Jupyter kernel (ipykernel through nbclient): the same cell, run twice on the
+    # same engine with the same run id, runs each body once
+    nbformat = requires("nbformat", "nbformat")
+    nbclient = requires("nbclient", "nbclient")
+    requires("ipykernel", "ipykernel")
+    calls = tmp_path / "calls"
+    setup = (f"import sys; sys.path.insert(0, {ROOT!r})\n"
+             "import cascade as cs\n"
+             f"CALLS = {str(calls)!r}\n"
+             "@cs.task\n"
+             "def sq(x):\n"
+             "    with open(CALLS, 'a') as f:\n"
+             "        f.write(f'{x}\\n')\n"
+             "    return x * x\n"
+             f"engine = cs.Engine(store=cs.SqliteStore({str(tmp_path / 's.db')!r}))")
+    cell = ("value = await engine.start(sq.map(range(6)), run_id='cell')\n"
+            "print(value)")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(setup),
+                                         nbformat.v4.new_code_cell(cell)])
+    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=60)
+    with client.setup_kernel():
+        client.execute_cell(nb.cells[0], 0)
+        outs = []
+        for _ in range(2):  # the cell run again
+            client.execute_cell(nb.cells[1], 1)
+            outs.append("".join(o.get("text", "") for o in nb.cells[1].outputs
+                                if o.get("name") == "stdout"))
+    assert outs == ["[0, 1, 4, 9, 16, 25]\n"] * 2
+    assert sorted(int(x) for x in calls.read_text().split()) == list(range(6))
+
+
 def test_checkpointed_long_async_map_reads_ahead_right(tmp_path):
     # async bodies fused: the map's items are made one or two at a time, and the store is
     # read ahead for the next ones; half of them were recorded by the first run
