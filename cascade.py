@@ -5029,6 +5029,7 @@ class RedisStore:
         self._secret = secret
         self.timeout, self.strict = float(timeout), bool(strict)
         self._warned = set()
+        self._loop = None  # (an asyncio client's: the loop its connections were made on)
         if inspect.iscoroutinefunction(client.execute_command):
             self.get, self.get_many = self._aget, self._aget_many
             self.put, self.put_many = self._aput, self._aput_many
@@ -5120,11 +5121,25 @@ class RedisStore:
         if pipe is not None:
             pipe.execute()
 
+    def _this_loop(self):
+        """An asyncio client's connections belong to the loop that made them: when that
+        loop has closed (the last ``cs.run``'s), its pool forgets them (without closing:
+        a closed loop cannot), so the next run makes its own (regression: every run after
+        the first turned the store off, "Event loop is closed")."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            old, self._loop = self._loop, loop
+            pool = getattr(self.client, "connection_pool", None)
+            if old is not None and old.is_closed() and callable(getattr(pool, "reset", None)):
+                pool.reset()
+
     async def _aget(self, key):
+        self._this_loop()
         full = self._full(key)
         return self._decode(full, await self.client.get(full))
 
     async def _aget_many(self, keys):
+        self._this_loop()
         full = [self._full(k) for k in keys]
         return [self._decode(k, v) for k, v in zip(full, await self.client.mget(full))]
 
@@ -5132,6 +5147,7 @@ class RedisStore:
         await self._aput_many([(key, value, ttl)])
 
     async def _aput_many(self, items):
+        self._this_loop()
         pipe = self._pipeline(items)
         if pipe is not None:
             await pipe.execute()

@@ -8887,6 +8887,20 @@ def test_redis_store_asyncio_client_checkpoints(redis_client, tmp_path):
     assert a == b == [0, 1, 4, 9] and sorted(calls) == [0, 1, 2, 3]
 
 
+def test_redis_store_asyncio_client_serves_one_cs_run_after_another(redis_client):
+    # each cs.run has a loop of its own: the connections of the last one's loop, closed
+    # now, are forgotten (regression: every run after the first turned the store off)
+    redis = requires("redis", "redis")
+    _, prefix = redis_client
+    sq, calls = counted_task()
+    client = redis.asyncio.Redis(host=REDIS_HOST, port=REDIS_PORT)
+    store = cs.RedisStore(client, prefix=prefix, strict=True)
+    for _ in range(3):
+        assert cs.run(sq.map(range(4)), store=store, run_id="r", log_level="WARNING") == [
+            0, 1, 4, 9]
+    assert sorted(calls) == [0, 1, 2, 3]
+
+
 class RaisingStore:
     def __init__(self, strict=False):
         self.strict = strict
