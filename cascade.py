@@ -1956,6 +1956,10 @@ class _Shared:
 
     def _init_shared(self, params, pump):
         self.pump, self.credit = pump, 0
+        # its name at the coordinator: the engine's and a serial (a control replaced by
+        # a new state of the same key never drops the new one's holdings as it leaves)
+        self.member = f"{pump.me}/{next(pump.serial)}"
+        self.asked = 0           # what its ticket at the coordinator still asks for
         self.synced = 0          # permits the coordinator counts ours, as last told
         self.returned = 0        # tokens to give back to the fleet's bucket
         self.renew_at = 0.0      # when the pump next renews this engine's lease
@@ -1990,7 +1994,8 @@ class _SharedLimiter(_Shared, _Limiter):
     the permit to the fleet (the pump's next round trip). Locally it is also a limit
     of ``total``, re-checked at the start gate, as any limit."""
     __slots__ = ("pump", "credit", "inuse", "synced", "returned", "renew_at", "retry",
-                 "granted_at", "down", "error", "used", "engines", "outage")
+                 "granted_at", "down", "error", "used", "engines", "outage", "member",
+                 "asked")
     kind = "c"
 
     def __init__(self, scope, params, now, pump):
@@ -2061,7 +2066,7 @@ class _SharedBucket(_Shared, _State):
     its own at rate / engines (``local``: [tokens, stamp])."""
     __slots__ = ("scope", "label", "rate", "burst", "windows", "weighted", "pump", "credit",
                  "synced", "returned", "renew_at", "retry", "granted_at", "down", "error",
-                 "used", "engines", "outage", "local")
+                 "used", "engines", "outage", "local", "member", "asked")
     kind = "r"
 
     def __init__(self, scope, params, now, pump):
@@ -7932,6 +7937,7 @@ class _Fleet:
         self.on_outage = getattr(coordinator, "on_outage", "hold")
         self.poll = float(getattr(coordinator, "poll", 0.02))
         self.states = {}  # state -> its (scope, type), until it has left the fleet
+        self.serial = itertools.count(1)
         self.event = threading.Event()
         self.thread = None
         self.closed = False
@@ -7961,7 +7967,8 @@ class _Fleet:
             if self.closed:
                 for st, key in list(self.states.items()):
                     try:  # (best effort: a lease ends by itself)
-                        self.coordinator.exchange(st.kind, key[0], self.me, 0, 0, 0, 0, True)
+                        self.coordinator.exchange(st.kind, key[0], st.member, 0, 0, 0, 0,
+                                                  True)
                     except Exception:
                         pass
                 return
@@ -8005,14 +8012,17 @@ class _Fleet:
             held = st.owned()
             give = st.returned if st.kind == "r" else held
             leave = not st.active and held == 0 and not st.returned
-            if not (leave or (want and now >= st.retry) or (st.kind == "c" and held != st.synced)
-                    or st.returned or now >= st.renew_at):
+            # (a ticket that asks for more than is wanted now is lowered at once: it
+            # holds back the tickets behind it)
+            if not (leave or (want and now >= st.retry) or want < st.asked
+                    or (st.kind == "c" and held != st.synced) or st.returned
+                    or now >= st.renew_at):
                 return min(st.renew_at, st.retry if want else math.inf)
             cap = st.total if st.kind == "c" else st.rate
             burst = 0 if st.kind == "c" else st.burst
         try:
             grant, retry, used, engines = self.coordinator.exchange(
-                st.kind, key[0], self.me, give, want, cap, burst, leave)
+                st.kind, key[0], st.member, give, want, cap, burst, leave)
         except Exception as exc:
             return self._failed(st, key, exc, now)
         if leave:
@@ -8025,7 +8035,7 @@ class _Fleet:
             recovered, st.down, st.error = st.down, False, None
             if st.kind == "r":
                 st.returned -= give
-            st.synced = held + grant
+            st.synced, st.asked = held + grant, want - grant
             st.renew_at = now + self.lease / 3
             st.used, st.engines = used, max(1, engines)
             if grant:
@@ -9285,7 +9295,19 @@ class _Presence:
                 "constraints": [{"scope": c.scope, "type": c.type, "params": dict(c.params),
                                  "origin": c.origin, "expires_at": c.expires_at,
                                  "expires_in": c.expires_in(now)} for c in listed],
-                "constraints_total": total}
+                "constraints_total": total, **self.shared(e)}
+
+    @staticmethod
+    def shared(e):
+        """The shared controls' fleet usage (``shared``, only with a coordinator): what
+        this engine holds of each, and the fleet's as of its last round trip."""
+        fleet = e._cp.fleet
+        if fleet is None:
+            return {}
+        with e._cp.lock:
+            return {"shared": [{"scope": key[0], "type": key[1], **st.usage(None)}
+                               for st, key in list(fleet.states.items())
+                               if st.active][:_Presence.MAX_CONSTRAINTS]}
 
     def changed(self, start=False):  # any thread
         with self.lock:
@@ -10180,6 +10202,12 @@ def _engine_sections(engines, detail):
                               (f"{setting} ({text(c.get('origin'))}" + (
                                   f", {round(left)}s left" if _is_number(left) else "")
                                + ")").strip()])
+            for c in e.get("shared") if isinstance(e.get("shared"), list) else ():
+                c = c if isinstance(c, dict) else {}
+                fleet = ", ".join(f"{k.replace('_', ' ')} {text(c[k])}" for k in (
+                    "in_use", "credit", "fleet_in_use", "fleet_tokens", "engines",
+                    "coordinator") if k in c)
+                lines.append(["shared", f"{text(c.get('type'))} {text(c.get('scope'))}", fleet])
             sections.append((f"engine {text(e.get('engine_id'))} on {text(e.get('source'))}",
                              ["WHAT", "NAME", "STATE"], lines or [["-", "idle", "no run, no control"]]))
     title = "engines (a record not updated for 3 heartbeats is lost)"

@@ -13320,3 +13320,53 @@ def test_redis_going_away_and_coming_back(redis_mod, on_outage, caplog):
             assert len(warned) == 1
         e.close()
         client.close()
+
+
+def test_a_shared_limit_serves_engines_in_ticket_order_and_shows_in_status(rds, redis_mod):
+    client, prefix = rds
+    broker = cs.LocalBroker()
+    engines = [cs.Engine(connector=broker, presence=0.2,
+                         coordinator=cs.RedisCoordinator(redis_mod.Redis(host=HOST,
+                                                                         port=REDIS_PORT),
+                                                         prefix=prefix, lease=2.0))
+               for _ in range(2)]
+    starts = []
+    lock = threading.Lock()
+
+    def task_of(k):
+        @cs.task(name="job")
+        def job(i):
+            with lock:
+                starts.append(k)
+            time.sleep(0.01)
+            return i
+        return job
+
+    for e in engines:
+        e.limit("task:job", 1, shared=True)
+
+    async def both():
+        return await asyncio.gather(*(e.run(task_of(k).map(range(8)))
+                                      for k, e in enumerate(engines)))
+    assert asyncio.run(asyncio.wait_for(both(), 60)) == [list(range(8))] * 2
+    # one engine's backlog does not hold the other back: with tickets, the engines take
+    # turns (a run of one engine's starts is its own re-ask losing to the other's ticket)
+    runs = [len(list(g)) for _, g in itertools.groupby(starts)]
+    assert max(runs) <= 2, starts
+    row = engines[0].status()["scopes"][0]
+    assert row["shared"] and row["limit"] == 1 and row["engines"] == 2
+    assert "fleet_in_use" in row and row["on_outage"] == "hold"
+
+    async def seen():
+        ctl = cs.Controller(broker)
+        end = time.monotonic() + TIMEOUT
+        while True:
+            recs = await ctl.engines()
+            if len(recs) == 2 and all(r.get("shared") for r in recs):
+                return recs
+            assert time.monotonic() < end, recs
+            await asyncio.sleep(0.05)
+    rec = asyncio.run(seen())[0]["shared"][0]
+    assert rec["scope"] == "task:job" and rec["type"] == "concurrency" and rec["shared"]
+    for e in engines:
+        e.close()
