@@ -13370,3 +13370,73 @@ def test_a_shared_limit_serves_engines_in_ticket_order_and_shows_in_status(rds, 
     assert rec["scope"] == "task:job" and rec["type"] == "concurrency" and rec["shared"]
     for e in engines:
         e.close()
+
+
+def test_cli_limit_and_rate_shared(paho, broker):
+    u = broker
+    scope = f"task:sh_{u}"
+    try:
+        out = stdout_of(cli("limit", scope, 5, "--shared"))
+        assert f"limit 5 shared on {scope}" in out
+        out = stdout_of(cli("rate", scope, "100/s", "--burst", 10, "--shared", "--on-outage",
+                            "local"))
+        assert f"rate 100/s burst 10 shared (on outage: local) on {scope}" in out
+        found = {c["type"]: c["params"] for c in json.loads(stdout_of(cli(
+            "status", "--json")))["in_force"] if c["scope"] == scope}
+        assert found == {"concurrency": {"limit": 5, "shared": True},
+                         "rate_limit": {"rate": "100/s", "burst": 10, "shared": True,
+                                        "on_outage": "local"}}
+        for bad in (["limit", scope, 2, "--on-outage", "hold"],
+                    ["rate", scope, "1/s", "100/d", "--shared"],
+                    ["limit", scope, 2, "--per", "customer", "--shared"]):
+            r = cli(*bad)
+            assert r.returncode == 1 and r.stderr.startswith("cascade: "), (bad, r.stderr)
+        r = cli("limit", scope, 2, "--shared", "--on-outage", "panic")
+        assert r.returncode == 2 and "invalid choice" in r.stderr
+    finally:
+        sweep(u)
+
+
+def test_a_shared_control_from_the_broker_is_fleet_wide_on_engines_with_a_coordinator(
+        rds, redis_mod):
+    client, prefix = rds
+    broker = cs.LocalBroker()
+    engines = [cs.Engine(connector=broker, coordinator=cs.RedisCoordinator(
+        redis_mod.Redis(host=HOST, port=REDIS_PORT), prefix=prefix)) for _ in range(2)]
+    now, peak = [0], [0]
+    lock = threading.Lock()
+
+    @cs.task(name="job")
+    def job(i):
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        time.sleep(0.005)
+        with lock:
+            now[0] -= 1
+        return i
+
+    async def main():
+        await cs.Controller(broker).limit("task:job", 2, shared=True)
+        return await asyncio.gather(*(e.run(job.map(range(20))) for e in engines))
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == [list(range(20))] * 2
+    assert peak[0] <= 2  # 2 across both engines (each alone would allow 2: 4 in all)
+    assert engines[0].status()["scopes"][0]["shared"]
+    for e in engines:
+        e.close()
+
+
+def test_redis_coordinator_drives_an_asyncio_client_on_its_own_loop(rds, redis_mod):
+    client, prefix = rds
+    aio = requires("redis.asyncio", "redis")
+    e = cs.Engine(coordinator=cs.RedisCoordinator(aio.Redis(host=HOST, port=REDIS_PORT),
+                                                  prefix=prefix))
+    e.rate_limit("task:job", "50/s", burst=5, shared=True)
+
+    @cs.task(name="job")
+    async def job(i):
+        return i
+
+    assert asyncio.run(e.run(job.map(range(10)))) == list(range(10))
+    assert client.exists(f"{prefix}:rate_limit:{{task:job}}:bucket")
+    e.close()
