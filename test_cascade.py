@@ -12995,6 +12995,7 @@ def test_bench_quick_smoke_run_prints_the_table():
     for row in ("| W1 fan-out, async bodies", "| W2 chain", "| W3 limited I/O", "| W4 map",
                 "| W5", "| W6", "| W7", "| W11 CPU-bound map on a 2-process pool",
                 "| W11 CPU-bound map on a Dask LocalCluster", "import cascade",
+                "| W13 starts under a shared rate limit",  # (skipped with a note: no Redis)
                 # (skipped with a note where no Mosquitto runs)
                 "| W10 telemetry over Mosquitto (paho): W4's map", "| W10 telemetry burst"):
         assert row in p.stdout, row
