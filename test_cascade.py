@@ -13441,3 +13441,60 @@ def test_redis_coordinator_drives_an_asyncio_client_on_its_own_loop(rds, redis_m
     assert asyncio.run(e.run(job.map(range(10)))) == list(range(10))
     assert client.exists(f"{prefix}:rate_limit:{{task:job}}:bucket")
     e.close()
+
+
+FLEET_SCOPES = ["task:fa", "task:fb", "tag:fx", "global"]
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(controls=st.lists(st.tuples(st.sampled_from(FLEET_SCOPES),
+                                   st.sampled_from(["concurrency", "rate_limit"]),
+                                   st.booleans(), st.integers(1, 3)),
+                         min_size=1, max_size=5,
+                         unique_by=lambda c: (c[0], c[1])),
+       items=st.integers(1, 6))
+def test_any_mix_of_shared_and_local_controls_finishes_and_shared_caps_hold(
+        rds, redis_mod, controls, items):
+    client, base = rds
+    prefix = f"{base}:{uid()}"
+    engines = [cs.Engine(coordinator=cs.RedisCoordinator(
+        redis_mod.Redis(host=HOST, port=REDIS_PORT), prefix=prefix, lease=2.0))
+        for _ in range(2)]
+    running = collections.Counter()
+    peak = collections.Counter()
+    lock = threading.Lock()
+    caps = {scope: n for scope, kind, shared, n in controls if kind == "concurrency" and shared}
+
+    def body_of(name, tags):
+        def body(i):
+            with lock:
+                for s in (f"task:{name}", *(f"tag:{t}" for t in tags), "global"):
+                    running[s] += 1
+                    peak[s] = max(peak[s], running[s])
+            time.sleep(0.002)
+            with lock:
+                for s in (f"task:{name}", *(f"tag:{t}" for t in tags), "global"):
+                    running[s] -= 1
+            return i
+        return cs.task(name=name, tags=tags)(body)
+
+    fa, fb = body_of("fa", ["fx"]), body_of("fb", [])
+    for e in engines:
+        for scope, kind, shared, n in controls:
+            if kind == "concurrency":
+                e.limit(scope, n, shared=shared)
+            else:
+                e.rate_limit(scope, f"{100 * n}/s", burst=n, shared=shared)
+
+    async def both():
+        return await asyncio.gather(*(e.run([fa.map(range(items)), fb.map(range(items))])
+                                      for e in engines))
+    try:
+        out = asyncio.run(asyncio.wait_for(both(), 60))  # (a deadlock: a timeout)
+        assert out == [[list(range(items))] * 2] * 2
+        for scope, n in caps.items():
+            assert peak[scope] <= n, (scope, peak, controls)
+    finally:
+        for e in engines:
+            e.close()
