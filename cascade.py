@@ -8066,7 +8066,7 @@ class _Fleet:
                 self.cp._wake(st)
                 granted = self.cp._admit() if self.cp._ready else None
         self.cp._dispatch(granted)
-        if first:
+        if first and not self.closed:
             if not self.down:
                 self.down = True
                 _log.warning("coordinator unreachable (%s): shared controls %s until it is "
