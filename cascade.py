@@ -7854,7 +7854,9 @@ class RedisCoordinator:
     be reached, unless the control says (``on_outage=``): ``"hold"`` (no new starts)
     or ``"local"`` (this engine's share: the limit or rate over the engines last seen
     holding it, at least 1). ``poll``: seconds between asks of an engine whose units
-    wait for a permit (a rate asks when its next token is due)."""
+    wait for a permit (a rate asks when its next token is due). Give the client a
+    ``socket_timeout`` (a few seconds, below the lease): a Redis that hangs is then an
+    outage, not a pump that waits for ever."""
 
     def __init__(self, client: Any, *, prefix: str = "cascade", lease: float = 10.0,
                  on_outage: str = "hold", poll: float = 0.02) -> None:
