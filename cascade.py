@@ -1788,11 +1788,14 @@ class _PerKey(_State):
     has doubled, so 100,000 customers over a run leave only the busy ones behind.
     invariant: at most one part per value is in use (every lookup goes through live,
     and a sweep invalidates the parts cached in keys' needs)."""
-    __slots__ = ("scope", "kind", "per", "params", "live", "sweep_at", "gate")
+    __slots__ = ("scope", "kind", "per", "params", "live", "sweep_at", "gate", "pump",
+                 "shared")
     keyed = True
 
-    def __init__(self, scope, params, now, kind):
-        self.scope, self.kind = scope, kind
+    def __init__(self, scope, params, now, kind, pump=None):
+        # pump: shared, each part is a shared state of its own value (_SharedKeyLimiter,
+        # _SharedKeyBucket), attached to the engine's pump when made
+        self.scope, self.kind, self.pump, self.shared = scope, kind, pump, pump is not None
         self.gate = kind == "concurrency"  # its parts are re-checked at the start gate
         self.live = {}      # value -> its part
         self.sweep_at = 64  # sweep idle parts when live grows beyond this
@@ -1803,10 +1806,10 @@ class _PerKey(_State):
         p = self.params
         o = p["overrides"].get(v)
         if self.kind == "concurrency":
-            return {"limit": p["limit"] if o is None else o}
+            return {"limit": p["limit"] if o is None else o, "on_outage": p.get("on_outage")}
         if o is None:
             return p
-        return {**o, "weighted": p.get("weighted", True)}
+        return {**o, "weighted": p.get("weighted", True), "on_outage": p.get("on_outage")}
 
     def part(self, key):
         """The state of ``key``'s value of the key (None: it has no such key)."""
@@ -1815,7 +1818,13 @@ class _PerKey(_State):
             return None
         st = self.live.get(v)
         if st is None:
-            if self.kind == "concurrency":
+            if self.pump is not None:
+                cls = _SharedKeyLimiter if self.kind == "concurrency" else _SharedKeyBucket
+                st = cls(self.scope, self._params(v), time.monotonic(), self.pump)
+                st.owner, st.value = self, v
+                self.pump.attach((self.scope, f"keyed_{self.kind}"), st,
+                                 f"{self.scope}|{self.per}={v}")
+            elif self.kind == "concurrency":
                 o = self.params["overrides"].get(v)
                 st = _KeyLimiter(self.scope, self.params["limit"] if o is None else o)
             else:
@@ -1842,6 +1851,11 @@ class _PerKey(_State):
                        busiest={v: n for n, v in busiest[:5]})
         else:
             out.update(rate=self.params["rate"], burst=self.params["burst"])
+        if self.pump is not None:
+            down = [st.error for _, st in parts if st.down]
+            out.update(shared=True, on_outage=self.params.get("on_outage")
+                       or self.pump.on_outage, **({"coordinator": f"down: {down[0]}"}
+                                                  if down else {}))
         return out
 
     def __repr__(self):
@@ -2133,7 +2147,36 @@ class _SharedBucket(_Shared, _State):
         return f"<_SharedBucket {self.scope} {self.label} credit={self.credit}>"
 
 
-_SHARED_STATES = {"concurrency": _SharedLimiter, "rate_limit": _SharedBucket}
+class _SharedKeyLimiter(_SharedLimiter):
+    """The shared limit of one value of a shared per-key limit (see _PerKey): its own
+    permits at the coordinator, under the name ``<scope>|<key>=<value>``."""
+    __slots__ = ("owner", "value")
+
+    def idle(self, now):  # (then forgotten by the sweep, and the pump lets it leave)
+        return not self.borrowed and not self.credit and not self.inuse
+
+    def why(self, n):
+        return super().why(n).replace(" (", f" for {self.owner.per}={self.value} (", 1)
+
+
+class _SharedKeyBucket(_SharedBucket):
+    """The shared rate of one value of a shared per-key rate limit (see _PerKey)."""
+    __slots__ = ("owner", "value")
+
+    def idle(self, now):
+        return not self.credit
+
+    def why(self, n):
+        return super().why(n).replace(" (", f" for {self.owner.per}={self.value} (", 1)
+
+
+def _shared_state(c, now, pump):
+    """The state of a shared control ``c`` (see _ControlPlane._install)."""
+    if c.type == "concurrency":
+        return _SharedLimiter(c.scope, c.params, now, pump)
+    if c.type == "rate_limit":
+        return _SharedBucket(c.scope, c.params, now, pump)
+    return _PerKey(c.scope, c.params, now, c.type[len("keyed_"):], pump)
 
 
 # -- control types: one entry each ------------------------------------------------
@@ -2216,10 +2259,11 @@ def _check_keyed_concurrency(raw):
     if "limit" not in raw or "per" not in raw:
         raise ConstraintError("a keyed_concurrency constraint needs params {'limit': n, "
                               "'per': '<key name>'} (and 'overrides': {value: n})")
-    return {"limit": _check_int(raw["limit"], "limit", 0),
-            "per": _check_key_name(raw["per"], "per"),
-            "overrides": _check_by_value(raw.get("overrides"), "overrides",
-                                         lambda n, what: _check_int(n, what, 0))}
+    return _check_shared(raw, {
+        "limit": _check_int(raw["limit"], "limit", 0),
+        "per": _check_key_name(raw["per"], "per"),
+        "overrides": _check_by_value(raw.get("overrides"), "overrides",
+                                     lambda n, what: _check_int(n, what, 0))})
 
 
 def _check_keyed_rate_limit(raw):
@@ -2231,11 +2275,15 @@ def _check_keyed_rate_limit(raw):
     def override(x, what):
         if isinstance(x, dict) and ("shared" in x or "on_outage" in x):
             raise ConstraintError(f"{what}: an override takes rate, burst and weighted "
-                                  "(shared is not supported per key yet)")
+                                  "(shared and on_outage are the control's)")
         try:
-            return _check_rate_limit(x if isinstance(x, dict) else {"rate": x})
+            x = _check_rate_limit(x if isinstance(x, dict) else {"rate": x})
         except ConstraintError as exc:
             raise ConstraintError(f"{what}: {exc}") from None
+        if out.get("shared") and type(x["rate"]) is list:
+            raise ConstraintError(f"{what}: a shared rate_limit takes one rate per value "
+                                  f"('100/s'), got {x['rate']!r:.80}")
+        return x
     out["per"] = _check_key_name(raw["per"], "per")
     out["overrides"] = _check_by_value(raw.get("overrides"), "overrides", override)
     return out
@@ -2351,12 +2399,12 @@ def _fleet_row(row):
     """A status row's fleet part, for a shared control (see _Shared.fleet_usage)."""
     if not row.get("shared"):
         return ""
-    parts = [f"{row['engines']} engine{'s' * (row['engines'] != 1)}"]
+    parts = [f"{row['engines']} engine{'s' * (row['engines'] != 1)}"] if "engines" in row else []
     if "fleet_in_use" in row:
         parts.insert(0, f"{row['fleet_in_use']} in use fleet-wide")
     if row.get("coordinator"):
         parts.append(f"coordinator {row['coordinator']} ({row['on_outage']})")
-    return " (shared: " + ", ".join(parts) + ")"
+    return " (shared" + (": " + ", ".join(parts) if parts else "") + ")"
 
 
 def _overrides(p):
@@ -2411,11 +2459,12 @@ _CONTROL_TYPES = {t.name: t for t in (
                  lambda row: f"{row['in_use']}/{row['limit']} in use{_fleet_row(row)}",
                  _Limiter.control,
                  adopts_running=True),
-    _ControlType("keyed_concurrency", ("limit", "per", "overrides"), _check_keyed_concurrency,
-                 lambda p: f"limit {p['limit']} per {p['per']}{_overrides(p)}",
-                 lambda p: f"limit {p['limit']} per {p['per']}{_overrides(p)}",
+    _ControlType("keyed_concurrency", ("limit", "per", "overrides", "shared", "on_outage"),
+                 _check_keyed_concurrency,
+                 lambda p: f"limit {p['limit']} per {p['per']}{_overrides(p)}{_shared(p)}",
+                 lambda p: f"limit {p['limit']} per {p['per']}{_overrides(p)}{_shared(p)}",
                  lambda row: (f"{row['in_use']} in use over {row['keys']} {row['per']} "
-                              f"values (limit {row['limit']} each)"),
+                              f"values (limit {row['limit']} each){_fleet_row(row)}"),
                  functools.partial(_PerKey, kind="concurrency"), adopts_running=True),
     _ControlType("adaptive", ("min", "max", "factor", "latency", "on", "limit"),
                  _check_adaptive,
@@ -2432,13 +2481,15 @@ _CONTROL_TYPES = {t.name: t for t in (
                  lambda row: (f"{_plus(row['rate'])} burst {_plus(row['burst'])} "
                               f"tokens {_plus(row['tokens'])}{_fleet_row(row)}"),
                  _Bucket),
-    _ControlType("keyed_rate_limit", ("rate", "burst", "weighted", "per", "overrides"),
+    _ControlType("keyed_rate_limit", ("rate", "burst", "weighted", "per", "overrides",
+                                      "shared", "on_outage"),
                  _check_keyed_rate_limit,
                  lambda p: f"rate {_plus(p['rate'])} burst {_plus(p['burst'])} per {p['per']}"
-                           f"{_overrides(p)}",
+                           f"{_overrides(p)}{_shared(p)}",
                  lambda p: f"{_plus(p['rate'])} burst {_plus(p['burst'])} per {p['per']}"
-                           f"{_overrides(p)}",
-                 lambda row: f"{_plus(row['rate'])} per {row['per']}, {row['keys']} values busy",
+                           f"{_overrides(p)}{_shared(p)}",
+                 lambda row: (f"{_plus(row['rate'])} per {row['per']}, {row['keys']} values "
+                              f"busy{_fleet_row(row)}"),
                  functools.partial(_PerKey, kind="rate_limit")),
     _ControlType("ramp", ("rate",), _check_ramp,
                  lambda p: f"ramp {p['rate']}", lambda p: f"ramp {p['rate']}",
@@ -2568,16 +2619,14 @@ def _limit_control(scope, n, per, overrides, fair, weights, ttl, shared=False,
     key ``per`` (type keyed_concurrency, beside an ordinary limit of the scope);
     ``shared``: one limit for the fleet (see RedisCoordinator)."""
     extra = _shared_params(shared, on_outage, "limit")
-    if per is not None and extra:
-        raise ConstraintError("limit(per=..., shared=True): shared per-key limits are not "
-                              "supported yet; share a limit of a 'key:<name>=<value>' scope")
     if per is not None:
         if fair is not None or weights:
             raise ConstraintError("limit(per=...) takes no fair=/weights=: each value has "
                                   "its own limit already; to share one limit fairly, set "
                                   "fair= on a limit without per=")
         return Constraint.make(scope, "keyed_concurrency",
-                               {"limit": n, "per": per, "overrides": overrides}, ttl=ttl)
+                               {"limit": n, "per": per, "overrides": overrides, **extra},
+                               ttl=ttl)
     if overrides:
         raise ConstraintError("overrides= needs per='<key name>' (the key whose values "
                               "they name)")
@@ -2593,10 +2642,6 @@ def _rate_control(scope, rate, burst, weighted, per, overrides, ttl, shared=Fals
     keyed_rate_limit, beside an ordinary rate limit of the scope); ``shared``: one
     bucket for the fleet (see RedisCoordinator)."""
     extra = _shared_params(shared, on_outage, "rate_limit")
-    if per is not None and extra:
-        raise ConstraintError("rate_limit(per=..., shared=True): shared per-key rates are "
-                              "not supported yet; share a rate of a 'key:<name>=<value>' "
-                              "scope")
     params = {"rate": rate, "burst": burst, "weighted": weighted, **extra}
     if per is None:
         if overrides:
@@ -3048,8 +3093,9 @@ class _ControlPlane:
         st = self._states.get(key)
         if st is None:
             if shared:
-                st = _SHARED_STATES[c.type](c.scope, c.params, now, self.fleet)
-                self.fleet.attach(key, st)
+                st = _shared_state(c, now, self.fleet)
+                if not st.keyed:  # (a per-key one's parts are attached as they are made)
+                    self.fleet.attach(key, st)
             else:
                 st = ctype.state(c.scope, c.params, now)
             self._states[key] = st
@@ -7938,15 +7984,19 @@ class _Fleet:
         self.lease = float(getattr(coordinator, "lease", 10.0))
         self.on_outage = getattr(coordinator, "on_outage", "hold")
         self.poll = float(getattr(coordinator, "poll", 0.02))
-        self.states = {}  # state -> its (scope, type), until it has left the fleet
+        self.stale = min(1.0, self.lease / 3)  # unused credit goes back after this
+        self.granted = False  # a grant came in this round (the next one comes at once)
+        # state -> (its control's (scope, type), its name at the coordinator), until it
+        # has left the fleet
+        self.states = {}
         self.serial = itertools.count(1)
         self.event = threading.Event()
         self.thread = None
         self.closed = False
         self.down = False  # an outage was warned about (one warning per outage)
 
-    def attach(self, key, st):  # control plane lock held
-        self.states[st] = key
+    def attach(self, key, st, name=None):  # control plane lock held
+        self.states[st] = (key, name or key[0])
         if self.thread is None:
             self.thread = threading.Thread(target=self._run, name="cascade-coordinator",
                                            daemon=True)
@@ -7967,47 +8017,78 @@ class _Fleet:
             self.event.wait(timeout)
             self.event.clear()
             if self.closed:
-                for st, key in list(self.states.items()):
+                for st, (key, name) in list(self.states.items()):
                     try:  # (best effort: a lease ends by itself)
-                        self.coordinator.exchange(st.kind, key[0], st.member, 0, 0, 0, 0,
+                        self.coordinator.exchange(st.kind, name, st.member, 0, 0, 0, 0,
                                                   True)
                     except Exception:
                         pass
                 return
             now = time.monotonic()
             due = now + self.lease / 3
-            for st, key in list(self.states.items()):
+            with self.cp.lock:
+                demands = self._demands()
+            self.granted = False
+            for st, (key, name) in list(self.states.items()):
                 try:
-                    due = min(due, self._pump(st, key))
+                    due = min(due, self._pump(st, key, name, demands.get(st, 0)))
                 except Exception:  # never the pump itself
                     _log.exception("coordinator pump failed for %s on %s", key[1], key[0])
                     due = min(due, time.monotonic() + 1.0)
-            timeout = max(0.0, due - time.monotonic())
+            # (a grant may let units ask for their next shared control: at once)
+            timeout = 0.0 if self.granted else max(0.0, due - time.monotonic())
 
-    def _demand(self, st):  # lock held: what the units held back on st alone would take
-        parking = self.cp._parked.get(st)
-        if parking is None:
-            return 0
-        d = 0
-        for e in parking.heap:
-            q = e[2]
-            if q is None or not all(x[3].state.shared for x in q.entries):
-                continue  # (held back locally too: it asks once that passes)
-            for s, n in q.key.needs:
-                if s is st:
-                    d += n * len(q.waiters)
+    def _demands(self):  # lock held: {shared state: the grants its waiters lack}
+        """What the units held back on shared controls alone lack of each (units held
+        back locally too ask once that passes). A unit that needs several shared
+        controls asks for them one at a time, in one order every engine follows (by name
+        at the coordinator), for the first it lacks: it holds credit of earlier ones only
+        while it waits for a later one, so no two engines wait for each other's credit.
+        Credit counts once, unit by unit: the oldest units are covered by it first."""
+        states, parked = self.states, self.cp._parked
+        seen, queues = set(), []
+        for st in states:
+            parking = parked.get(st)
+            if parking is None:
+                continue
+            for e in parking.heap:
+                q = e[2]
+                if (q is not None and q not in seen and q.waiters
+                        and all(x[3].state.shared for x in q.entries)):
+                    seen.add(q)
+                    queues.append(q)
+        queues.sort(key=lambda q: q.waiters[0].seq)
+        avail, lack = {}, {}
+        for q in queues:
+            needs = sorted(((states[s][1], s.kind), s, n) for s, n in q.key.needs
+                           if s.shared and s in states and not s.down)
+            m = len(q.waiters)  # its units that have the credit of the states so far
+            for _, s, n in needs:
+                have = avail.get(s, s.credit)
+                covered = min(m, int(have // n)) if n else m
+                avail[s] = have - covered * n
+                if covered < m:
+                    lack[s] = lack.get(s, 0) + (m - covered) * n
+                m = covered
+                if not m:
                     break
-        return d
+        return lack
 
-    def _pump(self, st, key):
-        """One round trip for ``st`` if one is due; returns when one may be due next."""
+    def _pump(self, st, key, name, lack):
+        """One round trip for ``st`` if one is due (``lack``: what its waiters lack
+        beyond its credit); returns when one may be due next."""
         cp, now = self.cp, time.monotonic()
         with cp.lock:
-            want = st.want(self._demand(st)) if st.active and not st.down else 0
-            if st.credit and (not want and not self._demand(st) or
-                              now - st.granted_at > min(1.0, self.lease / 3)):
-                # unused grants go back: nobody here waits for them (or they sat unused
-                # behind another control: held while waiting, they could starve others)
+            if st.owner is not None and st.owner.live.get(st.value) is not st:
+                st.active = False  # a per-key part the sweep forgot: it leaves the fleet
+            want = st.want(lack + st.credit) if st.active and not st.down and lack else 0
+            if st.credit and (not st.active or now >= st.granted_at + self.stale):
+                # Unused grants go back, once they have sat unused for a while. Not at
+                # once when nobody waits on this state: a unit that needs two shared
+                # controls waits on one while it holds the other's credit, and giving
+                # that back each time made the two take turns for ever (a livelock the
+                # property test found). Not kept for ever either: held while waiting,
+                # they could hold back another engine that waits for the other way round.
                 if st.kind == "r":
                     st.returned += st.credit
                 st.credit = 0
@@ -8019,12 +8100,13 @@ class _Fleet:
             if not (leave or (want and now >= st.retry) or want < st.asked
                     or (st.kind == "c" and held != st.synced) or st.returned
                     or now >= st.renew_at):
-                return min(st.renew_at, st.retry if want else math.inf)
+                return min(st.renew_at, st.retry if want else math.inf,
+                           st.granted_at + self.stale if st.credit else math.inf)
             cap = st.total if st.kind == "c" else st.rate
             burst = 0 if st.kind == "c" else st.burst
         try:
             grant, retry, used, engines = self.coordinator.exchange(
-                st.kind, key[0], st.member, give, want, cap, burst, leave)
+                st.kind, name, st.member, give, want, cap, burst, leave)
         except Exception as exc:
             return self._failed(st, key, exc, now)
         if leave:
@@ -8043,6 +8125,7 @@ class _Fleet:
             if grant:
                 st.credit += grant
                 st.granted_at = now
+                self.granted = True
             st.retry = 0.0 if grant >= want else now + (retry if st.kind == "r" else self.poll)
             if grant or recovered:
                 cp._wake(st)
@@ -8054,7 +8137,8 @@ class _Fleet:
                 _log.warning("coordinator reachable again: shared controls are fleet-wide "
                              "again")
             self._event(CoordinatorRecovered, key, None)
-        return min(st.renew_at, st.retry or math.inf)
+        return min(st.renew_at, st.retry or math.inf,
+                   st.granted_at + self.stale if st.credit else math.inf)
 
     def _failed(self, st, key, exc, now):
         reason = _error_text(f"{type(exc).__name__}: {exc}", "error")
@@ -9307,8 +9391,9 @@ class _Presence:
         if fleet is None:
             return {}
         with e._cp.lock:
-            return {"shared": [{"scope": key[0], "type": key[1], **st.usage(None)}
-                               for st, key in list(fleet.states.items())
+            return {"shared": [{"scope": key[0], "type": key[1], **(
+                {"value": st.value} if st.owner is not None else {}), **st.usage(None)}
+                               for st, (key, _) in list(fleet.states.items())
                                if st.active][:_Presence.MAX_CONSTRAINTS]}
 
     def changed(self, start=False):  # any thread

@@ -6712,7 +6712,7 @@ def _valid_control(scope, kind, i):
             "expires_at": None}
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(hostile_message(), min_size=1, max_size=25), st.integers(0, 3))
 def test_property_hostile_control_messages_never_wedge_or_fool_an_engine(messages, threads):
     # Any mix of valid and hostile messages, sent while runs are active (from the loop,
@@ -13128,10 +13128,15 @@ def test_shared_params_are_checked_and_need_a_coordinator():
                                                               "fair": "customer"}),
          "a shared limit takes no fair="),
         (lambda: cs.Constraint.make("task:x", "keyed_concurrency", {"limit": 3, "per": "c",
-                                                                    "shared": True}),
-         "unknown params"),
-        (lambda: e.limit("task:x", 3, per="customer", shared=True),
-         "shared per-key limits are not supported yet"),
+                                                                    "shared": "no"}),
+         "shared must be true or false"),
+        (lambda: cs.Constraint.make("task:x", "keyed_rate_limit", {
+            "rate": "5/s", "per": "c", "shared": True, "overrides": {"a": ["1/s", "9/d"]}}),
+         "overrides['a']: a shared rate_limit takes one rate per value"),
+        (lambda: cs.Constraint.make("task:x", "keyed_rate_limit", {
+            "rate": "5/s", "per": "c", "overrides": {"a": {"rate": "1/s", "shared": True}}}),
+         "an override takes rate, burst and weighted"),
+        (lambda: e.limit("task:x", 3, per="customer", shared=True), "coordinator"),
         (lambda: e.rate_limit("task:x", "5/s", shared=1), "use True"),
         (lambda: e.limit("task:x", 3, on_outage="local"), "needs shared=True"),
     ]
@@ -13383,14 +13388,18 @@ def test_cli_limit_and_rate_shared(paho, broker):
         out = stdout_of(cli("rate", scope, "100/s", "--burst", 10, "--shared", "--on-outage",
                             "local"))
         assert f"rate 100/s burst 10 shared (on outage: local) on {scope}" in out
+        out = stdout_of(cli("limit", scope, 2, "--per", "customer", "--shared"))
+        assert f"limit 2 per customer shared on {scope}" in out
         found = {c["type"]: c["params"] for c in json.loads(stdout_of(cli(
             "status", "--json")))["in_force"] if c["scope"] == scope}
         assert found == {"concurrency": {"limit": 5, "shared": True},
+                         "keyed_concurrency": {"limit": 2, "per": "customer", "overrides": {},
+                                               "shared": True},
                          "rate_limit": {"rate": "100/s", "burst": 10, "shared": True,
                                         "on_outage": "local"}}
         for bad in (["limit", scope, 2, "--on-outage", "hold"],
                     ["rate", scope, "1/s", "100/d", "--shared"],
-                    ["limit", scope, 2, "--per", "customer", "--shared"]):
+                    ["limit", scope, 2, "--shared", "--fair", "customer"]):
             r = cli(*bad)
             assert r.returncode == 1 and r.stderr.startswith("cascade: "), (bad, r.stderr)
         r = cli("limit", scope, 2, "--shared", "--on-outage", "panic")
@@ -13447,7 +13456,7 @@ def test_redis_coordinator_drives_an_asyncio_client_on_its_own_loop(rds, redis_m
 FLEET_SCOPES = ["task:fa", "task:fb", "tag:fx", "global"]
 
 
-@settings(max_examples=25, deadline=None,
+@settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(controls=st.lists(st.tuples(st.sampled_from(FLEET_SCOPES),
                                    st.sampled_from(["concurrency", "rate_limit"]),
@@ -13499,3 +13508,41 @@ def test_any_mix_of_shared_and_local_controls_finishes_and_shared_caps_hold(
     finally:
         for e in engines:
             e.close()
+
+
+def test_shared_per_key_limits_and_rates_hold_per_value_across_engines(rds, redis_mod):
+    client, prefix = rds
+    engines = [cs.Engine(coordinator=cs.RedisCoordinator(
+        redis_mod.Redis(host=HOST, port=REDIS_PORT), prefix=prefix, lease=1.0))
+        for _ in range(2)]
+    running, peak = collections.Counter(), collections.Counter()
+    lock = threading.Lock()
+
+    @cs.task(name="job", keys={"customer": "c"})
+    def job(c, i):
+        with lock:
+            running[c] += 1
+            peak[c] = max(peak[c], running[c])
+        time.sleep(0.005)
+        with lock:
+            running[c] -= 1
+        return i
+
+    for e in engines:
+        c = e.limit("task:job", 1, per="customer", overrides={"big": 3}, shared=True)
+        e.rate_limit("task:job", "500/s", burst=5, per="customer", shared=True)
+    assert c.type == "keyed_concurrency" and c.params["shared"]
+    values = ["a", "b", "big"] + [f"v{i}" for i in range(30)]
+
+    async def both():
+        return await asyncio.gather(*(e.run([job(v, i) for v in values for i in range(4)])
+                                      for e in engines))
+    out = asyncio.run(asyncio.wait_for(both(), 60))
+    assert out == [[i for _ in values for i in range(4)]] * 2
+    assert peak["big"] <= 3 and all(peak[v] == 1 for v in values if v != "big"), peak
+    row = engines[0].status()["scopes"][0]
+    assert row["shared"] and row["on_outage"] == "hold"
+    # idle values are forgotten, and leave the fleet: no engine is left registered
+    wait_for(lambda: not list(client.scan_iter(f"{prefix}:*:live")))
+    for e in engines:
+        e.close()
