@@ -13194,10 +13194,10 @@ def test_shared_rate_bounds_starts_across_engine_processes(rds, tmp_path):
     starts = sorted(float(x) for x in client.lrange(f"{prefix}:starts", 0, -1))
     assert len(starts) == 30
     # 20/s burst 1 for the fleet: at most 1 + 20 * elapsed in any window (the bodies log
-    # a little after their grant: one start of slack)
+    # a little after their grant: three starts of slack; unshared, 3 x 20/s breaks it)
     for i in range(len(starts)):
         for j in range(i + 1, len(starts)):
-            assert j - i + 1 <= 1 + 20 * (starts[j] - starts[i]) + 1.5, (i, j, starts)
+            assert j - i + 1 <= 1 + 20 * (starts[j] - starts[i]) + 3, (i, j, starts)
     assert starts[-1] - starts[0] >= 29 / 20 * 0.8  # (not 3 x 20/s)
 
 
