@@ -28,14 +28,15 @@ FULL = dict(n=10_000, chain=2_000, io_n=500, io_sleep=0.010, io_limit=50, reps=5
             big=1_000_000, big_limit=1_000, hold=0.1, status_samples=20, status_gap=0.1,
             names=2_000, storm_s=2.0, storm_topics=10, storm_rate=50_000, big_map=100_000, hogs=16, hog_samples=60, hog_ttl=0.05,
             burst=50_000,
-            pool_n=200, pool_work=200_000, dask_n=40, dask_work=1_000_000, keys=10_000)
+            pool_n=200, pool_work=200_000, dask_n=40, dask_work=1_000_000, keys=10_000,
+            shared_n=20_000)
 QUICK = dict(n=200, chain=100, io_n=100, io_sleep=0.001, io_limit=10, reps=1,
              pipe_n=100, pipe_sleep=0.001, pipe_limit=10,
              scale=(50, 100, 200), samples=10, ttl_samples=5, ttl=0.02, timeout=30,
              big=2_000, big_limit=1_000, hold=0.02, status_samples=5, status_gap=0.005,
              names=100, storm_s=0.2, storm_topics=3, storm_rate=25_000, big_map=2_000, hogs=4, hog_samples=5, hog_ttl=0.02,
              burst=2_000,
-             pool_n=8, pool_work=1_000, dask_n=4, dask_work=1_000, keys=500)
+             pool_n=8, pool_work=1_000, dask_n=4, dask_work=1_000, keys=500, shared_n=200)
 SKIP_DASK = "skipped: pip install -r bench/requirements.txt"
 
 # ---------------------------------------------------------------- task bodies
@@ -626,6 +627,48 @@ def c_cache_hit(n, cfg): return _c_stored(n, cfg, cached=True, warm=True)
 def c_checkpoint_rerun(n, cfg): return _c_stored(n, cfg, run_id="w14", warm=True)
 RUNNERS.update(c_checkpointed=c_checkpointed, c_cache_miss=c_cache_miss,
                c_cache_hit=c_cache_hit, c_checkpoint_rerun=c_checkpoint_rerun)
+
+# ------------------------------------------------------- W13: a shared rate (Redis)
+SHARED_RATE, SHARED_BURST = "10000/s", 1_000
+
+def _redis():
+    """A client of the Redis on 127.0.0.1:6379, or ModuleNotFoundError (a note)."""
+    try:
+        import redis
+    except ImportError:
+        raise ModuleNotFoundError("skipped: pip install redis") from None
+    client = redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except Exception:
+        raise ModuleNotFoundError("skipped: no Redis on 127.0.0.1:6379") from None
+    return client
+
+def _c_rate(n, cfg, shared):
+    """W4's async map under rate_limit(task, 10000/s, burst 1000): one engine's start
+    pace, shared (a bucket in Redis, through the engine's coordinator) or local."""
+    _need_cascade()
+    t = cs.task(name="rated")(a_noop)
+    if shared:
+        client, prefix = _redis(), f"cascade-bench:{os.getpid()}:{perf()}"
+        engine = cs.Engine(coordinator=cs.RedisCoordinator(client, prefix=prefix))
+    else:
+        engine = cs.Engine()
+    engine.rate_limit("task:rated", SHARED_RATE, burst=SHARED_BURST, shared=shared)
+    items = list(range(n))
+    try:
+        return _loop_run(_c_run(lambda: t.map(items), items, engine=engine), cfg)
+    finally:
+        if shared:
+            time.sleep(0.05)  # (its pump leaves the fleet, then its keys go)
+            keys = list(client.scan_iter(f"{prefix}*"))
+            if keys:
+                client.delete(*keys)
+
+def c_rate_shared(n, cfg): return _c_rate(n, cfg, True)
+def c_rate_local(n, cfg): return _c_rate(n, cfg, False)
+
+RUNNERS.update(c_rate_shared=c_rate_shared, c_rate_local=c_rate_local)
 
 def c_storm(cfg):
     """Concurrency controls for cfg["storm_topics"] scopes from another thread
@@ -1249,6 +1292,18 @@ def w12(cfg, args, errors):
                      ("yes" if left == 0 else "**no**"), rss=""))
     return rows
 
+def w13(cfg, args, errors):
+    n = cfg["shared_n"]
+    best = best_of(cfg["reps"], ["c_rate_shared", "c_rate_local"], n, cfg, errors)
+    sv, lv = best["c_rate_shared"], best["c_rate_local"]
+    over = (sv - lv) / n * 1e6 if isinstance(sv, float) and isinstance(lv, float) else None
+    return [dict(workload=f"W13 starts under a shared rate limit ({SHARED_RATE} burst "
+                          f"{SHARED_BURST}, one engine, Redis on 127.0.0.1:6379; n={n:,})",
+                 cascade=fmt_us(sv, n), floor=f"{fmt_us(lv, n)} (the same rate, local)",
+                 ratio="—" if over is None else f"{over:+.1f} µs/start",
+                 target="≤ +20 µs/start", met=verdict(over, 20.0), rss="",
+                 raw=dict(n=n, best=best))]
+
 def w14(cfg, args, errors):
     n = cfg["n"]
     names = ["c_map", "c_checkpointed", "c_cache_miss", "c_cache_hit", "c_checkpoint_rerun"]
@@ -1288,7 +1343,8 @@ def w_import(cfg, args, errors):
                  target="≤ 15 ms", met=verdict(extra, 15.0))]
 
 WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6, "W7": w7, "W8": w8,
-             "W9": w9, "W10": w10, "W11": w11, "W12": w12, "W14": w14, "IMPORT": w_import}
+             "W9": w9, "W10": w10, "W11": w11, "W12": w12, "W13": w13, "W14": w14,
+             "IMPORT": w_import}
 
 FOOTNOTE = """\
 Timed: building the work and running it to its value. Cascade: graph build +
