@@ -9016,13 +9016,24 @@ class _Fleet:
             self.event.wait(timeout)
             self.event.clear()
             if self.closed:
-                for st, (key, name) in list(self.states.items()):
+                # Each state leaves the fleet once nothing of it is held here: a sync
+                # body abandoned after stop_grace keeps its permits (renewed) until it
+                # returns, as it keeps its local slots (review: leaving at once let
+                # another engine start one more under the cap while it ran).
+                with self.cp.lock:
+                    empty = []
+                    for st in list(self.states):
+                        st.active, st.credit = False, 0  # (unused grants: not kept)
+                        if not st.owned():
+                            empty.append((st, self.states.pop(st)))
+                for st, (key, name) in empty:
                     try:  # (best effort: a lease ends by itself)
                         self.coordinator.exchange(st.kind, name, st.member, 0, 0, 0, 0,
                                                   True)
                     except Exception:
                         pass
-                return
+                if not self.states:
+                    return
             now = time.monotonic()
             due = now + self.lease / 3
             with self.cp.lock:

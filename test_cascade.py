@@ -14720,3 +14720,36 @@ def test_shared_per_key_limits_and_rates_hold_per_value_across_engines(rds, redi
     wait_for(lambda: not list(client.scan_iter(f"{prefix}:*:live")))
     for e in engines:
         e.close()
+
+
+def test_a_closed_engine_keeps_the_fleet_permits_of_an_abandoned_body_until_it_ends(rds):
+    # review: close() made the pump leave the fleet at once, dropping the permits of a
+    # sync body abandoned after stop_grace while it still ran: another engine could then
+    # start a second body under a shared limit of 1
+    client, prefix = rds
+    holds = f"{prefix}:concurrency:{{task:hog}}:holds"
+    e = cs.Engine(coordinator=cs.RedisCoordinator(client, prefix=prefix, lease=3),
+                  stop_grace=0.1)
+    e.limit("task:hog", 1, shared=True)
+    go, started = threading.Event(), threading.Event()
+
+    @cs.task(name="hog")
+    def hog():
+        started.set()
+        go.wait(TIMEOUT)
+
+    async def main():
+        h = e.start(hog())
+        await asyncio.to_thread(started.wait, TIMEOUT)
+        e.close()
+        with pytest.raises(cs.CascadeError):
+            await asyncio.wait_for(h, TIMEOUT)
+
+    asyncio.run(main())
+    try:
+        time.sleep(4)  # longer than the lease: the pump renews what the body holds
+        assert sum(int(v) for v in client.hvals(holds)) == 1
+    finally:
+        go.set()
+    wait_for(lambda: not client.hvals(holds))
+    wait_for(lambda: e._cp.fleet.thread is None or not e._cp.fleet.thread.is_alive())
