@@ -8805,7 +8805,11 @@ class _Status(dict):
 # bucket, holders, live engines, tickets, wanted counts, ticket counter; ARGV: kind
 # "c" (concurrency) or "r" (rate), engine id, held (c: the permits this engine holds
 # now, absolute; r: tokens it gives back), want, limit (c) or rate per second (r),
-# burst (r), lease seconds, "1" to leave). Reclaims the holdings and tickets of
+# burst (r), lease seconds, "1" to leave, "1" if the caller was registered before).
+# A caller registered before but no longer live (Redis lost its data: a restart
+# without persistence, a failover; or the caller's lease ran out) means the holdings
+# Redis counts may miss permits still held: no permit is granted to anyone until
+# lease/2 later (``quiet``), by when every live engine has renewed its own. Reclaims the holdings and tickets of
 # engines whose lease ran out, renews the caller's, then grants in ticket order: the
 # caller gets what is free beyond the wants of the tickets ahead of its own; a caller
 # not served in full keeps its ticket (its place). Redis TIME is the only clock.
@@ -8818,6 +8822,7 @@ local kind, me = ARGV[1], ARGV[2]
 local held, want = tonumber(ARGV[3]), tonumber(ARGV[4])
 local cap, burst, lease = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local bucket, holds, live, tickets, wants, seq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local quiet = KEYS[7]
 local dead = redis.call('ZRANGEBYSCORE', live, '-inf', now)
 for _, e in ipairs(dead) do
   redis.call('HDEL', holds, e)
@@ -8832,12 +8837,16 @@ if ARGV[8] == '1' then
   redis.call('HDEL', wants, me)
   return {0, 0, 0, redis.call('ZCARD', live)}
 end
+if kind == 'c' and ARGV[9] == '1' and not redis.call('ZSCORE', live, me) then
+  redis.call('SET', quiet, tostring(now + lease / 2))
+end
 redis.call('ZADD', live, now + lease, me)
 local free, used, tokens = 0, 0, 0
 if kind == 'c' then
   if held > 0 then redis.call('HSET', holds, me, held) else redis.call('HDEL', holds, me) end
   for _, v in ipairs(redis.call('HVALS', holds)) do used = used + tonumber(v) end
   free = cap - used
+  if now < (tonumber(redis.call('GET', quiet)) or 0) then free = 0 end
 else
   local b = redis.call('HMGET', bucket, 'tokens', 'stamp')
   tokens = tonumber(b[1]) or burst
@@ -8930,13 +8939,16 @@ class RedisCoordinator:
         self._lock = threading.Lock()
         self._loop = None
 
-    def exchange(self, kind, scope, engine, held, want, cap, burst, leave=False):
+    def exchange(self, kind, scope, engine, held, want, cap, burst, leave=False,
+                 known=False):
         """One round trip for one shared control (see _FLEET_LUA): returns (granted,
-        seconds until worth asking again, fleet usage, engines holding it)."""
+        seconds until worth asking again, fleet usage, engines holding it). ``known``:
+        ``engine`` has been registered by an earlier round trip."""
         base = f"{self.prefix}:{'concurrency' if kind == 'c' else 'rate_limit'}:{{{scope}}}"
-        keys = [f"{base}:{k}" for k in ("bucket", "holds", "live", "tickets", "wants", "seq")]
+        keys = [f"{base}:{k}" for k in ("bucket", "holds", "live", "tickets", "wants", "seq",
+                                            "quiet")]
         args = [kind, engine, repr(held), str(want), repr(cap), repr(burst), repr(self.lease),
-                "1" if leave else "0"]
+                "1" if leave else "0", "1" if known else "0"]
         if self._async:
             with self._lock:
                 if self._loop is None:
@@ -9016,13 +9028,24 @@ class _Fleet:
             self.event.wait(timeout)
             self.event.clear()
             if self.closed:
-                for st, (key, name) in list(self.states.items()):
+                # Each state leaves the fleet once nothing of it is held here: a sync
+                # body abandoned after stop_grace keeps its permits (renewed) until it
+                # returns, as it keeps its local slots (review: leaving at once let
+                # another engine start one more under the cap while it ran).
+                with self.cp.lock:
+                    empty = []
+                    for st in list(self.states):
+                        st.active, st.credit = False, 0  # (unused grants: not kept)
+                        if not st.owned():
+                            empty.append((st, self.states.pop(st)))
+                for st, (key, name) in empty:
                     try:  # (best effort: a lease ends by itself)
                         self.coordinator.exchange(st.kind, name, st.member, 0, 0, 0, 0,
                                                   True)
                     except Exception:
                         pass
-                return
+                if not self.states:
+                    return
             now = time.monotonic()
             due = now + self.lease / 3
             with self.cp.lock:
@@ -9105,7 +9128,8 @@ class _Fleet:
             burst = 0 if st.kind == "c" else st.burst
         try:
             grant, retry, used, engines = self.coordinator.exchange(
-                st.kind, name, st.member, give, want, cap, burst, leave)
+                st.kind, name, st.member, give, want, cap, burst, leave,
+                known=st.used is not None)
         except Exception as exc:
             return self._failed(st, key, exc, now)
         if leave:
