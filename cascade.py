@@ -3615,6 +3615,13 @@ class _ControlPlane:
                     if st not in full:  # (one that cannot take even 1: nobody can)
                         self._wake(st, q)
                 q.left = ()
+        if granted:
+            # Units of a run whose loop is another thread's are launched there, in the
+            # order granted (see _Run.launch): queued now, under this lock.
+            me = threading.get_ident()
+            for u in granted:
+                if u.run.thread != me:
+                    u.run.posted.append(u)
         return granted
 
     def _grant(self, q, bound, now, granted):
@@ -6749,6 +6756,7 @@ class _Run:
         self._stopped_at = None
         self._timers = {}           # unit -> the handle of its retry delay
         self._cut = {}              # units engine.cancel cut while granted or running
+        self.posted = collections.deque()  # units granted on other threads (see launch)
         self._cut_gate = False      # ... and it holds a count of cp._gates for them
         # cancels of 'key:' scopes: (scope, reason, the keyed nodes then unfinished),
         # whose calls are matched as their key values become known (_key_cut)
@@ -7453,6 +7461,8 @@ class _Run:
             if key.cost != 1 or key.per_unit:  # weighted or keyed (not the common case)
                 return self._submit_weighted(units)
         if self.cp.enqueue(units, key):
+            if self.posted:  # (granted earlier on another thread: they go first)
+                self.launch_posted()
             for u in units:
                 self._launch(u)
             return
@@ -7498,6 +7508,8 @@ class _Run:
                 self._submit(group, key)
             return
         if self.cp.enqueue_many(list(groups.items())):
+            if self.posted:  # (granted earlier on another thread: they go first)
+                self.launch_posted()
             for group in groups.values():
                 for u in group:
                     self._launch(u)
@@ -7763,20 +7775,28 @@ class _Run:
 
     # -- from grant to body -------------------------------------------------
     def launch(self, units):
-        """Granted units, from whichever thread granted them."""
+        """Granted units, from whichever thread granted them. Units granted on another
+        thread wait in ``posted`` (put there in grant order under the control plane's
+        lock, see _ControlPlane._admit) and are launched before any granted later on
+        this run's own thread (regression: a unit granted by a refill on the clock
+        thread began after one granted just after it on the loop)."""
         if threading.get_ident() == self.thread:
+            if self.posted:
+                self.launch_posted()
             for u in units:
                 self._launch(u)
             return
         try:
-            self.loop.call_soon_threadsafe(self._launch_all, units)
+            self.loop.call_soon_threadsafe(self.launch_posted)
         except RuntimeError:  # the loop is closed: the run is gone
-            for u in units:
-                self.cp.drop_grant(u)
+            while self.posted:
+                self.cp.drop_grant(self.posted.popleft())
 
-    def _launch_all(self, units):
-        for u in units:
-            self._launch(u)
+    def launch_posted(self):
+        """(on the loop) Launch the units granted on other threads, in grant order."""
+        posted = self.posted
+        while posted:
+            self._launch(posted.popleft())
 
     def _launch(self, u):
         if self.stopping or u.state != _GRANTED:
