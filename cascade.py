@@ -339,9 +339,13 @@ def _key_getters(task, keys):
                             f"the parameters {list(params)} of {task.name!r}, or a "
                             "function of its arguments")
         i = list(params).index(how) if p.kind is not p.KEYWORD_ONLY else math.inf
-        getters.append((kname, lambda args, kwargs, name=how, i=i, d=p.default:
-                        kwargs[name] if name in kwargs else args[i] if i < len(args) else d))
+        getters.append((kname, functools.partial(_arg_of, name=how, i=i, d=p.default)))
     return tuple(getters)
+
+
+def _arg_of(args, kwargs, name, i, d):
+    """Argument ``name`` (position ``i``, default ``d``) of a call's args and kwargs."""
+    return kwargs[name] if name in kwargs else args[i] if i < len(args) else d
 
 
 def _key_values(task, args, kwargs):
@@ -417,14 +421,11 @@ class Task:
                        if all(p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty
                               for p in ps) else -1)
         self.keys = _key_getters(self, keys) if keys else ()
-        # one key, an argument's: read it inline (see _Run._unit_key)
-        self._key_arg = (next(iter(keys.items())) if keys and len(keys) == 1
-                         and isinstance(next(iter(keys.values())), str) else None)
-        if self._key_arg is not None:
-            kname, name = self._key_arg
-            p = self._sig.parameters[name]
-            self._key_arg = (kname, name, math.inf if p.kind is p.KEYWORD_ONLY else
-                             list(self._sig.parameters).index(name), p.default)
+        # one key, an argument's: (key name, name, i, d) of _arg_of, read inline (see
+        # _Run._unit_key)
+        get = self.keys[0][1] if len(self.keys) == 1 else None
+        self._key_arg = ((self.keys[0][0], get.keywords["name"], get.keywords["i"],
+                          get.keywords["d"]) if type(get) is functools.partial else None)
 
     def _bind(self, call, args, kwargs):
         try:
@@ -2964,6 +2965,15 @@ class _Clock:
                     self._thread.start()
 
 
+def _reserve(u, takes):
+    """(control-plane lock held) At its grant, ``u`` takes its amount of each state of
+    ``takes`` and holds them (given back at release)."""
+    u.held = hold = list(u.held)
+    for st, n in takes:
+        st.take(u, n)
+        hold.append((st, n))
+
+
 def _insort(waiters, u):
     """Put ``u`` in its place in a deque kept in ``seq`` order (from the end: rare)."""
     i = len(waiters)
@@ -3501,10 +3511,7 @@ class _ControlPlane:
                 if not self._free(needs, key, u.seq, now):
                     break
                 if takes:
-                    u.held = hold = list(u.held)
-                    for st, n in takes:
-                        st.take(u, n)
-                        hold.append((st, n))
+                    _reserve(u, takes)
                 k += 1
             if k:
                 done = units if k == len(units) else units[:k]
@@ -3640,10 +3647,7 @@ class _ControlPlane:
             u = waiters.popleft()
             self._waiting -= 1
             if takes:
-                u.held = hold = list(u.held)
-                for st, n in takes:
-                    st.take(u, n)
-                    hold.append((st, n))
+                _reserve(u, takes)
             u.grant()
             self._holders.add(u)
             granted.append(u)
@@ -3853,6 +3857,17 @@ class _ControlPlane:
             return any(st.__class__ is _Pause for st, _ in self._needs(u.key))
         return False
 
+    def _empty(self, q):  # lock held: q's waiters (moved on by the caller) leave it
+        self._waiting -= len(q.waiters)
+        q.waiters.clear()
+        if q.pending is not None:
+            q.pending[2] = q.pending = None
+        self._unpark(q)
+        self._forget(q)
+        for st in q.left:  # what it held back by FIFO may go on
+            self._wake(st)
+        q.left = ()
+
     def drop_run(self, run):
         """Forget every waiting unit of ``run`` (it is stopping)."""
         with self.lock:
@@ -3860,15 +3875,7 @@ class _ControlPlane:
                 if key.run_id == run.run_id:
                     for u in q.waiters:
                         u.drop()
-                    self._waiting -= len(q.waiters)
-                    q.waiters.clear()
-                    if q.pending is not None:
-                        q.pending[2] = q.pending = None
-                    self._unpark(q)
-                    self._forget(q)
-                    for st in q.left:  # what it held back by FIFO may go on
-                        self._wake(st)
-                    q.left = ()
+                    self._empty(q)
             granted = self._admit() if self._ready else None
         self._dispatch(granted)
 
@@ -3885,15 +3892,7 @@ class _ControlPlane:
                     for u in q.waiters:
                         u.cut()
                     pulled.extend(q.waiters)
-                    self._waiting -= len(q.waiters)
-                    q.waiters.clear()
-                    if q.pending is not None:
-                        q.pending[2] = q.pending = None
-                    self._unpark(q)
-                    self._forget(q)
-                    for st in q.left:  # what it held back by FIFO may go on
-                        self._wake(st)
-                    q.left = ()
+                    self._empty(q)
             cut = run._cut
             held = [u for u in self._holders if u.run is run and type(u) is not _Overdue
                     and u not in cut and match(u.key)]
@@ -7719,7 +7718,7 @@ class _Run:
         if ka is not None:  # (the common case: one key, an argument)
             kname, name, i, d = ka
             args, kwargs = u.args, u.kwargs
-            v = kwargs[name] if name in kwargs else args[i] if i < len(args) else d
+            v = _arg_of(args, kwargs, name, i, d)
             v = v if type(v) is str else str(v)
             values = {kname: v} if len(v) <= 200 else _key_values(task, args, kwargs)
             ident = (cost, v)
