@@ -3934,6 +3934,16 @@ class _ControlPlane:
 
     BLOCKED_SHOWN = 100  # status lists this many waiting units; the counts have them all
 
+    def waiting(self, most):
+        """What waiting tasks wait on, grouped: [{task, waits_on, count}], the largest
+        ``most`` groups (for the views; cost: one look per admission key)."""
+        groups = collections.Counter()
+        with self.lock:
+            for q in self._queues.values():
+                if q.waiters:
+                    groups[(q.key.name, self._why(q))] += len(q.waiters)
+        return [{"task": t, "waits_on": w, "count": n} for (t, w), n in groups.most_common(most)]
+
     def snapshot(self, tallies):
         """Usage of every active constraint and capacity, and the first waiting units,
         for ``Engine.status``. ``tallies``: [(key, tally)] of the active runs' tasks, for
@@ -6801,6 +6811,7 @@ class _Run:
         self.thread = threading.get_ident()
         self._wake = loop.create_future()
         t0 = time.perf_counter()
+        self.started_at = time.time()
         error = None
         status = "Failed"
         self.engine._runs[self.run_id] = self
@@ -6878,7 +6889,10 @@ class _Run:
                 self.engine._let_go()  # close() left it to the last run
             if cancelled and status != "Failed":
                 status = "Cancelled"
-            self.report.run_finished(status, time.perf_counter() - t0, error)
+            duration = time.perf_counter() - t0
+            cancelled |= await _to_the_end(self.engine._history.add(
+                self, status, duration, error))
+            self.report.run_finished(status, duration, error)
             if self.link is not None:
                 cancelled |= await _to_the_end(self.link.close())
             if escaped is not None:
@@ -8803,6 +8817,11 @@ class _Status(dict):
         if w:
             lines.append(f"  window of the {w['executor']}: {w['submitted']}/{w['size']} "
                          "submitted")
+        if self.get("history"):
+            lines.append("  finished runs (newest first):")
+            for h in self["history"][:5]:
+                lines.append(f"    {h['run_id']:<28} {h['status']:<9} {h['duration']:.2f}s"
+                             + (f"  {h['error']}" if h.get("error") else ""))
         if self["blocked"]:
             total = sum(c.get("blocked", 0) for c in self["tasks"].values())
             lines.append(f"  blocked ({total}):")
@@ -9212,6 +9231,83 @@ class _Fleet:
         return f"<_Fleet {len(self.states)} shared controls {self.coordinator!r}>"
 
 
+class _History:
+    """The last ``size`` finished runs of an engine, newest first: what ``status()`` and
+    the views (``cascade top``, ``cascade serve``) show of them. With a store it is also
+    kept there, under ``cascade/history/<org>/<project>``, and read back by the next
+    engine of that project (a restart keeps it; engines of one project sharing a store
+    share it too, the last writer's list winning). A store that fails is warned about
+    once and the history stays in memory."""
+
+    def __init__(self, size, store):
+        self.runs = collections.deque(maxlen=size)
+        self.store = store if size else None
+        self.key = None       # set by the engine once it knows its org and project
+        self.loaded = self.store is None
+        self.warned = False
+        self.lock = threading.Lock()
+
+    def entries(self):
+        """The finished runs, newest first (a list of dicts)."""
+        if not self.loaded:
+            got = self._call("get", self.key)
+            if not inspect.isawaitable(got):
+                self._loaded(got)
+            elif hasattr(got, "close"):  # an async store: read at the next run
+                got.close()
+        return list(self.runs)
+
+    def _loaded(self, got):
+        with self.lock:
+            if not self.loaded:
+                self.loaded = True
+                if isinstance(got, list):  # newest first, after any of this engine's
+                    kept = list(self.runs) + [e for e in got if isinstance(e, dict)]
+                    self.runs.clear()
+                    self.runs.extend(kept[:self.runs.maxlen])
+
+    def _call(self, verb, *args):
+        try:
+            return getattr(self.store, verb)(*args)
+        except Exception as exc:
+            self._failed(exc)
+            return MISS
+
+    def _failed(self, exc):
+        self.loaded = True
+        if not self.warned:
+            self.warned = True
+            _log.warning("the store could not keep the run history (%s: %s); it is kept "
+                         "in memory only", type(exc).__name__, exc)
+
+    async def add(self, run, status, duration, error):
+        """Record ``run``'s end (on its loop, at its end)."""
+        if self.runs.maxlen == 0:
+            return
+        counts = collections.Counter()
+        for c in run.counts().values():
+            counts.update(c)
+        entry = {"run_id": run.run_id, "status": status, "started_at": run.started_at,
+                 "duration": round(duration, 6), "counts": dict(counts),
+                 "error": None if error is None else _printable(
+                     f"{type(error).__name__}: {error}")[:300]}
+        if self.store is None:
+            self.runs.appendleft(entry)
+            return
+        try:
+            if not self.loaded:
+                got = self._call("get", self.key)
+                self._loaded(await got if inspect.isawaitable(got) else got)
+            with self.lock:
+                self.runs.appendleft(entry)
+                kept = list(self.runs)
+            put = self._call("put", self.key, kept)
+            if inspect.isawaitable(put):
+                await put
+        except Exception as exc:
+            self._failed(exc)
+
+
 class Engine:
     """Runs graphs and holds the control plane that steers them.
 
@@ -9271,9 +9367,12 @@ class Engine:
                  org: Optional[str] = None, project: Optional[str] = None,
                  telemetry: str = "all", telemetry_errors: str = "message",
                  presence: Optional[float] = 5.0, store: Any = None,
-                 coordinator: Any = None) -> None:
+                 coordinator: Any = None, history: int = 20) -> None:
         caps = dict(system_resources or {})
         self._store = _check_store(store)
+        if isinstance(history, bool) or not isinstance(history, int) or not 0 <= history <= 10000:
+            raise ValueError(f"history={history!r}: need how many finished runs the engine "
+                             "keeps for status and the views (0 to 10000)")
         if coordinator is not None and not callable(getattr(coordinator, "exchange", None)):
             raise TypeError(f"coordinator={coordinator!r:.80}: need a coordinator of shared "
                             "limits, cs.RedisCoordinator(redis.Redis(...))")
@@ -9335,6 +9434,8 @@ class Engine:
         self._cancel_lock = threading.Lock()
         self._early = {}    # run id -> scopes cancelled before its graph was built
         self._closed = False
+        self._history = _History(history, self._store)
+        self._history.key = f"cascade/history/{self.org}/{self.project}"
         # this engine's name on the broker: host-pid and a random part (see _Presence)
         self.id = f"{_source()}-{os.urandom(3).hex()}"
         self.coordinator = coordinator
@@ -9546,7 +9647,8 @@ class Engine:
         return _Status(runs=[r.run_id for r in runs] + waiting,
                        tasks={k: dict(v) for k, v in tasks.items()},
                        blocked=blocked, scopes=scopes, capacities=caps,
-                       window=None if window is None else window.usage(None))
+                       window=None if window is None else window.usage(None),
+                       history=self._history.entries())
 
     # -- events, resources --------------------------------------------------
     def subscribe(self, event_type: type, callback: Callable[[Any], Any]) -> Callable[[], None]:
@@ -10394,6 +10496,71 @@ class _LoopSubscription:
                 _log.exception("applying the control of %s/%s failed", *key)
 
 
+def _engine_record(e, source, started_at, heartbeat, listed, total):
+    """What an engine shows of itself, as a JSON object: its presence record on the
+    broker, and what ``engine.serve`` shows. ``listed``: the constraints to list (of
+    ``total``). Each run with its progress (``done`` of ``total`` units so far) and its
+    per-task counts; what the waiting tasks wait on, grouped; each control with its
+    usage; the shared controls' fleet usage; the last finished runs. Kept under
+    _RECORD_BYTES by listing less detail (``trimmed``) where it would not fit."""
+    runs = []
+    for r in list(e._runs.values()):
+        counts, tasks = collections.Counter(), r.counts()
+        for c in tasks.values():
+            counts.update(c)
+        n = sum(counts.values())
+        runs.append({"run_id": r.run_id, "counts": dict(counts), "total": n,
+                     "done": sum(counts[k] for k in _DONE_STATES if k in counts),
+                     "started_at": getattr(r, "started_at", None), "tasks": tasks})
+    now = time.time()
+    cp = e._cp
+    with cp.lock:
+        mono = time.monotonic()
+        usage = {}
+        for c in listed:
+            st = cp._states.get((c.scope, c.type))
+            if st is not None:
+                try:
+                    row = dict(st.usage(mono), matching_running=0)
+                    usage[(c.scope, c.type)] = _CONTROL_TYPES[c.type].shows(row)
+                except Exception:  # a failing state is being removed
+                    pass
+    rec = {"v": "1", "engine_id": e.id, "source": source, "org": e.org,
+           "project": e.project, "version": __version__, "started_at": started_at,
+           "updated_at": now, "heartbeat": heartbeat, "runs": runs,
+           "constraints": [{"scope": c.scope, "type": c.type, "params": dict(c.params),
+                            "origin": c.origin, "expires_at": c.expires_at,
+                            "expires_in": c.expires_in(now),
+                            **({"usage": usage[(c.scope, c.type)]}
+                               if (c.scope, c.type) in usage else {})} for c in listed],
+           "constraints_total": total, "blocked": cp.waiting(_Presence.MAX_CONSTRAINTS),
+           "history": e._history.entries(), **_Presence.shared(e)}
+    return _fit(rec)
+
+
+_RECORD_BYTES = 60_000  # a record stays under the 64 KiB a reader parses (_MAX_PAYLOAD)
+_DONE_STATES = ("done", "failed", "skipped", "cached")  # a unit that has ended
+
+
+def _fit(rec):
+    """``rec`` cut down, one step at a time, until its JSON is under _RECORD_BYTES:
+    fewer tasks per run, finished runs, blocked groups, runs, then controls listed."""
+    steps = (("runs", "tasks", 20), ("history", None, 5), ("blocked", None, 20),
+             ("runs", None, 20), ("runs", "tasks", 0), ("constraints", None, 20),
+             ("history", None, 0), ("blocked", None, 0), ("runs", None, 0))
+    for field, inner, keep in steps:
+        if len(json.dumps(rec, default=repr)) < _RECORD_BYTES:
+            break
+        rec.setdefault("trimmed", []).append(f"{field}.{inner}" if inner else field)
+        if inner is None:
+            rec[field] = rec[field][:keep]
+        else:
+            for r in rec[field]:
+                busiest = sorted(r[inner].items(), key=lambda kv: -sum(kv[1].values()))
+                r[inner] = dict(busiest[:keep])
+    return rec
+
+
 class _Presence:
     """An engine's presence record, retained on ``<prefix>/engines/<org>/<project>/<engine
     id>`` so an operator sees which engines exist and what each enforces (``Controller
@@ -10426,13 +10593,6 @@ class _Presence:
 
     def record(self):
         e = self.link.engine
-        runs = []
-        for r in list(e._runs.values()):
-            counts = collections.Counter()
-            for c in r.counts().values():
-                counts.update(c)
-            runs.append({"run_id": r.run_id, "counts": dict(counts)})
-        now = time.time()
         gen = e._cp._gen
         if self.listed is None or self.listed[0] != gen:
             # only when the controls changed: this runs on the clock thread, which also
@@ -10442,13 +10602,8 @@ class _Presence:
             self.listed = (gen, heapq.nsmallest(self.MAX_CONSTRAINTS, cons,
                                                 key=lambda c: (c.scope, c.type)), len(cons))
         _, listed, total = self.listed
-        return {"v": "1", "engine_id": e.id, "source": self.link.source, "org": e.org,
-                "project": e.project, "version": __version__, "started_at": self.started_at,
-                "updated_at": now, "heartbeat": self.heartbeat, "runs": runs,
-                "constraints": [{"scope": c.scope, "type": c.type, "params": dict(c.params),
-                                 "origin": c.origin, "expires_at": c.expires_at,
-                                 "expires_in": c.expires_in(now)} for c in listed],
-                "constraints_total": total, **self.shared(e)}
+        return _engine_record(e, self.link.source, self.started_at, self.heartbeat, listed,
+                              total)
 
     @staticmethod
     def shared(e):
@@ -11002,6 +11157,172 @@ def _run_interruptibly(coro):
     finally:
         if signal.getsignal(signal.SIGINT) is on_sigint:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# ===========================================================================
+# Views: what `cascade top`, `cascade serve` and engine.serve show
+# ===========================================================================
+
+class _View:
+    """The one model behind the live views: the engines' records (_engine_record), read
+    from the broker's presence records (``feed``, a subscription's callback) or from
+    engines of this process (``engines``), turned by ``snapshot`` into what a view
+    draws: engines, runs with progress, rate and ETA, per-task counts, what blocked tasks
+    wait on, controls in force with time left and usage, shared controls, finished runs.
+    Records from the broker are data from elsewhere: every field is checked and every
+    text made printable here, so a renderer can trust what it gets."""
+
+    RATE_WINDOW = 10.0  # seconds of samples a run's rate is measured over
+
+    def __init__(self, engines=()):
+        self.engines = list(engines)
+        self.records = {}   # engine id -> its latest record
+        self.samples = {}   # (engine id, run id) -> deque of (updated_at, done)
+        self.lock = threading.Lock()
+        self.version = 0    # bumped by every record taken (a view redraws on change)
+
+    def feed(self, topic, payload):
+        """A presence message: a record, or an empty one (the engine has gone)."""
+        eid = topic.rsplit("/", 1)[-1]
+        with self.lock:
+            if isinstance(payload, dict):
+                self.records[str(payload.get("engine_id", eid))] = payload
+            else:
+                self.records.pop(eid, None)
+            self.version += 1
+
+    def _read(self):
+        for e in self.engines:
+            rec = _engine_record(e, _source(), None, None, e.constraints[
+                :_Presence.MAX_CONSTRAINTS], len(e._cp.constraints))
+            with self.lock:
+                self.records[e.id] = rec
+                self.version += 1
+        with self.lock:
+            return list(self.records.values())
+
+    def snapshot(self, now=None):
+        """What the views draw, as one JSON-able dict."""
+        now = time.time() if now is None else now
+        text, num = _printable, (lambda x: x if _is_number(x) else None)
+        out = {"at": now, "engines": [], "runs": [], "blocked": [], "controls": [],
+               "shared": [], "history": []}
+        controls = {}
+        live = set()
+        for rec in sorted(self._read(), key=lambda r: str(r.get("engine_id"))):
+            eid = text(rec.get("engine_id", "?"))
+            at, beat = num(rec.get("updated_at")), num(rec.get("heartbeat"))
+            lost = beat is not None and (at is None or now - at > _Presence.LOST * beat)
+            runs = [r for r in _list(rec.get("runs")) if isinstance(r, dict)]
+            out["engines"].append({
+                "engine_id": eid, "source": text(rec.get("source", "")),
+                "org": text(rec.get("org", "")), "project": text(rec.get("project", "")),
+                "version": text(rec.get("version", "")), "lost": lost, "runs": len(runs),
+                "ago": None if at is None else max(0.0, now - at),
+                "controls": num(rec.get("constraints_total")) or 0,
+                "trimmed": [text(t) for t in _list(rec.get("trimmed"))]})
+            for r in runs:
+                rid = text(r.get("run_id", "?"))
+                live.add((eid, rid))
+                done, total = num(r.get("done")) or 0, num(r.get("total")) or 0
+                rate = self._rate(eid, rid, at if at is not None else now, done,
+                                  num(r.get("started_at")))
+                tasks = {text(k): _counts(v) for k, v in _items(r.get("tasks"))}
+                out["runs"].append({
+                    "engine_id": eid, "run_id": rid, "done": done, "total": total,
+                    "rate": rate, "eta": (total - done) / rate if rate and total > done
+                    else None, "counts": _counts(r.get("counts")), "tasks": tasks,
+                    "elapsed": None if num(r.get("started_at")) is None
+                    else max(0.0, now - r["started_at"])})
+            for b in _list(rec.get("blocked")):
+                if isinstance(b, dict):
+                    out["blocked"].append({"engine_id": eid, "task": text(b.get("task", "?")),
+                                           "waits_on": text(b.get("waits_on", "?")),
+                                           "count": num(b.get("count")) or 0})
+            for c in _list(rec.get("constraints")):
+                if not isinstance(c, dict):
+                    continue
+                kind, params = c.get("type"), c.get("params")
+                setting = (text(_CONTROL_TYPES[kind].setting(params))
+                           if kind in _CONTROL_TYPES and isinstance(params, dict)
+                           else text(params))
+                left = num(c.get("expires_in"))
+                if left is not None and at is not None:
+                    left = max(0.0, left - max(0.0, now - at))
+                k = (text(c.get("scope", "?")), text(kind), setting, text(c.get("origin", "")))
+                row = controls.setdefault(k, {
+                    "scope": k[0], "type": k[1], "setting": k[2], "origin": k[3],
+                    "expires_in": left, "engines": [], "usage": {}})
+                row["engines"].append(eid)
+                if "usage" in c:
+                    row["usage"][eid] = text(c["usage"])
+            for c in _list(rec.get("shared")):
+                if isinstance(c, dict):
+                    out["shared"].append(dict({text(k): text(v) for k, v in c.items()},
+                                              engine_id=eid))
+            for h in _list(rec.get("history")):
+                if isinstance(h, dict):
+                    start, took = num(h.get("started_at")), num(h.get("duration"))
+                    out["history"].append({
+                        "engine_id": eid, "run_id": text(h.get("run_id", "?")),
+                        "status": text(h.get("status", "?")), "duration": took,
+                        "ended_at": start + took if start is not None and took is not None
+                        else None, "counts": _counts(h.get("counts")),
+                        "error": None if h.get("error") is None else text(h["error"])})
+        out["controls"] = sorted(controls.values(), key=lambda c: (c["scope"], c["type"]))
+        out["history"].sort(key=lambda h: -(h["ended_at"] or 0))
+        del out["history"][50:]
+        with self.lock:  # runs that ended leave no samples behind
+            for k in [k for k in self.samples if k not in live]:
+                del self.samples[k]
+        return out
+
+    def _rate(self, eid, rid, at, done, started):
+        """Units done per second over the last RATE_WINDOW seconds of records (since
+        the run's start while there is one record only)."""
+        with self.lock:
+            q = self.samples.setdefault((eid, rid), collections.deque())
+            if not q or q[-1][0] < at:
+                q.append((at, done))
+            while len(q) > 2 and at - q[1][0] >= self.RATE_WINDOW:
+                q.popleft()
+            t0, d0 = q[0]
+        if at > t0:
+            return max(0.0, (done - d0) / (at - t0))
+        if started is not None and at > started:
+            return done / (at - started)
+        return None
+
+
+def _list(x):
+    return x if isinstance(x, list) else []
+
+
+def _items(x):
+    return x.items() if isinstance(x, dict) else ()
+
+
+def _counts(x):
+    """{state: count} as sent: printable names, numbers only."""
+    return {_printable(k): v for k, v in _items(x) if _is_number(v)}
+
+
+async def _steer(target, verb, scope, n=None):
+    """A control from a view: ``verb`` (pause, resume, limit, clear) on ``scope``, through
+    an Engine (its own controls) or a Controller (the broker's); returns the line that
+    confirms it. Bad input raises ConstraintError/ValueError, whose text says why."""
+    if verb not in ("pause", "resume", "limit", "clear"):
+        raise ValueError(f"{verb!r}: a view steers with pause, resume, limit or clear")
+    if verb == "limit" and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise ValueError(f"limit needs a whole number of tasks, 0 or more, got {n!r:.40}")
+    got = getattr(target, verb)(scope, *([n] if verb == "limit" else []))
+    if inspect.isawaitable(got):
+        got = await got
+    where = "on the broker" if isinstance(target, Controller) else "on this engine"
+    if isinstance(got, Constraint):
+        return f"{got.describe()}, {where}"
+    return {"resume": f"resumed {scope}", "clear": f"cleared every control on {scope}"}.get(
+        verb, verb) + f" {where}"
 
 
 # ===========================================================================

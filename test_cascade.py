@@ -14801,3 +14801,161 @@ def test_a_shared_limit_holds_when_redis_restarts_without_its_data(redis_mod):
             go.set()
             a.close()
             b.close()
+
+
+# --- views: the model behind cascade top / cascade serve (issue 16) -------------------
+
+def test_an_engine_record_shows_progress_blocked_groups_usage_and_finished_runs():
+    gate = threading.Event()
+
+    @cs.task(name="slow")
+    def slow(i):
+        gate.wait(TIMEOUT)
+        return i
+
+    @cs.task(name="bad")
+    async def bad():
+        raise ValueError("no\x1b[31m luck")
+
+    engine = cs.Engine()
+    engine.limit("task:slow", 2)
+    with pytest.raises(ValueError):
+        engine.start(bad(), run_id="first").result()
+    h = engine.start(slow.map(range(10)), run_id="second")
+    wait_for(lambda: engine.status()["tasks"].get("slow", {}).get("running") == 2)
+    rec = cs._engine_record(engine, "here", None, None, engine.constraints, 1)
+    (run,) = rec["runs"]
+    assert (run["run_id"], run["total"], run["done"]) == ("second", 10, 0)
+    assert run["tasks"] == {"slow": {"running": 2, "blocked": 8}}
+    assert rec["blocked"] == [{"task": "slow", "count": 8,
+                               "waits_on": "concurrency on task:slow (limit 2, 2 running)"}]
+    assert rec["constraints"][0]["usage"] == "2/2 in use"
+    (first,) = rec["history"]
+    assert (first["run_id"], first["status"], first["counts"]) == ("first", "Failed",
+                                                                   {"failed": 1})
+    assert first["error"].startswith("ValueError: no") and "\x1b" not in first["error"]
+    gate.set()
+    h.result()
+    assert [r["run_id"] for r in engine.status()["history"]] == ["second", "first"]
+    assert "finished runs" in repr(engine.status())
+    json.dumps(rec)  # it is what the broker carries
+    engine.close()
+
+
+def test_the_history_keeps_the_last_n_runs_and_a_store_keeps_it_across_restarts(tmp_path):
+    @cs.task
+    async def one(i):
+        return i
+
+    store = cs.SqliteStore(tmp_path / "h.db")
+    engine = cs.Engine(history=2, store=store, project="hist")
+    for i in range(3):
+        engine.start(one(i), run_id=f"r{i}").result()
+    assert [h["run_id"] for h in engine.status()["history"]] == ["r2", "r1"]
+    engine.close()
+    again = cs.Engine(history=5, store=cs.SqliteStore(tmp_path / "h.db"), project="hist")
+    assert [h["run_id"] for h in again.status()["history"]] == ["r2", "r1"]
+    again.start(one(9), run_id="r9").result()
+    assert [h["run_id"] for h in again.status()["history"]] == ["r9", "r2", "r1"]
+    other = cs.Engine(store=cs.SqliteStore(tmp_path / "h.db"), project="other")
+    assert other.status()["history"] == []  # one history per project
+    for e in (again, other):
+        e.close()
+    with pytest.raises(ValueError, match="history=-1"):
+        cs.Engine(history=-1)
+    assert cs.Engine(history=0).status()["history"] == []
+
+
+def test_a_record_too_large_for_the_broker_lists_less_detail():
+    engine = cs.Engine()
+    tasks = [cs.task(name=f"task_with_a_rather_long_name_{i:04d}")(lambda i: i)
+             for i in range(3000)]
+    gate = threading.Event()
+    hold = cs.task(name="hold")(lambda *a: gate.wait(TIMEOUT))
+    engine.limit("task:hold", 0)
+    h = engine.start(hold(*[t(0) for t in tasks]))
+    wait_for(lambda: engine.status()["tasks"].get("hold", {}).get("blocked") == 1)
+    rec = cs._engine_record(engine, "here", None, None, engine.constraints, 1)
+    assert len(json.dumps(rec)) < cs._RECORD_BYTES
+    assert rec["trimmed"][0] == "runs.tasks" and len(rec["runs"][0]["tasks"]) <= 20
+    assert rec["runs"][0]["total"] == 3001  # the totals stay whole
+    engine.clear("task:hold")
+    gate.set()
+    h.result()
+    engine.close()
+
+
+async def until(pred, timeout=TIMEOUT):
+    """Poll ``pred()`` on a running loop until it is truthy."""
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def test_the_view_follows_presence_records_with_rates_time_left_and_engines_gone():
+    broker = cs.LocalBroker()
+    engine = cs.Engine(connector=broker, presence=0.2)
+    gate = threading.Event()
+
+    @cs.task(name="x<b>")
+    def x(i):
+        gate.wait(TIMEOUT)
+        return i
+
+    view = cs._View()
+
+    async def main():
+        await broker.subscribe("cascade/engines/#", view.feed)
+        engine.limit("task:x<b>", 1, ttl=600)
+        h = engine.start(x.map(range(4)))
+        await until(lambda: any(r["tasks"] == {"x<b>": {"running": 1, "blocked": 3}}
+                                for r in view.snapshot()["runs"]))
+        snap = view.snapshot()
+        (run,) = snap["runs"]
+        assert (run["total"], run["done"]) == (4, 0)
+        (c,) = snap["controls"]
+        assert c["scope"] == "task:x<b>" and c["setting"] == "limit 1"
+        assert 0 < c["expires_in"] <= 600 and c["usage"] == {engine.id: "1/1 in use"}
+        assert snap["blocked"][0]["count"] == 3 and not snap["engines"][0]["lost"]
+        gate.set()
+        await h
+        await until(lambda: view.snapshot()["history"])
+        assert view.snapshot()["history"][0]["status"] == "Succeeded"
+        engine.close()
+        await until(lambda: not view.snapshot()["engines"])
+    try:
+        asyncio.run(main())
+    finally:
+        gate.set()
+
+
+def test_the_view_rate_is_measured_over_its_window_of_records():
+    view = cs._View()
+    rec = {"engine_id": "e", "updated_at": 100.0, "heartbeat": 5,
+           "runs": [{"run_id": "r", "done": 0, "total": 100, "started_at": 99.0}]}
+    for t, done in ((100.0, 0), (101.0, 10), (102.0, 30)):
+        view.feed("p/engines/o/p/e", dict(rec, updated_at=t, runs=[dict(rec["runs"][0],
+                                                                         done=done)]))
+        snap = view.snapshot(now=t)
+    (run,) = snap["runs"]
+    assert run["rate"] == 15.0 and run["eta"] == pytest.approx(70 / 15)
+    assert view.snapshot(now=200.0)["engines"][0]["lost"]
+    view.feed("p/engines/o/p/e", None)
+    assert view.snapshot()["runs"] == [] and view.samples == {}
+
+
+def test_steering_from_a_view_checks_its_input():
+    engine = cs.Engine()
+    assert asyncio.run(cs._steer(engine, "limit", "task:a", 3)) == \
+        "limit 3 on task:a, on this engine"
+    assert asyncio.run(cs._steer(engine, "pause", "task:a")).startswith("pause on task:a")
+    assert asyncio.run(cs._steer(engine, "clear", "task:a")) == \
+        "cleared every control on task:a on this engine"
+    assert engine.constraints == []
+    with pytest.raises(ValueError, match="pause, resume, limit or clear"):
+        asyncio.run(cs._steer(engine, "drop", "task:a"))
+    with pytest.raises(ValueError, match="whole number"):
+        asyncio.run(cs._steer(engine, "limit", "task:a", -1))
+    with pytest.raises(cs.ConstraintError):
+        asyncio.run(cs._steer(engine, "pause", "nonsense"))
