@@ -9358,7 +9358,10 @@ class Engine:
 
     With a ``coordinator`` (``cs.RedisCoordinator(redis.Redis(...))``), limits and rate
     limits set with ``shared=True`` hold across every engine that shares it (see the
-    README's "Scaling out")."""
+    README's "Scaling out").
+
+    ``history``: how many finished runs the engine keeps for ``status()`` and the live
+    views (kept in its store too, when it has one, so they survive a restart)."""
 
     def __init__(self, *, system_resources: Optional[dict] = None,
                  resources: Iterable[Resource] = (), connector: Any = None,
