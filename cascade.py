@@ -10966,8 +10966,11 @@ class _Progress:
             self.timer = None
             self.last = time.monotonic()
             if self.display is not None:
-                self.show(end)
-                return
+                try:
+                    self.show(end)
+                    return
+                except Exception:  # (a kernel whose display fails: text from now on,
+                    self.display = None  # not an error logged at every event)
             if self.tty:
                 self.stream.write(f"\r\x1b[2K[cascade] {self.line(end)}{end}")
                 self.shown = not end
