@@ -3934,15 +3934,17 @@ class _ControlPlane:
 
     BLOCKED_SHOWN = 100  # status lists this many waiting units; the counts have them all
 
-    def waiting(self, most):
-        """What waiting tasks wait on, grouped: [{task, waits_on, count}], the largest
-        ``most`` groups (for the views; cost: one look per admission key)."""
+    def waiting(self, most=None):
+        """How many units wait, per (task, reason), most first: [{task_name, waits_on,
+        count}] (every waiting unit, the ``most`` largest groups; one look per admission
+        queue: a queue's waiters all wait on the same thing)."""
         groups = collections.Counter()
         with self.lock:
             for q in self._queues.values():
                 if q.waiters:
                     groups[(q.key.name, self._why(q))] += len(q.waiters)
-        return [{"task": t, "waits_on": w, "count": n} for (t, w), n in groups.most_common(most)]
+        return [{"task_name": t, "waits_on": w, "count": n} for (t, w), n in
+                sorted(groups.items(), key=lambda kv: (-kv[1], kv[0]))[:most]]
 
     def snapshot(self, tallies):
         """Usage of every active constraint and capacity, and the first waiting units,
@@ -8527,6 +8529,18 @@ class _Run:
             c.update(counts)
         return {k: dict(v) for k, v in out.items()}
 
+    def totals(self):
+        """{state: count} over all its tasks (see counts)."""
+        return self.total_of(self.counts())
+
+    @staticmethod
+    def total_of(counts):
+        """{state: count} over the tasks of ``counts()``."""
+        out = collections.Counter()
+        for c in counts.values():
+            out.update(c)
+        return dict(out)
+
     def scoped_tallies(self):
         """[(admission key, tally)] of every task, for scope matching in status."""
         return [(self.keys.get(task) or _Key(task.name, task.tags, self.run_id), t)
@@ -8648,6 +8662,8 @@ class RunHandle:
         self._loop = loop
         self._task = None
         self._future = concurrent.futures.Future()
+        self._run = None     # its _Run while it goes (set by Engine._run) ...
+        self._counts = None  # ... then its final counts
 
     def _attach(self, task):
         self._task = task
@@ -8704,11 +8720,25 @@ class RunHandle:
     def __await__(self):
         return asyncio.wrap_future(self._future).__await__()
 
-    def __repr__(self):
+    def _state(self):
         f = self._future
-        state = ("running" if not f.done() else "cancelled" if f.cancelled() else
-                 "failed" if f.exception() else "done")
-        return f"<RunHandle {self.run_id} {state}>"
+        return ("running" if not f.done() else "cancelled" if f.cancelled() else
+                "failed" if f.exception() else "done")
+
+    def __repr__(self):
+        return f"<RunHandle {self.run_id} {self._state()}>"
+
+    def _repr_html_(self):
+        """A notebook's view: its state, its counts per task so far, its error."""
+        state, run = self._state(), self._run
+        counts = run.counts() if run is not None else self._counts
+        sections = [_count_section("tasks", "task", counts or {})]
+        if state == "failed":
+            sections.append(("error", ["error"], [[_error_text(self._future.exception(),
+                                                               "full")]]))
+        elif counts is None and state == "running":
+            state = "starting"  # (its loop has not begun it yet)
+        return _html(f"Run {self.run_id}: {state}", sections)
 
 
 class _ExitWait:
@@ -8794,7 +8824,14 @@ def _serve(loop):
 
 
 class _Status(dict):
-    """``engine.status()``: a dict snapshot that prints as a table."""
+    """``engine.status()``: a dict snapshot that prints as a table (and shows as HTML
+    tables in a notebook). The rows of both come from ``_controls`` and the dict."""
+
+    def _controls(self):
+        """(type, scope, usage, seconds left or None, shadowed or None, from the broker)
+        of each control in force."""
+        return [(s["type"], s["scope"], _CONTROL_TYPES[s["type"]].shows(s), s["expires_in"],
+                 s.get("shadowed"), s.get("origin") == "broker") for s in self["scopes"]]
 
     def __repr__(self):
         lines = [f"Engine status: {len(self['runs'])} active run(s)"]
@@ -8804,13 +8841,12 @@ class _Status(dict):
                 lines.append(f"    {name:<24} " + "  ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         if self["scopes"]:
             lines.append("  constraints:")
-            for s in self["scopes"]:
-                use = _CONTROL_TYPES[s["type"]].shows(s)
-                left = "" if s["expires_in"] is None else f"  ({s['expires_in']:.1f}s left)"
-                where = "  (from the broker" + (f"; the engine's own: {s['shadowed']})"
-                                               if s.get("shadowed") else ")")
-                lines.append(f"    {s['type']:<12} {s['scope']:<24} {use}{left}"
-                             f"{where if s.get('origin') == 'broker' else ''}")
+            for kind, scope, use, left, shadowed, broker in self._controls():
+                left = "" if left is None else f"  ({left:.1f}s left)"
+                where = "  (from the broker" + (f"; the engine's own: {shadowed})"
+                                               if shadowed else ")")
+                lines.append(f"    {kind:<12} {scope:<24} {use}{left}"
+                             f"{where if broker else ''}")
         for k, c in self["capacities"].items():
             lines.append(f"  capacity {k}: {c['in_use']}/{c['total']} in use")
         w = self.get("window")
@@ -8833,6 +8869,88 @@ class _Status(dict):
 
     def _repr_pretty_(self, p, cycle):
         p.text(repr(self))
+
+    def _sections(self):
+        """The HTML view's sections (see _html): tasks, blocked groups, controls,
+        capacities and the executor's window."""
+        blocked = sum(c.get("blocked", 0) for c in self["tasks"].values())
+        w = self.get("window")
+        return [
+            _count_section("tasks", "task", self["tasks"]),
+            (f"blocked ({blocked}), by task and what it waits on", ["task", "waits on", "count"],
+             [[g["task_name"], g["waits_on"], g["count"]] for g in self.get("waiting", ())]),
+            self._controls_section(),
+            ("capacities", ["capacity", "in use", "total"],
+             [[k, c["in_use"], c["total"]] for k, c in self["capacities"].items()]),
+            ("window", ["executor", "submitted", "size"],
+             [[w["executor"], w["submitted"], w["size"]]] if w else []),
+        ]
+
+    def _controls_section(self):
+        return ("controls in force", ["type", "scope", "usage", "time left", "from"],
+                [[kind, scope, use, "" if left is None else f"{left:.1f}s",
+                  ("broker" + (f" (the engine's own: {shadowed})" if shadowed else ""))
+                  if broker else "engine"]
+                 for kind, scope, use, left, shadowed, broker in self._controls()])
+
+    def _repr_html_(self):
+        runs = self["runs"]
+        return _html(f"Engine status: {len(runs)} active run(s)"
+                     + (f": {', '.join(runs[:5])}" + (" ..." if len(runs) > 5 else "")
+                        if runs else ""), self._sections())
+
+
+# The states of a run's counts, in the order a unit goes through them ("submitted":
+# handed to a remote executor, see _Run.counts).
+_SHOWN_STATES = _STATE_NAMES[:4] + ("submitted",) + _STATE_NAMES[4:]
+
+
+def _count_section(title, first, counts):
+    """A section (see _html) of {name: {state: count}}: a row per name, a column per
+    state any of them has, in _SHOWN_STATES order (a zero is left blank)."""
+    seen = {k for c in counts.values() for k in c}
+    cols = [k for k in _SHOWN_STATES if k in seen] + sorted(seen.difference(_SHOWN_STATES))
+    return (title, [first, *cols],
+            [[name, *(c.get(k) or "" for k in cols)] for name, c in sorted(counts.items())])
+
+
+_HTML_ROWS = 100  # rows a notebook table shows; a last row says how many more there are
+_HTML_LINE = ' style="border-bottom:1px solid rgba(127,127,127,.3)"'  # a table row's
+
+
+def _html(caption, sections):
+    """The notebook view (``_repr_html_``) of a status, an engine, a run handle and the
+    live progress of cs.run: a caption, then a table per section ``(title, header,
+    rows)`` that has rows (the model of _status_sections). Every value is user data
+    (task names, scopes, error text), so each is made printable and HTML-escaped; the
+    CSS is inline, with no script and nothing loaded from elsewhere. Numbers align right."""
+    import html  # (its entity table costs an import: only when a notebook asks)
+
+    def esc(x):
+        return html.escape(_printable(x), quote=True)
+
+    out = ['<div style="font-family:monospace;font-size:12px;line-height:1.4">',
+           f'<div style="font-weight:bold;margin:2px 0">{esc(caption)}</div>']
+    for title, header, rows in sections:
+        if not rows:
+            continue
+        more = len(rows) - _HTML_ROWS
+        if more > 0:
+            rows = rows[:_HTML_ROWS] + [[f"... {more} more"] + [""] * (len(header) - 1)]
+        out.append('<table style="border-collapse:collapse;margin:4px 0 8px 0">')
+        if title:
+            out.append('<caption style="text-align:left;font-style:italic;padding:2px 0">'
+                       f'{esc(title)}</caption>')
+        out.append(f"<tr{_HTML_LINE}>" + "".join(
+            f'<th style="padding:0 8px;text-align:left">{esc(h)}</th>' for h in header)
+            + "</tr>")
+        for row in rows:
+            out.append(f"<tr{_HTML_LINE}>" + "".join(
+                f'<td style="padding:0 8px{";text-align:right" if isinstance(v, (int, float)) else ""}">'
+                f'{esc(v)}</td>' for v in row) + "</tr>")
+        out.append("</table>")
+    out.append("</div>")
+    return "\n".join(out)
 
 
 # ===========================================================================
@@ -9284,11 +9402,8 @@ class _History:
         """Record ``run``'s end (on its loop, at its end)."""
         if self.runs.maxlen == 0:
             return
-        counts = collections.Counter()
-        for c in run.counts().values():
-            counts.update(c)
         entry = {"run_id": run.run_id, "status": status, "started_at": run.started_at,
-                 "duration": round(duration, 6), "counts": dict(counts),
+                 "duration": round(duration, 6), "counts": run.totals(),
                  "error": None if error is None else _printable(
                      f"{type(error).__name__}: {error}")[:300]}
         if self.store is None:
@@ -9304,6 +9419,10 @@ class _History:
             put = self._call("put", self.key, kept)
             if inspect.isawaitable(put):
                 await put
+            flush = getattr(self.store, "flush", None)  # (SqliteStore: committed when the
+            if callable(flush):                           # run returns, as its checkpoints)
+                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
+                    None, flush, 5.0), 6.0)
         except Exception as exc:
             self._failed(exc)
 
@@ -9634,8 +9753,10 @@ class Engine:
         return None if p is None else p.topic
 
     def status(self) -> dict:
-        """A snapshot: per-task state counts, what every blocked task waits on, and
-        per-scope usage against limits. Prints as a table."""
+        """A snapshot: per-task state counts, what every blocked task waits on (the
+        first 100 in ``blocked``; ``waiting``: how many wait per task and reason), and
+        per-scope usage against limits. Prints as a table; a notebook shows it as HTML
+        tables (see _html)."""
         runs = list(self._runs.values())
         # runs started but not yet begun by their loop: listed, with no tasks yet
         waiting = [k for k, h in list(self._started.items())
@@ -9645,12 +9766,13 @@ class Engine:
             for name, counts in r.counts().items():
                 c = tasks.setdefault(name, collections.Counter())
                 c.update(counts)
-        scopes, caps, blocked = self._cp.snapshot([p for r in runs for p in r.scoped_tallies()])
+        scopes, caps, blocked = self._cp.snapshot(
+            [p for r in runs for p in r.scoped_tallies()])
         window = self._window
         return _Status(runs=[r.run_id for r in runs] + waiting,
                        tasks={k: dict(v) for k, v in tasks.items()},
-                       blocked=blocked, scopes=scopes, capacities=caps,
-                       window=None if window is None else window.usage(None),
+                       blocked=blocked, waiting=self._cp.waiting(), scopes=scopes,
+                       capacities=caps, window=None if window is None else window.usage(None),
                        history=self._history.entries())
 
     # -- events, resources --------------------------------------------------
@@ -9693,8 +9815,15 @@ class Engine:
 
     async def _run(self, target, params, run_id, store, durable):
         store = _check_store(store) or self._store
-        return await _Run(self, _as_target(target), params, run_id, store,
-                          durable and store is not None).execute()
+        run = _Run(self, _as_target(target), params, run_id, store, durable and store is not None)
+        handle = self._started.get(run_id)  # (engine.start's: it shows the run's counts)
+        if handle is None:
+            return await run.execute()
+        handle._run = run
+        try:
+            return await run.execute()
+        finally:  # (the handle keeps its counts, not the run's graph and values)
+            handle._counts, handle._run = run.counts(), None
 
     def start(self, target: Any, params: Optional[dict] = None, *,
               run_id: Optional[str] = None, store: Any = None) -> RunHandle:
@@ -9786,6 +9915,15 @@ class Engine:
         cons = ", ".join(c.describe() for c in self.constraints)
         return (f"<Engine project={self.project} runs={len(self._runs)} "
                 f"constraints=[{cons}]>")
+
+    def _repr_html_(self):
+        """A notebook's view: its project, its runs' counts, the controls in force."""
+        st = self.status()
+        runs = {r.run_id: r.totals() for r in list(self._runs.values())}
+        for k in st["runs"]:  # (started, not begun yet)
+            runs.setdefault(k, {})
+        return _html(f"Engine project={self.project} id={self.id}: {len(st['runs'])} active "
+                     "run(s)", [_count_section("runs", "run", runs), st._controls_section()])
 
 
 class _Link:
@@ -10508,9 +10646,8 @@ def _engine_record(e, source, started_at, heartbeat, listed, total):
     _RECORD_BYTES by listing less detail (``trimmed``) where it would not fit."""
     runs = []
     for r in list(e._runs.values()):
-        counts, tasks = collections.Counter(), r.counts()
-        for c in tasks.values():
-            counts.update(c)
+        tasks = r.counts()
+        counts = _Run.total_of(tasks)
         n = sum(counts.values())
         runs.append({"run_id": r.run_id, "counts": dict(counts), "total": n,
                      "done": sum(counts[k] for k in _DONE_STATES if k in counts),
@@ -10865,13 +11002,20 @@ class _Progress:
     length), then done / running / blocked / failed. Redrawn on events, at most every
     0.1 s (a one-shot timer draws the last change). On a terminal, cs.run's log handler
     (_LogHandler) clears the line before each log line and draws it again after, under
-    ``lock``, so the two never run together; elsewhere only the final line is written."""
+    ``lock``, so the two never run together. In a Jupyter kernel (whose stderr is no
+    terminal) it is one display, shown when the run starts and updated in place at the
+    same pace, its final state last (see _notebook_display); elsewhere only the final
+    line is written."""
 
     def __init__(self, engine, run_id=None, stream=None):
         self.engine = engine
         self.run_id = run_id  # its events only (the engine may run others meanwhile)
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        # IPython's display() in a kernel, when we write to its stderr (not a terminal)
+        self.display = None if self.tty or stream is not None else _notebook_display()
+        self.shown_as = None    # ... the DisplayHandle of the display it updates
+        self.outcome = None     # the run's RunFinished status, for that display
         self.lock = threading.RLock()
         self.shown = False      # a status line without its newline is on the terminal
         self.done = self.failed = self.skipped = self.retrying = self.cached = 0
@@ -10908,10 +11052,13 @@ class _Progress:
         elif t is RunStarted:
             self.run = self.engine._runs.get(e.run_id)
             self.t0 = time.monotonic()
+            if self.display is not None:  # the display goes above the run's log lines
+                self.draw()
             return
         elif t is RunFinished:
             if self.timer:
                 self.timer.cancel()
+            self.outcome = e.status
             self.draw(end="\n")
             self.ended = True
             return
@@ -10946,7 +11093,9 @@ class _Progress:
             finished += t[_DONE] + t[_FAILED] + t[_SKIPPED] + t[_CACHED]
         return (finished, total) if total else None
 
-    def line(self, end=""):
+    def parts(self, end=""):
+        """(how far: "120/500 (24%) ETA 41s" or "" while the total is unknown, and
+        [(state, count)]): what the line and the notebook display show."""
         head = ""
         known = self.total()
         if known is not None:
@@ -10955,17 +11104,38 @@ class _Progress:
             if not end and 0 < finished < total:
                 took = time.monotonic() - self.t0
                 head += f" ETA {_duration(took / finished * (total - finished))}"
-            head += " | "
-        return (f"{head}done {self.done} | running {len(self.running)} | blocked "
-                f"{len(self.blocked)} | failed {self.failed}"
-                + (f" | skipped {self.skipped}" if self.skipped else "")
-                + (f" | cached {self.cached}" if self.cached else "")
-                + (f" | retries {self.retrying}" if self.retrying else ""))
+        return head, [("done", self.done), ("running", len(self.running)),
+                      ("blocked", len(self.blocked)), ("failed", self.failed),
+                      *((k, n) for k, n in (("skipped", self.skipped), ("cached", self.cached),
+                                            ("retries", self.retrying)) if n)]
+
+    def line(self, end=""):
+        head, counts = self.parts(end)
+        return (f"{head} | " if head else "") + " | ".join(f"{k} {n}" for k, n in counts)
+
+    def show(self, end):
+        """The notebook display: shown once, then updated in place."""
+        head, counts = self.parts(end)
+        run = f"run {self.run_id}" if self.run_id else "run"
+        caption = f"[cascade] {run}: {self.outcome or 'running'}" + (f", {head}" if head else "")
+        bundle = {"text/plain": f"[cascade] {self.line(end)}",
+                  "text/html": _html(caption, [(None, [k for k, _ in counts],
+                                                [[n for _, n in counts]])])}
+        if self.shown_as is None:
+            self.shown_as = self.display(bundle, raw=True, display_id=True)
+        else:
+            self.shown_as.update(bundle, raw=True)
 
     def draw(self, end=""):
         with self.lock:
             self.timer = None
             self.last = time.monotonic()
+            if self.display is not None:
+                try:
+                    self.show(end)
+                    return
+                except Exception:  # (a kernel whose display fails: text from now on,
+                    self.display = None  # not an error logged at every event)
             if self.tty:
                 self.stream.write(f"\r\x1b[2K[cascade] {self.line(end)}{end}")
                 self.shown = not end
@@ -10979,6 +11149,23 @@ class _Progress:
         if self.shown:
             self.stream.write("\r\x1b[2K")
             self.shown = False
+
+
+def _notebook_display():
+    """IPython's ``display`` when this process is a Jupyter kernel, else None. Only
+    looked for when IPython is imported already (a kernel has imported it), so a
+    script never pays for importing it."""
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return None
+    try:
+        shell = ipython.get_ipython()
+        if shell is None or getattr(shell, "kernel", None) is None:  # a terminal IPython
+            return None
+        from IPython.display import display
+    except Exception:  # a broken or partial IPython: text, as without it
+        return None
+    return display
 
 
 def _duration(seconds):
@@ -11239,7 +11426,8 @@ class _View:
                     else max(0.0, now - r["started_at"])})
             for b in _list(rec.get("blocked")):
                 if isinstance(b, dict):
-                    out["blocked"].append({"engine_id": eid, "task": text(b.get("task", "?")),
+                    out["blocked"].append({"engine_id": eid,
+                                           "task": text(b.get("task_name", "?")),
                                            "waits_on": text(b.get("waits_on", "?")),
                                            "count": num(b.get("count")) or 0})
             for c in _list(rec.get("constraints")):

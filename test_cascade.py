@@ -84,6 +84,30 @@ def have(module):
         return False
 
 
+def run_notebook(cells, timeout=60):
+    """Execute ``cells`` (code) in a new Jupyter kernel that imports this cascade.py;
+    returns (the executed notebook, every kernel message of each cell as (its index in
+    ``cells``, message type, content))."""
+    nbformat = requires("nbformat", "nbformat")
+    nbclient = requires("nbclient", "nbclient")
+    requires("ipykernel", "ipykernel")
+    setup = (f"import sys; sys.path.insert(0, {ROOT!r})\n"
+             "import asyncio, cascade as cs\n"
+             f"assert cs.__file__.startswith({ROOT!r}), cs.__file__")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c)
+                                         for c in [setup, *cells]])
+    seen = []
+
+    class Recording(nbclient.NotebookClient):
+        def process_message(self, msg, cell, cell_index):
+            seen.append((cell_index - 1, msg["msg_type"], msg["content"]))
+            return super().process_message(msg, cell, cell_index)
+
+    Recording(nb, timeout=timeout, kernel_name="python3",
+              resources={"metadata": {"path": ROOT}}).execute()
+    return nb, seen
+
+
 # --- running ----------------------------------------------------------------
 
 def run_engine(engine, target, params=None):
@@ -8380,13 +8404,8 @@ def test_notebook_cell_rerun_on_the_notebook_loop_skips_finished_work(tmp_path):
 def test_notebook_cell_run_twice_in_a_real_kernel_skips_finished_work(tmp_path):
     # a real Jupyter kernel (ipykernel through nbclient): the same cell, run twice on the
     # same engine with the same run id, runs each body once
-    nbformat = requires("nbformat", "nbformat")
-    nbclient = requires("nbclient", "nbclient")
-    requires("ipykernel", "ipykernel")
     calls = tmp_path / "calls"
-    setup = (f"import sys; sys.path.insert(0, {ROOT!r})\n"
-             "import cascade as cs\n"
-             f"CALLS = {str(calls)!r}\n"
+    setup = (f"CALLS = {str(calls)!r}\n"
              "@cs.task\n"
              "def sq(x):\n"
              "    with open(CALLS, 'a') as f:\n"
@@ -8395,16 +8414,9 @@ def test_notebook_cell_run_twice_in_a_real_kernel_skips_finished_work(tmp_path):
              f"engine = cs.Engine(store=cs.SqliteStore({str(tmp_path / 's.db')!r}))")
     cell = ("value = await engine.start(sq.map(range(6)), run_id='cell')\n"
             "print(value)")
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(setup),
-                                         nbformat.v4.new_code_cell(cell)])
-    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=60)
-    with client.setup_kernel():
-        client.execute_cell(nb.cells[0], 0)
-        outs = []
-        for _ in range(2):  # the cell run again
-            client.execute_cell(nb.cells[1], 1)
-            outs.append("".join(o.get("text", "") for o in nb.cells[1].outputs
-                                if o.get("name") == "stdout"))
+    nb, _ = run_notebook([setup, cell, cell])  # the cell run again
+    outs = ["".join(o.get("text", "") for o in c.outputs if o.get("name") == "stdout")
+            for c in nb.cells[2:]]
     assert outs == ["[0, 1, 4, 9, 16, 25]\n"] * 2
     assert sorted(int(x) for x in calls.read_text().split()) == list(range(6))
 
@@ -12226,11 +12238,15 @@ async def test_presence_record_appears_follows_the_engine_and_goes_when_it_close
         "v": "1", "engine_id": engine.id, "source": cs._source(), "org": "default",
         "project": project, "version": cs.__version__, "heartbeat": 0.2, "lost": False,
         "constraints_total": 2}
-    assert rec["runs"] == [{"run_id": handle.run_id, "counts": {"running": 1}}]
+    assert [{k: r[k] for k in ("run_id", "counts", "total", "done", "tasks")}
+            for r in rec["runs"]] == [{"run_id": handle.run_id, "counts": {"running": 1},
+                                       "total": 1, "done": 0,
+                                       "tasks": {f"l_{u}_w": {"running": 1}}}]
     by_scope = {c["scope"]: c for c in rec["constraints"]}
     assert by_scope[f"task:l_{u}_w"] == {"scope": f"task:l_{u}_w", "type": "concurrency",
                                          "params": {"limit": 2}, "origin": "local",
-                                         "expires_at": None, "expires_in": None}
+                                         "expires_at": None, "expires_in": None,
+                                         "usage": "1/2 in use"}
     other = by_scope[f"task:l_{u}_other"]
     assert other["origin"] == "broker" and other["type"] == "pause" and 50 < other["expires_in"] <= 60
     first = rec["updated_at"]
@@ -13016,6 +13032,286 @@ async def test_a_connector_whose_publish_hangs_never_stalls_the_run(monkeypatch)
     except asyncio.TimeoutError:
         pytest.fail("the run stalled on a connector whose publish hangs")
     assert result == "ran"
+
+
+# --- notebooks: the HTML views of status, the engine and a run handle (issue 16) ----
+
+HOSTILE = "<b>x&y"  # a task name that is also markup: every view must escape it
+
+
+def html_tables(markup):
+    """{caption: [[cell text, ...] per row, header first]} of an HTML view, and the
+    caption line above them (key None): what a reader of the page sees."""
+    import html.parser
+
+    class Tables(html.parser.HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.out, self.text, self.caption = {}, [], "?"  # "?": a table without caption
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                self.out.setdefault(self.caption, []).append([])
+            if tag in ("td", "th", "caption", "div"):
+                self.text = []
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th"):
+                self.out[self.caption][-1].append("".join(self.text))
+            elif tag == "caption":
+                self.caption = "".join(self.text)
+            elif tag == "table":
+                self.caption = "?"
+            elif tag == "div" and self.text and None not in self.out:
+                self.out[None] = "".join(self.text)
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    p = Tables()
+    p.feed(markup)
+    return p.out
+
+
+def assert_safe_html(markup):
+    """Only the view's own tags, with no attribute but an inline style that loads
+    nothing: no script, no handler, no hostile name's markup, nothing from elsewhere."""
+    import html.parser
+
+    class Tags(html.parser.HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            assert tag in ("div", "table", "caption", "tr", "th", "td"), tag
+            for name, value in attrs:
+                assert name == "style" and "url(" not in value and "@" not in value, attrs
+
+    Tags().feed(markup)
+    assert "<style" not in markup.lower() and "<script" not in markup.lower()
+
+
+def test_status_html_groups_tasks_and_blocked_ones_by_reason_and_escapes_names():
+    e = cs.Engine()
+    go = threading.Event()
+
+    @cs.task(name=HOSTILE)
+    async def hostile(i):
+        return i
+
+    @cs.task(name="slow")
+    def slow(i):
+        go.wait(TIMEOUT)
+
+    e.pause(f"task:{HOSTILE}", ttl=60)
+    e.limit("task:slow", 2)
+    h = e.start([hostile.map(range(30)), slow.map(range(6))])
+    try:
+        wait_for(lambda: e.status()["tasks"].get("slow", {}).get("running") == 2
+                 and sum(g["count"] for g in e.status()["waiting"]) == 34)
+        s = e.status()
+        assert [(g["task_name"], g["waits_on"].split(" (")[0], g["count"])
+                for g in s["waiting"]] == [(HOSTILE, f"pause on task:{HOSTILE}", 30),
+                                           ("slow", "concurrency on task:slow", 4)]
+        markup = s._repr_html_()
+        assert_safe_html(markup)
+        assert "&lt;b&gt;x&amp;y" in markup
+        tables = html_tables(markup)
+        assert tables[None].startswith("Engine status: 1 active run(s)")
+        assert tables["tasks"] == [["task", "blocked", "running"], [HOSTILE, "30", ""],
+                                   ["slow", "4", "2"]]
+        blocked = tables["blocked (34), by task and what it waits on"]
+        assert blocked[0] == ["task", "waits on", "count"]
+        # one row per (task, reason), not one per waiting call
+        assert [(r[0], r[1].split(" (")[0], r[2]) for r in blocked[1:]] == [
+            (HOSTILE, f"pause on task:{HOSTILE}", "30"), ("slow", "concurrency on task:slow", "4")]
+        controls = tables["controls in force"]
+        assert controls[0] == ["type", "scope", "usage", "time left", "from"]
+        pause = next(r for r in controls if r[0] == "pause")
+        assert pause[1] == f"task:{HOSTILE}" and pause[3].endswith("s") and pause[4] == "engine"
+        assert float(pause[3][:-1]) <= 60
+        assert next(r for r in controls if r[0] == "concurrency")[1:3] == ["task:slow",
+                                                                          "2/2 in use"]
+        # the text table is as it was: one line per blocked call, 20 of them
+        assert "... 14 more" in repr(s) and f"{HOSTILE}-1[0]" in repr(s)
+    finally:
+        e.resume(f"task:{HOSTILE}")
+        go.set()
+        h.result(TIMEOUT)
+
+
+def test_status_waiting_counts_every_blocked_task_not_only_the_first_100():
+    e = cs.Engine()
+
+    @cs.task(name="held")
+    async def held(i):
+        return i
+
+    e.pause("task:held")
+    h = e.start(held.map(range(250)))
+    try:
+        wait_for(lambda: e.status()["tasks"].get("held", {}).get("blocked") == 250)
+        s = e.status()
+        assert len(s["blocked"]) == 100
+        assert [(g["task_name"], g["count"]) for g in s["waiting"]] == [("held", 250)]
+        assert html_tables(s._repr_html_())["blocked (250), by task and what it waits on"][1][
+            2] == "250"
+    finally:
+        e.resume("task:held")
+        h.result(TIMEOUT)
+
+
+def test_html_builder_escapes_every_value_caps_rows_and_aligns_numbers():
+    evil = "<img src=x onerror=alert(1)>\u202e\x1b[2J\"'&"
+    markup = cs._html(evil, [(evil, [evil, "n"], [[evil, 7]] * 103), ("empty", ["a"], [])])
+    assert_safe_html(markup)
+    assert "&lt;img" in markup and "&quot;" in markup and "&#x27;" in markup
+    assert "\u202e" not in markup and "\x1b" not in markup  # shown escaped, never raw
+    tables = html_tables(markup)
+    assert tables[None].startswith("<img src=x")  # (what a reader sees: text, not an image)
+    rows = tables[tables[None]]
+    assert len(rows) == 1 + 100 + 1 and rows[-1] == ["... 3 more", ""]
+    assert "empty" not in tables  # a section without rows is left out
+    assert '<td style="padding:0 8px;text-align:right">7</td>' in markup
+    assert "<style" not in markup  # inline CSS only: nothing that leaks into the page
+
+
+def test_run_handle_html_shows_state_counts_so_far_and_its_escaped_error():
+    e = cs.Engine()
+    go = threading.Event()
+
+    @cs.task(name=HOSTILE)
+    def waits(i):
+        go.wait(TIMEOUT)
+        return i
+
+    @cs.task(name="boom")
+    def boom(xs):
+        raise ValueError("<script>alert(1)</script>")
+
+    h = e.start(boom(waits.map(range(3))))
+    try:
+        wait_for(lambda: e.status()["tasks"].get(HOSTILE, {}).get("running") == 3)
+        tables = html_tables(h._repr_html_())
+        assert tables[None] == f"Run {h.run_id}: running"
+        assert tables["tasks"] == [["task", "pending", "running"], [HOSTILE, "", "3"],
+                                   ["boom", "1", ""]]
+    finally:
+        go.set()
+    with pytest.raises(ValueError):
+        h.result(TIMEOUT)
+    markup = h._repr_html_()
+    assert_safe_html(markup)
+    tables = html_tables(markup)
+    assert tables[None] == f"Run {h.run_id}: failed"
+    assert tables["tasks"] == [["task", "done", "failed"], [HOSTILE, "3", ""], ["boom", "", "1"]]
+    assert tables["error"] == [["error"], ["ValueError: <script>alert(1)</script>"]]
+    assert repr(h) == f"<RunHandle {h.run_id} failed>"  # the text repr is as it was
+
+
+def test_engine_html_shows_project_runs_and_controls_with_time_left():
+    e = cs.Engine(project="nb")
+    go = threading.Event()
+
+    @cs.task(name="work")
+    def work(i):
+        go.wait(TIMEOUT)
+
+    e.limit("task:work", 1, ttl=120)
+    e.pause(f"task:{HOSTILE}")
+    h = e.start(work.map(range(3)))
+    try:
+        wait_for(lambda: e.status()["tasks"].get("work", {}).get("running") == 1)
+        markup = e._repr_html_()
+        assert_safe_html(markup)
+        tables = html_tables(markup)
+        assert tables[None] == f"Engine project=nb id={e.id}: 1 active run(s)"
+        assert tables["runs"] == [["run", "blocked", "running"], [h.run_id, "2", "1"]]
+        controls = {r[0]: r for r in tables["controls in force"][1:]}
+        assert controls["concurrency"][1:3] == ["task:work", "1/1 in use"]
+        assert 0 < float(controls["concurrency"][3][:-1]) <= 120
+        assert controls["pause"][1] == f"task:{HOSTILE}" and controls["pause"][3] == ""
+    finally:
+        go.set()
+        h.result(TIMEOUT)
+    assert html_tables(e._repr_html_())[None].endswith(": 0 active run(s)")
+
+
+def test_notebook_shows_status_engine_and_handle_as_grouped_escaped_html():
+    _, seen = run_notebook([
+        f"""engine = cs.Engine(project="nb")
+@cs.task(name={HOSTILE!r})
+async def hostile(i):
+    return i
+@cs.task(name="slow")
+async def slow(i):
+    await asyncio.sleep(0.05)
+    return i
+engine.pause("task:{HOSTILE}", ttl=600)
+handle = engine.start([hostile.map(range(25)), slow.map(range(3))])
+for _ in range(2000):  # the run lives on this kernel's loop: let it get going
+    await asyncio.sleep(0.01)
+    if engine.status()["tasks"].get({HOSTILE!r}, {{}}).get("blocked") == 25:
+        break""",
+        "engine.status()",
+        "engine",
+        "handle",
+        f"engine.resume('task:{HOSTILE}'); await handle; handle",
+    ])
+    results = {i: c["data"] for i, kind, c in seen if kind == "execute_result"}
+    for i in (1, 2, 3, 4):
+        assert "text/html" in results[i] and "text/plain" in results[i], i
+        assert_safe_html(results[i]["text/html"])
+    status = html_tables(results[1]["text/html"])
+    assert status["tasks"][0][:2] == ["task", "blocked"] and status["tasks"][1][:2] == [
+        HOSTILE, "25"]
+    assert [r[:3:2] for r in status["blocked (25), by task and what it waits on"]] == [
+        ["task", "count"], [HOSTILE, "25"]]
+    assert results[1]["text/plain"].startswith("Engine status: 1 active run(s)")
+    engine = html_tables(results[2]["text/html"])
+    assert engine[None].startswith("Engine project=nb id=")
+    assert engine["controls in force"][1][:2] == ["pause", f"task:{HOSTILE}"]
+    assert results[2]["text/plain"].startswith("<Engine project=nb runs=1")
+    running = html_tables(results[3]["text/html"])
+    assert running[None].endswith(": running") and running["tasks"][1][:2] == [HOSTILE, "25"]
+    done = html_tables(results[4]["text/html"])
+    assert done[None].endswith(": done")
+    assert done["tasks"] == [["task", "done"], [HOSTILE, "25"], ["slow", "3"]]
+
+
+def test_notebook_progress_is_one_display_updated_in_place_while_the_run_goes():
+    # cs.run in a notebook runs the engine on a helper thread, cs.run_async on the
+    # kernel's loop; the kernel's stderr is no terminal, so before only the final line
+    # appeared, once the run was over
+    nb, seen = run_notebook(["""@cs.task
+async def step(i, prev=None):
+    await asyncio.sleep(0.15)
+    return i
+x = None
+for i in range(8):
+    x = step(i, x)
+cs.run(x, progress=True, log_level="WARNING")""",
+                             "await cs.run_async(x, progress=True, log_level='WARNING')"])
+    for cell in (0, 1):
+        shown = [(kind, c) for i, kind, c in seen if i == cell
+                 and kind in ("display_data", "update_display_data")]
+        assert shown and shown[0][0] == "display_data"
+        display_id = shown[0][1]["transient"]["display_id"]
+        assert display_id and all(c["transient"]["display_id"] == display_id for _, c in shown)
+        assert {kind for kind, _ in shown[1:]} == {"update_display_data"}
+        states = [c["data"]["text/plain"] for _, c in shown]
+        # live: states in between, not only the first and the final one
+        assert len(set(states)) >= 3, states
+        assert any(re.match(r"\[cascade\] [1-7]/8 ", s) for s in states), states
+        assert states[-1] == "[cascade] 8/8 (100%) | done 8 | running 0 | blocked 0 | failed 0"
+        final = html_tables(shown[-1][1]["data"]["text/html"])
+        assert final[None].endswith(": Succeeded, 8/8 (100%)")
+        assert final["?"] == [["done", "running", "blocked", "failed"], ["8", "0", "0", "0"]]
+        # the notebook keeps one output for it, showing the final state; no text line
+        outputs = nb.cells[1 + cell].outputs
+        displays = [o for o in outputs if o["output_type"] == "display_data"]
+        assert len(displays) == 1 and displays[0]["data"]["text/plain"] == states[-1]
+        assert not any("[cascade]" in o.get("text", "") for o in outputs
+                       if o["output_type"] == "stream")
+        assert any(o["output_type"] == "execute_result" and o["data"]["text/plain"] == "7"
+                   for o in outputs)
 
 
 # ===========================================================================
@@ -14827,7 +15123,7 @@ def test_an_engine_record_shows_progress_blocked_groups_usage_and_finished_runs(
     (run,) = rec["runs"]
     assert (run["run_id"], run["total"], run["done"]) == ("second", 10, 0)
     assert run["tasks"] == {"slow": {"running": 2, "blocked": 8}}
-    assert rec["blocked"] == [{"task": "slow", "count": 8,
+    assert rec["blocked"] == [{"task_name": "slow", "count": 8,
                                "waits_on": "concurrency on task:slow (limit 2, 2 running)"}]
     assert rec["constraints"][0]["usage"] == "2/2 in use"
     (first,) = rec["history"]
