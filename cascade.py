@@ -11444,7 +11444,11 @@ def _to_svg(boxes, edges, states=False):
                          f"{_MAX_DRAWN:,} an SVG draws; draw it with collapse=True (identical "
                          "parallel calls as one box), or write DOT (flow.to_dot()) for "
                          "Graphviz")
-    widths = [_box_width(b) for b in boxes]
+    ports = [1] * len(boxes)  # room along a box for the edges that end or start there
+    for a, b in edges:
+        ports[a] += 1
+        ports[b] += 1
+    widths = [max(_box_width(b), min(12.0 * k, 320.0)) for b, k in zip(boxes, ports)]
     xs, layer, routes = _layout(widths, edges)
     two = any(b.note for b in boxes)
     h = _BOX_H + (_LINE_H if two else 0)
@@ -11485,7 +11489,7 @@ def _to_svg(boxes, edges, states=False):
             es.sort(key=lambda e: ends[e][key])
             k = len(es)
             for j, e in enumerate(es):
-                port[e] = off + xs[v] + widths[v] * (0.5 if k == 1 else 0.2 + 0.6 * j / (k - 1))
+                port[e] = off + xs[v] + widths[v] * (0.5 if k == 1 else 0.15 + 0.7 * j / (k - 1))
     for e, ((a, b), route) in enumerate(zip(edges, routes)):
         x0, y0 = port_out[e], ys[a] + h
         pts = [(x0, y0)]
@@ -11594,7 +11598,7 @@ def visualize(flow: Any, path: Union[str, os.PathLike], *, collapse: Optional[bo
 
 
 # ===========================================================================
-# CLI: cascade pause|resume|limit|rate|clear|status|watch|demo
+# CLI: cascade pause|resume|limit|rate|clear|status|watch|demo|graph
 # ===========================================================================
 
 _CLI_HELP = f"""\
