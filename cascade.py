@@ -8733,7 +8733,11 @@ class RunHandle:
                         title=f"run {self.run_id}")
 
     def _ended(self, run):  # on the run's loop, as it ends: O(nodes), once
-        self._states = _draw_states(run)
+        try:
+            self._states = _draw_states(run)
+        except Exception:  # (a drawing must never break a run's ending)
+            _log.exception("run %s: its node states could not be kept for handle.graph()",
+                           run.run_id)
         self._run = None
 
     def __repr__(self):
