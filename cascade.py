@@ -73,8 +73,8 @@ __all__ = [
     "TaskExecutionFinished", "TaskSkipped", "TaskCached", "TaskRetrying", "TaskBlocked",
     "ResourceAcquired", "ResourceReleased", "ConstraintApplied", "ConstraintRemoved",
     "ConstraintRejected", "CoordinatorOutage", "CoordinatorRecovered", "RedisCoordinator",
-    # running
-    "run", "run_async", "main",
+    # running, drawing
+    "run", "run_async", "visualize", "main",
 ]
 
 _log = logging.getLogger(__name__)
@@ -820,6 +820,25 @@ class LazyResult:
             f" constraints={self.amounts}" if self.amounts else "",
         ])
         return f"<{type(self).__name__} {self.name}{extra}>"
+
+    # -- drawing (see _Drawing): the graph as the run would build it
+    def to_dot(self, collapse: Optional[bool] = None) -> str:
+        """The graph as Graphviz DOT text: a node per call (a map is one node, labelled
+        with its size when known: ``fetch ×1,000``), edges from each dependency to its
+        dependant. ``collapse``: see ``cs.visualize``."""
+        return _Drawing(self, None, collapse).to_dot()
+
+    def to_mermaid(self, collapse: Optional[bool] = None) -> str:
+        """The graph as a Mermaid flowchart (as ``to_dot``)."""
+        return _Drawing(self, None, collapse).to_mermaid()
+
+    def to_svg(self, collapse: Optional[bool] = None) -> str:
+        """The graph drawn as SVG, laid out by this file (no Graphviz): layers top-down,
+        every edge pointing down. To colour it by state, draw a run's: ``handle.graph()``."""
+        return _Drawing(self, None, collapse).to_svg()
+
+    def _repr_svg_(self):  # a notebook shows the graph (the text repr stays as it is)
+        return _Drawing(self)._repr_svg_()
 
 
 class MappedLazyResult(LazyResult):
@@ -6745,6 +6764,9 @@ class _Run:
         self.stopping = False
         self.prepared = False       # its graph is built (see Engine._prepared)
         self.error = None
+        self.failed_id = None       # the id of the task whose failure failed the run
+        self.cached = collections.Counter()  # node -> its executions taken from a store
+        self.handle = None          # its RunHandle (engine.start), told when it ends
         self.nodes = {}
         self.tallies = {}           # task -> [count per state] (see _Unit)
         self._prio = {}             # node or task -> its priority offset (see _prioritized)
@@ -6887,6 +6909,8 @@ class _Run:
                 status, error = "Failed", escaped
             self.engine._runs.pop(self.run_id, None)
             self.engine._early.pop(self.run_id, None)
+            if self.handle is not None:  # its drawing keeps the states, not the run
+                self.handle._ended(self)
             if self.engine._closed and not self.engine._runs:
                 self.engine._let_go()  # close() left it to the last run
             if cancelled and status != "Failed":
@@ -7705,6 +7729,7 @@ class _Run:
             t[_PENDING] -= 1
             t[_CACHED] += 1
             u.state = _CACHED
+            self.cached[u.node] += 1
             self.report.cached(u, source)
             self._settle_value(u.node, u.index, value)
 
@@ -8283,6 +8308,7 @@ class _Run:
     def _fail(self, exc, task_id, name):
         if self.error is None:
             self.error = exc
+            self.failed_id = task_id
             if hasattr(exc, "add_note"):
                 exc.add_note(f"cascade: raised by task {name!r} ({task_id}) in run {self.run_id}")
         self._stop()
@@ -8662,8 +8688,10 @@ class RunHandle:
         self._loop = loop
         self._task = None
         self._future = concurrent.futures.Future()
-        self._run = None     # its _Run while it goes (set by Engine._run) ...
-        self._counts = None  # ... then its final counts
+        self._target = None   # what it runs, for graph()
+        self._run = None      # its _Run while it runs (set by Engine._run) ...
+        self._states = None   # ... then each node's state when it ended (see _ended)
+        self._counts = None   # ... and its final counts
 
     def _attach(self, task):
         self._task = task
@@ -8719,6 +8747,28 @@ class RunHandle:
 
     def __await__(self):
         return asyncio.wrap_future(self._future).__await__()
+
+    def graph(self, collapse: Optional[bool] = None) -> Any:
+        """The run's graph coloured by each node's state now: pending, waiting (ready,
+        not admitted yet, or waiting out a retry delay), running, done, cached, skipped,
+        failed; a map or a group of calls shows its items done. During the run it is a
+        snapshot (ask again for a fresh one); after it, the states it ended with (the
+        run itself is let go, with its values). Has ``to_svg()``, ``to_dot()``,
+        ``to_mermaid()``; a notebook draws it inline; ``cs.visualize(handle, path)``
+        writes it. Graphs that tasks returned while running are not drawn."""
+        run = self._run
+        states = self._states if run is None else _draw_states(run)
+        return _Drawing(self._target, states if states is not None else {}, collapse,
+                        title=f"run {self.run_id}")
+
+    def _ended(self, run):  # on the run's loop, as it ends: O(nodes), once
+        self._counts = run.counts()
+        try:
+            self._states = _draw_states(run)
+        except Exception:  # (a drawing must never break a run's ending)
+            _log.exception("run %s: its node states could not be kept for handle.graph()",
+                           run.run_id)
+        self._run = None
 
     def _state(self):
         f = self._future
@@ -9813,17 +9863,13 @@ class Engine:
                              "engine; give each concurrent run its own id")
         return run_id
 
-    async def _run(self, target, params, run_id, store, durable):
+    async def _run(self, target, params, run_id, store, durable, handle=None):
         store = _check_store(store) or self._store
         run = _Run(self, _as_target(target), params, run_id, store, durable and store is not None)
-        handle = self._started.get(run_id)  # (engine.start's: it shows the run's counts)
-        if handle is None:
-            return await run.execute()
-        handle._run = run
-        try:
-            return await run.execute()
-        finally:  # (the handle keeps its counts, not the run's graph and values)
-            handle._counts, handle._run = run.counts(), None
+        if handle is not None:
+            run.handle = handle
+            handle._run = run
+        return await run.execute()
 
     def start(self, target: Any, params: Optional[dict] = None, *,
               run_id: Optional[str] = None, store: Any = None) -> RunHandle:
@@ -9839,18 +9885,18 @@ class Engine:
         durable = run_id is not None
         run_id = self._check_run_id(run_id)
         _check_store(store)
-        coro = _contained(self._run(target, params, run_id, store, durable))
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
+        handle = RunHandle(run_id, loop or asyncio.new_event_loop())
+        handle._target = target
+        coro = _contained(self._run(target, params, run_id, store, durable, handle))
         if loop is not None:
-            handle = RunHandle(run_id, loop)
             handle._attach(loop.create_task(coro))
             self._listed(handle)
             return handle
-        loop = asyncio.new_event_loop()
-        handle = RunHandle(run_id, loop)
+        loop = handle._loop
 
         def begin():
             task = loop.create_task(coro)
@@ -11517,7 +11563,551 @@ async def _steer(target, verb, scope, n=None):
 
 
 # ===========================================================================
-# CLI: cascade pause|resume|limit|rate|clear|status|watch|demo
+# Drawing the graph: DOT, Mermaid, and an SVG laid out here (no Graphviz)
+# ===========================================================================
+#
+# One model, three outputs: _graph_view takes the nodes the run would build
+# (_build_graph, so a drawing shows exactly what runs) and makes boxes: one per call,
+# one per map (a map is one node, whatever its size), and with collapsing, one per group
+# of identical parallel calls (same task, same inputs and same dependants, as groups:
+# the 1,000 fetch -> parse chains of a per-item pipeline are drawn as two boxes).
+# Edges go from a dependency to its dependant. The SVG layout (_layout) is a simplified
+# Sugiyama: layer = longest path from the sources, long edges routed through dummy
+# points, order within a layer by the barycentre of the neighbours (4 sweeps), then x
+# by three passes of "as near the neighbours' mean as the boxes' order allows".
+
+_DRAW_STATES = ("pending", "waiting", "running", "done", "cached", "skipped", "failed")
+# fill, stroke of a box (None: a drawing without states)
+_STATE_COLOURS = {
+    None: ("#f7f9fc", "#4a5568"),
+    "pending": ("#eceff3", "#8a94a6"),
+    "waiting": ("#ffe7a3", "#b7791f"),
+    "running": ("#a8d1ff", "#2b6cb0"),
+    "done": ("#b9e4b4", "#2f855a"),
+    "cached": ("#b2e0dc", "#287d76"),
+    "skipped": ("#f4f4f4", "#9aa0a6"),   # and a dashed border
+    "failed": ("#f6a5a5", "#c53030"),
+}
+_COLLAPSE_ABOVE = 50    # collapse=None: a graph of more calls has its identical ones grouped
+_MAX_DRAWN = 5000       # boxes an SVG draws at most (see _graph_view)
+_MAX_LABEL = 40         # characters of a name drawn; longer ones end in an ellipsis
+_GRAPH_FORMATS = {".svg": "svg", ".dot": "dot", ".gv": "dot", ".mmd": "mermaid",
+                  ".mermaid": "mermaid"}
+
+
+class _Box:
+    """One drawn node: a call, a map, a Param/Env, or a group of identical calls."""
+    __slots__ = ("name", "kind", "count", "size", "state", "done", "tip")
+
+    def __init__(self, name, kind, count, size):
+        self.name, self.kind, self.count, self.size = name, kind, count, size
+        self.state = None      # the drawn state (see _box_state), None without states
+        self.done = None       # (items done, items) of a map or a group, when states given
+        self.tip = ""          # the tooltip: ids, what it is, its state
+
+    @property
+    def label(self):
+        name = self.name if len(self.name) <= _MAX_LABEL else self.name[:_MAX_LABEL - 1] + "…"
+        n = self.size if self.kind == "map" else self.count if self.count > 1 else None
+        if self.kind == "map" and n is None:
+            return f"{name} ×?"  # a map over a lazy result: its size is known when it runs
+        return name if n is None else f"{name} ×{n:,}"
+
+    @property
+    def note(self):
+        """The second line: progress of a map or group while states are drawn."""
+        if self.done is None or (self.kind != "map" and self.count == 1):
+            return ""
+        d, t = self.done
+        return f"{d:,}/{t:,} done" if t is not None else f"{d:,} done"
+
+
+def _graph_view(target, states=None, collapse=None):
+    """(boxes, edges) of ``target``'s graph: edges are (dependency box, dependant box)
+    index pairs, boxes in a topological order. ``states``: {lazy result: (state, items
+    done, items)} (see _draw_states). ``collapse``: True groups identical parallel calls
+    into one box, False never, None when the graph has more than _COLLAPSE_ABOVE nodes."""
+    target = _as_target(target)
+    nodes = _build_graph(target, {}, {})[0]  # the run's own walk: ids and all
+    order = [n for n in sorted(nodes.values(), key=_node_order) if type(n.lazy) is not _Gather]
+    index = {n.lazy: i for i, n in enumerate(order)}  # creation order is topological
+    n = len(order)
+    parents = [[] for _ in range(n)]
+    children = [[] for _ in range(n)]
+    for i, node in enumerate(order):
+        for d in dict.fromkeys(node.lazy.deps):
+            j = index.get(d)
+            if j is not None:  # (None: the gather of a list target, never drawn)
+                parents[i].append(j)
+                children[j].append(i)
+    lengths = {}  # known map sizes, inner maps first (creation order)
+    kinds = []
+    for node in order:
+        lz = node.lazy
+        if type(lz) is MappedLazyResult:
+            lengths[lz] = _known_length(lz, lengths)
+            kinds.append("map")
+        else:
+            kinds.append("call" if lz.task is not None else "param")
+    if collapse is None:
+        collapse = n > _COLLAPSE_ABOVE
+    if collapse:
+        group = _collapse(order, kinds, parents, children)
+    else:
+        group = list(range(n))
+    # boxes in order of their first member; quotient edges deduplicated
+    first, members = {}, []
+    for i, g in enumerate(group):
+        b = first.get(g)
+        if b is None:
+            b = first[g] = len(members)
+            members.append([])
+        members[b].append(i)
+    box_of = [first[g] for g in group]
+    edges = list(dict.fromkeys((box_of[j], box_of[i]) for i in range(n) for j in parents[i]))
+    boxes = []
+    for ms in members:
+        node = order[ms[0]]
+        lz, kind = node.lazy, kinds[ms[0]]
+        box = _Box(lz.name, kind, len(ms), lengths.get(lz))
+        ids = [order[i].id for i in ms]
+        what = (f"map of {box.size:,} items" if kind == "map" and box.size is not None else
+                "map (its size is known when it runs)" if kind == "map" else
+                f"{len(ms):,} identical calls" if len(ms) > 1 else "")
+        if states is not None:
+            _box_state(box, [states.get(order[i].lazy) for i in ms])
+        box.tip = ", ".join(ids[:3]) + (f" ... {ids[-1]}" if len(ids) > 3 else "") + \
+            (f": {what}" if what else "") + (f" ({box.state})" if box.state else "")
+        boxes.append(box)
+    return boxes, edges
+
+
+def _collapse(order, kinds, parents, children):
+    """A group number per node: calls of one task whose inputs and dependants are the
+    same groups share one (maps and params never share). Partition refinement, a pass
+    down and a pass up per round until no group splits: O(rounds x (nodes + edges)).
+    The groups' graph is acyclic: within a pass a group's members have the same parent
+    groups, so an edge between two of them would need an earlier member."""
+    group = [("call", order[i].lazy.name) if k == "call" else ("own", i)
+             for i, k in enumerate(kinds)]
+    n, count = len(order), -1
+    for _ in range(16):  # (a bound; it settles in two or three rounds in practice)
+        down, sig = [0] * n, {}
+        for i in range(n):
+            down[i] = sig.setdefault((group[i], frozenset([down[p] for p in parents[i]])),
+                                     len(sig))
+        up, sig = [0] * n, {}
+        for i in range(n - 1, -1, -1):
+            up[i] = sig.setdefault((down[i], frozenset([up[c] for c in children[i]])), len(sig))
+        group = up
+        if len(sig) == count:
+            break
+        count = len(sig)
+    return group
+
+
+def _box_state(box, states):
+    """A box's state from its members' (state, items done, items): one state if they
+    agree, else the most telling one present (a failure first, then work under way)."""
+    got = collections.Counter(s[0] if s else "pending" for s in states)
+    if len(got) == 1:
+        box.state = next(iter(got))
+    else:
+        box.state = next(s for s in ("failed", "running", "waiting", "pending", "done",
+                                     "cached", "skipped") if s in got)
+    if box.kind == "map":
+        s = states[0]
+        box.done = (s[1], s[2] if s[2] is not None else box.size) if s else (0, box.size)
+        if box.size is None and s and s[2] is not None:
+            box.size = s[2]  # known once it ran
+    else:
+        box.done = (got["done"] + got["cached"], len(states))
+
+
+def _draw_states(run):
+    """{lazy result: (state, items done, items)} of each node of ``run`` now (a snapshot
+    from any thread: the run may be a few transitions ahead). States: pending (inputs
+    not ready, or never ran), waiting (ready: waiting for admission or a retry),
+    running, done, cached, skipped, failed."""
+    held = {}  # node -> a unit of it holds a grant (running, or about to)
+    for u in run.cp.holders_of(run):
+        held[u.node] = True
+    failed = run.failed_id
+    over = run.stopping
+    out = {}
+    for _ in range(3):  # (the run's loop may add nodes meanwhile: a returned graph)
+        try:
+            items = list(run.nodes.items())
+            break
+        except RuntimeError:
+            continue
+    else:
+        items = []
+    for lz, node in items:
+        total = done = None
+        if type(lz) is MappedLazyResult:
+            if type(node.value) is list:  # expanded: its size is known
+                total = len(node.value)
+                done = total - node.left if node.pending != -1 else total
+        if failed is not None and (failed == node.id or failed.startswith(node.id + "[")):
+            state = "failed"
+        elif node.pending == -1:
+            hits = run.cached.get(node, 0)
+            state = ("skipped" if node.skip is not None else
+                     "cached" if hits and hits >= (total or 1) else "done")
+        elif node.pending > 0 or over or lz.task is None:
+            state = "pending"
+        else:
+            state = "running" if node in held else "waiting"
+        out[lz] = (state, done, total)
+    return out
+
+
+def _esc_xml(text):
+    # XML 1.0 has no place for control characters at all: they are shown escaped
+    return (_printable(text).replace("&", "&amp;").replace("<", "&lt;")
+            .replace(">", "&gt;").replace('"', "&quot;").replace("'", "&#39;"))
+
+
+def _esc_dot(text):
+    # a double-quoted DOT string: only \ and " are special (and line ends)
+    return _printable(text).replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _esc_mermaid(text):
+    # Mermaid reads entity codes (#35;) in a quoted label; everything that could end
+    # the label or be taken as markup is written as one
+    return "".join(c if c.isalnum() and c.isascii() or c in " _-.,:/()" else f"#{ord(c)};"
+                   for c in _printable(text))
+
+
+def _to_dot(boxes, edges, title="cascade"):
+    lines = [f'digraph "{_esc_dot(title)}" {{', "  rankdir=TB;",
+             '  node [shape=box, style="rounded,filled", fontname="sans-serif", '
+             f'fillcolor="{_STATE_COLOURS[None][0]}"];']
+    for i, b in enumerate(boxes):
+        attrs = [f'label="{_esc_dot(b.label)}' + (f'\\n{_esc_dot(b.note)}"' if b.note else '"')]
+        if b.kind == "map" or b.count > 1:
+            attrs.append("peripheries=2")
+        elif b.kind == "param":
+            attrs.append("shape=ellipse")
+        if b.state is not None:
+            fill, stroke = _STATE_COLOURS[b.state]
+            style = "rounded,filled,dashed" if b.state == "skipped" else "rounded,filled"
+            attrs.append(f'fillcolor="{fill}", color="{stroke}", style="{style}"')
+        attrs.append(f'tooltip="{_esc_dot(b.tip)}"')
+        lines.append(f"  n{i} [{', '.join(attrs)}];")
+    lines.extend(f"  n{a} -> n{b};" for a, b in edges)
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _to_mermaid(boxes, edges):
+    lines = ["flowchart TD"]
+    for i, b in enumerate(boxes):
+        text = _esc_mermaid(b.label) + (f"<br/>{_esc_mermaid(b.note)}" if b.note else "")
+        shape = ('[["', '"]]') if b.kind == "map" or b.count > 1 else \
+            ('(["', '"])') if b.kind == "param" else ('["', '"]')
+        lines.append(f"  n{i}{shape[0]}{text}{shape[1]}")
+    lines.extend(f"  n{a} --> n{b}" for a, b in edges)
+    used = list(dict.fromkeys(b.state for b in boxes if b.state is not None))
+    for s in used:
+        fill, stroke = _STATE_COLOURS[s]
+        dash = ",stroke-dasharray:4 3" if s == "skipped" else ""
+        lines.append(f"  classDef {s} fill:{fill},stroke:{stroke}{dash}")
+        lines.append(f"  class {','.join(f'n{i}' for i, b in enumerate(boxes) if b.state == s)} {s}")
+    return "\n".join(lines) + "\n"
+
+
+# -- the layered layout --------------------------------------------------------------
+_CHAR_W, _BOX_H, _LINE_H, _GAP_X, _GAP_Y, _MARGIN = 7.2, 30.0, 14.0, 24.0, 46.0, 16.0
+
+
+def _box_width(b):
+    return max(56.0, _CHAR_W * max(len(b.label), len(b.note)) + 22.0)
+
+
+def _layout(widths, edges, sweeps=4):
+    """Positions of boxes of ``widths`` joined by ``edges`` (a DAG): returns (x of each
+    box's left side, its layer, and per edge the x of each layer it crosses). Layers by
+    longest path from the sources (every edge points down); a long edge gets a dummy
+    point on each layer it crosses (up to a budget of 4 per box: beyond it edges go
+    straight); order within a layer by the barycentre of the neighbours on the layer
+    above, then below, ``sweeps`` times; x by the mean of the neighbours' centres,
+    pushed apart in the layer's order (no two boxes overlap). Cost: O(sweeps x (V + D
+    + E) log V) for V boxes, E edges and D <= 4V dummies."""
+    n = len(widths)
+    children = [[] for _ in range(n)]
+    indeg = [0] * n
+    for a, b in edges:
+        children[a].append(b)
+        indeg[b] += 1
+    layer = [0] * n
+    queue = [i for i in range(n) if not indeg[i]]
+    for i in queue:  # Kahn's order: longest path from a source
+        for c in children[i]:
+            if layer[c] < layer[i] + 1:
+                layer[c] = layer[i] + 1
+            indeg[c] -= 1
+            if not indeg[c]:
+                queue.append(c)
+    # vertices: the boxes, then dummies; up/down: neighbours on the next layer up/down
+    w = [float(x) for x in widths]
+    lay = list(layer)
+    up = [[] for _ in range(n)]
+    down = [[] for _ in range(n)]
+    chains = []
+    budget = 4 * n
+    for a, b in edges:
+        chain = [a]
+        if layer[b] - layer[a] - 1 <= budget:
+            for L in range(layer[a] + 1, layer[b]):
+                budget -= 1
+                chain.append(len(w))
+                w.append(8.0)
+                lay.append(L)
+                up.append([])
+                down.append([])
+        chain.append(b)
+        for u, v in zip(chain, chain[1:]):
+            if lay[v] == lay[u] + 1:  # (a straight long edge takes no part in ordering)
+                down[u].append(v)
+                up[v].append(u)
+        chains.append(chain)
+    depth = max(lay, default=-1) + 1
+    rows = [[] for _ in range(depth)]
+    for v in range(len(w)):  # boxes in topological order, then dummies
+        rows[lay[v]].append(v)
+    pos = [0.0] * len(w)
+    for row in rows:
+        for k, v in enumerate(row):
+            pos[v] = float(k)
+
+    def sort(row, nbrs):
+        keyed = [(sum(pos[u] for u in nbrs[v]) / len(nbrs[v]) if nbrs[v] else pos[v], v)
+                 for v in row]
+        keyed.sort(key=lambda t: t[0])
+        row[:] = [v for _, v in keyed]
+        for k, v in enumerate(row):
+            pos[v] = float(k)
+    for _ in range(sweeps):
+        for row in rows[1:]:
+            sort(row, up)
+        for row in reversed(rows[:-1]):
+            sort(row, down)
+    for row in rows[1:]:
+        sort(row, up)
+    # x: centres near the neighbours' mean, in the row's order, pushed apart
+    cx = [0.0] * len(w)
+    for row in rows:
+        x = 0.0
+        for v in row:
+            cx[v] = x + w[v] / 2
+            x += w[v] + _GAP_X
+
+    def place(row, nbrs):
+        want = [sum(cx[u] for u in nbrs[v]) / len(nbrs[v]) if nbrs[v] else cx[v] for v in row]
+        k = len(row)
+        left, edge = [0.0] * k, -math.inf
+        for j, v in enumerate(row):  # pushed right: each clear of the one before
+            left[j] = max(want[j] - w[v] / 2, edge + _GAP_X)
+            edge = left[j] + w[v]
+        right, edge = [0.0] * k, math.inf
+        for j in range(k - 1, -1, -1):  # pushed left: each clear of the one after
+            v = row[j]
+            right[j] = min(want[j] - w[v] / 2, edge - _GAP_X - w[v])
+            edge = right[j]
+        # invariant: both keep every gap >= _GAP_X, so their mean does too
+        for j, v in enumerate(row):
+            cx[v] = (left[j] + right[j]) / 2 + w[v] / 2
+    for row in rows[1:]:
+        place(row, up)
+    for row in reversed(rows[:-1]):
+        place(row, down)
+    for row in rows[1:]:
+        place(row, up)
+    low = min((cx[v] - w[v] / 2 for v in range(len(w))), default=0.0)
+    xs = [cx[v] - w[v] / 2 - low for v in range(n)]
+    routes = [[cx[v] - low for v in chain[1:-1]] for chain in chains]
+    return xs, layer, routes
+
+
+def _route_path(pts):
+    """An edge's path: a curve down to each crossing's top, a straight line through its
+    layer, and a curve to the dependant's top (y never goes back up)."""
+    d = [f"M {pts[0][0]:.1f} {pts[0][1]:.1f}"]
+    for k in range(0, len(pts) - 1, 2):
+        (px, py), (qx, qy) = pts[k], pts[k + 1]
+        if k:
+            d.append(f"L {px:.1f} {py:.1f}")
+        m = (py + qy) / 2
+        d.append(f"C {px:.1f} {m:.1f} {qx:.1f} {m:.1f} {qx:.1f} {qy:.1f}")
+    return " ".join(d)
+
+
+def _to_svg(boxes, edges, states=False):
+    """The drawing as an SVG document (presentation attributes only: no style sheet,
+    font or other resource to fetch; a generic font family)."""
+    if len(boxes) > _MAX_DRAWN:
+        raise ValueError(f"the graph has {len(boxes):,} nodes to draw, more than the "
+                         f"{_MAX_DRAWN:,} an SVG draws; draw it with collapse=True (identical "
+                         "parallel calls as one box), or write DOT (flow.to_dot()) for "
+                         "Graphviz")
+    ports = [1] * len(boxes)  # room along a box for the edges that end or start there
+    for a, b in edges:
+        ports[a] += 1
+        ports[b] += 1
+    widths = [max(_box_width(b), min(12.0 * k, 320.0)) for b, k in zip(boxes, ports)]
+    xs, layer, routes = _layout(widths, edges)
+    two = any(b.note for b in boxes)
+    h = _BOX_H + (_LINE_H if two else 0)
+    present = [s for s in _DRAW_STATES if any(b.state == s for b in boxes)] if states else []
+    top = _MARGIN + (30.0 if present else 0.0)
+    ys = [top + L * (h + _GAP_Y) for L in layer]
+    width = max([x + wd for x, wd in zip(xs, widths)] + [0.0]) + 2 * _MARGIN + 4
+    legend_w = sum(_CHAR_W * len(s) + 34 for s in present) + 2 * _MARGIN
+    width = max(width, legend_w, 120.0)
+    height = (max(ys) + h if ys else top) + _MARGIN + 4
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" '
+           f'height="{height:.0f}" viewBox="0 0 {width:.0f} {height:.0f}" '
+           'font-family="DejaVu Sans, Helvetica, Arial, sans-serif" font-size="12">',
+           '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" '
+           'markerWidth="7" markerHeight="7" orient="auto-start-reverse">'
+           '<path d="M 0 0 L 10 5 L 0 10 z" fill="#4a5568"/></marker></defs>',
+           f'<rect width="{width:.0f}" height="{height:.0f}" fill="#ffffff"/>']
+    x = _MARGIN
+    for s in present:  # the legend: the states drawn
+        fill, stroke = _STATE_COLOURS[s]
+        dash = ' stroke-dasharray="4 3"' if s == "skipped" else ""
+        out.append(f'<g class="legend"><rect x="{x:.0f}" y="{_MARGIN:.0f}" width="16" '
+                   f'height="14" rx="3" fill="{fill}" stroke="{stroke}"{dash}/>'
+                   f'<text x="{x + 22:.0f}" y="{_MARGIN + 11:.0f}">{s}</text></g>')
+        x += _CHAR_W * len(s) + 34
+    off = _MARGIN
+    # ports: the edges leaving a box spread along its bottom, those entering along its
+    # top, each in the order of where its other end lies (fewer crossings at the box)
+    cx = [off + x + wd / 2 for x, wd in zip(xs, widths)]
+    ends = [(cx[a] if not r else off + r[-1], cx[b] if not r else off + r[0])
+            for (a, b), r in zip(edges, routes)]
+    port_out, port_in = {}, {}
+    for side, key, port in ((0, 1, port_out), (1, 0, port_in)):
+        by_box = collections.defaultdict(list)
+        for e, ab in enumerate(edges):
+            by_box[ab[side]].append(e)
+        for v, es in by_box.items():
+            es.sort(key=lambda e: ends[e][key])
+            k = len(es)
+            for j, e in enumerate(es):
+                port[e] = off + xs[v] + widths[v] * (0.5 if k == 1 else 0.15 + 0.7 * j / (k - 1))
+    for e, ((a, b), route) in enumerate(zip(edges, routes)):
+        x0, y0 = port_out[e], ys[a] + h
+        pts = [(x0, y0)]
+        for k, rx in enumerate(route):  # through the band of each layer crossed
+            yl = ys[a] + (k + 1) * (h + _GAP_Y)
+            pts += [(off + rx, yl), (off + rx, yl + h)]
+        pts.append((port_in[e], ys[b]))
+        path = _route_path(pts)
+        out.append(f'<path class="edge" data-from="n{a}" data-to="n{b}" d="{path}" '
+                   'fill="none" stroke="#4a5568" stroke-width="1.2" marker-end="url(#arrow)"/>')
+    for i, b in enumerate(boxes):
+        fill, stroke = _STATE_COLOURS[b.state]
+        x, y, wd = off + xs[i], ys[i], widths[i]
+        dash = ' stroke-dasharray="4 3"' if b.state == "skipped" else ""
+        rx = h / 2 if b.kind == "param" else 6
+        g = [f'<g class="node" id="n{i}"><title>{_esc_xml(b.tip)}</title>']
+        if b.kind == "map" or b.count > 1:  # stacked: many executions
+            g.append(f'<rect x="{x + 3:.1f}" y="{y + 3:.1f}" width="{wd:.1f}" height="{h:.1f}" '
+                     f'rx="{rx}" fill="{fill}" stroke="{stroke}"{dash}/>')
+        g.append(f'<rect class="box" x="{x:.1f}" y="{y:.1f}" width="{wd:.1f}" '
+                 f'height="{h:.1f}" rx="{rx}" fill="{fill}" stroke="{stroke}" '
+                 f'stroke-width="1.4"{dash}/>')
+        ty = y + h / 2 + 4 - (_LINE_H / 2 if b.note else 0)
+        g.append(f'<text x="{x + wd / 2:.1f}" y="{ty:.1f}" text-anchor="middle" '
+                 f'fill="#1a202c">{_esc_xml(b.label)}</text>')
+        if b.note:
+            g.append(f'<text x="{x + wd / 2:.1f}" y="{ty + _LINE_H:.1f}" text-anchor="middle" '
+                     f'font-size="10.5" fill="#4a5568">{_esc_xml(b.note)}</text>')
+        g.append("</g>")
+        out.append("".join(g))
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+class _Drawing:
+    """A graph to draw: what ``handle.graph()`` returns (the run's graph with each
+    node's state when it was asked for) and what ``flow.to_svg()`` and friends draw
+    (no states). Shown inline in a notebook (``_repr_svg_``)."""
+
+    def __init__(self, target, states=None, collapse=None, title="cascade"):
+        self.target = _as_target(target)
+        self.states, self.collapse, self.title = states, collapse, title
+
+    def _view(self):
+        return _graph_view(self.target, self.states, self.collapse)
+
+    def to_dot(self) -> str:
+        """Graphviz DOT text (``dot -Tpng``): one node per call or map, coloured by
+        state if the drawing has states."""
+        return _to_dot(*self._view(), title=self.title)
+
+    def to_mermaid(self) -> str:
+        """Mermaid flowchart text (GitHub renders it in a ```mermaid block)."""
+        return _to_mermaid(*self._view())
+
+    def to_svg(self) -> str:
+        """An SVG document laid out here: layers top-down, edges pointing down, a
+        legend of the states drawn."""
+        return _to_svg(*self._view(), states=self.states is not None)
+
+    def _repr_svg_(self):
+        try:
+            return self.to_svg()
+        except ValueError:  # too big to draw: the notebook shows the text repr
+            return None
+
+    def __repr__(self):
+        if self.states is None:
+            return f"<graph of {self.target!r}>"
+        got = collections.Counter(s[0] for s in self.states.values())
+        shown = ", ".join(f"{k} {got[k]}" for k in _DRAW_STATES if got[k])
+        return f"<graph of {self.title}: {shown or 'not started'}>"
+
+
+def _drawing_of(flow, collapse, call):
+    if isinstance(flow, _Drawing):
+        return flow
+    if isinstance(flow, RunHandle):
+        return flow.graph(collapse=collapse)
+    if type(flow) is Task or type(flow) is _BoundTask:
+        raise _task_not_called(flow)
+    if not isinstance(flow, LazyResult) and type(flow) not in (list, tuple, dict):
+        raise TypeError(f"{call} draws a lazy result (call a @cs.task function to get one), "
+                        "a list/tuple/dict of them, or a RunHandle (engine.start(...)), got "
+                        f"{type(flow).__name__}")
+    return _Drawing(flow, None, collapse)
+
+
+def visualize(flow: Any, path: Union[str, os.PathLike], *, collapse: Optional[bool] = None) -> None:
+    """Write a drawing of ``flow``'s graph to ``path``, in the format its extension
+    names: ``.svg`` (laid out here, no Graphviz needed), ``.dot``/``.gv`` (Graphviz) or
+    ``.mmd``/``.mermaid``. ``flow``: a lazy result, a list/tuple/dict of them, or a
+    ``RunHandle`` (then coloured by each node's state now: during or after the run).
+    ``collapse``: draw identical parallel calls (same task, same inputs and dependants)
+    as one box ``name ×n``; None (the default) does so for graphs of more than 50
+    calls. A map is always one box, with its size when known."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    fmt = _GRAPH_FORMATS.get(ext)
+    if fmt is None:
+        raise ValueError(f"visualize(flow, {os.fspath(path)!r}): cannot tell the format from "
+                         f"{repr(ext) if ext else 'a path without an extension'}; end the path "
+                         "in .svg, .dot (or .gv) or .mmd (or .mermaid)")
+    text = getattr(_drawing_of(flow, collapse, "visualize()"), f"to_{fmt}")()
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+# ===========================================================================
+# CLI: cascade pause|resume|limit|rate|clear|status|watch|demo|graph
 # ===========================================================================
 
 _CLI_HELP = f"""\
@@ -11547,6 +12137,7 @@ examples:
   cascade status                        what is in force, with time left
   cascade watch                         live task events of every run
   cascade watch --project etl           ... of one project's runs (--org, --run too)
+  cascade graph pipeline:flow -o flow.svg   draw a workflow (--format dot|mermaid prints)
 
 The MQTT verbs need paho-mqtt: pip install '{_DIST}[mqtt]'.
 """
@@ -11686,11 +12277,28 @@ def _cli_parser():
                                     "(default: PREFIX/telemetry/#)")
     v = verb("demo", "run a demo workflow steered live (no broker needed)", ())
     v.add_argument("--tasks", type=int, default=40, help="items per stage (default 40)")
+    v = verb("graph", "draw a workflow's graph (no broker needed): print it as DOT or "
+                      "Mermaid, or write it (SVG laid out here, no Graphviz needed)", ())
+    v.add_argument("flow", metavar="MODULE:ATTR",
+                   help="where the workflow is: a lazy result, or a function taking no "
+                        "arguments that returns one (pipeline:flow, pkg.jobs:build); the "
+                        "current directory is searched first")
+    v.add_argument("-o", "--output", metavar="PATH",
+                   help="write it here, in the format of the extension (.svg, .dot, .mmd)")
+    v.add_argument("--format", choices=["svg", "dot", "mermaid"],
+                   help="default: the extension of --output, else dot")
+    v.add_argument("--collapse", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw identical parallel calls as one box (default: for graphs of "
+                        "more than 50 calls)")
     return p
 
 
 class _CliError(Exception):
-    pass
+    """A CLI failure said in one line; ``status``: the exit status (2: bad input)."""
+
+    def __init__(self, message, status=1):
+        super().__init__(message)
+        self.status = status
 
 
 def _topic_level(option):
@@ -12003,12 +12611,105 @@ def _watch_line(p, b):
         return _printable(json.dumps(b, default=repr))
 
 
+def _load_flow(spec):
+    """The workflow at ``module:attr`` (a lazy result, a list/tuple/dict of them, or a
+    function of no arguments returning one), with the current directory first on the
+    import path (as ``python -m`` has it). A mistake in ``spec`` raises _CliError with
+    status 2 (as a bad argument); the user's code raising, status 1."""
+    import importlib
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise _CliError(f"{spec!r}: give MODULE:ATTR, the module and the name of the "
+                        "workflow in it (cascade graph pipeline:flow)", 2)
+    if __name__ == "__main__":  # (python -m cascade, python cascade.py) the workflow's
+        # `import cascade` must find this module, not load a second copy whose lazy
+        # results this one would not know
+        spec_ = globals().get("__spec__")
+        own = spec_.name if spec_ is not None else os.path.splitext(os.path.basename(__file__))[0]
+        if own not in sys.modules:  # (a module of this namespace's objects: runpy may
+            alias = type(sys)(own)  # have run it in a namespace of no module's)
+            alias.__dict__.update(globals())
+            alias.__name__ = own
+            sys.modules[own] = alias
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.insert(0, here)
+    try:
+        obj = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
+            raise _CliError(f"no module named {exc.name!r} (searched the current directory "
+                            f"{here} and sys.path): run from the directory that holds it, or "
+                            "give its dotted name (pkg.pipeline:flow)", 2) from None
+        raise _CliError(f"importing {module} failed: {type(exc).__name__}: {exc}", 1) from None
+    except Exception as exc:
+        raise _CliError(f"importing {module} failed: {type(exc).__name__}: {exc}", 1) from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            names = sorted(k for k, v in vars(obj).items() if isinstance(v, LazyResult)) \
+                if hasattr(obj, "__dict__") else []
+            hint = f"; lazy results there: {', '.join(names)}" if names else ""
+            raise _CliError(f"{module} has no attribute {attr!r}{hint}", 2) from None
+    if type(obj) is Task or type(obj) is _BoundTask:
+        raise _CliError(f"{spec} is the task {obj.name!r} itself, not a workflow: name a lazy "
+                        f"result ({obj.name}(...)) or a function that returns one", 2)
+    if callable(obj) and not isinstance(obj, LazyResult):
+        try:
+            sig = inspect.signature(obj)
+            sig.bind()
+        except (TypeError, ValueError):
+            raise _CliError(f"{spec} is a function that needs arguments; name a lazy result, "
+                            "or a function taking none that returns one", 2) from None
+        try:
+            obj = obj()
+        except Exception as exc:
+            raise _CliError(f"{spec}() raised {type(exc).__name__}: {exc}", 1) from None
+    if not isinstance(obj, LazyResult) and not (
+            type(obj) in (list, tuple, dict) and obj and _scan(obj, [])):
+        raise _CliError(f"{spec} is a {type(obj).__name__}, not a workflow: name a lazy "
+                        "result (what calling a @cs.task function returns), a list of them, "
+                        "or a function taking no arguments that returns one", 2)
+    return obj
+
+
+def _cli_graph(args):
+    """``cascade graph MODULE:ATTR``: print DOT or Mermaid, or write a file."""
+    fmt = args.format
+    try:
+        if args.output is not None and fmt is None:
+            ext = os.path.splitext(args.output)[1].lower()
+            fmt = _GRAPH_FORMATS.get(ext)
+            if fmt is None:
+                raise _CliError(f"--output {args.output}: cannot tell the format from "
+                                f"{repr(ext) if ext else 'a path without an extension'}; end it "
+                                "in .svg, .dot or .mmd, or give --format svg|dot|mermaid", 2)
+        drawing = _Drawing(_load_flow(args.flow), None, args.collapse)
+        text = getattr(drawing, f"to_{fmt or 'dot'}")()
+        if args.output is None:
+            sys.stdout.write(text)
+            return 0
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    except _CliError as exc:
+        print(f"cascade graph: {exc}", file=sys.stderr)
+        return exc.status
+    except (OSError, ValueError, TypeError) as exc:  # writing; too big to draw; a cycle
+        print(f"cascade graph: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output} ({fmt})", file=sys.stderr)
+    return 0
+
+
 def main(argv: Optional[list] = None) -> int:
     """The ``cascade`` command line; returns the exit status."""
     parser = _cli_parser()
     args = parser.parse_args(argv)
     if args.verb == "demo":
         return _demo(args.tasks)
+    if args.verb == "graph":
+        return _cli_graph(args)
     try:
         _check_prefix(args.prefix, "--prefix")
         if args.verb == "watch":

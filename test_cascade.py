@@ -13671,6 +13671,327 @@ def test_import_does_not_configure_logging():
 
 
 # ===========================================================================
+# Drawing the graph: DOT, Mermaid, SVG (issue 16)
+# ===========================================================================
+
+def _svg_boxes_and_edges(svg):
+    """(boxes {id: (x, y, w, h, label)}, edges [(from, to, first point y, last point y,
+    every y on the path)]) of a drawing, read back with ElementTree."""
+    import xml.etree.ElementTree as ET
+    ns = "{http://www.w3.org/2000/svg}"
+    root = ET.fromstring(svg)
+    boxes = {}
+    for g in root.iter(f"{ns}g"):
+        if g.get("class") != "node":
+            continue
+        r = next(r for r in g.iter(f"{ns}rect") if r.get("class") == "box")
+        label = next(g.iter(f"{ns}text")).text
+        boxes[g.get("id")] = tuple(float(r.get(k)) for k in ("x", "y", "width", "height")) + (label,)
+    edges = []
+    for p in root.iter(f"{ns}path"):
+        if p.get("class") != "edge":
+            continue
+        nums = [float(t) for t in re.findall(r"-?\d+(?:\.\d+)?", p.get("d"))]
+        ys = nums[1::2]
+        edges.append((p.get("data-from"), p.get("data-to"), ys[0], ys[-1], ys))
+    return boxes, edges
+
+
+def _small_graph():
+    @cs.task
+    def load(i):
+        return i
+
+    @cs.task
+    def clean(x):
+        return x
+
+    @cs.task
+    def join(a, b, xs):
+        return a + b + sum(xs)
+    a, b = clean(load(1)), load(2)
+    return join(a, b, load.map(range(1000)))
+
+
+def test_to_dot_and_to_mermaid_give_the_exact_edges_and_a_map_as_one_node_with_its_size():
+    flow = _small_graph()
+    dot = flow.to_dot()
+    nodes = dict(re.findall(r'^  (n\d+) \[label="([^"]*)"', dot, re.M))
+    assert sorted(nodes.values()) == ["clean", "join", "load", "load", "load ×1,000"]
+    edges = {(nodes[a], nodes[b]) for a, b in re.findall(r"^  (n\d+) -> (n\d+);", dot, re.M)}
+    assert len(re.findall(r"->", dot)) == 4
+    assert edges == {("load", "clean"), ("clean", "join"), ("load", "join"),
+                     ("load ×1,000", "join")}
+    mmd = flow.to_mermaid()
+    assert mmd.startswith("flowchart TD\n")
+    mnodes = dict(re.findall(r'^  (n\d+)\[+"([^"]*)"', mmd, re.M))
+    assert mnodes == {k: v.replace("×", "#215;") for k, v in nodes.items()}
+    medges = re.findall(r"^  (n\d+) --> (n\d+)$", mmd, re.M)
+    assert {(mnodes[a], mnodes[b]) for a, b in medges} == {
+        (x.replace("×", "#215;"), y.replace("×", "#215;")) for x, y in edges}
+    # a map over a lazy result: its size is not known before it runs
+    lazy_map = cs.task(name="sq")(lambda x: x).map(flow)
+    assert 'label="sq ×?"' in lazy_map.to_dot()
+
+
+def test_drawing_escapes_hostile_names_in_dot_mermaid_and_svg():
+    import xml.etree.ElementTree as ET
+    bad = 'a"b<c>&d\\e;f\'g'  # ('#' cannot be in a task name: see Env)
+    t = cs.task(name=bad)(lambda *x: 1)
+    env = cs.Env('X"\n<y>#')   # (env names are not checked: a newline gets through)
+    flow = t(t(), env)
+    dot = flow.to_dot()
+    for line in dot.splitlines()[3:-1]:  # every string closes on its line
+        assert re.fullmatch(r'  (n\d+ \[(\w+=("(?:[^"\\]|\\.)*"|\w+)(, )?)+\];|n\d+ -> n\d+;)', line), line
+    assert 'label="a\\"b<c>&d\\\\e;f\'g"' in dot
+    mmd = flow.to_mermaid()
+    for line in mmd.splitlines()[1:]:
+        assert re.fullmatch(r'  (n\d+(\[|\[\[|\(\[)"[A-Za-z0-9 _.,:/()#;-]*"(\]|\]\]|\]\))|n\d+ --> n\d+)', line), line
+    assert "a#34;b#60;c#62;#38;d#92;e#59;f#39;g" in mmd and "#35;" in mmd
+    svg = flow.to_svg()
+    root = ET.fromstring(svg)  # well-formed, labels read back as they are
+    texts = [e.text for e in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert bad in texts and 'Env(X"\\n<y>#)' in texts
+
+
+def test_svg_is_well_formed_and_self_contained():
+    import xml.etree.ElementTree as ET
+    svg = _small_graph().to_svg()
+    root = ET.fromstring(svg)
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    assert "href" not in svg and "@import" not in svg and "url(http" not in svg
+    boxes, edges = _svg_boxes_and_edges(svg)
+    assert len(boxes) == 5 and len(edges) == 4
+    assert "load ×1,000" in [b[4] for b in boxes.values()]
+
+
+@st.composite
+def _dags(draw):
+    n = draw(st.integers(1, 40))
+    parents = [sorted(draw(st.sets(st.integers(0, i - 1), max_size=min(i, 4)))) if i else []
+               for i in range(n)]
+    widths = [draw(st.integers(1, 30)) for _ in range(n)]
+    return parents, widths
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_dags())
+def test_svg_layout_of_random_dags_no_overlap_edges_point_down_all_drawn(dag):
+    parents, widths = dag
+    lazies = []
+    for i, ps in enumerate(parents):  # names of varied length: boxes of varied width
+        t = cs.task(name=f"t{i}" + "x" * widths[i])(lambda *a: 1)
+        lazies.append(t(*[lazies[p] for p in ps]))
+    boxes, edges = _svg_boxes_and_edges(cs.task(name="end")(lambda *a: 1)(*lazies)
+                                        .to_svg(collapse=False))
+    assert len(boxes) == len(parents) + 1  # every node
+    want = {(p, i) for i, ps in enumerate(parents) for p in ps} | {
+        (i, len(parents)) for i in range(len(parents))}
+    by_label = {b[4]: k for k, b in boxes.items()}
+    label = [f"t{i}" + "x" * widths[i] for i in range(len(parents))] + ["end"]
+    assert {(f, t) for f, t, *_ in edges} == {(by_label[label[a]], by_label[label[b]])
+                                              for a, b in want}  # every edge, once
+    items = list(boxes.values())
+    for i, (x, y, w, h, _) in enumerate(items):  # no two boxes overlap
+        for (x2, y2, w2, h2, _) in items[i + 1:]:
+            assert x + w <= x2 or x2 + w2 <= x or y + h <= y2 or y2 + h2 <= y
+    for f, t, y0, y1, ys in edges:  # each edge goes down, from the bottom to the top
+        assert boxes[t][1] > boxes[f][1]
+        assert y0 == pytest.approx(boxes[f][1] + boxes[f][3]) and y1 == pytest.approx(boxes[t][1])
+        assert all(b >= a - 1e-6 for a, b in zip(ys, ys[1:]))
+
+
+def test_identical_parallel_calls_collapse_into_one_box_with_their_count():
+    @cs.task
+    def fetch(i):
+        return i
+
+    @cs.task
+    def parse(x):
+        return x
+
+    @cs.task
+    def total(*xs):
+        return sum(xs)
+    flow = total(*[parse(fetch(i)) for i in range(1000)])
+    boxes, edges = _svg_boxes_and_edges(flow.to_svg())  # collapsed: more than 50 calls
+    assert sorted(b[4] for b in boxes.values()) == ["fetch ×1,000", "parse ×1,000", "total"]
+    assert len(edges) == 2
+    assert len(_svg_boxes_and_edges(flow.to_svg(collapse=False))[0]) == 2001
+    small = total(parse(fetch(1)), parse(fetch(2)))
+    assert small.to_dot().count("label=") == 5           # small graphs: call by call
+    assert small.to_dot(collapse=True).count("label=") == 3
+    # calls whose dependants differ stay apart
+    a, b = fetch(1), fetch(2)
+    split = total(parse(a), total(b))
+    assert "fetch ×2" not in split.to_dot(collapse=True)
+
+
+def test_svg_too_big_to_draw_says_how_to_draw_it():
+    t = [cs.task(name=f"t{i}")(lambda: 1) for i in range(3)]
+    flow = cs.task(name="end")(lambda *a: 1)(*[t[i % 3]() for i in range(5001)])
+    with pytest.raises(ValueError, match="collapse=True"):
+        flow.to_svg(collapse=False)
+    assert flow.to_svg().count('class="node"') == 4  # t0 ×1,667, t1, t2, end
+
+
+def test_graph_of_a_run_colours_each_node_by_its_state_with_a_legend():
+    @cs.task
+    def ok(x):
+        return x
+
+    @cs.task
+    def boom(x):
+        raise RuntimeError("no")
+
+    @cs.task
+    def after(x, y):
+        return x
+
+    @cs.task
+    def total(*xs):
+        return xs
+    skipped = ok(0).run_if(False)
+    flow = total(after(boom(ok(1)), ok(2)), ok(skipped), ok.map([1, 2, 3]))
+    engine = cs.Engine()
+    handle = engine.start(flow)
+    with pytest.raises(RuntimeError):
+        handle.result(timeout=TIMEOUT)
+    g = handle.graph()
+    assert "failed 1" in repr(g) and "skipped 2" in repr(g)
+    dot = g.to_dot()
+    fills = dict(re.findall(r'label="([^"\\]*)[^"]*".*?fillcolor="([^"]+)"', dot))
+    assert fills["boom"] == cs._STATE_COLOURS["failed"][0]
+    red, green = int(fills["boom"][1:3], 16), int(fills["boom"][3:5], 16)
+    assert red > green + 60  # red-ish
+    assert fills["after"] == cs._STATE_COLOURS["pending"][0]
+    assert fills["ok ×3"] == cs._STATE_COLOURS["done"][0]
+    assert re.search(r'style="rounded,filled,dashed"', dot)  # skipped ones are marked
+    svg = g.to_svg()
+    boxes, _ = _svg_boxes_and_edges(svg)
+    assert {b[4] for b in boxes.values()} >= {"boom", "after", "total", "ok ×3"}
+    assert "3/3 done" in svg
+    legend = re.findall(r'<g class="legend">.*?<text[^>]*>(\w+)</text>', svg)
+    assert legend == ["pending", "done", "skipped", "failed"]
+    mmd = g.to_mermaid()
+    assert re.search(r"^  classDef failed fill:#", mmd, re.M)
+    assert "stroke-dasharray" in mmd.split("classDef skipped")[1].splitlines()[0]
+    assert cs.LazyResult.__repr__(flow) == repr(flow)  # the text repr is as it was
+    assert flow._repr_svg_().startswith("<svg") and g._repr_svg_().startswith("<svg")
+    engine.close()
+
+
+def test_graph_during_a_run_shows_running_waiting_and_pending():
+    gate = threading.Event()
+
+    @cs.task
+    def slow(i):
+        gate.wait(TIMEOUT)
+        return i
+
+    @cs.task
+    def held(x):
+        return x
+
+    @cs.task
+    def total(*xs):
+        return xs
+    engine = cs.Engine()
+    engine.pause("task:held")
+    flow = total(slow(1), held(2))
+    handle = engine.start(flow)
+    try:
+        wait_for(lambda: engine.status()["tasks"].get("slow", {}).get("running") and
+                   engine.status()["tasks"].get("held", {}).get("blocked"))
+        states = dict(re.findall(r'label="(\w+)".*?fillcolor="([^"]+)"', handle.graph().to_dot()))
+        assert states == {"slow": cs._STATE_COLOURS["running"][0],
+                          "held": cs._STATE_COLOURS["waiting"][0],
+                          "total": cs._STATE_COLOURS["pending"][0]}
+    finally:
+        engine.resume("task:held")
+        gate.set()
+    assert handle.result(timeout=TIMEOUT) == (1, 2)
+    assert "done 3" in repr(handle.graph())
+    engine.close()
+
+
+def test_graph_of_a_run_shows_cached_calls(tmp_path):
+    @cs.task
+    def square(x):
+        return x * x
+    store = cs.SqliteStore(str(tmp_path / "c.db"))
+    engine = cs.Engine(store=store)
+    flow = square(3).with_cache()
+    engine.start(flow).result(timeout=TIMEOUT)
+    handle = engine.start(flow)
+    handle.result(timeout=TIMEOUT)
+    assert 'fillcolor="%s"' % cs._STATE_COLOURS["cached"][0] in handle.graph().to_dot()
+    engine.close()
+
+
+def test_visualize_writes_svg_dot_and_mermaid_by_extension(tmp_path):
+    import xml.etree.ElementTree as ET
+    flow = _small_graph()
+    cs.visualize(flow, tmp_path / "g.svg")
+    ET.parse(tmp_path / "g.svg")
+    cs.visualize(flow, str(tmp_path / "g.dot"))
+    assert (tmp_path / "g.dot").read_text(encoding="utf-8") == flow.to_dot()
+    cs.visualize(flow, tmp_path / "g.mmd")
+    assert (tmp_path / "g.mmd").read_text(encoding="utf-8") == flow.to_mermaid()
+    cs.visualize([flow, flow], tmp_path / "list.mermaid")
+    with pytest.raises(ValueError, match=r"'\.png'.*\.svg, \.dot \(or \.gv\) or \.mmd"):
+        cs.visualize(flow, tmp_path / "g.png")
+    with pytest.raises(ValueError, match="without an extension"):
+        cs.visualize(flow, tmp_path / "g")
+    with pytest.raises(TypeError, match="call it"):
+        cs.visualize(cs.task(lambda: 1), tmp_path / "t.svg")
+    with pytest.raises(TypeError, match="RunHandle"):
+        cs.visualize(42, tmp_path / "t.svg")
+    assert "visualize" in cs.__all__
+
+
+def test_cli_graph_prints_dot_and_mermaid_and_writes_svg_without_paho(tmp_path):
+    import xml.etree.ElementTree as ET
+    (tmp_path / "pipeline.py").write_text(
+        "import cascade as cs\n"
+        "@cs.task\ndef load(i): return i\n"
+        "@cs.task\ndef total(xs): return sum(xs)\n"
+        "flow = total(load.map(range(7)))\n"
+        "def build(): return total([load(1), load(2)])\n"
+        "def needs(x): return x\n"
+        "number = 3\n"
+        "def broken(): raise KeyError('oops')\n", encoding="utf-8")
+    (tmp_path / "crashes.py").write_text("raise RuntimeError('at import')\n", encoding="utf-8")
+
+    def graph(*args):
+        return subprocess.run([sys.executable, "-c", NO_PAHO, "graph", *args],
+                              capture_output=True, text=True, env=subprocess_env(),
+                              cwd=tmp_path, timeout=TIMEOUT)
+    r = graph("pipeline:flow")
+    assert r.returncode == 0, r.stderr
+    assert 'label="load ×7"' in r.stdout and re.search(r"n0 -> n1;", r.stdout)
+    r = graph("pipeline:build", "--format", "mermaid")
+    assert r.returncode == 0 and r.stdout.startswith("flowchart TD") and r.stdout.count("-->") == 2
+    r = graph("pipeline:flow", "-o", "out.svg")
+    assert r.returncode == 0, r.stderr
+    ET.parse(tmp_path / "out.svg")
+    for args, status, words in [
+            (("nosuch:flow",), 2, "no module named 'nosuch'"),
+            (("pipeline:nope",), 2, "no attribute 'nope'; lazy results there: flow"),
+            (("pipeline",), 2, "give MODULE:ATTR"),
+            (("pipeline:number",), 2, "not a workflow"),
+            (("pipeline:needs",), 2, "needs arguments"),
+            (("pipeline:load",), 2, "the task 'load' itself"),
+            (("pipeline:broken",), 1, "KeyError"),
+            (("crashes:flow",), 1, "RuntimeError: at import"),
+            (("pipeline:flow", "-o", "out.png"), 2, "--format svg|dot|mermaid")]:
+        r = graph(*args)
+        assert r.returncode == status, (args, r.stderr)
+        assert r.stderr.startswith("cascade graph: ") and words in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
+# ===========================================================================
 # CLI: cascade pause|resume|limit|rate|clear|status|watch|demo
 # ===========================================================================
 
