@@ -3619,7 +3619,17 @@ class _ControlPlane:
                 # fit now: _bigger_waits), wake.
                 full = self._full
                 for st in [*q.left, *self._mixed(q)] if q.key.amounts else q.left:
-                    if st not in full:  # (one that cannot take even 1: nobody can)
+                    if st in full:  # (one that cannot take even 1: nobody can)
+                        continue
+                    if st.fair is not None:
+                        # at the end of the pass: its oldest parked queue would pend by
+                        # readiness, before a value whose turn comes first (regression:
+                        # b, a, b, c under a fair limit set to 3 over them granted b, a, b)
+                        parking = self._parked.get(st)
+                        top = parking.top() if parking is not None else None
+                        if top is not None and top[2] is not q:
+                            self._refair.append(st)
+                    else:
                         self._wake(st, q)
                 q.left = ()
         if granted:
@@ -3655,9 +3665,6 @@ class _ControlPlane:
                 self._forget(q)
                 return
             if bound is not None:
-                if waiters[0].seq > bound:
-                    self._pend(q)  # another queue's head became ready first
-                    return
                 if fair is None:
                     fair = [st for st, _ in takes if st.fair is not None]
                 if fair:
@@ -3665,9 +3672,15 @@ class _ControlPlane:
                     # fair limit comes first: q waits its turn on the fair limits, looked
                     # at again at the end of the pass (regression: after a resume, one
                     # value's older backlog took every slot of the limit while another
-                    # value's waiter, pending in the same pass, waited)
+                    # value's waiter, pending in the same pass, waited). Also when that
+                    # queue's head is younger than q's next: pended by readiness, q's
+                    # next went before it, its value's turn or not (regression: b, a, b, c
+                    # under a fair limit of 3 granted b, a, b)
                     self._park(q, fair)
                     self._refair.extend(fair)
+                    return
+                if waiters[0].seq > bound:
+                    self._pend(q)  # another queue's head became ready first
                     return
 
     def _held_back(self, q, now):
