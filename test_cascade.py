@@ -85,6 +85,26 @@ def tracemalloc_or_skip():
     return tracemalloc
 
 
+# PyPy 7.3.11 (Debian 12's pypy3): ProcessPoolExecutor.submit() calls a method its
+# process.py renamed, so a pool of any start method but fork fails on its first submit
+# (AttributeError: _adjust_process_count; pypy/pypy#3873, fixed in later PyPy releases)
+POOL_SUBMIT_BROKEN = not hasattr(concurrent.futures.ProcessPoolExecutor,
+                                 "_adjust_process_count")
+
+
+def spawn_pool(workers):
+    """A process pool of ``workers`` spawned interpreters: a fresh interpreter must find
+    each task by name (and fork would copy a multi-threaded process). Skips where the
+    interpreter's own pool cannot run a spawned worker (PyPy 7.3.11, see above)."""
+    if POOL_SUBMIT_BROKEN:
+        pytest.skip(f"{sys.implementation.name} {sys.version.split()[0]}'s ProcessPoolExecutor"
+                    ".submit() fails with a spawn context (AttributeError: "
+                    "_adjust_process_count; pypy/pypy#3873)")
+    import multiprocessing
+    return concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"))
+
+
 def have(module):
     try:
         return importlib.util.find_spec(module) is not None
@@ -2984,7 +3004,6 @@ def test_the_readme_steering_example_overlaps_its_two_stages():
 
 def test_an_unmapped_lazy_argument_of_a_pipelined_map_is_still_a_whole_dependency():
     log = []
-    slow, gate, slow_started = held_task("slow", 100)
 
     @cs.task
     async def add(x, y):
@@ -2997,6 +3016,7 @@ def test_an_unmapped_lazy_argument_of_a_pipelined_map_is_still_a_whole_dependenc
         return i
 
     async def main():
+        slow, gate, slow_started = held_task("slow", 100)  # (its events: of this loop)
         engine = cs.Engine()
         run = asyncio.ensure_future(engine.run(add.map(src.map(range(3)), cs.unmapped(slow()))))
         await asyncio.wait_for(slow_started.wait(), TIMEOUT)
@@ -5705,10 +5725,14 @@ def test_property_with_fair_no_value_waits_a_round_while_another_is_admitted_twi
 @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
 @given(items=st.lists(st.sampled_from("abcd"), min_size=2, max_size=24),
        limit=st.integers(1, 3), how=st.sampled_from(["resume", "set"]))
+@example(items=list("babc"), limit=3, how="resume")
+@example(items=list("babc"), limit=3, how="set")
 def test_property_fair_rounds_hold_for_a_backlog_that_becomes_pending_at_once(items, limit, how):
     # regression: after a resume (or a fair limit set over a backlog), every queue was
     # pending in one pass, looked at oldest head first, so one value's older backlog
-    # took every slot while another value's waiter waited (a, a, b with limit 2)
+    # took every slot while another value's waiter waited (a, a, b with limit 2); and
+    # b, a, b, c under 3 granted b, a, b (b's next pended again by readiness, ahead of
+    # c: found by the suite's run on PyPy)
     e = cs.Engine()
     order = []
 
@@ -9331,11 +9355,7 @@ def proc_square(x):
 
 
 def test_process_pool_executor_runs_module_level_sync_tasks():
-    # spawn: a fresh interpreter must find the task by name (and fork would copy a
-    # multi-threaded process)
-    import multiprocessing
-    with concurrent.futures.ProcessPoolExecutor(
-            max_workers=2, mp_context=multiprocessing.get_context("spawn")) as ex:
+    with spawn_pool(2) as ex:
         engine = cs.Engine(executor=ex)
         result = run_engine(engine, pair(proc_square(4), proc_square.map(x=[1, 2, 3])))
     single, mapped = result
@@ -9460,9 +9480,7 @@ def rx_dir(tmp_path):
 
 @pytest.fixture(scope="module")
 def process_pool():
-    import multiprocessing
-    with concurrent.futures.ProcessPoolExecutor(
-            2, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with spawn_pool(2) as pool:
         yield pool
 
 
@@ -9883,9 +9901,7 @@ def _pids(d):
 def test_a_killed_process_pool_worker_fails_the_run_with_the_pools_error(rx_dir):
     # A process pool does not survive the death of a worker (BrokenProcessPool): the run
     # fails with that error, and ends, rather than wait for bodies that are gone
-    import multiprocessing
-    pool = concurrent.futures.ProcessPoolExecutor(
-        2, mp_context=multiprocessing.get_context("spawn"))
+    pool = spawn_pool(2)
     try:
         e = cs.Engine(executor=pool)
         h = e.start(rx_work.map(cs.unmapped(rx_dir), range(6), hold=cs.unmapped(True)))
