@@ -8926,13 +8926,23 @@ def test_redis_store_asyncio_client_checkpoints(redis_client, tmp_path):
     assert a == b == [0, 1, 4, 9] and sorted(calls) == [0, 1, 2, 3]
 
 
+def asyncio_redis(redis):
+    """A redis.asyncio client of the shared Redis, made in a loop that is then closed:
+    redis-py needs a current loop to make one on Python 3.9 (and it must serve the loops
+    it is used on later)."""
+    async def make():
+        return redis.asyncio.Redis(host=REDIS_HOST, port=REDIS_PORT)
+    return asyncio.run(make())
+
+
 def test_redis_store_asyncio_client_serves_one_cs_run_after_another(redis_client):
     # each cs.run has a loop of its own: the connections of the last one's loop, closed
     # now, are forgotten (regression: every run after the first turned the store off)
     redis = requires("redis", "redis")
     _, prefix = redis_client
     sq, calls = counted_task()
-    client = redis.asyncio.Redis(host=REDIS_HOST, port=REDIS_PORT)
+
+    client = asyncio_redis(redis)
     store = cs.RedisStore(client, prefix=prefix, strict=True)
     for _ in range(3):
         assert cs.run(sq.map(range(4)), store=store, run_id="r", log_level="WARNING") == [
@@ -14675,9 +14685,8 @@ def test_a_shared_control_from_the_broker_is_fleet_wide_on_engines_with_a_coordi
 
 def test_redis_coordinator_drives_an_asyncio_client_on_its_own_loop(rds, redis_mod):
     client, prefix = rds
-    aio = requires("redis.asyncio", "redis")
-    e = cs.Engine(coordinator=cs.RedisCoordinator(aio.Redis(host=HOST, port=REDIS_PORT),
-                                                  prefix=prefix))
+    requires("redis.asyncio", "redis")
+    e = cs.Engine(coordinator=cs.RedisCoordinator(asyncio_redis(redis_mod), prefix=prefix))
     e.rate_limit("task:job", "50/s", burst=5, shared=True)
 
     @cs.task(name="job")
