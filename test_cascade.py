@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import fnmatch
 import functools
+import gc
 import importlib
 import importlib.util
 import inspect
@@ -103,6 +104,16 @@ def spawn_pool(workers):
     import multiprocessing
     return concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def requires_distributed():
+    """Dask's distributed, for one test (as requires()); skips where the interpreter has
+    no gc.callbacks (PyPy), on which distributed's scheduler and workers hook at start."""
+    if not hasattr(gc, "callbacks"):
+        pytest.skip(f"Dask's distributed cannot start a scheduler on "
+                    f"{sys.implementation.name}: it needs gc.callbacks, which "
+                    f"{sys.implementation.name} has not")
+    return requires("distributed", "dask[distributed]")
 
 
 def have(module):
@@ -9382,7 +9393,7 @@ def _dask_square(x):
 
 def test_a_dask_cluster_executor_runs_sync_tasks_under_the_control_plane():
     # Engine(executor=...) takes a Dask cluster's client.get_executor()
-    distributed = requires("distributed", "dask[distributed]")
+    distributed = requires_distributed()
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
                                   dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
@@ -9496,7 +9507,7 @@ def process_pool():
 
 @pytest.fixture(scope="module")
 def dask_client():
-    distributed = requires("distributed", "dask[distributed]")
+    distributed = requires_distributed()
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=":0") as cluster, \
             distributed.Client(cluster) as client:
@@ -9801,7 +9812,7 @@ def test_arguments_that_cannot_be_pickled_fail_their_task_on_a_remote_executor(r
 
 def test_with_constraints_amounts_reach_dask_as_resources():
     # regression: gpu=1 was counted here only, so the task landed on a worker without one
-    distributed = requires("distributed", "dask[distributed]")
+    distributed = requires_distributed()
     workers = {"gpu": {"cls": distributed.Worker,
                        "options": {"nthreads": 1, "resources": {"gpu": 1}}},
                "cpu": {"cls": distributed.Worker, "options": {"nthreads": 1}}}
@@ -9818,7 +9829,7 @@ def test_with_constraints_amounts_reach_dask_as_resources():
 
 def test_losing_the_dask_scheduler_fails_the_run_with_an_error_that_names_it(rx_dir):
     # regression: the run failed with a bare CancelledError and no word of why
-    distributed = requires("distributed", "dask[distributed]")
+    distributed = requires_distributed()
     d = rx_dir
     cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
                                        dashboard_address=":0")
@@ -9864,7 +9875,7 @@ def test_a_failure_on_a_dask_client_whose_cancel_takes_no_reason_still_ends_the_
         dask_client, rx_dir):
     # regression: Client.cancel(reason=, msg=) came with distributed 2024.7; before it, the
     # cancel of a failing run raised TypeError inside the run's stop, and the run hung
-    distributed = requires("distributed", "dask[distributed]")
+    distributed = requires_distributed()
 
     class OldClient(distributed.Client):  # Client.cancel as distributed < 2024.7 has it
         def cancel(self, futures, asynchronous=None, force=False):
@@ -9885,7 +9896,7 @@ def test_a_cancel_that_raises_does_not_keep_a_failing_run_from_ending(dask_clien
                                                                        caplog):
     # A run must always end: a cancel that fails is logged, and the bodies handed over
     # run to their end (at most the window, at most stop_grace)
-    distributed = requires("distributed", "dask[distributed]")
+    distributed = requires_distributed()
 
     class BrokenCancel(distributed.Client):
         def cancel(self, *args, **kwargs):
