@@ -13506,10 +13506,14 @@ def test_cli_every_control_verb_and_status_as_a_table_with_time_left(paho, broke
         assert "cleared rate on " + c in stdout_of(cli("clear", c, "--type", "rate"))  # alias
         got = rows()
         assert set(got) == {("pause", a), ("concurrency", a), ("rate_limit", b), ("concurrency", c)}
-        assert re.fullmatch(r"1[0-2]\ds", got["pause", a]), got  # 120 s ttl, a few s gone at most
+        # time left of ttls 120, 60 and 30 s, a few CLI calls later (each starts an
+        # interpreter: seconds apiece on a loaded host, more on PyPy)
+        assert re.fullmatch(r"\d+s", got["pause", a]) and 60 < int(got["pause", a][:-1]) <= 120, got
         assert got["concurrency", a] == "limit 3 -"
-        assert re.fullmatch(r"10/s burst 4 [56]\ds", got["rate_limit", b]), got
-        assert re.fullmatch(r"limit 0 [23]\ds", got["concurrency", c]), got
+        assert re.fullmatch(r"10/s burst 4 \d+s", got["rate_limit", b]), got
+        assert 0 < int(got["rate_limit", b].split()[-1][:-1]) <= 60, got
+        assert re.fullmatch(r"limit 0 \d+s", got["concurrency", c]), got
+        assert 0 < int(got["concurrency", c].split()[-1][:-1]) <= 30, got
         assert stdout_of(cli("resume", a)).strip() == f"resumed {a}"
         assert set(rows()) == {("concurrency", a), ("rate_limit", b), ("concurrency", c)}
         assert "cleared concurrency on " + a in stdout_of(cli("clear", a, "--type", "concurrency"))
