@@ -3638,7 +3638,17 @@ class _ControlPlane:
                 # fit now: _bigger_waits), wake.
                 full = self._full
                 for st in [*q.left, *self._mixed(q)] if q.key.amounts else q.left:
-                    if st not in full:  # (one that cannot take even 1: nobody can)
+                    if st in full:  # (one that cannot take even 1: nobody can)
+                        continue
+                    if st.fair is not None:
+                        # at the end of the pass: its oldest parked queue would pend by
+                        # readiness, before a value whose turn comes first (regression:
+                        # b, a, b, c under a fair limit set to 3 over them granted b, a, b)
+                        parking = self._parked.get(st)
+                        top = parking.top() if parking is not None else None
+                        if top is not None and top[2] is not q:
+                            self._refair.append(st)
+                    else:
                         self._wake(st, q)
                 q.left = ()
         if granted:
@@ -3674,9 +3684,6 @@ class _ControlPlane:
                 self._forget(q)
                 return
             if bound is not None:
-                if waiters[0].seq > bound:
-                    self._pend(q)  # another queue's head became ready first
-                    return
                 if fair is None:
                     fair = [st for st, _ in takes if st.fair is not None]
                 if fair:
@@ -3684,9 +3691,15 @@ class _ControlPlane:
                     # fair limit comes first: q waits its turn on the fair limits, looked
                     # at again at the end of the pass (regression: after a resume, one
                     # value's older backlog took every slot of the limit while another
-                    # value's waiter, pending in the same pass, waited)
+                    # value's waiter, pending in the same pass, waited). Also when that
+                    # queue's head is younger than q's next: pended by readiness, q's
+                    # next went before it, its value's turn or not (regression: b, a, b, c
+                    # under a fair limit of 3 granted b, a, b)
                     self._park(q, fair)
                     self._refair.extend(fair)
+                    return
+                if waiters[0].seq > bound:
+                    self._pend(q)  # another queue's head became ready first
                     return
 
     def _held_back(self, q, now):
@@ -5205,6 +5218,18 @@ def _check_store(store, what="store"):
     return store
 
 
+def _sql(conn, sql, params=(), many=False):
+    """Run one statement on a sqlite3 connection and return its rows, its cursor closed.
+    A cursor left open keeps its statement active, and with it a lock on the file, until
+    the cursor is collected: at once on CPython, whenever the GC runs on PyPy (another
+    connection's next statement then failed with "database is locked")."""
+    cur = conn.executemany(sql, params) if many else conn.execute(sql, params)
+    try:
+        return cur.fetchall()
+    finally:
+        cur.close()
+
+
 class SqliteStore:
     """A store in a local SQLite file (the standard library's sqlite3, in WAL mode with
     synchronous=NORMAL), for checkpointed runs and ``with_cache``. Values are pickled: a
@@ -5244,10 +5269,10 @@ class SqliteStore:
             import sqlite3
             conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
                                    check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("CREATE TABLE IF NOT EXISTS cascade_store (key TEXT PRIMARY KEY, "
-                         "value BLOB NOT NULL, expires REAL)")
+            _sql(conn, "PRAGMA journal_mode=WAL")
+            _sql(conn, "PRAGMA synchronous=NORMAL")
+            _sql(conn, "CREATE TABLE IF NOT EXISTS cascade_store (key TEXT PRIMARY KEY, "
+                 "value BLOB NOT NULL, expires REAL)")
             self._local.conn = conn
         return conn
 
@@ -5260,10 +5285,11 @@ class SqliteStore:
     def get(self, key: str) -> Any:
         row = self._queue.get(key) or self._writing.get(key)
         if row is None:
-            row = self._conn().execute("SELECT value, expires FROM cascade_store WHERE key = ?",
-                                       (key,)).fetchone()
-            if row is None:
+            rows = _sql(self._conn(), "SELECT value, expires FROM cascade_store WHERE key = ?",
+                        (key,))
+            if not rows:
                 return MISS
+            row = rows[0]
         return self._found(row)
 
     def get_many(self, keys: list) -> list:
@@ -5278,8 +5304,8 @@ class SqliteStore:
         conn = self._conn()
         for i in range(0, len(rest), 500):
             part = rest[i:i + 500]
-            found.update((k, (v, e)) for k, v, e in conn.execute(
-                "SELECT key, value, expires FROM cascade_store WHERE key IN "
+            found.update((k, (v, e)) for k, v, e in _sql(
+                conn, "SELECT key, value, expires FROM cascade_store WHERE key IN "
                 f"({','.join('?' * len(part))})", part))
         return [MISS if row is None else self._found(row)
                 for row in map(found.get, keys)]
@@ -5335,14 +5361,14 @@ class SqliteStore:
             try:
                 if conn is None:
                     conn = self._conn()
-                conn.execute("BEGIN IMMEDIATE")
-                conn.executemany("INSERT OR REPLACE INTO cascade_store VALUES (?, ?, ?)",
-                                 [(k, b, e) for k, (b, e) in batch.items()])
-                conn.execute("COMMIT")
+                _sql(conn, "BEGIN IMMEDIATE")
+                _sql(conn, "INSERT OR REPLACE INTO cascade_store VALUES (?, ?, ?)",
+                     [(k, b, e) for k, (b, e) in batch.items()], many=True)
+                _sql(conn, "COMMIT")
             except Exception as exc:
                 self._error = exc
                 try:
-                    conn.execute("ROLLBACK")
+                    _sql(conn, "ROLLBACK")
                 except Exception:
                     pass
             with self._lock:

@@ -17,7 +17,7 @@ means a workload raised; a missed target is not an error (read the table).
 """
 import argparse, asyncio, datetime, gc, graphlib, importlib.util, json, os, platform, re, resource
 import subprocess, sys, tempfile, threading, time, traceback
-from concurrent.futures import CancelledError, ThreadPoolExecutor
+from concurrent.futures import CancelledError, ProcessPoolExecutor, ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # cascade.py lives in the repo root; works from any cwd
@@ -1029,7 +1029,6 @@ REMOTE = {}
 def remote_pool():
     if "pool" not in REMOTE:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
         pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
         list(pool.map(s_cpu, [1, 1]))  # its processes are up
         REMOTE["pool"] = pool
@@ -1089,16 +1088,31 @@ RUNNERS.update(c_pool_map=c_pool_map, f_pool_map=f_pool_map, c_dask_map=c_dask_m
                c_dask_map_w2=c_dask_map_w2, f_dask_map=f_dask_map)
 
 def have_distributed():
-    return importlib.util.find_spec("distributed") is not None
+    return have_distributed_on_this_python() and importlib.util.find_spec("distributed") is not None
+
+def have_distributed_on_this_python():
+    # distributed's scheduler and workers hook gc.callbacks at start, which PyPy has not
+    return hasattr(gc, "callbacks")
+
+# PyPy 7.3.11's ProcessPoolExecutor.submit() calls a method its process.py renamed: a pool
+# of any start method but fork fails on its first submit (pypy/pypy#3873)
+POOL_SUBMIT_BROKEN = not hasattr(ProcessPoolExecutor, "_adjust_process_count")
 
 def w11(cfg, args, errors):
     rows = []
     try:
         n = cfg["pool_n"]
-        best = best_of(cfg["reps"], ["c_pool_map", "f_pool_map"], n, cfg, errors)
-        row = ratio_row(f"W11 CPU-bound map on a 2-process pool (n={n:,}, {_each(best, 'f_pool_map', n)}), "
-                        "default window (3: workers + 1)", n, best, {}, "c_pool_map", "f_pool_map", 1.15, "ProcessPoolExecutor.map")
-        rows.append(row)
+        if POOL_SUBMIT_BROKEN:
+            rows.append(dict(workload=f"W11 CPU-bound map on a 2-process pool (n={n:,})",
+                             cascade=f"n/a on {platform.python_implementation()} "
+                             f"{platform.python_version()}: its ProcessPoolExecutor.submit() "
+                             "fails with a spawn context (pypy/pypy#3873)"))
+        else:
+            best = best_of(cfg["reps"], ["c_pool_map", "f_pool_map"], n, cfg, errors)
+            rows.append(ratio_row(
+                f"W11 CPU-bound map on a 2-process pool (n={n:,}, {_each(best, 'f_pool_map', n)}), "
+                "default window (3: workers + 1)", n, best, {}, "c_pool_map", "f_pool_map", 1.15,
+                "ProcessPoolExecutor.map"))
         if have_distributed():
             n = cfg["dask_n"]
             best = best_of(cfg["reps"], ["c_dask_map", "c_dask_map_w2", "f_dask_map"], n, cfg, errors)
@@ -1108,6 +1122,10 @@ def w11(cfg, args, errors):
                                   {}, "c_dask_map", "f_dask_map", 1.15, "client.map"))
             rows.append(ratio_row(f"{label}, window=2 (its threads alone)", n, best, {},
                                   "c_dask_map_w2", "f_dask_map", None, "client.map"))
+        elif have_distributed_on_this_python() is False:
+            rows.append(dict(workload="W11 CPU-bound map on a Dask LocalCluster",
+                             cascade=f"n/a on {platform.python_implementation()}: Dask's "
+                             "scheduler needs gc.callbacks", target="≤ 1.15× client.map", met="—"))
         else:
             rows.append(dict(workload="W11 CPU-bound map on a Dask LocalCluster", floor=SKIP_DASK,
                              target="≤ 1.15× client.map", met="—"))
@@ -1484,8 +1502,12 @@ def w14(cfg, args, errors):
 
 def w_import(cfg, args, errors):
     _need_cascade()
+    label = "`import cascade` on top of `import asyncio` (-X importtime)"
+    if platform.python_implementation() == "PyPy":  # it has no -X importtime
+        return [dict(workload=label, cascade="n/a on PyPy (no -X importtime)",
+                     target="≤ 15 ms", met="—")]
     extra, base = import_ms(1 if args.quick else 5)
-    return [dict(workload="`import cascade` on top of `import asyncio` (-X importtime)",
+    return [dict(workload=label,
                  cascade=f"{extra:.1f} ms", floor=f"{base:.1f} ms (asyncio itself)",
                  target="≤ 15 ms", met=verdict(extra, 15.0))]
 
