@@ -11342,8 +11342,8 @@ async def _steer(target, verb, scope, n=None):
     if inspect.isawaitable(got):
         got = await got
     where = "on the broker" if isinstance(target, Controller) else "on this engine"
-    if isinstance(got, Constraint):
-        return f"{got.describe()}, {where}"
+    if isinstance(got, Constraint) and verb in ("pause", "limit"):  # (resume returns
+        return f"{got.describe()}, {where}"                          # the pause it lifted)
     return {"resume": f"resumed {scope}", "clear": f"cleared every control on {scope}"}.get(
         verb, verb) + f" {where}"
 
@@ -11459,7 +11459,7 @@ function render(s) {
   $("stamp").textContent = "updated " + new Date(s.at * 1000).toLocaleTimeString();
   timers = [];
   const steered = {};
-  for (const c of s.controls) (steered[c.scope] = steered[c.scope] || []).push(c.setting);
+  for (const c of s.controls) (steered[c.scope] = steered[c.scope] || []).push(c.setting || c.type);
   const runs = h("div");
   for (const r of s.runs) {
     const card = h("div", "run");
@@ -11620,6 +11620,14 @@ def _page():
     return html.encode(), csp
 
 
+def _check_token(token, what="token"):
+    if (not isinstance(token, str) or len(token) < 12 or not token.isascii()
+            or not token.isprintable() or " " in token):
+        raise ValueError(f"{what}: need at least 12 printable ASCII characters without "
+                         "spaces (or none: a random one is made)")
+    return token
+
+
 class _WebView:
     """The web view (``engine.serve``, ``cascade serve``): a standard-library HTTP server
     on its own daemon threads serving one page, the snapshots of a _View as server-sent
@@ -11643,12 +11651,7 @@ class _WebView:
         import http.server
         import ipaddress
         import secrets
-        if token is None:
-            token = secrets.token_urlsafe(24)
-        elif (not isinstance(token, str) or len(token) < 12 or not token.isascii()
-              or not token.isprintable() or " " in token):
-            raise ValueError("token: need at least 12 printable ASCII characters without "
-                             "spaces, or None for a random one (secrets.token_urlsafe)")
+        token = secrets.token_urlsafe(24) if token is None else _check_token(token)
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port={port!r}: need 0 to 65535 (0 picks a free port)")
         self.view, self.steer, self.token = view, steer, token
@@ -11871,7 +11874,7 @@ def _web_handler(http_server, web):
 
 
 # ===========================================================================
-# CLI: cascade pause|resume|limit|rate|clear|status|watch|demo
+# CLI: cascade pause|resume|limit|rate|clear|status|watch|serve|demo
 # ===========================================================================
 
 _CLI_HELP = f"""\
@@ -11901,6 +11904,7 @@ examples:
   cascade status                        what is in force, with time left
   cascade watch                         live task events of every run
   cascade watch --project etl           ... of one project's runs (--org, --run too)
+  cascade serve                         a live web view with controls (prints its URL)
 
 The MQTT verbs need paho-mqtt: pip install '{_DIST}[mqtt]'.
 """
@@ -12038,6 +12042,19 @@ def _cli_parser():
         v.add_argument(f"--{name}", type=_topic_level(f"--{name}"), help=what)
     v.add_argument("--topic", help="telemetry topic filter, instead of --org/--project/--run "
                                     "(default: PREFIX/telemetry/#)")
+    v = verb("serve", "a live web view of every engine on the broker: runs with progress, "
+                      "rate and ETA, per-task counts, what blocked tasks wait on, controls "
+                      "with time left and usage, finished runs; its buttons pause, resume, "
+                      "limit or clear a task on every engine. Prints the URL to open, with "
+                      "its token (Ctrl-C stops)")
+    v.add_argument("--bind", default="127.0.0.1", metavar="ADDRESS",
+                   help="address the web view listens on (default 127.0.0.1, this machine "
+                        "only; another is warned about: see the README's web view)")
+    v.add_argument("--http-port", type=int, default=8765, metavar="N",
+                   help="its port (default 8765; 0 picks a free one). --port is the broker's")
+    v.add_argument("--token", default=os.environ.get("CASCADE_SERVE_TOKEN"),
+                   help="the token every request for data or a control needs (default: "
+                        "$CASCADE_SERVE_TOKEN, or a random one)")
     v = verb("demo", "run a demo workflow steered live (no broker needed)", ())
     v.add_argument("--tasks", type=int, default=40, help="items per stage (default 40)")
     return p
@@ -12179,7 +12196,36 @@ async def _cli_verb(args, client):
         if args.json:
             return json.dumps(dict(_status_json(found), engines=engines))
         return _status_text(_status_sections(found) + _engine_sections(engines, args.engines))
+    if v == "serve":
+        return await _cli_serve(args, ctl)
     return await _cli_watch(args, ctl.connector)
+
+
+async def _cli_serve(args, ctl):
+    """``cascade serve``: the engines' presence records into a _View, served by a
+    _WebView whose controls go through ``ctl``, until Ctrl-C."""
+    view = _View()
+    conn = await ctl._conn()
+    await conn.subscribe(f"{args.prefix}/engines/#", view.feed)
+    loop = asyncio.get_running_loop()
+
+    def steer(verb, scope, n):  # on a request's thread: the controller lives on this loop
+        fut = asyncio.run_coroutine_threadsafe(_steer(ctl, verb, scope, n), loop)
+        try:
+            return fut.result(3 * ctl.timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise TimeoutError(f"the broker did not confirm it within {3 * ctl.timeout:g}s")
+    port = args.port or (8883 if args.tls else 1883)
+    web = _WebView(view, steer, host=args.bind, port=args.http_port, token=args.token,
+                   where="on every engine on the broker",
+                   where_long=f"broker {args.host}:{port}, prefix {args.prefix}")
+    print(f"cascade serve: open {web.url}\n(the token is after #token=; Ctrl-C stops)",
+          flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        web.close()
 
 
 def _status_sections(found):
@@ -12367,6 +12413,8 @@ def main(argv: Optional[list] = None) -> int:
         _check_prefix(args.prefix, "--prefix")
         if args.verb == "watch":
             args.topic = _watch_topic(args)
+        if args.verb == "serve" and args.token is not None:
+            _check_token(args.token, "--token")
         if args.verb == "resume" and args.ttl is not None and args.ramp is None:
             raise ValueError("--ttl bounds the ramp of a resume: give --ramp RATE too")
     except ValueError as exc:

@@ -14950,6 +14950,8 @@ def test_steering_from_a_view_checks_its_input():
     assert asyncio.run(cs._steer(engine, "limit", "task:a", 3)) == \
         "limit 3 on task:a, on this engine"
     assert asyncio.run(cs._steer(engine, "pause", "task:a")).startswith("pause on task:a")
+    assert asyncio.run(cs._steer(engine, "resume", "task:a")) == "resumed task:a on this engine"
+    asyncio.run(cs._steer(engine, "pause", "task:a"))
     assert asyncio.run(cs._steer(engine, "clear", "task:a")) == \
         "cleared every control on task:a on this engine"
     assert engine.constraints == []
@@ -14959,3 +14961,127 @@ def test_steering_from_a_view_checks_its_input():
         asyncio.run(cs._steer(engine, "limit", "task:a", -1))
     with pytest.raises(cs.ConstraintError):
         asyncio.run(cs._steer(engine, "pause", "nonsense"))
+
+
+# --- the web view: engine.serve, cascade serve (issue 16) ----------------------------
+
+@pytest.fixture
+def page():
+    """A page of a real headless Chromium (Debian's /usr/bin/chromium) driven by
+    Playwright (skip without them; fail under CI=true). ``page.dialogs`` collects the
+    messages of any alert/confirm the page raised (none should)."""
+    pw = requires("playwright.sync_api", "playwright")
+    exe = shutil.which("chromium") or "/usr/bin/chromium"
+    need("needs Chromium (apt-get install chromium)", os.path.exists(exe))
+    with pw.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe)
+        try:
+            pg = browser.new_page(viewport={"width": 1200, "height": 900})
+            pg.dialogs = []
+            pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.dismiss()))
+            pg.set_default_timeout(TIMEOUT * 1000)
+            yield pg
+        finally:
+            browser.close()
+
+
+def shows(page, text, where="body"):
+    """Wait until the element ``where`` of the page shows ``text``."""
+    page.wait_for_function("([sel, t]) => (document.querySelector(sel) || {}).textContent"
+                           "?.includes(t)", arg=[where, text], timeout=TIMEOUT * 1000)
+
+
+def steer_in_page(page, verb, task, n=None):
+    """Click ``verb`` on ``task``'s row, confirm, and return the result line."""
+    page.click(f'tr[data-task="{task}"] button[data-verb="{verb}"]')
+    if n is not None:
+        page.fill("#n", str(n))
+    page.click("#yes")
+    page.wait_for_function("() => document.querySelector('#result').textContent.trim()")
+    line = page.text_content("#result")
+    page.evaluate("() => { document.querySelector('#result').textContent = '' }")
+    return line
+
+
+def gated(name):
+    """(task, gate): a sync task called ``name`` whose every call takes a permit of the
+    semaphore ``gate`` (the test releases them), so counts move only when told."""
+    gate = threading.Semaphore(0)
+
+    def body(i):
+        assert gate.acquire(timeout=TIMEOUT)
+        return i
+    return cs.task(name=name)(body), gate
+
+
+def start_elsewhere(engine, target, **kw):
+    """engine.start from a thread without an event loop, so the run gets a loop thread of
+    its own (Playwright's sync API leaves a loop set as running in the test's thread,
+    where engine.start would put the run, as in a notebook)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(engine.start, target, **kw).result()
+
+
+def http(url, method="GET", token=None, body=None, headers=()):
+    """(status, decoded JSON or text) of a request to the web view."""
+    import urllib.error
+    import urllib.request
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method=method, headers=dict(headers))
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    if body is not None and "Content-Type" not in dict(headers):
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+            status, raw, ctype = r.status, r.read(), r.headers.get_content_type()
+    except urllib.error.HTTPError as exc:
+        status, raw, ctype = exc.code, exc.read(), exc.headers.get_content_type()
+    return status, (json.loads(raw) if ctype == "application/json" else raw.decode())
+
+
+def test_engine_serve_shows_counts_moving_and_a_pause_clicked_in_the_page_holds_the_task(page):
+    step, gate = gated("step")
+    engine = cs.Engine()
+    starts = []
+    engine.subscribe(cs.TaskExecutionStarted, lambda e: starts.append(e.task_name))
+    engine.limit("task:step", 2)
+    h = start_elsewhere(engine, step.map(range(30)), run_id="served")
+    web = engine.serve()
+    try:
+        page.goto(web.url)
+        shows(page, "0 / 30 done", "#runs")
+        shows(page, "running 2", 'tr[data-task="step"]')
+        for _ in range(5):
+            gate.release()
+        shows(page, "5 / 30 done", "#runs")  # the counts move in the page
+        shows(page, "done 5", 'tr[data-task="step"]')
+        assert len(starts) == 7  # 5 done, 2 running (and no permit left to take)
+        line = steer_in_page(page, "pause", "step")
+        assert "pause on task:step" in line and "on this engine" in line, line
+        assert [c.type for c in engine.constraints if c.scope == "task:step"] == [
+            "concurrency", "pause"]
+        assert "pause" in repr(engine.status())
+        gate.release()
+        gate.release()  # the two running bodies end; the pause lets nothing else start
+        wait_for(lambda: engine.status()["tasks"]["step"].get("done") == 7)
+        shows(page, "7 / 30 done", "#runs")
+        assert engine.status()["tasks"]["step"] == {"done": 7, "blocked": 23}
+        assert len(starts) == 7
+        page.wait_for_function(  # the row says it is paused
+            "() => [...document.querySelectorAll('tr[data-task=step] .tag')].map("
+            "(e) => e.textContent).join() === 'limit 2,pause'")
+        assert "resumed task:step on this engine" in steer_in_page(page, "resume", "step")
+        for _ in range(23):
+            gate.release()
+        assert h.result(timeout=TIMEOUT) == list(range(30))
+        assert len(starts) == 30
+        shows(page, "Succeeded", "#history")
+        assert page.dialogs == []
+    finally:
+        for _ in range(30):
+            gate.release()
+        engine.close()
+    assert web.closed  # engine.close() closed it
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", web.port), timeout=2).close()
