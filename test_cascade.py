@@ -14993,7 +14993,7 @@ def shows(page, text, where="body"):
 
 def steer_in_page(page, verb, task, n=None):
     """Click ``verb`` on ``task``'s row, confirm, and return the result line."""
-    page.click(f'tr[data-task="{task}"] button[data-verb="{verb}"]')
+    page.click(f'tr[data-task={json.dumps(task)}] button[data-verb="{verb}"]')
     if n is not None:
         page.fill("#n", str(n))
     page.click("#yes")
@@ -15085,3 +15085,138 @@ def test_engine_serve_shows_counts_moving_and_a_pause_clicked_in_the_page_holds_
     assert web.closed  # engine.close() closed it
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", web.port), timeout=2).close()
+
+
+def test_the_web_view_refuses_requests_without_the_token_and_changes_nothing():
+    from http.client import HTTPConnection
+    engine = cs.Engine()
+    web = engine.serve(token="a-token-of-my-own")
+    base = web.url.split("#")[0]
+    try:
+        assert web.url.endswith("/#token=a-token-of-my-own") and web.port > 0
+        assert "a-token-of-my-own" not in repr(web) and "token hidden" in repr(web)
+        status, html = http(base)  # the page holds no data, so it needs no token
+        assert status == 200 and "a-token-of-my-own" not in html and "<script>" in html
+        for method, route, body in (("GET", "snapshot", None), ("GET", "events", None),
+                                    ("POST", "steer", {"verb": "pause", "scope": "global"})):
+            assert http(base + route, method, body=body)[0] == 401
+            got = http(base + route, method, token="a-token-of-another", body=body)
+            assert got[0] == 403 and "wrong token" in got[1]["error"]
+        # what a cross-site form can send: no Authorization header
+        assert http(base + "steer", "POST", body=b"verb=pause&scope=global", headers={
+            "Content-Type": "application/x-www-form-urlencoded"})[0] == 401
+        assert http(base + "steer", "POST", token=web.token, body={
+            "verb": "pause", "scope": "global"}, headers={
+            "Content-Type": "application/json", "Origin": "http://evil.example"})[0] == 403
+        assert engine.constraints == []  # nothing changed
+        for body, error in (({"verb": "drop", "scope": "task:a"}, "pause, resume, limit or clear"),
+                            ({"verb": "limit", "scope": "task:a", "n": -1}, "whole number"),
+                            ({"verb": "pause", "scope": "nonsense"}, "nonsense"),
+                            ({"verb": "pause"}, "scope"), ([1], "scope")):
+            status, got = http(base + "steer", "POST", token=web.token, body=body)
+            assert status == 400 and error in got["error"], (body, got)
+        assert engine.constraints == []
+        status, got = http(base + "steer", "POST", token=web.token,
+                           body={"verb": "limit", "scope": "task:a", "n": 2})
+        assert (status, got["message"]) == (200, "limit 2 on task:a, on this engine")
+        assert [c.describe() for c in engine.constraints] == ["limit 2 on task:a"]
+        status, snap = http(base + "snapshot", token=web.token)
+        assert status == 200 and snap["controls"][0]["setting"] == "limit 2"
+        assert http(base + "nothing", token=web.token)[0] == 404
+        # the live pages are bounded; one that goes away frees its place
+        web.MAX_CLIENTS = 1
+        first = HTTPConnection("127.0.0.1", web.port, timeout=TIMEOUT)
+        first.request("GET", "/events", headers={"Authorization": f"Bearer {web.token}"})
+        stream = first.getresponse()
+        assert stream.status == 200 and stream.readline().startswith(b"data: {")
+        status, got = http(base + "events", token=web.token)
+        assert status == 503 and "close one" in got["error"]
+        stream.close()
+        first.close()
+        wait_for(lambda: web.clients == 0)
+        with pytest.raises(ValueError, match="12 printable"):
+            engine.serve(token="short")
+    finally:
+        web.close()
+        engine.close()
+    with pytest.raises(cs.CascadeError, match="closed"):
+        engine.serve()
+
+
+HOSTILE = '<img src=x onerror="window.pwned=1;alert(1)">'
+
+
+def test_hostile_names_in_the_web_view_render_as_text(page):
+    # a record as it could come off a broker: every text field carries markup
+    view = cs._View()
+    view.feed("cascade/engines/o/p/e", {
+        "engine_id": HOSTILE, "source": HOSTILE, "org": HOSTILE, "project": "p",
+        "updated_at": time.time(), "heartbeat": 5,
+        "runs": [{"run_id": HOSTILE, "done": 1, "total": 3, "started_at": time.time(),
+                  "counts": {HOSTILE: 1}, "tasks": {HOSTILE: {"running": 2, HOSTILE: 1}}}],
+        "blocked": [{"task": HOSTILE, "waits_on": HOSTILE, "count": 2}],
+        "constraints": [{"scope": HOSTILE, "type": HOSTILE, "params": {}, "origin": HOSTILE,
+                         "usage": HOSTILE}],
+        "shared": [{"scope": HOSTILE, "type": "concurrency", "in_use": HOSTILE}],
+        "history": [{"run_id": HOSTILE, "status": HOSTILE, "duration": 1.0,
+                     "started_at": time.time(), "counts": {}, "error": HOSTILE}]})
+    asked = []
+
+    def steer(verb, scope, n):
+        asked.append((verb, scope))
+        raise cs.ConstraintError(f"no steering {scope}")
+    web = cs._WebView(view, steer, where=HOSTILE, where_long=HOSTILE)
+    try:
+        page.goto(web.url)
+        shows(page, HOSTILE, "#runs")
+        for where in ("#where", "#blocked", "#controls", "#shared", "#engines", "#history"):
+            shows(page, HOSTILE, where)
+        line = steer_in_page(page, "pause", HOSTILE)  # the scope goes back as it came
+        assert asked == [("pause", f"task:{HOSTILE}")]
+        assert f"refused (400): no steering task:{HOSTILE}" in line
+        assert page.evaluate("() => document.querySelectorAll('img').length") == 0
+        assert page.evaluate("() => window.pwned") is None and page.dialogs == []
+    finally:
+        web.close()
+
+
+def test_cascade_serve_shows_the_fleet_on_the_broker_and_steers_it_from_the_page(
+        page, paho_client, prefix):
+    step, gate = gated("brokered")
+    engine = cs.Engine(connector=cs.MqttConnector(paho_client, prefix=prefix), presence=1)
+    serve = Proc([sys.executable, "-m", "cascade", "serve", "--prefix", prefix,
+                  "--http-port", "0", "--token", "token-for-the-test"])
+    try:
+        url = serve.expect(r"open http://127\.0\.0\.1:\d+/#token=token-for-the-test$").split()[-1]
+        engine.limit("task:brokered", 2)
+        h = start_elsewhere(engine, step.map(range(20)), run_id=f"r{uid()}")
+        page.goto(url)
+        shows(page, "0 / 20 done", "#runs")
+        shows(page, engine.id, "#engines")
+        for _ in range(3):
+            gate.release()
+        shows(page, "3 / 20 done", "#runs")  # the counts move, as the broker tells them
+        line = steer_in_page(page, "limit", "brokered", n=1)
+        assert "limit 1 on task:brokered, on the broker" in line, line
+        wait_for(lambda: any(c.origin != "local" and c.params == {"limit": 1}
+                             for c in engine.constraints))
+        shows(page, "limit 1", "#controls")
+        line = steer_in_page(page, "clear", "brokered")
+        assert "cleared every control on task:brokered on the broker" in line
+        wait_for(lambda: all(c.origin == "local" for c in engine.constraints))
+        status, got = http(url.split("#")[0] + "steer", "POST", body={
+            "verb": "pause", "scope": "global"})  # no token: refused, nothing published
+        assert status == 401
+        for _ in range(17):
+            gate.release()
+        h.result(timeout=TIMEOUT)
+        shows(page, "Succeeded", "#history")
+        serve.p.send_signal(signal.SIGINT)  # Ctrl-C stops it cleanly
+        assert serve.wait() == 130
+        assert not any("Traceback" in line for line in serve.lines["err"]), serve.lines
+        assert page.dialogs == []
+    finally:
+        for _ in range(20):
+            gate.release()
+        serve.kill()
+        engine.close()
