@@ -11680,8 +11680,8 @@ class _WebView:
             _log.warning("the web view listens on %s, beyond this machine: anyone who can "
                          "reach it can try the token, and plain HTTP carries the token in "
                          "clear; prefer 127.0.0.1 with an SSH tunnel, or TLS in front", host)
-        self._threads = [threading.Thread(target=self.httpd.serve_forever, daemon=True,
-                                          name="cascade-serve"),
+        self._threads = [threading.Thread(target=self.httpd.serve_forever, args=(0.1,),
+                                          daemon=True, name="cascade-serve"),
                          threading.Thread(target=self._pump, daemon=True,
                                           name="cascade-serve-pump")]
         for t in self._threads:
@@ -11718,7 +11718,10 @@ class _WebView:
 
     def frame_of(self, snap):
         snap = dict(snap, where=self.where, where_long=self.where_long)
-        return json.dumps(snap, default=repr, allow_nan=False).encode()
+        try:
+            return json.dumps(snap, default=repr, allow_nan=False).encode()
+        except ValueError:  # a NaN or infinity off the wire: JSON has none (the page's
+            return json.dumps(_finite(snap), default=repr).encode()  # parser would fail)
 
     def close(self):
         """Stop serving: the event streams end, the port is closed. Idempotent."""
@@ -11741,6 +11744,17 @@ class _WebView:
         state = "closed" if self.closed else f"{self.clients} live page(s)"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"<WebView http://{host}:{self.port}/ {self.where_long}, {state} (token hidden)>"
+
+
+def _finite(x):
+    """``x`` with every float that is not finite (NaN, infinities) made None."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
 def _web_handler(http_server, web):

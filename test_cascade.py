@@ -15151,7 +15151,7 @@ def test_hostile_names_in_the_web_view_render_as_text(page):
     view = cs._View()
     view.feed("cascade/engines/o/p/e", {
         "engine_id": HOSTILE, "source": HOSTILE, "org": HOSTILE, "project": "p",
-        "updated_at": time.time(), "heartbeat": 5,
+        "updated_at": time.time(), "heartbeat": 5, "constraints_total": float("nan"),
         "runs": [{"run_id": HOSTILE, "done": 1, "total": 3, "started_at": time.time(),
                   "counts": {HOSTILE: 1}, "tasks": {HOSTILE: {"running": 2, HOSTILE: 1}}}],
         "blocked": [{"task": HOSTILE, "waits_on": HOSTILE, "count": 2}],
