@@ -11670,7 +11670,8 @@ class _WebView:
             self.httpd = server_cls((host, port), _web_handler(http.server, self))
         except OSError as exc:
             raise OSError(f"cannot serve the web view on {host}:{port} ({exc}); choose "
-                          "another port (0 picks a free one) or --bind address") from None
+                          "another port (--http-port, port=; 0 picks a free one) or "
+                          "address (--bind, host=)") from None
         self.host, self.port = host, self.httpd.server_address[1]
         try:
             loopback = ipaddress.ip_address(host).is_loopback

@@ -15220,3 +15220,16 @@ def test_cascade_serve_shows_the_fleet_on_the_broker_and_steers_it_from_the_page
             gate.release()
         serve.kill()
         engine.close()
+
+
+def test_the_web_view_listens_on_loopback_unless_told_and_warns_beyond_it(caplog):
+    engine = cs.Engine()
+    try:
+        with caplog.at_level(logging.WARNING, logger=cs.__name__):
+            quiet = engine.serve()
+            assert quiet.httpd.server_address[0] == "127.0.0.1" and not caplog.records
+            wide = engine.serve(host="0.0.0.0")
+        assert any("beyond this machine" in r.getMessage() for r in caplog.records)
+        assert wide.url.startswith("http://0.0.0.0:")
+    finally:
+        engine.close()
