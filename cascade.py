@@ -9294,17 +9294,20 @@ class _History:
         if self.store is None:
             self.runs.appendleft(entry)
             return
+        t = getattr(self.store, "timeout", 5.0)  # an async store's call is bounded, as a
+        t = float(t) if _is_number(t) and t > 0 else 5.0  # run's are (_Stored)
         try:
             if not self.loaded:
                 got = self._call("get", self.key)
-                self._loaded(await got if inspect.isawaitable(got) else got)
+                self._loaded(await asyncio.wait_for(got, t) if inspect.isawaitable(got)
+                             else got)
             with self.lock:
                 self.runs.appendleft(entry)
                 kept = list(self.runs)
             put = self._call("put", self.key, kept)
             if inspect.isawaitable(put):
-                await put
-        except Exception as exc:
+                await asyncio.wait_for(put, t)
+        except Exception as exc:  # (asyncio.TimeoutError too)
             self._failed(exc)
 
 
