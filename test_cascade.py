@@ -12226,8 +12226,12 @@ async def test_presence_record_appears_follows_the_engine_and_goes_when_it_close
         "v": "1", "engine_id": engine.id, "source": cs._source(), "org": "default",
         "project": project, "version": cs.__version__, "heartbeat": 0.2, "lost": False,
         "constraints_total": 2}
-    assert rec["runs"] == [{"run_id": handle.run_id, "counts": {"running": 1}}]
-    by_scope = {c["scope"]: c for c in rec["constraints"]}
+    [run] = rec["runs"]  # (what the views show: see _engine_record)
+    assert {k: run[k] for k in ("run_id", "counts", "done", "total", "tasks")} == {
+        "run_id": handle.run_id, "counts": {"running": 1}, "done": 0, "total": 1,
+        "tasks": {f"l_{u}_w": {"running": 1}}}
+    by_scope = {c["scope"]: {k: v for k, v in c.items() if k != "usage"}
+                for c in rec["constraints"]}
     assert by_scope[f"task:l_{u}_w"] == {"scope": f"task:l_{u}_w", "type": "concurrency",
                                          "params": {"limit": 2}, "origin": "local",
                                          "expires_at": None, "expires_in": None}
