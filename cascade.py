@@ -9485,21 +9485,24 @@ class _History:
         if self.store is None:
             self.runs.appendleft(entry)
             return
+        t = getattr(self.store, "timeout", 5.0)  # an async store's call is bounded, as a
+        t = float(t) if _is_number(t) and t > 0 else 5.0  # run's are (_Stored)
         try:
             if not self.loaded:
                 got = self._call("get", self.key)
-                self._loaded(await got if inspect.isawaitable(got) else got)
+                self._loaded(await asyncio.wait_for(got, t) if inspect.isawaitable(got)
+                             else got)
             with self.lock:
                 self.runs.appendleft(entry)
                 kept = list(self.runs)
             put = self._call("put", self.key, kept)
             if inspect.isawaitable(put):
-                await put
+                await asyncio.wait_for(put, t)
             flush = getattr(self.store, "flush", None)  # (SqliteStore: committed when the
             if callable(flush):                           # run returns, as its checkpoints)
                 await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
-                    None, flush, 5.0), 6.0)
-        except Exception as exc:
+                    None, flush, t), t + 1)
+        except Exception as exc:  # (asyncio.TimeoutError too)
             self._failed(exc)
 
 
@@ -9632,6 +9635,7 @@ class Engine:
         self._cancel_lock = threading.Lock()
         self._early = {}    # run id -> scopes cancelled before its graph was built
         self._closed = False
+        self._servers = []  # web views (serve), closed with the engine
         self._history = _History(history, self._store)
         self._history.key = f"cascade/history/{self.org}/{self.project}"
         # this engine's name on the broker: host-pid and a random part (see _Presence)
@@ -9851,6 +9855,26 @@ class Engine:
                        capacities=caps, window=None if window is None else window.usage(None),
                        history=self._history.entries())
 
+    def serve(self, port: int = 0, host: str = "127.0.0.1", token: Optional[str] = None):
+        """Serve a live web view of this engine: its runs with progress, rate and ETA,
+        per-task counts, what blocked tasks wait on, its controls with time left and
+        usage, its finished runs, and buttons that pause, resume, limit or clear a task
+        on this engine. Returns at once; the server runs on daemon threads until
+        ``.close()`` or ``engine.close()``. ``port=0`` picks a free port. Open ``.url``:
+        it carries ``token`` (default: a random one, ``.token``) in its fragment; every
+        request for data or a control needs it. It listens on 127.0.0.1 unless ``host``
+        says otherwise (warned: see the README's web view). Engines on a broker are
+        seen together with ``cascade serve``."""
+        if self._closed:
+            raise CascadeError("engine.serve(): this engine is closed")
+        web = _WebView(_View(engines=[self]),
+                       lambda verb, scope, n: asyncio.run(_steer(self, verb, scope, n)),
+                       host=host, port=port, token=token, where="on this engine",
+                       where_long=f"engine {self.id} ({self.org}/{self.project})",
+                       refresh=0.5)
+        self._servers.append(web)
+        return web
+
     # -- events, resources --------------------------------------------------
     def subscribe(self, event_type: type, callback: Callable[[Any], Any]) -> Callable[[], None]:
         """Call ``callback(event)`` for every event of ``event_type`` (``cs.Event``: all).
@@ -9959,9 +9983,11 @@ class Engine:
         more starts, async bodies are cancelled, running sync bodies get ``stop_grace``
         seconds to finish (then they are abandoned), resources are torn down, and each
         run raises ``CascadeError`` ("closed"). The engine's own thread pool is shut down
-        once the last of them has ended (a user's executor is left alone). Later runs
-        raise ``CascadeError``."""
+        once the last of them has ended (a user's executor is left alone). Its web views
+        (``serve``) close. Later runs raise ``CascadeError``."""
         self._closed = True
+        for web in self._servers:
+            web.close()
         runs = list(self._runs.values())
         for r in runs:
             r.close()
@@ -11582,10 +11608,550 @@ async def _steer(target, verb, scope, n=None):
     if inspect.isawaitable(got):
         got = await got
     where = "on the broker" if isinstance(target, Controller) else "on this engine"
-    if isinstance(got, Constraint):
-        return f"{got.describe()}, {where}"
+    if isinstance(got, Constraint) and verb in ("pause", "limit"):  # (resume returns
+        return f"{got.describe()}, {where}"                          # the pause it lifted)
     return {"resume": f"resumed {scope}", "clear": f"cleared every control on {scope}"}.get(
         verb, verb) + f" {where}"
+
+
+# ---------------------------------------------------------------------------
+# The web view: engine.serve and cascade serve (one page, made here)
+# ---------------------------------------------------------------------------
+
+_PAGE_STYLE = r"""
+:root{--bg:#f6f7f9;--card:#fff;--ink:#1d2330;--mute:#667085;--line:#e3e6ec;--accent:#2f6fde;
+--ok:#1f9d55;--warn:#c98400;--bad:#d64545;--run:#2f6fde;--chip:#eef1f6}
+@media (prefers-color-scheme:dark){:root{--bg:#14171c;--card:#1c2027;--ink:#e6e9ef;--mute:#98a2b3;
+--line:#2c323c;--chip:#262c35;--accent:#5b93f0;--run:#5b93f0}}
+*{box-sizing:border-box}
+body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;background:var(--bg);color:var(--ink)}
+header{display:flex;align-items:center;gap:14px;padding:10px 20px;background:var(--card);border-bottom:1px solid var(--line);position:sticky;top:0;z-index:2}
+header h1{font-size:17px;margin:0}
+#where,#stamp{color:var(--mute)}
+#conn{width:10px;height:10px;border-radius:50%;background:var(--bad);display:inline-block}
+#conn.up{background:var(--ok)}
+main{padding:14px 20px;display:grid;gap:14px;max-width:1400px}
+section{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:10px 14px}
+section h2{font-size:13px;text-transform:uppercase;letter-spacing:.05em;color:var(--mute);margin:0 0 8px}
+table{border-collapse:collapse;width:100%}
+th,td{text-align:left;padding:4px 8px;border-bottom:1px solid var(--line);vertical-align:middle}
+td{overflow-wrap:anywhere}
+th{font-weight:600;color:var(--mute);font-size:12px;white-space:nowrap}
+tr:last-child td{border-bottom:0}
+.empty{color:var(--mute);font-style:italic}
+.run{border:1px solid var(--line);border-radius:6px;padding:8px 10px;margin-bottom:10px}
+.run:last-child{margin-bottom:0}
+.runhead{display:flex;gap:12px;align-items:baseline;flex-wrap:wrap}
+.runhead b{font-size:15px}
+.mute{color:var(--mute)}
+.bar{height:10px;background:var(--chip);border-radius:5px;overflow:hidden;margin:6px 0}
+.fill{height:100%;background:var(--ok);width:0;transition:width .3s}
+.chip{display:inline-block;padding:0 7px;margin:1px 3px 1px 0;border-radius:9px;background:var(--chip);font-size:12px;white-space:nowrap}
+.s-running{color:var(--run)}.s-blocked,.s-waiting{color:var(--warn)}.s-failed{color:var(--bad)}.s-done,.s-cached{color:var(--ok)}
+.tag{font-size:11px;padding:0 6px;border-radius:4px;background:var(--warn);color:#fff;margin-left:6px}
+button{font:inherit;font-size:12px;padding:2px 8px;border:1px solid var(--line);border-radius:4px;background:var(--chip);color:var(--ink);cursor:pointer}
+button:hover{border-color:var(--accent)}
+button.go{background:var(--accent);border-color:var(--accent);color:#fff}
+td.acts{white-space:nowrap;width:1%}
+td.num{text-align:right;font-variant-numeric:tabular-nums;width:1%;white-space:nowrap}
+#bar2{display:flex;gap:10px;align-items:center;flex-wrap:wrap;padding:8px 20px;background:var(--card);border-bottom:1px solid var(--line)}
+#confirm{display:none;gap:8px;align-items:center}
+#confirm.on{display:flex}
+#confirm input,#scope,#tokenin{font:inherit;padding:2px 6px;border:1px solid var(--line);border-radius:4px;background:var(--bg);color:var(--ink)}
+#confirm input{width:70px}
+#result{font-family:ui-monospace,monospace;font-size:13px}
+#result.ok{color:var(--ok)}#result.err{color:var(--bad)}
+#auth{display:none}#auth.on{display:block}
+.lost{color:var(--bad)}
+"""
+
+_PAGE_SCRIPT = r"""
+"use strict";
+const $ = (id) => document.getElementById(id);
+// Every piece of data goes in as text: append(string) makes a text node, never markup.
+function h(tag, cls, ...kids) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  for (const k of kids) if (k !== null && k !== undefined) e.append(k instanceof Node ? k : String(k));
+  return e;
+}
+let token = new URLSearchParams(location.hash.slice(1)).get("token") || "";
+let where = "", timers = [], pending = null;
+const fmtS = (s) => s == null ? "-" : s < 60 ? s.toFixed(s < 10 ? 1 : 0) + "s" :
+  s < 3600 ? Math.floor(s / 60) + "m" + String(Math.floor(s % 60)).padStart(2, "0") + "s" :
+  Math.floor(s / 3600) + "h" + String(Math.floor(s % 3600 / 60)).padStart(2, "0") + "m";
+const short = (id) => id.length > 26 ? id.slice(0, 25) + "\u2026" : id;
+function chips(counts) {
+  const span = h("span");
+  for (const [k, n] of Object.entries(counts || {})) span.append(h("span", "chip s-" + k, k + " " + n));
+  return span;
+}
+function table(head, rows) {
+  if (!rows.length) return h("div", "empty", "none");
+  const t = h("table"), tr = h("tr");
+  for (const c of head) tr.append(h("th", null, c));
+  t.append(tr);
+  for (const r of rows) t.append(r);
+  return t;
+}
+function row(...cells) {
+  const tr = h("tr");
+  for (const c of cells) tr.append(c instanceof HTMLTableCellElement ? c : h("td", null, c));
+  return tr;
+}
+function button(verb, scope, label) {
+  const b = h("button", null, label || verb);
+  b.dataset.verb = verb; b.dataset.scope = scope;
+  b.addEventListener("click", () => ask(verb, scope));
+  return b;
+}
+function actions(scope) {
+  const td = h("td", "acts");
+  for (const v of ["pause", "resume", "limit", "clear"]) td.append(button(v, scope, v === "limit" ? "limit\u2026" : v), " ");
+  return td;
+}
+function countdown(left) {
+  const span = h("span", null, left == null ? "no expiry" : fmtS(left));
+  if (left != null) timers.push({span, left, at: performance.now()});
+  return span;
+}
+setInterval(() => {
+  for (const t of timers) t.span.textContent = fmtS(Math.max(0, t.left - (performance.now() - t.at) / 1000));
+}, 250);
+
+function render(s) {
+  where = s.where || "";
+  $("where").textContent = s.where_long || "";
+  $("stamp").textContent = "updated " + new Date(s.at * 1000).toLocaleTimeString();
+  timers = [];
+  const steered = {};
+  for (const c of s.controls) (steered[c.scope] = steered[c.scope] || []).push(c.setting || c.type);
+  const runs = h("div");
+  for (const r of s.runs) {
+    const card = h("div", "run");
+    card.dataset.run = r.run_id;
+    const pct = r.total ? Math.min(100, 100 * r.done / r.total) : 0;
+    card.append(h("div", "runhead", h("b", null, r.run_id), h("span", "mute", "on " + short(r.engine_id)),
+      h("span", "prog", r.done + " / " + r.total + " done"),
+      h("span", null, r.rate == null ? "- /s" : r.rate.toFixed(r.rate < 10 ? 1 : 0) + "/s"),
+      h("span", null, "ETA " + (r.eta == null ? "-" : fmtS(r.eta))),
+      h("span", "mute", "running for " + fmtS(r.elapsed))));
+    const bar = h("div", "bar"), fill = h("div", "fill");
+    fill.style.width = pct.toFixed(1) + "%";
+    bar.append(fill);
+    card.append(bar);
+    const rows = [];
+    for (const [name, counts] of Object.entries(r.tasks)) {
+      const scope = "task:" + name, label = h("td", null, name);
+      for (const st of steered[scope] || []) label.append(h("span", "tag", st));
+      const tr = row(label, h("td", null, chips(counts)), actions(scope));
+      tr.dataset.task = name;
+      rows.push(tr);
+    }
+    card.append(table(["task", "counts", "steer"], rows));
+    runs.append(card);
+  }
+  $("runs").replaceChildren(s.runs.length ? runs : h("div", "empty", "no run is active"));
+  $("blocked").replaceChildren(table(["task", "waits on", "count", "engine"], s.blocked.map((b) =>
+    row(b.task, b.waits_on, h("td", "num", b.count), short(b.engine_id)))));
+  $("controls").replaceChildren(table(["type", "scope", "setting", "time left", "usage", "origin", ""],
+    s.controls.map((c) => {
+      const use = h("td");
+      for (const [e, u] of Object.entries(c.usage)) use.append(h("div", null, (c.engines.length > 1 ? short(e) + ": " : "") + u));
+      const tr = row(c.type, c.scope, c.setting, h("td", "num", countdown(c.expires_in)), use, c.origin,
+        h("td", "acts", button("clear", c.scope)));
+      tr.dataset.scope = c.scope;
+      return tr;
+    })));
+  $("shared").replaceChildren(table(["shared control", "engine"], s.shared.map((c) =>
+    row(Object.entries(c).filter(([k]) => k !== "engine_id").map(([k, v]) => k + " " + v).join(", "), short(c.engine_id)))));
+  $("engines").replaceChildren(table(["engine", "source", "org / project", "version", "runs", "controls", "state"],
+    s.engines.map((e) => row(e.engine_id, e.source, e.org + " / " + e.project, e.version,
+      h("td", "num", e.runs), h("td", "num", e.controls),
+      h("td", e.lost ? "lost" : null, (e.lost ? "lost" : "up") + (e.ago == null ? "" : " (" + fmtS(e.ago) + " ago)"))))));
+  $("history").replaceChildren(table(["run", "status", "took", "counts", "ended", "error"], s.history.map((r) =>
+    row(r.run_id, h("td", "s-" + (r.status === "Succeeded" ? "done" : r.status === "Failed" ? "failed" : "skipped"), r.status),
+      h("td", "num", fmtS(r.duration)), h("td", null, chips(r.counts)),
+      r.ended_at == null ? "-" : new Date(r.ended_at * 1000).toLocaleTimeString(), r.error || ""))));
+}
+
+function ask(verb, scope) {
+  pending = {verb, scope};
+  const scopeIn = verb === "limit";
+  $("ask").textContent = verb + " " + scope + " " + where + "?";
+  $("n").style.display = scopeIn ? "" : "none";
+  $("confirm").classList.add("on");
+  (scopeIn ? $("n") : $("yes")).focus();
+}
+function say(text, ok) {
+  const r = $("result");
+  r.textContent = new Date().toLocaleTimeString() + "  " + text;
+  r.className = ok ? "ok" : "err";
+}
+async function steer() {
+  const p = pending;
+  $("confirm").classList.remove("on");
+  pending = null;
+  if (!p) return;
+  const body = {verb: p.verb, scope: p.scope};
+  if (p.verb === "limit") body.n = Number($("n").value);
+  try {
+    const r = await fetch("steer", {method: "POST", cache: "no-store",
+      headers: {"Authorization": "Bearer " + token, "Content-Type": "application/json"}, body: JSON.stringify(body)});
+    const got = await r.json();
+    say(r.ok ? got.message : "refused (" + r.status + "): " + got.error, r.ok);
+    if (r.status === 401 || r.status === 403) needToken();
+  } catch (e) { say("no answer from the server: " + e, false); }
+}
+$("yes").addEventListener("click", steer);
+$("no").addEventListener("click", () => { pending = null; $("confirm").classList.remove("on"); });
+$("n").addEventListener("keydown", (e) => { if (e.key === "Enter") steer(); });
+$("go").addEventListener("click", () => { const s = $("scope").value.trim(); if (s) ask($("verb").value, s); });
+
+function needToken() { $("auth").classList.add("on"); }
+$("tokenform").addEventListener("submit", (e) => {
+  e.preventDefault();
+  token = $("tokenin").value.trim();
+  location.hash = "token=" + encodeURIComponent(token);
+  $("auth").classList.remove("on");
+  if (!streaming) stream();
+});
+
+let streaming = false;
+const sleep = (ms) => new Promise((ok) => setTimeout(ok, ms));
+// Server-sent events read with fetch, so the token travels in a header, never in a URL.
+async function stream() {
+  streaming = true;
+  while (true) {
+    try {
+      const r = await fetch("events", {cache: "no-store", headers: {"Authorization": "Bearer " + token}});
+      if (r.status === 401 || r.status === 403) { $("conn").className = ""; needToken(); break; }
+      if (!r.ok) throw new Error(r.status + " " + (await r.text()));
+      $("conn").className = "up";
+      const rd = r.body.getReader(), dec = new TextDecoder();
+      let buf = "";
+      while (true) {
+        const {value, done} = await rd.read();
+        if (done) break;
+        buf += dec.decode(value, {stream: true});
+        let i;
+        while ((i = buf.indexOf("\n\n")) >= 0) {
+          const data = buf.slice(0, i).split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5)).join("\n");
+          buf = buf.slice(i + 2);
+          if (data) render(JSON.parse(data));
+        }
+      }
+    } catch (e) { say("live updates lost: " + e.message + " (retrying)", false); }
+    $("conn").className = "";
+    await sleep(1000);
+  }
+  streaming = false;
+}
+if (token) stream(); else needToken();
+"""
+
+_PAGE_BODY = r"""<header><span id="conn" title="live updates"></span><h1>Cascade</h1>
+<span id="where"></span><span id="stamp"></span></header>
+<div id="bar2"><span>steer a scope</span><select id="verb"><option>pause</option><option>resume</option>
+<option>limit</option><option>clear</option></select><input id="scope" placeholder="global, task:NAME, tag:TAG" size="28">
+<button id="go">steer</button><span id="confirm"><b id="ask"></b><input id="n" type="number" min="0" value="1">
+<button id="yes" class="go">confirm</button><button id="no">cancel</button></span><span id="result"></span></div>
+<main><section id="auth"><h2>token</h2><form id="tokenform">This view needs the token printed at start-up
+(the URL it printed carries it after #token=): <input id="tokenin" size="40" autocomplete="off">
+<button class="go">open</button></form></section>
+<section><h2>runs</h2><div id="runs"><div class="empty">connecting&hellip;</div></div></section>
+<section><h2>blocked: what waiting tasks wait on</h2><div id="blocked"></div></section>
+<section><h2>controls in force</h2><div id="controls"></div></section>
+<section><h2>shared controls (fleet)</h2><div id="shared"></div></section>
+<section><h2>engines</h2><div id="engines"></div></section>
+<section><h2>finished runs</h2><div id="history"></div></section></main>"""
+
+
+def _page():
+    """The web view's one page and its Content-Security-Policy: the inline style and
+    script are allowed by their hashes, nothing else (no other origin, no inline
+    handler, no frame), so even markup that slipped into the page could not run."""
+    import base64
+    import hashlib
+
+    def sha(text):
+        return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+    html = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
+            f"<title>Cascade</title><style>{_PAGE_STYLE}</style></head><body>{_PAGE_BODY}"
+            f"<script>{_PAGE_SCRIPT}</script></body></html>")
+    csp = (f"default-src 'none'; script-src {sha(_PAGE_SCRIPT)}; style-src {sha(_PAGE_STYLE)}; "
+           "connect-src 'self'; img-src 'none'; base-uri 'none'; form-action 'none'; "
+           "frame-ancestors 'none'")
+    return html.encode(), csp
+
+
+def _check_token(token, what="token"):
+    if (not isinstance(token, str) or len(token) < 12 or not token.isascii()
+            or not token.isprintable() or " " in token):
+        raise ValueError(f"{what}: need at least 12 printable ASCII characters without "
+                         "spaces (or none: a random one is made)")
+    return token
+
+
+class _WebView:
+    """The web view (``engine.serve``, ``cascade serve``): a standard-library HTTP server
+    on its own daemon threads serving one page, the snapshots of a _View as server-sent
+    events, and the page's controls.
+
+    Routes: ``GET /`` the page (no data in it, so no token); ``GET /events`` the
+    snapshot as JSON on change and at least every ``refresh`` seconds (text/event-stream);
+    ``GET /snapshot`` one snapshot; ``POST /steer`` ``{"verb", "scope", "n"}`` through
+    ``steer(verb, scope, n)``, which returns the line that confirms it. Every route but
+    the page needs ``Authorization: Bearer TOKEN`` (401 without it, 403 with a wrong one,
+    nothing done): a header, never a URL, so the token is in no log, history or Referer,
+    and a cross-site form or image cannot send it. The page reads the token from the URL
+    fragment (``/#token=...``), which browsers never send."""
+
+    MAX_CLIENTS = 16      # live pages at once; more get 503 (each holds a thread)
+    MAX_BODY = 4096       # bytes of a /steer request
+    KEEPALIVE = 15.0      # seconds between comments on an idle event stream
+
+    def __init__(self, view, steer, *, host="127.0.0.1", port=0, token=None,
+                 where="", where_long="", refresh=1.0):
+        import http.server
+        import ipaddress
+        import secrets
+        token = secrets.token_urlsafe(24) if token is None else _check_token(token)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"port={port!r}: need 0 to 65535 (0 picks a free port)")
+        self.view, self.steer, self.token = view, steer, token
+        self.where, self.where_long, self.refresh = where, where_long, refresh
+        self.page, self.csp = _page()
+        self.cond = threading.Condition()
+        self.frame, self.seq, self.clients = b"", 0, 0
+        self.closed = False
+        self._kick = threading.Event()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server_cls = type("_Server", (http.server.ThreadingHTTPServer,), {
+            "address_family": family, "daemon_threads": True,
+            "handle_error": lambda srv, request, address: _log.debug(
+                "web view: request from %s failed", address, exc_info=True)})
+        try:
+            self.httpd = server_cls((host, port), _web_handler(http.server, self))
+        except OSError as exc:
+            raise OSError(f"cannot serve the web view on {host}:{port} ({exc}); choose "
+                          "another port (--http-port, port=; 0 picks a free one) or "
+                          "address (--bind, host=)") from None
+        self.host, self.port = host, self.httpd.server_address[1]
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if not loopback:
+            _log.warning("the web view listens on %s, beyond this machine: anyone who can "
+                         "reach it can try the token, and plain HTTP carries the token in "
+                         "clear; prefer 127.0.0.1 with an SSH tunnel, or TLS in front", host)
+        self._threads = [threading.Thread(target=self.httpd.serve_forever, args=(0.1,),
+                                          daemon=True, name="cascade-serve"),
+                         threading.Thread(target=self._pump, daemon=True,
+                                          name="cascade-serve-pump")]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def url(self):
+        """The address to open, with the token in its fragment (never sent to a server)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/#token={self.token}"
+
+    def _pump(self):
+        """Makes the frame the event streams send: while someone watches, on a change
+        of the view (a record from the broker) and at least every ``refresh`` seconds."""
+        seen, sent = None, -math.inf
+        while not self.closed:
+            kicked = self._kick.wait(0.1)
+            self._kick.clear()
+            if self.closed or not self.clients:
+                continue
+            now = time.monotonic()
+            changed = not self.view.engines and self.view.version != seen
+            if not (kicked or changed or now - sent >= self.refresh):
+                continue
+            seen, sent = self.view.version, now
+            try:
+                frame = self.frame_of(self.view.snapshot())
+            except Exception:  # a view that fails once is no reason to stop serving it
+                _log.warning("the web view could not take a snapshot", exc_info=True)
+                continue
+            with self.cond:
+                self.frame, self.seq = frame, self.seq + 1
+                self.cond.notify_all()
+
+    def frame_of(self, snap):
+        snap = dict(snap, where=self.where, where_long=self.where_long)
+        try:
+            return json.dumps(snap, default=repr, allow_nan=False).encode()
+        except ValueError:  # a NaN or infinity off the wire: JSON has none (the page's
+            return json.dumps(_finite(snap), default=repr).encode()  # parser would fail)
+
+    def close(self):
+        """Stop serving: the event streams end, the port is closed. Idempotent."""
+        if self.closed:
+            return
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        self._kick.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        state = "closed" if self.closed else f"{self.clients} live page(s)"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"<WebView http://{host}:{self.port}/ {self.where_long}, {state} (token hidden)>"
+
+
+def _finite(x):
+    """``x`` with every float that is not finite (NaN, infinities) made None."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _web_handler(http_server, web):
+    """The request handler class of ``web`` (a _WebView)."""
+    import hmac
+
+    class Handler(http_server.BaseHTTPRequestHandler):
+        server_version = "cascade-serve"
+        sys_version = ""
+        timeout = 60  # seconds a socket may stall (a page that stopped reading)
+
+        def log_message(self, fmt, *args):  # paths only: the token is never in one
+            _log.debug("web view: %s %s", self.address_string(), fmt % args)
+
+        def _send(self, code, body, ctype="application/json", extra=()):
+            if not isinstance(body, bytes):
+                body = json.dumps(body).encode()
+            self.send_response(code)
+            for k, v in (("Content-Type", f"{ctype}; charset=utf-8"),
+                         ("Content-Length", str(len(body))), ("Cache-Control", "no-store"),
+                         ("X-Content-Type-Options", "nosniff"),
+                         ("Referrer-Policy", "no-referrer"), ("X-Frame-Options", "DENY"),
+                         *extra):
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _authorized(self):
+            got = self.headers.get("Authorization", "")
+            if not got.startswith("Bearer "):
+                self._send(401, {"error": "this needs the token printed at start-up, in the "
+                                          "header Authorization: Bearer TOKEN"},
+                           extra=(("WWW-Authenticate", "Bearer"),))
+                return False
+            if not hmac.compare_digest(got[7:].strip().encode(), web.token.encode()):
+                self._send(403, {"error": "wrong token: use the one printed at start-up"})
+                return False
+            origin = self.headers.get("Origin")
+            if origin and origin.split("://", 1)[-1] != self.headers.get("Host"):
+                self._send(403, {"error": f"requests from {origin[:100]} are not taken"})
+                return False
+            return True
+
+        def do_GET(self):
+            path = self.path.split("?", 1)[0]
+            if path == "/":
+                self._send(200, web.page, "text/html",
+                           (("Content-Security-Policy", web.csp),))
+            elif path == "/snapshot":
+                if self._authorized():
+                    self._send(200, web.frame_of(web.view.snapshot()))
+            elif path == "/events":
+                if self._authorized():
+                    self._events()
+            else:
+                self._send(404, {"error": f"no {path[:100]!r} here: / is the page"})
+
+        do_HEAD = do_GET
+
+        def _events(self):
+            with web.cond:
+                if web.clients >= web.MAX_CLIENTS:
+                    full = True
+                else:
+                    full = False
+                    web.clients += 1
+            if full:
+                self._send(503, {"error": f"{web.MAX_CLIENTS} live pages are open already; "
+                                          "close one"}, extra=(("Retry-After", "5"),))
+                return
+            try:
+                self.send_response(200)
+                for k, v in (("Content-Type", "text/event-stream; charset=utf-8"),
+                             ("Cache-Control", "no-store"), ("X-Accel-Buffering", "no"),
+                             ("X-Content-Type-Options", "nosniff")):
+                    self.send_header(k, v)
+                self.end_headers()
+                if self.command == "HEAD":
+                    return
+                web._kick.set()  # a fresh frame for the newcomer
+                seq = 0
+                while True:
+                    with web.cond:
+                        web.cond.wait_for(lambda: web.seq != seq or web.closed, web.KEEPALIVE)
+                        if web.closed:
+                            return
+                        frame, fresh = web.frame, web.seq != seq
+                        seq = web.seq
+                    self.wfile.write(b"data: " + frame + b"\n\n" if fresh and frame
+                                     else b": still here\n\n")
+                    self.wfile.flush()
+            except (OSError, ValueError):  # the page went away (or the server closed)
+                self.close_connection = True
+            finally:
+                with web.cond:
+                    web.clients -= 1
+
+        def do_POST(self):
+            path = self.path.split("?", 1)[0]
+            if path != "/steer":
+                self._send(404, {"error": f"no {path[:100]!r} here: POST /steer steers"})
+                return
+            if not self._authorized():
+                return
+            if self.headers.get_content_type() != "application/json":
+                self._send(415, {"error": "send JSON: Content-Type: application/json"})
+                return
+            try:
+                size = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                size = -1
+            if not 0 <= size <= web.MAX_BODY:
+                self._send(413 if size > 0 else 411,
+                           {"error": f"need a Content-Length up to {web.MAX_BODY} bytes"})
+                return
+            try:
+                body = json.loads(self.rfile.read(size))
+                if not isinstance(body, dict) or not isinstance(body.get("scope"), str):
+                    raise ValueError('send {"verb": "pause", "scope": "task:NAME"} (and "n" '
+                                     "for limit)")
+                message = web.steer(body.get("verb"), body["scope"], body.get("n"))
+            except (ValueError, TypeError, RecursionError) as exc:  # ConstraintError too
+                self._send(400, {"error": str(exc) or type(exc).__name__})
+            except Exception as exc:  # the broker did not keep it, or did not answer
+                self._send(502, {"error": f"{type(exc).__name__}: {exc}"})
+            else:
+                web._kick.set()  # show its effect at once
+                self._send(200, {"ok": True, "message": message})
+    return Handler
 
 
 # ===========================================================================
@@ -12133,7 +12699,7 @@ def visualize(flow: Any, path: Union[str, os.PathLike], *, collapse: Optional[bo
 
 
 # ===========================================================================
-# CLI: cascade pause|resume|limit|rate|clear|status|watch|demo|graph
+# CLI: cascade pause|resume|limit|rate|clear|status|watch|serve|demo|graph
 # ===========================================================================
 
 _CLI_HELP = f"""\
@@ -12163,6 +12729,7 @@ examples:
   cascade status                        what is in force, with time left
   cascade watch                         live task events of every run
   cascade watch --project etl           ... of one project's runs (--org, --run too)
+  cascade serve                         a live web view with controls (prints its URL)
   cascade graph pipeline:flow -o flow.svg   draw a workflow (--format dot|mermaid prints)
 
 The MQTT verbs need paho-mqtt: pip install '{_DIST}[mqtt]'.
@@ -12301,6 +12868,19 @@ def _cli_parser():
         v.add_argument(f"--{name}", type=_topic_level(f"--{name}"), help=what)
     v.add_argument("--topic", help="telemetry topic filter, instead of --org/--project/--run "
                                     "(default: PREFIX/telemetry/#)")
+    v = verb("serve", "a live web view of every engine on the broker: runs with progress, "
+                      "rate and ETA, per-task counts, what blocked tasks wait on, controls "
+                      "with time left and usage, finished runs; its buttons pause, resume, "
+                      "limit or clear a task on every engine. Prints the URL to open, with "
+                      "its token (Ctrl-C stops)")
+    v.add_argument("--bind", default="127.0.0.1", metavar="ADDRESS",
+                   help="address the web view listens on (default 127.0.0.1, this machine "
+                        "only; another is warned about: see the README's web view)")
+    v.add_argument("--http-port", type=int, default=8765, metavar="N",
+                   help="its port (default 8765; 0 picks a free one). --port is the broker's")
+    v.add_argument("--token", default=os.environ.get("CASCADE_SERVE_TOKEN"),
+                   help="the token every request for data or a control needs (default: "
+                        "$CASCADE_SERVE_TOKEN, or a random one)")
     v = verb("demo", "run a demo workflow steered live (no broker needed)", ())
     v.add_argument("--tasks", type=int, default=40, help="items per stage (default 40)")
     v = verb("graph", "draw a workflow's graph (no broker needed): print it as DOT or "
@@ -12459,7 +13039,36 @@ async def _cli_verb(args, client):
         if args.json:
             return json.dumps(dict(_status_json(found), engines=engines))
         return _status_text(_status_sections(found) + _engine_sections(engines, args.engines))
+    if v == "serve":
+        return await _cli_serve(args, ctl)
     return await _cli_watch(args, ctl.connector)
+
+
+async def _cli_serve(args, ctl):
+    """``cascade serve``: the engines' presence records into a _View, served by a
+    _WebView whose controls go through ``ctl``, until Ctrl-C."""
+    view = _View()
+    conn = await ctl._conn()
+    await conn.subscribe(f"{args.prefix}/engines/#", view.feed)
+    loop = asyncio.get_running_loop()
+
+    def steer(verb, scope, n):  # on a request's thread: the controller lives on this loop
+        fut = asyncio.run_coroutine_threadsafe(_steer(ctl, verb, scope, n), loop)
+        try:
+            return fut.result(3 * ctl.timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise TimeoutError(f"the broker did not confirm it within {3 * ctl.timeout:g}s")
+    port = args.port or (8883 if args.tls else 1883)
+    web = _WebView(view, steer, host=args.bind, port=args.http_port, token=args.token,
+                   where="on every engine on the broker",
+                   where_long=f"broker {args.host}:{port}, prefix {args.prefix}")
+    print(f"cascade serve: open {web.url}\n(the token is after #token=; Ctrl-C stops)",
+          flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        web.close()
 
 
 def _status_sections(found):
@@ -12740,6 +13349,8 @@ def main(argv: Optional[list] = None) -> int:
         _check_prefix(args.prefix, "--prefix")
         if args.verb == "watch":
             args.topic = _watch_topic(args)
+        if args.verb == "serve" and args.token is not None:
+            _check_token(args.token, "--token")
         if args.verb == "resume" and args.ttl is not None and args.ramp is None:
             raise ValueError("--ttl bounds the ramp of a resume: give --ramp RATE too")
     except ValueError as exc:

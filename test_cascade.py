@@ -15651,6 +15651,8 @@ def test_steering_from_a_view_checks_its_input():
     assert asyncio.run(cs._steer(engine, "limit", "task:a", 3)) == \
         "limit 3 on task:a, on this engine"
     assert asyncio.run(cs._steer(engine, "pause", "task:a")).startswith("pause on task:a")
+    assert asyncio.run(cs._steer(engine, "resume", "task:a")) == "resumed task:a on this engine"
+    asyncio.run(cs._steer(engine, "pause", "task:a"))
     assert asyncio.run(cs._steer(engine, "clear", "task:a")) == \
         "cleared every control on task:a on this engine"
     assert engine.constraints == []
@@ -15660,3 +15662,275 @@ def test_steering_from_a_view_checks_its_input():
         asyncio.run(cs._steer(engine, "limit", "task:a", -1))
     with pytest.raises(cs.ConstraintError):
         asyncio.run(cs._steer(engine, "pause", "nonsense"))
+
+
+# --- the web view: engine.serve, cascade serve (issue 16) ----------------------------
+
+@pytest.fixture
+def page():
+    """A page of a real headless Chromium (Debian's /usr/bin/chromium) driven by
+    Playwright (skip without them; fail under CI=true). ``page.dialogs`` collects the
+    messages of any alert/confirm the page raised (none should)."""
+    pw = requires("playwright.sync_api", "playwright")
+    exe = shutil.which("chromium") or "/usr/bin/chromium"
+    need("needs Chromium (apt-get install chromium)", os.path.exists(exe))
+    with pw.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe)
+        try:
+            pg = browser.new_page(viewport={"width": 1200, "height": 900})
+            pg.dialogs = []
+            pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.dismiss()))
+            pg.set_default_timeout(TIMEOUT * 1000)
+            yield pg
+        finally:
+            browser.close()
+
+
+def shows(page, text, where="body"):
+    """Wait until the element ``where`` of the page shows ``text``."""
+    page.wait_for_function("([sel, t]) => (document.querySelector(sel) || {}).textContent"
+                           "?.includes(t)", arg=[where, text], timeout=TIMEOUT * 1000)
+
+
+def steer_in_page(page, verb, task, n=None):
+    """Click ``verb`` on ``task``'s row, confirm, and return the result line."""
+    page.click(f'tr[data-task={json.dumps(task)}] button[data-verb="{verb}"]')
+    if n is not None:
+        page.fill("#n", str(n))
+    page.click("#yes")
+    page.wait_for_function("() => document.querySelector('#result').textContent.trim()")
+    line = page.text_content("#result")
+    page.evaluate("() => { document.querySelector('#result').textContent = '' }")
+    return line
+
+
+def gated(name):
+    """(task, gate): a sync task called ``name`` whose every call takes a permit of the
+    semaphore ``gate`` (the test releases them), so counts move only when told."""
+    gate = threading.Semaphore(0)
+
+    def body(i):
+        assert gate.acquire(timeout=TIMEOUT)
+        return i
+    return cs.task(name=name)(body), gate
+
+
+def start_elsewhere(engine, target, **kw):
+    """engine.start from a thread without an event loop, so the run gets a loop thread of
+    its own (Playwright's sync API leaves a loop set as running in the test's thread,
+    where engine.start would put the run, as in a notebook)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(engine.start, target, **kw).result()
+
+
+def http(url, method="GET", token=None, body=None, headers=()):
+    """(status, decoded JSON or text) of a request to the web view."""
+    import urllib.error
+    import urllib.request
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method=method, headers=dict(headers))
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    if body is not None and "Content-Type" not in dict(headers):
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+            status, raw, ctype = r.status, r.read(), r.headers.get_content_type()
+    except urllib.error.HTTPError as exc:
+        status, raw, ctype = exc.code, exc.read(), exc.headers.get_content_type()
+    return status, (json.loads(raw) if ctype == "application/json" else raw.decode())
+
+
+def test_engine_serve_shows_counts_moving_and_a_pause_clicked_in_the_page_holds_the_task(page):
+    step, gate = gated("step")
+    engine = cs.Engine()
+    starts = []
+    engine.subscribe(cs.TaskExecutionStarted, lambda e: starts.append(e.task_name))
+    engine.limit("task:step", 2)
+    h = start_elsewhere(engine, step.map(range(30)), run_id="served")
+    web = engine.serve()
+    try:
+        page.goto(web.url)
+        shows(page, "0 / 30 done", "#runs")
+        shows(page, "running 2", 'tr[data-task="step"]')
+        for _ in range(5):
+            gate.release()
+        shows(page, "5 / 30 done", "#runs")  # the counts move in the page
+        shows(page, "done 5", 'tr[data-task="step"]')
+        assert len(starts) == 7  # 5 done, 2 running (and no permit left to take)
+        line = steer_in_page(page, "pause", "step")
+        assert "pause on task:step" in line and "on this engine" in line, line
+        assert [c.type for c in engine.constraints if c.scope == "task:step"] == [
+            "concurrency", "pause"]
+        assert "pause" in repr(engine.status())
+        gate.release()
+        gate.release()  # the two running bodies end; the pause lets nothing else start
+        wait_for(lambda: engine.status()["tasks"]["step"].get("done") == 7)
+        shows(page, "7 / 30 done", "#runs")
+        assert engine.status()["tasks"]["step"] == {"done": 7, "blocked": 23}
+        assert len(starts) == 7
+        page.wait_for_function(  # the row says it is paused
+            "() => [...document.querySelectorAll('tr[data-task=step] .tag')].map("
+            "(e) => e.textContent).join() === 'limit 2,pause'")
+        assert "resumed task:step on this engine" in steer_in_page(page, "resume", "step")
+        for _ in range(23):
+            gate.release()
+        assert h.result(timeout=TIMEOUT) == list(range(30))
+        assert len(starts) == 30
+        shows(page, "Succeeded", "#history")
+        assert page.dialogs == []
+    finally:
+        for _ in range(30):
+            gate.release()
+        engine.close()
+    assert web.closed  # engine.close() closed it
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", web.port), timeout=2).close()
+
+
+def test_the_web_view_refuses_requests_without_the_token_and_changes_nothing():
+    from http.client import HTTPConnection
+    engine = cs.Engine()
+    web = engine.serve(token="a-token-of-my-own")
+    base = web.url.split("#")[0]
+    try:
+        assert web.url.endswith("/#token=a-token-of-my-own") and web.port > 0
+        assert "a-token-of-my-own" not in repr(web) and "token hidden" in repr(web)
+        status, html = http(base)  # the page holds no data, so it needs no token
+        assert status == 200 and "a-token-of-my-own" not in html and "<script>" in html
+        for method, route, body in (("GET", "snapshot", None), ("GET", "events", None),
+                                    ("POST", "steer", {"verb": "pause", "scope": "global"})):
+            assert http(base + route, method, body=body)[0] == 401
+            got = http(base + route, method, token="a-token-of-another", body=body)
+            assert got[0] == 403 and "wrong token" in got[1]["error"]
+        # what a cross-site form can send: no Authorization header
+        assert http(base + "steer", "POST", body=b"verb=pause&scope=global", headers={
+            "Content-Type": "application/x-www-form-urlencoded"})[0] == 401
+        assert http(base + "steer", "POST", token=web.token, body={
+            "verb": "pause", "scope": "global"}, headers={
+            "Content-Type": "application/json", "Origin": "http://evil.example"})[0] == 403
+        assert engine.constraints == []  # nothing changed
+        for body, error in (({"verb": "drop", "scope": "task:a"}, "pause, resume, limit or clear"),
+                            ({"verb": "limit", "scope": "task:a", "n": -1}, "whole number"),
+                            ({"verb": "pause", "scope": "nonsense"}, "nonsense"),
+                            ({"verb": "pause"}, "scope"), ([1], "scope")):
+            status, got = http(base + "steer", "POST", token=web.token, body=body)
+            assert status == 400 and error in got["error"], (body, got)
+        assert engine.constraints == []
+        status, got = http(base + "steer", "POST", token=web.token,
+                           body={"verb": "limit", "scope": "task:a", "n": 2})
+        assert (status, got["message"]) == (200, "limit 2 on task:a, on this engine")
+        assert [c.describe() for c in engine.constraints] == ["limit 2 on task:a"]
+        status, snap = http(base + "snapshot", token=web.token)
+        assert status == 200 and snap["controls"][0]["setting"] == "limit 2"
+        assert http(base + "nothing", token=web.token)[0] == 404
+        # the live pages are bounded; one that goes away frees its place
+        web.MAX_CLIENTS = 1
+        first = HTTPConnection("127.0.0.1", web.port, timeout=TIMEOUT)
+        first.request("GET", "/events", headers={"Authorization": f"Bearer {web.token}"})
+        stream = first.getresponse()
+        assert stream.status == 200 and stream.readline().startswith(b"data: {")
+        status, got = http(base + "events", token=web.token)
+        assert status == 503 and "close one" in got["error"]
+        stream.close()
+        first.close()
+        wait_for(lambda: web.clients == 0)
+        with pytest.raises(ValueError, match="12 printable"):
+            engine.serve(token="short")
+    finally:
+        web.close()
+        engine.close()
+    with pytest.raises(cs.CascadeError, match="closed"):
+        engine.serve()
+
+
+HOSTILE_PAGE = '<img src=x onerror="window.pwned=1;alert(1)">'
+
+
+def test_hostile_names_in_the_web_view_render_as_text(page):
+    # a record as it could come off a broker: every text field carries markup
+    view = cs._View()
+    view.feed("cascade/engines/o/p/e", {
+        "engine_id": HOSTILE_PAGE, "source": HOSTILE_PAGE, "org": HOSTILE_PAGE, "project": "p",
+        "updated_at": time.time(), "heartbeat": 5, "constraints_total": float("nan"),
+        "runs": [{"run_id": HOSTILE_PAGE, "done": 1, "total": 3, "started_at": time.time(),
+                  "counts": {HOSTILE_PAGE: 1}, "tasks": {HOSTILE_PAGE: {"running": 2, HOSTILE_PAGE: 1}}}],
+        "blocked": [{"task": HOSTILE_PAGE, "waits_on": HOSTILE_PAGE, "count": 2}],
+        "constraints": [{"scope": HOSTILE_PAGE, "type": HOSTILE_PAGE, "params": {}, "origin": HOSTILE_PAGE,
+                         "usage": HOSTILE_PAGE}],
+        "shared": [{"scope": HOSTILE_PAGE, "type": "concurrency", "in_use": HOSTILE_PAGE}],
+        "history": [{"run_id": HOSTILE_PAGE, "status": HOSTILE_PAGE, "duration": 1.0,
+                     "started_at": time.time(), "counts": {}, "error": HOSTILE_PAGE}]})
+    asked = []
+
+    def steer(verb, scope, n):
+        asked.append((verb, scope))
+        raise cs.ConstraintError(f"no steering {scope}")
+    web = cs._WebView(view, steer, where=HOSTILE_PAGE, where_long=HOSTILE_PAGE)
+    try:
+        page.goto(web.url)
+        shows(page, HOSTILE_PAGE, "#runs")
+        for where in ("#where", "#blocked", "#controls", "#shared", "#engines", "#history"):
+            shows(page, HOSTILE_PAGE, where)
+        line = steer_in_page(page, "pause", HOSTILE_PAGE)  # the scope goes back as it came
+        assert asked == [("pause", f"task:{HOSTILE_PAGE}")]
+        assert f"refused (400): no steering task:{HOSTILE_PAGE}" in line
+        assert page.evaluate("() => document.querySelectorAll('img').length") == 0
+        assert page.evaluate("() => window.pwned") is None and page.dialogs == []
+    finally:
+        web.close()
+
+
+def test_cascade_serve_shows_the_fleet_on_the_broker_and_steers_it_from_the_page(
+        page, paho_client, prefix):
+    step, gate = gated("brokered")
+    engine = cs.Engine(connector=cs.MqttConnector(paho_client, prefix=prefix), presence=1)
+    serve = Proc([sys.executable, "-m", "cascade", "serve", "--prefix", prefix,
+                  "--http-port", "0", "--token", "token-for-the-test"])
+    try:
+        url = serve.expect(r"open http://127\.0\.0\.1:\d+/#token=token-for-the-test$").split()[-1]
+        engine.limit("task:brokered", 2)
+        h = start_elsewhere(engine, step.map(range(20)), run_id=f"r{uid()}")
+        page.goto(url)
+        shows(page, "0 / 20 done", "#runs")
+        shows(page, engine.id, "#engines")
+        for _ in range(3):
+            gate.release()
+        shows(page, "3 / 20 done", "#runs")  # the counts move, as the broker tells them
+        line = steer_in_page(page, "limit", "brokered", n=1)
+        assert "limit 1 on task:brokered, on the broker" in line, line
+        wait_for(lambda: any(c.origin != "local" and c.params == {"limit": 1}
+                             for c in engine.constraints))
+        shows(page, "limit 1", "#controls")
+        line = steer_in_page(page, "clear", "brokered")
+        assert "cleared every control on task:brokered on the broker" in line
+        wait_for(lambda: all(c.origin == "local" for c in engine.constraints))
+        status, got = http(url.split("#")[0] + "steer", "POST", body={
+            "verb": "pause", "scope": "global"})  # no token: refused, nothing published
+        assert status == 401
+        for _ in range(17):
+            gate.release()
+        h.result(timeout=TIMEOUT)
+        shows(page, "Succeeded", "#history")
+        serve.p.send_signal(signal.SIGINT)  # Ctrl-C stops it cleanly
+        assert serve.wait() == 130
+        assert not any("Traceback" in line for line in serve.lines["err"]), serve.lines
+        assert page.dialogs == []
+    finally:
+        for _ in range(20):
+            gate.release()
+        serve.kill()
+        engine.close()
+
+
+def test_the_web_view_listens_on_loopback_unless_told_and_warns_beyond_it(caplog):
+    engine = cs.Engine()
+    try:
+        with caplog.at_level(logging.WARNING, logger=cs.__name__):
+            quiet = engine.serve()
+            assert quiet.httpd.server_address[0] == "127.0.0.1" and not caplog.records
+            wide = engine.serve(host="0.0.0.0")
+        assert any("beyond this machine" in r.getMessage() for r in caplog.records)
+        assert wide.url.startswith("http://0.0.0.0:")
+    finally:
+        engine.close()
