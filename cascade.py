@@ -8872,7 +8872,8 @@ class _Status(dict):
 # exceed burst + rate x elapsed, and a pump that asks late loses none while it is at
 # most ``lead`` late. Returns {granted, retry in µs (r: until its next token comes
 # within ``lead``), fleet in use (c) or whole tokens left (r), engines holding the
-# control, r: millionths of tokens in the bucket before the grant}.
+# control, r: millionths of tokens in the bucket before the grant, and Redis's time in
+# µs}.
 _FLEET_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -8949,7 +8950,7 @@ end
 local ms = math.ceil(ttl * 1000) + 1000
 for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, ms) end
 return {grant, math.ceil(retry * 1000000), used, redis.call('ZCARD', live),
-        math.floor(before * 1000000)}
+        math.floor(before * 1000000), math.floor(now * 1000000)}
 """
 
 
@@ -9003,9 +9004,9 @@ class RedisCoordinator:
     def exchange(self, kind, scope, engine, held, want, cap, burst, leave=False,
                  known=False, lead=0.0):
         """One round trip for one shared control (see _FLEET_LUA): returns (granted,
-        seconds until worth asking again, fleet usage, engines holding it, and for a
-        rate the tokens its bucket had before the grant: the j-th token granted is due
-        (j - that) / rate seconds from now). ``known``: ``engine`` has been registered by
+        seconds until worth asking again, fleet usage, engines holding it, the tokens a
+        rate's bucket had before the grant (the j-th token granted is due (j - that) /
+        rate seconds after the coordinator's time) and that time). ``known``: ``engine`` has been registered by
         an earlier round trip; ``lead``: a rate may hand out tokens due up to that many
         seconds ahead."""
         base = f"{self.prefix}:{'concurrency' if kind == 'c' else 'rate_limit'}:{{{scope}}}"
@@ -9021,7 +9022,7 @@ class RedisCoordinator:
         else:
             r = self._call(keys, args)
         return (int(r[0]), int(r[1]) / 1e6, int(r[2]), int(r[3]),
-                int(r[4]) / 1e6 if len(r) > 4 else math.inf)
+                *((int(r[4]) / 1e6, int(r[5]) / 1e6) if len(r) > 5 else ()))
 
     def _call(self, keys, args):
         try:
@@ -9064,6 +9065,9 @@ class _Fleet:
         # a rate's tokens may be handed out this many seconds before they are due (see
         # _FLEET_LUA): a pump that asks a little late then loses none of the fleet's
         self.lead = min(0.1, self.stale)
+        # the coordinator's clock less ours (monotonic), as far as known for sure: the
+        # most of its time less ours at a reply's arrival (see _clock)
+        self.offset, self.offset_at = None, 0.0
         self.granted = False  # a grant came in this round (the next one comes at once)
         # state -> (its control's (scope, type), its name at the coordinator), until it
         # has left the fleet
@@ -9195,12 +9199,14 @@ class _Fleet:
                            st.granted_at + self.stale if st.credit else math.inf)
             cap = st.total if st.kind == "c" else st.rate
             burst = 0 if st.kind == "c" else st.burst
+        sent = time.monotonic()
         try:
-            grant, retry, used, engines, *before = self.coordinator.exchange(
+            grant, retry, used, engines, *due = self.coordinator.exchange(
                 st.kind, name, st.member, give, want, cap, burst, leave,
                 known=st.used is not None, lead=self.lead if st.kind == "r" else 0.0)
         except Exception as exc:
             return self._failed(st, key, exc, now)
+        arrived = time.monotonic()
         if leave:
             with cp.lock:
                 if not st.active and not st.owned():
@@ -9215,7 +9221,7 @@ class _Fleet:
             st.renew_at = now + self.lease / 3
             st.used, st.engines = used, max(1, engines)
             if grant:
-                st.add_credit(grant, before[0] if before else math.inf, time.monotonic())
+                st.add_credit(grant, *self._clock(due, sent, arrived))
                 st.granted_at = now
                 self.granted = True
             st.retry = 0.0 if grant >= want else now + (retry if st.kind == "r" else self.poll)
@@ -9231,6 +9237,26 @@ class _Fleet:
             self._event(CoordinatorRecovered, key, None)
         return min(st.renew_at, st.retry or math.inf,
                    st.granted_at + self.stale if st.credit else math.inf)
+
+    def _clock(self, due, sent, arrived):
+        """(tokens before the grant, our monotonic time the coordinator's time stood at)
+        for add_credit, from a reply's ``due`` (before, the coordinator's time) sent and
+        arrived at those times of ours. Its time less ours is at least its time less the
+        arrival, so the most of that over the replies is never above the truth and comes
+        within the fastest round trip of it: a token is then never due early here, and a
+        pump descheduled before it reads the clock (a late arrival) moves nothing. It
+        drifts down 100 µs a second (clocks drift), and a reply that shows it too high
+        (a clock stepped back) sets it anew."""
+        if not due:  # (a coordinator that does not say: every token is due at once)
+            return math.inf, arrived
+        before, then = due
+        if self.offset is None or then - sent < self.offset:
+            self.offset = then - arrived
+        else:
+            self.offset = max(then - arrived,
+                              self.offset - 1e-4 * (arrived - self.offset_at))
+        self.offset_at = arrived
+        return before, then - self.offset
 
     def _failed(self, st, key, exc, now):
         reason = _error_text(f"{type(exc).__name__}: {exc}", "error")

@@ -14809,16 +14809,18 @@ def test_a_shared_rate_hands_out_tokens_ahead_each_due_when_the_bucket_makes_it(
     # up to ``lead`` seconds before it makes them, saying when each is due.
     client, prefix = rds
     co = cs.RedisCoordinator(client, prefix=prefix)
-    grant, retry, left, engines, before = co.exchange("r", "tag:x", "a/1", 0, 4, 10.0, 1,
-                                                      lead=0.5)
+    t0 = time.time()
+    grant, retry, left, engines, before, then = co.exchange("r", "tag:x", "a/1", 0, 4, 10.0,
+                                                            1, lead=0.5)
     assert (grant, left, engines) == (4, 0, 1)
     assert before == 1.0  # (a full bucket: token j is due (j - 1) / 10 s from now)
+    assert abs(then - t0) < 5  # (Redis's time: the due times are on its clock)
     # the bucket is 3 tokens in debt: the next is due 0.4 s from now, beyond a 0.2 s
     # lead (nothing granted; worth asking again once it comes within the lead)
     grant, retry, *_ = co.exchange("r", "tag:x", "b/1", 0, 1, 10.0, 1, lead=0.2)
     assert grant == 0 and 0.1 < retry <= 0.2
-    grant, retry, left, engines, before = co.exchange("r", "tag:x", "b/1", 0, 1, 10.0, 1,
-                                                      lead=0.5)
+    grant, retry, left, engines, before, _ = co.exchange("r", "tag:x", "b/1", 0, 1, 10.0,
+                                                         1, lead=0.5)
     assert grant == 1 and -3.0 <= before < -2.9 and engines == 2
     # without a lead, what the bucket holds (as before)
     assert co.exchange("r", "tag:y", "a/1", 0, 4, 10.0, 1)[0] == 1
@@ -14850,3 +14852,20 @@ def test_a_shared_rate_spends_a_token_handed_out_ahead_only_once_it_is_due():
     assert st.credit == 2 and st.can_take(1, 100.1) and st.can_take(2, 100.2)
     st.drop_credit()
     assert st.credit == 0 and not st.due and not st.can_take(1, 101.0) and pump.pokes == 2
+
+
+def test_a_pump_reads_the_coordinators_clock_from_its_fastest_replies():
+    # A token's due time is on Redis's clock; reading it as due when its reply arrived
+    # made a pump descheduled after the reply shift its tokens late onto the next
+    # engine's (20 engines on a loaded host: 15 over the bound at the due times).
+    pump = cs._Fleet(object(), None, "e", None)
+    assert pump._clock([], 5.0, 5.1) == (math.inf, 5.1)  # (a coordinator that does not say)
+    # sent at 10.0, arrived 10.002; Redis stood at 1000.001: its clock less ours is
+    # taken as 989.999 (at least its time less the arrival)
+    assert pump._clock([1.0, 1000.001], 10.0, 10.002) == (1.0, pytest.approx(10.002))
+    # a reply read late (the pump descheduled for 0.3 s) moves nothing
+    assert pump._clock([-2.0, 1001.0], 10.999, 11.3)[1] == pytest.approx(11.001, abs=1e-3)
+    # a faster one brings it closer to the truth
+    assert pump._clock([0.0, 1002.0], 11.9995, 12.0) == (0.0, pytest.approx(12.0, abs=1e-3))
+    # a clock stepped back (the reply could not have come so early): read anew
+    assert pump._clock([0.0, 900.0], 13.0, 13.001) == (0.0, pytest.approx(13.001))
