@@ -2189,7 +2189,7 @@ class _SharedBucket(_Shared, _State):
 
     def add_credit(self, grant, before, now):
         # the j-th token is due when the fleet's bucket makes it: (j - before) / rate
-        # from now (the reply's arrival: never before Redis's own time for it)
+        # after ``now`` (our time of the coordinator's when it replied: _Fleet._clock)
         due, last = self.due, self.due[-1] if self.due else 0.0
         for j in range(1, grant + 1):
             last = max(last, now + (j - before) / self.rate if j > before else now)
@@ -9064,7 +9064,7 @@ class _Fleet:
         self.stale = min(1.0, self.lease / 3)  # unused credit goes back after this
         # a rate's tokens may be handed out this many seconds before they are due (see
         # _FLEET_LUA): a pump that asks a little late then loses none of the fleet's
-        self.lead = min(0.1, self.stale)
+        self.lead = 0.1
         # the coordinator's clock less ours (monotonic), as far as known for sure: the
         # most of its time less ours at a reply's arrival (see _clock)
         self.offset, self.offset_at = None, 0.0
