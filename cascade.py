@@ -2200,9 +2200,11 @@ class _SharedBucket(_Shared, _State):
         return 0
 
     def want(self, demand):
-        # at most a burst, or what the fleet makes in the pump's lead if that is more
-        # (the bucket never holds more), so engines take turns
-        cap = max(self.burst, math.ceil(self.rate * self.pump.lead))
+        # at most a burst, or this engine's part of what the fleet makes in the pump's
+        # lead if that is more (the bucket never holds more), so engines take turns: a
+        # run of consecutive tokens each, which a process descheduled meanwhile begins
+        # all at once, stays short
+        cap = max(self.burst, math.ceil(self.rate * self.pump.lead / max(1, self.engines)))
         return max(0, min(demand, cap) - self.credit)
 
     def retry_at(self, now, n):

@@ -14839,6 +14839,9 @@ def test_a_shared_rate_spends_a_token_handed_out_ahead_only_once_it_is_due():
     assert st.want(50) == 1  # a burst, or what the fleet makes in the lead: 10/s x 0.1 s
     st.rate = 100.0
     assert st.want(50) == 10
+    st.engines = 4  # (its part of it: a run of consecutive tokens each stays short)
+    assert st.want(50) == 3
+    st.engines = 1
     st.rate = 10.0
     st.add_credit(3, 1.0, 100.0)  # 3 tokens, the bucket held 1: due at +0, +0.1, +0.2
     assert list(st.due) == pytest.approx([100.0, 100.1, 100.2])
