@@ -2064,6 +2064,12 @@ class _Shared:
         self.pump.poke()
         return False
 
+    def drop_credit(self):  # lock held: unused grants are not to be used any more
+        self.credit = 0
+
+    def add_credit(self, grant, before, now):  # lock held: the coordinator granted these
+        self.credit += grant
+
 
 class _SharedLimiter(_Shared, _Limiter):
     """A concurrency limit shared by the fleet: at most ``total`` at once across every
@@ -2140,18 +2146,22 @@ class _SharedLimiter(_Shared, _Limiter):
 class _SharedBucket(_Shared, _State):
     """A rate limit shared by the fleet: one token bucket (``rate``, ``burst``) kept by
     the coordinator, so fleet starts <= burst + rate * elapsed. A start takes tokens
-    of ``credit`` (granted by the fleet's bucket, not used yet); a grant that never
-    started gives them back to credit; credit nobody waits for goes back to the
-    fleet's bucket. While the coordinator is down with on_outage="local": a bucket of
-    its own at rate / engines (``local``: [tokens, stamp])."""
+    of ``credit`` (granted by the fleet's bucket, not used yet) once they are due:
+    ``due`` holds each one's time (monotonic, in order), as the bucket may hand out
+    tokens it makes up to the pump's ``lead`` seconds later (see _FLEET_LUA), and the
+    clock wakes the waiters when the next is due. A grant that never started gives
+    its tokens back to credit, due at once; credit unused for a while goes back to
+    the fleet's bucket. While the coordinator is down with on_outage="local": a bucket
+    of its own at rate / engines (``local``: [tokens, stamp])."""
     __slots__ = ("scope", "label", "rate", "burst", "windows", "weighted", "pump", "credit",
                  "synced", "returned", "renew_at", "retry", "granted_at", "down", "error",
-                 "used", "engines", "outage", "local", "member", "asked")
+                 "used", "engines", "outage", "local", "member", "asked", "due")
     kind = "r"
 
     def __init__(self, scope, params, now, pump):
         self.scope, self.active = scope, True
         self._init_shared(params, pump)
+        self.due = collections.deque()
         self.local = [0.0, now]
         self.update(params, now)
 
@@ -2174,29 +2184,53 @@ class _SharedBucket(_Shared, _State):
                 return False
             self._refill_local(now)
             return self.local[0] >= n
-        return self.credit >= n or self.short(n)
+        if self.credit >= n:
+            return self.due[n - 1] <= now
+        return self.short(n)
 
     def take(self, u, n):
         if self.credit >= n:
             self.credit -= n
+            for _ in range(n):
+                self.due.popleft()
         else:
             self.local[0] -= n
 
     def give_back(self, u, n, began):
         if not began:
             self.credit += n
+            self.due.extendleft((0.0,) * n)
             self.pump.poke()
+
+    def drop_credit(self):
+        self.credit = 0
+        self.due.clear()
+
+    def add_credit(self, grant, before, now):
+        # the j-th token is due when the fleet's bucket makes it: (j - before) / rate
+        # after ``now`` (our time of the coordinator's when it replied: _Fleet._clock)
+        due, last = self.due, self.due[-1] if self.due else 0.0
+        for j in range(1, grant + 1):
+            last = max(last, now + (j - before) / self.rate if j > before else now)
+            due.append(last)
+        self.credit += grant
 
     def owned(self):
         return 0
 
     def want(self, demand):
-        # at most a burst at once (the bucket never holds more), so engines take turns
-        return max(0, min(demand, self.burst) - self.credit)
+        # at most a burst, or this engine's part of what the fleet makes in the pump's
+        # lead if that is more (the bucket never holds more), so engines take turns: a
+        # run of consecutive tokens each, which a process descheduled meanwhile begins
+        # all at once, stays short
+        cap = max(self.burst, math.ceil(self.rate * self.pump.lead / max(1, self.engines)))
+        return max(0, min(demand, cap) - self.credit)
 
     def retry_at(self, now, n):
         if self.down and self.outage == "local":
             return now + max(0.0, n - self.local[0]) / (self.rate / max(1, self.engines))
+        if self.credit >= n:
+            return self.due[n - 1]  # its tokens' time
         return None  # the pump wakes it
 
     def why(self, n):
@@ -9037,7 +9071,8 @@ def _html(caption, sections):
 # bucket, holders, live engines, tickets, wanted counts, ticket counter; ARGV: kind
 # "c" (concurrency) or "r" (rate), engine id, held (c: the permits this engine holds
 # now, absolute; r: tokens it gives back), want, limit (c) or rate per second (r),
-# burst (r), lease seconds, "1" to leave, "1" if the caller was registered before).
+# burst (r), lease seconds, "1" to leave, "1" if the caller was registered before,
+# lead (r: seconds of future tokens it may be handed, each to be spent at its time)).
 # A caller registered before but no longer live (Redis lost its data: a restart
 # without persistence, a failover; or the caller's lease ran out) means the holdings
 # Redis counts may miss permits still held: no permit is granted to anyone until
@@ -9045,8 +9080,15 @@ def _html(caption, sections):
 # engines whose lease ran out, renews the caller's, then grants in ticket order: the
 # caller gets what is free beyond the wants of the tickets ahead of its own; a caller
 # not served in full keeps its ticket (its place). Redis TIME is the only clock.
-# Returns {granted, retry in µs (r: until its next token), fleet in use (c) or whole
-# tokens left (r), engines holding the control}.
+# A rate's bucket may go into debt by rate x lead: a token handed out beyond those in
+# the bucket is due when the bucket would have made it (the reply's last field: the
+# tokens there were before the grant, so the j-th token granted is due (j - before) /
+# rate seconds after now), so the tokens due by any time, less those given back, never
+# exceed burst + rate x elapsed, and a pump that asks late loses none while it is at
+# most ``lead`` late. Returns {granted, retry in µs (r: until its next token comes
+# within ``lead``), fleet in use (c) or whole tokens left (r), engines holding the
+# control, r: millionths of tokens in the bucket before the grant, and Redis's time in
+# µs}.
 _FLEET_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -9055,6 +9097,7 @@ local held, want = tonumber(ARGV[3]), tonumber(ARGV[4])
 local cap, burst, lease = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local bucket, holds, live, tickets, wants, seq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local quiet = KEYS[7]
+local lead = tonumber(ARGV[10]) or 0
 local dead = redis.call('ZRANGEBYSCORE', live, '-inf', now)
 for _, e in ipairs(dead) do
   redis.call('HDEL', holds, e)
@@ -9085,8 +9128,9 @@ else
   local stamp = tonumber(b[2]) or now
   if now > stamp then tokens = math.min(burst, tokens + (now - stamp) * cap) end
   tokens = math.min(burst, tokens + held)
-  free = tokens
+  free = tokens + lead * cap
 end
+local before = tokens
 local grant, ahead = 0, 0
 if want > 0 then
   if not redis.call('ZSCORE', tickets, me) then
@@ -9114,13 +9158,14 @@ if kind == 'c' then
 else
   tokens = tokens - grant
   redis.call('HSET', bucket, 'tokens', tostring(tokens), 'stamp', tostring(now))
-  if grant < want then retry = math.max(0.0005, (ahead + 1 - tokens) / cap) end
-  used = math.floor(tokens)
+  if grant < want then retry = math.max(0.0005, (ahead + 1 - free + grant) / cap) end
+  used = math.max(0, math.floor(tokens))
   ttl = math.max(ttl, 2 * burst / cap)
 end
 local ms = math.ceil(ttl * 1000) + 1000
 for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, ms) end
-return {grant, math.ceil(retry * 1000000), used, redis.call('ZCARD', live)}
+return {grant, math.ceil(retry * 1000000), used, redis.call('ZCARD', live),
+        math.floor(before * 1000000), math.floor(now * 1000000)}
 """
 
 
@@ -9172,15 +9217,18 @@ class RedisCoordinator:
         self._loop = None
 
     def exchange(self, kind, scope, engine, held, want, cap, burst, leave=False,
-                 known=False):
+                 known=False, lead=0.0):
         """One round trip for one shared control (see _FLEET_LUA): returns (granted,
-        seconds until worth asking again, fleet usage, engines holding it). ``known``:
-        ``engine`` has been registered by an earlier round trip."""
+        seconds until worth asking again, fleet usage, engines holding it, the tokens a
+        rate's bucket had before the grant (the j-th token granted is due (j - that) /
+        rate seconds after the coordinator's time) and that time). ``known``: ``engine`` has been registered by
+        an earlier round trip; ``lead``: a rate may hand out tokens due up to that many
+        seconds ahead."""
         base = f"{self.prefix}:{'concurrency' if kind == 'c' else 'rate_limit'}:{{{scope}}}"
         keys = [f"{base}:{k}" for k in ("bucket", "holds", "live", "tickets", "wants", "seq",
                                             "quiet")]
         args = [kind, engine, repr(held), str(want), repr(cap), repr(burst), repr(self.lease),
-                "1" if leave else "0", "1" if known else "0"]
+                "1" if leave else "0", "1" if known else "0", repr(float(lead))]
         if self._async:
             with self._lock:
                 if self._loop is None:
@@ -9188,7 +9236,8 @@ class RedisCoordinator:
                 r = self._loop.run_until_complete(self._acall(keys, args))
         else:
             r = self._call(keys, args)
-        return int(r[0]), int(r[1]) / 1e6, int(r[2]), int(r[3])
+        return (int(r[0]), int(r[1]) / 1e6, int(r[2]), int(r[3]),
+                *((int(r[4]) / 1e6, int(r[5]) / 1e6) if len(r) > 5 else ()))
 
     def _call(self, keys, args):
         try:
@@ -9228,6 +9277,12 @@ class _Fleet:
         self.on_outage = getattr(coordinator, "on_outage", "hold")
         self.poll = float(getattr(coordinator, "poll", 0.02))
         self.stale = min(1.0, self.lease / 3)  # unused credit goes back after this
+        # a rate's tokens may be handed out this many seconds before they are due (see
+        # _FLEET_LUA): a pump that asks a little late then loses none of the fleet's
+        self.lead = 0.1
+        # the coordinator's clock less ours (monotonic), as far as known for sure: the
+        # most of its time less ours at a reply's arrival (see _clock)
+        self.offset, self.offset_at = None, 0.0
         self.granted = False  # a grant came in this round (the next one comes at once)
         # state -> (its control's (scope, type), its name at the coordinator), until it
         # has left the fleet
@@ -9267,7 +9322,8 @@ class _Fleet:
                 with self.cp.lock:
                     empty = []
                     for st in list(self.states):
-                        st.active, st.credit = False, 0  # (unused grants: not kept)
+                        st.active = False
+                        st.drop_credit()  # (unused grants: not kept)
                         if not st.owned():
                             empty.append((st, self.states.pop(st)))
                 for st, (key, name) in empty:
@@ -9345,7 +9401,7 @@ class _Fleet:
                 # they could hold back another engine that waits for the other way round.
                 if st.kind == "r":
                     st.returned += st.credit
-                st.credit = 0
+                st.drop_credit()
             held = st.owned()
             give = st.returned if st.kind == "r" else held
             leave = not st.active and held == 0 and not st.returned
@@ -9358,12 +9414,14 @@ class _Fleet:
                            st.granted_at + self.stale if st.credit else math.inf)
             cap = st.total if st.kind == "c" else st.rate
             burst = 0 if st.kind == "c" else st.burst
+        sent = time.monotonic()
         try:
-            grant, retry, used, engines = self.coordinator.exchange(
+            grant, retry, used, engines, *due = self.coordinator.exchange(
                 st.kind, name, st.member, give, want, cap, burst, leave,
-                known=st.used is not None)
+                known=st.used is not None, lead=self.lead if st.kind == "r" else 0.0)
         except Exception as exc:
             return self._failed(st, key, exc, now)
+        arrived = time.monotonic()
         if leave:
             with cp.lock:
                 if not st.active and not st.owned():
@@ -9378,7 +9436,7 @@ class _Fleet:
             st.renew_at = now + self.lease / 3
             st.used, st.engines = used, max(1, engines)
             if grant:
-                st.credit += grant
+                st.add_credit(grant, *self._clock(due, sent, arrived))
                 st.granted_at = now
                 self.granted = True
             st.retry = 0.0 if grant >= want else now + (retry if st.kind == "r" else self.poll)
@@ -9395,13 +9453,33 @@ class _Fleet:
         return min(st.renew_at, st.retry or math.inf,
                    st.granted_at + self.stale if st.credit else math.inf)
 
+    def _clock(self, due, sent, arrived):
+        """(tokens before the grant, our monotonic time the coordinator's time stood at)
+        for add_credit, from a reply's ``due`` (before, the coordinator's time) sent and
+        arrived at those times of ours. Its time less ours is at least its time less the
+        arrival, so the most of that over the replies is never above the truth and comes
+        within the fastest round trip of it: a token is then never due early here, and a
+        pump descheduled before it reads the clock (a late arrival) moves nothing. It
+        drifts down 100 µs a second (clocks drift), and a reply that shows it too high
+        (a clock stepped back) sets it anew."""
+        if not due:  # (a coordinator that does not say: every token is due at once)
+            return math.inf, arrived
+        before, then = due
+        if self.offset is None or then - sent < self.offset:
+            self.offset = then - arrived
+        else:
+            self.offset = max(then - arrived,
+                              self.offset - 1e-4 * (arrived - self.offset_at))
+        self.offset_at = arrived
+        return before, then - self.offset
+
     def _failed(self, st, key, exc, now):
         reason = _error_text(f"{type(exc).__name__}: {exc}", "error")
         granted = None
         with self.cp.lock:
             first, st.down, st.error = not st.down, True, reason
             if st.kind == "c":
-                st.credit = 0  # permits it cannot renew: not to be used any more
+                st.drop_credit()  # permits it cannot renew: not to be used any more
             st.retry = st.renew_at = now + min(1.0, self.lease / 3)
             if first and st.outage == "local":
                 self.cp._wake(st)

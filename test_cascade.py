@@ -15934,3 +15934,73 @@ def test_the_web_view_listens_on_loopback_unless_told_and_warns_beyond_it(caplog
         assert wide.url.startswith("http://0.0.0.0:")
     finally:
         engine.close()
+
+def test_a_shared_rate_hands_out_tokens_ahead_each_due_when_the_bucket_makes_it(rds):
+    # A pump that asked late lost the tokens the fleet's bucket made meanwhile (burst 1
+    # holds one): 20 engines reached 89.8/s of 100/s. The bucket now hands out tokens
+    # up to ``lead`` seconds before it makes them, saying when each is due.
+    client, prefix = rds
+    co = cs.RedisCoordinator(client, prefix=prefix)
+    t0 = time.time()
+    grant, retry, left, engines, before, then = co.exchange("r", "tag:x", "a/1", 0, 4, 10.0,
+                                                            1, lead=0.5)
+    assert (grant, left, engines) == (4, 0, 1)
+    assert before == 1.0  # (a full bucket: token j is due (j - 1) / 10 s from now)
+    assert abs(then - t0) < 5  # (Redis's time: the due times are on its clock)
+    # the bucket is 3 tokens in debt: the next is due 0.4 s from now, beyond a 0.2 s
+    # lead (nothing granted; worth asking again once it comes within the lead)
+    grant, retry, *_ = co.exchange("r", "tag:x", "b/1", 0, 1, 10.0, 1, lead=0.2)
+    assert grant == 0 and 0.1 < retry <= 0.2
+    grant, retry, left, engines, before, _ = co.exchange("r", "tag:x", "b/1", 0, 1, 10.0,
+                                                         1, lead=0.5)
+    assert grant == 1 and -3.0 <= before < -2.9 and engines == 2
+    # without a lead, what the bucket holds (as before)
+    assert co.exchange("r", "tag:y", "a/1", 0, 4, 10.0, 1)[0] == 1
+
+
+def test_a_shared_rate_spends_a_token_handed_out_ahead_only_once_it_is_due():
+    class Pump:  # (what a shared state reads of its engine's pump)
+        me, serial, on_outage, lead = "e", itertools.count(1), "hold", 0.1
+        pokes = 0
+
+        def poke(self):
+            self.pokes += 1
+
+    pump = Pump()
+    st = cs._SharedBucket("tag:x", {"rate": "10/s", "burst": 1}, 100.0, pump)
+    assert st.want(50) == 1  # a burst, or what the fleet makes in the lead: 10/s x 0.1 s
+    st.rate = 100.0
+    assert st.want(50) == 10
+    st.engines = 4  # (its part of it: a run of consecutive tokens each stays short)
+    assert st.want(50) == 3
+    st.engines = 1
+    st.rate = 10.0
+    st.add_credit(3, 1.0, 100.0)  # 3 tokens, the bucket held 1: due at +0, +0.1, +0.2
+    assert list(st.due) == pytest.approx([100.0, 100.1, 100.2])
+    assert st.can_take(1, 100.0) and not st.can_take(2, 100.05)
+    st.take(None, 1)
+    assert not st.can_take(1, 100.05) and st.retry_at(100.05, 1) == pytest.approx(100.1)
+    assert pump.pokes == 0  # (its credit covers it: the clock wakes it, not the pump)
+    assert st.can_take(1, 100.1)
+    st.take(None, 1)
+    st.give_back(None, 1, began=False)  # a grant that never started: due at once
+    assert st.credit == 2 and st.can_take(1, 100.1) and st.can_take(2, 100.2)
+    st.drop_credit()
+    assert st.credit == 0 and not st.due and not st.can_take(1, 101.0) and pump.pokes == 2
+
+
+def test_a_pump_reads_the_coordinators_clock_from_its_fastest_replies():
+    # A token's due time is on Redis's clock; reading it as due when its reply arrived
+    # made a pump descheduled after the reply shift its tokens late onto the next
+    # engine's (20 engines on a loaded host: 15 over the bound at the due times).
+    pump = cs._Fleet(object(), None, "e", None)
+    assert pump._clock([], 5.0, 5.1) == (math.inf, 5.1)  # (a coordinator that does not say)
+    # sent at 10.0, arrived 10.002; Redis stood at 1000.001: its clock less ours is
+    # taken as 989.999 (at least its time less the arrival)
+    assert pump._clock([1.0, 1000.001], 10.0, 10.002) == (1.0, pytest.approx(10.002))
+    # a reply read late (the pump descheduled for 0.3 s) moves nothing
+    assert pump._clock([-2.0, 1001.0], 10.999, 11.3)[1] == pytest.approx(11.001, abs=1e-3)
+    # a faster one brings it closer to the truth
+    assert pump._clock([0.0, 1002.0], 11.9995, 12.0) == (0.0, pytest.approx(12.0, abs=1e-3))
+    # a clock stepped back (the reply could not have come so early): read anew
+    assert pump._clock([0.0, 900.0], 13.0, 13.001) == (0.0, pytest.approx(13.001))
