@@ -14959,3 +14959,131 @@ def test_steering_from_a_view_checks_its_input():
         asyncio.run(cs._steer(engine, "limit", "task:a", -1))
     with pytest.raises(cs.ConstraintError):
         asyncio.run(cs._steer(engine, "pause", "nonsense"))
+
+
+# --- cascade top: the renderer, and the UI in a real terminal (tmux) ------------------
+
+def top_record(**over):
+    """A presence record as an engine sends it, for the renderer's tests."""
+    rec = {"v": "1", "engine_id": "host-1-abc", "source": "host-1", "org": "acme",
+           "project": "etl", "version": cs.__version__, "updated_at": 1000.0,
+           "heartbeat": 5, "constraints_total": 2,
+           "runs": [{"run_id": "nightly", "done": 50, "total": 200, "started_at": 990.0,
+                     "counts": {"done": 50, "running": 4, "blocked": 146},
+                     "tasks": {"fetch": {"running": 4, "blocked": 96, "done": 50},
+                               "api_call": {"blocked": 50}}}],
+           "blocked": [{"task": "fetch", "waits_on": "concurrency on task:fetch (limit 4, "
+                                                     "4 running)", "count": 96},
+                       {"task": "api_call", "waits_on": "pause on task:api_call",
+                        "count": 50}],
+           "constraints": [
+               {"scope": "task:api_call", "type": "pause", "params": {}, "origin": "broker",
+                "expires_at": 1090.0, "expires_in": 90.0, "usage": "0 still running"},
+               {"scope": "task:fetch", "type": "keyed_concurrency",
+                "params": {"limit": 2, "per": "customer", "overrides": {}},
+                "origin": "local", "expires_at": None, "expires_in": None,
+                "usage": "4 in use over 3 customer values (limit 2 each)",
+                "busiest": {"c0": 2, "c1": 1, "c2": 1}}],
+           "shared": [{"type": "concurrency", "scope": "tag:io", "in_use": 3,
+                       "fleet_in_use": 7, "engines": 2}],
+           "history": [{"run_id": "yesterday", "status": "Failed", "started_at": 900.0,
+                        "duration": 12.5, "counts": {"done": 9, "failed": 1},
+                        "error": "ValueError: boom"}]}
+    rec.update(over)
+    return rec
+
+
+def top_snapshot(now=1000.0, **over):
+    view = cs._View()
+    view.feed("cascade/engines/acme/etl/host-1-abc", top_record(**over))
+    return view.snapshot(now=now)
+
+
+def test_top_draws_engines_runs_tasks_waits_controls_shared_and_finished_runs():
+    snap = top_snapshot(now=1002.0)
+    lines = cs._top_lines(snap, 160, 40, selected=1)
+    text = "\n".join(lines)
+    assert len(lines) == 40 and lines[0].startswith("cascade top: 1 engine, 1 run, 2 controls")
+    assert "ENGINE host-1-abc  acme/etl" in text and "up" in text
+    (run,) = [line for line in lines if "RUN nightly" in line]
+    assert "50/200  25%" in run and "ETA" in run and "elapsed 12s" in run
+    assert "[" + "#" * 10 + "." * 30 + "]" in run  # a quarter of a 40-cell bar
+    # tasks sorted by name; the selected one (index 1: fetch) marked
+    assert [line[:6] for line in lines if "api_call  blocked" in line] == ["    ap"]
+    (sel,) = [line for line in lines if line.startswith("  > ")]
+    assert "fetch" in sel and "running 4  blocked 96  done 50" in sel
+    assert "96 fetch  waits on concurrency on task:fetch (limit 4, 4 running)" in text
+    assert re.search(r"task:api_call +pause +broker +1m28s left +0 still running", text), text
+    assert "limit 2 per customer" in text and "busiest: c0 2, c1 1, c2 1" in text
+    assert "SHARED ACROSS THE FLEET" in text and "fleet in use 7" in text
+    assert re.search(r"yesterday +Failed +12.5s  done 9, failed 1  ValueError: boom", text)
+    assert lines[-1].startswith("p pause  r resume  l limit  c clear")
+    # the time left counts down between records; the bottom line is what it is given
+    later = cs._top_lines(top_snapshot(now=1032.0), 160, 40, 0, "pause task:x? y/n")
+    assert any("58s left" in line for line in later) and later[-1] == "pause task:x? y/n"
+    # the keys
+    assert any("pause the selected task" in line
+               for line in cs._top_lines(snap, 100, 20, help=True))
+
+
+def test_top_fits_any_window_and_shows_hostile_names_printably():
+    evil = "x\x1b[2J\x07\u202eevil\u5bbd\u5bbd" + "y" * 300
+    rec = top_record()
+    rec["runs"][0]["tasks"][evil] = {"running": 1}
+    rec["engine_id"] = "e\x1b]0;owned\x07"
+    rec["blocked"].append({"task": evil, "waits_on": evil, "count": 1})
+    rec["history"][0]["error"] = evil
+    snap = cs._View()
+    snap.feed("cascade/engines/acme/etl/e", rec)
+    snap = snap.snapshot(now=1000.0)
+    import unicodedata
+
+    def cells(line):
+        return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line)
+    for width, height in ((20, 6), (200, 60), (1, 1), (3, 2), (0, 0), (80, 3)):
+        for sel in (0, 2, 99):
+            for help in (False, True):
+                lines = cs._top_lines(snap, width, height, sel, help=help)
+                assert len(lines) == (height if width > 0 else 0), (width, height)
+                for line in lines:
+                    assert cells(line) <= width and line.isprintable(), (width, line)
+    text = "\n".join(cs._top_lines(snap, 400, 60, 2))
+    assert "\\x1b[2J\\x07\\u202eevil" in text and "\x1b" not in text
+    assert cs._clip("ab\u5bbdc", 3) == "ab" and cs._clip("ab\u5bbdc", 4) == "ab\u5bbd"
+    # an empty view says what it waits for
+    empty = cs._View().snapshot()
+    assert "no engine has a presence record" in cs._top_lines(empty, 120, 10)[1]
+
+
+def test_top_scrolls_to_keep_the_selected_task_in_sight():
+    tasks = {f"t{i:03d}": {"blocked": 1} for i in range(100)}
+    snap = top_snapshot(runs=[{"run_id": "big", "done": 0, "total": 100, "tasks": tasks}])
+    assert [t[2] for t in cs._top_tasks(snap)] == sorted(tasks)
+    for sel in (0, 57, 99):
+        lines = cs._top_lines(snap, 80, 12, sel)
+        (mark,) = [line for line in lines if line.startswith("  > ")]
+        assert f"t{sel:03d}" in mark and len(lines) == 12
+
+
+def test_a_per_key_limit_s_busiest_values_reach_the_view():
+    gate = threading.Event()
+
+    @cs.task(name="per", keys={"customer": lambda i: f"c{i % 2}"})
+    def per(i):
+        gate.wait(TIMEOUT)
+        return i
+
+    engine = cs.Engine()
+    engine.limit("task:per", 2, per="customer")
+    try:
+        h = engine.start(per.map(range(6)))
+        wait_for(lambda: engine.status()["tasks"].get("per", {}).get("running") == 4)
+        view = cs._View([engine])
+        (c,) = view.snapshot()["controls"]
+        assert c["busiest"] == {engine.id: {"c0": 2, "c1": 2}}
+        assert any("busiest: c0 2, c1 2" in line
+                   for line in cs._top_lines(view.snapshot(), 120, 30))
+    finally:
+        gate.set()
+    h.result()
+    engine.close()
