@@ -11832,9 +11832,13 @@ async def _cli_top(args, ctl):
     view = _View()
     await ctl.connector.connect()
     await ctl.connector.subscribe(f"{args.prefix}/engines/#", view.feed)
+    # the window's size from the terminal, at the start and after each resize, not from
+    # $LINES/$COLUMNS (which some shells and tools export: curses would keep to them)
+    sizes = {k: os.environ.pop(k) for k in ("LINES", "COLUMNS") if k in os.environ}
     try:
         screen = curses.initscr()
     except curses.error as exc:
+        os.environ.update(sizes)
         raise _CliError(f"cascade top needs a terminal ({exc}); for a script, use "
                         "cascade status --engines --json") from None
     try:
@@ -11861,6 +11865,7 @@ async def _cli_top(args, ctl):
         curses.nocbreak()
         curses.echo()
         curses.endwin()
+        os.environ.update(sizes)
 
 
 class _TopScreen:
@@ -11870,7 +11875,7 @@ class _TopScreen:
         self.screen, self.curses, self.view, self.ctl, self.bold = screen, curses, view, ctl, bold
         self.selected, self.help = 0, False
         self.mode, self.typed, self.pending = None, "", None  # a prompt in progress
-        self.message, self.snap = "", None
+        self.message, self.snap, self.resized = "", None, False
 
     async def run(self):
         drawn, version = 0.0, -1
@@ -11899,7 +11904,8 @@ class _TopScreen:
     async def key(self, key):
         """Handle one key; False to quit."""
         c = self.curses
-        if key == c.KEY_RESIZE:
+        if key == c.KEY_RESIZE:  # repaint it all: what the terminal kept is not ours
+            self.resized = True
             return True
         if self.help:
             self.help = False
@@ -11962,7 +11968,11 @@ class _TopScreen:
         tasks = _top_tasks(self.snap)
         self.selected = max(0, min(self.selected, len(tasks) - 1))
         lines = _top_lines(self.snap, w, h, self.selected, self.bottom(), self.help)
-        s.erase()
+        if self.resized:
+            self.resized = False
+            s.clear()
+        else:
+            s.erase()
         for y, line in enumerate(lines):
             attr = (c.A_REVERSE if line.startswith("  > ") or y == len(lines) - 1 and (
                 self.mode or self.message) else self.bold if line[:1].isupper()

@@ -30,6 +30,7 @@ import os
 import queue
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -15087,3 +15088,142 @@ def test_a_per_key_limit_s_busiest_values_reach_the_view():
         gate.set()
     h.result()
     engine.close()
+
+
+class Tmux:
+    """``cascade top`` (or any command) in a detached tmux session on a server of the
+    test's own (-L), read with capture-pane and driven with send-keys. The command's
+    exit status lands in ``status_file``; then the pane shows the terminal's modes."""
+
+    def __init__(self, argv, tmp_path, width=120, height=40):
+        need("needs tmux (apt-get install tmux)", shutil.which("tmux"))
+        self.socket = f"cascade-test-{uid()}"
+        self.status_file = tmp_path / "status"
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in subprocess_env().items()
+                       if k in ("PYTHONPATH", "PATH", "HOME", "LANG", "LC_ALL"))
+        cmd = (f"cd {shlex.quote(ROOT)} && env {env} {shlex.quote(sys.executable)} "
+               f"{' '.join(map(shlex.quote, argv))}; echo $? > {self.status_file}.tmp; "
+               f"mv {self.status_file}.tmp {self.status_file}; stty -a; sleep 60")
+        self.tmux("new-session", "-d", "-s", "top", "-x", str(width), "-y", str(height), cmd)
+
+    def tmux(self, *args):
+        return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True,
+                              text=True, timeout=TIMEOUT, check=True).stdout
+
+    def screen(self):
+        return self.tmux("capture-pane", "-p", "-t", "top").splitlines()
+
+    def until(self, pred, what):
+        end = time.monotonic() + TIMEOUT
+        while True:
+            lines = self.screen()
+            if pred(lines):
+                return lines
+            if time.monotonic() > end:
+                size = self.tmux("display", "-p", "-t", "top", "#{pane_width}x#{pane_height}")
+                raise AssertionError(f"timed out waiting for {what}; the screen "
+                                     f"({size.strip()}):\n" + "\n".join(lines))
+            time.sleep(0.05)
+
+    def keys(self, *keys):
+        self.tmux("send-keys", "-t", "top", *keys)
+
+    def exit_status(self):
+        wait_for(self.status_file.exists)
+        return int(self.status_file.read_text())
+
+    def close(self):
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True,
+                       timeout=TIMEOUT)
+
+
+def test_cascade_top_in_a_terminal_follows_a_run_pauses_its_task_resizes_and_quits(
+        paho, prefix, tmp_path):
+    u = prefix.rsplit("/", 1)[1]
+    client = mqtt_client()
+    engine = cs.Engine(connector=cs.MqttConnector(client, prefix=prefix), presence=0.2,
+                       project=f"top_{u}")
+    name = f"work_{u}"
+    starts = []
+
+    @cs.task(name=name)
+    async def work(i):
+        starts.append(i)
+        await asyncio.sleep(0.05)
+        return i
+
+    @cs.task(name="aa_first")
+    async def first():
+        return 0
+
+    engine.limit(f"task:{name}", 2)
+    term = Tmux(["cascade.py", "top", "--prefix", prefix], tmp_path)
+    try:
+        handle = engine.start([first(), *[work(i) for i in range(100_000)]])
+
+        def counts(lines):  # the task's row: "done N" as drawn
+            got = [re.search(r"done ([\d,]+)", line) for line in lines if name in line
+                   and "running" in line]
+            return int(got[0].group(1).replace(",", "")) if got and got[0] else None
+        seen = term.until(lambda lines: counts(lines), "the run's task with its counts")
+        assert any(f"RUN {handle.run_id}" in line for line in seen)
+        before = counts(seen)
+        term.until(lambda lines: (counts(lines) or 0) > before, "the counts to change")
+        # resized: drawn again at the new size
+        term.tmux("resize-window", "-t", "top", "-x", "70", "-y", "15")
+        small = term.until(lambda lines: len(lines) == 15 and lines[-1].startswith(
+            "p pause  r resume") and lines[0].startswith("cascade top:"), "a redraw at 70x15")
+        assert all(len(line) <= 70 for line in small)
+        term.tmux("resize-window", "-t", "top", "-x", "120", "-y", "40")
+        term.until(lambda lines: len(lines) == 40 and lines[-1].startswith("p pause"),
+                   "a redraw at 120x40")
+        # select the task (aa_first sorts first), pause it after the confirmation
+        term.keys("j")
+        term.until(lambda lines: any(line.startswith(f"  > {name}") for line in lines),
+                   "the task selected")
+        term.keys("p")
+        term.until(lambda lines: lines[-1].startswith(f"pause task:{name} on the broker? y/n"),
+                   "the confirmation line")
+        term.keys("y")
+        term.until(lambda lines: lines[-1].startswith(f"pause on task:{name}, on the broker"),
+                   "the result line")
+        wait_for(lambda: any(c.type == "pause" and c.scope == f"task:{name}" and
+                             c.origin == "broker" for c in engine.constraints))
+        wait_for(lambda: engine.status()["tasks"][name].get("running", 0) == 0)
+        held = len(starts)
+        term.until(lambda lines: any(f"waits on pause on task:{name}" in line
+                                     for line in lines), "the task waiting on the pause")
+        time.sleep(0.5)
+        assert len(starts) == held and not handle.done()
+        # clear it the same way, then quit with q: status 0, the terminal restored
+        term.keys("c")
+        term.until(lambda lines: lines[-1].startswith(f"clear task:{name} on the broker? y/n"),
+                   "the clear's confirmation")
+        term.keys("y")
+        wait_for(lambda: not any(c.origin == "broker" for c in engine.constraints))
+        wait_for(lambda: len(starts) > held)
+        term.keys("q")
+        assert term.exit_status() == 0
+        out = "\n".join(term.until(lambda lines: any(" icanon" in line for line in lines),
+                                   "stty's modes after the exit"))
+        assert " echo" in out and "cascade top:" not in out  # the screen is restored
+    finally:
+        term.close()
+        engine.cancel(f"task:{name}")
+        engine.close()
+        close_client(client)
+
+
+def test_cascade_top_exits_cleanly_on_ctrl_c_and_says_when_no_engine_is_there(
+        paho, prefix, tmp_path):
+    term = Tmux(["cascade.py", "top", "--prefix", prefix], tmp_path, width=60, height=10)
+    try:
+        term.until(lambda lines: any("no engine has a presence record" in line
+                                     for line in lines), "the empty view")
+        term.keys("p")
+        term.until(lambda lines: lines[-1].startswith("no task to steer"), "the refusal")
+        term.keys("C-c")
+        assert term.exit_status() == 0
+        term.until(lambda lines: any(" icanon" in line for line in lines), "stty -a")
+    finally:
+        term.close()
