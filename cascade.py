@@ -11975,7 +11975,7 @@ class _TopScreen:
             s.erase()
         for y, line in enumerate(lines):
             attr = (c.A_REVERSE if line.startswith("  > ") or y == len(lines) - 1 and (
-                self.mode or self.message) else self.bold if line[:1].isupper()
+                self.mode or self.message) else self.bold if line[:1].isupper() or y == 0
                 else c.A_NORMAL)
             try:  # (writing the bottom-right cell moves the cursor off the window)
                 s.addstr(y, 0, line, attr)
