@@ -11837,10 +11837,10 @@ async def _cli_top(args, ctl):
     sizes = {k: os.environ.pop(k) for k in ("LINES", "COLUMNS") if k in os.environ}
     try:
         screen = curses.initscr()
-    except curses.error as exc:
+    except curses.error as exc:  # (TERM names no terminal curses knows)
         os.environ.update(sizes)
-        raise _CliError(f"cascade top needs a terminal ({exc}); for a script, use "
-                        "cascade status --engines --json") from None
+        raise _CliError(f"cascade top cannot draw on this terminal ({exc}); check $TERM, "
+                        "or for a script read cascade status --engines --json") from None
     try:
         curses.noecho()
         curses.cbreak()
@@ -12174,6 +12174,9 @@ def main(argv: Optional[list] = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     try:
+        if args.verb == "top" and not (sys.stdin.isatty() and sys.stdout.isatty()):
+            raise _CliError("cascade top draws on a terminal, and this is not one; for a "
+                            "script, read cascade status --engines --json")
         client = _mqtt_client(args)
         client.loop_start()
         try:

@@ -15227,3 +15227,10 @@ def test_cascade_top_exits_cleanly_on_ctrl_c_and_says_when_no_engine_is_there(
         term.until(lambda lines: any(" icanon" in line for line in lines), "stty -a")
     finally:
         term.close()
+
+
+def test_cascade_top_without_a_terminal_says_so_in_one_line():
+    r = run_python("cascade.py", "top", "--port", free_port())
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        "cascade: cascade top draws on a terminal, and this is not one; for a script, "
+        "read cascade status --engines --json"], r.stderr
