@@ -11911,7 +11911,7 @@ class _TopScreen:
             self.help = False
             return True
         if self.mode == "limit":
-            if chr(key).isdigit() if 0 <= key < 128 else False:
+            if ord("0") <= key <= ord("9") and len(self.typed) < 9:
                 self.typed += chr(key)
             elif key in (c.KEY_BACKSPACE, 127, 8):
                 self.typed = self.typed[:-1]
