@@ -10838,7 +10838,8 @@ def _engine_record(e, source, started_at, heartbeat, listed, total):
             if st is not None:
                 try:
                     row = dict(st.usage(mono), matching_running=0)
-                    usage[(c.scope, c.type)] = _CONTROL_TYPES[c.type].shows(row)
+                    usage[(c.scope, c.type)] = (_CONTROL_TYPES[c.type].shows(row),
+                                                row.get("busiest"))
                 except Exception:  # a failing state is being removed
                     pass
     rec = {"v": "1", "engine_id": e.id, "source": source, "org": e.org,
@@ -10847,11 +10848,19 @@ def _engine_record(e, source, started_at, heartbeat, listed, total):
            "constraints": [{"scope": c.scope, "type": c.type, "params": dict(c.params),
                             "origin": c.origin, "expires_at": c.expires_at,
                             "expires_in": c.expires_in(now),
-                            **({"usage": usage[(c.scope, c.type)]}
-                               if (c.scope, c.type) in usage else {})} for c in listed],
+                            **_usage_fields(usage.get((c.scope, c.type)))} for c in listed],
            "constraints_total": total, "blocked": cp.waiting(_Presence.MAX_CONSTRAINTS),
            "history": e._history.entries(), **_Presence.shared(e)}
     return _fit(rec)
+
+
+def _usage_fields(got):
+    """A listed control's usage fields in a record: ``usage`` (a line), and ``busiest``
+    ({key value: in use}, the busiest values of a per-key limit) where it has them."""
+    if got is None:
+        return {}
+    text, busiest = got
+    return {"usage": text, **({"busiest": busiest} if busiest else {})}
 
 
 _RECORD_BYTES = 60_000  # a record stays under the 64 KiB a reader parses (_MAX_PAYLOAD)
@@ -11619,10 +11628,12 @@ class _View:
                 k = (text(c.get("scope", "?")), text(kind), setting, text(c.get("origin", "")))
                 row = controls.setdefault(k, {
                     "scope": k[0], "type": k[1], "setting": k[2], "origin": k[3],
-                    "expires_in": left, "engines": [], "usage": {}})
+                    "expires_in": left, "engines": [], "usage": {}, "busiest": {}})
                 row["engines"].append(eid)
                 if "usage" in c:
                     row["usage"][eid] = text(c["usage"])
+                if isinstance(c.get("busiest"), dict):  # a per-key limit's busiest values
+                    row["busiest"][eid] = _counts(c["busiest"])
             for c in _list(rec.get("shared")):
                 if isinstance(c, dict):
                     out["shared"].append(dict({text(k): text(v) for k, v in c.items()},
@@ -12232,6 +12243,174 @@ def _web_handler(http_server, web):
     return Handler
 
 
+# --- cascade top: the renderer (pure: a snapshot in, lines of text out) ------------
+
+_TOP_STATES = ("running", "granted", "submitted", "blocked", "pending", "retrying", "done",
+               "cached", "skipped", "failed")  # the order a task's counts are shown in
+
+_TOP_KEYS = (("up/down, k/j", "select a task"),
+             ("p", "pause the selected task (scope task:NAME) on the broker"),
+             ("r", "resume it"),
+             ("l", "limit it: type N, then Enter (Esc cancels)"),
+             ("c", "clear every control on it"),
+             ("", "each asks y/n on the bottom line first"),
+             ("?", "this help (any key closes it)"),
+             ("q, Ctrl-C", "quit"))
+
+
+def _clip(text, width):
+    """``text`` cut to ``width`` terminal cells (wide characters take two, combining
+    ones none), so that a line never wraps nor overruns the window."""
+    if width <= 0:
+        return ""
+    if text.isascii():
+        return text[:width]
+    import unicodedata
+    used = 0
+    for i, ch in enumerate(text):
+        w = (0 if unicodedata.combining(ch) else
+             2 if unicodedata.east_asian_width(ch) in "WF" else 1)
+        if used + w > width:
+            return text[:i]
+        used += w
+    return text
+
+
+def _top_span(seconds):
+    """A duration as a view shows it: 45s, 3m05s, 2h04m, 3d02h."""
+    if seconds is None:
+        return "-"
+    s = int(max(0, seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _top_count(n):
+    return f"{n:,}" if isinstance(n, int) else f"{n:,.1f}"
+
+
+def _top_tasks(snap):
+    """The selectable rows of ``cascade top``: (engine id, run id, task name) of every
+    task of every run, in the order drawn."""
+    return [(r["engine_id"], r["run_id"], name) for r in snap["runs"]
+            for name in sorted(r["tasks"])]
+
+
+def _top_lines(snap, width, height, selected=0, bottom="", help=False):
+    """``cascade top`` as ``height`` lines of at most ``width`` cells, from a
+    ``_View.snapshot()``: a title line, then engines, runs (progress bar, done / total,
+    rate, ETA) with their tasks (``selected``: the index, in _top_tasks, of the one
+    marked with ``>``), what blocked tasks wait on, controls in force (time left, usage),
+    shared controls and finished runs, scrolled to keep the selected task in sight; the
+    last line is ``bottom`` (a prompt, a result, or the keys). A pure function: the
+    curses loop only writes what it returns."""
+    if width < 1 or height < 1:
+        return []
+    tasks = _top_tasks(snap)
+    n_runs, n_cons = len(snap["runs"]), len(snap["controls"])
+    title = (f"cascade top: {len(snap['engines'])} engine{'s' * (len(snap['engines']) != 1)}, "
+             f"{n_runs} run{'s' * (n_runs != 1)}, {n_cons} control{'s' * (n_cons != 1)}"
+             f"  {time.strftime('%H:%M:%S', time.gmtime(snap['at']))} UTC")
+    body, mark = [], None  # mark: the body line of the selected task
+    if help:
+        body.append("KEYS")
+        body += [f"  {k:<14}{what}" for k, what in _TOP_KEYS]
+        body += ["", "Shows what the engines' presence records on the broker carry, sent",
+                 "every heartbeat; a record too large for the broker lists less detail",
+                 "('trimmed' on its engine's line says what)."]
+    else:
+        runs_of = collections.defaultdict(list)
+        for r in snap["runs"]:
+            runs_of[r["engine_id"]].append(r)
+        if not snap["engines"]:
+            body.append("no engine has a presence record under this prefix yet (engines "
+                        "publish one with a connector: Engine(connector=..., presence=5))")
+        i = 0
+        for e in snap["engines"]:
+            state = ("LOST (last heard " + _top_span(e["ago"]) + " ago)" if e["lost"]
+                     else "up")
+            body.append(f"ENGINE {e['engine_id']}  {e['org']}/{e['project']}  "
+                        f"v{e['version']}  {state}  {e['runs']} run{'s' * (e['runs'] != 1)}"
+                        f", {e['controls']} control{'s' * (e['controls'] != 1)}"
+                        + (f"  [trimmed: {', '.join(e['trimmed'])}]" if e["trimmed"] else ""))
+            for r in runs_of.get(e["engine_id"], ()):
+                done, total = r["done"], r["total"]
+                frac = done / total if total else 0.0
+                bar_w = max(5, min(40, width // 4))
+                fill = int(frac * bar_w)
+                rate = "-" if r["rate"] is None else f"{r['rate']:,.1f}/s"
+                body.append(f"  RUN {r['run_id']}  [{'#' * fill}{'.' * (bar_w - fill)}] "
+                            f"{_top_count(done)}/{_top_count(total)} {frac:4.0%}  {rate}"
+                            f"  ETA {_top_span(r['eta'])}  elapsed {_top_span(r['elapsed'])}")
+                names = sorted(r["tasks"])
+                name_w = min(28, max([len(n) for n in names] + [4]))
+                for name in names:
+                    counts = r["tasks"][name]
+                    order = [k for k in _TOP_STATES if k in counts] + sorted(
+                        k for k in counts if k not in _TOP_STATES)
+                    if i == selected:
+                        mark = len(body)
+                    body.append(f"  {'>' if i == selected else ' '} {name:<{name_w}}  "
+                                + "  ".join(f"{k} {_top_count(counts[k])}" for k in order))
+                    i += 1
+        def on(eid):  # which engine, where there are several
+            return f"  ({eid})" if len(snap["engines"]) > 1 else ""
+        if snap["blocked"]:
+            body.append("WAITING ON")
+            for b in snap["blocked"]:
+                body.append(f"  {_top_count(b['count']):>9} {b['task']}  waits on "
+                            f"{b['waits_on']}{on(b['engine_id'])}")
+        if snap["controls"]:
+            body.append("CONTROLS IN FORCE")
+            for c in snap["controls"]:
+                left = ("no expiry" if c["expires_in"] is None
+                        else f"{_top_span(c['expires_in'])} left")
+                use = c["usage"]
+                used = ("; ".join(use.values()) if len(use) == 1 else "; ".join(
+                    f"{k}: {v}" for k, v in use.items()))
+                busy = {}
+                for per in c["busiest"].values():
+                    for v, n in per.items():
+                        busy[v] = busy.get(v, 0) + n
+                body.append(f"  {c['scope']:<20} {c['setting'] or c['type']:<20} "
+                            f"{c['origin']:<6} {left:<11} {used}")
+                if busy:
+                    body.append("      busiest: " + ", ".join(
+                        f"{v} {_top_count(n)}" for v, n in sorted(
+                            busy.items(), key=lambda kv: (-kv[1], kv[0]))[:5]))
+        if snap["shared"]:
+            body.append("SHARED ACROSS THE FLEET")
+            for c in snap["shared"]:
+                rest = "  ".join(f"{k.replace('_', ' ')} {v}" for k, v in c.items()
+                                 if k not in ("type", "scope", "engine_id"))
+                body.append(f"  {c.get('type', '?'):<11} {c.get('scope', '?'):<20} {rest}"
+                            f"  ({c['engine_id']})")
+        if snap["history"]:
+            body.append("FINISHED RUNS")
+            for h in snap["history"][:10]:
+                counts = ", ".join(f"{k} {_top_count(v)}" for k, v in h["counts"].items())
+                took = "-" if h["duration"] is None else f"{h['duration']:.1f}s"
+                body.append(f"  {h['run_id']:<24} {h['status']:<10} {took:>8}  {counts}"
+                            + (f"  {h['error']}" if h["error"] else "") + on(h["engine_id"]))
+    if not bottom:
+        bottom = ("p pause  r resume  l limit  c clear  on the selected task   ? help  q quit"
+                  if tasks else "? help  q quit")
+    room = height - 2  # the title and the bottom line
+    if height == 1:
+        return [_clip(bottom, width)]
+    top = 0
+    if mark is not None and room > 0 and mark >= room:
+        top = mark - room + 1
+    lines = [title] + body[top:top + max(0, room)]
+    lines += [""] * (height - 1 - len(lines)) + [bottom]
+    return [_clip(line, width) for line in lines]
+
+
 # ===========================================================================
 # Drawing the graph: DOT, Mermaid, and an SVG laid out here (no Graphviz)
 # ===========================================================================
@@ -12777,7 +12956,7 @@ def visualize(flow: Any, path: Union[str, os.PathLike], *, collapse: Optional[bo
 
 
 # ===========================================================================
-# CLI: cascade pause|resume|limit|rate|clear|status|watch|serve|demo|graph
+# CLI: cascade pause|resume|limit|rate|clear|status|watch|top|serve|demo|graph
 # ===========================================================================
 
 _CLI_HELP = f"""\
@@ -12807,6 +12986,7 @@ examples:
   cascade status                        what is in force, with time left
   cascade watch                         live task events of every run
   cascade watch --project etl           ... of one project's runs (--org, --run too)
+  cascade top                           a live view of every engine; p pauses a task
   cascade serve                         a live web view with controls (prints its URL)
   cascade graph pipeline:flow -o flow.svg   draw a workflow (--format dot|mermaid prints)
 
@@ -12946,6 +13126,10 @@ def _cli_parser():
         v.add_argument(f"--{name}", type=_topic_level(f"--{name}"), help=what)
     v.add_argument("--topic", help="telemetry topic filter, instead of --org/--project/--run "
                                     "(default: PREFIX/telemetry/#)")
+    verb("top", "a live view of the engines in the terminal: their runs with progress, "
+                "rate and ETA, per-task counts, what waiting tasks wait on, the controls "
+                "in force with time left and usage, finished runs; keys pause, resume, "
+                "limit or clear the selected task (? lists them, q quits)")
     v = verb("serve", "a live web view of every engine on the broker: runs with progress, "
                       "rate and ETA, per-task counts, what blocked tasks wait on, controls "
                       "with time left and usage, finished runs; its buttons pause, resume, "
@@ -13119,6 +13303,8 @@ async def _cli_verb(args, client):
         return _status_text(_status_sections(found) + _engine_sections(engines, args.engines))
     if v == "serve":
         return await _cli_serve(args, ctl)
+    if v == "top":
+        return await _cli_top(args, ctl)
     return await _cli_watch(args, ctl.connector)
 
 
@@ -13147,6 +13333,167 @@ async def _cli_serve(args, ctl):
         await asyncio.Event().wait()
     finally:
         web.close()
+
+
+async def _cli_top(args, ctl):
+    """``cascade top``: the live view over the broker (curses), steering the selected
+    task's scope through ``ctl``. Reads the engines' presence records
+    (``<prefix>/engines/#``) into a _View; redraws on a new record, throttled to 10 a
+    second, and every second (time left counts down); draws what _top_lines returns."""
+    import curses
+    view = _View()
+    await ctl.connector.connect()
+    await ctl.connector.subscribe(f"{args.prefix}/engines/#", view.feed)
+    # the window's size from the terminal, at the start and after each resize, not from
+    # $LINES/$COLUMNS (which some shells and tools export: curses would keep to them)
+    sizes = {k: os.environ.pop(k) for k in ("LINES", "COLUMNS") if k in os.environ}
+    try:
+        screen = curses.initscr()
+    except curses.error as exc:  # (TERM names no terminal curses knows)
+        os.environ.update(sizes)
+        raise _CliError(f"cascade top cannot draw on this terminal ({exc}); check $TERM, "
+                        "or for a script read cascade status --engines --json") from None
+    try:
+        curses.noecho()
+        curses.cbreak()
+        screen.keypad(True)
+        screen.nodelay(True)
+        try:
+            curses.curs_set(0)
+        except curses.error:  # a terminal without an invisible cursor
+            pass
+        bold = curses.A_BOLD
+        if curses.has_colors():
+            curses.start_color()
+            try:
+                curses.use_default_colors()
+                curses.init_pair(1, curses.COLOR_CYAN, -1)
+                bold |= curses.color_pair(1)
+            except curses.error:
+                pass
+        await _TopScreen(screen, curses, view, ctl, bold).run()
+    finally:
+        screen.keypad(False)
+        curses.nocbreak()
+        curses.echo()
+        curses.endwin()
+        os.environ.update(sizes)
+
+
+class _TopScreen:
+    """The curses side of ``cascade top``: keys, prompts and writing the lines."""
+
+    def __init__(self, screen, curses, view, ctl, bold):
+        self.screen, self.curses, self.view, self.ctl, self.bold = screen, curses, view, ctl, bold
+        self.selected, self.help = 0, False
+        self.mode, self.typed, self.pending = None, "", None  # a prompt in progress
+        self.message, self.snap, self.resized = "", None, False
+
+    async def run(self):
+        drawn, version = 0.0, -1
+        while True:
+            dirty = False
+            while True:
+                key = self.screen.getch()
+                if key == -1:
+                    break
+                dirty = True
+                if not await self.key(key):
+                    return
+            now = time.monotonic()
+            if dirty or now - drawn >= 1.0 or (self.view.version != version
+                                               and now - drawn >= 0.1):
+                version = self.view.version
+                self.snap = self.view.snapshot()
+                self.draw()
+                drawn = now
+            await asyncio.sleep(0.03)
+
+    def scope(self):
+        tasks = _top_tasks(self.snap) if self.snap else []
+        return f"task:{tasks[self.selected][2]}" if tasks else None
+
+    async def key(self, key):
+        """Handle one key; False to quit."""
+        c = self.curses
+        if key == c.KEY_RESIZE:  # repaint it all: what the terminal kept is not ours
+            self.resized = True
+            return True
+        if self.help:
+            self.help = False
+            return True
+        if self.mode == "limit":
+            if ord("0") <= key <= ord("9") and len(self.typed) < 9:
+                self.typed += chr(key)
+            elif key in (c.KEY_BACKSPACE, 127, 8):
+                self.typed = self.typed[:-1]
+            elif key in (10, 13, c.KEY_ENTER) and self.typed:
+                self.mode, self.pending = "confirm", ("limit", self.pending[1], int(self.typed))
+            elif key == 27:
+                self.mode, self.message = None, "cancelled"
+            return True
+        if self.mode == "confirm":
+            verb, scope, n = self.pending
+            self.mode = None
+            if key in (ord("y"), ord("Y")):
+                self.message = f"{verb} {scope}..."
+                self.draw()
+                try:
+                    self.message = await _steer(self.ctl, verb, scope, n)
+                except (CascadeError, ValueError, OSError, asyncio.TimeoutError) as exc:
+                    self.message = f"{verb} {scope} failed: {exc or type(exc).__name__}"
+            else:
+                self.message = "cancelled"
+            return True
+        if key in (ord("q"), ord("Q"), 3):
+            return False
+        tasks = _top_tasks(self.snap) if self.snap else []
+        if key in (c.KEY_DOWN, ord("j")):
+            self.selected = min(self.selected + 1, max(0, len(tasks) - 1))
+        elif key in (c.KEY_UP, ord("k")):
+            self.selected = max(0, self.selected - 1)
+        elif key == ord("?"):
+            self.help = True
+        elif key in (ord("p"), ord("r"), ord("c"), ord("l")):
+            scope = self.scope()
+            if scope is None:
+                self.message = "no task to steer: select one of a run's tasks first"
+            elif key == ord("l"):
+                self.mode, self.typed, self.pending = "limit", "", ("limit", scope, None)
+            else:
+                verb = {ord("p"): "pause", ord("r"): "resume", ord("c"): "clear"}[key]
+                self.mode, self.pending = "confirm", (verb, scope, None)
+        return True
+
+    def bottom(self):
+        if self.mode == "limit":
+            return (f"limit {self.pending[1]} to how many at once? {self.typed}_  "
+                    "(Enter, Esc cancels)")
+        if self.mode == "confirm":
+            verb, scope, n = self.pending
+            return f"{verb} {scope}{'' if n is None else f' to {n}'} on the broker? y/n"
+        return _printable(self.message)
+
+    def draw(self):
+        c, s = self.curses, self.screen
+        h, w = s.getmaxyx()
+        tasks = _top_tasks(self.snap)
+        self.selected = max(0, min(self.selected, len(tasks) - 1))
+        lines = _top_lines(self.snap, w, h, self.selected, self.bottom(), self.help)
+        if self.resized:
+            self.resized = False
+            s.clear()
+        else:
+            s.erase()
+        for y, line in enumerate(lines):
+            attr = (c.A_REVERSE if line.startswith("  > ") or y == len(lines) - 1 and (
+                self.mode or self.message) else self.bold if line[:1].isupper() or y == 0
+                else c.A_NORMAL)
+            try:  # (writing the bottom-right cell moves the cursor off the window)
+                s.addstr(y, 0, line, attr)
+            except c.error:
+                pass
+        s.refresh()
 
 
 def _status_sections(found):
@@ -13434,6 +13781,9 @@ def main(argv: Optional[list] = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     try:
+        if args.verb == "top" and not (sys.stdin.isatty() and sys.stdout.isatty()):
+            raise _CliError("cascade top draws on a terminal, and this is not one; for a "
+                            "script, read cascade status --engines --json")
         client = _mqtt_client(args)
         client.loop_start()
         try:
@@ -13441,8 +13791,8 @@ def main(argv: Optional[list] = None) -> int:
         finally:
             client.disconnect()
             client.loop_stop()
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt:  # top's way out too: its screen is restored by then
+        return 0 if args.verb == "top" else 130
     except (_CliError, CascadeError, OSError, asyncio.TimeoutError) as exc:
         print(f"cascade: {exc or type(exc).__name__}", file=sys.stderr)
         return 1

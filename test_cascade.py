@@ -31,6 +31,7 @@ import os
 import queue
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -15855,7 +15856,7 @@ def test_hostile_names_in_the_web_view_render_as_text(page):
         "updated_at": time.time(), "heartbeat": 5, "constraints_total": float("nan"),
         "runs": [{"run_id": HOSTILE_PAGE, "done": 1, "total": 3, "started_at": time.time(),
                   "counts": {HOSTILE_PAGE: 1}, "tasks": {HOSTILE_PAGE: {"running": 2, HOSTILE_PAGE: 1}}}],
-        "blocked": [{"task": HOSTILE_PAGE, "waits_on": HOSTILE_PAGE, "count": 2}],
+        "blocked": [{"task_name": HOSTILE_PAGE, "waits_on": HOSTILE_PAGE, "count": 2}],
         "constraints": [{"scope": HOSTILE_PAGE, "type": HOSTILE_PAGE, "params": {}, "origin": HOSTILE_PAGE,
                          "usage": HOSTILE_PAGE}],
         "shared": [{"scope": HOSTILE_PAGE, "type": "concurrency", "in_use": HOSTILE_PAGE}],
@@ -16004,3 +16005,277 @@ def test_a_pump_reads_the_coordinators_clock_from_its_fastest_replies():
     assert pump._clock([0.0, 1002.0], 11.9995, 12.0) == (0.0, pytest.approx(12.0, abs=1e-3))
     # a clock stepped back (the reply could not have come so early): read anew
     assert pump._clock([0.0, 900.0], 13.0, 13.001) == (0.0, pytest.approx(13.001))
+
+
+# --- cascade top: the renderer, and the UI in a real terminal (tmux) ------------------
+
+def top_record(**over):
+    """A presence record as an engine sends it, for the renderer's tests."""
+    rec = {"v": "1", "engine_id": "host-1-abc", "source": "host-1", "org": "acme",
+           "project": "etl", "version": cs.__version__, "updated_at": 1000.0,
+           "heartbeat": 5, "constraints_total": 2,
+           "runs": [{"run_id": "nightly", "done": 50, "total": 200, "started_at": 990.0,
+                     "counts": {"done": 50, "running": 4, "blocked": 146},
+                     "tasks": {"fetch": {"running": 4, "blocked": 96, "done": 50},
+                               "api_call": {"blocked": 50}}}],
+           "blocked": [{"task_name": "fetch", "waits_on": "concurrency on task:fetch (limit 4, "
+                                                     "4 running)", "count": 96},
+                       {"task": "api_call", "waits_on": "pause on task:api_call",
+                        "count": 50}],
+           "constraints": [
+               {"scope": "task:api_call", "type": "pause", "params": {}, "origin": "broker",
+                "expires_at": 1090.0, "expires_in": 90.0, "usage": "0 still running"},
+               {"scope": "task:fetch", "type": "keyed_concurrency",
+                "params": {"limit": 2, "per": "customer", "overrides": {}},
+                "origin": "local", "expires_at": None, "expires_in": None,
+                "usage": "4 in use over 3 customer values (limit 2 each)",
+                "busiest": {"c0": 2, "c1": 1, "c2": 1}}],
+           "shared": [{"type": "concurrency", "scope": "tag:io", "in_use": 3,
+                       "fleet_in_use": 7, "engines": 2}],
+           "history": [{"run_id": "yesterday", "status": "Failed", "started_at": 900.0,
+                        "duration": 12.5, "counts": {"done": 9, "failed": 1},
+                        "error": "ValueError: boom"}]}
+    rec.update(over)
+    return rec
+
+
+def top_snapshot(now=1000.0, **over):
+    view = cs._View()
+    view.feed("cascade/engines/acme/etl/host-1-abc", top_record(**over))
+    return view.snapshot(now=now)
+
+
+def test_top_draws_engines_runs_tasks_waits_controls_shared_and_finished_runs():
+    snap = top_snapshot(now=1002.0)
+    lines = cs._top_lines(snap, 160, 40, selected=1)
+    text = "\n".join(lines)
+    assert len(lines) == 40 and lines[0].startswith("cascade top: 1 engine, 1 run, 2 controls")
+    assert "ENGINE host-1-abc  acme/etl" in text and "up" in text
+    (run,) = [line for line in lines if "RUN nightly" in line]
+    assert "50/200  25%" in run and "ETA" in run and "elapsed 12s" in run
+    assert "[" + "#" * 10 + "." * 30 + "]" in run  # a quarter of a 40-cell bar
+    # tasks sorted by name; the selected one (index 1: fetch) marked
+    assert [line[:6] for line in lines if "api_call  blocked" in line] == ["    ap"]
+    (sel,) = [line for line in lines if line.startswith("  > ")]
+    assert "fetch" in sel and "running 4  blocked 96  done 50" in sel
+    assert "96 fetch  waits on concurrency on task:fetch (limit 4, 4 running)" in text
+    assert re.search(r"task:api_call +pause +broker +1m28s left +0 still running", text), text
+    assert "limit 2 per customer" in text and "busiest: c0 2, c1 1, c2 1" in text
+    assert "SHARED ACROSS THE FLEET" in text and "fleet in use 7" in text
+    assert re.search(r"yesterday +Failed +12.5s  done 9, failed 1  ValueError: boom", text)
+    assert lines[-1].startswith("p pause  r resume  l limit  c clear")
+    # the time left counts down between records; the bottom line is what it is given
+    later = cs._top_lines(top_snapshot(now=1032.0), 160, 40, 0, "pause task:x? y/n")
+    assert any("58s left" in line for line in later) and later[-1] == "pause task:x? y/n"
+    # the keys
+    assert any("pause the selected task" in line
+               for line in cs._top_lines(snap, 100, 20, help=True))
+
+
+def test_top_fits_any_window_and_shows_hostile_names_printably():
+    evil = "x\x1b[2J\x07\u202eevil\u5bbd\u5bbd" + "y" * 300
+    rec = top_record()
+    rec["runs"][0]["tasks"][evil] = {"running": 1}
+    rec["engine_id"] = "e\x1b]0;owned\x07"
+    rec["blocked"].append({"task_name": evil, "waits_on": evil, "count": 1})
+    rec["history"][0]["error"] = evil
+    snap = cs._View()
+    snap.feed("cascade/engines/acme/etl/e", rec)
+    snap = snap.snapshot(now=1000.0)
+    import unicodedata
+
+    def cells(line):
+        return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line)
+    for width, height in ((20, 6), (200, 60), (1, 1), (3, 2), (0, 0), (80, 3)):
+        for sel in (0, 2, 99):
+            for help in (False, True):
+                lines = cs._top_lines(snap, width, height, sel, help=help)
+                assert len(lines) == (height if width > 0 else 0), (width, height)
+                for line in lines:
+                    assert cells(line) <= width and line.isprintable(), (width, line)
+    text = "\n".join(cs._top_lines(snap, 400, 60, 2))
+    assert "\\x1b[2J\\x07\\u202eevil" in text and "\x1b" not in text
+    assert cs._clip("ab\u5bbdc", 3) == "ab" and cs._clip("ab\u5bbdc", 4) == "ab\u5bbd"
+    # an empty view says what it waits for
+    empty = cs._View().snapshot()
+    assert "no engine has a presence record" in cs._top_lines(empty, 120, 10)[1]
+
+
+def test_top_scrolls_to_keep_the_selected_task_in_sight():
+    tasks = {f"t{i:03d}": {"blocked": 1} for i in range(100)}
+    snap = top_snapshot(runs=[{"run_id": "big", "done": 0, "total": 100, "tasks": tasks}])
+    assert [t[2] for t in cs._top_tasks(snap)] == sorted(tasks)
+    for sel in (0, 57, 99):
+        lines = cs._top_lines(snap, 80, 12, sel)
+        (mark,) = [line for line in lines if line.startswith("  > ")]
+        assert f"t{sel:03d}" in mark and len(lines) == 12
+
+
+def test_a_per_key_limit_s_busiest_values_reach_the_view():
+    gate = threading.Event()
+
+    @cs.task(name="per", keys={"customer": lambda i: f"c{i % 2}"})
+    def per(i):
+        gate.wait(TIMEOUT)
+        return i
+
+    engine = cs.Engine()
+    engine.limit("task:per", 2, per="customer")
+    try:
+        h = engine.start(per.map(range(6)))
+        wait_for(lambda: engine.status()["tasks"].get("per", {}).get("running") == 4)
+        view = cs._View([engine])
+        (c,) = view.snapshot()["controls"]
+        assert c["busiest"] == {engine.id: {"c0": 2, "c1": 2}}
+        assert any("busiest: c0 2, c1 2" in line
+                   for line in cs._top_lines(view.snapshot(), 120, 30))
+    finally:
+        gate.set()
+    h.result()
+    engine.close()
+
+
+class Tmux:
+    """``cascade top`` (or any command) in a detached tmux session on a server of the
+    test's own (-L), read with capture-pane and driven with send-keys. The command's
+    exit status lands in ``status_file``; then the pane shows the terminal's modes."""
+
+    def __init__(self, argv, tmp_path, width=120, height=40):
+        need("needs tmux (apt-get install tmux)", shutil.which("tmux"))
+        self.socket = f"cascade-test-{uid()}"
+        self.status_file = tmp_path / "status"
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in subprocess_env().items()
+                       if k in ("PYTHONPATH", "PATH", "HOME", "LANG", "LC_ALL"))
+        cmd = (f"cd {shlex.quote(ROOT)} && env {env} {shlex.quote(sys.executable)} "
+               f"{' '.join(map(shlex.quote, argv))}; echo $? > {self.status_file}.tmp; "
+               f"mv {self.status_file}.tmp {self.status_file}; stty -a; sleep 60")
+        self.tmux("new-session", "-d", "-s", "top", "-x", str(width), "-y", str(height), cmd)
+
+    def tmux(self, *args):
+        return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True,
+                              text=True, timeout=TIMEOUT, check=True).stdout
+
+    def screen(self):
+        return self.tmux("capture-pane", "-p", "-t", "top").splitlines()
+
+    def until(self, pred, what):
+        end = time.monotonic() + TIMEOUT
+        while True:
+            lines = self.screen()
+            if pred(lines):
+                return lines
+            if time.monotonic() > end:
+                size = self.tmux("display", "-p", "-t", "top", "#{pane_width}x#{pane_height}")
+                raise AssertionError(f"timed out waiting for {what}; the screen "
+                                     f"({size.strip()}):\n" + "\n".join(lines))
+            time.sleep(0.05)
+
+    def keys(self, *keys):
+        self.tmux("send-keys", "-t", "top", *keys)
+
+    def exit_status(self):
+        wait_for(self.status_file.exists)
+        return int(self.status_file.read_text())
+
+    def close(self):
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True,
+                       timeout=TIMEOUT)
+
+
+def test_cascade_top_in_a_terminal_follows_a_run_pauses_its_task_resizes_and_quits(
+        paho, prefix, tmp_path):
+    u = prefix.rsplit("/", 1)[1]
+    client = mqtt_client()
+    engine = cs.Engine(connector=cs.MqttConnector(client, prefix=prefix), presence=0.2,
+                       project=f"top_{u}")
+    name = f"work_{u}"
+    starts = []
+
+    @cs.task(name=name)
+    async def work(i):
+        starts.append(i)
+        await asyncio.sleep(0.05)
+        return i
+
+    @cs.task(name="aa_first")
+    async def first():
+        return 0
+
+    engine.limit(f"task:{name}", 2)
+    term = Tmux(["cascade.py", "top", "--prefix", prefix], tmp_path)
+    try:
+        handle = engine.start([first(), *[work(i) for i in range(100_000)]])
+
+        def counts(lines):  # the task's row: "done N" as drawn
+            got = [re.search(r"done ([\d,]+)", line) for line in lines if name in line
+                   and "running" in line]
+            return int(got[0].group(1).replace(",", "")) if got and got[0] else None
+        seen = term.until(lambda lines: counts(lines), "the run's task with its counts")
+        assert any(f"RUN {handle.run_id}" in line for line in seen)
+        before = counts(seen)
+        term.until(lambda lines: (counts(lines) or 0) > before, "the counts to change")
+        # resized: drawn again at the new size
+        term.tmux("resize-window", "-t", "top", "-x", "70", "-y", "15")
+        small = term.until(lambda lines: len(lines) == 15 and lines[-1].startswith(
+            "p pause  r resume") and lines[0].startswith("cascade top:"), "a redraw at 70x15")
+        assert all(len(line) <= 70 for line in small)
+        term.tmux("resize-window", "-t", "top", "-x", "120", "-y", "40")
+        term.until(lambda lines: len(lines) == 40 and lines[-1].startswith("p pause"),
+                   "a redraw at 120x40")
+        # select the task (aa_first sorts first), pause it after the confirmation
+        term.keys("j")
+        term.until(lambda lines: any(line.startswith(f"  > {name}") for line in lines),
+                   "the task selected")
+        term.keys("p")
+        term.until(lambda lines: lines[-1].startswith(f"pause task:{name} on the broker? y/n"),
+                   "the confirmation line")
+        term.keys("y")
+        term.until(lambda lines: lines[-1].startswith(f"pause on task:{name}, on the broker"),
+                   "the result line")
+        wait_for(lambda: any(c.type == "pause" and c.scope == f"task:{name}" and
+                             c.origin == "broker" for c in engine.constraints))
+        wait_for(lambda: engine.status()["tasks"][name].get("running", 0) == 0)
+        held = len(starts)
+        term.until(lambda lines: any(f"waits on pause on task:{name}" in line
+                                     for line in lines), "the task waiting on the pause")
+        time.sleep(0.5)
+        assert len(starts) == held and not handle.done()
+        # clear it the same way, then quit with q: status 0, the terminal restored
+        term.keys("c")
+        term.until(lambda lines: lines[-1].startswith(f"clear task:{name} on the broker? y/n"),
+                   "the clear's confirmation")
+        term.keys("y")
+        wait_for(lambda: not any(c.origin == "broker" for c in engine.constraints))
+        wait_for(lambda: len(starts) > held)
+        term.keys("q")
+        assert term.exit_status() == 0
+        out = "\n".join(term.until(lambda lines: any(" icanon" in line for line in lines),
+                                   "stty's modes after the exit"))
+        assert " echo" in out and "cascade top:" not in out  # the screen is restored
+    finally:
+        term.close()
+        engine.cancel(f"task:{name}")
+        engine.close()
+        close_client(client)
+
+
+def test_cascade_top_exits_cleanly_on_ctrl_c_and_says_when_no_engine_is_there(
+        paho, prefix, tmp_path):
+    term = Tmux(["cascade.py", "top", "--prefix", prefix], tmp_path, width=60, height=10)
+    try:
+        term.until(lambda lines: any("no engine has a presence record" in line
+                                     for line in lines), "the empty view")
+        term.keys("p")
+        term.until(lambda lines: lines[-1].startswith("no task to steer"), "the refusal")
+        term.keys("C-c")
+        assert term.exit_status() == 0
+        term.until(lambda lines: any(" icanon" in line for line in lines), "stty -a")
+    finally:
+        term.close()
+
+
+def test_cascade_top_without_a_terminal_says_so_in_one_line():
+    r = run_python("cascade.py", "top", "--port", free_port())
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        "cascade: cascade top draws on a terminal, and this is not one; for a script, "
+        "read cascade status --engines --json"], r.stderr

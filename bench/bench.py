@@ -559,6 +559,59 @@ def w9(cfg, args, errors):
                      raw=dict(n=n, rss=mb, children={k: CHILD.get((k, n)) for k in names})))
     return rows
 
+# ---------------------------------------------------------------- W15: the live views
+def c_views(cfg):
+    """One refresh of the live views (`cascade top`, `cascade serve`), timed from this
+    (main) thread every cfg["status_gap"] s while a map of cfg["big"] no-op bodies runs on
+    engine.start()'s helper loop: the engine's record (_engine_record, its presence
+    record), a _View taking it (feed) and drawing it (snapshot), and `cascade top`'s
+    120x40 screen (_top_lines). Returns (seconds per refresh, seconds the run took, the
+    last record's done/total, a note)."""
+    _need_cascade()
+    n, engine, note = cfg["big"], cs.Engine(), ""
+    view, lat, last = cs._View(), [], (0, 0)
+    topic = f"cascade/engines/default/default/{engine.id}"
+    t0 = perf()
+    handle = engine.start(noop.map(range(n)))
+    try:
+        while not handle.done() and perf() < t0 + cfg["timeout"]:
+            s0 = perf()
+            rec = cs._engine_record(engine, "bench", t0, 5.0, engine.constraints, 0)
+            view.feed(topic, rec)
+            lines = cs._top_lines(view.snapshot(), 120, 40, 0)
+            lat.append(perf() - s0)
+            runs = rec["runs"]
+            last = (runs[0]["done"], runs[0]["total"]) if runs else last
+            assert len(lines) == 40
+            time.sleep(cfg["status_gap"])
+        if not handle.done():
+            note = f", the run had not ended after {cfg['timeout']} s"
+            handle.cancel()
+        try:
+            handle.result(60)
+        except CancelledError:
+            pass
+    finally:
+        engine.close()
+    return lat, perf() - t0, last, note
+
+def w15(cfg, args, errors):
+    n = cfg["big"]
+    label = (f"W15 one refresh of the live views (record + view + `cascade top` screen) "
+             f"during a {n:,}-item async map (p50 / max")
+    try:
+        lat, took, (done, total), note = c_views(cfg)
+        p50, top = pct(lat, 50) * 1e3, max(lat) * 1e3
+        return [dict(workload=f"{label} of {len(lat)} refreshes)",
+                     cascade=f"{p50:.1f} / {top:.1f} ms",
+                     floor=f"(the map ran {took:.1f} s; last refresh: {done:,} of {total:,} "
+                           f"done{note})", target="max ≤ 100 ms",
+                     met="yes" if top <= 100 else "**no**",
+                     raw=dict(n=n, ms=[x * 1e3 for x in lat], seconds=took))]
+    except Exception as exc:
+        return [dict(workload=f"{label})", cascade=_fail("W15 views", exc, errors),
+                     target="max ≤ 100 ms", met="—")]
+
 # ---------------------------------------------------------------- W10: hardening
 def c_names(n, cfg, limit=None):
     """cfg["names"] task names x 5 calls of an async no-op, one list; under a global limit
@@ -1523,7 +1576,7 @@ def w_import(cfg, args, errors):
 
 WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6, "W7": w7, "W8": w8,
              "W9": w9, "W10": w10, "W11": w11, "W12": w12, "W13": w13, "W14": w14,
-             "IMPORT": w_import}
+             "W15": w15, "IMPORT": w_import}
 
 FOOTNOTE = """\
 Timed: building the work and running it to its value. Cascade: graph build +
@@ -1543,6 +1596,10 @@ in a 64-thread pool, and is timed like Cascade: building its dict graph + runnin
 W9 times each `engine.status()` call from the main thread while a limited map runs on
 `engine.start()`'s helper loop (sampled once status() shows every item; then the run is
 cancelled), and takes the peak RSS of an unlimited map run to its value, in a child as above.
+W15 times, every 0.1 s from the main thread while an unlimited 1,000,000-item map of no-op async
+bodies runs on `engine.start()`'s helper loop, one refresh of the live views: the engine's
+record (`_engine_record`, its presence record), a `_View` taking it and making its snapshot,
+and `cascade top`'s 120x40 screen (`_top_lines`).
 W10 (hardening): the 2,000-name admission case against the same work unlimited; a paced storm of
 concurrency controls from a thread through LocalBroker (messages / s until the last of each topic
 is in force; apply latency = publish → ConstraintApplied of the messages that were applied, the
