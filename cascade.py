@@ -10730,13 +10730,17 @@ _DONE_STATES = ("done", "failed", "skipped", "cached")  # a unit that has ended
 
 def _fit(rec):
     """``rec`` cut down, one step at a time, until its JSON is under _RECORD_BYTES:
-    fewer tasks per run, finished runs, blocked groups, runs, then controls listed."""
+    fewer tasks per run, finished runs, blocked groups, runs, then controls listed, and
+    last none of any list (controls on long scopes pass 60 KB even 20 at a time)."""
     steps = (("runs", "tasks", 20), ("history", None, 5), ("blocked", None, 20),
              ("runs", None, 20), ("runs", "tasks", 0), ("constraints", None, 20),
-             ("history", None, 0), ("blocked", None, 0), ("runs", None, 0))
+             ("shared", None, 20), ("history", None, 0), ("blocked", None, 0),
+             ("runs", None, 0), ("constraints", None, 0), ("shared", None, 0))
     for field, inner, keep in steps:
         if len(json.dumps(rec, default=repr)) < _RECORD_BYTES:
             break
+        if field not in rec:  # (shared: only with a coordinator)
+            continue
         rec.setdefault("trimmed", []).append(f"{field}.{inner}" if inner else field)
         if inner is None:
             rec[field] = rec[field][:keep]

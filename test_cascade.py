@@ -15483,6 +15483,24 @@ def test_the_history_keeps_the_last_n_runs_and_a_store_keeps_it_across_restarts(
     assert cs.Engine(history=0).status()["history"] == []
 
 
+def test_a_record_stays_under_the_bound_whatever_the_controls_and_shared_say():
+    # controls (listed up to 100) and shared controls on long scopes: listing 20 of them
+    # still passed 60 KB, and a record a reader does not parse makes the engine invisible
+    engine = cs.Engine(presence=None)
+    for i in range(200):
+        engine.pause(f"task:{'t' * 3000}{i}")
+    listed = sorted(engine.constraints, key=lambda c: c.scope)[:cs._Presence.MAX_CONSTRAINTS]
+    rec = cs._engine_record(engine, "here", None, None, listed, 200)
+    assert len(json.dumps(rec)) < cs._RECORD_BYTES
+    assert rec["constraints_total"] == 200 and rec["engine_id"] == engine.id
+    big = {"v": "1", "engine_id": "e", "runs": [], "constraints": [], "blocked": [],
+           "history": [], "shared": [{"scope": "s" * 3000 + str(i), "type": "limit"}
+                                     for i in range(100)]}
+    assert len(json.dumps(cs._fit(big))) < cs._RECORD_BYTES
+    assert cs._fit({"v": "1", "runs": []}) == {"v": "1", "runs": []}  # no shared: as is
+    engine.close()
+
+
 def test_a_record_too_large_for_the_broker_lists_less_detail():
     engine = cs.Engine()
     tasks = [cs.task(name=f"task_with_a_rather_long_name_{i:04d}")(lambda i: i)
