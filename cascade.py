@@ -9414,6 +9414,7 @@ class _History:
         self.loaded = self.store is None
         self.warned = False
         self.lock = threading.Lock()
+        self.seq = self.written = 0  # lists put in the store: the last taken, written
 
     def entries(self):
         """The finished runs, newest first (a list of dicts)."""
@@ -9465,10 +9466,18 @@ class _History:
                 self._loaded(await got if inspect.isawaitable(got) else got)
             with self.lock:
                 self.runs.appendleft(entry)
-                kept = list(self.runs)
-            put = self._call("put", self.key, kept)
-            if inspect.isawaitable(put):
-                await put
+                self.seq += 1
+                mine, kept = self.seq, list(self.runs)
+            for _ in range(3):  # runs ending at once on several loops: a slower put of
+                put = self._call("put", self.key, kept)  # an older list is written again
+                if inspect.isawaitable(put):
+                    await put
+                with self.lock:
+                    stale = self.written > mine
+                    self.written = max(self.written, mine)
+                    if not stale:
+                        break
+                    mine, kept = self.seq, list(self.runs)
             flush = getattr(self.store, "flush", None)  # (SqliteStore: committed when the
             if callable(flush):                           # run returns, as its checkpoints)
                 await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(

@@ -15483,6 +15483,42 @@ def test_the_history_keeps_the_last_n_runs_and_a_store_keeps_it_across_restarts(
     assert cs.Engine(history=0).status()["history"] == []
 
 
+def test_the_stored_history_keeps_runs_that_end_at_once_on_two_loops():
+    # two runs' ends on two threads: the first one's put, slower, wrote its older list
+    # over the second one's, and the stored history lost a run
+    class Slow(dict):
+        first = threading.Event()
+        later_put = threading.Event()
+
+        def get(self, key):
+            return dict.get(self, key, cs.MISS)
+
+        def put(self, key, value, ttl=None):
+            if not key.startswith("cascade/history/"):
+                return dict.__setitem__(self, key, value)
+            if not self.first.is_set():
+                self.first.set()
+                self.later_put.wait(TIMEOUT)  # the other run's put goes first
+            else:
+                self.later_put.set()
+            self[key] = list(value)
+
+    store = Slow()
+    engine = cs.Engine(store=store, project="twice", presence=None)
+
+    @cs.task
+    def one(i):
+        return i
+
+    a = engine.start(one(1), run_id="a")
+    assert store.first.wait(TIMEOUT)
+    b = engine.start(one(2), run_id="b")
+    a.result(), b.result()
+    assert sorted(h["run_id"] for h in store["cascade/history/default/twice"]) == ["a", "b"]
+    assert sorted(h["run_id"] for h in engine.status()["history"]) == ["a", "b"]
+    engine.close()
+
+
 def test_a_record_stays_under_the_bound_whatever_the_controls_and_shared_say():
     # controls (listed up to 100) and shared controls on long scopes: listing 20 of them
     # still passed 60 KB, and a record a reader does not parse makes the engine invisible
