@@ -11453,7 +11453,7 @@ class _View:
     def snapshot(self, now=None):
         """What the views draw, as one JSON-able dict."""
         now = time.time() if now is None else now
-        text, num = _printable, (lambda x: x if _is_number(x) else None)
+        text, num = _printable, _finite
         out = {"at": now, "engines": [], "runs": [], "blocked": [], "controls": [],
                "shared": [], "history": []}
         controls = {}
@@ -11516,8 +11516,8 @@ class _View:
                     out["history"].append({
                         "engine_id": eid, "run_id": text(h.get("run_id", "?")),
                         "status": text(h.get("status", "?")), "duration": took,
-                        "ended_at": start + took if start is not None and took is not None
-                        else None, "counts": _counts(h.get("counts")),
+                        "ended_at": _finite(start + took) if start is not None and took is
+                        not None else None, "counts": _counts(h.get("counts")),
                         "error": None if h.get("error") is None else text(h["error"])})
         out["controls"] = sorted(controls.values(), key=lambda c: (c["scope"], c["type"]))
         out["history"].sort(key=lambda h: -(h["ended_at"] or 0))
@@ -11538,9 +11538,9 @@ class _View:
                 q.popleft()
             t0, d0 = q[0]
         if at > t0:
-            return max(0.0, (done - d0) / (at - t0))
+            return _finite(max(0.0, (done - d0) / (at - t0)))
         if started is not None and at > started:
-            return done / (at - started)
+            return _finite(done / (at - started))
         return None
 
 
@@ -11552,9 +11552,15 @@ def _items(x):
     return x.items() if isinstance(x, dict) else ()
 
 
+def _finite(x):
+    """``x`` if it is a finite number, else None (JSON off the wire may hold NaN and
+    Infinity, which a view's arithmetic spreads and a browser's JSON.parse refuses)."""
+    return x if _is_number(x) and math.isfinite(x) else None
+
+
 def _counts(x):
-    """{state: count} as sent: printable names, numbers only."""
-    return {_printable(k): v for k, v in _items(x) if _is_number(v)}
+    """{state: count} as sent: printable names, finite numbers only."""
+    return {_printable(k): v for k, v in _items(x) if _finite(v) is not None}
 
 
 async def _steer(target, verb, scope, n=None):

@@ -15601,6 +15601,27 @@ def test_the_view_follows_presence_records_with_rates_time_left_and_engines_gone
         gate.set()
 
 
+def test_the_view_of_records_with_nan_and_infinity_is_plain_json():
+    # json.loads takes NaN and Infinity from the wire: the view passed them on (and made
+    # more of them: a NaN rate, an infinite end), which a browser's JSON.parse refuses
+    view = cs._View()
+    rec = json.loads('{"engine_id": "e", "updated_at": 100.0, "heartbeat": 5, "runs": '
+                     '[{"run_id": "r", "done": NaN, "total": Infinity, "started_at": '
+                     '-Infinity, "counts": {"done": NaN}, "tasks": {"t": {"done": '
+                     'Infinity}}}], "constraints": [{"scope": "task:x", "type": "pause", '
+                     '"params": {}, "expires_in": Infinity}], "history": [{"run_id": "h", '
+                     '"started_at": 1e308, "duration": 1e308}]}')
+    view.feed("p/engines/o/p/e", rec)
+    snap = view.snapshot(now=100.0)
+    json.dumps(snap, allow_nan=False)
+    (run,) = snap["runs"]
+    assert run["counts"] == {} and run["tasks"] == {"t": {}} and run["total"] == 0
+    for t, done in ((100.0, -1e308), (101.0, 1e308)):  # a rate that overflows
+        view.feed("p/engines/o/p/e", dict(rec, updated_at=t, runs=[
+            {"run_id": "r", "done": done, "total": 1e308}]))
+        json.dumps(view.snapshot(now=t), allow_nan=False)
+
+
 def test_the_view_rate_is_measured_over_its_window_of_records():
     view = cs._View()
     rec = {"engine_id": "e", "updated_at": 100.0, "heartbeat": 5,
