@@ -8922,7 +8922,7 @@ class _Status(dict):
 
     def _sections(self):
         """The HTML view's sections (see _html): tasks, blocked groups, controls,
-        capacities and the executor's window."""
+        capacities, the executor's window and the finished runs."""
         blocked = sum(c.get("blocked", 0) for c in self["tasks"].values())
         w = self.get("window")
         return [
@@ -8934,6 +8934,9 @@ class _Status(dict):
              [[k, c["in_use"], c["total"]] for k, c in self["capacities"].items()]),
             ("window", ["executor", "submitted", "size"],
              [[w["executor"], w["submitted"], w["size"]]] if w else []),
+            ("finished runs (newest first)", ["run", "status", "duration", "error"],
+             [[h["run_id"], h["status"], f"{h['duration']:.2f}s", h.get("error") or ""]
+              for h in self.get("history", ())]),
         ]
 
     def _controls_section(self):

@@ -13158,6 +13158,24 @@ def test_status_waiting_counts_every_blocked_task_not_only_the_first_100():
         h.result(TIMEOUT)
 
 
+def test_status_html_shows_the_finished_runs_as_its_text_does():
+    # the text table listed the finished runs; the notebook's tables left them out
+    engine = cs.Engine(presence=None)
+
+    @cs.task
+    def bad(i):
+        raise ValueError("<b>no</b>")
+
+    with pytest.raises(ValueError):
+        engine.start(bad(1), run_id="r-bad").result()
+    st = engine.status()
+    assert "r-bad" in repr(st)
+    html = st._repr_html_()
+    assert "finished runs" in html and "r-bad" in html and "Failed" in html
+    assert "&lt;b&gt;no&lt;/b&gt;" in html and "<b>no" not in html
+    engine.close()
+
+
 def test_html_builder_escapes_every_value_caps_rows_and_aligns_numbers():
     evil = "<img src=x onerror=alert(1)>\u202e\x1b[2J\"'&"
     markup = cs._html(evil, [(evil, [evil, "n"], [[evil, 7]] * 103), ("empty", ["a"], [])])
