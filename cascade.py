@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import fnmatch
 import functools
@@ -12707,8 +12708,11 @@ def _cli_graph(args):
                 raise _CliError(f"--output {args.output}: cannot tell the format from "
                                 f"{repr(ext) if ext else 'a path without an extension'}; end it "
                                 "in .svg, .dot or .mmd, or give --format svg|dot|mermaid", 2)
-        drawing = _Drawing(_load_flow(args.flow), None, args.collapse)
-        text = getattr(drawing, f"to_{fmt or 'dot'}")()
+        # what the module prints (at import, or building the graph) goes to stderr:
+        # stdout is the drawing (cascade graph pipeline:flow > flow.dot)
+        with contextlib.redirect_stdout(sys.stderr):
+            drawing = _Drawing(_load_flow(args.flow), None, args.collapse)
+            text = getattr(drawing, f"to_{fmt or 'dot'}")()
         if args.output is None:
             sys.stdout.write(text)
             return 0

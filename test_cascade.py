@@ -14009,6 +14009,22 @@ def test_cli_graph_prints_dot_and_mermaid_and_writes_svg_without_paho(tmp_path):
         assert "Traceback" not in r.stderr
 
 
+def test_cli_graph_keeps_what_the_module_prints_out_of_the_drawing(tmp_path):
+    # `cascade graph pipeline:flow > flow.dot`: a module that prints when imported, or
+    # when its function builds the graph, wrote into the DOT text on stdout
+    (tmp_path / "chatty.py").write_text(
+        "import cascade as cs\n"
+        "print('loading the pipeline')\n"
+        "@cs.task\ndef load(i): return i\n"
+        "def build():\n    print('building')\n    return load(1)\n", encoding="utf-8")
+    r = subprocess.run([sys.executable, "-c", NO_PAHO, "graph", "chatty:build"],
+                       capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path,
+                       timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("digraph ") and "loading" not in r.stdout, r.stdout
+    assert "loading the pipeline" in r.stderr and "building" in r.stderr
+
+
 # ===========================================================================
 # CLI: cascade pause|resume|limit|rate|clear|status|watch|demo
 # ===========================================================================
