@@ -9419,11 +9419,20 @@ class _History:
         self.warned = False
         self.lock = threading.Lock()
         self.seq = self.written = 0  # lists put in the store: the last taken, written
+        t = getattr(store, "timeout", 5.0)  # seconds a store call is waited for
+        self.timeout = float(t) if _is_number(t) and t > 0 else 5.0
+        self.threads = None   # a daemon thread for a sync store's calls (see _call)
 
     def entries(self):
         """The finished runs, newest first (a list of dicts)."""
         if not self.loaded:
             got = self._call("get", self.key)
+            try:
+                if isinstance(got, concurrent.futures.Future):
+                    got = got.result(self.timeout)
+            except Exception as exc:  # (a TimeoutError too)
+                self._failed(exc)
+                return list(self.runs)
             if not inspect.isawaitable(got):
                 self._loaded(got)
             elif hasattr(got, "close"):  # an async store: read at the next run
@@ -9440,14 +9449,34 @@ class _History:
                     self.runs.extend(kept[:self.runs.maxlen])
 
     def _call(self, verb, *args):
+        """The store's ``verb``: an inline store's (SqliteStore) called here, an async
+        one's awaitable returned, a sync one's run on daemon threads (a concurrent
+        future): each is waited for at most the store's ``timeout`` (as a run's own
+        store calls are, see _Stored), so a hung store holds no run's end or status()."""
+        store = self.store
         try:
-            return getattr(self.store, verb)(*args)
+            fn = getattr(store, verb)
+            if getattr(type(store), "_inline", False) or inspect.iscoroutinefunction(fn):
+                return fn(*args)
+            with self.lock:
+                if self.threads is None:
+                    self.threads = _Workers(4, prefix="cascade-history")
+            return self.threads.submit(fn, *args)
         except Exception as exc:
             self._failed(exc)
             return MISS
 
+    async def _answer(self, got):
+        """What a store call of _call gave, awaited for at most the store's timeout."""
+        if isinstance(got, concurrent.futures.Future):
+            got = await asyncio.wait_for(asyncio.wrap_future(got), self.timeout)
+        if inspect.isawaitable(got):
+            got = await asyncio.wait_for(got, self.timeout)
+        return got
+
     def _failed(self, exc):
         self.loaded = True
+        self.store = None  # (kept in memory from now: a hung store is not waited for again)
         if not self.warned:
             self.warned = True
             _log.warning("the store could not keep the run history (%s: %s); it is kept "
@@ -9461,21 +9490,21 @@ class _History:
                  "duration": round(duration, 6), "counts": run.totals(),
                  "error": None if error is None else _printable(
                      f"{type(error).__name__}: {error}")[:300]}
-        if self.store is None:
+        if self.store is not None and not self.loaded:
+            try:
+                self._loaded(await self._answer(self._call("get", self.key)))
+            except Exception as exc:  # (this run is kept in memory all the same)
+                self._failed(exc)
+        with self.lock:
             self.runs.appendleft(entry)
+            self.seq += 1
+            mine, kept = self.seq, list(self.runs)
+        if self.store is None:
             return
         try:
-            if not self.loaded:
-                got = self._call("get", self.key)
-                self._loaded(await got if inspect.isawaitable(got) else got)
-            with self.lock:
-                self.runs.appendleft(entry)
-                self.seq += 1
-                mine, kept = self.seq, list(self.runs)
             for _ in range(3):  # runs ending at once on several loops: a slower put of
-                put = self._call("put", self.key, kept)  # an older list is written again
-                if inspect.isawaitable(put):
-                    await put
+                await self._answer(self._call("put", self.key, kept))  # (an older list
+                # is written again)
                 with self.lock:
                     stale = self.written > mine
                     self.written = max(self.written, mine)

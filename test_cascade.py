@@ -15517,6 +15517,23 @@ def test_the_history_keeps_the_last_n_runs_and_a_store_keeps_it_across_restarts(
     assert cs.Engine(history=0).status()["history"] == []
 
 
+@pytest.mark.parametrize("store", [HangingStore, AsyncHangingStore])
+def test_a_hung_store_holds_no_run_end_nor_status_for_the_history(store):
+    # the run history called the store with no bound: an async store that never answers
+    # held every run's end for good, a sync one held the loop (and status()) as long
+    s = store()
+    engine = cs.Engine(store=s, presence=None)
+    began = time.monotonic()
+    assert engine.status()["history"] == []
+    engine.start(ident(1), run_id="one").result(TIMEOUT)
+    engine.start(ident(2), run_id="two").result(TIMEOUT)  # (not waited for again)
+    assert time.monotonic() - began < TIMEOUT  # (0.2 s timeouts: a hung call took 15 s)
+    assert [h["run_id"] for h in engine.status()["history"]] == ["two", "one"]
+    engine.close()
+    if hasattr(s, "gate"):
+        s.gate.set()
+
+
 def test_the_stored_history_keeps_runs_that_end_at_once_on_two_loops():
     # two runs' ends on two threads: the first one's put, slower, wrote its older list
     # over the second one's, and the stored history lost a run
