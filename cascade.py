@@ -9418,7 +9418,7 @@ class _History:
         self.loaded = self.store is None
         self.warned = False
         self.lock = threading.Lock()
-        self.seq = self.written = 0  # lists put in the store: the last taken, written
+        self.seq = 0          # runs added (a put checks none was added meanwhile)
         t = getattr(store, "timeout", 5.0)  # seconds a store call is waited for
         self.timeout = float(t) if _is_number(t) and t > 0 else 5.0
         self.threads = None   # a daemon thread for a sync store's calls (see _call)
@@ -9505,10 +9505,8 @@ class _History:
             for _ in range(3):  # runs ending at once on several loops: a slower put of
                 await self._answer(self._call("put", self.key, kept))  # (an older list
                 # is written again)
-                with self.lock:
-                    stale = self.written > mine
-                    self.written = max(self.written, mine)
-                    if not stale:
+                with self.lock:  # a run ended since: its put may have been done before
+                    if self.seq == mine:  # this one, which wrote an older list over it
                         break
                     mine, kept = self.seq, list(self.runs)
             flush = getattr(self.store, "flush", None)  # (SqliteStore: committed when the
