@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import fnmatch
 import functools
@@ -8982,7 +8983,7 @@ class _Status(dict):
 
     def _sections(self):
         """The HTML view's sections (see _html): tasks, blocked groups, controls,
-        capacities and the executor's window."""
+        capacities, the executor's window and the finished runs."""
         blocked = sum(c.get("blocked", 0) for c in self["tasks"].values())
         w = self.get("window")
         return [
@@ -8994,6 +8995,9 @@ class _Status(dict):
              [[k, c["in_use"], c["total"]] for k, c in self["capacities"].items()]),
             ("window", ["executor", "submitted", "size"],
              [[w["executor"], w["submitted"], w["size"]]] if w else []),
+            ("finished runs (newest first)", ["run", "status", "duration", "error"],
+             [[h["run_id"], h["status"], f"{h['duration']:.2f}s", h.get("error") or ""]
+              for h in self.get("history", ())]),
         ]
 
     def _controls_section(self):
@@ -9518,11 +9522,21 @@ class _History:
         self.loaded = self.store is None
         self.warned = False
         self.lock = threading.Lock()
+        self.seq = 0          # runs added (a put checks none was added meanwhile)
+        t = getattr(store, "timeout", 5.0)  # seconds a store call is waited for
+        self.timeout = float(t) if _is_number(t) and t > 0 else 5.0
+        self.threads = None   # a daemon thread for a sync store's calls (see _call)
 
     def entries(self):
         """The finished runs, newest first (a list of dicts)."""
         if not self.loaded:
             got = self._call("get", self.key)
+            try:
+                if isinstance(got, concurrent.futures.Future):
+                    got = got.result(self.timeout)
+            except Exception as exc:  # (a TimeoutError too)
+                self._failed(exc)
+                return list(self.runs)
             if not inspect.isawaitable(got):
                 self._loaded(got)
             elif hasattr(got, "close"):  # an async store: read at the next run
@@ -9539,14 +9553,34 @@ class _History:
                     self.runs.extend(kept[:self.runs.maxlen])
 
     def _call(self, verb, *args):
+        """The store's ``verb``: an inline store's (SqliteStore) called here, an async
+        one's awaitable returned, a sync one's run on daemon threads (a concurrent
+        future): each is waited for at most the store's ``timeout`` (as a run's own
+        store calls are, see _Stored), so a hung store holds no run's end or status()."""
+        store = self.store
         try:
-            return getattr(self.store, verb)(*args)
+            fn = getattr(store, verb)
+            if getattr(type(store), "_inline", False) or inspect.iscoroutinefunction(fn):
+                return fn(*args)
+            with self.lock:
+                if self.threads is None:
+                    self.threads = _Workers(4, prefix="cascade-history")
+            return self.threads.submit(fn, *args)
         except Exception as exc:
             self._failed(exc)
             return MISS
 
+    async def _answer(self, got):
+        """What a store call of _call gave, awaited for at most the store's timeout."""
+        if isinstance(got, concurrent.futures.Future):
+            got = await asyncio.wait_for(asyncio.wrap_future(got), self.timeout)
+        if inspect.isawaitable(got):
+            got = await asyncio.wait_for(got, self.timeout)
+        return got
+
     def _failed(self, exc):
         self.loaded = True
+        self.store = None  # (kept in memory from now: a hung store is not waited for again)
         if not self.warned:
             self.warned = True
             _log.warning("the store could not keep the run history (%s: %s); it is kept "
@@ -9560,22 +9594,26 @@ class _History:
                  "duration": round(duration, 6), "counts": run.totals(),
                  "error": None if error is None else _printable(
                      f"{type(error).__name__}: {error}")[:300]}
-        if self.store is None:
+        if self.store is not None and not self.loaded:
+            try:
+                self._loaded(await self._answer(self._call("get", self.key)))
+            except Exception as exc:  # (this run is kept in memory all the same)
+                self._failed(exc)
+        with self.lock:
             self.runs.appendleft(entry)
+            self.seq += 1
+            mine, kept = self.seq, list(self.runs)
+        if self.store is None:
             return
-        t = getattr(self.store, "timeout", 5.0)  # an async store's call is bounded, as a
-        t = float(t) if _is_number(t) and t > 0 else 5.0  # run's are (_Stored)
+        t = self.timeout
         try:
-            if not self.loaded:
-                got = self._call("get", self.key)
-                self._loaded(await asyncio.wait_for(got, t) if inspect.isawaitable(got)
-                             else got)
-            with self.lock:
-                self.runs.appendleft(entry)
-                kept = list(self.runs)
-            put = self._call("put", self.key, kept)
-            if inspect.isawaitable(put):
-                await asyncio.wait_for(put, t)
+            for _ in range(3):  # runs ending at once on several loops: a slower put of
+                await self._answer(self._call("put", self.key, kept))  # (an older list
+                # is written again)
+                with self.lock:  # a run ended since: its put may have been done before
+                    if self.seq == mine:  # this one, which wrote an older list over it
+                        break
+                    mine, kept = self.seq, list(self.runs)
             flush = getattr(self.store, "flush", None)  # (SqliteStore: committed when the
             if callable(flush):                           # run returns, as its checkpoints)
                 await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
@@ -10869,13 +10907,17 @@ _DONE_STATES = ("done", "failed", "skipped", "cached")  # a unit that has ended
 
 def _fit(rec):
     """``rec`` cut down, one step at a time, until its JSON is under _RECORD_BYTES:
-    fewer tasks per run, finished runs, blocked groups, runs, then controls listed."""
+    fewer tasks per run, finished runs, blocked groups, runs, then controls listed, and
+    last none of any list (controls on long scopes pass 60 KB even 20 at a time)."""
     steps = (("runs", "tasks", 20), ("history", None, 5), ("blocked", None, 20),
              ("runs", None, 20), ("runs", "tasks", 0), ("constraints", None, 20),
-             ("history", None, 0), ("blocked", None, 0), ("runs", None, 0))
+             ("shared", None, 20), ("history", None, 0), ("blocked", None, 0),
+             ("runs", None, 0), ("constraints", None, 0), ("shared", None, 0))
     for field, inner, keep in steps:
         if len(json.dumps(rec, default=repr)) < _RECORD_BYTES:
             break
+        if field not in rec:  # (shared: only with a coordinator)
+            continue
         rec.setdefault("trimmed", []).append(f"{field}.{inner}" if inner else field)
         if inner is None:
             rec[field] = rec[field][:keep]
@@ -11579,7 +11621,7 @@ class _View:
     def snapshot(self, now=None):
         """What the views draw, as one JSON-able dict."""
         now = time.time() if now is None else now
-        text, num = _printable, (lambda x: x if _is_number(x) else None)
+        text, num = _printable, _finite
         out = {"at": now, "engines": [], "runs": [], "blocked": [], "controls": [],
                "shared": [], "history": []}
         controls = {}
@@ -11644,8 +11686,8 @@ class _View:
                     out["history"].append({
                         "engine_id": eid, "run_id": text(h.get("run_id", "?")),
                         "status": text(h.get("status", "?")), "duration": took,
-                        "ended_at": start + took if start is not None and took is not None
-                        else None, "counts": _counts(h.get("counts")),
+                        "ended_at": _finite(start + took) if start is not None and took is
+                        not None else None, "counts": _counts(h.get("counts")),
                         "error": None if h.get("error") is None else text(h["error"])})
         out["controls"] = sorted(controls.values(), key=lambda c: (c["scope"], c["type"]))
         out["history"].sort(key=lambda h: -(h["ended_at"] or 0))
@@ -11666,9 +11708,9 @@ class _View:
                 q.popleft()
             t0, d0 = q[0]
         if at > t0:
-            return max(0.0, (done - d0) / (at - t0))
+            return _finite(max(0.0, (done - d0) / (at - t0)))
         if started is not None and at > started:
-            return done / (at - started)
+            return _finite(done / (at - started))
         return None
 
 
@@ -11680,9 +11722,15 @@ def _items(x):
     return x.items() if isinstance(x, dict) else ()
 
 
+def _finite(x):
+    """``x`` if it is a finite number, else None (JSON off the wire may hold NaN and
+    Infinity, which a view's arithmetic spreads and a browser's JSON.parse refuses)."""
+    return x if _is_number(x) and math.isfinite(x) else None
+
+
 def _counts(x):
-    """{state: count} as sent: printable names, numbers only."""
-    return {_printable(k): v for k, v in _items(x) if _is_number(v)}
+    """{state: count} as sent: printable names, finite numbers only."""
+    return {_printable(k): v for k, v in _items(x) if _finite(v) is not None}
 
 
 async def _steer(target, verb, scope, n=None):
@@ -12077,7 +12125,7 @@ class _WebView:
         try:
             return json.dumps(snap, default=repr, allow_nan=False).encode()
         except ValueError:  # a NaN or infinity off the wire: JSON has none (the page's
-            return json.dumps(_finite(snap), default=repr).encode()  # parser would fail)
+            return json.dumps(_finite_json(snap), default=repr).encode()  # parser would fail)
 
     def close(self):
         """Stop serving: the event streams end, the port is closed. Idempotent."""
@@ -12102,14 +12150,15 @@ class _WebView:
         return f"<WebView http://{host}:{self.port}/ {self.where_long}, {state} (token hidden)>"
 
 
-def _finite(x):
-    """``x`` with every float that is not finite (NaN, infinities) made None."""
+def _finite_json(x):
+    """``x`` with every float that is not finite (NaN, infinities) made None, all
+    through (see _finite)."""
     if isinstance(x, float):
-        return x if math.isfinite(x) else None
+        return _finite(x)
     if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
+        return {k: _finite_json(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
+        return [_finite_json(v) for v in x]
     return x
 
 
@@ -13745,8 +13794,11 @@ def _cli_graph(args):
                 raise _CliError(f"--output {args.output}: cannot tell the format from "
                                 f"{repr(ext) if ext else 'a path without an extension'}; end it "
                                 "in .svg, .dot or .mmd, or give --format svg|dot|mermaid", 2)
-        drawing = _Drawing(_load_flow(args.flow), None, args.collapse)
-        text = getattr(drawing, f"to_{fmt or 'dot'}")()
+        # what the module prints (at import, or building the graph) goes to stderr:
+        # stdout is the drawing (cascade graph pipeline:flow > flow.dot)
+        with contextlib.redirect_stdout(sys.stderr):
+            drawing = _Drawing(_load_flow(args.flow), None, args.collapse)
+            text = getattr(drawing, f"to_{fmt or 'dot'}")()
         if args.output is None:
             sys.stdout.write(text)
             return 0

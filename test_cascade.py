@@ -13240,6 +13240,24 @@ def test_status_waiting_counts_every_blocked_task_not_only_the_first_100():
         h.result(TIMEOUT)
 
 
+def test_status_html_shows_the_finished_runs_as_its_text_does():
+    # the text table listed the finished runs; the notebook's tables left them out
+    engine = cs.Engine(presence=None)
+
+    @cs.task
+    def bad(i):
+        raise ValueError("<b>no</b>")
+
+    with pytest.raises(ValueError):
+        engine.start(bad(1), run_id="r-bad").result()
+    st = engine.status()
+    assert "r-bad" in repr(st)
+    html = st._repr_html_()
+    assert "finished runs" in html and "r-bad" in html and "Failed" in html
+    assert "&lt;b&gt;no&lt;/b&gt;" in html and "<b>no" not in html
+    engine.close()
+
+
 def test_html_builder_escapes_every_value_caps_rows_and_aligns_numbers():
     evil = "<img src=x onerror=alert(1)>\u202e\x1b[2J\"'&"
     markup = cs._html(evil, [(evil, [evil, "n"], [[evil, 7]] * 103), ("empty", ["a"], [])])
@@ -14071,6 +14089,22 @@ def test_cli_graph_prints_dot_and_mermaid_and_writes_svg_without_paho(tmp_path):
         assert r.returncode == status, (args, r.stderr)
         assert r.stderr.startswith("cascade graph: ") and words in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+def test_cli_graph_keeps_what_the_module_prints_out_of_the_drawing(tmp_path):
+    # `cascade graph pipeline:flow > flow.dot`: a module that prints when imported, or
+    # when its function builds the graph, wrote into the DOT text on stdout
+    (tmp_path / "chatty.py").write_text(
+        "import cascade as cs\n"
+        "print('loading the pipeline')\n"
+        "@cs.task\ndef load(i): return i\n"
+        "def build():\n    print('building')\n    return load(1)\n", encoding="utf-8")
+    r = subprocess.run([sys.executable, "-c", NO_PAHO, "graph", "chatty:build"],
+                       capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path,
+                       timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("digraph ") and "loading" not in r.stdout, r.stdout
+    assert "loading the pipeline" in r.stderr and "building" in r.stderr
 
 
 # ===========================================================================
@@ -15568,6 +15602,77 @@ def test_the_history_keeps_the_last_n_runs_and_a_store_keeps_it_across_restarts(
     assert cs.Engine(history=0).status()["history"] == []
 
 
+@pytest.mark.parametrize("store", [HangingStore, AsyncHangingStore])
+def test_a_hung_store_holds_no_run_end_nor_status_for_the_history(store):
+    # the run history called the store with no bound: an async store that never answers
+    # held every run's end for good, a sync one held the loop (and status()) as long
+    s = store()
+    engine = cs.Engine(store=s, presence=None)
+    began = time.monotonic()
+    assert engine.status()["history"] == []
+    engine.start(ident(1), run_id="one").result(TIMEOUT)
+    engine.start(ident(2), run_id="two").result(TIMEOUT)  # (not waited for again)
+    assert time.monotonic() - began < TIMEOUT  # (0.2 s timeouts: a hung call took 15 s)
+    assert [h["run_id"] for h in engine.status()["history"]] == ["two", "one"]
+    engine.close()
+    if hasattr(s, "gate"):
+        s.gate.set()
+
+
+def test_the_stored_history_keeps_runs_that_end_at_once_on_two_loops():
+    # two runs' ends on two threads: the first one's put, slower, wrote its older list
+    # over the second one's, and the stored history lost a run
+    class Slow(dict):
+        first = threading.Event()
+        later_put = threading.Event()
+
+        def get(self, key):
+            return dict.get(self, key, cs.MISS)
+
+        def put(self, key, value, ttl=None):
+            if not key.startswith("cascade/history/"):
+                return dict.__setitem__(self, key, value)
+            if not self.first.is_set():
+                self.first.set()
+                self.later_put.wait(TIMEOUT)  # the other run's put goes first
+            else:
+                self.later_put.set()
+            self[key] = list(value)
+
+    store = Slow()
+    engine = cs.Engine(store=store, project="twice", presence=None)
+
+    @cs.task
+    def one(i):
+        return i
+
+    a = engine.start(one(1), run_id="a")
+    assert store.first.wait(TIMEOUT)
+    b = engine.start(one(2), run_id="b")
+    a.result(), b.result()
+    assert sorted(h["run_id"] for h in store["cascade/history/default/twice"]) == ["a", "b"]
+    assert sorted(h["run_id"] for h in engine.status()["history"]) == ["a", "b"]
+    engine.close()
+
+
+def test_a_record_stays_under_the_bound_whatever_the_controls_and_shared_say():
+    # controls (listed up to 100) and shared controls on long scopes: listing 20 of them
+    # still passed 60 KB, and a record a reader does not parse makes the engine invisible
+    engine = cs.Engine(presence=None)
+    for i in range(200):
+        engine.pause(f"task:{'t' * 3000}{i}")
+    listed = sorted(engine.constraints, key=lambda c: c.scope)[:cs._Presence.MAX_CONSTRAINTS]
+    rec = cs._engine_record(engine, "here", None, None, listed, 200)
+    assert len(json.dumps(rec)) < cs._RECORD_BYTES
+    assert rec["constraints_total"] == 200 and rec["engine_id"] == engine.id
+    big = {"v": "1", "engine_id": "e", "runs": [], "constraints": [], "blocked": [],
+           "history": [], "shared": [{"scope": "s" * 3000 + str(i), "type": "limit"}
+                                     for i in range(100)]}
+    assert len(json.dumps(cs._fit(big))) < cs._RECORD_BYTES
+    assert cs._fit({"v": "1", "runs": []}) == {"v": "1", "runs": []}  # no shared: as is
+    engine.close()
+
+
 def test_a_record_too_large_for_the_broker_lists_less_detail():
     engine = cs.Engine()
     tasks = [cs.task(name=f"task_with_a_rather_long_name_{i:04d}")(lambda i: i)
@@ -15630,6 +15735,27 @@ def test_the_view_follows_presence_records_with_rates_time_left_and_engines_gone
         asyncio.run(main())
     finally:
         gate.set()
+
+
+def test_the_view_of_records_with_nan_and_infinity_is_plain_json():
+    # json.loads takes NaN and Infinity from the wire: the view passed them on (and made
+    # more of them: a NaN rate, an infinite end), which a browser's JSON.parse refuses
+    view = cs._View()
+    rec = json.loads('{"engine_id": "e", "updated_at": 100.0, "heartbeat": 5, "runs": '
+                     '[{"run_id": "r", "done": NaN, "total": Infinity, "started_at": '
+                     '-Infinity, "counts": {"done": NaN}, "tasks": {"t": {"done": '
+                     'Infinity}}}], "constraints": [{"scope": "task:x", "type": "pause", '
+                     '"params": {}, "expires_in": Infinity}], "history": [{"run_id": "h", '
+                     '"started_at": 1e308, "duration": 1e308}]}')
+    view.feed("p/engines/o/p/e", rec)
+    snap = view.snapshot(now=100.0)
+    json.dumps(snap, allow_nan=False)
+    (run,) = snap["runs"]
+    assert run["counts"] == {} and run["tasks"] == {"t": {}} and run["total"] == 0
+    for t, done in ((100.0, -1e308), (101.0, 1e308)):  # a rate that overflows
+        view.feed("p/engines/o/p/e", dict(rec, updated_at=t, runs=[
+            {"run_id": "r", "done": done, "total": 1e308}]))
+        json.dumps(view.snapshot(now=t), allow_nan=False)
 
 
 def test_the_view_rate_is_measured_over_its_window_of_records():
