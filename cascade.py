@@ -3522,7 +3522,9 @@ class _ControlPlane:
                 return True
             granted = []
             if self._wait(units, key, granted):
-                granted += self._admit()
+                self._admit(granted)
+            elif granted:
+                self._post(granted)
         self._dispatch(granted)
         return False
 
@@ -3544,7 +3546,9 @@ class _ControlPlane:
             for key, units in groups:
                 admit |= self._wait(units, key, runs)
             if admit:
-                granted += self._admit()
+                self._admit(granted)
+            elif granted:
+                self._post(granted)
         self._dispatch(granted)
         return False
 
@@ -3635,15 +3639,18 @@ class _ControlPlane:
                 st.sweep_at = 2 * len(st.live) + 64
                 self._gen += 1  # (no key's needs keeps a forgotten part)
 
-    def _admit(self):
-        """THE admission routine (call with the lock held); returns granted units.
+    def _admit(self, granted=None):
+        """THE admission routine (call with the lock held); returns granted units (added
+        to ``granted``: those granted under this same hold of the lock before the pass),
+        posted to their runs (see _post).
 
         Looks at the pending queues oldest head first, and grants from each while its
         head stays ahead of the next pending head and nothing holds it back; a queue
         held back is parked. A queue that left a parking wakes that state, unless it is
         now the oldest parked there (held back on the state itself), so the next oldest
         queue of the state is looked at in turn."""
-        granted = []
+        if granted is None:
+            granted = []
         ready, queues = self._ready, self._queues
         now = time.monotonic()
         if self._sweep_due:
@@ -3687,13 +3694,19 @@ class _ControlPlane:
                         self._wake(st, q)
                 q.left = ()
         if granted:
-            # Units of a run whose loop is another thread's are launched there, in the
-            # order granted (see _Run.launch): queued now, under this lock.
-            me = threading.get_ident()
-            for u in granted:
-                if u.run.thread != me:
-                    u.run.posted.append(u)
+            self._post(granted)
         return granted
+
+    @staticmethod
+    def _post(granted):
+        """(lock held) Granted units go to their run's ``posted`` queue in the order
+        granted, whichever thread granted them: the run launches them from there in
+        that order (see _Run.launch). Posted under the lock that granted them, so a
+        grant made later on another thread (a refill on the clock thread just after a
+        pass on the loop) is posted after them (regression: the loop launched the
+        refill's grant first, then its own earlier ones)."""
+        for u in granted:
+            u.run.posted.append(u)
 
     def _grant(self, q, bound, now, granted):
         """Grant from ``q`` (it has waiters, and is neither pending nor parked) while its
@@ -6862,6 +6875,7 @@ class _Run:
         self._fused = None          # (unit, fn, args, kwargs) to run next in that task
         self._fuse_left = self.PUMP_CHUNK   # fusions left in this loop iteration
         self._fuse_refill = False
+        self._unbegun = None        # the last unit holding a grant given a body task, till it begins
         self.resources = _Resources(self)
         self.report = _Reporter(self)
         executor = engine._executor
@@ -7876,17 +7890,14 @@ class _Run:
 
     # -- from grant to body -------------------------------------------------
     def launch(self, units):
-        """Granted units, from whichever thread granted them. Units granted on another
-        thread wait in ``posted`` (put there in grant order under the control plane's
-        lock, see _ControlPlane._admit) and are launched before any granted later on
-        this run's own thread (regression: a unit granted by a refill on the clock
-        thread began after one granted just after it on the loop)."""
+        """Granted ``units``, from whichever thread granted them. They wait in ``posted``
+        with every other unit of the run granted and not launched yet, in grant order
+        (put there under the control plane's lock: _ControlPlane._post), and are
+        launched from there, on the loop, in that order (regression: a unit granted by
+        a refill on the clock thread began after one granted just after it on the loop,
+        and, the other way round, before ones the loop had granted just before it)."""
         if threading.get_ident() == self.thread:
-            if self.posted:
-                self.launch_posted()
-            for u in units:
-                self._launch(u)
-            return
+            return self.launch_posted()
         try:
             self.loop.call_soon_threadsafe(self.launch_posted)
         except RuntimeError:  # the loop is closed: the run is gone
@@ -7894,7 +7905,7 @@ class _Run:
                 self.cp.drop_grant(self.posted.popleft())
 
     def launch_posted(self):
-        """(on the loop) Launch the units granted on other threads, in grant order."""
+        """(on the loop) Launch the units granted and not launched yet, in grant order."""
         posted = self.posted
         while posted:
             self._launch(posted.popleft())
@@ -7941,7 +7952,14 @@ class _Run:
             return self._start_timed(u, kwargs, lz.policy.timeout)
         try:
             if task.is_async:
-                if self._fuse_into is not None and self._fused is None:
+                # A unit that holds a grant (slots, tokens: FIFO) is fused only if the
+                # body tasks made before for such units have begun (the last one has:
+                # tasks take their first step in the order made), so their bodies begin
+                # in the order launched, which is the order granted (see launch;
+                # regression: a unit granted as a body ended ran next in that body's
+                # task, before units granted earlier whose tasks had not begun yet)
+                if self._fuse_into is not None and self._fused is None and (
+                        self._unbegun is None or not u.held):
                     u.body = self._fuse_into  # runs next in that task (see _async_body)
                     self._fused = (u, task.fn, u.args, kwargs)
                     self._fuse_left -= 1
@@ -7949,6 +7967,8 @@ class _Run:
                         self._fuse_refill = True
                         self.loop.call_soon(self._refill_fusion)
                     return
+                if u.held:  # (set before: an eager task factory begins it at once)
+                    self._unbegun = u
                 u.body = self._new_task(self._async_body(u, task.fn, u.args, kwargs))
                 return
             if self._threaded:
@@ -7977,6 +7997,8 @@ class _Run:
         task = u.node.lazy.task
         try:
             if task.is_async:
+                if u.held:  # (see _start)
+                    self._unbegun = u
                 u.body = self._new_task(self._async_body(
                     u, functools.partial(self._timed_async, u, task.fn, seconds), u.args, kwargs))
                 return
@@ -8099,6 +8121,8 @@ class _Run:
         cancellation; every fused body passes the start gate like any other. A fused
         body sees the context (contextvars) that a task created at that point would."""
         task = u.body
+        if self._unbegun is u:  # (see _start) the last such body task made begins
+            self._unbegun = None
         while True:
             # The start gate. Without any gated constraint the check needs no lock:
             # reading the count is atomic, and a pause that returned before this line is

@@ -4661,6 +4661,67 @@ def test_property_weighted_starts_stay_within_each_windows_bound(costs, rate, bu
         assert spent <= 120 + 100 * (t - t0) + 1e-6
 
 
+def _bucket_of(e, scope):
+    (st,) = [s for (sc, _), s in e._cp._states.items() if sc == scope]
+    return st
+
+
+def test_a_unit_granted_as_a_body_ends_does_not_begin_before_bodies_granted_earlier():
+    # regression: items 0 and 1 were granted at once (each an asyncio task, not begun
+    # yet) and item 2 waited for tokens; item 0's end woke the bucket (full again here,
+    # as a busy machine's refill makes it) and granted item 2, which ran next in item
+    # 0's own task (fusion), so it began before item 1 (the property test above failed
+    # about one run in three on a loaded machine)
+    e = cs.Engine()
+    e.rate_limit("tag:w", "1/m", burst=10)
+    starts = []
+
+    @cs.task(tags=["w"], cost=lambda c: c[1])
+    async def w(c):
+        starts.append(c[0])
+        if c[0] == 0:
+            bucket = _bucket_of(e, "tag:w")
+            bucket.windows[0][2] = 10  # full again when this body ends
+        return c[0]
+
+    assert run_engine(e, w.map([(0, 5), (1, 5), (2, 8)])) == [0, 1, 2]
+    assert starts == [0, 1, 2]
+
+
+def test_units_granted_on_the_loop_begin_before_those_a_refill_grants_after_them(monkeypatch):
+    # regression: items 0 and 1 were granted on the loop and item 2 held back; a refill on
+    # the clock thread granted item 2 after the loop's pass ended but before the loop had
+    # launched 0 and 1, and the loop launched the refill's grant first
+    e = cs.Engine()
+    e.rate_limit("tag:w", "1/m", burst=10)
+    starts = []
+    dispatch = cs._ControlPlane._dispatch
+    fired = []
+
+    def racing_dispatch(granted):
+        if granted and not fired:  # the loop's grant of 0 and 1, not yet launched
+            fired.append(1)
+            bucket = _bucket_of(e, "tag:w")
+
+            def refill():
+                with e._cp.lock:
+                    bucket.windows[0][2] = 10
+                e._cp._refilled(bucket)
+            t = threading.Thread(target=refill)
+            t.start()
+            t.join()
+        dispatch(granted)
+    monkeypatch.setattr(cs._ControlPlane, "_dispatch", staticmethod(racing_dispatch))
+
+    @cs.task(tags=["w"], cost=lambda c: c[1])
+    async def w(c):
+        starts.append(c[0])
+        return c[0]
+
+    assert run_engine(e, w.map([(0, 5), (1, 5), (2, 8)])) == [0, 1, 2]
+    assert fired and starts == [0, 1, 2]
+
+
 # --- adaptive limits (AIMD) --------------------------------------------------
 
 def _aimd(outcomes, low, high, start, factor=0.5):
