@@ -12852,7 +12852,10 @@ async def test_telemetry_counts_reports_a_maps_items_as_counts_per_state():
                 and e["task_id"].startswith(mapped)]
     counts = [e for e in events if e["type"] == "MapCountsEvent"]
     assert counts and all(e["task_id"] == mapped and e["items"] == n for e in counts)
-    assert len(counts) < n // 10  # a snapshot a message, not one per item event
+    # a snapshot a message, not one per item event (about 4 a item here: 1,200); bodies
+    # holding a grant begin in grant order, each in its own task, so instant ones under
+    # a limit take a few more loop turns (and messages) than when they were fused
+    assert len(counts) < n // 5
     for earlier, later in zip(counts, counts[1:]):  # cumulative
         assert all(later["counts"].get(k, 0) >= v for k, v in earlier["counts"].items())
     every = collections.Counter(state for task_id, state in expected_telemetry(
