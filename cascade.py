@@ -12093,9 +12093,12 @@ class _WebView:
 
     @property
     def url(self):
-        """The address to open, with the token in its fragment (never sent to a server)."""
+        """The address to open, with the token in its fragment (never sent to a server),
+        quoted: the page reads it as a form value ("+" a space, "&" an end, "%xx" a
+        byte), and a given token (base64: "+", "/", "=") may hold any of them."""
+        import urllib.parse
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/#token={self.token}"
+        return f"http://{host}:{self.port}/#token={urllib.parse.quote(self.token, safe='')}"
 
     def _pump(self):
         """Makes the frame the event streams send: while someone watches, on a change

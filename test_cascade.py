@@ -16062,6 +16062,22 @@ def test_the_web_view_listens_on_loopback_unless_told_and_warns_beyond_it(caplog
     finally:
         engine.close()
 
+def test_the_web_view_url_carries_a_given_token_the_page_reads_back_whole():
+    import urllib.parse
+    # The page reads the fragment with URLSearchParams (form encoding: "+" is a space,
+    # "&" ends the value, "%xx" is decoded); a token from `openssl rand -base64` has "+"
+    # and "/", so the printed URL sent the page a wrong token (403) until it was quoted.
+    engine = cs.Engine()
+    try:
+        for token in ("ab+cd/ef==gh+ij", "tok&en=1%41#x?y", "plain_token-123"):
+            web = engine.serve(token=token)
+            fragment = web.url.split("#", 1)[1]
+            assert urllib.parse.parse_qs(fragment) == {"token": [token]}
+            web.close()
+    finally:
+        engine.close()
+
+
 def test_a_shared_rate_hands_out_tokens_ahead_each_due_when_the_bucket_makes_it(rds):
     # A pump that asked late lost the tokens the fleet's bucket made meanwhile (burst 1
     # holds one): 20 engines reached 89.8/s of 100/s. The bucket now hands out tokens
