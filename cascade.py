@@ -13831,6 +13831,9 @@ def main(argv: Optional[list] = None) -> int:
             args.topic = _watch_topic(args)
         if args.verb == "serve" and args.token is not None:
             _check_token(args.token, "--token")
+        if args.verb == "serve" and not 0 <= args.http_port <= 65535:
+            raise ValueError(f"--http-port {args.http_port}: need 0 to 65535 (0 picks a "
+                             "free one)")
         if args.verb == "resume" and args.ttl is not None and args.ramp is None:
             raise ValueError("--ttl bounds the ramp of a resume: give --ramp RATE too")
     except ValueError as exc:

@@ -16062,6 +16062,14 @@ def test_the_web_view_listens_on_loopback_unless_told_and_warns_beyond_it(caplog
     finally:
         engine.close()
 
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_cascade_serve_refuses_an_http_port_out_of_range_in_one_line(port):
+    # --http-port 99999 reached _WebView's ValueError and printed a traceback
+    r = cli("serve", "--http-port", port, "--port", "1")
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    assert "--http-port" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_the_web_view_url_carries_a_given_token_the_page_reads_back_whole():
     import urllib.parse
     # The page reads the fragment with URLSearchParams (form encoding: "+" is a space,
