@@ -11745,6 +11745,16 @@ async def _steer(target, verb, scope, n=None):
     if inspect.isawaitable(got):
         got = await got
     where = "on the broker" if isinstance(target, Controller) else "on this engine"
+    if verb in ("resume", "clear") and not isinstance(target, Controller):
+        # an engine lifts its own layer only: a control from the broker on the scope holds
+        scope = _check_scope(scope)
+        held = sorted({c.describe() for c in target.constraints if c.scope == scope and
+                       c.origin == "broker" and (verb == "clear" or c.type == "pause")})
+        if held:
+            raise ValueError(f"{'; '.join(held)} came from the broker and holds (this view "
+                             f"steers this engine's own controls"
+                             f"{', which went' if got else ''}): lift it with "
+                             f"cascade {verb} {scope}")
     if isinstance(got, Constraint) and verb in ("pause", "limit"):  # (resume returns
         return f"{got.describe()}, {where}"                          # the pause it lifted)
     return {"resume": f"resumed {scope}", "clear": f"cleared every control on {scope}"}.get(

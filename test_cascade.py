@@ -16070,6 +16070,31 @@ def test_cascade_serve_refuses_an_http_port_out_of_range_in_one_line(port):
     assert "--http-port" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_engine_serve_does_not_say_resumed_when_the_broker_s_pause_holds_the_task():
+    # engine.serve's resume/clear lift this engine's own layer only; with a pause from
+    # the broker on the task, the page said "resumed task:x" while the task stayed paused
+    import http.client
+    engine = cs.Engine()
+    try:
+        engine._cp.apply(cs.Constraint.make("task:x", "pause"), origin="broker")
+        web = engine.serve()
+
+        def steer(verb):
+            c = http.client.HTTPConnection("127.0.0.1", web.port, timeout=10)
+            c.request("POST", "/steer", body=json.dumps({"verb": verb, "scope": "task:x"}),
+                      headers={"Authorization": "Bearer " + web.token,
+                               "Content-Type": "application/json"})
+            r = c.getresponse()
+            return r.status, json.loads(r.read())
+        for verb in ("resume", "clear"):
+            code, body = steer(verb)
+            assert code == 400 and "broker" in body["error"], (verb, body)
+            assert f"cascade {verb} task:x" in body["error"], body
+        assert [(c.scope, c.type) for c in engine.constraints] == [("task:x", "pause")]
+    finally:
+        engine.close()
+
+
 def test_the_web_view_url_carries_a_given_token_the_page_reads_back_whole():
     import urllib.parse
     # The page reads the fragment with URLSearchParams (form encoding: "+" is a space,
