@@ -11941,7 +11941,10 @@ async function steer() {
   pending = null;
   if (!p) return;
   const body = {verb: p.verb, scope: p.scope};
-  if (p.verb === "limit") body.n = Number($("n").value);
+  // the number as typed: Number("") is 0, a limit that stops the scope; the server
+  // refuses anything but a whole number, and says so
+  const typed = $("n").value.trim();
+  if (p.verb === "limit") body.n = /^[0-9]+$/.test(typed) ? Number(typed) : typed;
   try {
     const r = await fetch("steer", {method: "POST", cache: "no-store",
       headers: {"Authorization": "Bearer " + token, "Content-Type": "application/json"}, body: JSON.stringify(body)});

@@ -15915,6 +15915,28 @@ def test_engine_serve_shows_counts_moving_and_a_pause_clicked_in_the_page_holds_
         socket.create_connection(("127.0.0.1", web.port), timeout=2).close()
 
 
+def test_the_page_refuses_a_limit_with_an_empty_or_odd_number_and_sets_none(page):
+    # Number("") is 0: clearing the field and confirming set "limit 0" (no task of the
+    # scope starts any more) where the operator had typed no number at all
+    engine = cs.Engine()
+    web = engine.serve()
+    try:
+        page.goto(web.url)
+        shows(page, engine.id, "#where")
+        for typed in ("", " "):
+            page.select_option("#verb", "limit")
+            page.fill("#scope", "task:x")
+            page.click("#go")
+            page.fill("#n", typed)
+            page.click("#yes")
+            page.wait_for_function("() => document.querySelector('#result').textContent.trim()")
+            assert "refused" in page.text_content("#result"), typed
+            page.evaluate("() => { document.querySelector('#result').textContent = '' }")
+        assert engine.constraints == []
+    finally:
+        engine.close()
+
+
 def test_the_web_view_refuses_requests_without_the_token_and_changes_nothing():
     from http.client import HTTPConnection
     engine = cs.Engine()
