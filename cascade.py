@@ -12216,7 +12216,9 @@ def _web_handler(http_server, web):
                 return False
             origin = self.headers.get("Origin")
             if origin and origin.split("://", 1)[-1] != self.headers.get("Host"):
-                self._send(403, {"error": f"requests from {origin[:100]} are not taken"})
+                self._send(403, {"error": f"requests from {origin[:100]} are not taken "
+                                          f"here ({str(self.headers.get('Host'))[:100]}); "
+                                          "a proxy in front must pass the Host header on"})
                 return False
             return True
 
