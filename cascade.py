@@ -11769,6 +11769,16 @@ async def _steer(target, verb, scope, n=None):
     if inspect.isawaitable(got):
         got = await got
     where = "on the broker" if isinstance(target, Controller) else "on this engine"
+    if verb in ("resume", "clear") and not isinstance(target, Controller):
+        # an engine lifts its own layer only: a control from the broker on the scope holds
+        scope = _check_scope(scope)
+        held = sorted({c.describe() for c in target.constraints if c.scope == scope and
+                       c.origin == "broker" and (verb == "clear" or c.type == "pause")})
+        if held:
+            raise ValueError(f"{'; '.join(held)} came from the broker and holds (this view "
+                             f"steers this engine's own controls"
+                             f"{', which went' if got else ''}): lift it with "
+                             f"cascade {verb} {scope}")
     if isinstance(got, Constraint) and verb in ("pause", "limit"):  # (resume returns
         return f"{got.describe()}, {where}"                          # the pause it lifted)
     return {"resume": f"resumed {scope}", "clear": f"cleared every control on {scope}"}.get(
@@ -11955,7 +11965,10 @@ async function steer() {
   pending = null;
   if (!p) return;
   const body = {verb: p.verb, scope: p.scope};
-  if (p.verb === "limit") body.n = Number($("n").value);
+  // the number as typed: Number("") is 0, a limit that stops the scope; the server
+  // refuses anything but a whole number, and says so
+  const typed = $("n").value.trim();
+  if (p.verb === "limit") body.n = /^[0-9]+$/.test(typed) ? Number(typed) : typed;
   try {
     const r = await fetch("steer", {method: "POST", cache: "no-store",
       headers: {"Authorization": "Bearer " + token, "Content-Type": "application/json"}, body: JSON.stringify(body)});
@@ -12117,9 +12130,12 @@ class _WebView:
 
     @property
     def url(self):
-        """The address to open, with the token in its fragment (never sent to a server)."""
+        """The address to open, with the token in its fragment (never sent to a server),
+        quoted: the page reads it as a form value ("+" a space, "&" an end, "%xx" a
+        byte), and a given token (base64: "+", "/", "=") may hold any of them."""
+        import urllib.parse
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/#token={self.token}"
+        return f"http://{host}:{self.port}/#token={urllib.parse.quote(self.token, safe='')}"
 
     def _pump(self):
         """Makes the frame the event streams send: while someone watches, on a change
@@ -12224,7 +12240,9 @@ def _web_handler(http_server, web):
                 return False
             origin = self.headers.get("Origin")
             if origin and origin.split("://", 1)[-1] != self.headers.get("Host"):
-                self._send(403, {"error": f"requests from {origin[:100]} are not taken"})
+                self._send(403, {"error": f"requests from {origin[:100]} are not taken "
+                                          f"here ({str(self.headers.get('Host'))[:100]}); "
+                                          "a proxy in front must pass the Host header on"})
                 return False
             return True
 
@@ -13852,6 +13870,9 @@ def main(argv: Optional[list] = None) -> int:
             args.topic = _watch_topic(args)
         if args.verb == "serve" and args.token is not None:
             _check_token(args.token, "--token")
+        if args.verb == "serve" and not 0 <= args.http_port <= 65535:
+            raise ValueError(f"--http-port {args.http_port}: need 0 to 65535 (0 picks a "
+                             "free one)")
         if args.verb == "resume" and args.ttl is not None and args.ramp is None:
             raise ValueError("--ttl bounds the ramp of a resume: give --ramp RATE too")
     except ValueError as exc:

@@ -15980,6 +15980,28 @@ def test_engine_serve_shows_counts_moving_and_a_pause_clicked_in_the_page_holds_
         socket.create_connection(("127.0.0.1", web.port), timeout=2).close()
 
 
+def test_the_page_refuses_a_limit_with_an_empty_or_odd_number_and_sets_none(page):
+    # Number("") is 0: clearing the field and confirming set "limit 0" (no task of the
+    # scope starts any more) where the operator had typed no number at all
+    engine = cs.Engine()
+    web = engine.serve()
+    try:
+        page.goto(web.url)
+        shows(page, engine.id, "#where")
+        for typed in ("", " "):
+            page.select_option("#verb", "limit")
+            page.fill("#scope", "task:x")
+            page.click("#go")
+            page.fill("#n", typed)
+            page.click("#yes")
+            page.wait_for_function("() => document.querySelector('#result').textContent.trim()")
+            assert "refused" in page.text_content("#result"), typed
+            page.evaluate("() => { document.querySelector('#result').textContent = '' }")
+        assert engine.constraints == []
+    finally:
+        engine.close()
+
+
 def test_the_web_view_refuses_requests_without_the_token_and_changes_nothing():
     from http.client import HTTPConnection
     engine = cs.Engine()
@@ -16126,6 +16148,55 @@ def test_the_web_view_listens_on_loopback_unless_told_and_warns_beyond_it(caplog
         assert wide.url.startswith("http://0.0.0.0:")
     finally:
         engine.close()
+
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_cascade_serve_refuses_an_http_port_out_of_range_in_one_line(port):
+    # --http-port 99999 reached _WebView's ValueError and printed a traceback
+    r = cli("serve", "--http-port", port, "--port", "1")
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    assert "--http-port" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_engine_serve_does_not_say_resumed_when_the_broker_s_pause_holds_the_task():
+    # engine.serve's resume/clear lift this engine's own layer only; with a pause from
+    # the broker on the task, the page said "resumed task:x" while the task stayed paused
+    import http.client
+    engine = cs.Engine()
+    try:
+        engine._cp.apply(cs.Constraint.make("task:x", "pause"), origin="broker")
+        web = engine.serve()
+
+        def steer(verb):
+            c = http.client.HTTPConnection("127.0.0.1", web.port, timeout=10)
+            c.request("POST", "/steer", body=json.dumps({"verb": verb, "scope": "task:x"}),
+                      headers={"Authorization": "Bearer " + web.token,
+                               "Content-Type": "application/json"})
+            r = c.getresponse()
+            return r.status, json.loads(r.read())
+        for verb in ("resume", "clear"):
+            code, body = steer(verb)
+            assert code == 400 and "broker" in body["error"], (verb, body)
+            assert f"cascade {verb} task:x" in body["error"], body
+        assert [(c.scope, c.type) for c in engine.constraints] == [("task:x", "pause")]
+    finally:
+        engine.close()
+
+
+def test_the_web_view_url_carries_a_given_token_the_page_reads_back_whole():
+    import urllib.parse
+    # The page reads the fragment with URLSearchParams (form encoding: "+" is a space,
+    # "&" ends the value, "%xx" is decoded); a token from `openssl rand -base64` has "+"
+    # and "/", so the printed URL sent the page a wrong token (403) until it was quoted.
+    engine = cs.Engine()
+    try:
+        for token in ("ab+cd/ef==gh+ij", "tok&en=1%41#x?y", "plain_token-123"):
+            web = engine.serve(token=token)
+            fragment = web.url.split("#", 1)[1]
+            assert urllib.parse.parse_qs(fragment) == {"token": [token]}
+            web.close()
+    finally:
+        engine.close()
+
 
 def test_a_shared_rate_hands_out_tokens_ahead_each_due_when_the_bucket_makes_it(rds):
     # A pump that asked late lost the tokens the fleet's bucket made meanwhile (burst 1
