@@ -13314,19 +13314,29 @@ def _mqtt_client(args):
     # not a broker is said plainly (regression: both read "call client.connect(...)").
     client.loop_start()
     if not answered.wait(args.timeout):
-        client.loop_stop()
+        _loop_stop(client)
         raise _CliError(f"{args.host}:{port} took the connection but did not answer as an "
                         f"MQTT broker within {args.timeout:g}s; check --port (1883, or 8883 "
                         "with --tls) and --tls")
     reason = answer[0]
     if getattr(reason, "is_failure", bool(reason)):
-        client.loop_stop()
+        _loop_stop(client)
         text = str(getattr(reason, "getName", lambda: reason)())
         hint = ("not authorised: check --username/--password" if any(
             w in text.lower() for w in ("auth", "password", "user name")) else text)
         raise _CliError(f"the MQTT broker at {args.host}:{port} refused the connection: "
                         f"{hint}")
     return client
+
+
+def _loop_stop(client):
+    """paho's ``loop_stop()``, which raises AttributeError when its network thread ends
+    by itself (after a disconnect or a refused connection) between its check of the
+    thread and its join (seen on PyPy): the thread is gone either way."""
+    try:
+        client.loop_stop()
+    except AttributeError:
+        pass
 
 
 def _value_setting(text):
@@ -13887,7 +13897,7 @@ def main(argv: Optional[list] = None) -> int:
             out = asyncio.run(_cli_verb(args, client))
         finally:
             client.disconnect()
-            client.loop_stop()
+            _loop_stop(client)
     except KeyboardInterrupt:  # top's way out too: its screen is restored by then
         return 0 if args.verb == "top" else 130
     except (_CliError, CascadeError, OSError, asyncio.TimeoutError) as exc:
