@@ -1,6 +1,6 @@
 """Makes docs/serve.png: the web view (engine.serve) of a workflow while it runs.
 Needs playwright (pip install playwright) and Chromium (/usr/bin/chromium).
-Run from the repository: python docs/serve_screenshot.py"""
+Run from the repository: python bench/picture_serve.py"""
 import asyncio
 import concurrent.futures
 import os
@@ -68,7 +68,8 @@ with sync_playwright() as p:
     page.wait_for_function("() => document.querySelector('#result').textContent")
     page.click('tr[data-task=api_call] button[data-verb="resume"]')
     time.sleep(1.5)
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.png")
+    out = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                       "serve.png")
     page.screenshot(path=out, full_page=True)
     browser.close()
 print("wrote", out)

@@ -1,6 +1,6 @@
 """Draws docs/graph.svg (and, with Chromium, docs/graph.png): a run caught mid-way.
 
-    PYTHONPATH=. python docs/graph.py && chromium --headless --screenshot=docs/graph.png \
+    PYTHONPATH=. python bench/picture_graph.py && chromium --headless --screenshot=docs/graph.png \
         --window-size=W,H file://$PWD/docs/graph.svg
 """
 import sys

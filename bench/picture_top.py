@@ -3,7 +3,7 @@
 this process, captured with its escapes (capture-pane -e), turned into HTML and shot
 with headless Chromium. Needs Mosquitto on 127.0.0.1:1883, paho-mqtt, tmux, chromium.
 
-    python docs/top_screenshot.py [docs/top.png]
+    python bench/picture_top.py [docs/top.png]
 """
 import asyncio, html, os, re, shlex, subprocess, sys, tempfile, time
 
